@@ -1,0 +1,181 @@
+"""Step 2: turn data2csv.py's CSV into the tutorial's conversation JSON, train + validation.
+
+    python csv2json.py                                   # latex_ocr_train.csv -> train/val JSON
+    python csv2json.py --val-size 0.05                   # 5% of the rows for validation
+    python csv2json.py --val-csv latex_ocr_val.csv       # the dataset's own validation split
+
+The validation rows are drawn with a fixed seed and never share an image with training.
+Image paths in the JSON are relative to the JSON file's folder, so the project folder can be
+moved; rows whose image file is missing or whose label is empty are skipped and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from latexocr.io import atomic_write_json
+from latexocr.sample import is_valid_label, make_record
+
+# ---- settings (edit here, or pass the same names as --flags) -----------------------------------
+CSV_PATH = "latex_ocr_train.csv"     # input: columns image_path,text (from data2csv.py)
+TRAIN_JSON = "latex_ocr_train.json"  # output: training conversations
+VAL_JSON = "latex_ocr_val.json"      # output: validation conversations
+VAL_SIZE = "100"                     # validation rows: a count (100) or a fraction (0.05)
+SEED = 42                            # fixed, so the split is the same on every run
+VAL_CSV = None                       # a CSV of the dataset's validation split: used as the
+                                     # validation set instead, and all of CSV_PATH trains
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("image_path", "text")
+# How NaN/None look once a pandas-written CSV is read back as text: not labels.
+NAN_STRINGS = {"nan", "NaN", "NAN", "None", "null", "<NA>"}
+
+
+class DataError(Exception):
+    """Bad input; the message is for the user."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--csv-path", default=CSV_PATH)
+    p.add_argument("--train-json", default=TRAIN_JSON)
+    p.add_argument("--val-json", default=VAL_JSON)
+    p.add_argument("--val-size", default=VAL_SIZE, help="row count (>= 1) or fraction (0 < x < 1)")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--val-csv", default=VAL_CSV, help="use this CSV as the validation set")
+    args = p.parse_args(argv)
+    try:
+        v = float(args.val_size)
+        if v >= 1 and v != int(v) or v <= 0:
+            raise ValueError
+        args.val_size = int(v) if v >= 1 else v
+    except ValueError:
+        p.error(f"--val-size must be a count >= 1 or a fraction between 0 and 1, got {args.val_size!r}")
+    return args
+
+
+def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]]:
+    """Usable rows [(row number, absolute image path, label)], skip counts, missing paths.
+
+    Read with the csv module, not pandas: pandas would turn labels such as "NA" or "nan"
+    into NaN and strip nothing we can see; here a label stays exactly as written.
+    Relative image paths are resolved against the CSV's folder (how data2csv writes them),
+    falling back to the current folder (how the original tutorial wrote them).
+    """
+    if not path.is_file():
+        raise DataError(f"CSV not found: {path}")
+    rows, skipped, missing = [], Counter(), []
+    base = path.resolve().parent
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not all(c in header for c in COLUMNS):
+            raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
+                            f"{','.join(header) if header else 'nothing (empty file)'}")
+        ip, tx = header.index("image_path"), header.index("text")
+        for n, fields in enumerate(reader):
+            if len(fields) <= max(ip, tx):
+                skipped["short line"] += 1
+                continue
+            image, text = fields[ip], fields[tx]
+            if not is_valid_label(text) or text in NAN_STRINGS:
+                skipped["empty or NaN label"] += 1
+                continue
+            p = Path(image.strip())
+            if not p.is_absolute():
+                p = base / p if (base / p).exists() or not p.exists() else p.resolve()
+            if not p.is_file():
+                skipped["missing image"] += 1
+                missing.append(image)
+                continue
+            rows.append((n, os.path.normpath(p), text))
+    return rows, skipped, missing
+
+
+def dedupe(rows):
+    """Drop exact repeats (same image, same label); an image's rows then stay together."""
+    seen, out = set(), []
+    for row in rows:
+        key = (row[1], row[2])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out, len(rows) - len(out)
+
+
+def split_rows(rows, val_size, seed: int):
+    """(train, val): validation = the rows of `val_size` images drawn with `seed`.
+
+    Drawing images (not rows) keeps every row of one image on the same side, so a
+    duplicated image can never be in both sets.
+    """
+    images = list(dict.fromkeys(r[1] for r in rows))  # unique, in CSV order
+    n_val = val_size if isinstance(val_size, int) else max(1, round(val_size * len(images)))
+    if len(images) < n_val + 1:
+        raise DataError(f"need at least {n_val + 1} distinct usable images for {n_val} validation + "
+                        f"1 training, found {len(images)}")
+    val_images = set(random.Random(seed).sample(images, n_val))
+    train = [r for r in rows if r[1] not in val_images]
+    val = [r for r in rows if r[1] in val_images]
+    return train, val
+
+
+def records(rows, json_path: Path) -> list[dict]:
+    base = json_path.resolve().parent
+    out = []
+    for n, image, text in rows:
+        try:
+            rel = Path(os.path.relpath(image, base)).as_posix()
+        except ValueError:  # another drive on Windows
+            rel = Path(image).as_posix()
+        out.append(make_record(n, rel, text))
+    return out
+
+
+def report(name: str, skipped: Counter, missing: list[str]) -> None:
+    if skipped:
+        print(f"{name}: skipped " + ", ".join(f"{n} ({r})" for r, n in skipped.most_common()))
+    if missing:
+        print(f"  missing images, first {min(5, len(missing))}: " + ", ".join(missing[:5]))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        rows, skipped, missing = read_csv(Path(args.csv_path))
+        report(args.csv_path, skipped, missing)
+        rows, dups = dedupe(rows)
+        if dups:
+            print(f"{args.csv_path}: dropped {dups} duplicate rows (same image and label)")
+        if args.val_csv:
+            val, vskipped, vmissing = read_csv(Path(args.val_csv))
+            report(args.val_csv, vskipped, vmissing)
+            val, _ = dedupe(val)
+            val_images = {r[1] for r in val}
+            train = [r for r in rows if r[1] not in val_images]
+            if len(train) < len(rows):
+                print(f"removed {len(rows) - len(train)} training rows whose image is in {args.val_csv}")
+            if not val or not train:
+                raise DataError(f"need at least 1 training and 1 validation row; have "
+                                f"{len(train)} and {len(val)}")
+        else:
+            train, val = split_rows(rows, args.val_size, args.seed)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    train_json, val_json = Path(args.train_json), Path(args.val_json)
+    atomic_write_json(train_json, records(train, train_json))
+    atomic_write_json(val_json, records(val, val_json))
+    print(f"wrote {len(train)} training rows to {train_json} and {len(val)} validation rows to {val_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Step 1: export LaTeX_OCR rows to PNG files plus a CSV of `image_path,text`.
+
+    python data2csv.py                                    # 1000 rows of ModelScope's default/train
+    python data2csv.py --source huggingface --limit all   # everything, from the HF mirror
+    python data2csv.py --source ../shared/latex_ocr/small --split validation \
+        --csv-path latex_ocr_val.csv
+
+Streams the source (memory stays flat), writes each image losslessly as PNG, and can be
+interrupted and re-run: finished PNGs are kept, and the CSV and the completion marker
+(`CSV_PATH.done.json`) appear only when every row has been handled. Rows with an unreadable
+image or an unusable label are skipped and listed in `CSV_PATH.skipped.csv`.
+Image paths in the CSV are relative to the CSV's folder (csv2json.py resolves them so).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections import Counter, deque
+from pathlib import Path
+
+from tqdm import tqdm
+
+from latexocr.io import atomic_open, atomic_write_json, save_images_batch
+from latexocr.sources import CONFIGS, SPLITS, SourceError, label_problem, open_source
+
+# ---- settings (edit here, or pass the same names as --flags) -----------------------------------
+SOURCE = "modelscope"        # 'modelscope' (AI-ModelScope/LaTeX_OCR), 'huggingface' (linxy/LaTeX_OCR),
+                             # or a local parquet file / folder / LaTeX_OCR_PRO folder
+CONFIG = "default"           # default, full, small, synthetic_handwrite, human_handwrite, human_handwrite_print
+SPLIT = "train"              # train, validation, test
+LIMIT = "1000"               # source rows to export, as in the tutorial; 'all' for every row
+IMAGE_DIR = "latex_ocr_images"     # where the PNGs go
+CSV_PATH = "latex_ocr_train.csv"   # the output: columns image_path,text
+WORKERS = 2                  # processes validating/writing images; 0 = all in this process
+CACHE_DIR = None             # hub download cache (None = the hub client's default)
+# ---------------------------------------------------------------------------------------------
+
+CHUNK = 64                   # rows per task sent to a worker: big enough to amortize pickling
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default=SOURCE, help="modelscope | huggingface | local path")
+    p.add_argument("--config", default=CONFIG, help=f"dataset config: {', '.join(CONFIGS)}")
+    p.add_argument("--split", default=SPLIT, help=f"{', '.join(SPLITS)}")
+    p.add_argument("--limit", default=LIMIT, help="number of source rows, or 'all'")
+    p.add_argument("--image-dir", default=IMAGE_DIR)
+    p.add_argument("--csv-path", default=CSV_PATH)
+    p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--cache-dir", default=CACHE_DIR)
+    p.add_argument("--force", action="store_true", help="redo everything even if a finished run matches")
+    args = p.parse_args(argv)
+    if str(args.limit).lower() in ("all", "none"):
+        args.limit = None
+    else:
+        try:
+            args.limit = int(args.limit)
+            assert args.limit > 0
+        except (ValueError, AssertionError):
+            p.error(f"--limit must be a positive integer or 'all', got {args.limit!r}")
+    return args
+
+
+def run_params(args) -> dict:
+    """What identifies a run: a marker with other values does not count as finished."""
+    local = Path(args.source).expanduser()
+    source = str(local.resolve()) if local.exists() else args.source.lower()
+    return {"source": source, "config": args.config, "split": args.split, "limit": args.limit,
+            "image_dir": str(Path(args.image_dir).resolve())}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_image_dir(image_dir: Path, params: dict, prefix: str, force: bool) -> None:
+    """Make PNGs left by an earlier run reusable only if they came from the same rows.
+
+    A small state file records which source/config/split the `{prefix}_*.png` files belong
+    to. If it names something else (or --force), those files are deleted *before* the state
+    file is rewritten, so an interrupted run can never mix two sources' images.
+    """
+    image_dir.mkdir(parents=True, exist_ok=True)
+    state_path = image_dir / f".{prefix}.source.json"
+    state = {k: params[k] for k in ("source", "config", "split")}
+    if _read_json(state_path) != state or force:
+        stale = list(image_dir.glob(f"{prefix}_*.png"))
+        if stale:
+            print(f"removing {len(stale)} images of an earlier, different run in {image_dir}")
+        for p in stale:
+            p.unlink()
+        atomic_write_json(state_path, state)
+    for tmp in image_dir.glob(f".{prefix}_*.tmp"):  # left by a killed worker; never a finished PNG
+        tmp.unlink(missing_ok=True)
+
+
+class _Done:
+    """A finished 'future', for work done in this process (WORKERS=0)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    csv_path = Path(args.csv_path)
+    image_dir = Path(args.image_dir)
+    marker = csv_path.with_name(csv_path.name + ".done.json")
+    report_path = csv_path.with_name(csv_path.name + ".skipped.csv")
+    params = run_params(args)
+
+    done = _read_json(marker)
+    if not args.force and done and done.get("params") == params and csv_path.is_file():
+        print(f"{csv_path} is already complete for these settings ({done.get('rows')} rows); "
+              f"--force to redo it")
+        return 0
+    try:
+        source = open_source(args.source, args.config, args.split, args.cache_dir)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    marker.unlink(missing_ok=True)  # from here on, nothing claims to be finished
+    total = source.num_rows if args.limit is None else min(args.limit, source.num_rows or args.limit)
+    print(f"reading {source.description}: {source.num_rows} rows, exporting {total}")
+
+    # Names depend only on config/split/row index, so a re-run finds its earlier PNGs.
+    prefix = f"{args.config}_{args.split}"
+    prepare_image_dir(image_dir, params, prefix, args.force)
+    csv_dir = csv_path.resolve().parent
+    try:  # paths in the CSV are relative to the CSV, so the folder can move as a whole
+        rel_dir = Path(os.path.relpath(image_dir.resolve(), csv_dir)).as_posix()
+    except ValueError:  # another drive on Windows: no relative path exists
+        rel_dir = image_dir.resolve().as_posix()
+
+    skipped: list[tuple[int, str, str]] = []  # (row index, reason, detail)
+    written = reused = 0
+    pending: deque = deque()  # (rows to emit in order, future of their image jobs)
+    pool = None
+    if args.workers > 0:
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(max_workers=args.workers)
+    max_pending = max(2, 4 * args.workers)  # bounded: the source is never read far ahead
+
+    def emit(block_until: int) -> None:
+        nonlocal written
+        while len(pending) > block_until:
+            entries, future = pending.popleft()
+            errors = dict(future.result()) if future is not None else {}
+            for index, rel, text in entries:
+                err = errors.get(index)
+                if err:
+                    skipped.append((index, "unreadable image", err))
+                else:
+                    writer.writerow([rel, text])
+                    written += 1
+
+    try:
+        with atomic_open(csv_path, "w", encoding="utf-8", newline="") as f, \
+                tqdm(total=total, unit="row", desc="data2csv", dynamic_ncols=True) as bar:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image_path", "text"])
+            stop = False
+            for batch in source.batches():
+                if args.limit is not None and batch[0].index >= args.limit:
+                    break
+                for start in range(0, len(batch), CHUNK):
+                    entries, jobs = [], []
+                    for row in batch[start:start + CHUNK]:
+                        if args.limit is not None and row.index >= args.limit:
+                            stop = True
+                            break
+                        reason = label_problem(row.text) or row.problem
+                        if reason:
+                            skipped.append((row.index, reason, ""))
+                            continue
+                        name = f"{prefix}_{row.index:06d}.png"
+                        out = image_dir / name
+                        entries.append((row.index, f"{rel_dir}/{name}", row.text))
+                        # PNGs are only ever created by os.replace of a complete file, so
+                        # one that exists was finished by an earlier run: keep it.
+                        if out.is_file() and out.stat().st_size > 0:
+                            reused += 1
+                        else:
+                            jobs.append((row.index, row.image, str(out)))
+                    if jobs:
+                        future = pool.submit(save_images_batch, jobs) if pool else _Done(save_images_batch(jobs))
+                    else:
+                        future = None
+                    pending.append((entries, future))
+                    emit(max_pending)
+                    if stop:
+                        break
+                bar.update(min(len(batch), total - bar.n) if total else len(batch))
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+                if stop:
+                    break
+            emit(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # The report, then the marker last: a marker means everything before it is on disk.
+    with atomic_open(report_path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["index", "reason", "detail"])
+        w.writerows(sorted(skipped))
+    counts = Counter(reason for _, reason, _ in skipped)
+    print(f"wrote {written} rows to {csv_path} ({reused} images kept from an earlier run), "
+          f"images in {image_dir}")
+    if skipped:
+        print(f"skipped {len(skipped)} rows: " + ", ".join(f"{r}: {n}" for r, n in counts.most_common()))
+        for index, reason, detail in sorted(skipped)[:10]:
+            print(f"  row {index}: {reason}{' (' + detail + ')' if detail else ''}")
+        print(f"  full list: {report_path}")
+    atomic_write_json(marker, {"params": params, "rows": written, "skipped": dict(counts)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

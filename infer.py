@@ -1,0 +1,173 @@
+"""LaTeX from formula images with a fine-tuned checkpoint: one image, a folder/glob, or a labelled file.
+
+    python infer.py formula.png                       # prints the LaTeX
+    python infer.py images/ --output preds.csv        # every image of a folder -> CSV (or .jsonl)
+    python infer.py latex_ocr_val.json                # labelled: predictions + metrics summary
+    python infer.py latex_ocr_val.json --adapter none # the base model, for a before/after table
+    python infer.py --merge-to merged/                # base + adapter as one plain model folder
+
+The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used.
+"""
+# ---- settings: edit here, or pass as flags ------------------------------------------------------
+INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .json/.jsonl (csv2json) or a .csv
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
+MODEL_SOURCE = "modelscope"   # modelscope | huggingface | local
+OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
+ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none
+OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
+BATCH_SIZE = 128              # images per generate call
+MAX_NEW_TOKENS = 256          # the longest LaTeX_OCR label is ~223 tokens
+IMAGE_MIN_PIXELS = 32 * 28 * 28  # must match training (train.py's defaults)
+IMAGE_MAX_PIXELS = 512 * 28 * 28
+IMAGE_SIZE = ""               # "500x100" if the adapter was trained at a fixed size
+LIMIT = 0                     # > 0: only the first N images
+NUM_WORKERS = 4
+DTYPE = "auto"
+ATTN_IMPLEMENTATION = "sdpa"
+MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
+SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
+SWANLAB_LOGDIR = "swanlog"
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+# -----------------------------------------------------------------------------------------------
+
+import csv
+import glob
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
+    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file."""
+    from latexocr.records import read_labelled
+
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in {".json", ".jsonl", ".csv"}:
+        pairs = read_labelled(path)
+        return [p for p, _ in pairs], [t for _, t in pairs], True
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = sorted(glob.glob(spec, recursive=True))
+    if not files:
+        raise SystemExit(f"no images found at {spec!r} (an image, a folder, a glob or a labelled .json/.csv)")
+    return files, [None] * len(files), False
+
+
+def write_rows(rows: list[dict], out: Path) -> None:
+    """CSV or JSONL (by suffix), written to a temp file then renamed: never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            if out.suffix.lower() == ".jsonl":
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                writer.writeheader()
+                writer.writerows(rows)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_for_inference(args):
+    """(model, processor) of base + adapter, ready for generation."""
+    import torch
+    from latexocr.modeling import find_adapter, load_model, load_processor, pick_dtype, resolve_model
+
+    adapter = find_adapter(args.adapter, args.output_dir)
+    base = resolve_model(args.model_id, args.model_source)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(base, pick_dtype(args.dtype), args.attn_implementation, device_map=device)
+    # Prefer the processor saved with the adapter (what training used), else the base model's.
+    processor = load_processor(adapter if adapter and Path(adapter, "preprocessor_config.json").exists() else base)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
+        print(f"adapter: {adapter}", file=sys.stderr)
+    else:
+        print("adapter: none (base model)", file=sys.stderr)
+    model.eval()
+    return model, processor, adapter
+
+
+def main(argv=None):
+    from latexocr.cli import parse_settings
+
+    # The input may also be given positionally: python infer.py image.png
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--input", argv[0]] + argv[1:]
+    args = parse_settings(SETTINGS, __doc__, argv)
+
+    from latexocr.batching import SampleEncoder
+    from latexocr.generation import predict
+    from latexocr.metrics import sample_scores, summarize
+    from latexocr.sample import sizing_for
+
+    model, processor, adapter = load_for_inference(args)
+
+    if args.merge_to:
+        if adapter is None:
+            raise SystemExit("--merge-to needs an adapter (got --adapter none)")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(args.merge_to)
+        processor.save_pretrained(args.merge_to)
+        print(f"merged model written to {args.merge_to}; load it with AutoModelForImageTextToText / "
+              f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
+        return
+
+    images, labels, labelled = collect_inputs(args.input)
+    if args.limit > 0:
+        images, labels = images[: args.limit], labels[: args.limit]
+    fixed = tuple(int(x) for x in args.image_size.lower().split("x")) if args.image_size else None
+    encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels, fixed))
+    results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      num_workers=args.num_workers, progress=len(images) > 1)
+
+    rows = []
+    for image, label, result in zip(images, labels, results):
+        row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
+        if labelled:
+            row["label"] = label
+            row.update(sample_scores(result["prediction"], label))
+        rows.append(row)
+    errors = [r for r in rows if r["error"]]
+    for r in errors:
+        print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
+
+    if len(rows) == 1 and not labelled and not args.output:
+        if rows[0]["prediction"] is None:
+            sys.exit(1)
+        print(rows[0]["prediction"])
+        return
+
+    out = Path(args.output) if args.output else Path(f"{Path(args.input).with_suffix('')}.predictions.csv"
+                                                    if Path(args.input).is_file() else "predictions.csv")
+    write_rows(rows, out)
+    print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
+    if labelled:
+        summary = summarize([r["prediction"] for r in rows], [r["label"] for r in rows])
+        summary["errors"] = len(errors)
+        print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
+        if args.swanlab_mode != "disabled":
+            from latexocr.tracking import Tracker
+            tracker = Tracker(args.swanlab_mode, args.swanlab_project, f"infer-{Path(adapter or 'base').name}",
+                              config=vars(args), logdir=args.swanlab_logdir)
+            tracker.log({f"infer/{k}": v for k, v in summary.items()})
+            tracker.log_predictions([r for r in rows if not r["error"]], key="infer/predictions")
+            tracker.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Turning samples into model inputs: training batches (padded or packed) and generation batches.
+
+Everything here runs in DataLoader workers: images are opened, resized and turned into
+patches only when a batch is built, so the dataset itself holds nothing but paths and labels.
+
+A training sample is `prompt (system, user, image) + answer + <|im_end|>`; only the answer
+and the closing <|im_end|> are supervised (labels of every other token are -100), so the
+model learns to stop after the formula.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sample import ImageSizing, load_image, user_messages
+
+IGNORE_INDEX = -100
+END_OF_TURN = "<|im_end|>"
+
+
+class SampleEncoder:
+    """Encodes samples for one processor and one image sizing (shared by training and inference)."""
+
+    def __init__(self, processor, sizing: ImageSizing):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.sizing = sizing
+        # The prompt text is the same for every sample: one image placeholder and the instruction.
+        self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
+                                                         add_generation_prompt=True)
+        self.image_token = processor.image_token
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        # Text tokens around the image placeholder, to compute a sample's length without encoding it.
+        self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
+
+    # ---- lengths (cheap: image header + label tokenisation) -------------------------------
+    def image_tokens(self, width: int, height: int) -> int:
+        w, h = self.sizing.target_size(width, height)
+        return (w // self.sizing.factor) * (h // self.sizing.factor)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.end_of_turn_id]
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def encode_prompts(self, images) -> dict:
+        """Processor outputs for a list of already-loaded images, text not yet padded."""
+        return self.processor(text=[self.prompt_text] * len(images), images=list(images),
+                              return_tensors=None, padding=False)
+
+    def encode_train(self, image, answer: str) -> dict:
+        """input_ids / labels / mm_token_type_ids (lists) and pixel_values / image_grid_thw (tensors)."""
+        out = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
+        prompt_ids = out["input_ids"][0].tolist()
+        answer_ids = self.answer_ids(answer)
+        # The answer is tokenised on its own and appended, so the prompt/answer boundary is exact.
+        return {
+            "input_ids": prompt_ids + answer_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+            "mm_token_type_ids": out["mm_token_type_ids"][0].tolist() + [0] * len(answer_ids),
+            "pixel_values": out["pixel_values"],
+            "image_grid_thw": out["image_grid_thw"],
+        }
+
+
+def mrope_positions(mm_token_type_ids: list[int], grid_thw, merge_size: int) -> torch.Tensor:
+    """3 x L multimodal RoPE positions of one sample with one image (Qwen2/2.5/3-VL rule).
+
+    Text tokens advance all three axes together; the image's merged patches take
+    (t, row, col) offsets from the position where the image starts, and text after the
+    image resumes at start + max(rows, cols). Equal to the model's own `get_rope_index`
+    (checked in tests), computed here on the CPU so packed batches need no model call.
+    """
+    types = torch.tensor(mm_token_type_ids)
+    length = len(mm_token_type_ids)
+    pos = torch.empty(3, length, dtype=torch.long)
+    image_idx = (types == 1).nonzero().flatten()
+    if len(image_idx) == 0:
+        pos[:] = torch.arange(length)
+        return pos
+    start, end = int(image_idx[0]), int(image_idx[-1]) + 1
+    t, h, w = (int(x) for x in grid_thw)
+    rows, cols = h // merge_size, w // merge_size
+    assert end - start == t * rows * cols, "image tokens do not match image_grid_thw"
+    pos[:, :start] = torch.arange(start)
+    tt = torch.arange(t).view(-1, 1, 1).expand(t, rows, cols).flatten()
+    hh = torch.arange(rows).view(1, -1, 1).expand(t, rows, cols).flatten()
+    ww = torch.arange(cols).view(1, 1, -1).expand(t, rows, cols).flatten()
+    pos[0, start:end] = start + tt
+    pos[1, start:end] = start + hh
+    pos[2, start:end] = start + ww
+    resume = start + max(t, rows, cols)
+    pos[:, end:] = torch.arange(length - end) + resume
+    return pos
+
+
+@dataclass
+class TrainCollator:
+    """Builds a training batch from (image_path, answer) pairs.
+
+    packed=True concatenates the samples into one row with no padding ("padding-free"):
+    per-sample positions restart at 0 (row 0 of the 4 x 1 x L position ids, from which
+    transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
+    (rows 1-3). packed=False right-pads to the longest sample, as the tutorial does.
+    Samples whose image cannot be read are dropped from the batch and counted.
+    """
+
+    encoder: SampleEncoder
+    packed: bool = True
+    pad_to_multiple_of: int | None = None
+    failed: list = field(default_factory=list)
+
+    def __call__(self, samples) -> dict:
+        encoded = []
+        for image_path, answer in samples:
+            try:
+                image = load_image(image_path, self.encoder.sizing)
+            except OSError as exc:  # includes FileNotFoundError
+                self.failed.append((image_path, str(exc)))
+                print(f"warning: skipped sample, {exc}", flush=True)
+                continue
+            encoded.append(self.encoder.encode_train(image, answer))
+        if not encoded:
+            raise RuntimeError("every image of a batch failed to load; see the warnings above")
+        batch = {
+            "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+            "image_grid_thw": torch.cat([e["image_grid_thw"] for e in encoded]),
+        }
+        if self.packed:
+            merge = self.encoder.processor.image_processor.merge_size
+            batch["input_ids"] = torch.tensor([sum((e["input_ids"] for e in encoded), [])])
+            batch["labels"] = torch.tensor([sum((e["labels"] for e in encoded), [])])
+            batch["mm_token_type_ids"] = torch.tensor([sum((e["mm_token_type_ids"] for e in encoded), [])])
+            text_pos = torch.cat([torch.arange(len(e["input_ids"])) for e in encoded])
+            rope_pos = torch.cat([mrope_positions(e["mm_token_type_ids"], e["image_grid_thw"][0], merge)
+                                  for e in encoded], dim=1)
+            batch["position_ids"] = torch.cat([text_pos[None], rope_pos])[:, None, :]  # 4 x 1 x L
+        else:
+            length = max(len(e["input_ids"]) for e in encoded)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            pad_id = self.encoder.tokenizer.pad_token_id
+
+            def pad(key, value):
+                return torch.tensor([e[key] + [value] * (length - len(e[key])) for e in encoded])
+
+            batch["input_ids"] = pad("input_ids", pad_id)
+            batch["labels"] = pad("labels", IGNORE_INDEX)
+            batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
+            batch["attention_mask"] = torch.tensor(
+                [[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in encoded])
+        return batch
+
+
+def generation_batch(encoder: SampleEncoder, images) -> dict:
+    """A left-padded batch of prompts for `generate` (new tokens then line up at the right end)."""
+    return encoder.processor(text=[encoder.prompt_text] * len(images), images=list(images),
+                             return_tensors="pt", padding=True, padding_side="left")

@@ -1,0 +1,36 @@
+"""Scoring a model on labelled images: generation (shared with infer.py) + the field's metrics."""
+from __future__ import annotations
+
+from .batching import SampleEncoder
+from .generation import predict
+from .metrics import sample_scores, summarize
+
+
+def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_size: int = 64,
+             max_new_tokens: int = 256, num_workers: int = 2, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(summary metrics, one row per sample) for (image_path, label) pairs.
+
+    Under torch.distributed every process generates for its own share of the pairs and the
+    rows are gathered, so every process returns the same full result.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    mine = list(range(rank, len(pairs), world))
+    results = predict(model, encoder, [pairs[i][0] for i in mine], batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, num_workers=num_workers, progress=progress and rank == 0)
+    rows = []
+    for i, result in zip(mine, results):
+        image, label = pairs[i]
+        row = {"index": i, "image": image, "prediction": result["prediction"], "label": label,
+               "error": result["error"]}
+        row.update(sample_scores(result["prediction"], label))
+        rows.append(row)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    summary = summarize([r["prediction"] for r in rows], [r["label"] for r in rows])
+    summary["errors"] = sum(r["error"] is not None for r in rows)
+    return summary, rows

@@ -1,0 +1,126 @@
+"""The training pieces train.py puts together: the dataset, the loss, the Trainer, throughput logging."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback
+
+from .batching import IGNORE_INDEX, SampleEncoder
+from .records import read_labelled
+from .sample import is_valid_label
+
+
+class OcrDataset(Dataset):
+    """(image_path, label) pairs of a labelled file, checked once up front.
+
+    The check reads only each image's header and tokenises each label, so it is fast; it drops
+    (and counts, by reason) samples with a missing/unreadable image, an empty label, or more
+    tokens than `max_length` (a sample is never cut through its image tokens). `lengths` holds
+    each kept sample's token count.
+    """
+
+    def __init__(self, path, encoder: SampleEncoder, max_length: int):
+        self.samples, self.lengths = [], []
+        self.skipped: Counter = Counter()
+        self.examples_skipped: dict[str, str] = {}
+        pairs = read_labelled(path)
+        answers = [label if is_valid_label(label) else "" for _, label in pairs]
+        answer_lens = [len(ids) + 1 for ids in encoder.tokenizer(answers, add_special_tokens=False).input_ids]
+        for (image_path, label), answer_len in zip(pairs, answer_lens):
+            reason = None
+            if not is_valid_label(label):
+                reason = "empty or missing label"
+            else:
+                try:
+                    with Image.open(image_path) as im:
+                        size = im.size
+                except FileNotFoundError:
+                    reason = "image not found"
+                except Exception:
+                    reason = "unreadable image"
+            if reason is None:
+                length = encoder.prompt_text_tokens + encoder.image_tokens(*size) + answer_len
+                if length > max_length:
+                    reason = f"longer than max_length={max_length} tokens"
+            if reason:
+                self.skipped[reason] += 1
+                self.examples_skipped.setdefault(reason, image_path)
+                continue
+            self.samples.append((image_path, label))
+            self.lengths.append(length)
+        if not self.samples:
+            raise ValueError(f"{path}: no usable samples ({self.report()})")
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        return "skipped " + ", ".join(f"{n} ({reason}, e.g. {self.examples_skipped[reason]})"
+                                      for reason, n in self.skipped.items())
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the supervised tokens, and their count.
+
+    Logits are computed only where the next token is supervised (`logits_to_keep` as a boolean
+    mask): the answer is ~1/3 of a sample, so this skips ~2/3 of the 151,936-wide vocabulary
+    projection and never materialises logits for prompt, image or padding tokens.
+    """
+    labels = batch.pop("labels")
+    targets = labels[:, 1:]
+    keep = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+    targets = targets[targets != IGNORE_INDEX]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
+    return loss, targets.numel()
+
+
+class OcrTrainer(Trainer):
+    """transformers' Trainer with the supervised-positions-only loss above.
+
+    The loss is normalised by the supervised-token count of the whole optimizer step
+    (`num_items_in_batch`, summed over accumulation steps and processes), as transformers
+    does for its own causal-LM loss, so micro-batch size and GPU count don't change it.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, n = supervised_loss(model, dict(inputs))
+        if num_items_in_batch is None:
+            self.loss_is_scaled_for_ga = False
+            loss = loss / max(n, 1)
+        else:
+            self.loss_is_scaled_for_ga = True
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, None) if return_outputs else loss
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds samples/s and tokens/s (real tokens, padding excluded) to every log line."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
+        if logs is not None and "loss" in logs and self.last is not None and now[1] > self.last[1]:
+            dt = now[0] - self.last[0]
+            logs["samples_per_second"] = round((now[1] - self.last[1]) * self.samples_per_step / dt, 2)
+            if now[2]:
+                logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
+        self.last = now
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)

@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SWANLAB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-init Qwen2-VL folder that loads like a real checkpoint."""
+    from latexocr.testing import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_vl"), "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory):
+    from latexocr.testing import build_tiny_model
+    return {f: build_tiny_model(tmp_path_factory.mktemp(f"tiny_{f}"), f)
+            for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
+
+
+@pytest.fixture(scope="session")
+def formula_images(tmp_path_factory):
+    """A few formula-like images of different sizes, with labels, written as PNG."""
+    from PIL import Image, ImageDraw
+    folder = tmp_path_factory.mktemp("formulas")
+    labels = ["x ^ { 2 }", "\\frac { 1 } { 2 }", "a + b = c", "\\sqrt { x }", "\\alpha _ { i }",
+              "e ^ { i \\pi } + 1 = 0", "\\sum _ { n } n", "y", "( a + b ) ^ { 2 }", "\\int _ { 0 } ^ { 1 } x d x",
+              "\\mathrm { h o p f }", "f ( x )", "\\beta", "x _ { 1 } + x _ { 2 }", "\\lim _ { x } f", "k = 1"]
+    rows = []
+    for i, label in enumerate(labels):
+        w, h = 120 + 40 * (i % 6), 30 + 8 * (i % 3)
+        img = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(img).text((4, 4), label, fill=(0, 0, 0))
+        path = folder / f"{i}.png"
+        img.save(path)
+        rows.append((str(path), label))
+    return rows

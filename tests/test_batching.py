@@ -1,0 +1,89 @@
+"""One definition of a sample: labels, image sizing, packing. Tiny random-init models, CPU."""
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
+from latexocr.sample import ImageSizing, load_image, sizing_for
+
+
+def test_supervised_tokens_are_answer_and_end_of_turn(tiny_model_dir, formula_images):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batch = TrainCollator(encoder, packed=False)(formula_images[:4])
+    for row, (_, label) in zip(batch["labels"], formula_images[:4]):
+        supervised = row[row != IGNORE_INDEX].tolist()
+        assert processor.tokenizer.decode(supervised) == label + "<|im_end|>"
+    # image, system and user tokens are never supervised
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not ((batch["input_ids"] == image_id) & (batch["labels"] != IGNORE_INDEX)).any()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_image_size_same_in_training_and_inference(tiny_family_dirs, formula_images, family):
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    sizing = sizing_for(processor)
+    assert sizing.factor == (32 if family == "qwen3_vl" else 28)
+    encoder = SampleEncoder(processor, sizing)
+    from latexocr.batching import generation_batch
+    for path, label in formula_images[:6]:
+        raw = Image.open(path)
+        w, h = sizing.target_size(*raw.size)
+        assert w % sizing.factor == 0 and h % sizing.factor == 0
+        assert w * h >= sizing.min_pixels
+        train = TrainCollator(encoder, packed=True)([(path, label)])
+        infer = generation_batch(encoder, [load_image(path, sizing)])
+        patch = sizing.factor // 2
+        assert train["image_grid_thw"].tolist() == infer["image_grid_thw"].tolist() == [[1, h // patch, w // patch]]
+        assert torch.equal(train["pixel_values"], infer["pixel_values"])
+
+
+def test_sizing_keeps_aspect_and_bounds():
+    sizing = ImageSizing(factor=28, min_pixels=32 * 28 * 28, max_pixels=512 * 28 * 28)
+    assert sizing.target_size(400, 50) == (448, 56)
+    w, h = sizing.target_size(3000, 2000)
+    assert w * h <= 512 * 28 * 28 and abs(w / h - 1.5) < 0.1
+    assert ImageSizing(factor=28, fixed=(500, 100)).target_size(123, 45) == (504, 112)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (60, 30), (0, 0, 0, 0))
+    img.putpixel((5, 5), (0, 0, 0, 255))
+    img.save(tmp_path / "a.png")
+    rgb = load_image(tmp_path / "a.png")
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((5, 5)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_mrope_positions_match_model(tiny_family_dirs, formula_images, family):
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family])
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batch = TrainCollator(encoder, packed=False)(formula_images[:3])
+    expected, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                             image_grid_thw=batch["image_grid_thw"],
+                                             attention_mask=batch["attention_mask"])
+    for i in range(3):
+        n = int(batch["attention_mask"][i].sum())
+        ours = mrope_positions(batch["mm_token_type_ids"][i, :n].tolist(), batch["image_grid_thw"][i],
+                               processor.image_processor.merge_size)
+        assert torch.equal(ours, expected[:, i, :n])
+
+
+def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    samples = formula_images[:5]
+    padded = TrainCollator(encoder, packed=False)(samples)
+    packed = TrainCollator(encoder, packed=True)(samples)
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())
+    with torch.no_grad():
+        reference = model(**padded).loss  # transformers' own loss on the padded batch
+        loss_padded, n1 = supervised_loss(model, dict(padded))
+        loss_packed, n2 = supervised_loss(model, dict(packed))
+    assert n1 == n2
+    assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
+    assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)

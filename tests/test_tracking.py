@@ -1,0 +1,360 @@
+"""latexocr.tracking: mode resolution, a real local SwanLab run served by `swanlab watch`,
+no-op modes, and prediction logging. CPU only, no network (the dashboard runs on 127.0.0.1)."""
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from latexocr import tracking
+
+pytest.importorskip("swanlab")
+
+
+@pytest.fixture
+def iso(tmp_path, monkeypatch):
+    """Isolate from any real SwanLab login/config on this machine: fresh HOME, SwanLab root
+    and working directory; no SWANLAB_* env that could change the mode."""
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SWANLAB_ROOT", str(home / ".swanlab"))
+    for var in ("SWANLAB_SAVE_DIR", "SWANLAB_API_KEY", "SWANLAB_MODE", "SWANLAB_API_HOST", "SWANLAB_WEB_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    # local mode sets os.environ["SWANLAB_LOG_DIR"] itself: setenv makes monkeypatch restore it.
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "unused-swanlog"))
+    monkeypatch.chdir(work)
+    return SimpleNamespace(tmp=tmp_path, home=home, work=work)
+
+
+def _files_under(path: Path):
+    return sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else []
+
+
+# ---------------------------------------------------------------------------- 1. resolve_mode
+def test_resolve_mode_explicit(iso):
+    expected_local = "local" if tracking.dashboard_available() else "offline"
+    assert tracking.resolve_mode("cloud") == "online"
+    assert tracking.resolve_mode("online") == "online"
+    assert tracking.resolve_mode("local") == expected_local
+    assert tracking.resolve_mode(" LOCAL ") == expected_local
+    assert tracking.resolve_mode("offline") == "offline"
+    assert tracking.resolve_mode("disabled") == "disabled"
+    for bad in ("wandb", "", "none", None):
+        with pytest.raises(ValueError) as exc:
+            tracking.resolve_mode(bad)
+        for choice in ("auto", "cloud", "local", "offline", "disabled"):
+            assert choice in str(exc.value)
+
+
+def test_resolve_mode_auto(iso, monkeypatch):
+    monkeypatch.setattr(tracking, "dashboard_available", lambda: True)
+    assert not tracking.has_api_key()
+    assert tracking.resolve_mode("auto") == "local"
+
+    monkeypatch.setenv("SWANLAB_API_KEY", "k" * 21)
+    assert tracking.has_api_key()
+    assert tracking.resolve_mode("auto") == "online"
+
+    monkeypatch.setenv("SWANLAB_MODE", "offline")  # an explicit SWANLAB_MODE wins for auto
+    assert tracking.resolve_mode("auto") == "offline"
+    assert tracking.resolve_mode("local") == "local"  # ...but not over an explicit mode
+    monkeypatch.delenv("SWANLAB_MODE")
+    monkeypatch.delenv("SWANLAB_API_KEY")
+    assert tracking.resolve_mode("auto") == "local"
+
+
+def test_resolve_mode_auto_saved_login(iso, monkeypatch):
+    """`swanlab login` saves the key as a .netrc in $SWANLAB_ROOT (default ~/.swanlab)."""
+    monkeypatch.setattr(tracking, "dashboard_available", lambda: True)
+    root = iso.home / ".swanlab"
+    root.mkdir()
+    netrc = root / ".netrc"
+    netrc.write_text("machine https://api.swanlab.cn\n\tlogin https://swanlab.cn\n\tpassword " + "s" * 21 + "\n")
+    netrc.chmod(0o600)
+    assert tracking.has_api_key()
+    assert tracking.resolve_mode("auto") == "online"
+    netrc.unlink()
+    assert tracking.resolve_mode("auto") == "local"
+
+
+def test_local_without_dashboard_falls_back_to_offline(iso, monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "dashboard_available", lambda: False)
+    assert tracking.resolve_mode("local") == "offline"
+    err = capsys.readouterr().err
+    assert "swanlab[dashboard]" in err and "offline" in err
+    assert tracking.resolve_mode("auto") == "offline"
+
+
+# ---------------------------------------------------------------------------- helpers: dashboard
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, resp.read()
+
+
+def _get_json(url: str):
+    status, body = _get(url)
+    assert status == 200, url
+    payload = json.loads(body)
+    assert payload.get("code") == 0, payload
+    return payload["data"]
+
+
+class _Dashboard:
+    """`swanlab watch <logdir>` on a free local port; always killed on exit."""
+
+    def __init__(self, logdir: Path, log_file: Path):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        self._out = open(log_file, "wb")
+        cmd = [sys.executable, "-m", "swanlab", "watch", str(logdir), "-h", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"swanlab watch exited with {self.proc.returncode}: {self.log_file.read_text()}")
+            try:
+                status, _ = _get(self.base + "/", timeout=2)
+                if status == 200:
+                    return
+            except OSError as e:
+                last = e
+            time.sleep(0.3)
+        pytest.fail(f"dashboard not ready after {timeout}s ({last}): {self.log_file.read_text()}")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._out.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------- 2. local run + dashboard
+def test_local_run_visible_in_dashboard(iso, capsys):
+    if not tracking.dashboard_available():
+        pytest.skip('needs swanlab[dashboard]')
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    logdir = iso.tmp / "swanlog"
+    tracker = tracking.Tracker("local", project="latexocr-test", experiment_name="tiny-run",
+                               config={"lr": 1e-4, "lora": {"r": 8}, "path": Path("/x")}, logdir=logdir)
+    assert tracker.mode == "local"
+    out = capsys.readouterr().out
+    assert f"swanlab watch {logdir}" in out and "mode=local" in out
+
+    assert tracker.log({"train/loss": 0.9}, step=1) == {"train/loss": 0.9}
+    tracker.log({"train/loss": 0.7}, step=2)
+    logged = tracker.log({"train/loss": 0.5, "note": "text", "bad": float("nan"), "none": None}, step=3)
+    assert logged == {"train/loss": 0.5}  # non-numeric and NaN skipped
+
+    cb = tracking.SwanLabCallback(tracker)
+    args = SimpleNamespace(learning_rate=1e-4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                           num_train_epochs=2, seed=42, output_dir=str(iso.tmp / "out"))
+    control = TrainerControl()
+    main = TrainerState(global_step=4, is_world_process_zero=True)
+    other = TrainerState(global_step=5, is_world_process_zero=False)
+    cb.on_train_begin(args, main, control)
+    cb.on_log(args, main, control, logs={"loss": 0.25, "learning_rate": 5e-5, "grad_norm": 1.5, "epoch": 0.5,
+                                          "eval_loss": 0.3, "comment": "skip me"})
+    cb.on_log(args, other, control, logs={"loss": 99.0})  # non-main process: ignored
+    from PIL import Image
+    tracker.log_predictions([{"image": Image.new("RGB", (64, 24), "white"), "prediction": "x^2", "label": "x^2"}],
+                            step=4)
+    tracker.finish()
+    tracker.finish()  # idempotent
+    assert tracker.log({"train/loss": 1.0}) == {}  # no-op after finish
+
+    assert (logdir / "runs.swanlab").is_file()
+    with _Dashboard(logdir, iso.tmp / "watch.log") as dash:
+        dash.wait_ready(30)
+        project = _get_json(dash.base + "/api/v1/project")
+        assert project["name"] == "latexocr-test"
+        runs = [e for e in project["experiments"] if e["name"] == "tiny-run"]
+        assert len(runs) == 1, project["experiments"]
+        exp = runs[0]
+        cfg = {k: v["value"] for k, v in exp["config"].items()}
+        assert cfg["lr"] == 1e-4 and cfg["lora"] == {"r": 8} and cfg["path"] == "/x"
+        assert cfg["training_args"]["per_device_train_batch_size"] == 4
+
+        summary = _get_json(f"{dash.base}/api/v1/experiment/{exp['id']}/summary")
+        values = {s["key"]: s["value"] for s in summary["summaries"]}
+        assert math.isclose(values["train/loss"], 0.25)  # last logged value, rank>0 ignored
+        assert math.isclose(values["train/learning_rate"], 5e-5)
+        assert math.isclose(values["train/grad_norm"], 1.5)
+        assert math.isclose(values["train/epoch"], 0.5)
+        assert math.isclose(values["eval/loss"], 0.3)
+        assert "train/comment" not in values
+        assert "eval/predictions" in values and "eval/predictions_text" in values
+
+        tag = urllib.parse.quote("train/loss", safe="")
+        series = _get_json(f"{dash.base}/api/v1/experiment/{exp['id']}/tag/{tag}")
+        assert [(p["index"], p["data"]) for p in series["list"]] == [(1, 0.9), (2, 0.7), (3, 0.5), (4, 0.25)]
+
+
+# ---------------------------------------------------------------------------- 3. no-op modes
+def test_disabled_and_not_enabled_write_nothing(iso):
+    import swanlab
+
+    logdir = iso.tmp / "swanlog"
+    trackers = [
+        tracking.Tracker("disabled", project="p", config={"a": 1}, logdir=logdir),
+        tracking.Tracker("local", project="p", config={"a": 1}, logdir=logdir, enabled=False),
+        tracking.Tracker("auto", project="p", logdir=logdir, enabled=False),
+    ]
+    for t in trackers:
+        assert t.mode == "disabled" and not t.active
+        assert t.log({"train/loss": 1.0}, step=1) == {}
+        assert t.log_predictions([{"image": None, "prediction": "a", "label": "b"}]) == 0
+        t.update_config({"b": 2})
+        t.finish()
+    assert not swanlab.has_run()
+    assert _files_under(logdir) == [] and _files_under(iso.work) == [] and _files_under(iso.home) == []
+
+
+def test_callback_noop_when_disabled(iso):
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    cb = tracking.SwanLabCallback(tracking.Tracker("disabled", project="p", logdir=iso.tmp / "swanlog"))
+    state = TrainerState(global_step=1)
+    cb.on_train_begin(SimpleNamespace(learning_rate=1.0), state, TrainerControl())
+    cb.on_log(SimpleNamespace(), state, TrainerControl(), logs={"loss": 1.0})
+    assert _files_under(iso.tmp / "swanlog") == []
+
+
+# ---------------------------------------------------------------------------- 4. predictions
+def test_log_predictions_local(iso):
+    from PIL import Image
+
+    if not tracking.dashboard_available():
+        pytest.skip('needs swanlab[dashboard]')
+    logdir = iso.tmp / "swanlog"
+    img_path = iso.tmp / "formula.png"
+    Image.new("L", (80, 30), 255).save(img_path)
+    rows = [
+        {"image": Image.new("RGB", (120, 40), "white"), "prediction": r"\frac{1}{2}", "label": r"\frac{1}{2}"},
+        {"image": Image.new("RGBA", (60, 20), "gray"), "prediction": "x^{2}", "label": "x^{3}"},
+        {"image": str(img_path), "prediction": "a", "label": "b"},
+        {"image": img_path, "prediction": "c" * 1000, "label": "c"},
+        {"image": None, "prediction": "text only", "label": "text only"},
+        {"image": {"bytes": img_path.read_bytes(), "path": None}, "prediction": "d", "label": "d"},
+    ]
+    with tracking.Tracker("local", project="p", experiment_name="preds", logdir=logdir) as tracker:
+        assert tracker.log_predictions(rows, step=7) == 6
+        assert tracker.log_predictions(rows, step=8, key="test/samples", max_rows=2) == 2
+        run_dir = Path(tracker.run.dir)
+    pngs = [p for p in _files_under(run_dir / "media") if p.suffix == ".png"]
+    texts = [p for p in _files_under(run_dir / "media") if p.suffix == ".txt"]
+    assert len({p.name for p in pngs}) >= 1 and len(pngs) >= 7  # 5 + 2 images
+    assert len(texts) >= 8  # 6 + 2 texts
+    assert any("x^{3}" in p.read_text() for p in texts)
+
+
+# ---------------------------------------------------------------------------- offline + fallback
+def test_online_failure_falls_back_to_offline(iso, monkeypatch, capsys):
+    """No network / bad key: swanlab.init(mode="online") raises (after retries); we keep an
+    offline run instead of crashing the training. Simulated, so no network is touched."""
+    import swanlab
+
+    real_init = swanlab.init
+    calls = []
+
+    def fake_init(*args, mode=None, **kwargs):
+        calls.append(mode)
+        if mode == "online":
+            raise RuntimeError("Failed to initialize the SwanLab client")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(swanlab, "init", fake_init)
+    logdir = iso.tmp / "swanlog"
+    tracker = tracking.Tracker("cloud", project="p", experiment_name="fallback", config={"a": 1}, logdir=logdir)
+    assert calls == ["online", "offline"] and tracker.mode == "offline"
+    captured = capsys.readouterr()
+    assert "falling back to 'offline'" in captured.err
+    assert "swanlab sync" in captured.out
+    tracker.log({"train/loss": 0.1}, step=1)
+    tracker.finish()
+    assert not swanlab.has_run()
+    assert any(p.name == "config.yaml" for p in _files_under(logdir))
+    assert not (logdir / "runs.swanlab").exists()  # only local mode writes the dashboard database
+
+
+# ---------------------------------------------------------------------------- real Trainer
+def test_callback_with_real_trainer(iso):
+    """A few steps of transformers.Trainer on a toy model: the callback logs every step
+    under train/ at the global step and records the TrainingArguments in the run config."""
+    if not tracking.dashboard_available():
+        pytest.skip('needs swanlab[dashboard]')
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import yaml
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x=None, labels=None):
+            pred = self.lin(x).squeeze(-1)
+            return {"loss": torch.nn.functional.mse_loss(pred, labels), "logits": pred}
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(iso.tmp / "out"), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+        learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    logdir = iso.tmp / "swanlog"
+    tracker = tracking.Tracker("local", project="p", experiment_name="trainer", config={"model": "toy"},
+                               logdir=logdir)
+    seen = []
+    real_log = tracker.log
+    tracker.log = lambda metrics, step=None: seen.append((step, real_log(metrics, step=step)))
+    trainer = transformers.Trainer(model=Toy(), args=args, train_dataset=data,
+                                   callbacks=[tracking.SwanLabCallback(tracker)])
+    trainer.train()
+    run_dir = Path(tracker.run.dir)
+    tracker.finish()
+
+    per_step = [(step, logged) for step, logged in seen if "train/loss" in logged]
+    assert [step for step, _ in per_step] == [1, 2, 3, 4]
+    for _, logged in per_step:
+        assert {"train/loss", "train/learning_rate", "train/epoch"} <= set(logged)
+    assert any("train/train_runtime" in logged for _, logged in seen)  # the end-of-training summary
+    cfg = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    assert cfg["model"]["value"] == "toy"
+    targs = cfg["training_args"]["value"]
+    assert targs["learning_rate"] == 1e-2 and targs["max_steps"] == 4 and targs["lr_scheduler_type"] == "linear"
+    assert cfg["model_params"]["value"] == {"total": 5, "trainable": 5}
