@@ -27,6 +27,7 @@ MAX_STEPS = -1           # > 0 stops after this many optimizer steps
 WARMUP_STEPS = 0
 MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
+SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # saves memory, costs ~30% speed; turn on for big micro-batches/models
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # image area bounds (aspect ratio kept); see latexocr/sample.py
 IMAGE_MAX_PIXELS = 512 * 28 * 28
@@ -58,6 +59,8 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 
 import math
 import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
 import sys
 from pathlib import Path
 
@@ -182,6 +185,7 @@ def main(argv=None):
         processing_class=processor,
         callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
     )
+    trainer.supervised_logits_only = args.supervised_logits_only
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 

@@ -51,7 +51,7 @@ def _size_order(paths) -> list[int]:
 @torch.inference_mode()
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, **generate_kwargs) -> list[dict]:
     """Greedy LaTeX for each image, in input order: [{"prediction": str | None, "error": str | None}].
 
     An image that cannot be read gives an error row (prediction None) and the run continues.
@@ -79,7 +79,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             batch = batch.to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, **generate_kwargs)
             texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(indices, texts):
                 results[order[i]]["prediction"] = text.strip()

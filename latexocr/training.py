@@ -69,7 +69,7 @@ class OcrDataset(Dataset):
         return self.samples[i]
 
 
-def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens, and their count.
 
     Logits are computed only where the next token is supervised (`logits_to_keep` as a boolean
@@ -79,7 +79,10 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     labels = batch.pop("labels")
     targets = labels[:, 1:]
     keep = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+    if supervised_logits_only:
+        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+    else:  # every position's logits, as a plain causal-LM loss does (kept to measure the difference)
+        logits = model(**batch, use_cache=False).logits[keep]
     targets = targets[targets != IGNORE_INDEX]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
     return loss, targets.numel()
@@ -93,8 +96,10 @@ class OcrTrainer(Trainer):
     does for its own causal-LM loss, so micro-batch size and GPU count don't change it.
     """
 
+    supervised_logits_only = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, n = supervised_loss(model, dict(inputs))
+        loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only)
         if num_items_in_batch is None:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(n, 1)
@@ -120,6 +125,8 @@ class ThroughputCallback(TrainerCallback):
             logs["samples_per_second"] = round((now[1] - self.last[1]) * self.samples_per_step / dt, 2)
             if now[2]:
                 logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
+            if torch.cuda.is_available():
+                logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.last = now
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -1,0 +1,177 @@
+"""Training speed of train.py on one GPU, against a tutorial-equivalent configuration measured in the same run.
+
+    python bench/bench_train.py                       # all configurations, writes docs-ready markdown
+    python bench/bench_train.py --configs default,tutorial --steps 40
+
+Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (or uses --model), cycles the real
+LaTeX_OCR images of ../shared/latex_ocr to --samples samples, and runs train.py itself (a
+subprocess per configuration, SwanLab and evaluation off). Prints steady-state samples/s and
+tokens/s (median of the logging intervals after warm-up), MFU, peak GPU memory, and the time of
+the tutorial's workload (996 samples x 2 epochs).
+
+MFU counts model FLOPs per sample as 4 * N_llm * tokens (forward 2N + backward through frozen
+weights 2N; LoRA's own FLOPs are < 1 % and ignored) + 2 * N_vit * patches (the frozen vision
+tower runs forward only) + 4 * d * V * supervised tokens (the vocabulary projection); attention
+score FLOPs are ignored. Peak: 989 TFLOP/s (H100 SXM dense bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import DEFAULT_SHARED, ROOT, build_random_model, real_samples, write_json
+
+TUTORIAL = ["--micro-batch-size", "4", "--gradient-checkpointing", "--image-size", "500x100", "--no-packing",
+            "--no-supervised-logits-only", "--num-workers", "0"]
+CONFIGS = {
+    # name: (train.py flags, what it shows)
+    "tutorial": (TUTORIAL, "tutorial-equivalent: micro-batch 4 x 4, gradient checkpointing, 500x100, padded, "
+                           "full logits, no workers"),
+    "default": ([], "train.py defaults"),
+    "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
+    "no_packing": (["--no-packing"], "defaults, padded batches instead of packed"),
+    "full_logits": (["--no-supervised-logits-only"], "defaults, logits at every position"),
+    "grad_ckpt": (["--gradient-checkpointing"], "defaults + gradient checkpointing"),
+    "micro4": (["--micro-batch-size", "4"], "defaults, micro-batch 4 x accumulation 4"),
+    "workers0": (["--num-workers", "0"], "defaults, batches built in the main process"),
+}
+PEAK_TFLOPS = 989.0
+
+
+def model_flops_per_sample(model_dir: Path, json_path: Path, flags: list[str]) -> tuple[float, float]:
+    """(FLOPs, tokens) per sample averaged over the dataset, for the sizing the flags select."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoProcessor
+
+    from latexocr.batching import SampleEncoder
+    from latexocr.records import read_labelled
+    from latexocr.sample import sizing_for
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    t, v = cfg.text_config, cfg.vision_config
+    d, ff, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    kv = t.num_key_value_heads * (d // t.num_attention_heads)
+    n_llm = layers * (d * d * 2 + d * kv * 2 + 3 * d * ff)
+    e = v.embed_dim
+    n_vit = v.depth * (4 * e * e + 2 * e * e * v.mlp_ratio) + e * 3 * 14 * 14 * 2 + 4 * e * 4 * e + 4 * e * d
+    fixed = None
+    if "--image-size" in flags:
+        fixed = tuple(int(x) for x in flags[flags.index("--image-size") + 1].split("x"))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    enc = SampleEncoder(processor, sizing_for(processor, fixed=fixed))
+    from PIL import Image
+    flops, tokens = [], []
+    for path, label in read_labelled(json_path)[:200]:
+        with Image.open(path) as im:
+            img_tokens = enc.image_tokens(*im.size)
+        ans = len(enc.answer_ids(label))
+        n = enc.prompt_text_tokens + img_tokens + ans
+        flops.append(4 * n_llm * n + 2 * n_vit * img_tokens * 4 + 4 * d * t.vocab_size * ans)
+        tokens.append(n)
+    return statistics.mean(flops), statistics.mean(tokens)
+
+
+def parse_logs(text: str) -> list[dict]:
+    logs = []
+    for m in re.finditer(r"\{'[^{}]*\}", text):
+        try:
+            d = ast.literal_eval(m.group(0))
+        except Exception:
+            continue
+        logs.append({k: (float(v) if isinstance(v, str) and re.fullmatch(r"[-+.\deE]+", v) else v)
+                     for k, v in d.items()})
+    return logs
+
+
+def run_config(name, flags, model_dir, json_path, work, steps, epochs):
+    out_dir = work / f"out_{name}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(model_dir), "--model-source", "local",
+           "--train-json", str(json_path), "--val-json", str(work / "no_val.json"), "--output-dir", str(out_dir),
+           "--logging-steps", "5", "--save-steps", "100000", "--swanlab-mode", "disabled", *flags]
+    cmd += ["--max-steps", str(steps)] if steps > 0 else ["--epochs", str(epochs)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    (work / f"log_{name}.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-5000:])
+        return {"name": name, "error": f"exit {proc.returncode}"}
+    logs = parse_logs(proc.stdout + proc.stderr)
+    steps_logs = [l for l in logs if "samples_per_second" in l]
+    steady = steps_logs[2:] or steps_logs  # the first intervals include warm-up / compilation
+    final = next((l for l in logs if "train_runtime" in l), {})
+    return {
+        "name": name,
+        "samples_per_s": statistics.median(l["samples_per_second"] for l in steady),
+        "tokens_per_s": statistics.median(l.get("tokens_per_second", 0) for l in steady),
+        "peak_gib": max(l.get("gpu_mem_peak_gib", 0) for l in steps_logs),
+        "first_loss": next((l["loss"] for l in logs if "loss" in l), None),
+        "last_loss": [l["loss"] for l in logs if "loss" in l][-1],
+        "losses": [l["loss"] for l in logs if "loss" in l],
+        "train_runtime_s": final.get("train_runtime"),
+        "wall_s": wall,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    ap.add_argument("--model", type=Path, help="an existing model folder (default: build a random-init 2B)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
+    ap.add_argument("--samples", type=int, default=996)
+    ap.add_argument("--configs", default="tutorial,default,default_500x100,no_packing,full_logits,grad_ckpt")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
+    ap.add_argument("--full", default="default", help="configurations run for the whole 996 x 2 epochs")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
+    a = ap.parse_args()
+    if not (a.shared / "qwen2vl-2b").exists() and a.model is None:
+        sys.exit(f"{a.shared}/qwen2vl-2b not found: pass --shared or --model")
+    a.work.mkdir(parents=True, exist_ok=True)
+    model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
+    json_path = write_json(real_samples(a.shared), a.samples, a.work / "train.json")
+
+    import torch
+    import transformers
+    import peft
+    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    print(env, flush=True)
+    results = []
+    for name in a.configs.split(","):
+        flags = CONFIGS[name][0]
+        full = name in a.full.split(",")
+        r = run_config(name, flags, model_dir, json_path, a.work, 0 if full else a.steps, 2)
+        if "error" not in r:
+            flops, tokens = model_flops_per_sample(model_dir, json_path, flags)
+            r["tokens_per_sample"] = tokens
+            r["tflop_per_sample"] = flops / 1e12
+            r["mfu"] = r["samples_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+            r["tutorial_workload_s"] = r["train_runtime_s"] if full else 2 * 996 / r["samples_per_s"]
+        r["what"] = CONFIGS[name][1]
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+        a.out.write_text(json.dumps({"env": env, "results": results}, indent=1))
+
+    base = next((r for r in results if r["name"] == "tutorial" and "error" not in r), None)
+    print(f"\n{env}\n")
+    print("| configuration | samples/s | × tutorial-eq. | tokens/s | MFU | peak GiB | 996×2 workload | loss first→last |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error']} |")
+            continue
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.1f}×" if base else "-"
+        print(f"| {r['name']} | {r['samples_per_s']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f} % "
+              f"| {r['peak_gib']:.1f} | {r['tutorial_workload_s']:.0f} s | {r['first_loss']:.3f}→{r['last_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
