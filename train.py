@@ -35,13 +35,15 @@ IMAGE_SIZE = ""          # "500x100" forces one size for every image (the tutori
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
-TORCH_COMPILE = False
+PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
+PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
+COMPILE_LAYERS = False   # torch.compile each LLM block (one ~1 min compile, faster steps)
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
-EVAL_BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 256
 EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
 MAX_NEW_TOKENS = 256
 # checkpoints
@@ -74,6 +76,7 @@ from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
+from latexocr.speed import compile_decoder_layers, use_packed_text_attention
 from latexocr.tracking import SwanLabCallback, Tracker
 from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback
 from transformers import TrainerCallback
@@ -94,12 +97,17 @@ def main(argv=None):
     sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, fixed)
     encoder = SampleEncoder(processor, sizing)
     dtype = pick_dtype(args.dtype)
-    model = load_model(model_path, dtype, args.attn_implementation)
+    model = load_model(model_path, dtype, args.attn_implementation,
+                       packed_vision_attention=args.packed_vision_attention)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
+        use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
+    if args.compile_layers:
+        say(f"compiling {compile_decoder_layers(model)} decoder layers")
     if state.is_main_process:
         model.print_trainable_parameters()
 
@@ -157,7 +165,6 @@ def main(argv=None):
         include_num_input_tokens_seen="all" if args.packing else "non_padding",  # packed rows hold no padding
         ddp_find_unused_parameters=False,
         deepspeed=args.deepspeed or None,
-        torch_compile=args.torch_compile,
         report_to="none",              # SwanLab is wired in below, with the real config
         disable_tqdm=not state.is_main_process,
     )

@@ -26,9 +26,11 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--single-images", type=int, default=16, help="images for the one-at-a-time run")
     ap.add_argument("--batched-images", type=int, default=1024)
-    ap.add_argument("--batch-sizes", default="128", help="comma-separated; infer.py's default is 128")
+    ap.add_argument("--batch-sizes", default="128,512", help="comma-separated; infer.py's default is 512")
+    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers (infer.py's default: 4)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
+    a.shared = a.shared.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -48,12 +50,13 @@ def main():
 
     def timed(paths, batch_size):
         predict(model, encoder, paths[: min(len(paths), batch_size)], batch_size=batch_size,
-                max_new_tokens=a.new_tokens, progress=False, **fixed)  # warm-up
+                max_new_tokens=a.new_tokens, progress=False, num_workers=a.workers, **fixed)  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        predict(model, encoder, paths, batch_size=batch_size, max_new_tokens=a.new_tokens, progress=False, **fixed)
+        predict(model, encoder, paths, batch_size=batch_size, max_new_tokens=a.new_tokens, progress=False,
+                num_workers=a.workers, **fixed)
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

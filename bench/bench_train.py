@@ -37,6 +37,9 @@ CONFIGS = {
                            "full logits, no workers"),
     "default": ([], "train.py defaults"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
+    "compiled": (["--compile-layers"], "defaults + torch.compile of each LLM and vision block"),
+    "sdpa_text": (["--no-packed-text-attention"], "defaults, LLM attention through sdpa with a block mask"),
+    "compiled_sdpa_text": (["--compile-layers", "--no-packed-text-attention"], "compiled, sdpa text attention"),
     "no_packing": (["--no-packing"], "defaults, padded batches instead of packed"),
     "full_logits": (["--no-supervised-logits-only"], "defaults, logits at every position"),
     "grad_ckpt": (["--gradient-checkpointing"], "defaults + gradient checkpointing"),
@@ -132,6 +135,7 @@ def main():
     ap.add_argument("--full", default="default", help="configurations run for the whole 996 x 2 epochs")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
     a = ap.parse_args()
+    a.shared = a.shared.resolve()
     if not (a.shared / "qwen2vl-2b").exists() and a.model is None:
         sys.exit(f"{a.shared}/qwen2vl-2b not found: pass --shared or --model")
     a.work.mkdir(parents=True, exist_ok=True)

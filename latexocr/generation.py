@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import END_OF_TURN, SampleEncoder, generation_batch
 from .sample import load_image
+from .speed import plain_text_attention
 
 # The longest LaTeX_OCR label is ~223 Qwen2 tokens; 256 leaves room and stops runaway repetition.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -69,6 +70,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    plain = plain_text_attention(model)
+    plain.__enter__()
     results: list[dict] = [{"prediction": None, "error": None} for _ in image_paths]
     try:
         for indices, failed, batch in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
@@ -84,5 +87,6 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             for i, text in zip(indices, texts):
                 results[order[i]]["prediction"] = text.strip()
     finally:
+        plain.__exit__(None, None, None)
         model.train(was_training)
     return results

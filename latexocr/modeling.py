@@ -48,10 +48,18 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path)
 
 
-def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None):
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None,
+               packed_vision_attention: bool = True):
+    """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call."""
     from transformers import AutoModelForImageTextToText
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                       device_map=device_map)
+
+    from .speed import configure_cuda, use_packed_vision_attention
+    configure_cuda()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                        device_map=device_map)
+    if packed_vision_attention and attn_implementation == "sdpa":
+        use_packed_vision_attention(model)
+    return model
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets=LORA_TARGETS):

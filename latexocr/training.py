@@ -88,6 +88,14 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> 
     return loss, targets.numel()
 
 
+def _no_lora_input_cast(model, mixed_precision: bool):
+    import contextlib
+    if not mixed_precision:  # without autocast the cast is what makes fp32 adapters work
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+    return disable_input_dtype_casting(model)
+
+
 class OcrTrainer(Trainer):
     """transformers' Trainer with the supervised-positions-only loss above.
 
@@ -99,7 +107,10 @@ class OcrTrainer(Trainer):
     supervised_logits_only = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only)
+        # Under bf16 autocast, peft's cast of every LoRA input to the fp32 adapter dtype is a
+        # full copy of the activations for nothing (autocast casts back): switch it off.
+        with _no_lora_input_cast(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16):
+            loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only)
         if num_items_in_batch is None:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(n, 1)

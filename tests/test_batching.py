@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
 from latexocr.sample import ImageSizing, load_image, sizing_for
+from latexocr.speed import plain_text_attention, use_packed_text_attention, use_packed_vision_attention
 
 
 def test_supervised_tokens_are_answer_and_end_of_turn(tiny_model_dir, formula_images):
@@ -84,6 +85,16 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         reference = model(**padded).loss  # transformers' own loss on the padded batch
         loss_padded, n1 = supervised_loss(model, dict(padded))
         loss_packed, n2 = supervised_loss(model, dict(packed))
-    assert n1 == n2
+        # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        loss_fast, n3 = supervised_loss(model, dict(packed))
+        with plain_text_attention(model):
+            assert model.config.text_config._attn_implementation == "sdpa"
+    assert n1 == n2 == n3
     assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
+    assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
+    # and it really is per-sample: shuffling the order of the samples in the row changes nothing
+    with torch.no_grad():
+        loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
+    assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)

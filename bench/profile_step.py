@@ -1,0 +1,104 @@
+"""Where a training step's time goes, and what each speed setting buys, in a plain loop on one GPU.
+
+    python bench/profile_step.py
+
+Runs train.py's pieces (collator, LoRA model, supervised loss, AdamW) without the Trainer, on
+fresh real-shaped batches for every variant (shapes change every step, as in training), and
+prints ms/step for: everything off (cuDNN attention, per-image vision attention, peft input
+casts), then each setting switched on in turn; then a torch.profiler table of the final setup.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+from common import DEFAULT_SHARED, build_random_model, real_samples
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--image-size", default="")
+    a = ap.parse_args()
+    a.shared = a.shared.resolve()
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+    from torch.profiler import ProfilerActivity, profile
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.modeling import add_lora, load_model, load_processor
+    from latexocr.sample import sizing_for
+    from latexocr.speed import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
+    from latexocr.training import supervised_loss
+
+    model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
+    processor = load_processor(str(model_dir))
+    fixed = tuple(int(x) for x in a.image_size.split("x")) if a.image_size else None
+    enc = SampleEncoder(processor, sizing_for(processor, fixed=fixed))
+    model = load_model(str(model_dir), torch.bfloat16, "sdpa", device_map="cuda")
+    model = add_lora(model, 64, 16, 0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    pairs = real_samples(a.shared)
+    collate = TrainCollator(enc, packed=True)
+    offset = [0]
+
+    def fresh_batches(n):  # rotate through the samples so every batch has new shapes
+        out = []
+        for _ in range(n):
+            out.append(collate([pairs[(offset[0] + j * 7) % len(pairs)] for j in range(a.micro)]))
+            offset[0] += 1
+        return out
+
+    def step(batch, cast):
+        batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+        ctx = contextlib.nullcontext() if cast else disable_input_dtype_casting(model)
+        with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n = supervised_loss(model, batch)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    use_packed_text_attention(model.base_model.model)  # registers it; measure() picks per variant
+    vision_cfg = model.base_model.model.config.vision_config
+    text_cfg = model.base_model.model.config.text_config
+
+    def measure(name, cudnn, packed_vision, cast, packed_text=False):
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        vision_cfg._attn_implementation = PACKED_VISION_ATTENTION if packed_vision else "sdpa"
+        text_cfg._attn_implementation = PACKED_TEXT_ATTENTION if packed_text else "sdpa"
+        for b in fresh_batches(2):
+            step(b, cast)
+        batches = fresh_batches(a.steps)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b, cast)
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / len(batches)
+        print(f"{name:55s} {dt * 1000:6.0f} ms/step  {a.micro / dt:6.1f} samples/s", flush=True)
+
+    measure("all off (cuDNN sdpa, per-image vision, peft casts)", True, False, True)
+    measure("+ cuDNN attention off", False, False, True)
+    measure("+ packed vision attention", False, True, True)
+    measure("+ no peft input casts", False, True, False)
+    measure("+ packed (flash varlen) text attention (= train.py default)", False, True, False, True)
+    print(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in fresh_batches(3):
+            step(b, False)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""GPU speed settings used by training and inference, each measured in docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+# transformers sends a vision tower to one variable-length attention call per layer when the
+# implementation's name contains "flash"; any other name loops over the images of a batch
+# (16 images x 32 layers = 512 small attention calls per step). This implementation takes the
+# varlen call and runs it as ONE scaled_dot_product_attention with a block-diagonal mask, so no
+# image attends to another. Used for the vision tower only (the LLM keeps plain sdpa).
+PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
+MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
+
+
+def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
+    """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
+    from torch.nn.attention.varlen import varlen_attn
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
+    else:
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
+                          window_size=(-1, 0) if causal else (-1, -1))
+    return out[None]  # (1, T, heads, dim)
+
+
+def _varlen_available(t) -> bool:
+    if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@torch.compiler.disable
+def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
+                 is_causal=False, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    # query/key/value: (1, heads, patches, head_dim); cu_seq_lens_q: image boundaries [0, n1, n1+n2, ...]
+    n = query.shape[2]
+    bounds = cu_seq_lens_q.to(query.device)
+    if _varlen_available(query) and not (module.training and dropout):
+        max_len = int(max_length_q) if max_length_q is not None else int(bounds.diff().max())
+        return _varlen_flash(query, key, value, bounds, max_len, scaling, causal=False), None
+    if n <= MAX_MASKED_TOKENS:
+        image_of = torch.searchsorted(bounds[1:], torch.arange(n, device=query.device), right=True)
+        mask = (image_of[:, None] == image_of[None, :])[None, None]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                             dropout_p=dropout if module.training else 0.0)
+    else:
+        lengths = bounds.diff().tolist()
+        parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
+        out = torch.cat([F.scaled_dot_product_attention(q, k, v, scale=scaling) for q, k, v in parts], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# The same for the language model on packed batches (one row, positions restarting at 0 for each
+# sample): transformers' sdpa path builds a dense block-diagonal mask over the whole row and the
+# memory-efficient kernel then computes every masked-out score too (16 samples: 16x the work).
+# Flash varlen attention skips them. Generation (left padding, KV cache) switches back to sdpa.
+PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
+_boundaries_cache: list = [None, None, 0]
+
+
+def _sample_boundaries(position_ids):
+    """cu_seqlens [0, l1, l1+l2, ..., L] and the longest sample of a packed row, computed once per forward."""
+    if _boundaries_cache[0] is not position_ids:
+        pos = position_ids.reshape(-1)
+        starts = (pos == 0).nonzero().flatten()
+        cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
+        _boundaries_cache[:] = [position_ids, cu, int(cu.diff().max())]
+    return _boundaries_cache[1], _boundaries_cache[2]
+
+
+@torch.compiler.disable  # data-dependent boundaries; compiled blocks call it eagerly
+def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
+                   position_ids=None, **kwargs):
+    if attention_mask is not None or position_ids is None or query.shape[0] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    cu, max_len = _sample_boundaries(position_ids)
+    if _varlen_available(query) and not (module.training and dropout):
+        return _varlen_flash(query, key, value, cu, max_len, scaling, causal=True), None
+    # CPU / fallback: the same block-diagonal causal attention through a dense mask
+    n = query.shape[2]
+    sample_of = torch.searchsorted(cu[1:], torch.arange(n, device=query.device), right=True)
+    idx = torch.arange(n, device=query.device)
+    mask = (sample_of[:, None] == sample_of[None, :]) & (idx[:, None] >= idx[None, :])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None], scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_text_attention(model) -> bool:
+    """Route the language model's attention through `_packed_causal` (packed training batches)."""
+    from transformers import AttentionInterface
+
+    config = getattr(getattr(model, "config", None), "text_config", None)
+    if config is None:
+        return False
+    AttentionInterface.register(PACKED_TEXT_ATTENTION, _packed_causal)
+    config._attn_implementation = PACKED_TEXT_ATTENTION
+    return True
+
+
+class plain_text_attention:
+    """Context manager: the language model uses plain sdpa inside (generation: padding + KV cache)."""
+
+    def __init__(self, model):
+        self.config = getattr(getattr(model, "config", None), "text_config", None)
+        self.saved = None
+
+    def __enter__(self):
+        if self.config is not None and self.config._attn_implementation == PACKED_TEXT_ATTENTION:
+            self.saved = self.config._attn_implementation
+            self.config._attn_implementation = "sdpa"
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.config._attn_implementation = self.saved
+
+
+def use_packed_vision_attention(model) -> bool:
+    """Route the model's vision tower through `_packed_sdpa`. Returns False if it has no vision config."""
+    from transformers import AttentionInterface
+
+    config = getattr(getattr(model, "config", None), "vision_config", None)
+    if config is None:
+        return False
+    AttentionInterface.register(PACKED_VISION_ATTENTION, _packed_sdpa)
+    config._attn_implementation = PACKED_VISION_ATTENTION
+    return True
+
+
+def configure_cuda() -> None:
+    """cuDNN's attention builds a new plan for every new sequence length; packed batches change
+    length every step, so that cost recurs (measured: ~800 -> see BENCHMARKS.md). Flash / memory-
+    efficient SDPA kernels need no plan. TF32 speeds any fp32 matmul that is left."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each transformer block of the language model and vision tower (regional compilation).
+
+    All blocks share one compiled graph, so compilation happens once (~1 min) and not per
+    layer; `dynamic=True` keeps packed batches of any length from recompiling. Fusing the
+    many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step.
+    """
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
+            module.compile(dynamic=True)
+            count += 1
+    return count
