@@ -2,7 +2,7 @@
 
     python train.py                                   # one GPU (or the CPU, slowly)
     torchrun --nproc_per_node 4 train.py              # data-parallel on 4 GPUs
-    accelerate launch --config_file configs/zero2.yaml train.py   # DeepSpeed ZeRO-2
+    accelerate launch --config_file configs/accelerate_zero2.yaml train.py --deepspeed configs/ds_zero2.json
 
 Reads latex_ocr_train.json / latex_ocr_val.json (csv2json.py), writes checkpoints to OUTPUT_DIR
 and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), then scores the
@@ -84,7 +84,10 @@ from transformers import TrainerCallback
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
-    state = PartialState()  # one process per GPU under torchrun / accelerate launch
+    # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
+    # to see a multi-process launch (gloo), else every process would train alone
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=cpu_ddp)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
     say = print if state.is_main_process else (lambda *a, **k: None)
@@ -164,6 +167,7 @@ def main(argv=None):
         label_names=["labels"],
         include_num_input_tokens_seen="all" if args.packing else "non_padding",  # packed rows hold no padding
         ddp_find_unused_parameters=False,
+        use_cpu=cpu_ddp,               # TrainingArguments re-creates the state: keep gloo DDP on CPU
         deepspeed=args.deepspeed or None,
         report_to="none",              # SwanLab is wired in below, with the real config
         disable_tqdm=not state.is_main_process,

@@ -110,7 +110,7 @@ def run_config(name, flags, model_dir, json_path, work, steps, epochs):
     logs = parse_logs(proc.stdout + proc.stderr)
     steps_logs = [l for l in logs if "samples_per_second" in l]
     steady = steps_logs[2:] or steps_logs  # the first intervals include warm-up / compilation
-    final = next((l for l in logs if "train_runtime" in l), {})
+    final = next((l for l in reversed(logs) if "train_samples_per_second" in l), {})  # the end-of-training summary
     return {
         "name": name,
         "samples_per_s": statistics.median(l["samples_per_second"] for l in steady),

@@ -9,6 +9,8 @@ model learns to stop after the formula.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,17 @@ from .sample import ImageSizing, load_image, user_messages
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
+# Opt-in trace for tests: with this set to a folder, every training batch's image paths are
+# appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.
+TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
+
+
+def _trace_batch(samples) -> None:
+    folder = os.environ.get(TRACE_ENV)
+    if folder:
+        name = f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.jsonl"
+        with open(os.path.join(folder, name), "a", encoding="utf-8") as f:
+            f.write(json.dumps([str(path) for path, _ in samples]) + "\n")
 
 
 class SampleEncoder:
@@ -111,6 +124,7 @@ class TrainCollator:
     failed: list = field(default_factory=list)
 
     def __call__(self, samples) -> dict:
+        _trace_batch(samples)
         encoded = []
         for image_path, answer in samples:
             try:
