@@ -49,6 +49,8 @@ def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in {".json", ".jsonl", ".csv"}:
         pairs = read_labelled(path)
+        if not pairs:
+            raise SystemExit(f"no samples in {spec!r}")
         return [p for p, _ in pairs], [t for _, t in pairs], True
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -90,7 +92,9 @@ def load_for_inference(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(base, pick_dtype(args.dtype), args.attn_implementation, device_map=device)
     # Prefer the processor saved with the adapter (what training used), else the base model's.
-    processor = load_processor(adapter if adapter and Path(adapter, "preprocessor_config.json").exists() else base)
+    # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
+    saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
+    processor = load_processor(adapter if saved else base)
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json

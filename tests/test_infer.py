@@ -1,0 +1,273 @@
+"""infer.py: batching, inputs and outputs, bad input, missing checkpoints, merged export. CPU, tiny model.
+
+One adapter is trained once (train.py, a few seconds) and shared by the tests of this module.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import infer
+from latexocr.sample import make_record
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )"]
+SCORE_KEYS = ["exact_match", "edit_distance", "edit_distance_ref", "bleu4"]
+
+
+def draw(path: Path, text: str, size) -> str:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((4, 4), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 labelled images of different sizes; a conversation JSON and a CSV with relative paths."""
+    folder = tmp_path_factory.mktemp("infer_data")
+    records, rows = [], []
+    for i, label in enumerate(LABELS):
+        draw(folder / "images" / f"{i}.png", label, (90 + 37 * i, 26 + 9 * (i % 4)))
+        records.append(make_record(i, f"images/{i}.png", label))
+        rows.append({"image_path": f"images/{i}.png", "text": label})
+    (folder / "data.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    with open(folder / "data.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_path", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(data, tiny_model_dir, tmp_path_factory):
+    """train.py's output folder after a short run (OUTPUT_DIR/final holds the adapter)."""
+    out = tmp_path_factory.mktemp("infer_train") / "out"
+    env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(tiny_model_dir), "--model-source", "local",
+           "--train-json", str(data / "data.json"), "--val-json", str(data / "missing.json"),
+           "--output-dir", str(out), "--max-steps", "30", "--batch-size", "8", "--micro-batch-size", "8",
+           "--learning-rate", "6e-3", "--lora-alpha", "64", "--lora-dropout", "0", "--num-workers", "0",
+           "--save-steps", "1000", "--swanlab-mode", "disabled"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "final" / "adapter_config.json").is_file()
+    return out
+
+
+def common(tiny_model_dir, out=None, adapter=None) -> list[str]:
+    args = ["--model-id", str(tiny_model_dir), "--model-source", "local", "--num-workers", "0",
+            "--max-new-tokens", "8"]
+    if out is not None:
+        args += ["--output-dir", str(out)]
+    if adapter is not None:
+        args += ["--adapter", adapter]
+    return args
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def printed_metrics(stdout: str) -> dict:
+    return json.loads(stdout[stdout.rindex("\n{") + 1:])
+
+
+# ---------------------------------------------------------------------- 7. batched == unbatched
+def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_images):
+    from latexocr.batching import SampleEncoder
+    from latexocr.cli import parse_settings
+    from latexocr.generation import predict
+    from latexocr.sample import sizing_for
+
+    args = parse_settings(infer.SETTINGS, None, common(tiny_model_dir, trained))
+    model, processor, adapter = infer.load_for_inference(args)
+    assert adapter == str(trained / "final")
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    paths = [p for p, _ in formula_images[:10]]
+    sizes = {encoder.sizing.target_size(*Image.open(p).size) for p in paths}
+    assert len(sizes) >= 3, sizes  # the batch really mixes prompt lengths (left padding)
+    one = predict(model, encoder, paths, batch_size=1, max_new_tokens=8, num_workers=0, progress=False)
+    many = predict(model, encoder, paths, batch_size=8, max_new_tokens=8, num_workers=0, progress=False)
+    assert all(r["error"] is None and isinstance(r["prediction"], str) for r in one + many)
+    assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
+    # not a degenerate model that says the same thing for every image
+    assert len({r["prediction"] for r in one}) > 1, one
+
+
+# --------------------------------------------------------------------------- 8. inputs, outputs
+def test_inputs_and_outputs(trained, tiny_model_dir, data, tmp_path, capsys):
+    base = common(tiny_model_dir, trained)
+    images = sorted(str(p) for p in (data / "images").glob("*.png"))
+
+    # a folder -> CSV with image, prediction, error
+    infer.main([str(data / "images"), "--output", str(tmp_path / "folder.csv"), *base])
+    folder_rows = read_csv(tmp_path / "folder.csv")
+    assert list(folder_rows[0]) == ["image", "prediction", "error"]
+    assert [r["image"] for r in folder_rows] == images
+    assert all(r["error"] == "" for r in folder_rows)
+    by_image = {r["image"]: r["prediction"] for r in folder_rows}
+
+    # a glob -> JSONL, same predictions
+    infer.main(["--input", str(data / "images" / "[0-3].png"), "--output", str(tmp_path / "glob.jsonl"), *base])
+    glob_rows = read_jsonl(tmp_path / "glob.jsonl")
+    assert [set(r) for r in glob_rows] == [{"image", "prediction", "error"}] * 4
+    assert [r["image"] for r in glob_rows] == images[:4]
+    assert [r["prediction"] for r in glob_rows] == [by_image[p] for p in images[:4]]
+
+    # the conversation JSON -> CSV with labels and per-row scores, metrics printed
+    capsys.readouterr()
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "json.csv"), *base])
+    out = capsys.readouterr().out
+    metrics = printed_metrics(out)
+    assert metrics["adapter"] == str(trained / "final") and metrics["n"] == 8 and metrics["errors"] == 0
+    json_rows = read_csv(tmp_path / "json.csv")
+    assert list(json_rows[0]) == ["image", "prediction", "error", "label", *SCORE_KEYS]
+    assert [r["label"] for r in json_rows] == LABELS
+    assert [r["image"] for r in json_rows] == [str(data / "images" / f"{i}.png") for i in range(8)]
+    assert [r["prediction"] for r in json_rows] == [by_image[r["image"]] for r in json_rows]
+    em = [float(r["exact_match"]) for r in json_rows]
+    assert em == [float(r["prediction"] == r["label"]) for r in json_rows]
+    assert metrics["exact_match"] == pytest.approx(sum(em) / 8)
+
+    # a CSV (image_path,text) -> JSONL with the same rows
+    infer.main([str(data / "data.csv"), "--output", str(tmp_path / "csv.jsonl"), *base])
+    csv_rows = read_jsonl(tmp_path / "csv.jsonl")
+    assert set(csv_rows[0]) == {"image", "prediction", "error", "label", *SCORE_KEYS}
+    assert [(r["image"], r["prediction"], r["label"]) for r in csv_rows] == \
+        [(r["image"], r["prediction"], r["label"]) for r in json_rows]
+
+    # a labelled file with no --output: predictions next to it
+    infer.main([str(data / "data.csv"), "--limit", "2", *base])
+    assert len(read_csv(data / "data.predictions.csv")) == 2
+
+    # one image: its LaTeX on stdout, nothing else
+    capsys.readouterr()
+    infer.main([images[5], *base])
+    assert capsys.readouterr().out == by_image[images[5]] + "\n"
+
+
+def test_no_images_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        infer.main([str(tmp_path / "nothing" / "*.png"), *common(tiny_model_dir, adapter="none")])
+    assert "no images found" in str(exc.value.code)
+    (tmp_path / "empty.json").write_text("[]")  # a labelled file without rows: no crash writing nothing
+    with pytest.raises(SystemExit) as exc:
+        infer.main([str(tmp_path / "empty.json"), *common(tiny_model_dir, adapter="none")])
+    assert "no samples" in str(exc.value.code)
+    assert not list(tmp_path.glob("*.csv"))
+
+
+# ------------------------------------------------------------------------------ 9. bad input
+def test_bad_images_become_error_rows(trained, tiny_model_dir, data, tmp_path, capsys):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    records = [make_record(0, str(data / "images" / "0.png"), LABELS[0]),
+               make_record(1, "gone.png", "y"),
+               make_record(2, "corrupt.png", "z"),
+               make_record(3, str(data / "images" / "3.png"), LABELS[3])]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    infer.main([str(tmp_path / "bad.json"), "--output", str(tmp_path / "bad.jsonl"),
+                *common(tiny_model_dir, trained)])
+    captured = capsys.readouterr()
+    rows = read_jsonl(tmp_path / "bad.jsonl")
+    assert [r["image"] for r in rows] == [str(data / "images" / "0.png"), str(tmp_path / "gone.png"),
+                                          str(tmp_path / "corrupt.png"), str(data / "images" / "3.png")]
+    assert rows[0]["error"] == "" and isinstance(rows[0]["prediction"], str)
+    assert rows[3]["error"] == "" and isinstance(rows[3]["prediction"], str)
+    assert rows[1]["prediction"] is None and "image not found" in rows[1]["error"] and "gone.png" in rows[1]["error"]
+    assert rows[2]["prediction"] is None and "cannot read image" in rows[2]["error"]
+    assert rows[1]["exact_match"] == 0.0 and rows[1]["edit_distance"] == 1.0
+    metrics = printed_metrics(captured.out)
+    assert metrics["errors"] == 2 and metrics["n"] == 4
+    assert "gone.png" in captured.err and "corrupt.png" in captured.err
+
+
+def test_missing_checkpoint_lists_what_exists(tiny_model_dir, tmp_path, data):
+    out = tmp_path / "run"
+    (out / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoint-5" / "adapter_config.json").write_text("{}")
+    (out / "checkpoint-9").mkdir()  # no adapter in it: not listed
+    env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(data / "images" / "0.png"),
+                           *common(tiny_model_dir, out, adapter="final")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no adapter at 'final'" in proc.stderr
+    assert str(out / "checkpoint-5") in proc.stderr and "checkpoint-9" not in proc.stderr
+    assert "--adapter none" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # --adapter last picks the newest checkpoint that has an adapter
+    from latexocr.modeling import find_adapter
+    assert find_adapter("last", out) == str(out / "checkpoint-5")
+
+
+# ---------------------------------------------------------------------------- 10. merged export
+def test_merged_model_loads_plainly_and_predicts_the_same(trained, tiny_model_dir, data, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    merged = tmp_path / "merged"
+    infer.main(["--merge-to", str(merged), *common(tiny_model_dir, trained)])
+    assert "merged model written to" in capsys.readouterr().out
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    processor = AutoProcessor.from_pretrained(merged)
+    assert processor.image_processor.patch_size == 14
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("lora" in n for n in names)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    merged_sd, base_sd = model.state_dict(), base.state_dict()
+    assert merged_sd.keys() == base_sd.keys()
+    changed = [k for k in base_sd if not torch.equal(base_sd[k], merged_sd[k])]
+    assert changed and all("language_model" in k for k in changed)  # the LoRA deltas, LLM only
+
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "adapter.csv"),
+                *common(tiny_model_dir, trained)])
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "merged.csv"),
+                *common(merged, adapter="none")])
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "base.csv"),
+                *common(tiny_model_dir, adapter="none")])
+    with_adapter = [r["prediction"] for r in read_csv(tmp_path / "adapter.csv")]
+    assert [r["prediction"] for r in read_csv(tmp_path / "merged.csv")] == with_adapter
+    assert [r["prediction"] for r in read_csv(tmp_path / "base.csv")] != with_adapter  # the adapter matters
+
+
+def test_merge_needs_an_adapter(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        infer.main(["--merge-to", str(tmp_path / "m"), *common(tiny_model_dir, adapter="none")])
+    assert "needs an adapter" in str(exc.value.code)
+    assert not (tmp_path / "m").exists()
+
+
+def test_processor_saved_with_the_adapter_is_preferred(trained, tiny_model_dir, tmp_path):
+    """infer.py loads the processor train.py saved next to the adapter, not the base model's."""
+    import shutil
+
+    from latexocr.cli import parse_settings
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained / "final", adapter)
+    config_file = adapter / "processor_config.json"
+    if not config_file.exists():  # transformers < 5
+        config_file = adapter / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    image_config = config.get("image_processor", config)
+    assert image_config["image_mean"] != [0.5, 0.5, 0.5]
+    image_config["image_mean"] = [0.5, 0.5, 0.5]
+    config_file.write_text(json.dumps(config))
+    args = parse_settings(infer.SETTINGS, None, common(tiny_model_dir, adapter=str(adapter)))
+    _, processor, loaded = infer.load_for_inference(args)
+    assert loaded == str(adapter)
+    assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]

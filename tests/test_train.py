@@ -1,0 +1,395 @@
+"""train.py and infer.py as a user runs them: separate processes, tiny random-init models, CPU.
+
+The overfit test is the core check of the whole pipeline: a tiny model memorises 16 short labels
+with train.py, and infer.py, a new process loading the saved adapter from disk, reproduces every
+one of them exactly; sizing the images differently at inference breaks it, so training and
+inference provably see the same pixels.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from latexocr.sample import make_record
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# Short, distinct labels in the dataset's convention (tokens separated by spaces); some have four
+# or more tokens so that corpus BLEU-4 is defined (100 when every prediction is exact).
+LABELS = ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )",
+          "n !", "k = 1", "\\int", "c - d", "z ^ { 3 }", "\\sum", "a b", "q"]
+
+# train.py flags for the tiny model: no workers, no tracking, short generation.
+TINY = ["--model-source", "local", "--num-workers", "0", "--swanlab-mode", "disabled",
+        "--lora-dropout", "0", "--max-new-tokens", "12"]
+
+
+def script_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_script(name: str, *args, cwd=None, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """python <name> args... ; stdout and stderr captured; a non-zero exit fails with the output."""
+    proc = subprocess.run([PY, str(ROOT / name), *map(str, args)], cwd=cwd, env=env or script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                    f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def draw_formula(path: Path, text: str, size: tuple[int, int], seed: int | None = None) -> Path:
+    """The text in black on white, or on a light random texture (seeded) that makes every image
+    distinct at the patch level, so a tiny frozen random vision tower tells them apart quickly."""
+    if seed is None:
+        img = Image.new("RGB", size, "white")
+    else:
+        rng = np.random.default_rng(seed)
+        img = Image.fromarray(rng.integers(128, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ImageDraw.Draw(img).text((4, 4), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def make_dataset(folder: Path, labels: list[str], name: str = "data.json") -> Path:
+    """One image per label (different sizes) and a conversation JSON with paths relative to it."""
+    records = []
+    for i, label in enumerate(labels):
+        draw_formula(folder / "images" / f"{i}.png", label, (100 + 20 * (i % 5), 28 + 6 * (i % 3)), seed=i)
+        records.append(make_record(i, f"images/{i}.png", label))
+    path = folder / name
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def printed_metrics(stdout: str) -> dict:
+    """The JSON summary infer.py prints last for a labelled input."""
+    start = stdout.rindex("\n{") + 1 if "\n{" in stdout else stdout.index("{")
+    return json.loads(stdout[start:])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ 1. overfit
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, tiny_model_dir):
+    """train.py memorises 16 samples; the run's folder, data and output."""
+    work = tmp_path_factory.mktemp("overfit")
+    data = make_dataset(work, LABELS)
+    out = work / "out"
+    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                      "--output-dir", out, "--max-steps", 120, "--batch-size", 16, "--micro-batch-size", 16,
+                      "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 1000, "--logging-steps", 40,
+                      *TINY, timeout=600)
+    return work, data, out, proc
+
+
+def test_overfit_then_infer_reproduces_every_label(overfit, tiny_model_dir):
+    work, data, out, train = overfit
+    assert "train: 16 samples" in train.stdout and "no samples skipped" in train.stdout
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    # the processor is saved with the adapter (transformers >= 5: processor_config.json)
+    assert (out / "final" / "processor_config.json").is_file() or (out / "final" / "preprocessor_config.json").is_file()
+    assert (out / "final" / "tokenizer_config.json").is_file()
+    # train.py's own evaluation at the end (same generation code as infer.py)
+    assert "[eval @ step 120] exact_match 1," in train.stdout, train.stdout[-3000:]
+
+    # A new process, loading base + OUTPUT_DIR/final from disk (the default --adapter final).
+    preds = work / "preds.csv"
+    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
+                      "--output-dir", out, "--output", preds, "--num-workers", "0", "--max-new-tokens", "12")
+    assert f"adapter: {out / 'final'}" in proc.stderr
+    metrics = printed_metrics(proc.stdout)
+    assert metrics["exact_match"] == 1.0 and metrics["edit_distance"] == 0.0
+    assert metrics["n"] == 16 and metrics["errors"] == 0
+    assert math.isclose(metrics["bleu4"], 100.0, rel_tol=1e-6)
+    rows = read_csv(preds)
+    assert [r["label"] for r in rows] == LABELS
+    assert [r["prediction"] for r in rows] == LABELS
+    assert all(r["exact_match"] == "1.0" and r["error"] == "" for r in rows)
+
+    # Sizing matters: the same adapter shown the images at 4x the area no longer reads them.
+    resized = work / "preds_4x.csv"
+    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
+                      "--output-dir", out, "--output", resized, "--num-workers", "0", "--max-new-tokens", "12",
+                      "--image-min-pixels", 4 * 32 * 28 * 28)
+    metrics = printed_metrics(proc.stdout)
+    assert metrics["exact_match"] < 1.0, metrics
+    assert [r["prediction"] for r in read_csv(resized)] != LABELS
+
+
+# ------------------------------------------------------------------------------- 2. end to end
+
+def _write_parquet(path: Path, labels: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    structs = []
+    for i, label in enumerate(labels):
+        buf = io.BytesIO()
+        img = Image.new("RGB", (100 + 20 * (i % 4), 30), "white")
+        ImageDraw.Draw(img).text((4, 4), label, fill=(0, 0, 0))
+        img.save(buf, format="PNG")
+        structs.append({"bytes": buf.getvalue(), "path": f"{i}.png"})
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array(structs, type=image_type), "text": pa.array(labels, type=pa.string())})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def test_end_to_end_data2csv_csv2json_train_infer(tmp_path, tiny_model_dir):
+    source = _write_parquet(tmp_path / "src" / "train-00000-of-00001.parquet", LABELS[:8])
+    work = tmp_path / "project"
+    work.mkdir()
+    # step 1: parquet -> PNGs + CSV (paths relative to the CSV)
+    run_script("data2csv.py", "--source", source, "--limit", "all", "--workers", "0", cwd=work)
+    csv_rows = read_csv(work / "latex_ocr_train.csv")
+    assert len(csv_rows) == 8 and sorted(r["text"] for r in csv_rows) == sorted(LABELS[:8])
+    assert all((work / r["image_path"]).is_file() for r in csv_rows)
+    # step 2: CSV -> conversation JSONs (train / val split)
+    run_script("csv2json.py", "--val-size", "2", cwd=work)
+    train = json.loads((work / "latex_ocr_train.json").read_text(encoding="utf-8"))
+    val = json.loads((work / "latex_ocr_val.json").read_text(encoding="utf-8"))
+    assert len(train) == 6 and len(val) == 2
+    # step 3: train with the default file names, a few steps
+    proc = run_script("train.py", "--model-id", tiny_model_dir, "--max-steps", 3, "--batch-size", 2,
+                      "--micro-batch-size", 2, "--save-steps", 2, "--output-dir", "output/run", *TINY, cwd=work)
+    assert "train: 6 samples" in proc.stdout and "validation: 2 samples" in proc.stdout
+    assert "[eval @ step 3] exact_match" in proc.stdout
+    out = work / "output" / "run"
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert (out / "checkpoint-2" / "adapter_config.json").is_file()
+    assert trainer_state(out / "checkpoint-3")["global_step"] == 3
+    # step 4: infer on the validation JSON (default input name), predictions next to it
+    proc = run_script("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir",
+                      "output/run", "--num-workers", "0", "--max-new-tokens", "8", cwd=work)
+    metrics = printed_metrics(proc.stdout)
+    assert {"exact_match", "edit_distance", "bleu4"} <= set(metrics)
+    assert metrics["n"] == 2 and metrics["errors"] == 0
+    rows = read_csv(work / "latex_ocr_val.predictions.csv")
+    assert [r["label"] for r in rows] == [rec["conversations"][1]["value"] for rec in val]
+
+
+# --------------------------------------------------------------------------- 3. other families
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
+    model_dir = tiny_family_dirs[family]
+    data = make_dataset(tmp_path, LABELS[:2])
+    out = tmp_path / "out"
+    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+                      "--output-dir", out, "--max-steps", 2, "--batch-size", 2, "--micro-batch-size", 2,
+                      "--logging-steps", 1, *TINY)
+    assert "[eval @ step 2] exact_match" in proc.stdout and "errors 0" in proc.stdout
+    assert trainer_state(out / "checkpoint-2")["global_step"] == 2
+    # LoRA sits on the language model only; the vision tower is untouched.
+    from safetensors import safe_open
+    with safe_open(out / "final" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("language_model" in k for k in keys), keys[:5]
+    assert {k.split(".")[-3] for k in keys if "lora_A" in k} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"}
+    proc = run_script("infer.py", tmp_path / "images" / "0.png", "--model-id", model_dir, "--model-source",
+                      "local", "--output-dir", out, "--num-workers", "0", "--max-new-tokens", "6")
+    assert f"adapter: {out / 'final'}" in proc.stderr
+    assert len(proc.stdout.splitlines()) == 1  # one image: just its LaTeX on stdout
+
+
+# ----------------------------------------------------------------------------- 4. Ctrl-C, resume
+def _train_until_logged(cmd: list[str], env: dict, n_logs: int, timeout: float = 240.0):
+    """Start train.py, send SIGINT once `n_logs` loss lines were printed; (returncode, output)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    chunks: list[str] = []
+
+    def reader():
+        for line in proc.stdout:
+            chunks.append(line)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while "".join(chunks).count("'loss'") < n_logs:
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("train.py logged no progress in time:\n" + "".join(chunks)[-4000:])
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    thread.join(timeout=10)
+    return rc, "".join(chunks)
+
+
+def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path, LABELS[:8])
+    out = tmp_path / "out"
+    args = ["--model-id", str(tiny_model_dir), "--train-json", str(data), "--val-json", str(tmp_path / "none.json"),
+            "--output-dir", str(out), "--max-steps", "40", "--batch-size", "8", "--micro-batch-size", "8",
+            "--save-steps", "20", "--logging-steps", "1", *TINY]
+    cmd = [PY, str(ROOT / "train.py"), *args]
+    rc, output = _train_until_logged(cmd, script_env(), n_logs=3)
+    assert rc == 130, output[-4000:]
+    assert "interrupted: saving a checkpoint" in output
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, output[-4000:]
+    k = int(checkpoints[-1].name.split("-")[1])
+    assert 3 <= k < 40, output[-4000:]
+    assert trainer_state(checkpoints[-1])["global_step"] == k
+    assert (checkpoints[-1] / "adapter_config.json").is_file()
+    assert not (out / "final").exists()
+
+    proc = run_script("train.py", *args, "--resume")
+    # it continued from step k: only steps k+1..40 were trained (one loss line each)
+    assert proc.stdout.count("'loss'") == 40 - k, proc.stdout[-4000:]
+    assert trainer_state(out / "checkpoint-40")["global_step"] == 40
+    assert (out / "final" / "adapter_config.json").is_file()
+    proc = run_script("infer.py", tmp_path / "images" / "0.png", "--model-id", tiny_model_dir, "--model-source",
+                      "local", "--output-dir", out, "--num-workers", "0", "--max-new-tokens", "4")
+    assert f"adapter: {out / 'final'}" in proc.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path, LABELS[:2])
+    out = tmp_path / "fresh"
+    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                      "--output-dir", out, "--max-steps", 2, "--resume", *TINY, check=False)
+    assert proc.returncode != 0
+    assert "no checkpoint" in proc.stderr and str(out) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- 5. bad train data
+def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path, LABELS[:4])
+    records = json.loads(data.read_text())
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    draw_formula(tmp_path / "images" / "long.png", "long", (100, 30))
+    draw_formula(tmp_path / "images" / "empty.png", "empty", (100, 30))
+    records += [make_record(10, "images/missing.png", "x"),
+                make_record(11, "images/corrupt.png", "y"),
+                make_record(12, "images/empty.png", ""),
+                make_record(13, "images/long.png", "x + " * 300 + "y")]  # > 1024 tokens (byte-level)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", bad, "--val-json", bad,
+                      "--output-dir", out, "--max-steps", 2, "--batch-size", 4, "--micro-batch-size", 4,
+                      "--max-length", 1024, *TINY)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("train: "))
+    assert line.startswith("train: 4 samples from"), line
+    assert "1 (image not found, e.g. " in line and "missing.png" in line
+    assert "1 (unreadable image, e.g. " in line and "corrupt.png" in line
+    assert "1 (empty or missing label, e.g. " in line and "empty.png" in line
+    assert "1 (longer than max_length=1024 tokens, e.g. " in line and "long.png" in line
+    assert (out / "final" / "adapter_config.json").is_file()
+    # The validation pass over the same file reports the unreadable images as errors, not a crash.
+    assert "validation: 8 samples" in proc.stdout
+    eval_line = next(l for l in proc.stdout.splitlines() if l.startswith("[eval @ step 2]"))
+    assert "n 8, errors 2" in eval_line, eval_line
+
+
+# ------------------------------------------------------------------------------- 6. SwanLab
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        payload = json.loads(resp.read())
+    assert payload.get("code") == 0, payload
+    return payload["data"]
+
+
+def test_swanlab_local_run_has_train_and_eval_metrics(tmp_path, tiny_model_dir):
+    pytest.importorskip("swanlab")
+    from latexocr.tracking import dashboard_available
+    if not dashboard_available():
+        pytest.skip("needs swanlab[dashboard]")
+    data = make_dataset(tmp_path, LABELS[:2])
+    home = tmp_path / "home"
+    home.mkdir()
+    env = script_env(HOME=str(home), SWANLAB_ROOT=str(home / ".swanlab"))
+    for var in ("SWANLAB_MODE", "SWANLAB_API_KEY", "SWANLAB_SAVE_DIR", "SWANLAB_LOG_DIR", "SWANLAB_API_HOST",
+                "SWANLAB_WEB_HOST"):
+        env.pop(var, None)
+    logdir = tmp_path / "swanlog"
+    run_script("train.py", "--model-id", tiny_model_dir, "--model-source", "local", "--train-json", data,
+               "--val-json", data, "--output-dir", tmp_path / "out", "--max-steps", 3, "--batch-size", 2,
+               "--micro-batch-size", 2, "--logging-steps", 1, "--num-workers", "0", "--max-new-tokens", "6",
+               "--swanlab-mode", "local", "--swanlab-logdir", logdir, "--swanlab-project", "latexocr-train-test",
+               "--experiment-name", "tiny", cwd=tmp_path, env=env)
+    assert (logdir / "runs.swanlab").is_file()
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "watch.log", "wb")
+    server = subprocess.Popen([PY, "-m", "swanlab", "watch", str(logdir), "-h", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, (tmp_path / "watch.log").read_text()
+            try:
+                project = _get_json(base + "/api/v1/project")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("dashboard not ready: " + (tmp_path / "watch.log").read_text())
+                time.sleep(0.3)
+        assert project["name"] == "latexocr-train-test"
+        runs = [e for e in project["experiments"] if e["name"] == "tiny"]
+        assert len(runs) == 1, project["experiments"]
+        summary = _get_json(f"{base}/api/v1/experiment/{runs[0]['id']}/summary")
+        values = {s["key"]: s["value"] for s in summary["summaries"]}
+        assert "train/loss" in values and math.isfinite(values["train/loss"])
+        assert "eval/exact_match" in values and 0.0 <= values["eval/exact_match"] <= 1.0
+        assert "eval/bleu4" in values and "eval/edit_distance" in values
+        cfg = {k: v["value"] for k, v in runs[0]["config"].items()}
+        assert cfg["max_steps"] == 3 and cfg["train_samples"] == 2
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=5)
+        log.close()
