@@ -5,7 +5,6 @@ Training (the collator) and inference (generation) both call `load_image` with t
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
