@@ -70,23 +70,21 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    plain = plain_text_attention(model)
-    plain.__enter__()
     results: list[dict] = [{"prediction": None, "error": None} for _ in image_paths]
     try:
-        for indices, failed, batch in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
-            for i, err in failed:
-                results[order[i]]["error"] = err
-            if batch is None:
-                continue
-            batch = batch.to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                 temperature=None, top_p=None, top_k=None, **generate_kwargs)
-            texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, text in zip(indices, texts):
-                results[order[i]]["prediction"] = text.strip()
+        with plain_text_attention(model):
+            for indices, failed, batch in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
+                for i, err in failed:
+                    results[order[i]]["error"] = err
+                if batch is None:
+                    continue
+                batch = batch.to(device)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
+                                     temperature=None, top_p=None, top_k=None, **generate_kwargs)
+                texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(indices, texts):
+                    results[order[i]]["prediction"] = text.strip()
     finally:
-        plain.__exit__(None, None, None)
         model.train(was_training)
     return results

@@ -1,6 +1,7 @@
 """GPU speed settings used by training and inference, each measured in docs/BENCHMARKS.md."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -101,45 +102,40 @@ def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_packed_text_attention(model) -> bool:
-    """Route the language model's attention through `_packed_causal` (packed training batches)."""
+def _route_attention(model, sub_config: str, name: str, function) -> bool:
+    """Register `function` as attention `name` and make the model's `sub_config` part use it."""
     from transformers import AttentionInterface
 
-    config = getattr(getattr(model, "config", None), "text_config", None)
+    config = getattr(getattr(model, "config", None), sub_config, None)
     if config is None:
         return False
-    AttentionInterface.register(PACKED_TEXT_ATTENTION, _packed_causal)
-    config._attn_implementation = PACKED_TEXT_ATTENTION
+    AttentionInterface.register(name, function)
+    config._attn_implementation = name
     return True
 
 
-class plain_text_attention:
-    """Context manager: the language model uses plain sdpa inside (generation: padding + KV cache)."""
-
-    def __init__(self, model):
-        self.config = getattr(getattr(model, "config", None), "text_config", None)
-        self.saved = None
-
-    def __enter__(self):
-        if self.config is not None and self.config._attn_implementation == PACKED_TEXT_ATTENTION:
-            self.saved = self.config._attn_implementation
-            self.config._attn_implementation = "sdpa"
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.config._attn_implementation = self.saved
+def use_packed_text_attention(model) -> bool:
+    """Route the language model's attention through `_packed_causal` (packed training batches)."""
+    return _route_attention(model, "text_config", PACKED_TEXT_ATTENTION, _packed_causal)
 
 
 def use_packed_vision_attention(model) -> bool:
-    """Route the model's vision tower through `_packed_sdpa`. Returns False if it has no vision config."""
-    from transformers import AttentionInterface
+    """Route the vision tower's attention through `_packed_sdpa`. False if the model has no vision config."""
+    return _route_attention(model, "vision_config", PACKED_VISION_ATTENTION, _packed_sdpa)
 
-    config = getattr(getattr(model, "config", None), "vision_config", None)
-    if config is None:
-        return False
-    AttentionInterface.register(PACKED_VISION_ATTENTION, _packed_sdpa)
-    config._attn_implementation = PACKED_VISION_ATTENTION
-    return True
+
+@contextlib.contextmanager
+def plain_text_attention(model):
+    """Inside, the language model uses plain sdpa (generation: left padding + KV cache)."""
+    config = getattr(getattr(model, "config", None), "text_config", None)
+    if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = PACKED_TEXT_ATTENTION
 
 
 def configure_cuda() -> None:
