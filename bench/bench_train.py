@@ -37,7 +37,7 @@ CONFIGS = {
                            "full logits, no workers"),
     "default": ([], "train.py defaults"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
-    "compiled": (["--compile-layers"], "defaults + torch.compile of each LLM and vision block"),
+    "compiled": (["--compile-layers"], "defaults + torch.compile of each LLM and vision block (sdpa text attention)"),
     "sdpa_text": (["--no-packed-text-attention"], "defaults, LLM attention through sdpa with a block mask"),
     "compiled_sdpa_text": (["--compile-layers", "--no-packed-text-attention"], "compiled, sdpa text attention"),
     "no_packing": (["--no-packing"], "defaults, padded batches instead of packed"),
