@@ -34,9 +34,7 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 import csv
 import glob
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -64,22 +62,17 @@ def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
 
 
 def write_rows(rows: list[dict], out: Path) -> None:
-    """CSV or JSONL (by suffix), written to a temp file then renamed: never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if out.suffix.lower() == ".jsonl":
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """CSV or JSONL (by suffix), via a temp file renamed at the end: never half-written."""
+    from latexocr.io import atomic_open
+
+    with atomic_open(out, "w", encoding="utf-8", newline="") as f:
+        if out.suffix.lower() == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def load_for_inference(args):
@@ -134,8 +127,8 @@ def main(argv=None):
     images, labels, labelled = collect_inputs(args.input)
     if args.limit > 0:
         images, labels = images[: args.limit], labels[: args.limit]
-    fixed = tuple(int(x) for x in args.image_size.lower().split("x")) if args.image_size else None
-    encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels, fixed))
+    encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels,
+                                                  args.image_size))
     results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       num_workers=args.num_workers, progress=len(images) > 1)
 

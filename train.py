@@ -96,8 +96,7 @@ def main(argv=None):
     with state.main_process_first():  # download once, the other processes read the cache
         model_path = resolve_model(args.model_id, args.model_source)
     processor = load_processor(model_path)
-    fixed = tuple(int(x) for x in args.image_size.lower().split("x")) if args.image_size else None
-    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, fixed)
+    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
     encoder = SampleEncoder(processor, sizing)
     dtype = pick_dtype(args.dtype)
     model = load_model(model_path, dtype, args.attn_implementation,

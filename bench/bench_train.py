@@ -65,9 +65,7 @@ def model_flops_per_sample(model_dir: Path, json_path: Path, flags: list[str]) -
     n_llm = layers * (d * d * 2 + d * kv * 2 + 3 * d * ff)
     e = v.embed_dim
     n_vit = v.depth * (4 * e * e + 2 * e * e * v.mlp_ratio) + e * 3 * 14 * 14 * 2 + 4 * e * 4 * e + 4 * e * d
-    fixed = None
-    if "--image-size" in flags:
-        fixed = tuple(int(x) for x in flags[flags.index("--image-size") + 1].split("x"))
+    fixed = flags[flags.index("--image-size") + 1] if "--image-size" in flags else None
     processor = AutoProcessor.from_pretrained(model_dir)
     enc = SampleEncoder(processor, sizing_for(processor, fixed=fixed))
     from PIL import Image

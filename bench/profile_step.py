@@ -41,8 +41,7 @@ def main():
 
     model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     processor = load_processor(str(model_dir))
-    fixed = tuple(int(x) for x in a.image_size.split("x")) if a.image_size else None
-    enc = SampleEncoder(processor, sizing_for(processor, fixed=fixed))
+    enc = SampleEncoder(processor, sizing_for(processor, fixed=a.image_size))
     model = load_model(str(model_dir), torch.bfloat16, "sdpa", device_map="cuda")
     model = add_lora(model, 64, 16, 0.05)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -58,9 +58,24 @@ def _smart_resize(width: int, height: int, factor: int, min_pixels: int, max_pix
     return w, h
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'500x100' -> (500, 100); '' or None -> None (keep each image's aspect ratio)."""
+    if not text:
+        return None
+    try:
+        width, height = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size must look like 500x100 (width x height), got {text!r}") from None
+    return width, height
+
+
 def sizing_for(processor, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-               fixed: tuple[int, int] | None = None) -> ImageSizing:
-    """The sizing for a model, read from its own image processor (patch 14 or 16, merge 2)."""
+               fixed: tuple[int, int] | str | None = None) -> ImageSizing:
+    """The sizing for a model, read from its own image processor (patch 14 or 16, merge 2).
+
+    fixed: (width, height) or "500x100" to force one size for every image."""
+    if isinstance(fixed, str) or fixed is None:
+        fixed = parse_size(fixed)
     ip = processor.image_processor
     return ImageSizing(factor=int(ip.patch_size) * int(ip.merge_size),
                        min_pixels=min_pixels, max_pixels=max_pixels, fixed=fixed)
