@@ -92,9 +92,11 @@ def parse_logs(text: str) -> list[dict]:
     return logs
 
 
-def run_config(name, flags, model_dir, json_path, work, steps, epochs):
+def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1):
     out_dir = work / f"out_{name}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(model_dir), "--model-source", "local",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
+        else [sys.executable]
+    cmd = [*launcher, str(ROOT / "train.py"), "--model-id", str(model_dir), "--model-source", "local",
            "--train-json", str(json_path), "--val-json", str(work / "no_val.json"), "--output-dir", str(out_dir),
            "--logging-steps", "5", "--save-steps", "100000", "--swanlab-mode", "disabled", *flags]
     cmd += ["--max-steps", str(steps)] if steps > 0 else ["--epochs", str(epochs)]
@@ -131,6 +133,8 @@ def main():
     ap.add_argument("--configs", default="tutorial,default,default_500x100,no_packing,full_logits,grad_ckpt")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
     ap.add_argument("--full", default="default", help="configurations run for the whole 996 x 2 epochs")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="GPUs: > 1 runs train.py under torchrun (data-parallel, same global batch)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
@@ -150,7 +154,8 @@ def main():
     for name in a.configs.split(","):
         flags = CONFIGS[name][0]
         full = name in a.full.split(",")
-        r = run_config(name, flags, model_dir, json_path, a.work, 0 if full else a.steps, 2)
+        r = run_config(name, flags, model_dir, json_path, a.work, 0 if full else a.steps, 2, a.nproc)
+        r["gpus"] = a.nproc
         if "error" not in r:
             flops, tokens = model_flops_per_sample(model_dir, json_path, flags)
             r["tokens_per_sample"] = tokens
