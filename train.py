@@ -28,7 +28,7 @@ WARMUP_STEPS = 0
 MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
-GRADIENT_CHECKPOINTING = False  # saves memory, costs ~30% speed; turn on for big micro-batches/models
+GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # image area bounds (aspect ratio kept); see latexocr/sample.py
 IMAGE_MAX_PIXELS = 512 * 28 * 28
 IMAGE_SIZE = ""          # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
@@ -37,7 +37,7 @@ DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = False   # torch.compile each block: ~1 min to compile, then ~20 % faster steps (long runs)
+COMPILE_LAYERS = False   # torch.compile each block: ~1 min to compile, then 9-23 % faster steps (long runs)
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -115,13 +115,13 @@ class TrainCollator:
     per-sample positions restart at 0 (row 0 of the 4 x 1 x L position ids, from which
     transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
     (rows 1-3). packed=False right-pads to the longest sample, as the tutorial does.
-    Samples whose image cannot be read are dropped from the batch and counted.
+    Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
+    already dropped and counted those whose header cannot be read).
     """
 
     encoder: SampleEncoder
     packed: bool = True
     pad_to_multiple_of: int | None = None
-    failed: list = field(default_factory=list)
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
@@ -130,7 +130,6 @@ class TrainCollator:
             try:
                 image = load_image(image_path, self.encoder.sizing)
             except OSError as exc:  # includes FileNotFoundError
-                self.failed.append((image_path, str(exc)))
                 print(f"warning: skipped sample, {exc}", flush=True)
                 continue
             encoded.append(self.encoder.encode_train(image, answer))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -10,22 +11,31 @@ import torch.nn.functional as F
 # transformers sends a vision tower to one variable-length attention call per layer when the
 # implementation's name contains "flash"; any other name loops over the images of a batch
 # (16 images x 32 layers = 512 small attention calls per step). This implementation takes the
-# varlen call and runs it as ONE scaled_dot_product_attention with a block-diagonal mask, so no
-# image attends to another. Used for the vision tower only (the LLM keeps plain sdpa).
+# varlen call and runs it as ONE call: PyTorch's flash varlen kernel on GPU, else one
+# scaled_dot_product_attention with a block-diagonal mask, so no image attends to another.
 PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
 MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
 
 
+@functools.cache
+def _varlen_attn():
+    """(torch's varlen_attn, whether it takes is_causal) or None; looked up once, not per layer."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
+
+
 def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
     """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
-    from torch.nn.attention.varlen import varlen_attn
+    varlen_attn, takes_is_causal = _varlen_attn()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:
+    if takes_is_causal:  # torch 2.9-2.10; later releases take a window instead
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
     else:
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
@@ -34,13 +44,17 @@ def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
 
 
 def _varlen_available(t) -> bool:
-    if not t.is_cuda or t.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
+
+
+def _block_mask(bounds, n: int, device, causal: bool):
+    """(1, 1, n, n) boolean mask letting each position see only its own segment [bounds[i], bounds[i+1])."""
+    segment = torch.searchsorted(bounds[1:], torch.arange(n, device=device), right=True)
+    mask = segment[:, None] == segment[None, :]
+    if causal:
+        idx = torch.arange(n, device=device)
+        mask &= idx[:, None] >= idx[None, :]
+    return mask[None, None]
 
 
 @torch.compiler.disable
@@ -53,8 +67,7 @@ def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
         max_len = int(max_length_q) if max_length_q is not None else int(bounds.diff().max())
         return _varlen_flash(query, key, value, bounds, max_len, scaling, causal=False), None
     if n <= MAX_MASKED_TOKENS:
-        image_of = torch.searchsorted(bounds[1:], torch.arange(n, device=query.device), right=True)
-        mask = (image_of[:, None] == image_of[None, :])[None, None]
+        mask = _block_mask(bounds, n, query.device, causal=False)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              dropout_p=dropout if module.training else 0.0)
     else:
@@ -93,11 +106,8 @@ def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, 
     if _varlen_available(query) and not (module.training and dropout):
         return _varlen_flash(query, key, value, cu, max_len, scaling, causal=True), None
     # CPU / fallback: the same block-diagonal causal attention through a dense mask
-    n = query.shape[2]
-    sample_of = torch.searchsorted(cu[1:], torch.arange(n, device=query.device), right=True)
-    idx = torch.arange(n, device=query.device)
-    mask = (sample_of[:, None] == sample_of[None, :]) & (idx[:, None] >= idx[None, :])
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None], scale=scaling,
+    mask = _block_mask(cu, query.shape[2], query.device, causal=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
@@ -140,8 +150,9 @@ def plain_text_attention(model):
 
 def configure_cuda() -> None:
     """cuDNN's attention builds a new plan for every new sequence length; packed batches change
-    length every step, so that cost recurs (measured: ~800 -> see BENCHMARKS.md). Flash / memory-
-    efficient SDPA kernels need no plan. TF32 speeds any fp32 matmul that is left."""
+    length every step, so that cost recurs (measured on an H100: 914-972 -> 300-353 ms per
+    16-sample step, docs/BENCHMARKS.md). Flash / memory-efficient SDPA kernels need no plan.
+    TF32 speeds any fp32 matmul that is left."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
