@@ -106,9 +106,7 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    # Flash-varlen text attention runs eagerly (data-dependent boundaries): inside compiled blocks
-    # it breaks each graph in two, which measured slower than compiled blocks with plain sdpa.
-    if args.packing and args.packed_text_attention and not args.compile_layers and args.attn_implementation == "sdpa":
+    if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
         use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
     if args.compile_layers:
         say(f"compiling {compile_decoder_layers(model)} decoder layers")

@@ -58,7 +58,7 @@ def main():
         return out
 
     def step(batch, cast):
-        batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         ctx = contextlib.nullcontext() if cast else disable_input_dtype_casting(model)
         with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
             loss, n = supervised_loss(model, batch)
@@ -94,7 +94,42 @@ def main():
     measure("+ packed (flash varlen) text attention (= train.py default)", False, True, False, True)
     print(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
+    def where_time_goes(name, n=3):
+        """Kernels, GPU busy time and host syncs per step, from torch.profiler over n fresh steps."""
+        from torch.autograd import DeviceType
+        batches = fresh_batches(n)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for b in batches:
+                step(b, False)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / n
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / n / 1000
+        count = lambda *names: sum(1 for e in events if e.name in names) / n  # noqa: E731
+        print(f"{name}: {wall * 1000:.0f} ms/step under the profiler, {len(kernels) / n:.0f} GPU kernels/step, "
+              f"GPU busy {busy:.0f} ms/step ({busy / wall / 10:.0f} %), syncs/step: "
+              f"{count('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize'):.0f} "
+              f"(.item {count('aten::_local_scalar_dense'):.0f}, nonzero {count('aten::nonzero'):.0f})", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        # where the syncs come from: torch reports each (deduplicated by source line)
+        import warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(fresh_batches(1)[0], False)
+        torch.cuda.set_sync_debug_mode(0)
+        sites = {}
+        for w in caught:
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+        print("sync sites:", dict(sorted(sites.items(), key=lambda kv: -kv[1])[:15]), flush=True)
+
     if a.extra:
+        where_time_goes("eager default")
         # LoRA dropout off: one op less per adapter, forward and backward (not the default: tutorial uses 0.05)
         import torch.nn as nn
         saved = {}
@@ -110,18 +145,17 @@ def main():
         from torch._dynamo.utils import counters
         from latexocr.speed import compile_decoder_layers
         compile_decoder_layers(model)
-        for b in fresh_batches(4):
+        t0 = time.perf_counter()
+        for b in fresh_batches(6):
             step(b, False)
-        measure("default + compiled blocks", False, True, False, True)
-        for b in fresh_batches(4):
-            step(b, False)  # let the sdpa-text variant compile before timing it
-        measure("compiled blocks, LLM attention via sdpa (no graph break)", False, True, False, False)
+        torch.cuda.synchronize()
+        print(f"compile + 6 warm-up steps: {time.perf_counter() - t0:.0f} s", flush=True)
+        measure("default + compiled blocks (flash varlen text attention inside)", False, True, False, True)
         print("dynamo stats:", dict(counters["stats"]))
         for reason, n in counters["graph_break"].items():
             print(f"graph break x{n}: {reason.splitlines()[0][:160]}")
         print("recompiles:", sum(counters["recompiles"].values()) if "recompiles" in counters else 0)
-
-    if a.extra:
+        where_time_goes("compiled default")
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in fresh_batches(3):

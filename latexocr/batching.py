@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .sample import ImageSizing, load_image, user_messages
+from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -148,6 +149,9 @@ class TrainCollator:
             rope_pos = torch.cat([mrope_positions(e["mm_token_type_ids"], e["image_grid_thw"][0], merge)
                                   for e in encoded], dim=1)
             batch["position_ids"] = torch.cat([text_pos[None], rope_pos])[:, None, :]  # 4 x 1 x L
+            lengths = [len(e["input_ids"]) for e in encoded]  # sample boundaries for the attention
+            batch[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            batch[MAX_LENGTH_KEY] = max(lengths)
         else:
             length = max(len(e["input_ids"]) for e in encoded)
             if self.pad_to_multiple_of:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 
 import torch
@@ -17,9 +16,9 @@ PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
 MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
 
 
-@functools.cache
-def _varlen_attn():
-    """(torch's varlen_attn, whether it takes is_causal) or None; looked up once, not per layer."""
+def _find_varlen_attn():
+    """(torch's varlen_attn, whether it takes is_causal) or None. Looked up once at import, so
+    compiled blocks see a plain function (torch registers it as a custom op with its own backward)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -27,9 +26,12 @@ def _varlen_attn():
     return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
 
 
+_VARLEN_ATTN = _find_varlen_attn()
+
+
 def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
     """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
-    varlen_attn, takes_is_causal = _varlen_attn()
+    varlen_attn, takes_is_causal = _VARLEN_ATTN
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -44,7 +46,7 @@ def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
 
 
 def _varlen_available(t) -> bool:
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _VARLEN_ATTN is not None
 
 
 def _block_mask(bounds, n: int, device, causal: bool):
@@ -57,7 +59,6 @@ def _block_mask(bounds, n: int, device, causal: bool):
     return mask[None, None]
 
 
-@torch.compiler.disable
 def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
                  is_causal=False, cu_seq_lens_q=None, max_length_q=None, **kwargs):
     # query/key/value: (1, heads, patches, head_dim); cu_seq_lens_q: image boundaries [0, n1, n1+n2, ...]
@@ -82,31 +83,34 @@ def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
 # memory-efficient kernel then computes every masked-out score too (16 samples: 16x the work).
 # Flash varlen attention skips them. Generation (left padding, KV cache) switches back to sdpa.
 PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
-_boundaries_cache: list = [None, None, 0]
+# The packed collator computes the sample boundaries on the CPU and passes them to the model under
+# these names (not transformers' cu_seq_lens_q: the vision tower receives the same kwargs and
+# has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
+CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
 
 
+@torch.compiler.disable  # data-dependent (nonzero, .max()): only when the batch did not bring boundaries
 def _sample_boundaries(position_ids):
-    """cu_seqlens [0, l1, l1+l2, ..., L] and the longest sample of a packed row, computed once per forward."""
-    if _boundaries_cache[0] is not position_ids:
-        pos = position_ids.reshape(-1)
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
-        _boundaries_cache[:] = [position_ids, cu, int(cu.diff().max())]
-    return _boundaries_cache[1], _boundaries_cache[2]
+    """cu_seqlens [0, l1, l1+l2, ..., L] and the longest sample of a packed row, from its positions."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).nonzero().flatten()
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
+    return cu, int(cu.diff().max())
 
 
-@torch.compiler.disable  # data-dependent boundaries; compiled blocks call it eagerly
 def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
                    position_ids=None, **kwargs):
-    if attention_mask is not None or position_ids is None or query.shape[0] != 1:
+    cu, max_len = kwargs.pop(CU_SEQLENS_KEY, None), kwargs.pop(MAX_LENGTH_KEY, None)
+    if attention_mask is not None or query.shape[0] != 1 or (cu is None and position_ids is None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    cu, max_len = _sample_boundaries(position_ids)
+    if cu is None:
+        cu, max_len = _sample_boundaries(position_ids)
     if _varlen_available(query) and not (module.training and dropout):
         return _varlen_flash(query, key, value, cu, max_len, scaling, causal=True), None
     # CPU / fallback: the same block-diagonal causal attention through a dense mask
-    mask = _block_mask(cu, query.shape[2], query.device, causal=True)
+    mask = _block_mask(cu.to(query.device), query.shape[2], query.device, causal=True)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -159,17 +163,19 @@ def configure_cuda() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
     All blocks share one compiled graph, so compilation happens once (~1 min) and not per
     layer; `dynamic=True` keeps packed batches of any length from recompiling. Fusing the
-    many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step.
+    many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
+    packed attentions above trace whole (no graph break): their boundaries come in as inputs.
     """
+    compile_options = {"dynamic": True, **compile_options}
     count = 0
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
-            module.compile(dynamic=True)
+            module.compile(**compile_options)
             count += 1
     return count

@@ -98,3 +98,33 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
     with torch.no_grad():
         loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
     assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)
+
+
+def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
+    """COMPILE_LAYERS: every block compiles as ONE graph (fullgraph=True raises on a graph break)
+    with the packed text and vision attention inside, and gives eager's loss and gradients."""
+    from latexocr.speed import compile_decoder_layers
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batches = [TrainCollator(encoder, packed=True)(formula_images[i:i + 3]) for i in (0, 3)]
+
+    def loss_and_grads(compiled):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        if compiled:
+            torch._dynamo.reset()
+            assert compile_decoder_layers(model, backend="aot_eager", fullgraph=True) > 0
+        losses = []
+        for batch in batches:  # two batches of different lengths: no recompile error, same results
+            loss, n = supervised_loss(model, dict(batch))
+            (loss / n).backward()
+            losses.append(loss.detach() / n)
+        grads = torch.cat([p.grad.flatten() for p in model.model.language_model.parameters() if p.grad is not None])
+        return torch.stack(losses), grads
+
+    eager_losses, eager_grads = loss_and_grads(False)
+    compiled_losses, compiled_grads = loss_and_grads(True)
+    assert torch.allclose(eager_losses, compiled_losses, rtol=1e-4)
+    assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
