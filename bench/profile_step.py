@@ -24,7 +24,9 @@ def main():
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--image-size", default="")
-    ap.add_argument("--extra", action="store_true", help="also measure LoRA dropout 0 and compiled blocks")
+    ap.add_argument("--extra", action="store_true", help="measure compiled blocks and CUDA graphs instead")
+    ap.add_argument("--cuda-graphs-only", action="store_true", help="--extra: only the CUDA-graph variant")
+    ap.add_argument("--bucket", type=int, default=256, help="--extra: pad packed rows to a multiple of this")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ def main():
         return out
 
     def step(batch, cast):
+        torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         ctx = contextlib.nullcontext() if cast else disable_input_dtype_casting(model)
         with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
@@ -129,33 +132,44 @@ def main():
         print("sync sites:", dict(sorted(sites.items(), key=lambda kv: -kv[1])[:15]), flush=True)
 
     if a.extra:
-        where_time_goes("eager default")
-        # LoRA dropout off: one op less per adapter, forward and backward (not the default: tutorial uses 0.05)
-        import torch.nn as nn
-        saved = {}
-        for name, mod in model.named_modules():
-            if hasattr(mod, "lora_dropout") and "default" in mod.lora_dropout:
-                saved[name] = mod.lora_dropout["default"]
-                mod.lora_dropout["default"] = nn.Identity()
-        measure("default (again, same process)", False, True, False, True)
-        measure("default, LoRA dropout 0", False, True, False, True)
-        for name, mod in model.named_modules():
-            if name in saved:
-                mod.lora_dropout["default"] = saved[name]
         from torch._dynamo.utils import counters
+        import latexocr.speed as speed
         from latexocr.speed import compile_decoder_layers
-        compile_decoder_layers(model)
-        t0 = time.perf_counter()
-        for b in fresh_batches(6):
-            step(b, False)
-        torch.cuda.synchronize()
-        print(f"compile + 6 warm-up steps: {time.perf_counter() - t0:.0f} s", flush=True)
-        measure("default + compiled blocks (flash varlen text attention inside)", False, True, False, True)
-        print("dynamo stats:", dict(counters["stats"]))
-        for reason, n in counters["graph_break"].items():
-            print(f"graph break x{n}: {reason.splitlines()[0][:160]}")
-        print("recompiles:", sum(counters["recompiles"].values()) if "recompiles" in counters else 0)
-        where_time_goes("compiled default")
+
+        def warm(n, label):
+            t0 = time.perf_counter()
+            for b in fresh_batches(n):
+                step(b, False)
+            torch.cuda.synchronize()
+            print(f"{label}: {n} warm-up steps in {time.perf_counter() - t0:.0f} s", flush=True)
+
+        if a.cuda_graphs_only:
+            a.extra = "graphs"
+        if a.extra != "graphs":
+            compile_decoder_layers(model)
+            warm(6, "compile")
+            measure("default + compiled blocks (flash varlen text attention inside)", False, True, False, True)
+            speed.VARLEN_AVOID_CUDNN = True
+            warm(3, "recompile vision")
+            measure("  + vision varlen without cuDNN (window = whole image)", False, True, False, True)
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            measure("  + fused AdamW", False, True, False, True)
+            print("dynamo stats:", dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()),
+                  "recompiles:", sum(counters["recompiles"].values()) if "recompiles" in counters else 0)
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            measure("  + skip guard evaluation", False, True, False, True)
+            torch.compiler.set_stance("default")
+            where_time_goes("compiled")
+        # CUDA graphs for the LLM blocks: batches padded to a multiple of 256 tokens (few shapes)
+        torch._dynamo.reset()
+        compile_decoder_layers(model, cuda_graphs=True)
+        collate = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)  # noqa: F841 (fresh_batches)
+        torch.cuda.reset_peak_memory_stats()
+        warm(12, "compile with CUDA graphs")
+        measure(f"  + CUDA graphs for LLM blocks, rows padded to x{a.bucket}", False, True, False, True)
+        measure("  (again)", False, True, False, True)
+        print(f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        where_time_goes("CUDA graphs")
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in fresh_batches(3):

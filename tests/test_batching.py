@@ -88,9 +88,14 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
         assert use_packed_text_attention(model) and use_packed_vision_attention(model)
         loss_fast, n3 = supervised_loss(model, dict(packed))
+        # padded up to a multiple of 64 tokens (static shapes for CUDA graphs): same loss
+        bucketed = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(samples)
+        assert bucketed["input_ids"].shape[1] % 64 == 0 and bucketed["input_ids"].shape[1] > packed["input_ids"].shape[1]
+        loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
         with plain_text_attention(model):
             assert model.config.text_config._attn_implementation == "sdpa"
-    assert n1 == n2 == n3
+    assert n1 == n2 == n3 == n4
+    assert torch.allclose(loss_fast, loss_bucketed, rtol=1e-4)
     assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
     assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
