@@ -37,9 +37,11 @@ CONFIGS = {
                            "full logits, no workers"),
     "default": ([], "train.py defaults"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
-    "compiled": (["--compile-layers"], "defaults + torch.compile of each LLM and vision block (sdpa text attention)"),
+    "compiled": (["--compile-layers", "on"], "defaults + torch.compile of each LLM and vision block "
+                                            "(COMPILE_LAYERS=auto does this for runs of >= 1000 steps)"),
+    "compiled_500x100": (["--compile-layers", "on", "--image-size", "500x100"], "compiled, at fixed 500x100"),
     "sdpa_text": (["--no-packed-text-attention"], "defaults, LLM attention through sdpa with a block mask"),
-    "compiled_sdpa_text": (["--compile-layers", "--no-packed-text-attention"], "compiled, sdpa text attention"),
+    "compiled_sdpa_text": (["--compile-layers", "on", "--no-packed-text-attention"], "compiled, sdpa text attention"),
     "no_packing": (["--no-packing"], "defaults, padded batches instead of packed"),
     "full_logits": (["--no-supervised-logits-only"], "defaults, logits at every position"),
     "grad_ckpt": (["--gradient-checkpointing"], "defaults + gradient checkpointing"),

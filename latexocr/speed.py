@@ -27,7 +27,6 @@ def _find_varlen_attn():
 
 
 _VARLEN_ATTN = _find_varlen_attn()
-VARLEN_AVOID_CUDNN = False
 
 
 def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
@@ -41,9 +40,8 @@ def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
     if takes_is_causal:  # torch 2.9-2.10; later releases take a window instead
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
     else:
-        # (-1, -1) = no window; torch >= 2.11 sends such calls to cuDNN, which plans per shape
-        window = (-1, 0) if causal else ((max_len, max_len) if VARLEN_AVOID_CUDNN else (-1, -1))
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=window)
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
+                          window_size=(-1, 0) if causal else (-1, -1))
     return out[None]  # (1, T, heads, dim)
 
 
@@ -165,25 +163,34 @@ def configure_cuda() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
+def compile_decoder_layers(model, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
-    All blocks share one compiled graph, so compilation happens once (~1 min) and not per
-    layer; `dynamic=True` keeps packed batches of any length from recompiling. Fusing the
-    many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
+    All blocks share one compiled graph, so compilation happens once (~1.5 min on an H100) and
+    not per layer; `dynamic=True` keeps packed batches of any length from recompiling. Fusing
+    the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
     packed attentions above trace whole (no graph break): their boundaries come in as inputs.
-    cuda_graphs=True also replays the language model's blocks as CUDA graphs (one per batch
-    shape: use with a collator that pads to few shapes).
     """
     compile_options = {"dynamic": True, **compile_options}
     count = 0
     for module in model.modules():
         name = type(module).__name__
-        if name.endswith("DecoderLayer"):
-            module.compile(**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-        elif name.endswith("VisionBlock"):
+        if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
             module.compile(**compile_options)
-        else:
-            continue
-        count += 1
+            count += 1
     return count
+
+
+# Compiling costs ~1.5 min once (H100, torch 2.11) and then saves ~0.1 s per 16-sample step
+# (docs/BENCHMARKS.md): it pays from about 1,000 optimizer steps on.
+COMPILE_PAYS_FROM_STEPS = 1000
+
+
+def should_compile(setting: str, planned_steps: int) -> bool:
+    """COMPILE_LAYERS: "on", "off", or "auto" (on a CUDA GPU, for runs long enough to repay the compile)."""
+    setting = setting.lower()
+    if setting not in ("auto", "on", "off"):
+        raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
+    if setting == "auto":
+        return torch.cuda.is_available() and planned_steps >= COMPILE_PAYS_FROM_STEPS
+    return setting == "on"
