@@ -72,7 +72,9 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     model.eval()
     results: list[dict] = [{"prediction": None, "error": None} for _ in image_paths]
     try:
-        with plain_text_attention(model):
+        # Blocks compiled for training (COMPILE_LAYERS) would recompile for eval mode, the KV cache
+        # and every new length: generation runs them eagerly.
+        with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
             for indices, failed, batch in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
                 for i, err in failed:
                     results[order[i]]["error"] = err
