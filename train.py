@@ -38,7 +38,8 @@ ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
 COMPILE_LAYERS = "auto"  # torch.compile each block: ~1.5 min once, then ~40 % faster steps; auto = on a GPU,
-                         # for runs of >= 1000 optimizer steps (where it pays) | on | off
+                         # for runs of >= 1000 optimizer steps (where it pays), without DeepSpeed or
+                         # gradient checkpointing (not measured with them) | on | off
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
@@ -85,6 +86,7 @@ from transformers import TrainerCallback
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
+    should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -129,7 +131,8 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    if should_compile(args.compile_layers, planned_steps):
+    if should_compile(args.compile_layers, planned_steps,
+                      measured_setup=not (args.deepspeed or args.gradient_checkpointing)):
         say(f"compiling {compile_decoder_layers(model)} blocks (once, ~1.5 min; COMPILE_LAYERS=off skips it)")
 
     if args.resume and not list_checkpoints(out_dir):

@@ -166,8 +166,9 @@ def configure_cuda() -> None:
 def compile_decoder_layers(model, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
-    All blocks share one compiled graph, so compilation happens once (~1.5 min on an H100) and
-    not per layer; `dynamic=True` keeps packed batches of any length from recompiling. Fusing
+    Blocks of one kind share their compiled code, so compilation happens a few times (vision
+    block; first and later text blocks: ~1.5 min in all on an H100), not once per layer;
+    `dynamic=True` keeps packed batches of any length from recompiling. Fusing
     the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
     packed attentions above trace whole (no graph break): their boundaries come in as inputs.
     """
@@ -186,11 +187,13 @@ def compile_decoder_layers(model, **compile_options) -> int:
 COMPILE_PAYS_FROM_STEPS = 1000
 
 
-def should_compile(setting: str, planned_steps: int) -> bool:
-    """COMPILE_LAYERS: "on", "off", or "auto" (on a CUDA GPU, for runs long enough to repay the compile)."""
+def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
+    """COMPILE_LAYERS: "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
+    compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
+    gradient checkpointing)."""
     setting = setting.lower()
     if setting not in ("auto", "on", "off"):
         raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
     if setting == "auto":
-        return torch.cuda.is_available() and planned_steps >= COMPILE_PAYS_FROM_STEPS
+        return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_PAYS_FROM_STEPS
     return setting == "on"

@@ -136,5 +136,6 @@ def test_compile_setting():
     # auto: only on a CUDA GPU, and only for runs long enough to repay the compile
     assert should_compile("auto", COMPILE_PAYS_FROM_STEPS) == torch.cuda.is_available()
     assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS - 1)
+    assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
     with pytest.raises(SystemExit, match="auto, on or off"):
         should_compile("yes", 10)
