@@ -1,11 +1,14 @@
 """Where a training step's time goes, and what each speed setting buys, in a plain loop on one GPU.
 
-    python bench/profile_step.py
+    python bench/profile_step.py            # the eager speed settings, one by one
+    python bench/profile_step.py --extra    # eager vs compiled blocks, with profiler summaries
 
 Runs train.py's pieces (collator, LoRA model, supervised loss, AdamW) without the Trainer, on
 fresh real-shaped batches for every variant (shapes change every step, as in training), and
 prints ms/step for: everything off (cuDNN attention, per-image vision attention, peft input
 casts), then each setting switched on in turn; then a torch.profiler table of the final setup.
+--extra instead profiles the eager default, then compiles every block and measures it (plus
+fused AdamW and skipped guard evaluation), printing kernels, GPU busy time and host syncs per step.
 """
 from __future__ import annotations
 
