@@ -166,8 +166,8 @@ def configure_cuda() -> None:
 def compile_decoder_layers(model, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
-    Blocks of one kind share their compiled code, so compilation happens a few times (vision
-    block; first and later text blocks: ~1.5 min in all on an H100), not once per layer;
+    Blocks of one kind share their compiled code, so compilation happens a few times (per block
+    kind and input variant: ~1.5 min in all on an H100), not once per layer;
     `dynamic=True` keeps packed batches of any length from recompiling. Fusing
     the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
     packed attentions above trace whole (no graph break): their boundaries come in as inputs.
