@@ -6,7 +6,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
 from latexocr.sample import ImageSizing, load_image, sizing_for
-from latexocr.speed import plain_text_attention, use_packed_text_attention, use_packed_vision_attention
+from latexocr.speed import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
+                             use_packed_vision_attention)
 
 
 def test_supervised_tokens_are_answer_and_end_of_turn(tiny_model_dir, formula_images):
@@ -88,12 +89,16 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
         assert use_packed_text_attention(model) and use_packed_vision_attention(model)
         loss_fast, n3 = supervised_loss(model, dict(packed))
+        # a packed batch that does not bring the boundaries: derived from the positions instead
+        bare = {k: v for k, v in packed.items() if k not in (CU_SEQLENS_KEY, MAX_LENGTH_KEY)}
+        loss_derived, _ = supervised_loss(model, bare)
         with plain_text_attention(model):
             assert model.config.text_config._attn_implementation == "sdpa"
     assert n1 == n2 == n3
     assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
     assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_derived, rtol=1e-4)
     # and it really is per-sample: shuffling the order of the samples in the row changes nothing
     with torch.no_grad():
         loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
