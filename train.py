@@ -37,9 +37,11 @@ DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = "auto"  # torch.compile each block: ~1.5 min once, then ~40 % faster steps; auto = on a GPU,
+COMPILE_LAYERS = "auto"  # torch.compile each block: ~1.5 min once, then ~2x faster steps; auto = on a GPU,
                          # for runs of >= 1000 optimizer steps (where it pays), without DeepSpeed or
                          # gradient checkpointing (not measured with them) | on | off
+CUDA_GRAPHS = True       # with compiled blocks on a GPU: replay the LLM's blocks as CUDA graphs
+                         # (rows padded to a multiple of 256 tokens so that few shapes occur)
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
@@ -78,7 +80,8 @@ from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
-from latexocr.speed import compile_decoder_layers, should_compile, use_packed_text_attention
+from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers, should_compile,
+                            use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
 from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback
 from transformers import TrainerCallback
@@ -131,9 +134,13 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    if should_compile(args.compile_layers, planned_steps,
-                      measured_setup=not (args.deepspeed or args.gradient_checkpointing)):
-        say(f"compiling {compile_decoder_layers(model)} blocks (once, ~1.5 min; COMPILE_LAYERS=off skips it)")
+    compiled = should_compile(args.compile_layers, planned_steps,
+                              measured_setup=not (args.deepspeed or args.gradient_checkpointing))
+    cuda_graphs = compiled and args.cuda_graphs and torch.cuda.is_available()
+    if compiled:
+        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
+        say(f"compiling {n} blocks{' (LLM blocks as CUDA graphs)' if cuda_graphs else ''}, once, ~1.5 min; "
+            f"COMPILE_LAYERS=off skips it")
 
     if args.resume and not list_checkpoints(out_dir):
         raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
@@ -196,11 +203,13 @@ def main(argv=None):
         model=model,
         args=training_args,
         train_dataset=train_set,
-        data_collator=TrainCollator(encoder, packed=args.packing),
+        data_collator=TrainCollator(encoder, packed=args.packing,
+                                    pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None),
         processing_class=processor,
         callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
+    trainer.cuda_graphs = cuda_graphs
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 

@@ -13,7 +13,6 @@ fused AdamW and skipped guard evaluation), printing kernels, GPU busy time and h
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
@@ -27,20 +26,25 @@ def main():
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--image-size", default="")
-    ap.add_argument("--extra", action="store_true", help="profile eager and compiled blocks instead")
+    ap.add_argument("--extra", action="store_true", help="profile eager, then --variants (default blocks,guards)")
+    ap.add_argument("--variants", default="", help="comma list, measured in order in this process: eager, "
+                    "blocks, cuda_graphs[_legacy|_nopartition|_nostatic], bucket, "
+                    "combo_kernels, guards, fused_adamw")
+    ap.add_argument("--bucket", type=int, default=256, help="cuda_graphs variants: pad rows to a multiple of this")
+    ap.add_argument("--profile", action="store_true", help="profiler summary of the last variant")
+    ap.add_argument("--cprofile", default="", help="write cProfile stats of the last variant's steps here")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from peft.helpers import disable_input_dtype_casting
     from torch.profiler import ProfilerActivity, profile
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
     from latexocr.sample import sizing_for
     from latexocr.speed import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
-    from latexocr.training import supervised_loss
+    from latexocr.training import NoLoraInputCast, supervised_loss
 
     model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     processor = load_processor(str(model_dir))
@@ -48,27 +52,27 @@ def main():
     model = load_model(str(model_dir), torch.bfloat16, "sdpa", device_map="cuda")
     model = add_lora(model, 64, 16, 0.05)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    no_lora_input_cast = NoLoraInputCast(model)
     pairs = real_samples(a.shared)
-    collate = TrainCollator(enc, packed=True)
+    live = {"collate": TrainCollator(enc, packed=True), "opt": torch.optim.AdamW(params, lr=1e-4)}  # variants swap them
     offset = [0]
 
     def fresh_batches(n):  # rotate through the samples so every batch has new shapes
         out = []
         for _ in range(n):
-            out.append(collate([pairs[(offset[0] + j * 7) % len(pairs)] for j in range(a.micro)]))
+            out.append(live["collate"]([pairs[(offset[0] + j * 7) % len(pairs)] for j in range(a.micro)]))
             offset[0] += 1
         return out
 
     def step(batch, cast):
+        torch.compiler.cudagraph_mark_step_begin()  # (CUDA-graph variants) a new step's outputs may reuse memory
         batch = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        ctx = contextlib.nullcontext() if cast else disable_input_dtype_casting(model)
-        with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
+        with no_lora_input_cast(active=not cast), torch.autocast("cuda", dtype=torch.bfloat16):
             loss, n = supervised_loss(model, batch)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        live["opt"].step()
+        live["opt"].zero_grad(set_to_none=True)
 
     use_packed_text_attention(model.base_model.model)  # registers it; measure() picks per variant
     vision_cfg = model.base_model.model.config.vision_config
@@ -89,7 +93,7 @@ def main():
         dt = (time.perf_counter() - t0) / len(batches)
         print(f"{name:55s} {dt * 1000:6.0f} ms/step  {a.micro / dt:6.1f} samples/s", flush=True)
 
-    if not a.extra:
+    if not (a.extra or a.variants):
         measure("all off (cuDNN sdpa, per-image vision, peft casts)", True, False, True)
         measure("+ cuDNN attention off", False, False, True)
         measure("+ packed vision attention", False, True, True)
@@ -132,25 +136,68 @@ def main():
         print("sync sites:", dict(sorted(sites.items(), key=lambda kv: -kv[1])[:15]), flush=True)
 
     if a.extra:
-        from torch._dynamo.utils import counters
-        from latexocr.speed import compile_decoder_layers
+        a.variants = a.variants or "blocks,guards"
         where_time_goes("eager default")
-        compile_decoder_layers(model)
-        t0 = time.perf_counter()
-        for b in fresh_batches(6):
-            step(b, False)
-        torch.cuda.synchronize()
-        print(f"compile + 6 warm-up steps: {time.perf_counter() - t0:.0f} s", flush=True)
-        measure("default + compiled blocks (flash varlen attention inside)", False, True, False, True)
-        # unique_graphs counts every graph compiled so far (one per block kind and input variant)
-        print("dynamo stats:", dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()))
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # noqa: F841 (step() uses it)
-        measure("  + fused AdamW", False, True, False, True)
-        # unsafe in train.py (evaluation switches the blocks to eval mode, a guard this skips)
-        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-        measure("  + guard evaluation skipped", False, True, False, True)
-        torch.compiler.set_stance("default")
-        where_time_goes("compiled")
+    if a.variants:
+        import torch._inductor.config as inductor_config
+        from torch._dynamo.utils import counters
+        from latexocr.speed import compile_decoder_layers, uncompile
+
+        def warm(n, label):
+            t0 = time.perf_counter()
+            for b in fresh_batches(n):
+                step(b, False)
+            torch.cuda.synchronize()
+            print(f"{label}: compile + {n} warm-up steps {time.perf_counter() - t0:.0f} s", flush=True)
+
+        def recompile(**options):
+            uncompile(model)
+            torch._dynamo.reset()
+            counters.clear()
+            return compile_decoder_layers(model, **options)
+
+        for variant in a.variants.split(","):
+            torch.cuda.reset_peak_memory_stats()
+            if variant == "blocks":  # every LLM and vision block compiled on its own, no CUDA graphs
+                recompile()
+            elif "cuda_graphs" in variant:
+                # LLM blocks replayed as CUDA graphs (train.py's COMPILE_LAYERS on a GPU), rows padded to
+                # few shapes (--bucket); "legacy" uses inductor's older cudagraphify, not CUDA graph trees
+                inductor_config.triton.cudagraph_trees = "legacy" not in variant
+                if "nopartition" in variant:  # no splitting of graphs around cudagraph-unsafe ops
+                    inductor_config.graph_partition = False
+                if "nostatic" in variant:  # triton's own launcher instead of inductor's static one
+                    inductor_config.use_static_cuda_launcher = False
+                recompile(cuda_graphs=True)
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
+            elif variant == "bucket":  # the same compiled code, rows padded to a multiple of --bucket tokens
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
+            elif variant == "combo_kernels":  # inductor fuses independent kernels horizontally: fewer launches
+                inductor_config.combo_kernels = True
+                recompile()
+            elif variant == "guards":  # unsafe in train.py: evaluation flips the blocks to eval mode
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            elif variant == "fused_adamw":
+                live["opt"] = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            if variant != "eager":
+                warm(6 if "cuda_graphs" not in variant else 12, variant)
+            measure(variant, False, True, False, True)
+            print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; dynamo stats:",
+                  dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()), flush=True)
+            torch.compiler.set_stance("default")
+        if a.profile:
+            where_time_goes(a.variants.split(",")[-1])
+        if a.cprofile:  # the host's Python time per function, over 6 fresh steps of the last variant
+            import cProfile
+            import pstats
+            batches = fresh_batches(6)
+            torch.cuda.synchronize()
+            with cProfile.Profile() as prof:
+                for b in batches:
+                    step(b, False)
+                torch.cuda.synchronize()
+            prof.dump_stats(a.cprofile)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(40)
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for b in fresh_batches(3):

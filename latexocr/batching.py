@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .sample import ImageSizing, load_image, user_messages
 from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
@@ -115,7 +116,10 @@ class TrainCollator:
     packed=True concatenates the samples into one row with no padding ("padding-free"):
     per-sample positions restart at 0 (row 0 of the 4 x 1 x L position ids, from which
     transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
-    (rows 1-3). packed=False right-pads to the longest sample, as the tutorial does.
+    (rows 1-3), and the sample boundaries for the packed attention (latexocr/speed.py).
+    packed=False right-pads to the longest sample, as the tutorial does. pad_to_multiple_of
+    rounds the row length up (packed: with an extra all-padding sample), so that few distinct
+    shapes occur (CUDA graphs record one graph per shape).
     Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
     already dropped and counted those whose header cannot be read).
     """
@@ -145,13 +149,27 @@ class TrainCollator:
             batch["input_ids"] = torch.tensor([sum((e["input_ids"] for e in encoded), [])])
             batch["labels"] = torch.tensor([sum((e["labels"] for e in encoded), [])])
             batch["mm_token_type_ids"] = torch.tensor([sum((e["mm_token_type_ids"] for e in encoded), [])])
-            text_pos = torch.cat([torch.arange(len(e["input_ids"])) for e in encoded])
-            rope_pos = torch.cat([mrope_positions(e["mm_token_type_ids"], e["image_grid_thw"][0], merge)
-                                  for e in encoded], dim=1)
-            batch["position_ids"] = torch.cat([text_pos[None], rope_pos])[:, None, :]  # 4 x 1 x L
-            lengths = [len(e["input_ids"]) for e in encoded]  # sample boundaries for the attention
+            rope_pos = [mrope_positions(e["mm_token_type_ids"], e["image_grid_thw"][0], merge) for e in encoded]
+            lengths = [len(e["input_ids"]) for e in encoded]
+            max_length = max(lengths)
+            if self.pad_to_multiple_of:
+                # Few distinct shapes (CUDA graphs record one graph per shape): the row is filled up to
+                # the next multiple of N with one extra unsupervised "sample" of 1..N padding tokens (its
+                # own attention segment, so it touches no other sample; always present, so the number
+                # of segments stays the same), and the longest-sample bound is rounded up to a power of two.
+                fill = self.pad_to_multiple_of - sum(lengths) % self.pad_to_multiple_of
+                pad_id = self.encoder.tokenizer.pad_token_id
+                batch["input_ids"] = F.pad(batch["input_ids"], (0, fill), value=pad_id)
+                batch["labels"] = F.pad(batch["labels"], (0, fill), value=IGNORE_INDEX)
+                batch["mm_token_type_ids"] = F.pad(batch["mm_token_type_ids"], (0, fill), value=0)
+                rope_pos.append(torch.arange(fill).expand(3, fill))
+                lengths.append(fill)
+                max_length = 1 << (max(lengths) - 1).bit_length()
+            text_pos = torch.cat([torch.arange(n) for n in lengths])
+            batch["position_ids"] = torch.cat([text_pos[None], torch.cat(rope_pos, dim=1)])[:, None, :]  # 4 x 1 x L
+            # sample boundaries for the attention, computed here so the GPU never waits on them
             batch[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            batch[MAX_LENGTH_KEY] = max(lengths)
+            batch[MAX_LENGTH_KEY] = max_length
         else:
             length = max(len(e["input_ids"]) for e in encoded)
             if self.pad_to_multiple_of:

@@ -163,7 +163,12 @@ def configure_cuda() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_decoder_layers(model, **compile_options) -> int:
+# Packed rows are padded up to a multiple of this many tokens when the language model's blocks
+# replay as CUDA graphs (one graph is recorded per distinct shape): ~5 % padding, a few shapes.
+CUDA_GRAPH_ROW_MULTIPLE = 256
+
+
+def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
     Blocks of one kind share their compiled code, so compilation happens a few times (per block
@@ -171,15 +176,36 @@ def compile_decoder_layers(model, **compile_options) -> int:
     `dynamic=True` keeps packed batches of any length from recompiling. Fusing
     the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
     packed attentions above trace whole (no graph break): their boundaries come in as inputs.
+
+    cuda_graphs=True also replays the language model's blocks as CUDA graphs (inductor's
+    "reduce-overhead" mode), which removes their per-kernel launch cost: the step is host-bound
+    without it (docs/BENCHMARKS.md). Use it with a collator that pads rows to few shapes
+    (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
+    torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision tower stays
+    without graphs: its patch count changes with every batch.
     """
+    # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of
+    # 0-d CPU tensor inputs: those cost a CPU kernel per call and keep a graph off CUDA graphs (torch
+    # 2.11 skipped such graphs, or segfaulted in the backward when it partitioned around them).
+    torch._dynamo.config.specialize_float = True
     compile_options = {"dynamic": True, **compile_options}
     count = 0
     for module in model.modules():
         name = type(module).__name__
-        if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
+        if name.endswith("DecoderLayer"):
+            module.compile(**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+        elif name.endswith("VisionBlock"):
             module.compile(**compile_options)
-            count += 1
+        else:
+            continue
+        count += 1
     return count
+
+
+def uncompile(model) -> None:
+    """Undo compile_decoder_layers (the modules run eagerly again)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
 
 
 # Compiling costs ~1.5 min once (H100, torch 2.11) and then saves ~0.1 s per 16-sample step

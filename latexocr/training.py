@@ -1,6 +1,7 @@
 """The training pieces train.py puts together: the dataset, the loss, the Trainer, throughput logging."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 
@@ -88,12 +89,31 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> 
     return loss, targets.numel()
 
 
-def _no_lora_input_cast(model, mixed_precision: bool):
-    import contextlib
-    if not mixed_precision:  # without autocast the cast is what makes fp32 adapters work
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-    return disable_input_dtype_casting(model)
+class NoLoraInputCast:
+    """While active, peft's LoRA layers skip casting their input to the adapter's dtype.
+
+    Under bf16 autocast that cast is a full fp32 copy of every LoRA input for nothing (autocast
+    casts back). peft.helpers.disable_input_dtype_casting does the same but walks all ~29,000
+    submodules of the 2B model twice per call; this finds the LoRA layers once.
+    """
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def __call__(self, active: bool = True):
+        if not active:  # without autocast the cast is what makes fp32 adapters work
+            yield
+            return
+        saved = [m.cast_input_dtype_enabled for m in self.layers]
+        for m in self.layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for m, value in zip(self.layers, saved):
+                m.cast_input_dtype_enabled = value
 
 
 class OcrTrainer(Trainer):
@@ -105,11 +125,17 @@ class OcrTrainer(Trainer):
     """
 
     supervised_logits_only = True
+    cuda_graphs = False  # the LLM blocks replay as CUDA graphs (latexocr.speed.compile_decoder_layers)
+    _no_lora_input_cast = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Under bf16 autocast, peft's cast of every LoRA input to the fp32 adapter dtype is a
         # full copy of the activations for nothing (autocast casts back): switch it off.
-        with _no_lora_input_cast(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16):
+        if self._no_lora_input_cast is None:
+            self._no_lora_input_cast = NoLoraInputCast(self.accelerator.unwrap_model(model))
+        if self.cuda_graphs:  # a new forward pass: the graphs may reuse the previous pass's output memory
+            torch.compiler.cudagraph_mark_step_begin()
+        with self._no_lora_input_cast(active=self.args.bf16 or self.args.fp16):
             loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only)
         if num_items_in_batch is None:
             self.loss_is_scaled_for_ga = False

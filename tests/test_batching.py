@@ -92,9 +92,18 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         # a packed batch that does not bring the boundaries: derived from the positions instead
         bare = {k: v for k, v in packed.items() if k not in (CU_SEQLENS_KEY, MAX_LENGTH_KEY)}
         loss_derived, _ = supervised_loss(model, bare)
+        # rows padded up to a multiple of 64 tokens (few shapes, for CUDA graphs): the padding is
+        # one extra unsupervised segment, so the loss and its token count are unchanged
+        bucketed = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(samples)
+        length = bucketed["input_ids"].shape[1]
+        assert length % 64 == 0 and length > packed["input_ids"].shape[1]
+        assert bucketed[CU_SEQLENS_KEY].tolist()[:-1] == packed[CU_SEQLENS_KEY].tolist()
+        assert bucketed[CU_SEQLENS_KEY][-1] == length and bucketed[MAX_LENGTH_KEY] >= packed[MAX_LENGTH_KEY]
+        loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
         with plain_text_attention(model):
             assert model.config.text_config._attn_implementation == "sdpa"
-    assert n1 == n2 == n3
+    assert n1 == n2 == n3 == n4
+    assert torch.allclose(loss_fast, loss_bucketed, rtol=1e-4)
     assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
     assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
@@ -133,6 +142,37 @@ def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_im
     compiled_losses, compiled_grads = loss_and_grads(True)
     assert torch.allclose(eager_losses, compiled_losses, rtol=1e-4)
     assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
+    """CUDA graphs can only replay a block whose inputs all live on the GPU. Python floats the blocks
+    read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
+    (torch 2.11 then skipped the LLM blocks' graphs, or segfaulted in their backward)."""
+    from latexocr.modeling import add_lora
+    from latexocr.speed import compile_decoder_layers, uncompile
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+    model = add_lora(model, 8, 16, 0.05)
+    inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        inputs.extend(example_inputs)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        compile_decoder_layers(model, backend=recording_backend)
+        loss, n = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(formula_images[:3])))
+        (loss / n).backward()
+    finally:
+        uncompile(model)
+        torch._dynamo.reset()
+    assert inputs, "no block was compiled"
+    scalars = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 0]
+    assert not scalars, f"{len(scalars)} 0-d tensor inputs (floats lifted to tensors): {scalars[:3]}"
 
 
 def test_compile_setting():
