@@ -37,8 +37,8 @@ DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = "auto"  # torch.compile each block: ~1.5 min once, then ~2x faster steps; auto = on a GPU,
-                         # for runs of >= 1000 optimizer steps (where it pays), without DeepSpeed or
+COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then ~2.2x faster steps; auto = on a GPU,
+                         # for runs of >= 500 optimizer steps (where it pays), without DeepSpeed or
                          # gradient checkpointing (not measured with them) | on | off
 CUDA_GRAPHS = True       # with compiled blocks on a GPU: replay the LLM's blocks as CUDA graphs
                          # (rows padded to a multiple of 256 tokens so that few shapes occur)
@@ -139,7 +139,7 @@ def main(argv=None):
     cuda_graphs = compiled and args.cuda_graphs and torch.cuda.is_available()
     if compiled:
         n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
-        say(f"compiling {n} blocks{' (LLM blocks as CUDA graphs)' if cuda_graphs else ''}, once, ~1.5 min; "
+        say(f"compiling {n} blocks{' (LLM blocks as CUDA graphs)' if cuda_graphs else ''}, ~1 min in the first steps; "
             f"COMPILE_LAYERS=off skips it")
 
     if args.resume and not list_checkpoints(out_dir):

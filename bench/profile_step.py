@@ -1,14 +1,17 @@
 """Where a training step's time goes, and what each speed setting buys, in a plain loop on one GPU.
 
-    python bench/profile_step.py            # the eager speed settings, one by one
-    python bench/profile_step.py --extra    # eager vs compiled blocks, with profiler summaries
+    python bench/profile_step.py                     # the eager speed settings, one by one
+    python bench/profile_step.py --extra             # eager, then compiled blocks, with profiler summaries
+    python bench/profile_step.py --variants blocks,cuda_graphs --cprofile step.prof
 
 Runs train.py's pieces (collator, LoRA model, supervised loss, AdamW) without the Trainer, on
 fresh real-shaped batches for every variant (shapes change every step, as in training), and
 prints ms/step for: everything off (cuDNN attention, per-image vision attention, peft input
 casts), then each setting switched on in turn; then a torch.profiler table of the final setup.
---extra instead profiles the eager default, then compiles every block and measures it (plus
-fused AdamW and skipped guard evaluation), printing kernels, GPU busy time and host syncs per step.
+--variants instead measures the eager default, then each named variant in turn in the same process
+(blocks: every block compiled; cuda_graphs: the LLM blocks also replayed as CUDA graphs, rows padded
+to --bucket tokens, as train.py does; see --help for the rest); --profile prints kernels, GPU busy
+time and host syncs per step of the last one, --cprofile the host's Python time per function.
 """
 from __future__ import annotations
 

@@ -172,14 +172,15 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
     Blocks of one kind share their compiled code, so compilation happens a few times (per block
-    kind and input variant: ~1.5 min in all on an H100), not once per layer;
+    kind and input variant: ~30 s in all on an H100), not once per layer;
     `dynamic=True` keeps packed batches of any length from recompiling. Fusing
     the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
     packed attentions above trace whole (no graph break): their boundaries come in as inputs.
 
     cuda_graphs=True also replays the language model's blocks as CUDA graphs (inductor's
     "reduce-overhead" mode), which removes their per-kernel launch cost: the step is host-bound
-    without it (docs/BENCHMARKS.md). Use it with a collator that pads rows to few shapes
+    without it (docs/BENCHMARKS.md). A graph is recorded for every new row shape (~6 s each on an
+    H100, the first few dozen steps). Use it with a collator that pads rows to few shapes
     (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
     torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision tower stays
     without graphs: its patch count changes with every batch.
@@ -208,9 +209,10 @@ def uncompile(model) -> None:
         module._compiled_call_impl = None
 
 
-# Compiling costs ~1.5 min once (H100, torch 2.11) and then saves ~0.1 s per 16-sample step
-# (docs/BENCHMARKS.md): it pays from about 1,000 optimizer steps on.
-COMPILE_PAYS_FROM_STEPS = 1000
+# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s over an 80-step
+# run) and then save ~0.17 s per 16-sample step (eager 50.6 vs compiled 110.6 samples/s in the same
+# run, docs/BENCHMARKS.md run E): it pays from ~400 optimizer steps on; 500 leaves a margin.
+COMPILE_PAYS_FROM_STEPS = 500
 
 
 def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
