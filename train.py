@@ -40,8 +40,8 @@ PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attentio
 COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then ~2.2x faster steps; auto = on a GPU,
                          # for runs of >= 500 optimizer steps (where it pays), without DeepSpeed or
                          # gradient checkpointing (not measured with them) | on | off
-CUDA_GRAPHS = True       # with compiled blocks on a GPU: replay the LLM's blocks as CUDA graphs
-                         # (rows padded to a multiple of 256 tokens so that few shapes occur)
+CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
+                         # LLM's blocks as CUDA graphs (rows padded to x256 tokens so that few shapes occur)
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
@@ -81,7 +81,7 @@ from latexocr.modeling import add_lora, list_checkpoints, load_model, load_proce
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
 from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers, should_compile,
-                            use_packed_text_attention)
+                            should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
 from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback
 from transformers import TrainerCallback
@@ -136,7 +136,7 @@ def main(argv=None):
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
     compiled = should_compile(args.compile_layers, planned_steps,
                               measured_setup=not (args.deepspeed or args.gradient_checkpointing))
-    cuda_graphs = compiled and args.cuda_graphs and torch.cuda.is_available()
+    cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
     if compiled:
         n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
         say(f"compiling {n} blocks{' (LLM blocks as CUDA graphs)' if cuda_graphs else ''}, ~1 min in the first steps; "

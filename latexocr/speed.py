@@ -225,3 +225,12 @@ def should_compile(setting: str, planned_steps: int, measured_setup: bool = True
     if setting == "auto":
         return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_PAYS_FROM_STEPS
     return setting == "on"
+
+
+def should_use_cuda_graphs(enabled: bool, compiled: bool, processes: int, accumulation: int,
+                           on_cuda: bool | None = None) -> bool:
+    """CUDA_GRAPHS applies only where it was measured: compiled blocks on one CUDA GPU, without
+    gradient accumulation. A replay reuses the previous replay's output memory, so the gradients of
+    one pass must be consumed by the optimizer step before the next pass runs."""
+    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    return enabled and compiled and on_cuda and processes == 1 and accumulation == 1

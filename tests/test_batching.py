@@ -175,6 +175,17 @@ def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     assert not scalars, f"{len(scalars)} 0-d tensor inputs (floats lifted to tensors): {scalars[:3]}"
 
 
+def test_cuda_graphs_only_where_measured():
+    from latexocr.speed import should_use_cuda_graphs
+    assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(False, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=False, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=False)
+    # gradient accumulation: the next replay would reuse the memory of gradients not yet consumed
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=2, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=2, accumulation=1, on_cuda=True)
+
+
 def test_compile_setting():
     from latexocr.speed import COMPILE_PAYS_FROM_STEPS, should_compile
     assert should_compile("on", 1) and not should_compile("off", 10**6)
