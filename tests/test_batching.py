@@ -175,6 +175,25 @@ def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     assert not scalars, f"{len(scalars)} 0-d tensor inputs (floats lifted to tensors): {scalars[:3]}"
 
 
+def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
+    """NoLoraInputCast switches off exactly the layers peft's own helper does, and restores them."""
+    from peft.helpers import disable_input_dtype_casting
+    from latexocr.modeling import add_lora
+    from latexocr.training import NoLoraInputCast
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.0)
+    flags = lambda: [getattr(m, "cast_input_dtype_enabled", None) for m in model.modules()]  # noqa: E731
+    before = flags()
+    with disable_input_dtype_casting(model):
+        by_peft = flags()
+    switch = NoLoraInputCast(model)
+    assert len(switch.layers) == 7 * model.config.text_config.num_hidden_layers  # q k v o gate up down
+    with switch():
+        assert flags() == by_peft != before
+    assert flags() == before
+    with switch(active=False):  # without autocast the cast stays on
+        assert flags() == before
+
+
 def test_cuda_graphs_only_where_measured():
     from latexocr.speed import should_use_cuda_graphs
     assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
