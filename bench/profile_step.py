@@ -33,7 +33,8 @@ def main():
     ap.add_argument("--variants", default="", help="comma list, measured in order in this process: eager, "
                     "blocks, cuda_graphs[_legacy|_nopartition|_nostatic], bucket, "
                     "combo_kernels, guards, fused_adamw")
-    ap.add_argument("--bucket", type=int, default=256, help="cuda_graphs variants: pad rows to a multiple of this")
+    ap.add_argument("--bucket", type=int, default=0,
+                    help="cuda_graphs and bucket variants: pad rows to a multiple of this (default: train.py's, 256)")
     ap.add_argument("--profile", action="store_true", help="profiler summary of the last variant")
     ap.add_argument("--cprofile", default="", help="write cProfile stats of the last variant's steps here")
     a = ap.parse_args()
@@ -46,9 +47,11 @@ def main():
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
     from latexocr.sample import sizing_for
-    from latexocr.speed import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
+    from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION,
+                                use_packed_text_attention)
     from latexocr.training import NoLoraInputCast, supervised_loss
 
+    a.bucket = a.bucket or CUDA_GRAPH_ROW_MULTIPLE
     model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     processor = load_processor(str(model_dir))
     enc = SampleEncoder(processor, sizing_for(processor, fixed=a.image_size))
@@ -172,9 +175,8 @@ def main():
                 if "nostatic" in variant:  # triton's own launcher instead of inductor's static one
                     inductor_config.use_static_cuda_launcher = False
                 recompile(cuda_graphs=True)
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
-            elif variant == "bucket":  # the same compiled code, rows padded to a multiple of --bucket tokens
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
+            elif variant in ("eager", "bucket"):  # bucket: the compiled code so far, on padded rows
+                pass
             elif variant == "combo_kernels":  # inductor fuses independent kernels horizontally: fewer launches
                 inductor_config.combo_kernels = True
                 recompile()
@@ -182,6 +184,10 @@ def main():
                 torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
             elif variant == "fused_adamw":
                 live["opt"] = torch.optim.AdamW(params, lr=1e-4, fused=True)
+            else:
+                raise SystemExit(f"unknown variant {variant!r}; see --help")
+            if "cuda_graphs" in variant or variant == "bucket":  # rows padded as train.py pads them for graphs
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
             if variant != "eager":
                 warm(6 if "cuda_graphs" not in variant else 12, variant)
             measure(variant, False, True, False, True)
