@@ -41,7 +41,8 @@ COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then ~2.2x fas
                          # for runs of >= 500 optimizer steps (where it pays), without DeepSpeed or
                          # gradient checkpointing (not measured with them) | on | off
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
-                         # LLM's blocks as CUDA graphs (rows padded to x256 tokens so that few shapes occur)
+                         # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
+                         # and x256 patches so that few shapes occur)
 SEED = 42
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
@@ -80,10 +81,11 @@ from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
-from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers, should_compile,
-                            should_use_cuda_graphs, use_packed_text_attention)
+from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
+                            should_compile, should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
 from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback
+from latexocr.vision import graph_vision_tower
 from transformers import TrainerCallback
 
 
@@ -141,6 +143,8 @@ def main(argv=None):
         n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
         say(f"compiling {n} blocks{' (LLM blocks as CUDA graphs)' if cuda_graphs else ''}, ~1 min in the first steps; "
             f"COMPILE_LAYERS=off skips it")
+    # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
+    vision_graphs = graph_vision_tower(model) if cuda_graphs and args.packing else None
 
     if args.resume and not list_checkpoints(out_dir):
         raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
@@ -176,8 +180,12 @@ def main(argv=None):
         dataloader_prefetch_factor=4 if args.num_workers > 0 else None,
         remove_unused_columns=False,   # the collator needs the raw (path, label) pairs
         label_names=["labels"],
-        # packed rows hold no padding, except the <= 256-token fill of CUDA-graph runs (counted: ~2 %)
+        # packed rows: OcrTrainer counts their real tokens on the host (the CUDA-graph padding excluded)
         include_num_input_tokens_seen="all" if args.packing else "non_padding",
+        # transformers checks every step's loss for NaN/inf with a GPU->CPU sync (only to keep such
+        # a step out of the logged average): the host then cannot queue the next step in advance
+        logging_nan_inf_filter=False,
+        accelerator_config={"non_blocking": on_gpu},  # asynchronous copies of the (pinned) batches
         ddp_find_unused_parameters=False,
         use_cpu=cpu_ddp,               # TrainingArguments re-creates the state: keep gloo DDP on CPU
         deepspeed=args.deepspeed or None,
@@ -205,12 +213,14 @@ def main(argv=None):
         args=training_args,
         train_dataset=train_set,
         data_collator=TrainCollator(encoder, packed=args.packing,
-                                    pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None),
+                                    pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
+                                    pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
         callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer.cuda_graphs = cuda_graphs
+    trainer.vision_graphs = vision_graphs
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 

@@ -38,7 +38,8 @@ CONFIGS = {
     "default": ([], "train.py defaults"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
     "compiled": (["--compile-layers", "on"], "defaults + torch.compile of each LLM and vision block, LLM blocks "
-                                            "as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 500 steps)"),
+                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 500 "
+                                            "steps)"),
     "compiled_no_graphs": (["--compile-layers", "on", "--no-cuda-graphs"], "compiled, without CUDA graphs"),
     "compiled_500x100": (["--compile-layers", "on", "--image-size", "500x100"], "compiled, at fixed 500x100"),
     "sdpa_text": (["--no-packed-text-attention"], "defaults, LLM attention through sdpa with a block mask"),

@@ -31,11 +31,13 @@ def main():
     ap.add_argument("--image-size", default="")
     ap.add_argument("--extra", action="store_true", help="profile eager, then --variants (default blocks,guards)")
     ap.add_argument("--variants", default="", help="comma list, measured in order in this process: eager, "
-                    "blocks, cuda_graphs[_legacy|_nopartition|_nostatic], bucket, "
+                    "blocks, cuda_graphs[_legacy|_nopartition|_nostatic], vision_graphs (after cuda_graphs), bucket, "
                     "combo_kernels, guards, fused_adamw")
     ap.add_argument("--bucket", type=int, default=0,
                     help="cuda_graphs and bucket variants: pad rows to a multiple of this (default: train.py's, 256)")
     ap.add_argument("--profile", action="store_true", help="profiler summary of the last variant")
+    ap.add_argument("--seen-shapes", action="store_true",
+                    help="time and profile batches that already ran once (CUDA graphs: replays only, no recordings)")
     ap.add_argument("--cprofile", default="", help="write cProfile stats of the last variant's steps here")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
@@ -60,7 +62,8 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     no_lora_input_cast = NoLoraInputCast(model)
     pairs = real_samples(a.shared)
-    live = {"collate": TrainCollator(enc, packed=True), "opt": torch.optim.AdamW(params, lr=1e-4)}  # variants swap them
+    live = {"collate": TrainCollator(enc, packed=True), "opt": torch.optim.AdamW(params, lr=1e-4),
+            "vision": None}  # variants swap them
     offset = [0]
 
     def fresh_batches(n):  # rotate through the samples so every batch has new shapes
@@ -74,7 +77,7 @@ def main():
         torch.compiler.cudagraph_mark_step_begin()  # (CUDA-graph variants) a new step's outputs may reuse memory
         batch = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with no_lora_input_cast(active=not cast), torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, n = supervised_loss(model, batch)
+            loss, n = supervised_loss(model, batch, vision_graphs=live["vision"])
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         live["opt"].step()
@@ -91,6 +94,9 @@ def main():
         for b in fresh_batches(2):
             step(b, cast)
         batches = fresh_batches(a.steps)
+        if a.seen_shapes:
+            for b in batches:
+                step(dict(b), cast)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in batches:
@@ -111,6 +117,9 @@ def main():
         """Kernels, GPU busy time and host syncs per step, from torch.profiler over n fresh steps."""
         from torch.autograd import DeviceType
         batches = fresh_batches(n)
+        if a.seen_shapes:
+            for b in batches:
+                step(dict(b), False)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -175,6 +184,12 @@ def main():
                 if "nostatic" in variant:  # triton's own launcher instead of inductor's static one
                     inductor_config.use_static_cuda_launcher = False
                 recompile(cuda_graphs=True)
+            elif variant == "vision_graphs":  # + the vision tower as one CUDA graph per padded patch count
+                from latexocr.speed import CUDA_GRAPH_PATCH_MULTIPLE
+                from latexocr.vision import graph_vision_tower
+                live["vision"] = graph_vision_tower(model)
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket,
+                                                pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE)
             elif variant in ("eager", "bucket"):  # bucket: the compiled code so far, on padded rows
                 pass
             elif variant == "combo_kernels":  # inductor fuses independent kernels horizontally: fewer launches
@@ -189,7 +204,7 @@ def main():
             if "cuda_graphs" in variant or variant == "bucket":  # rows padded as train.py pads them for graphs
                 live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
             if variant != "eager":
-                warm(6 if "cuda_graphs" not in variant else 12, variant)
+                warm(6 if "graphs" not in variant else 12, variant)
             measure(variant, False, True, False, True)
             print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; dynamo stats:",
                   dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()), flush=True)
@@ -200,6 +215,9 @@ def main():
             import cProfile
             import pstats
             batches = fresh_batches(6)
+            if a.seen_shapes:
+                for b in batches:
+                    step(dict(b), False)
             torch.cuda.synchronize()
             with cProfile.Profile() as prof:
                 for b in batches:

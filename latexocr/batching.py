@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .sample import ImageSizing, load_image, user_messages
 from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
+from .vision import precompute_packed
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -45,6 +46,7 @@ class SampleEncoder:
         self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
                                                          add_generation_prompt=True)
         self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
         # Text tokens around the image placeholder, to compute a sample's length without encoding it.
         self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
@@ -118,8 +120,10 @@ class TrainCollator:
     transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
     (rows 1-3), and the sample boundaries for the packed attention (latexocr/speed.py).
     packed=False right-pads to the longest sample, as the tutorial does. pad_to_multiple_of
-    rounds the row length up (packed: with an extra all-padding sample), so that few distinct
-    shapes occur (CUDA graphs record one graph per shape).
+    rounds the row length up (packed: with an extra all-padding sample), and
+    pad_patches_to_multiple_of the vision tower's patch count (packed only: an extra all-zero
+    image), so that few distinct shapes occur (CUDA graphs record one graph per shape).
+    Packed batches also carry what the step needs precomputed on the CPU (latexocr/vision.py).
     Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
     already dropped and counted those whose header cannot be read).
     """
@@ -127,6 +131,7 @@ class TrainCollator:
     encoder: SampleEncoder
     packed: bool = True
     pad_to_multiple_of: int | None = None
+    pad_patches_to_multiple_of: int | None = None
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
@@ -151,7 +156,7 @@ class TrainCollator:
             batch["mm_token_type_ids"] = torch.tensor([sum((e["mm_token_type_ids"] for e in encoded), [])])
             rope_pos = [mrope_positions(e["mm_token_type_ids"], e["image_grid_thw"][0], merge) for e in encoded]
             lengths = [len(e["input_ids"]) for e in encoded]
-            max_length = max(lengths)
+            max_length, real_tokens = max(lengths), sum(lengths)
             if self.pad_to_multiple_of:
                 # Few distinct shapes (CUDA graphs record one graph per shape, ~6 s each on an H100): the
                 # row is filled up to the next multiple of N with one extra unsupervised "sample" of 1..N
@@ -171,6 +176,9 @@ class TrainCollator:
             # sample boundaries for the attention, computed here so the GPU never waits on them
             batch[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             batch[MAX_LENGTH_KEY] = max_length
+            batch.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
+                                           batch["image_grid_thw"], merge, self.encoder.image_token_id,
+                                           real_tokens, self.pad_patches_to_multiple_of, IGNORE_INDEX))
         else:
             length = max(len(e["input_ids"]) for e in encoded)
             if self.pad_to_multiple_of:

@@ -166,6 +166,9 @@ def configure_cuda() -> None:
 # Packed rows are padded up to a multiple of this many tokens when the language model's blocks
 # replay as CUDA graphs (one graph is recorded per distinct shape): ~5 % padding, a few shapes.
 CUDA_GRAPH_ROW_MULTIPLE = 256
+# ... and the vision tower's patches (latexocr/vision.py VisionGraphs) to a multiple of this many:
+# ~5 % padding, 4 distinct counts over batches of 16 LaTeX_OCR images (~160 patches each).
+CUDA_GRAPH_PATCH_MULTIPLE = 256
 
 
 def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:

@@ -14,6 +14,8 @@ from transformers import Trainer, TrainerCallback
 from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
 from .sample import is_valid_label
+from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
+from .vision import PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss, takes_precomputed_vision
 
 
 class OcrDataset(Dataset):
@@ -70,13 +72,22 @@ class OcrDataset(Dataset):
         return self.samples[i]
 
 
-def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, int]:
+def supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
+                    vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens, and their count.
 
-    Logits are computed only where the next token is supervised (`logits_to_keep` as a boolean
-    mask): the answer is ~1/3 of a sample, so this skips ~2/3 of the 151,936-wide vocabulary
-    projection and never materialises logits for prompt, image or padding tokens.
+    Logits are computed only where the next token is supervised (`logits_to_keep`): the answer
+    is ~1/3 of a sample, so this skips ~2/3 of the 151,936-wide vocabulary projection and never
+    materialises logits for prompt, image or padding tokens. Packed batches of a Qwen2-VL model
+    take the sync-free path of latexocr/vision.py (its vision tower replayed by `vision_graphs`).
     """
+    precomputed = {k: batch.pop(k) for k in PRECOMPUTED_KEYS if k in batch}
+    if precomputed and supervised_logits_only and takes_precomputed_vision(model):
+        text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}
+        return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs, text_attention)
+    if precomputed.get(VISION_PADDING_KEY):
+        raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
+                         "whose vision tower cannot take the padding (only Qwen2-VL can)")
     labels = batch.pop("labels")
     targets = labels[:, 1:]
     keep = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
@@ -122,10 +133,16 @@ class OcrTrainer(Trainer):
     The loss is normalised by the supervised-token count of the whole optimizer step
     (`num_items_in_batch`, summed over accumulation steps and processes), as transformers
     does for its own causal-LM loss, so micro-batch size and GPU count don't change it.
+
+    Three of transformers' per-step bookkeeping calls are replaced by host-side equivalents: each
+    made the host wait for the GPU (or walk the model) every step, so the host could not queue the
+    next step while the GPU worked (docs/BENCHMARKS.md): see `_track_num_input_tokens` and
+    `floating_point_ops` below and `logging_nan_inf_filter=False` in train.py.
     """
 
     supervised_logits_only = True
     cuda_graphs = False  # the LLM blocks replay as CUDA graphs (latexocr.speed.compile_decoder_layers)
+    vision_graphs = None  # the vision tower replays as CUDA graphs (latexocr.vision.VisionGraphs)
     _no_lora_input_cast = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -136,7 +153,7 @@ class OcrTrainer(Trainer):
         if self.cuda_graphs:  # a new forward pass: the graphs may reuse the previous pass's output memory
             torch.compiler.cudagraph_mark_step_begin()
         with self._no_lora_input_cast(active=self.args.bf16 or self.args.fp16):
-            loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only)
+            loss, n = supervised_loss(model, dict(inputs), self.supervised_logits_only, self.vision_graphs)
         if num_items_in_batch is None:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(n, 1)
@@ -146,6 +163,23 @@ class OcrTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, None) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs):
+        # transformers puts the count on the GPU and reads it back (.item()): a GPU->CPU sync per
+        # step. Packed batches report their real token count (padding excluded) on the host.
+        if (self.args.include_num_input_tokens_seen == "no" or self.accelerator.num_processes > 1
+                or REAL_TOKENS_KEY not in inputs):
+            return super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen += inputs[REAL_TOKENS_KEY]
+
+    _parameter_count = None
+
+    def floating_point_ops(self, inputs) -> int:
+        # transformers' estimate (6 x tokens x parameters), with the parameter count taken once
+        # instead of by walking the model's ~29,000 modules every step
+        if self._parameter_count is None:
+            self._parameter_count = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self._parameter_count if "input_ids" in inputs else 0
 
 
 class ThroughputCallback(TrainerCallback):

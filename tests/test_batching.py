@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
 from latexocr.sample import ImageSizing, load_image, sizing_for
+from latexocr.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
 from latexocr.speed import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
                              use_packed_vision_attention)
 
@@ -100,10 +101,17 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         assert bucketed[CU_SEQLENS_KEY].tolist()[:-1] == packed[CU_SEQLENS_KEY].tolist()
         assert bucketed[CU_SEQLENS_KEY][-1] == length and bucketed[MAX_LENGTH_KEY] >= packed[MAX_LENGTH_KEY]
         loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
+        # the vision tower's patches padded too (its CUDA graphs): one extra all-zero image whose
+        # features are dropped, so the loss is unchanged
+        both = TrainCollator(encoder, packed=True, pad_to_multiple_of=64, pad_patches_to_multiple_of=64)(samples)
+        assert both["pixel_values"].shape[0] % 64 == 0 and both[VISION_PADDING_KEY] > 0
+        assert torch.equal(both["pixel_values"][:len(packed["pixel_values"])], packed["pixel_values"])
+        loss_both, n5 = supervised_loss(model, dict(both))
         with plain_text_attention(model):
             assert model.config.text_config._attn_implementation == "sdpa"
-    assert n1 == n2 == n3 == n4
+    assert n1 == n2 == n3 == n4 == n5
     assert torch.allclose(loss_fast, loss_bucketed, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_both, rtol=1e-4)
     assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
     assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
     assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
@@ -112,6 +120,40 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
     with torch.no_grad():
         loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
     assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images, family):
+    """Packed batches of Qwen2-VL skip the model's own image path (latexocr/vision.py: vision inputs,
+    image-token and supervised positions precomputed by the collator, no GPU->CPU sync): same loss
+    and same LoRA gradients as the model's own forward. Other families take their own forward,
+    and refuse padded patches with a clear error."""
+    from latexocr.modeling import add_lora
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batch = TrainCollator(encoder, packed=True)(formula_images[:4])
+    assert set(PRECOMPUTED_KEYS) <= set(batch)
+
+    def loss_and_grads(b):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+        model = add_lora(model, 8, 16, 0.0)
+        loss, n = supervised_loss(model, dict(b))
+        (loss / n).backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        return takes_precomputed_vision(model), loss.detach(), n, torch.cat(grads)
+
+    fast, loss, n, grads = loss_and_grads(batch)
+    assert fast == (family == "qwen2_vl")
+    _, loss_own, n_own, grads_own = loss_and_grads({k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS})
+    assert n == n_own
+    assert torch.allclose(loss, loss_own, rtol=1e-5)
+    assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-7)
+    if not fast:
+        padded = TrainCollator(encoder, packed=True, pad_patches_to_multiple_of=64)(formula_images[:4])
+        with pytest.raises(ValueError, match="only Qwen2-VL"):
+            loss_and_grads(padded)
 
 
 def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
@@ -214,3 +256,25 @@ def test_compile_setting():
     assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
     with pytest.raises(SystemExit, match="auto, on or off"):
         should_compile("yes", 10)
+
+
+def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formula_images):
+    """Tokens seen (tokens/s in the logs) count the packed row without its CUDA-graph padding, from
+    the batch's host-side count; the FLOP estimate is transformers' own."""
+    from transformers import TrainingArguments
+    from latexocr.training import OcrTrainer
+    from latexocr.vision import REAL_TOKENS_KEY
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             include_num_input_tokens_seen="all")
+    trainer = OcrTrainer(model=model, args=args, processing_class=processor)
+    plain = TrainCollator(encoder, packed=True)(formula_images[:3])
+    padded = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(formula_images[:3])
+    real = plain["input_ids"].shape[1]
+    assert padded[REAL_TOKENS_KEY] == plain[REAL_TOKENS_KEY] == real < padded["input_ids"].shape[1]
+    trainer._track_num_input_tokens(padded)
+    assert trainer.state.num_input_tokens_seen == real
+    assert trainer.floating_point_ops(padded) == 6 * padded["input_ids"].numel() * model.num_parameters(
+        exclude_embeddings=True)
