@@ -140,7 +140,9 @@ class VisionGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread) must not
+        # invalidate the capture, as they do in the default "global" mode
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self._run(inputs[0], grid_thw, *inputs[1:], max_seqlen)
         return inputs, graph, output
 
