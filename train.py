@@ -84,7 +84,7 @@ from latexocr.sample import sizing_for
 from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
                             should_compile, should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
-from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback
+from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
 from latexocr.vision import graph_vision_tower
 from transformers import TrainerCallback
 
@@ -219,6 +219,7 @@ def main(argv=None):
         callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
+    trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
     trainer.cuda_graphs = cuda_graphs
     trainer.vision_graphs = vision_graphs
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "

@@ -278,3 +278,22 @@ def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formul
     assert trainer.state.num_input_tokens_seen == real
     assert trainer.floating_point_ops(padded) == 6 * padded["input_ids"].numel() * model.num_parameters(
         exclude_embeddings=True)
+
+
+def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
+    """skip_redundant_module_walks (the Trainer's per-step train()/zero_grad()): eval() and train()
+    still switch every module, zero_grad() clears every gradient there is (LoRA's)."""
+    from latexocr.modeling import add_lora
+    from latexocr.training import skip_redundant_module_walks
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.1)
+    trainable = skip_redundant_module_walks(model)
+    assert trainable and len(trainable) == sum(p.requires_grad for p in model.parameters())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert model.train() is model and all(m.training for m in model.modules())
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
