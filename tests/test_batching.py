@@ -288,6 +288,10 @@ def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
     model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.1)
     trainable = skip_redundant_module_walks(model)
     assert trainable and len(trainable) == sum(p.requires_grad for p in model.parameters())
+    # peft's wrapper says training while the loaded base model is in eval mode: train() must switch it
+    assert model.training and not model.base_model.model.training
+    model.train()
+    assert all(m.training for m in model.modules())
     model.eval()
     assert not any(m.training for m in model.modules())
     model.train()
