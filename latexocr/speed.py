@@ -185,8 +185,9 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     without it (docs/BENCHMARKS.md). A graph is recorded for every new row shape (~6 s each on an
     H100, the first few dozen steps). Use it with a collator that pads rows to few shapes
     (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
-    torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision tower stays
-    without graphs: its patch count changes with every batch.
+    torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision blocks are
+    compiled without graphs here; latexocr.vision.VisionGraphs replays the whole (frozen) tower as
+    one graph per padded patch count instead.
     """
     # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of
     # 0-d CPU tensor inputs: those cost a CPU kernel per call and keep a graph off CUDA graphs (torch
@@ -212,9 +213,10 @@ def uncompile(model) -> None:
         module._compiled_call_impl = None
 
 
-# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s over an 80-step
-# run) and then save ~0.17 s per 16-sample step (eager 50.6 vs compiled 110.6 samples/s in the same
-# run, docs/BENCHMARKS.md run E): it pays from ~400 optimizer steps on; 500 leaves a margin.
+# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s in a 150-step run)
+# and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
+# eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): it pays from ~230-450
+# optimizer steps on; 500 leaves a margin, and the tutorial's 125-step job stays eager.
 COMPILE_PAYS_FROM_STEPS = 500
 
 

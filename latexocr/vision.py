@@ -78,7 +78,8 @@ def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_value
 
 
 def _vision_language_core(model):
-    """The Qwen2VLModel-like module (has .visual and .language_model) under peft / the LM head."""
+    """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     core = getattr(core, "model", core)
     return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
