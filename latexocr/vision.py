@@ -92,8 +92,19 @@ def takes_precomputed_vision(model) -> bool:
 
 
 def graph_vision_tower(model) -> "VisionGraphs | None":
-    """VisionGraphs for the model's vision tower, or None where the model cannot take them."""
-    return VisionGraphs(_vision_language_core(model).visual) if takes_precomputed_vision(model) else None
+    """VisionGraphs for the model's vision tower, or None where it cannot be captured: another
+    architecture, a vision attention other than latexocr.speed's packed one (transformers'
+    per-image sdpa loop reads the boundaries back to the CPU, which a capture cannot do), or a
+    tower that is being trained (a graph records no backward)."""
+    from .speed import PACKED_VISION_ATTENTION
+
+    if not takes_precomputed_vision(model):
+        return None
+    core = _vision_language_core(model)
+    if (core.config.vision_config._attn_implementation != PACKED_VISION_ATTENTION
+            or any(p.requires_grad for p in core.visual.parameters())):
+        return None
+    return VisionGraphs(core.visual)
 
 
 class VisionGraphs:

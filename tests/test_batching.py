@@ -301,3 +301,18 @@ def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
         p.grad = torch.ones_like(p)
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
+    """The vision tower is graphed only for Qwen2-VL with the packed (sync-free) vision attention,
+    and only while it is frozen."""
+    from latexocr.modeling import add_lora
+    from latexocr.vision import graph_vision_tower
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+    use_packed_vision_attention(model)
+    assert graph_vision_tower(model) is None  # every parameter trainable
+    model = add_lora(model, 8, 16, 0.0)       # the vision tower frozen, as in train.py
+    assert (graph_vision_tower(model) is not None) == (family == "qwen2_vl")
+    model.base_model.model.config.vision_config._attn_implementation = "sdpa"
+    assert graph_vision_tower(model) is None  # transformers' sdpa vision attention syncs per image
