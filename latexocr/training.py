@@ -15,7 +15,8 @@ from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
 from .sample import is_valid_label
 from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
-from .vision import PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss, takes_precomputed_vision
+from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
+                     takes_precomputed_vision)
 
 
 class OcrDataset(Dataset):
@@ -104,8 +105,8 @@ class NoLoraInputCast:
     """While active, peft's LoRA layers skip casting their input to the adapter's dtype.
 
     Under bf16 autocast that cast is a full fp32 copy of every LoRA input for nothing (autocast
-    casts back). peft.helpers.disable_input_dtype_casting does the same but walks all ~29,000
-    submodules of the 2B model twice per call; this finds the LoRA layers once.
+    casts back). peft.helpers.disable_input_dtype_casting does the same but walks all ~2,700
+    modules of the 2B model (named_modules) twice per call; this finds the LoRA layers once.
     """
 
     def __init__(self, model):
@@ -133,8 +134,8 @@ def skip_redundant_module_walks(model) -> list:
     (~5, 3 and 3 ms of host time per step on a 2-core CPU), while only the ~400 LoRA tensors have
     gradients. After this call, train() returns at once when the previous train() already put
     every module in training mode (eval() and the train() after it still switch every module;
-    switching a submodule alone is not seen), and zero_grad() clears the
-    trainable parameters only. Returns those parameters (for clipping).
+    switching a submodule alone is not seen), and zero_grad() clears the trainable parameters
+    only. Returns those parameters (for clipping).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     module_train = type(model).train
@@ -220,7 +221,7 @@ class OcrTrainer(Trainer):
 
     def floating_point_ops(self, inputs) -> int:
         # transformers' estimate (6 x tokens x parameters), with the parameter count taken once
-        # instead of by walking the model's ~29,000 modules every step
+        # instead of by walking the model's ~2,700 modules every step
         if self._parameter_count is None:
             self._parameter_count = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._parameter_count if "input_ids" in inputs else 0
