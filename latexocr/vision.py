@@ -113,7 +113,7 @@ class VisionGraphs:
     The tower is frozen and runs forward only, so a plain torch.cuda.CUDAGraph serves: the first
     batch of a new padded patch count runs twice on a side stream (compiling the blocks, if they
     are compiled, outside the capture), is captured, and every later batch of that count
-    copies its inputs into the graph's buffers and replays it with one launch instead of ~30 per
+    copies its inputs into the graph's buffers and replays it with one launch instead of several per
     block. All graphs share one memory pool: only one runs at a time, and its output is consumed
     (copied into the text embeddings) before the next replay.
     """
