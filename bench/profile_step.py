@@ -73,6 +73,14 @@ def main():
             offset[0] += 1
         return out
 
+    def timing_batches(n, cast=False):
+        """n fresh batches; with --seen-shapes each has already run once (its CUDA graphs are recorded)."""
+        batches = fresh_batches(n)
+        if a.seen_shapes:
+            for b in batches:
+                step(dict(b), cast)
+        return batches
+
     def step(batch, cast):
         torch.compiler.cudagraph_mark_step_begin()  # (CUDA-graph variants) a new step's outputs may reuse memory
         batch = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -93,10 +101,7 @@ def main():
         text_cfg._attn_implementation = PACKED_TEXT_ATTENTION if packed_text else "sdpa"
         for b in fresh_batches(2):
             step(b, cast)
-        batches = fresh_batches(a.steps)
-        if a.seen_shapes:
-            for b in batches:
-                step(dict(b), cast)
+        batches = timing_batches(a.steps, cast)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in batches:
@@ -116,10 +121,7 @@ def main():
     def where_time_goes(name, n=3):
         """Kernels, GPU busy time and host syncs per step, from torch.profiler over n fresh steps."""
         from torch.autograd import DeviceType
-        batches = fresh_batches(n)
-        if a.seen_shapes:
-            for b in batches:
-                step(dict(b), False)
+        batches = timing_batches(n)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -214,10 +216,7 @@ def main():
         if a.cprofile:  # the host's Python time per function, over 6 fresh steps of the last variant
             import cProfile
             import pstats
-            batches = fresh_batches(6)
-            if a.seen_shapes:
-                for b in batches:
-                    step(dict(b), False)
+            batches = timing_batches(6)
             torch.cuda.synchronize()
             with cProfile.Profile() as prof:
                 for b in batches:

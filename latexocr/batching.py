@@ -163,7 +163,7 @@ class TrainCollator:
                 # padding tokens (its own attention segment, so it touches no other sample; always
                 # present, so the number of segments stays the same), and the longest-sample bound
                 # handed to the attention is the row length (a valid bound, and one value per shape).
-                fill = self.pad_to_multiple_of - sum(lengths) % self.pad_to_multiple_of
+                fill = self.pad_to_multiple_of - real_tokens % self.pad_to_multiple_of
                 pad_id = self.encoder.tokenizer.pad_token_id
                 batch["input_ids"] = F.pad(batch["input_ids"], (0, fill), value=pad_id)
                 batch["labels"] = F.pad(batch["labels"], (0, fill), value=IGNORE_INDEX)

@@ -14,7 +14,6 @@ from transformers import Trainer, TrainerCallback
 from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
 from .sample import is_valid_label
-from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
 from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
                      takes_precomputed_vision)
 
@@ -84,8 +83,7 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
     """
     precomputed = {k: batch.pop(k) for k in PRECOMPUTED_KEYS if k in batch}
     if precomputed and supervised_logits_only and takes_precomputed_vision(model):
-        text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}
-        return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs, text_attention)
+        return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs)
     if precomputed.get(VISION_PADDING_KEY):
         raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
                          "whose vision tower cannot take the padding (only Qwen2-VL can)")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
+
 VISION_POSITIONS_KEY = "vision_position_ids"    # (patches, 2) row/column of every patch
 VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"     # int32 image boundaries [0, p1, p1+p2, ...]
 VISION_MAX_LENGTH_KEY = "vision_max_seqlen"     # int: patches of the longest image (a bound)
@@ -96,8 +98,6 @@ def graph_vision_tower(model) -> "VisionGraphs | None":
     architecture, a vision attention other than latexocr.speed's packed one (transformers'
     per-image sdpa loop reads the boundaries back to the CPU, which a capture cannot do), or a
     tower that is being trained (a graph records no backward)."""
-    from .speed import PACKED_VISION_ATTENTION
-
     if not takes_precomputed_vision(model):
         return None
     core = _vision_language_core(model)
@@ -159,8 +159,7 @@ class VisionGraphs:
         return inputs, graph, output
 
 
-def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None,
-                         extra_kwargs: dict | None = None) -> tuple[torch.Tensor, int]:
+def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of a packed batch with the keys above, and
     their count (a host int): the same value as the model's own forward (tests/test_batching.py)."""
     core = _vision_language_core(model)
@@ -176,8 +175,9 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     embeds = core.get_input_embeddings()(batch["input_ids"])
     # features of the padding patches (if any) come last and are dropped
     embeds = embeds.index_copy(1, image_positions, features[None, :image_positions.shape[0]].to(embeds.dtype))
+    text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/speed.py
     logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False,
-                   logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **(extra_kwargs or {})).logits
+                   logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **text_attention).logits
     targets = batch[SUPERVISED_TARGETS_KEY]
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, targets.shape[0]
