@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sample import ImageSizing, load_image, user_messages
+# The sample encoder lives with the rest of the sample definition; re-exported here.
+from .sample import END_OF_TURN, IGNORE_INDEX, SampleEncoder, load_image  # noqa: F401
 from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
 from .vision import precompute_packed
 
-IGNORE_INDEX = -100
-END_OF_TURN = "<|im_end|>"
 # Opt-in trace for tests: with this set to a folder, every training batch's image paths are
 # appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.
 TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
@@ -33,51 +32,6 @@ def _trace_batch(samples) -> None:
         name = f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.jsonl"
         with open(os.path.join(folder, name), "a", encoding="utf-8") as f:
             f.write(json.dumps([str(path) for path, _ in samples]) + "\n")
-
-
-class SampleEncoder:
-    """Encodes samples for one processor and one image sizing (shared by training and inference)."""
-
-    def __init__(self, processor, sizing: ImageSizing):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.sizing = sizing
-        # The prompt text is the same for every sample: one image placeholder and the instruction.
-        self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                         add_generation_prompt=True)
-        self.image_token = processor.image_token
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        # Text tokens around the image placeholder, to compute a sample's length without encoding it.
-        self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
-
-    # ---- lengths (cheap: image header + label tokenisation) -------------------------------
-    def image_tokens(self, width: int, height: int) -> int:
-        w, h = self.sizing.target_size(width, height)
-        return (w // self.sizing.factor) * (h // self.sizing.factor)
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.end_of_turn_id]
-
-    # ---- encoding ---------------------------------------------------------------------------
-    def encode_prompts(self, images) -> dict:
-        """Processor outputs for a list of already-loaded images, text not yet padded."""
-        return self.processor(text=[self.prompt_text] * len(images), images=list(images),
-                              return_tensors=None, padding=False)
-
-    def encode_train(self, image, answer: str) -> dict:
-        """input_ids / labels / mm_token_type_ids (lists) and pixel_values / image_grid_thw (tensors)."""
-        out = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
-        prompt_ids = out["input_ids"][0].tolist()
-        answer_ids = self.answer_ids(answer)
-        # The answer is tokenised on its own and appended, so the prompt/answer boundary is exact.
-        return {
-            "input_ids": prompt_ids + answer_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            "mm_token_type_ids": out["mm_token_type_ids"][0].tolist() + [0] * len(answer_ids),
-            "pixel_values": out["pixel_values"],
-            "image_grid_thw": out["image_grid_thw"],
-        }
 
 
 def mrope_positions(mm_token_type_ids: list[int], grid_thw, merge_size: int) -> torch.Tensor:

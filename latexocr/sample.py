@@ -1,4 +1,5 @@
-"""What one sample is: the prompt, the chat messages, and how its image is loaded and sized.
+"""What one sample is: the prompt, the chat messages, how its image is loaded and sized, and the
+encoder that turns a sample into tokens.
 
 Training (the collator) and inference (generation) both call `load_image` with the same
 `ImageSizing`, so a formula is seen at exactly the same resolution in both.
@@ -15,6 +16,8 @@ from PIL import Image
 PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IGNORE_INDEX = -100
+END_OF_TURN = "<|im_end|>"
 
 # Printed LaTeX_OCR images are ~200-500 px wide and 40-50 px high. The lower bound lifts a
 # 400x50 formula to 448x56 (two rows of 28-px patches, 32 visual tokens) instead of
@@ -114,6 +117,51 @@ def user_messages(image) -> list[dict]:
     """The chat messages for one image (a PIL image or a path), without the answer."""
     return [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": PROMPT}]}]
+
+
+class SampleEncoder:
+    """Encodes samples for one processor and one image sizing (shared by training and inference)."""
+
+    def __init__(self, processor, sizing: ImageSizing):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.sizing = sizing
+        # The prompt text is the same for every sample: one image placeholder and the instruction.
+        self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
+                                                         add_generation_prompt=True)
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        # Text tokens around the image placeholder, to compute a sample's length without encoding it.
+        self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
+
+    # ---- lengths (cheap: image header + label tokenisation) -------------------------------
+    def image_tokens(self, width: int, height: int) -> int:
+        w, h = self.sizing.target_size(width, height)
+        return (w // self.sizing.factor) * (h // self.sizing.factor)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.end_of_turn_id]
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def encode_prompts(self, images) -> dict:
+        """Processor outputs for a list of already-loaded images, text not yet padded."""
+        return self.processor(text=[self.prompt_text] * len(images), images=list(images),
+                              return_tensors=None, padding=False)
+
+    def encode_train(self, image, answer: str) -> dict:
+        """input_ids / labels / mm_token_type_ids (lists) and pixel_values / image_grid_thw (tensors)."""
+        out = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
+        prompt_ids = out["input_ids"][0].tolist()
+        answer_ids = self.answer_ids(answer)
+        # The answer is tokenised on its own and appended, so the prompt/answer boundary is exact.
+        return {
+            "input_ids": prompt_ids + answer_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+            "mm_token_type_ids": out["mm_token_type_ids"][0].tolist() + [0] * len(answer_ids),
+            "pixel_values": out["pixel_values"],
+            "image_grid_thw": out["image_grid_thw"],
+        }
 
 
 # ---- the tutorial's conversation JSON -------------------------------------------------------
