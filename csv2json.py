@@ -32,8 +32,6 @@ VAL_CSV = None                       # a CSV of the dataset's validation split: 
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("image_path", "text")
-# How NaN/None look once a pandas-written CSV is read back as text: not labels.
-NAN_STRINGS = {"nan", "NaN", "NAN", "None", "null", "<NA>"}
 
 
 class DataError(Exception):
@@ -84,7 +82,7 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
                 skipped["short line"] += 1
                 continue
             image, text = fields[ip], fields[tx]
-            if not is_valid_label(text) or text in NAN_STRINGS:
+            if not is_valid_label(text):
                 skipped["empty or NaN label"] += 1
                 continue
             p = Path(image.strip())

@@ -9,6 +9,8 @@
 The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used.
 """
 # ---- settings: edit here, or pass as flags ------------------------------------------------------
+from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .json/.jsonl (csv2json) or a .csv
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
 MODEL_SOURCE = "modelscope"   # modelscope | huggingface | local
@@ -16,10 +18,12 @@ OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
 ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
-MAX_NEW_TOKENS = 256          # the longest LaTeX_OCR label is ~223 tokens
-IMAGE_MIN_PIXELS = 32 * 28 * 28  # must match training (train.py's defaults)
-IMAGE_MAX_PIXELS = 512 * 28 * 28
-IMAGE_SIZE = ""               # "500x100" if the adapter was trained at a fixed size
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
+# Image sizing: by default the one saved with the adapter / merged model (latexocr_sample.json);
+# a flag (or a value edited here) wins over it, with a warning. These apply to models without it.
+IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS
+IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS
+IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100": one fixed size for every image
 LIMIT = 0                     # > 0: only the first N images
 NUM_WORKERS = 4
 DTYPE = "auto"
@@ -28,7 +32,7 @@ MERGE_TO = ""                 # write base+adapter merged (with processor files)
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
 SWANLAB_LOGDIR = "swanlog"
-SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
 import csv
@@ -98,8 +102,16 @@ def load_for_inference(args):
     return model, processor, adapter
 
 
+def trained_sample(args, adapter: str | None) -> tuple[dict | None, str | None]:
+    """(the saved sample definition, its folder): the adapter's, else a local model folder's (merged)."""
+    from latexocr.sample import read_sample_definition
+
+    folder = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
+    return read_sample_definition(folder), folder
+
+
 def main(argv=None):
-    from latexocr.cli import parse_settings
+    from latexocr.cli import parse_settings, settings_given
 
     # The input may also be given positionally: python infer.py image.png
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -110,16 +122,32 @@ def main(argv=None):
     from latexocr.batching import SampleEncoder
     from latexocr.generation import predict
     from latexocr.metrics import sample_scores, summarize
-    from latexocr.sample import sizing_for
+    from latexocr.sample import (SAMPLE_FILE, check_sample_definition, follow_sample_definition, sample_definition,
+                                 set_processor_sizing, sizing_for, write_sample_definition)
 
     model, processor, adapter = load_for_inference(args)
+    # Show the model its samples as it was trained: the saved sizing and prompt, unless flags say otherwise.
+    trained_with, where = trained_sample(args, adapter)
+    follow_sample_definition(args, trained_with, settings_given(SETTINGS, argv), where,
+                             note_if_missing=adapter is not None)
+    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
+    encoder = SampleEncoder(processor, sizing)
+    model_type = model.config.model_type
+    check_sample_definition(encoder, trained_with, model_type, where)
 
     if args.merge_to:
         if adapter is None:
             raise SystemExit("--merge-to needs an adapter (got --adapter none)")
         merged = model.merge_and_unload()
         merged.save_pretrained(args.merge_to)
+        set_processor_sizing(processor, sizing)  # plain AutoProcessor then resizes as training did
         processor.save_pretrained(args.merge_to)
+        write_sample_definition(args.merge_to, sample_definition(encoder, model_type))
+        if sizing.fixed:
+            w, h = sizing.target_size(1, 1)
+            print(f"warning: trained at a fixed {args.image_size} (sent as {w}x{h}), which a plain AutoProcessor "
+                  f"cannot express: resize images to {w}x{h} before its processor, or use infer.py "
+                  f"(it reads {Path(args.merge_to) / SAMPLE_FILE})", file=sys.stderr)
         print(f"merged model written to {args.merge_to}; load it with AutoModelForImageTextToText / "
               f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
         return
@@ -127,8 +155,6 @@ def main(argv=None):
     images, labels, labelled = collect_inputs(args.input)
     if args.limit > 0:
         images, labels = images[: args.limit], labels[: args.limit]
-    encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels,
-                                                  args.image_size))
     results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       num_workers=args.num_workers, progress=len(images) > 1)
 

@@ -9,6 +9,8 @@ and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), the
 validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
+from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
 TRAIN_JSON = "latex_ocr_train.json"
@@ -29,9 +31,9 @@ MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and cou
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
-IMAGE_MIN_PIXELS = 32 * 28 * 28  # image area bounds (aspect ratio kept); see latexocr/sample.py
-IMAGE_MAX_PIXELS = 512 * 28 * 28
-IMAGE_SIZE = ""          # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
+IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS  # image area bounds (aspect ratio kept); see latexocr/sample.py
+IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS
+IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
@@ -50,7 +52,7 @@ EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
 EVAL_BATCH_SIZE = 256
 EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
-MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS
 # checkpoints
 SAVE_STEPS = 100
 SAVE_TOTAL_LIMIT = 3
@@ -61,7 +63,7 @@ SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
 EXPERIMENT_NAME = ""
 SWANLAB_LOGDIR = "swanlog"
 LOGGING_STEPS = 10
-SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
 import math
@@ -76,11 +78,12 @@ from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from latexocr.batching import SampleEncoder, TrainCollator
-from latexocr.cli import parse_settings
+from latexocr.cli import parse_settings, settings_given
 from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
-from latexocr.sample import sizing_for
+from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
+                             sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
 from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
                             should_compile, should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
@@ -104,11 +107,24 @@ def main(argv=None):
     with state.main_process_first():  # download once, the other processes read the cache
         model_path = resolve_model(args.model_id, args.model_source)
     processor = load_processor(model_path)
-    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
-    encoder = SampleEncoder(processor, sizing)
     dtype = pick_dtype(args.dtype)
     model = load_model(model_path, dtype, args.attn_implementation,
                        packed_vision_attention=args.packed_vision_attention)
+
+    # ---- one sample: prompt, image sizing, answer; --resume continues with the checkpoint's own ----
+    if args.resume and not list_checkpoints(out_dir):
+        raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
+    trained_with, where = None, None
+    if args.resume:
+        where = str(list_checkpoints(out_dir)[-1])
+        trained_with = read_sample_definition(where)
+        follow_sample_definition(args, trained_with, settings_given(SETTINGS, argv), where,
+                                 verbose=state.is_main_process)
+    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
+    encoder = SampleEncoder(processor, sizing)
+    check_sample_definition(encoder, trained_with, model.config.model_type, where, verbose=state.is_main_process)
+    set_processor_sizing(processor, sizing)  # the processor saved with each checkpoint resizes as training does
+    definition = sample_definition(encoder, model.config.model_type)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,9 +163,6 @@ def main(argv=None):
         graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
         say(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}, ~1 min in the first "
             f"steps; COMPILE_LAYERS=off skips it")
-
-    if args.resume and not list_checkpoints(out_dir):
-        raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
 
     tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
                       config={**vars(args), "model_path": model_path, "world_size": world,
@@ -205,6 +218,11 @@ def main(argv=None):
         tracker.log_predictions(rows, step=step, key=f"{prefix}/predictions")
         return summary
 
+    class SaveSampleDefinition(TrainerCallback):  # with every checkpoint, for infer.py and --resume
+        def on_save(self, a, s, control, **kw):
+            if s.is_world_process_zero:
+                write_sample_definition(out_dir / f"checkpoint-{s.global_step}", definition)
+
     class EvalEverySteps(TrainerCallback):
         def on_step_end(self, a, s, control, **kw):
             if args.eval_steps > 0 and s.global_step % args.eval_steps == 0 and s.global_step < s.max_steps:
@@ -218,7 +236,8 @@ def main(argv=None):
                                     pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
                                     pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
-        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
+        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps(),
+                   SaveSampleDefinition()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
@@ -237,12 +256,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         say("\ninterrupted: saving a checkpoint ...")
         trainer._save_checkpoint(trainer.model, trial=None)
+        if state.is_main_process:
+            write_sample_definition(out_dir / f"checkpoint-{trainer.state.global_step}", definition)
         say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
         tracker.finish()
         sys.exit(130)
 
     final_dir = out_dir / "final"
     trainer.save_model(str(final_dir))  # adapter + processor files, from the main process only
+    if state.is_main_process:
+        write_sample_definition(final_dir, definition)
     say(f"final adapter: {final_dir}")
     run_eval(trainer.state.global_step)
     tracker.finish()

@@ -6,7 +6,9 @@ Training (the collator) and inference (generation) both call `load_image` with t
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ END_OF_TURN = "<|im_end|>"
 # squashing it to one row; the upper bound caps large handwritten photos at 512 tokens.
 DEFAULT_MIN_PIXELS = 32 * 28 * 28
 DEFAULT_MAX_PIXELS = 512 * 28 * 28
+DEFAULT_IMAGE_SIZE = ""  # "" keeps each image's aspect ratio; "500x100" forces the tutorial's fixed size
+# The longest LaTeX_OCR label is ~223 Qwen2 tokens; 256 leaves room and stops runaway repetition.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,11 @@ class SampleEncoder:
         # Text tokens around the image placeholder, to compute a sample's length without encoding it.
         self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
 
+    def use_prompt(self, prompt_text: str) -> None:
+        """Encode with this rendered prompt (the one a checkpoint was trained with) instead."""
+        self.prompt_text = prompt_text
+        self.prompt_text_tokens = len(self.tokenizer(prompt_text, add_special_tokens=False).input_ids) - 1
+
     # ---- lengths (cheap: image header + label tokenisation) -------------------------------
     def image_tokens(self, width: int, height: int) -> int:
         w, h = self.sizing.target_size(width, height)
@@ -162,6 +172,133 @@ class SampleEncoder:
             "pixel_values": out["pixel_values"],
             "image_grid_thw": out["image_grid_thw"],
         }
+
+
+# ---- the saved sample definition ----------------------------------------------------------
+# train.py writes what one sample was into every checkpoint, OUTPUT_DIR/final and a merged model
+# folder; infer.py and --resume read it back, so a model is always shown images and prompts the
+# way it was trained, whatever the flags' defaults are on the day.
+
+SAMPLE_FILE = "latexocr_sample.json"
+SAMPLE_FORMAT = 1
+# How labels become answers: used as written (the dataset's KaTeX-normalised text), the answer
+# followed by the end token; empty labels are not samples (is_valid_label).
+LABEL_RULE = "verbatim label + end_token; empty / whitespace-only / NaN labels skipped"
+# The flags that decide a sample's image, with their one default each and the saved key.
+SIZING_SETTINGS = {"IMAGE_MIN_PIXELS": ("min_pixels", DEFAULT_MIN_PIXELS),
+                   "IMAGE_MAX_PIXELS": ("max_pixels", DEFAULT_MAX_PIXELS),
+                   "IMAGE_SIZE": ("fixed_size", DEFAULT_IMAGE_SIZE)}
+
+
+def sample_definition(encoder: SampleEncoder, model_type: str) -> dict:
+    """Everything that decides what the model sees and must produce, as a small JSON-able dict."""
+    sizing = encoder.sizing
+    return {
+        "about": "What one training sample is (written by train.py, read by infer.py and --resume; "
+                 "not meant to be edited). See latexocr/sample.py.",
+        "format": SAMPLE_FORMAT,
+        "model_type": model_type,
+        "instruction": PROMPT,
+        "prompt_text": encoder.prompt_text,  # system + user turn (image placeholder, instruction) + answer header
+        "end_token": END_OF_TURN,
+        "labels": LABEL_RULE,
+        "image": {"factor": sizing.factor, "min_pixels": sizing.min_pixels, "max_pixels": sizing.max_pixels,
+                  "fixed_size": f"{sizing.fixed[0]}x{sizing.fixed[1]}" if sizing.fixed else ""},
+    }
+
+
+def write_sample_definition(folder: str | os.PathLike, definition: dict) -> Path:
+    from .io import atomic_write_json
+
+    path = Path(folder) / SAMPLE_FILE
+    atomic_write_json(path, definition)
+    return path
+
+
+def read_sample_definition(folder: str | os.PathLike | None) -> dict | None:
+    """The definition saved in `folder`, or None if there is none (a model saved before it existed)."""
+    if folder is None or not (Path(folder) / SAMPLE_FILE).is_file():
+        return None
+    path = Path(folder) / SAMPLE_FILE
+    try:
+        definition = json.loads(path.read_text(encoding="utf-8"))
+        image = definition["image"]
+        int(image["min_pixels"]), int(image["max_pixels"]), parse_size(image["fixed_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path}: not a valid sample definition ({type(exc).__name__}: {exc}); "
+                         f"restore it, or delete it to use today's defaults") from None
+    return definition
+
+
+def follow_sample_definition(args, definition: dict | None, given: set[str], where: str,
+                             note_if_missing: bool = True, verbose: bool = True) -> None:
+    """Set args' image sizing to the saved definition's, except settings the user chose.
+
+    A setting counts as chosen when it was passed as a flag (`given`) or edited in the script
+    (differs from its default here); a chosen value that contradicts the saved one wins, with a
+    one-line warning naming both. Without a definition the settings stay as they are (today's
+    defaults), with a one-line note when `note_if_missing`. verbose=False: no messages (other processes).
+    """
+    say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
+    if definition is None:
+        if note_if_missing:
+            current = ", ".join(f"{name}={getattr(args, name.lower())!r}" for name in SIZING_SETTINGS)
+            say(f"note: {where} has no {SAMPLE_FILE} (saved before it existed): using {current}; "
+                f"pass the flags it was trained with if they differ")
+        return
+    for name, (key, default) in SIZING_SETTINGS.items():
+        saved, current = definition["image"][key], getattr(args, name.lower())
+        if isinstance(default, str):  # compare sizes as sizes: "500X100" is "500x100"
+            saved, current = _size_text(saved), _size_text(current)
+        chosen = name in given or current != default
+        if not chosen:
+            setattr(args, name.lower(), saved)
+        elif current != saved:
+            flag = "--" + name.lower().replace("_", "-")
+            say(f"warning: {flag} {current or '(aspect kept)'} contradicts the {saved or '(aspect kept)'} "
+                f"saved in {Path(where) / SAMPLE_FILE}; using {current or '(aspect kept)'}")
+
+
+def check_sample_definition(encoder: SampleEncoder, definition: dict | None, model_type: str, where: str,
+                            verbose: bool = True) -> None:
+    """Use the saved prompt; warn (one line each) where the model or its patch grid differ from training's."""
+    if definition is None:
+        return
+    say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
+    saved_file = Path(where) / SAMPLE_FILE
+    if definition.get("prompt_text") and definition["prompt_text"] != encoder.prompt_text:
+        say(f"note: using the prompt saved in {saved_file} ({definition['prompt_text']!r}) instead of "
+            f"{encoder.prompt_text!r}")
+        encoder.use_prompt(definition["prompt_text"])
+    checks = [("model type", definition.get("model_type"), model_type),
+              ("image patch factor", definition["image"].get("factor"), encoder.sizing.factor),
+              ("end token", definition.get("end_token"), END_OF_TURN)]
+    for what, saved, current in checks:
+        if saved is not None and saved != current:
+            say(f"warning: {what} {current!r} differs from the {saved!r} saved in {saved_file}")
+
+
+def _size_text(text: str) -> str:
+    size = parse_size(text)
+    return f"{size[0]}x{size[1]}" if size else ""
+
+
+def set_processor_sizing(processor, sizing: ImageSizing) -> None:
+    """Make the processor resize as `sizing` does, so that a saved processor (plain
+    AutoProcessor.from_pretrained) gives training's image grid for aspect-preserving sizing.
+
+    A fixed size cannot be expressed by the processor: its bounds are then widened to let the
+    pre-resized image pass unchanged (callers warn that plain loading won't resize to it).
+    """
+    low, high = sizing.min_pixels, sizing.max_pixels
+    if sizing.fixed is not None:
+        w, h = sizing.target_size(1, 1)
+        low, high = min(low, w * h), max(high, w * h)
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": low, "longest_edge": high}
+    for name, value in (("min_pixels", low), ("max_pixels", high)):  # older transformers keep these too
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, value)
 
 
 # ---- the tutorial's conversation JSON -------------------------------------------------------
@@ -194,8 +331,15 @@ def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
+# How NaN/None look once a pandas-written CSV is read back as text: not labels (a KaTeX-normalised
+# label spells a word with spaces, "n a n").
+NAN_STRINGS = {"nan", "NaN", "NAN", "None", "null", "<NA>"}
+
+
 def is_valid_label(text) -> bool:
-    """A usable label: a string with something besides whitespace (NaN and None are not)."""
+    """A usable label: a string with something besides whitespace (NaN and None, also as text, are not).
+
+    The one definition, used by data2csv.py (sources.py), csv2json.py and training."""
     if not isinstance(text, str):
         return False
-    return bool(text.strip())
+    return bool(text.strip()) and text.strip() not in NAN_STRINGS

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from latexocr.sample import is_valid_label
+from latexocr.sample import NAN_STRINGS, is_valid_label
 
 CONFIGS = ("default", "full", "small", "synthetic_handwrite", "human_handwrite", "human_handwrite_print")
 SPLITS = ("train", "validation", "test")
@@ -63,6 +63,8 @@ def label_problem(text) -> str | None:
         return "missing label"
     if not isinstance(text, str):
         return "label not a string"
+    if text.strip() in NAN_STRINGS:
+        return "missing label"
     return "empty label" if text == "" else "whitespace-only label"
 
 
