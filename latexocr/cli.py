@@ -10,30 +10,29 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
     Booleans get --flag / --no-flag. Settings whose default is None take a string.
     The returned namespace uses the setting names in lower case (args.max_new_tokens).
     """
-    return _parser(defaults, doc, help).parse_args(argv)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in defaults.items():
+        flag = "--" + name.lower().replace("_", "-")
+        text = (help or {}).get(name, "")
+        if isinstance(value, bool):
+            parser.add_argument(flag, dest=name.lower(), default=value, action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            kind = type(value) if value is not None else str
+            parser.add_argument(flag, dest=name.lower(), default=value, type=kind,
+                                help=f"{text} (default: {value})".strip())
+    return parser.parse_args(argv)
 
 
 def settings_given(defaults: dict, argv=None) -> set[str]:
     """The settings (UPPER_CASE names) passed on the command line, e.g. {"IMAGE_SIZE"}: a value
-    saved with a model yields to these, and only to these (see latexocr/sample.py)."""
-    parser = _parser(defaults, None, None, argument_default=argparse.SUPPRESS)
-    given, _ = parser.parse_known_args(argv)
-    return {name.upper() for name in vars(given)}
-
-
-def _parser(defaults: dict, doc, help, argument_default=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argument_default)
-    suppress = argument_default is argparse.SUPPRESS
+    saved with a model yields to these (latexocr/sample.py), so it must know which were typed."""
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for name, value in defaults.items():
         flag = "--" + name.lower().replace("_", "-")
-        text = (help or {}).get(name, "")
-        default = argparse.SUPPRESS if suppress else value
         if isinstance(value, bool):
-            parser.add_argument(flag, dest=name.lower(), default=default, action=argparse.BooleanOptionalAction,
-                                help=text)
+            parser.add_argument(flag, dest=name.lower(), action=argparse.BooleanOptionalAction)
         else:
-            kind = type(value) if value is not None else str
-            parser.add_argument(flag, dest=name.lower(), default=default, type=kind,
-                                help=f"{text} (default: {value})".strip())
-    return parser
+            parser.add_argument(flag, dest=name.lower())
+    given, _ = parser.parse_known_args(argv)
+    return {name.upper() for name in vars(given)}

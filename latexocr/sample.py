@@ -340,6 +340,6 @@ def is_valid_label(text) -> bool:
     """A usable label: a string with something besides whitespace (NaN and None, also as text, are not).
 
     The one definition, used by data2csv.py (sources.py), csv2json.py and training."""
-    if not isinstance(text, str):
+    if not isinstance(text, str) or text.strip() in NAN_STRINGS:
         return False
-    return bool(text.strip()) and text.strip() not in NAN_STRINGS
+    return bool(text.strip())

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import infer
+
 from latexocr.sample import SAMPLE_FILE, make_record
 from test_train import ROOT, draw_formula, printed_metrics, read_csv, run_script
 
@@ -24,7 +26,7 @@ LABELS = ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2"]
 MIN_PIXELS, MAX_PIXELS = 100352, 200704  # 128 and 256 patches of 28 px: not the defaults
 TINY = ["--model-source", "local", "--num-workers", "0", "--swanlab-mode", "disabled", "--lora-dropout", "0",
         "--max-new-tokens", "8", "--save-steps", 1, "--batch-size", 6, "--micro-batch-size", 6,
-        "--learning-rate", 1e-3, "--lora-alpha", 64]
+        "--learning-rate", 1e-4, "--lora-alpha", 64]
 
 
 def infer_args(model, out=None, adapter=None) -> list:
@@ -89,67 +91,82 @@ def predict(tmp: Path, name: str, data: Path, *args) -> tuple[list[str], str, di
     return [r["prediction"] for r in read_csv(tmp / f"{name}.csv")], proc.stderr, printed_metrics(proc.stdout)
 
 
+def predict_here(capsys, tmp: Path, name: str, data: Path, *args) -> tuple[list[str], str]:
+    """The same in this process (faster: no interpreter start): (predictions, stderr)."""
+    capsys.readouterr()
+    infer.main([str(data / "val.json"), "--output", str(tmp / f"{name}.csv"), *map(str, args)])
+    return [r["prediction"] for r in read_csv(tmp / f"{name}.csv")], capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def fixed_run(tmp_path_factory, data, tiny_model_dir):
-    return train_run(tmp_path_factory.mktemp("fixed"), data, tiny_model_dir, "--image-size", "500x100")
+    """(OUTPUT_DIR, train.py's process, infer.py's output without flags) of a run at --image-size 500x100."""
+    folder = tmp_path_factory.mktemp("fixed")
+    out, train = train_run(folder, data, tiny_model_dir, "--image-size", "500x100")
+    return out, train, predict(folder, "plain", data, *infer_args(tiny_model_dir, out))
 
 
 @pytest.fixture(scope="module")
 def pixels_run(tmp_path_factory, data, tiny_model_dir):
-    return train_run(tmp_path_factory.mktemp("pixels"), data, tiny_model_dir,
-                     "--image-min-pixels", MIN_PIXELS, "--image-max-pixels", MAX_PIXELS)
+    """The same for a run with non-default IMAGE_MIN_PIXELS / IMAGE_MAX_PIXELS."""
+    folder = tmp_path_factory.mktemp("pixels")
+    out, train = train_run(folder, data, tiny_model_dir,
+                           "--image-min-pixels", MIN_PIXELS, "--image-max-pixels", MAX_PIXELS)
+    return out, train, predict(folder, "plain", data, *infer_args(tiny_model_dir, out))
 
 
-def test_fixed_size_travels_with_every_checkpoint_and_the_adapter(fixed_run, data, tiny_model_dir, tmp_path):
-    out, train = fixed_run
+def test_fixed_size_travels_with_every_checkpoint_and_the_adapter(fixed_run, data, tiny_model_dir, tmp_path,
+                                                                   capsys):
+    out, train, (plain, err, metrics) = fixed_run
     for folder in ("checkpoint-1", "checkpoint-2", "final"):
         saved = json.loads((out / folder / SAMPLE_FILE).read_text())
         assert saved["image"]["fixed_size"] == "500x100" and saved["model_type"] == "qwen2_vl"
         assert saved["image"]["factor"] == 28 and saved["end_token"] == "<|im_end|>"
         assert "LaTex" in saved["prompt_text"] and "<|image_pad|>" in saved["prompt_text"]
 
-    plain, err, metrics = predict(tmp_path, "plain", data, *infer_args(tiny_model_dir, out))
     assert "warning: --" not in err and "note:" not in err
-    flagged, err, _ = predict(tmp_path, "flagged", data, *infer_args(tiny_model_dir, out), "--image-size", "500x100")
+    flagged, err = predict_here(capsys, tmp_path, "flagged", data, *infer_args(tiny_model_dir, out),
+                                "--image-size", "500x100")
     assert "warning: --" not in err
     assert plain == flagged
     same_as_train_eval(metrics, train.stdout)
 
     # a flag that contradicts the saved size wins, with one warning naming both
-    other, err, _ = predict(tmp_path, "other", data, *infer_args(tiny_model_dir, out), "--image-size", "100x500")
+    other, err = predict_here(capsys, tmp_path, "other", data, *infer_args(tiny_model_dir, out),
+                              "--image-size", "100x500")
     assert "warning: --image-size 100x500 contradicts the 500x100 saved in" in err
     assert other != plain  # the sizing decides the predictions: the checks above can fail
 
 
-def test_pixel_bounds_travel_with_the_adapter(pixels_run, data, tiny_model_dir, tmp_path):
-    out, train = pixels_run
+def test_pixel_bounds_travel_with_the_adapter(pixels_run, data, tiny_model_dir, tmp_path, capsys):
+    out, train, (plain, err, metrics) = pixels_run
     saved = json.loads((out / "final" / SAMPLE_FILE).read_text())["image"]
     assert (saved["min_pixels"], saved["max_pixels"], saved["fixed_size"]) == (MIN_PIXELS, MAX_PIXELS, "")
 
-    plain, err, metrics = predict(tmp_path, "plain", data, *infer_args(tiny_model_dir, out))
     assert "warning: --" not in err
-    flagged, _, _ = predict(tmp_path, "flagged", data, *infer_args(tiny_model_dir, out),
-                            "--image-min-pixels", MIN_PIXELS, "--image-max-pixels", MAX_PIXELS)
+    flagged, err = predict_here(capsys, tmp_path, "flagged", data, *infer_args(tiny_model_dir, out),
+                                "--image-min-pixels", MIN_PIXELS, "--image-max-pixels", MAX_PIXELS)
+    assert "warning: --" not in err
     assert plain == flagged
     same_as_train_eval(metrics, train.stdout)
 
-    other, err, _ = predict(tmp_path, "other", data, *infer_args(tiny_model_dir, out),
-                            "--image-max-pixels", 401408)
-    assert f"warning: --image-max-pixels 401408 contradicts the {MAX_PIXELS} saved in" in err
+    other, err = predict_here(capsys, tmp_path, "other", data, *infer_args(tiny_model_dir, out),
+                              "--image-min-pixels", 25088)
+    assert f"warning: --image-min-pixels 25088 contradicts the {MIN_PIXELS} saved in" in err
     assert other != plain
 
 
-def test_merged_model_predicts_and_resizes_as_training(pixels_run, data, tiny_model_dir, tmp_path):
+def test_merged_model_predicts_and_resizes_as_training(pixels_run, data, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoProcessor
 
     from latexocr.sample import ImageSizing, load_image
 
-    out, _ = pixels_run
+    out, _, (with_adapter, _, _) = pixels_run
     merged = tmp_path / "merged"
-    run_script("infer.py", "--merge-to", merged, *infer_args(tiny_model_dir, out))
+    infer.main(["--merge-to", str(merged), *map(str, infer_args(tiny_model_dir, out))])
+    assert "warning" not in capsys.readouterr().err
     assert json.loads((merged / SAMPLE_FILE).read_text())["image"]["max_pixels"] == MAX_PIXELS
 
-    with_adapter, _, _ = predict(tmp_path, "adapter", data, *infer_args(tiny_model_dir, out))
     from_merged, err, _ = predict(tmp_path, "merged", data, *infer_args(merged, adapter="none"))
     assert "warning: --" not in err
     assert from_merged == with_adapter
@@ -172,19 +189,18 @@ def test_merged_model_predicts_and_resizes_as_training(pixels_run, data, tiny_mo
         assert plain.tolist() == expected.tolist(), path
 
 
-def test_fixed_size_merge_warns_and_merged_folder_keeps_it(fixed_run, data, tiny_model_dir, tmp_path):
-    out, _ = fixed_run
+def test_fixed_size_merge_warns_and_merged_folder_keeps_it(fixed_run, data, tiny_model_dir, tmp_path, capsys):
+    out, _, (with_adapter, _, _) = fixed_run
     merged = tmp_path / "merged"
-    proc = run_script("infer.py", "--merge-to", merged, *infer_args(tiny_model_dir, out))
+    infer.main(["--merge-to", str(merged), *map(str, infer_args(tiny_model_dir, out))])
     assert "warning: trained at a fixed 500x100 (sent as 504x112), which a plain AutoProcessor cannot express" \
-        in proc.stderr
-    with_adapter, _, _ = predict(tmp_path, "adapter", data, *infer_args(tiny_model_dir, out))
+        in capsys.readouterr().err
     from_merged, _, _ = predict(tmp_path, "merged", data, *infer_args(merged, adapter="none"))
     assert from_merged == with_adapter
 
 
 def test_resume_continues_with_the_checkpoint_sizing(fixed_run, tmp_path, data, tiny_model_dir):
-    out, _ = fixed_run
+    out, _, _ = fixed_run
     run = tmp_path / "out"
     shutil.copytree(out / "checkpoint-2", run / "checkpoint-2")
     proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data / "train.json",
@@ -195,20 +211,19 @@ def test_resume_continues_with_the_checkpoint_sizing(fixed_run, tmp_path, data, 
     assert json.loads((run / "checkpoint-3" / SAMPLE_FILE).read_text())["image"]["fixed_size"] == "500x100"
 
 
-def test_old_adapter_without_the_file_loads_with_a_note(fixed_run, data, tiny_model_dir, tmp_path):
-    out, _ = fixed_run
+def test_old_adapter_without_the_file_loads_with_a_note(fixed_run, data, tiny_model_dir, tmp_path, capsys):
+    out, _, _ = fixed_run
     old = tmp_path / "old_adapter"
     shutil.copytree(out / "final", old)
     (old / SAMPLE_FILE).unlink()
-    preds, err, metrics = predict(tmp_path, "old", data, *infer_args(tiny_model_dir, adapter=str(old)))
+    preds, err = predict_here(capsys, tmp_path, "old", data, *infer_args(tiny_model_dir, adapter=str(old)))
     assert f"note: {old} has no {SAMPLE_FILE}" in err and "IMAGE_SIZE=''" in err
-    assert metrics["errors"] == 0 and len(preds) == metrics["n"]
+    assert len(preds) == len(json.loads((data / "val.json").read_text()))
 
 
 def test_a_setting_yields_to_a_saved_value_unless_chosen():
     from argparse import Namespace
 
-    import infer
     from latexocr.cli import settings_given
     from latexocr.sample import follow_sample_definition
 
@@ -245,3 +260,21 @@ def test_one_definition_of_each_default_and_of_a_usable_label():
         assert set(where) == {"latexocr/sample.py"}, (what, where)
     assert not is_valid_label("nan") and not is_valid_label(" ") and is_valid_label("n a n")
     assert label_problem("nan") == "missing label"
+
+
+def test_saved_prompt_is_used_and_mismatches_are_named(tiny_model_dir, capsys):
+    from latexocr.modeling import load_processor
+    from latexocr.sample import SampleEncoder, check_sample_definition, sample_definition, sizing_for
+
+    encoder = SampleEncoder(load_processor(str(tiny_model_dir)), sizing_for(load_processor(str(tiny_model_dir))))
+    saved = sample_definition(encoder, "qwen2_vl")
+    check_sample_definition(encoder, saved, "qwen2_vl", "adapter")
+    assert capsys.readouterr().err == ""  # the same sample: nothing to say
+
+    trained = encoder.prompt_text.replace("You are a helpful assistant.", "You read formulas.")
+    saved = dict(saved, prompt_text=trained, model_type="qwen3_vl")
+    check_sample_definition(encoder, saved, "qwen2_vl", "adapter")
+    err = capsys.readouterr().err
+    assert encoder.prompt_text == trained and "note: using the prompt saved in adapter" in err
+    assert "warning: model type 'qwen2_vl' differs from the 'qwen3_vl' saved in adapter" in err
+    assert encoder.prompt_text_tokens == len(encoder.tokenizer(trained, add_special_tokens=False).input_ids) - 1
