@@ -6,7 +6,8 @@
     python infer.py latex_ocr_val.json --adapter none # the base model, for a before/after table
     python infer.py --merge-to merged/                # base + adapter as one plain model folder
 
-The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used.
+The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used, and its
+sample definition (latexocr_sample.json: image sizing, prompt), so no training flag needs repeating.
 """
 # ---- settings: edit here, or pass as flags ------------------------------------------------------
 from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
