@@ -18,16 +18,16 @@ OUTPUT = ""                   # predictions file (.csv or .jsonl); default: prin
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
 MAX_NEW_TOKENS = 256          # the longest LaTeX_OCR label is ~223 tokens
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # must match training (train.py's defaults)
-IMAGE_MAX_PIXELS = 512 * 28 * 28
+IMAGE_MAX_PIXELS = 512 * 28 * 28  # upper area bound, as in training
 IMAGE_SIZE = ""               # "500x100" if the adapter was trained at a fixed size
 LIMIT = 0                     # > 0: only the first N images
-NUM_WORKERS = 4
-DTYPE = "auto"
-ATTN_IMPLEMENTATION = "sdpa"
+NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
+DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-SWANLAB_LOGDIR = "swanlog"
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+SWANLAB_LOGDIR = "swanlog"    # where SwanLab keeps local/offline runs
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # -----------------------------------------------------------------------------------------------
 
@@ -41,14 +41,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
-    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file."""
-    from latexocr.records import read_labelled
+    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file.
+
+    Stops with one line when the input does not exist, does not parse or has no usable image:
+    main() calls it before any model is loaded or downloaded.
+    """
+    from latexocr.records import LabelledFileError, check_usable, read_labelled
 
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in {".json", ".jsonl", ".csv"}:
-        pairs = read_labelled(path)
-        if not pairs:
-            raise SystemExit(f"no samples in {spec!r}")
+        try:
+            pairs = read_labelled(path)
+            check_usable(spec, pairs, need_label=False)
+        except LabelledFileError as exc:
+            raise SystemExit(f"error: {exc}") from None
         return [p for p, _ in pairs], [t for _, t in pairs], True
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -58,6 +64,10 @@ def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
         files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise SystemExit(f"no images found at {spec!r} (an image, a folder, a glob or a labelled .json/.csv)")
+    try:
+        check_usable(spec, [(f, None) for f in files], need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return files, [None] * len(files), False
 
 
@@ -112,6 +122,10 @@ def main(argv=None):
     from latexocr.metrics import sample_scores, summarize
     from latexocr.sample import sizing_for
 
+    if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
+        images, labels, labelled = collect_inputs(args.input)
+        if args.limit > 0:
+            images, labels = images[: args.limit], labels[: args.limit]
     model, processor, adapter = load_for_inference(args)
 
     if args.merge_to:
@@ -124,9 +138,6 @@ def main(argv=None):
               f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
         return
 
-    images, labels, labelled = collect_inputs(args.input)
-    if args.limit > 0:
-        images, labels = images[: args.limit], labels[: args.limit]
     encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels,
                                                   args.image_size))
     results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

@@ -11,26 +11,26 @@ validation set with the same generation code infer.py uses.
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
-TRAIN_JSON = "latex_ocr_train.json"
-VAL_JSON = "latex_ocr_val.json"
+TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
+VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # checkpoints; the final adapter goes to OUTPUT_DIR/final
 # LoRA, as the tutorial
-LORA_R = 64
-LORA_ALPHA = 16
-LORA_DROPOUT = 0.05
+LORA_R = 64              # LoRA rank
+LORA_ALPHA = 16          # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05      # dropout on the LoRA input
 # optimisation, as the tutorial: 2 epochs, lr 1e-4, 16 samples per optimizer step
-EPOCHS = 2.0
-LEARNING_RATE = 1e-4
+EPOCHS = 2.0             # passes over the training set (fractions allowed)
+LEARNING_RATE = 1e-4     # peak learning rate, linear decay
 BATCH_SIZE = 16          # samples per optimizer step, all GPUs together
 MICRO_BATCH_SIZE = 16    # samples per forward pass on one GPU (gradient accumulation makes up the rest)
 MAX_STEPS = -1           # > 0 stops after this many optimizer steps
-WARMUP_STEPS = 0
+WARMUP_STEPS = 0         # optimizer steps of linear warm-up
 MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # image area bounds (aspect ratio kept); see latexocr/sample.py
-IMAGE_MAX_PIXELS = 512 * 28 * 28
+IMAGE_MAX_PIXELS = 512 * 28 * 28  # upper area bound: caps large handwritten photos at 512 visual tokens
 IMAGE_SIZE = ""          # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -43,24 +43,24 @@ COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then 4-5x fast
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
                          # and x256 patches so that few shapes occur)
-SEED = 42
+SEED = 42                # seeds the LoRA init, data order and dropout
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
-EVAL_BATCH_SIZE = 256
+EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
 EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
-MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS = 256     # generation limit; the longest LaTeX_OCR label is ~223 tokens
 # checkpoints
-SAVE_STEPS = 100
-SAVE_TOTAL_LIMIT = 3
+SAVE_STEPS = 100         # a checkpoint every N optimizer steps
+SAVE_TOTAL_LIMIT = 3     # older checkpoints beyond this many are deleted
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 # tracking
 SWANLAB_MODE = "auto"    # auto (cloud if logged in, else local) | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-EXPERIMENT_NAME = ""
-SWANLAB_LOGDIR = "swanlog"
-LOGGING_STEPS = 10
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR" # SwanLab project name
+EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
+SWANLAB_LOGDIR = "swanlog" # where SwanLab keeps local/offline runs
+LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # -----------------------------------------------------------------------------------------------
 
@@ -71,26 +71,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 import sys
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
-
-from latexocr.batching import SampleEncoder, TrainCollator
 from latexocr.cli import parse_settings
-from latexocr.evaluation import evaluate
-from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
-from latexocr.records import read_labelled
-from latexocr.sample import sizing_for
-from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
-                            should_compile, should_use_cuda_graphs, use_packed_text_attention)
-from latexocr.tracking import SwanLabCallback, Tracker
-from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
-from latexocr.vision import graph_vision_tower
-from transformers import TrainerCallback
+from latexocr.records import LabelledFileError, check_usable, read_labelled
 
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
+    # The inputs are read and checked before torch is imported or a model loaded or downloaded:
+    # --help and a wrong path answer in a second, not after minutes.
+    try:
+        check_usable(args.train_json, read_labelled(args.train_json), need_label=True)
+        if Path(args.val_json).exists():
+            check_usable(args.val_json, read_labelled(args.val_json), need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    import torch
+    from accelerate import PartialState
+    from transformers import TrainerCallback, TrainingArguments, set_seed
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.evaluation import evaluate
+    from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
+    from latexocr.sample import sizing_for
+    from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
+                                should_compile, should_use_cuda_graphs, use_packed_text_attention)
+    from latexocr.tracking import SwanLabCallback, Tracker
+    from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
+    from latexocr.vision import graph_vision_tower
+
     should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
@@ -106,6 +115,18 @@ def main(argv=None):
     processor = load_processor(model_path)
     sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
     encoder = SampleEncoder(processor, sizing)
+    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
+    # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
+    try:
+        train_set = OcrDataset(args.train_json, encoder, args.max_length)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
+    val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
+    if args.eval_samples > 0:
+        val_pairs = val_pairs[: args.eval_samples]
+    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
+
     dtype = pick_dtype(args.dtype)
     model = load_model(model_path, dtype, args.attn_implementation,
                        packed_vision_attention=args.packed_vision_attention)
@@ -118,14 +139,6 @@ def main(argv=None):
         use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
     if state.is_main_process:
         model.print_trainable_parameters()
-
-    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
-    train_set = OcrDataset(args.train_json, encoder, args.max_length)
-    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
-    val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
-    if args.eval_samples > 0:
-        val_pairs = val_pairs[: args.eval_samples]
-    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
 
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
     world = state.num_processes

@@ -310,8 +310,9 @@ def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
                       "--max-length", 1024, *TINY)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("train: "))
     assert line.startswith("train: 4 samples from"), line
-    assert "1 (image not found, e.g. " in line and "missing.png" in line
-    assert "1 (unreadable image, e.g. " in line and "corrupt.png" in line
+    # the reasons of sample.image_problem, the one image check of every script
+    assert "1 (missing image, e.g. " in line and "missing.png" in line
+    assert "1 (not an image (undecodable), e.g. " in line and "corrupt.png" in line
     assert "1 (empty or missing label, e.g. " in line and "empty.png" in line
     assert "1 (longer than max_length=1024 tokens, e.g. " in line and "long.png" in line
     assert (out / "final" / "adapter_config.json").is_file()
