@@ -221,6 +221,15 @@ class Tracker:
 
         kwargs = dict(project=self.project, name=self.experiment_name, config=config or None, reinit=True,
                       log_dir=str(self.logdir))
+        # No run may ever wait at a prompt: without a key, swanlab.init(mode="online") shows its
+        # login menu at a terminal and blocks; with interactive off, a bad key raises instead
+        # (and falls back below) rather than asking for another.
+        os.environ.setdefault("SWANLAB_INTERACTIVE", "false")
+        if self.mode == "online" and not has_api_key():
+            _warn("SwanLab cloud mode needs an API key and none is configured; falling back to 'offline'. "
+                  "To use the cloud: `swanlab login` (or set SWANLAB_API_KEY), then upload this run with "
+                  "`swanlab sync <run dir>`.")
+            self.mode = "offline"
         try:
             self.run = swanlab.init(mode=self.mode, **kwargs)
         except Exception as e:

@@ -297,6 +297,7 @@ def test_online_failure_falls_back_to_offline(iso, monkeypatch, capsys):
         return real_init(*args, mode=mode, **kwargs)
 
     monkeypatch.setattr(swanlab, "init", fake_init)
+    monkeypatch.setenv("SWANLAB_API_KEY", "a-key-the-cloud-would-reject")  # without one it never tries
     logdir = iso.tmp / "swanlog"
     tracker = tracking.Tracker("cloud", project="p", experiment_name="fallback", config={"a": 1}, logdir=logdir)
     assert calls == ["online", "offline"] and tracker.mode == "offline"
@@ -358,3 +359,41 @@ def test_callback_with_real_trainer(iso):
     targs = cfg["training_args"]["value"]
     assert targs["learning_rate"] == 1e-2 and targs["max_steps"] == 4 and targs["lr_scheduler_type"] == "linear"
     assert cfg["model_params"]["value"] == {"total": 5, "trainable": 5}
+
+
+def test_cloud_without_key_never_prompts_at_a_terminal(iso, tmp_path):
+    """At an interactive terminal, swanlab.init(mode="online") without a key shows a login menu
+    and waits for input. Run it as a user would (a pseudo-terminal, nothing typed): it must
+    fall back to offline at once, naming the login command, and never show the menu."""
+    import os
+    import pty
+
+    code = ("from latexocr.tracking import Tracker; t = Tracker('cloud', 'p', 'nokey', logdir='swanlog'); "
+            "print('MODE', t.mode); t.finish()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), PYTHONPATH=str(Path(__file__).parents[1]))
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env,
+                            cwd=iso.work)
+    os.close(child)
+    output = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    try:
+        rc = proc.wait(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"blocked at a prompt: {output.decode(errors='replace')[-500:]}")
+    finally:
+        os.close(main)
+    text = output.decode(errors="replace")
+    assert rc == 0, text
+    assert "MODE offline" in text and "swanlab login" in text, text
+    assert "Enter your choice" not in text
