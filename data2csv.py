@@ -135,11 +135,9 @@ def main(argv=None) -> int:
         if problem:  # before anything is removed: the earlier outputs stay as they were
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    # From here on nothing claims to be finished: the marker goes first, then the CSV it
-    # vouched for, so no reader can pair the old CSV with images this run writes.
+    # From here on nothing claims to be finished: csv2json refuses a CSV without its marker.
+    # The old CSV itself stays as it was and still true: this run's images carry other names.
     marker.unlink(missing_ok=True)
-    csv_path.unlink(missing_ok=True)
-    report_path.unlink(missing_ok=True)
     total = source.num_rows if args.limit is None else min(args.limit, source.num_rows or args.limit)
     print(f"reading {source.description}: {source.num_rows} rows, exporting {total}")
 
