@@ -251,8 +251,13 @@ def _exit_on_signal(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("\ninterrupted: finished images are kept; run the same command again to continue",
               file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    # Everything is settled (outputs written or removed): a Ctrl-C landing now, while the
+    # interpreter shuts down, would only print a stray "KeyboardInterrupt" and exit 1.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
