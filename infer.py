@@ -126,6 +126,11 @@ def main(argv=None):
         images, labels, labelled = collect_inputs(args.input)
         if args.limit > 0:
             images, labels = images[: args.limit], labels[: args.limit]
+        if args.output:
+            from latexocr.io import check_writable
+            problem = check_writable(Path(args.output).resolve().parent)
+            if problem:
+                raise SystemExit(f"error: {problem}")
     model, processor, adapter = load_for_inference(args)
 
     if args.merge_to:

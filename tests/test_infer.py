@@ -58,7 +58,7 @@ def trained(data, tiny_model_dir, tmp_path_factory):
            "--output-dir", str(out), "--max-steps", "30", "--batch-size", "8", "--micro-batch-size", "8",
            "--learning-rate", "6e-3", "--lora-alpha", "64", "--lora-dropout", "0", "--num-workers", "0",
            "--save-steps", "1000", "--swanlab-mode", "disabled"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # limits: >= 5x idle
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "final" / "adapter_config.json").is_file()
     return out
@@ -204,7 +204,7 @@ def test_missing_checkpoint_lists_what_exists(tiny_model_dir, tmp_path, data):
     env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(data / "images" / "0.png"),
                            *common(tiny_model_dir, out, adapter="final")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "no adapter at 'final'" in proc.stderr
     assert str(out / "checkpoint-5") in proc.stderr and "checkpoint-9" not in proc.stderr
