@@ -252,6 +252,7 @@ def main(argv=None):
         trainer._save_checkpoint(trainer.model, trial=None)
         say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
         tracker.finish()
+        state.destroy_process_group()
         sys.exit(130)
 
     final_dir = out_dir / "final"
@@ -259,6 +260,9 @@ def main(argv=None):
     say(f"final adapter: {final_dir}")
     run_eval(trainer.state.global_step)
     tracker.finish()
+    # While the interpreter is whole: a gloo group left to interpreter finalization can abort
+    # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
