@@ -95,7 +95,7 @@ def _sha256(path: Path) -> str:
 
 
 def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]]:
-    """Usable rows [(row number, absolute image path, label)], skip counts, unusable paths.
+    """Usable rows [(row number, absolute image path, label)], skip counts, missing paths.
 
     Read with the csv module, not pandas: pandas would turn labels such as "NA" or "nan"
     into NaN and strip nothing we can see; here a label stays exactly as written.
@@ -104,51 +104,45 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
     """
     if not path.is_file():
         raise DataError(f"CSV not found: {path}")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return _read_rows(path, csv.reader(f))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: line {_first_non_utf8_line(path)} is not UTF-8 text "
-                        f"(save the CSV as UTF-8)") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-
-
-def _first_non_utf8_line(path: Path) -> int:
-    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            return number
-    return 0
-
-
-def _read_rows(path: Path, reader):
-    rows, skipped, unusable = [], Counter(), []
+    _check_utf8(path)
+    rows, skipped, missing = [], Counter(), []
     base = path.resolve().parent
-    header = next(reader, None)
-    if header is None or not all(c in header for c in COLUMNS):
-        raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
-                        f"{','.join(header) if header else 'nothing (empty file)'}")
-    ip, tx = header.index("image_path"), header.index("text")
-    for n, fields in enumerate(reader):
-        if len(fields) <= max(ip, tx):
-            skipped["short line"] += 1
-            continue
-        image, text = fields[ip], fields[tx]
-        if not is_valid_label(text) or text in NAN_STRINGS:
-            skipped["empty or NaN label"] += 1
-            continue
-        p = Path(image.strip())
-        if not p.is_absolute():
-            p = base / p if (base / p).exists() or not p.exists() else p.resolve()
-        problem = image_problem(p)  # the same check train.py and infer.py make
-        if problem:
-            skipped[problem] += 1
-            unusable.append(image)
-            continue
-        rows.append((n, os.path.normpath(p), text))
-    return rows, skipped, unusable
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not all(c in header for c in COLUMNS):
+            raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
+                            f"{','.join(header) if header else 'nothing (empty file)'}")
+        ip, tx = header.index("image_path"), header.index("text")
+        for n, fields in enumerate(reader):
+            if len(fields) <= max(ip, tx):
+                skipped["short line"] += 1
+                continue
+            image, text = fields[ip], fields[tx]
+            if not is_valid_label(text) or text in NAN_STRINGS:
+                skipped["empty or NaN label"] += 1
+                continue
+            p = Path(image.strip())
+            if not p.is_absolute():
+                p = base / p if (base / p).exists() or not p.exists() else p.resolve()
+            problem = image_problem(p)  # the same check train.py and infer.py make
+            if problem:
+                skipped[problem] += 1
+                missing.append(image)
+                continue
+            rows.append((n, os.path.normpath(p), text))
+    return rows, skipped, missing
+
+
+def _check_utf8(path: Path) -> None:
+    """A CSV that is not UTF-8 stops with the first bad line's number (the csv module would
+    fail later, naming neither file nor line)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (save the CSV as UTF-8)") from None
 
 
 def dedupe(rows):
