@@ -24,6 +24,7 @@ LIMIT = 0                     # > 0: only the first N images
 NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
 DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
+REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
@@ -118,8 +119,8 @@ def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
 
     from latexocr.batching import SampleEncoder
+    from latexocr.evaluation import score_row, summarize_rows, worst_first
     from latexocr.generation import predict
-    from latexocr.metrics import sample_scores, summarize
     from latexocr.sample import sizing_for
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
@@ -153,7 +154,9 @@ def main(argv=None):
         row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
         if labelled:
             row["label"] = label
-            row.update(sample_scores(result["prediction"], label))
+            row.update(score_row(result["prediction"], label, result["truncated"]))
+        else:
+            row["truncated"] = result["truncated"]
         rows.append(row)
     errors = [r for r in rows if r["error"]]
     for r in errors:
@@ -169,17 +172,24 @@ def main(argv=None):
                                                     if Path(args.input).is_file() else "predictions.csv")
     write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
+    summary = None
     if labelled:
-        summary = summarize([r["prediction"] for r in rows], [r["label"] for r in rows])
+        summary = summarize_rows(rows)
         summary["errors"] = len(errors)
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
         if args.swanlab_mode != "disabled":
-            from latexocr.tracking import Tracker
-            tracker = Tracker(args.swanlab_mode, args.swanlab_project, f"infer-{Path(adapter or 'base').name}",
+            from latexocr.tracking import Tracker, run_name
+            tracker = Tracker(args.swanlab_mode, args.swanlab_project, run_name(adapter, args.input),
                               config=vars(args), logdir=args.swanlab_logdir)
             tracker.log({f"infer/{k}": v for k, v in summary.items()})
             tracker.log_predictions([r for r in rows if not r["error"]], key="infer/predictions")
+            tracker.log_worst(rows, key="infer/worst")
             tracker.finish()
+    if args.report:
+        from latexocr.report import write_report
+        page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
+                            title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
+        print(f"report: {page}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, co
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
 EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
-EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
+EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training: step 0 of eval/*
 MAX_NEW_TOKENS = 256     # generation limit; the longest LaTeX_OCR label is ~223 tokens
 # checkpoints
 SAVE_STEPS = 100         # a checkpoint every N optimizer steps
@@ -91,7 +91,7 @@ def main(argv=None):
     from transformers import TrainerCallback, TrainingArguments, set_seed
 
     from latexocr.batching import SampleEncoder, TrainCollator
-    from latexocr.evaluation import evaluate
+    from latexocr.evaluation import comparison_table, evaluate
     from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
     from latexocr.sample import sizing_for
     from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
@@ -208,14 +208,19 @@ def main(argv=None):
         disable_tqdm=not state.is_main_process,
     )
 
-    def run_eval(step, prefix="eval"):
+    throughput = ThroughputCallback(args.batch_size)
+
+    def run_eval(step, what="fine-tuned"):
         if not val_pairs:
-            return
-        summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
-                                 num_workers=min(2, args.num_workers))
-        say(f"[{prefix} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        tracker.log({f"{prefix}/{k}": v for k, v in summary.items()}, step=step)
-        tracker.log_predictions(rows, step=step, key=f"{prefix}/predictions")
+            return None
+        with throughput.excluded():  # samples/s counts training only
+            summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
+                                     num_workers=min(2, args.num_workers))
+            say(f"[eval {what} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+            # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
+            tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
+            tracker.log_predictions(rows, step=step, key="eval/predictions")
+            tracker.log_worst(rows, step=step, key="eval/worst")
         return summary
 
     class EvalEverySteps(TrainerCallback):
@@ -231,7 +236,7 @@ def main(argv=None):
                                     pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
                                     pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
-        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
+        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
@@ -240,9 +245,10 @@ def main(argv=None):
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 
+    base_summary = None
     if args.eval_base_model:
         with model.disable_adapter():
-            run_eval(0, prefix="eval_base")
+            base_summary = run_eval(0, what="base model")
 
     # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
     try:
@@ -258,7 +264,11 @@ def main(argv=None):
     final_dir = out_dir / "final"
     trainer.save_model(str(final_dir))  # adapter + processor files, from the main process only
     say(f"final adapter: {final_dir}")
-    run_eval(trainer.state.global_step)
+    final_summary = run_eval(trainer.state.global_step)
+    if final_summary is not None:  # the before/after, same data, same scoring
+        headers, table = comparison_table(base_summary, final_summary)
+        say("\n" + "\n".join(" | ".join(f"{c:>16}" for c in line) for line in [headers] + table))
+        tracker.log_table("eval/base_vs_finetuned", headers, table)
     tracker.finish()
     # While the interpreter is whole: a gloo group left to interpreter finalization can abort
     # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).

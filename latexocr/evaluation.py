@@ -22,6 +22,18 @@ def worst_first(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["edit_distance"], r["render_ok"], not r["truncated"]))
 
 
+def comparison_table(base: dict | None, tuned: dict) -> tuple[list[str], list[list]]:
+    """(headers, rows) of the end-of-training table: one row per metric, base vs fine-tuned."""
+    headers = ["metric", "base", "fine-tuned"]
+    rows = [[key, "not run (--eval-base-model)" if base is None else _cell(base.get(key)), _cell(value)]
+            for key, value in tuned.items()]
+    return headers, rows
+
+
+def _cell(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_size: int = 64,
              max_new_tokens: int = 256, num_workers: int = 2, progress: bool = True) -> tuple[dict, list[dict]]:
     """(summary metrics, one row per sample) for (image_path, label) pairs.

@@ -7,7 +7,9 @@ Our own small integration, because transformers' ``report_to="swanlab"`` raises
 * :func:`resolve_mode` turns a user-facing mode (``auto``, ``cloud``/``online``,
   ``local``, ``offline``, ``disabled``) into the name SwanLab uses.
 * :class:`Tracker` owns one SwanLab run: ``log`` scalars, ``log_predictions``
-  (image + predicted / reference LaTeX), ``finish``. ``enabled=False`` (non-main
+  (image captioned label first, then the prediction), ``log_worst`` / ``log_table``
+  (tables), ``finish``. The config is flat (``lora.r``): the dashboard shows a
+  nested value as ``[object Object]``. ``enabled=False`` (non-main
   ranks) and mode ``disabled`` make every method a no-op that writes nothing.
 * :class:`SwanLabCallback` is a ``transformers.TrainerCallback`` that forwards
   the Trainer's logs to a :class:`Tracker`.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import TrainerCallback as _TrainerCallbackBase  # noqa: F401
 
-__all__ = ["MODES", "resolve_mode", "has_api_key", "dashboard_available", "Tracker", "SwanLabCallback"]
+__all__ = ["MODES", "resolve_mode", "has_api_key", "dashboard_available", "Tracker", "SwanLabCallback", "run_name"]
 
 #: Modes accepted by :func:`resolve_mode` (``cloud`` is an alias of ``online``).
 MODES = ("auto", "cloud", "online", "local", "offline", "disabled")
@@ -168,6 +170,32 @@ def _plain_scalar(value: Any) -> Any:
     return value
 
 
+def flatten_config(config: Mapping, prefix: str = "") -> dict:
+    """Nested mappings as one level of dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8})."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}.") if value else {name: "{}"})
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_name(adapter: str | None, input_spec: str) -> str:
+    """An infer.py run's name: its adapter (checkpoint folder and its parent) and its input."""
+    if adapter:
+        a = Path(adapter)
+        who = f"{a.parent.name}-{a.name}" if a.parent.name else a.name
+    else:
+        who = "base"
+    return f"infer-{who}-{Path(str(input_spec)).stem or 'input'}"
+
+
+#: What a caption keeps of a label and of a prediction: SwanLab's image grid shows only the start.
+CAPTION_CHARS = 48
+
+
 def _decode_image_dict(image: Mapping) -> Any:
     if image.get("bytes"):
         from io import BytesIO
@@ -213,7 +241,7 @@ class Tracker:
         if self.mode == "disabled":
             print("[tracking] SwanLab disabled: nothing is logged.", flush=True)
             return
-        self._start(_plain(dict(config or {})))
+        self._start(flatten_config(_plain(dict(config or {}))))
 
     # ------------------------------------------------------------------ setup
     def _start(self, config: dict) -> None:
@@ -270,7 +298,7 @@ class Tracker:
         """Add entries to the run's config (hyper-parameters)."""
         if not self.active or not config:
             return
-        self.run.config.update(_plain(dict(config)))
+        self.run.config.update(flatten_config(_plain(dict(config))))
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> dict:
         """Log the numeric (finite) values of ``metrics``; others are skipped.
@@ -294,19 +322,23 @@ class Tracker:
         max_rows: int = 32,
     ) -> int:
         """Log up to ``max_rows`` samples: each image (file path or PIL image)
-        under ``key`` with the prediction and label as its caption, plus the same
-        pair as text under ``f"{key}_text"`` (full length, easy to copy).
+        under ``key`` captioned label first, then the prediction (each cut to
+        CAPTION_CHARS, so a looping prediction cannot hide the label), plus the
+        same pair as text under ``f"{key}_text"`` (full length, easy to copy).
         Returns the number of rows logged."""
         if not self.active or not rows:
             return 0
         import swanlab
 
+        from .metrics import exact_match
+
         images, texts = [], []
         for row in list(rows)[: max(0, int(max_rows))]:
-            pred = str(row.get("prediction", ""))
+            pred = "" if row.get("prediction") is None else str(row.get("prediction"))
             label = str(row.get("label", ""))
-            match = pred.strip() == label.strip()
-            caption = f"{'✓' if match else '✗'} pred: {_shorten(pred, 300)} | label: {_shorten(label, 300)}"
+            match = bool(row.get("exact_match", exact_match(pred, label)))
+            caption = (f"{'✓' if match else '✗'} label: {_shorten(label, CAPTION_CHARS)} | "
+                       f"pred: {_shorten(pred, CAPTION_CHARS)}")
             image = row.get("image")
             if isinstance(image, os.PathLike):
                 image = os.fspath(image)
@@ -317,7 +349,7 @@ class Tracker:
                     images.append(swanlab.Image(image, caption=caption, size=1024))
                 except Exception as e:  # unreadable file etc.: keep the text
                     _warn(f"could not log image {image!r}: {e}")
-            texts.append(swanlab.Text(f"pred:  {pred}\nlabel: {label}", caption="match" if match else "differs"))
+            texts.append(swanlab.Text(f"label: {label}\npred:  {pred}", caption="match" if match else "differs"))
         payload: dict[str, Any] = {}
         if images:
             payload[key] = images
@@ -326,6 +358,29 @@ class Tracker:
         if payload:
             self.run.log(payload, step=None if step is None else int(step))
         return len(texts)
+
+    def log_table(self, key: str, headers: list[str], rows: list[list], step: int | None = None) -> bool:
+        """Log one table (SwanLab's ECharts table) under ``key``; True when logged."""
+        if not self.active or not rows:
+            return False
+        import swanlab
+
+        table = swanlab.echarts.Table().add(list(headers), [[_plain(v) for v in r] for r in rows])
+        self.run.log({key: table}, step=None if step is None else int(step))
+        return True
+
+    def log_worst(self, rows: list[dict], step: int | None = None, key: str = "eval/worst",
+                  max_rows: int = 20) -> int:
+        """A table of the ``max_rows`` worst-scored samples (highest edit distance first) with their
+        scores, render and truncation flags, label and prediction. Returns the rows logged."""
+        scored = [r for r in rows or [] if "edit_distance" in r]
+        worst = sorted(scored, key=lambda r: (-r["edit_distance"], r.get("render_ok", True)))[: max(0, int(max_rows))]
+        headers = ["edit_distance", "exact_match", "bleu4", "render_ok", "truncated", "label", "prediction", "image"]
+        table = [[round(float(r["edit_distance"]), 4), r.get("exact_match"), round(float(r.get("bleu4", 0.0)), 2),
+                  bool(r.get("render_ok")), bool(r.get("truncated")), str(r.get("label", "")),
+                  "" if r.get("prediction") is None else str(r["prediction"]), str(r.get("image", ""))]
+                 for r in worst]
+        return len(table) if self.log_table(key, headers, table, step=step) else 0
 
     def finish(self, state: str = "success", error: str | None = None) -> None:
         """Close the run (idempotent)."""
@@ -407,6 +462,9 @@ def _build_callback_class():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
+                return
+            if "train_runtime" in logs:  # transformers' end-of-run totals: one point each, so config
+                self.tracker.update_config({f"run.{k}": v for k, v in logs.items() if _to_number(v) is not None})
                 return
             self.tracker.log(rewrite_logs(logs), step=state.global_step)
 

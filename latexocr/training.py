@@ -224,22 +224,37 @@ class OcrTrainer(Trainer):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds samples/s and tokens/s (real tokens, padding excluded) to every log line."""
+    """Adds samples/s and tokens/s (real tokens, padding excluded) to every log line.
+
+    Time spent in :meth:`excluded` blocks (evaluation inside the training loop) is not training
+    time and is left out.
+    """
 
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step
         self.last = None
+        self.paused = 0.0  # seconds excluded since the last log line
+
+    @contextlib.contextmanager
+    def excluded(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         now = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
         if logs is not None and "loss" in logs and self.last is not None and now[1] > self.last[1]:
-            dt = now[0] - self.last[0]
+            dt = max(now[0] - self.last[0] - self.paused, 1e-9)
             logs["samples_per_second"] = round((now[1] - self.last[1]) * self.samples_per_step / dt, 2)
             if now[2]:
                 logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
             if torch.cuda.is_available():
                 logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        self.last = now
+        if logs is not None and "loss" in logs:
+            self.last, self.paused = now, 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
+        self.paused = 0.0
