@@ -24,7 +24,6 @@ table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: .5em; vertical-align: middle; text-align: left; }
 td.image img { max-width: 420px; max-height: 120px; border: 1px solid #eee; }
 td.formula { font-size: 1.15em; min-width: 14em; }
-td.formula math { overflow-x: auto; max-width: 40em; }
 .fail { background: #fdecea; }
 .fail code { display: block; white-space: pre-wrap; word-break: break-all; font-size: .8em; }
 .fail .why { color: #b00020; font-size: .8em; }
