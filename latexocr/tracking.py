@@ -8,7 +8,7 @@ Our own small integration, because transformers' ``report_to="swanlab"`` raises
   ``local``, ``offline``, ``disabled``) into the name SwanLab uses.
 * :class:`Tracker` owns one SwanLab run: ``log`` scalars, ``log_predictions``
   (image captioned label first, then the prediction), ``log_worst`` / ``log_table``
-  (tables), ``finish``. The config is flat (``lora.r``): the dashboard shows a
+  (tables, as text), ``finish``. The config is flat (``lora.r``): the dashboard shows a
   nested value as ``[object Object]``. ``enabled=False`` (non-main
   ranks) and mode ``disabled`` make every method a no-op that writes nothing.
 * :class:`SwanLabCallback` is a ``transformers.TrainerCallback`` that forwards
@@ -171,14 +171,15 @@ def _plain_scalar(value: Any) -> Any:
 
 
 def flatten_config(config: Mapping, prefix: str = "") -> dict:
-    """Nested mappings as one level of dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8})."""
+    """Nested mappings as one level of dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8}); None as
+    "None" (SwanLab stores None as an empty object, shown as [object Object] too)."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_config(value, f"{name}.") if value else {name: "{}"})
         else:
-            flat[name] = value
+            flat[name] = "None" if value is None else value
     return flat
 
 
@@ -359,28 +360,41 @@ class Tracker:
             self.run.log(payload, step=None if step is None else int(step))
         return len(texts)
 
+    # Tables are logged as text: SwanLab's ECharts table does not show in the local dashboard
+    # (its chart list skips it and its data endpoint fails), text charts show everywhere.
     def log_table(self, key: str, headers: list[str], rows: list[list], step: int | None = None) -> bool:
-        """Log one table (SwanLab's ECharts table) under ``key``; True when logged."""
+        """Log one small table as an aligned plain-text block under ``key``; True when logged."""
         if not self.active or not rows:
             return False
         import swanlab
 
-        table = swanlab.echarts.Table().add(list(headers), [[_plain(v) for v in r] for r in rows])
-        self.run.log({key: table}, step=None if step is None else int(step))
+        cells = [[str(h) for h in headers]] + [[str(_plain(v)) for v in r] for r in rows]
+        widths = [max(len(line[c]) for line in cells) for c in range(len(headers))]
+        text = "\n".join(" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+        self.run.log({key: swanlab.Text(text, caption=key)}, step=None if step is None else int(step))
         return True
 
     def log_worst(self, rows: list[dict], step: int | None = None, key: str = "eval/worst",
                   max_rows: int = 20) -> int:
-        """A table of the ``max_rows`` worst-scored samples (highest edit distance first) with their
-        scores, render and truncation flags, label and prediction. Returns the rows logged."""
+        """The ``max_rows`` worst-scored samples (highest edit distance first), one text entry
+        each: caption = rank and scores, text = label, prediction, image. Returns the rows logged."""
+        if not self.active:
+            return 0
+        import swanlab
+
         scored = [r for r in rows or [] if "edit_distance" in r]
         worst = sorted(scored, key=lambda r: (-r["edit_distance"], r.get("render_ok", True)))[: max(0, int(max_rows))]
-        headers = ["edit_distance", "exact_match", "bleu4", "render_ok", "truncated", "label", "prediction", "image"]
-        table = [[round(float(r["edit_distance"]), 4), r.get("exact_match"), round(float(r.get("bleu4", 0.0)), 2),
-                  bool(r.get("render_ok")), bool(r.get("truncated")), str(r.get("label", "")),
-                  "" if r.get("prediction") is None else str(r["prediction"]), str(r.get("image", ""))]
-                 for r in worst]
-        return len(table) if self.log_table(key, headers, table, step=step) else 0
+        texts = []
+        for rank, r in enumerate(worst, 1):
+            caption = (f"#{rank} ED {float(r['edit_distance']):.3f} · EM {float(r.get('exact_match', 0)):g} · "
+                       f"BLEU {float(r.get('bleu4', 0)):.1f} · {'renders' if r.get('render_ok') else 'does not render'}"
+                       + (" · hit MAX_NEW_TOKENS" if r.get("truncated") else ""))
+            pred = "" if r.get("prediction") is None else str(r["prediction"])
+            texts.append(swanlab.Text(f"label: {r.get('label', '')}\npred:  {pred}\nimage: {r.get('image', '')}",
+                                      caption=caption))
+        if texts:
+            self.run.log({key: texts}, step=None if step is None else int(step))
+        return len(texts)
 
     def finish(self, state: str = "success", error: str | None = None) -> None:
         """Close the run (idempotent)."""
@@ -463,7 +477,8 @@ def _build_callback_class():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            if "train_runtime" in logs:  # transformers' end-of-run totals: one point each, so config
+            if "train_samples_per_second" in logs and "loss" not in logs:
+                # transformers' end-of-run totals would be one-point charts: keep them in the config
                 self.tracker.update_config({f"run.{k}": v for k, v in logs.items() if _to_number(v) is not None})
                 return
             self.tracker.log(rewrite_logs(logs), step=state.global_step)

@@ -12,11 +12,13 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -360,7 +362,7 @@ def test_swanlab_local_run_has_train_and_eval_metrics(tmp_path, tiny_model_dir):
                "--val-json", data, "--output-dir", tmp_path / "out", "--max-steps", 3, "--batch-size", 2,
                "--micro-batch-size", 2, "--logging-steps", 1, "--num-workers", "0", "--max-new-tokens", "6",
                "--swanlab-mode", "local", "--swanlab-logdir", logdir, "--swanlab-project", "latexocr-train-test",
-               "--experiment-name", "tiny", cwd=tmp_path, env=env)
+               "--experiment-name", "tiny", "--eval-base-model", cwd=tmp_path, env=env)
     assert (logdir / "runs.swanlab").is_file()
 
     port = _free_port()
@@ -388,8 +390,27 @@ def test_swanlab_local_run_has_train_and_eval_metrics(tmp_path, tiny_model_dir):
         assert "train/loss" in values and math.isfinite(values["train/loss"])
         assert "eval/exact_match" in values and 0.0 <= values["eval/exact_match"] <= 1.0
         assert "eval/bleu4" in values and "eval/edit_distance" in values
+        assert "eval/render_rate" in values and "eval/truncated_rate" in values
+        assert not any(k.startswith("eval_base/") for k in values)
+        # transformers' end-of-run totals are not charted (one point each)
+        assert not any(k in values for k in ("train/train_samples_per_second", "train/train_steps_per_second",
+                                             "train/train_loss"))
         cfg = {k: v["value"] for k, v in runs[0]["config"].items()}
         assert cfg["max_steps"] == 3 and cfg["train_samples"] == 2
+        assert not any(isinstance(v, dict) for v in cfg.values()), cfg  # flat: no [object Object]
+        assert "run.train_runtime" in cfg
+
+        def tag(name):
+            return _get_json(f"{base}/api/v1/experiment/{runs[0]['id']}/tag/{urllib.parse.quote(name, safe='')}")
+
+        # the base model is step 0 of the same chart, the fine-tuned model its last point
+        assert [p["index"] for p in tag("eval/exact_match")["list"]] == [0, 3]
+        captions = [m["caption"] for point in tag("eval/predictions")["list"] for m in point["more"]]
+        assert len(captions) == 4 and all(re.match(r"[✓✗] label: ", c) for c in captions), captions
+        assert [p["index"] for p in tag("eval/worst")["list"]] == [0, 3]
+        table = tag("eval/base_vs_finetuned")["list"][-1]["data"][0]
+        assert table.splitlines()[0].split() == ["metric", "|", "base", "|", "fine-tuned"]
+        assert any(line.startswith("exact_match") for line in table.splitlines())
     finally:
         if server.poll() is None:
             server.terminate()
