@@ -401,3 +401,16 @@ def test_cloud_without_key_never_prompts_at_a_terminal(iso, tmp_path):
     assert rc == 0, text
     assert "MODE offline" in text and "swanlab login" in text, text
     assert "Enter your choice" not in text
+
+
+# ---------------------------------------------------------------------------- names, flat config
+def test_run_names_say_adapter_and_input():
+    assert tracking.run_name("output/Qwen2-VL-2B-LatexOCR/final", "latex_ocr_val.json") == \
+        "infer-Qwen2-VL-2B-LatexOCR-final-latex_ocr_val"
+    assert tracking.run_name("output/run/checkpoint-100", "data/test.csv") == "infer-run-checkpoint-100-test"
+    assert tracking.run_name(None, "imgs/") == "infer-base-imgs"
+
+
+def test_config_is_flat():
+    flat = tracking.flatten_config({"lr": 1e-4, "lora": {"r": 8, "alpha": {"x": 1}}, "none": None, "empty": {}})
+    assert flat == {"lr": 1e-4, "lora.r": 8, "lora.alpha.x": 1, "none": "None", "empty": "{}"}

@@ -445,3 +445,21 @@ def test_compiled_training_matches_eager_and_generation_does_not_recompile(tmp_p
     # add one per eval/no-grad mode and per KV-cache layer if it ran the compiled blocks
     reasons = [line for line in compiled.stderr.splitlines() if "[__recompiles]     - " in line]
     assert reasons and not [r for r in reasons if "grad_mode" in r or "cache" in r], "\n".join(reasons)
+
+
+def test_throughput_excludes_evaluation_time():
+    from types import SimpleNamespace
+
+    from latexocr.training import ThroughputCallback
+
+    cb = ThroughputCallback(samples_per_step=10)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    cb.on_train_begin(None, state, None)
+    time.sleep(0.05)
+    with cb.excluded():  # an evaluation between two log lines
+        time.sleep(0.5)
+    state.global_step = 1
+    logs = {"loss": 1.0}
+    cb.on_log(None, state, None, logs=logs)
+    # 10 samples in ~0.05 s of training: ~200/s; counting the evaluation would give < 20/s
+    assert logs["samples_per_second"] > 50
