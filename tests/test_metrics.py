@@ -150,6 +150,7 @@ COMPACT = [  # (compact LaTeX a model may write, the label)
     (r"\left (x\right )", r"\left( x \right)"),
     (r"\begin{array}{ll}a&b\\c&d\end{array}", r"\begin{array} { l l } a & b \\ c & d \end{array}"),
     (r"x_{12}\leq\alpha\,y", r"x _ { 1 2 } \leq \alpha \, y"),
+    (r"a\ b", r"a \ b"),  # a control space: the labels write it as a lone "\"
 ]
 
 
