@@ -210,13 +210,14 @@ def main(argv=None):
 
     throughput = ThroughputCallback(args.batch_size)
 
-    def run_eval(step, what="fine-tuned"):
+    def run_eval(step, what=""):
         if not val_pairs:
             return None
         with throughput.excluded():  # samples/s counts training only
             summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
                                      num_workers=min(2, args.num_workers))
-            say(f"[eval {what} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
+            say(f"[eval{' ' + what if what else ''} @ step {step}] {scores}")
             # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
             tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
             tracker.log_predictions(rows, step=step, key="eval/predictions")
