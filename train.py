@@ -92,7 +92,8 @@ def main(argv=None):
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.evaluation import evaluate
-    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
+    from latexocr.linear_attention import (describe as describe_linear_attention, has_linear_attention,
+                                           keep_packed_samples_apart)
     from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
     from latexocr.sample import sizing_for
     from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
@@ -152,8 +153,11 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
+    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
     compiled = should_compile(args.compile_layers, planned_steps,
-                              measured_setup=not (args.deepspeed or args.gradient_checkpointing))
+                              measured_setup=not (args.deepspeed or args.gradient_checkpointing
+                                                  or has_linear_attention(model)))
     cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
     vision_graphs = None
     if compiled:

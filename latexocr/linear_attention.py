@@ -74,9 +74,13 @@ def keep_packed_samples_apart(model, fast: bool | None = None) -> int:
     return count
 
 
+def has_linear_attention(model) -> bool:
+    return any(type(m).__name__.endswith(LINEAR_ATTENTION_CLASS_SUFFIX) for m in model.modules())
+
+
 def describe(model, fast: bool | None = None) -> str | None:
     """One log line on how packed rows pass this model's linear-attention layers, or None if it has none."""
-    if not any(type(m).__name__.endswith(LINEAR_ATTENTION_CLASS_SUFFIX) for m in model.modules()):
+    if not has_linear_attention(model):
         return None
     fast = fast_kernels_available() if fast is None else fast
     if fast:
