@@ -274,7 +274,6 @@ def test_resume_continues_a_qwen3_5_run(overfit, model_dir):
                       "--output-dir", out, "--max-steps", 62, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 62, "--logging-steps", 1,
                       "--eval-samples", 2, "--resume", *TINY, timeout=600)
-    state = trainer_state(out / "checkpoint-62")
-    assert state["global_step"] == 62
-    assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [61, 62]  # continued, not restarted
-    assert "[eval @ step 62]" in proc.stdout
+    assert trainer_state(out / "checkpoint-62")["global_step"] == 62
+    # continued from checkpoint-60's adapter: two steps from scratch would read none of them
+    assert "[eval @ step 62] exact_match 1," in proc.stdout, proc.stdout[-3000:]
