@@ -227,7 +227,7 @@ def overfit(tmp_path_factory, model_dir):
     proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 60, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 60, "--logging-steps", 20,
-                      *TINY, timeout=900)
+                      *TINY, timeout=3600)  # as test_train.py's overfit: generous for a busy CPU
     return work, data, out, proc
 
 
@@ -273,7 +273,7 @@ def test_resume_continues_a_qwen3_5_run(overfit, model_dir):
     proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 62, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 62, "--logging-steps", 1,
-                      "--eval-samples", 2, "--resume", *TINY, timeout=600)
+                      "--eval-samples", 2, "--resume", *TINY)
     assert trainer_state(out / "checkpoint-62")["global_step"] == 62
     # continued from checkpoint-60's adapter: two steps from scratch would read none of them
     assert "[eval @ step 62] exact_match 1," in proc.stdout, proc.stdout[-3000:]
