@@ -9,7 +9,7 @@ and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), the
 validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
-MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL, Qwen3.5) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
 TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
 VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
@@ -92,6 +92,8 @@ def main(argv=None):
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.evaluation import comparison_table, evaluate
+    from latexocr.linear_attention import (describe as describe_linear_attention, has_linear_attention,
+                                           keep_packed_samples_apart)
     from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
     from latexocr.sample import sizing_for
     from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
@@ -137,6 +139,8 @@ def main(argv=None):
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
         use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
+    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+        say(describe_linear_attention(model))
     if state.is_main_process:
         model.print_trainable_parameters()
 
@@ -149,8 +153,11 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
+    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
     compiled = should_compile(args.compile_layers, planned_steps,
-                              measured_setup=not (args.deepspeed or args.gradient_checkpointing))
+                              measured_setup=not (args.deepspeed or args.gradient_checkpointing
+                                                  or has_linear_attention(model)))
     cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
     vision_graphs = None
     if compiled:

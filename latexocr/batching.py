@@ -43,8 +43,11 @@ class SampleEncoder:
         self.tokenizer = processor.tokenizer
         self.sizing = sizing
         # The prompt text is the same for every sample: one image placeholder and the instruction.
+        # Thinking off (Qwen3.5; other families' templates ignore the flag): the prompt ends with the
+        # template's empty, closed <think></think> block, so the model learns to answer at once and
+        # generation, from the same prompt, writes no <think> block.
         self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                         add_generation_prompt=True)
+                                                         add_generation_prompt=True, enable_thinking=False)
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
