@@ -20,19 +20,19 @@ ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoi
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
-# Image sizing: by default the one saved with the adapter / merged model (latexocr_sample.json);
-# a flag (or a value edited here) wins over it, with a warning. These apply to models without it.
-IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS
-IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS
-IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100": one fixed size for every image
+IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS  # lower area bound; default: the one saved with the model (latexocr_sample.json);
+    # a flag or a value edited here wins over it, with a warning
+IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS  # upper area bound; by default the one saved with the model
+IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100": one fixed size for every image; by default the one saved with the model
 LIMIT = 0                     # > 0: only the first N images
-NUM_WORKERS = 4
-DTYPE = "auto"
-ATTN_IMPLEMENTATION = "sdpa"
+NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
+DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
+REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-SWANLAB_LOGDIR = "swanlog"
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+SWANLAB_LOGDIR = "swanlog"    # where SwanLab keeps local/offline runs
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
@@ -46,14 +46,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
-    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file."""
-    from latexocr.records import read_labelled
+    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file.
+
+    Stops with one line when the input does not exist, does not parse or has no usable image:
+    main() calls it before any model is loaded or downloaded.
+    """
+    from latexocr.records import LabelledFileError, check_usable, read_labelled
 
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in {".json", ".jsonl", ".csv"}:
-        pairs = read_labelled(path)
-        if not pairs:
-            raise SystemExit(f"no samples in {spec!r}")
+        try:
+            pairs = read_labelled(path)
+            check_usable(spec, pairs, need_label=False)
+        except LabelledFileError as exc:
+            raise SystemExit(f"error: {exc}") from None
         return [p for p, _ in pairs], [t for _, t in pairs], True
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -63,6 +69,10 @@ def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
         files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise SystemExit(f"no images found at {spec!r} (an image, a folder, a glob or a labelled .json/.csv)")
+    try:
+        check_usable(spec, [(f, None) for f in files], need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return files, [None] * len(files), False
 
 
@@ -121,11 +131,20 @@ def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
 
     from latexocr.batching import SampleEncoder
+    from latexocr.evaluation import score_row, summarize_rows, worst_first
     from latexocr.generation import predict
-    from latexocr.metrics import sample_scores, summarize
     from latexocr.sample import (SAMPLE_FILE, check_sample_definition, follow_sample_definition, sample_definition,
                                  set_processor_sizing, sizing_for, write_sample_definition)
 
+    if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
+        images, labels, labelled = collect_inputs(args.input)
+        if args.limit > 0:
+            images, labels = images[: args.limit], labels[: args.limit]
+        if args.output:
+            from latexocr.io import check_writable
+            problem = check_writable(Path(args.output).resolve().parent)
+            if problem:
+                raise SystemExit(f"error: {problem}")
     model, processor, adapter = load_for_inference(args)
     # Show the model its samples as it was trained: the saved sizing and prompt, unless flags say otherwise.
     trained_with, where = trained_sample(args, adapter)
@@ -153,9 +172,6 @@ def main(argv=None):
               f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
         return
 
-    images, labels, labelled = collect_inputs(args.input)
-    if args.limit > 0:
-        images, labels = images[: args.limit], labels[: args.limit]
     results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       num_workers=args.num_workers, progress=len(images) > 1)
 
@@ -164,7 +180,9 @@ def main(argv=None):
         row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
         if labelled:
             row["label"] = label
-            row.update(sample_scores(result["prediction"], label))
+            row.update(score_row(result["prediction"], label, result["truncated"]))
+        else:
+            row["truncated"] = result["truncated"]
         rows.append(row)
     errors = [r for r in rows if r["error"]]
     for r in errors:
@@ -180,17 +198,24 @@ def main(argv=None):
                                                     if Path(args.input).is_file() else "predictions.csv")
     write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
+    summary = None
     if labelled:
-        summary = summarize([r["prediction"] for r in rows], [r["label"] for r in rows])
+        summary = summarize_rows(rows)
         summary["errors"] = len(errors)
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
         if args.swanlab_mode != "disabled":
-            from latexocr.tracking import Tracker
-            tracker = Tracker(args.swanlab_mode, args.swanlab_project, f"infer-{Path(adapter or 'base').name}",
+            from latexocr.tracking import Tracker, run_name
+            tracker = Tracker(args.swanlab_mode, args.swanlab_project, run_name(adapter, args.input),
                               config=vars(args), logdir=args.swanlab_logdir)
             tracker.log({f"infer/{k}": v for k, v in summary.items()})
             tracker.log_predictions([r for r in rows if not r["error"]], key="infer/predictions")
+            tracker.log_worst(rows, key="infer/worst")
             tracker.finish()
+    if args.report:
+        from latexocr.report import write_report
+        page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
+                            title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
+        print(f"report: {page}")
 
 
 if __name__ == "__main__":

@@ -11,28 +11,28 @@ validation set with the same generation code infer.py uses.
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
 from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL, Qwen3.5) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
-TRAIN_JSON = "latex_ocr_train.json"
-VAL_JSON = "latex_ocr_val.json"
+TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
+VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # checkpoints; the final adapter goes to OUTPUT_DIR/final
 # LoRA, as the tutorial
-LORA_R = 64
-LORA_ALPHA = 16
-LORA_DROPOUT = 0.05
+LORA_R = 64              # LoRA rank
+LORA_ALPHA = 16          # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05      # dropout on the LoRA input
 # optimisation, as the tutorial: 2 epochs, lr 1e-4, 16 samples per optimizer step
-EPOCHS = 2.0
-LEARNING_RATE = 1e-4
+EPOCHS = 2.0             # passes over the training set (fractions allowed)
+LEARNING_RATE = 1e-4     # peak learning rate, linear decay
 BATCH_SIZE = 16          # samples per optimizer step, all GPUs together
 MICRO_BATCH_SIZE = 16    # samples per forward pass on one GPU (gradient accumulation makes up the rest)
 MAX_STEPS = -1           # > 0 stops after this many optimizer steps
-WARMUP_STEPS = 0
+WARMUP_STEPS = 0         # optimizer steps of linear warm-up
 MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
 IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS  # image area bounds (aspect ratio kept); see latexocr/sample.py
-IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS
+IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS  # upper area bound: caps large handwritten photos at 512 visual tokens
 IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -45,24 +45,24 @@ COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then 4-5x fast
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
                          # and x256 patches so that few shapes occur)
-SEED = 42
+SEED = 42                # seeds the LoRA init, data order and dropout
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
-EVAL_BATCH_SIZE = 256
-EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
-MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS
+EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
+EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training: step 0 of eval/*
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit; the longest LaTeX_OCR label is ~223 tokens
 # checkpoints
-SAVE_STEPS = 100
-SAVE_TOTAL_LIMIT = 3
+SAVE_STEPS = 100         # a checkpoint every N optimizer steps
+SAVE_TOTAL_LIMIT = 3     # older checkpoints beyond this many are deleted
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 # tracking
 SWANLAB_MODE = "auto"    # auto (cloud if logged in, else local) | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-EXPERIMENT_NAME = ""
-SWANLAB_LOGDIR = "swanlog"
-LOGGING_STEPS = 10
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR" # SwanLab project name
+EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
+SWANLAB_LOGDIR = "swanlog" # where SwanLab keeps local/offline runs
+LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
@@ -73,27 +73,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 import sys
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
-
-from latexocr.batching import SampleEncoder, TrainCollator
 from latexocr.cli import parse_settings, settings_given
-from latexocr.evaluation import evaluate
-from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
-from latexocr.records import read_labelled
-from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
-                             sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
-from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
-                            should_compile, should_use_cuda_graphs, use_packed_text_attention)
-from latexocr.tracking import SwanLabCallback, Tracker
-from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
-from latexocr.vision import graph_vision_tower
-from transformers import TrainerCallback
+from latexocr.records import LabelledFileError, check_usable, read_labelled
 
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
+    # The inputs are read and checked before torch is imported or a model loaded or downloaded:
+    # --help and a wrong path answer in a second, not after minutes.
+    try:
+        check_usable(args.train_json, read_labelled(args.train_json), need_label=True)
+        if Path(args.val_json).exists():
+            check_usable(args.val_json, read_labelled(args.val_json), need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoConfig, TrainerCallback, TrainingArguments, set_seed
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.evaluation import comparison_table, evaluate
+    from latexocr.linear_attention import (describe as describe_linear_attention, has_linear_attention,
+                                           keep_packed_samples_apart)
+    from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
+    from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
+                                 sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
+    from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
+                                should_compile, should_use_cuda_graphs, use_packed_text_attention)
+    from latexocr.tracking import SwanLabCallback, Tracker
+    from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
+    from latexocr.vision import graph_vision_tower
+
     should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
@@ -107,9 +118,6 @@ def main(argv=None):
     with state.main_process_first():  # download once, the other processes read the cache
         model_path = resolve_model(args.model_id, args.model_source)
     processor = load_processor(model_path)
-    dtype = pick_dtype(args.dtype)
-    model = load_model(model_path, dtype, args.attn_implementation,
-                       packed_vision_attention=args.packed_vision_attention)
 
     # ---- one sample: prompt, image sizing, answer; --resume continues with the checkpoint's own ----
     if args.resume and not list_checkpoints(out_dir):
@@ -120,11 +128,27 @@ def main(argv=None):
         trained_with = read_sample_definition(where)
         follow_sample_definition(args, trained_with, settings_given(SETTINGS, argv), where,
                                  verbose=state.is_main_process)
+    model_type = AutoConfig.from_pretrained(model_path).model_type  # the config only: weights load below
     sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
     encoder = SampleEncoder(processor, sizing)
-    check_sample_definition(encoder, trained_with, model.config.model_type, where, verbose=state.is_main_process)
+    check_sample_definition(encoder, trained_with, model_type, where, verbose=state.is_main_process)
     set_processor_sizing(processor, sizing)  # the processor saved with each checkpoint resizes as training does
-    definition = sample_definition(encoder, model.config.model_type)
+    definition = sample_definition(encoder, model_type)
+    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
+    # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
+    try:
+        train_set = OcrDataset(args.train_json, encoder, args.max_length)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
+    val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
+    if args.eval_samples > 0:
+        val_pairs = val_pairs[: args.eval_samples]
+    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
+
+    dtype = pick_dtype(args.dtype)
+    model = load_model(model_path, dtype, args.attn_implementation,
+                       packed_vision_attention=args.packed_vision_attention)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -132,16 +156,10 @@ def main(argv=None):
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
         use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
+    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+        say(describe_linear_attention(model))
     if state.is_main_process:
         model.print_trainable_parameters()
-
-    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
-    train_set = OcrDataset(args.train_json, encoder, args.max_length)
-    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
-    val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
-    if args.eval_samples > 0:
-        val_pairs = val_pairs[: args.eval_samples]
-    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
 
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
     world = state.num_processes
@@ -152,8 +170,11 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
+    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
     compiled = should_compile(args.compile_layers, planned_steps,
-                              measured_setup=not (args.deepspeed or args.gradient_checkpointing))
+                              measured_setup=not (args.deepspeed or args.gradient_checkpointing
+                                                  or has_linear_attention(model)))
     cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
     vision_graphs = None
     if compiled:
@@ -208,14 +229,20 @@ def main(argv=None):
         disable_tqdm=not state.is_main_process,
     )
 
-    def run_eval(step, prefix="eval"):
+    throughput = ThroughputCallback(args.batch_size)
+
+    def run_eval(step, what=""):
         if not val_pairs:
-            return
-        summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
-                                 num_workers=min(2, args.num_workers))
-        say(f"[{prefix} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        tracker.log({f"{prefix}/{k}": v for k, v in summary.items()}, step=step)
-        tracker.log_predictions(rows, step=step, key=f"{prefix}/predictions")
+            return None
+        with throughput.excluded():  # samples/s counts training only
+            summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
+                                     num_workers=min(2, args.num_workers))
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
+            say(f"[eval{' ' + what if what else ''} @ step {step}] {scores}")
+            # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
+            tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
+            tracker.log_predictions(rows, step=step, key="eval/predictions")
+            tracker.log_worst(rows, step=step, key="eval/worst")
         return summary
 
     class SaveSampleDefinition(TrainerCallback):  # with every checkpoint, for infer.py and --resume
@@ -236,8 +263,7 @@ def main(argv=None):
                                     pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
                                     pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
-        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps(),
-                   SaveSampleDefinition()],
+        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), SaveSampleDefinition()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
@@ -246,9 +272,10 @@ def main(argv=None):
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 
+    base_summary = None
     if args.eval_base_model:
         with model.disable_adapter():
-            run_eval(0, prefix="eval_base")
+            base_summary = run_eval(0, what="base model")
 
     # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
     try:
@@ -260,6 +287,7 @@ def main(argv=None):
             write_sample_definition(out_dir / f"checkpoint-{trainer.state.global_step}", definition)
         say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
         tracker.finish()
+        state.destroy_process_group()
         sys.exit(130)
 
     final_dir = out_dir / "final"
@@ -267,8 +295,15 @@ def main(argv=None):
     if state.is_main_process:
         write_sample_definition(final_dir, definition)
     say(f"final adapter: {final_dir}")
-    run_eval(trainer.state.global_step)
+    final_summary = run_eval(trainer.state.global_step)
+    if final_summary is not None:  # the before/after, same data, same scoring
+        headers, table = comparison_table(base_summary, final_summary)
+        say("\n" + "\n".join(" | ".join(f"{c:>16}" for c in line) for line in [headers] + table))
+        tracker.log_table("eval/base_vs_finetuned", headers, table)
     tracker.finish()
+    # While the interpreter is whole: a gloo group left to interpreter finalization can abort
+    # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,11 +50,13 @@ def _size_order(paths) -> list[int]:
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
             progress: bool = True, **generate_kwargs) -> list[dict]:
-    """Greedy LaTeX for each image, in input order: [{"prediction": str | None, "error": str | None}].
+    """Greedy LaTeX for each image, in input order:
+    [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
     An image that cannot be read gives an error row (prediction None) and the run continues.
     Batches are left-padded so every prompt ends where generation starts; generation stops at
-    <|im_end|> (end of turn), the token the model was trained to emit after the formula.
+    <|im_end|> (end of turn), the token the model was trained to emit after the formula;
+    "truncated" marks a row that hit max_new_tokens without it (usually a repetition loop).
     """
     from tqdm.auto import tqdm
 
@@ -67,7 +69,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    results: list[dict] = [{"prediction": None, "error": None} for _ in image_paths]
+    results: list[dict] = [{"prediction": None, "error": None, "truncated": False} for _ in image_paths]
     try:
         # Blocks compiled for training (COMPILE_LAYERS) would recompile for eval mode, the KV cache
         # and every new length: generation runs them eagerly.
@@ -81,9 +83,12 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
                                      temperature=None, top_p=None, top_k=None, **generate_kwargs)
-                texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(indices, texts):
+                new = out[:, batch["input_ids"].shape[1]:]
+                texts = tok.batch_decode(new, skip_special_tokens=True)
+                stopped = torch.isin(new, torch.tensor(stop_ids, device=new.device)).any(dim=1).tolist()
+                for i, text, stop in zip(indices, texts, stopped):
                     results[order[i]]["prediction"] = text.strip()
+                    results[order[i]]["truncated"] = not stop and new.shape[1] >= max_new_tokens
     finally:
         model.train(was_training)
     return results

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 
 # The seven projections of each LLM layer (attention and MLP), as in the tutorial. The vision
-# tower stays frozen, so it needs no backward pass at all.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# tower stays frozen, so it needs no backward pass at all. Qwen3.5's Gated DeltaNet layers (three
+# of every four) have five projections of their own instead of q/k/v/o: all-linear, as ms-swift and
+# LLaMA-Factory target them (peft 0.21 has no default for qwen3_5); no other family has these names.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 
 
 def resolve_model(model_id: str, source: str = "modelscope") -> str:

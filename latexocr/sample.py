@@ -132,8 +132,11 @@ class SampleEncoder:
         self.tokenizer = processor.tokenizer
         self.sizing = sizing
         # The prompt text is the same for every sample: one image placeholder and the instruction.
+        # Thinking off (Qwen3.5; other families' templates ignore the flag): the prompt ends with the
+        # template's empty, closed <think></think> block, so the model learns to answer at once and
+        # generation, from the same prompt, writes no <think> block.
         self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                         add_generation_prompt=True)
+                                                         add_generation_prompt=True, enable_thinking=False)
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -343,3 +346,48 @@ def is_valid_label(text) -> bool:
     if not isinstance(text, str) or text.strip() in NAN_STRINGS:
         return False
     return bool(text.strip())
+
+
+# ---- the one "usable image" check (data2csv, csv2json, training, inference) -------------------
+
+def image_problem(path) -> str | None:
+    """Why an image cannot be used, as one stable phrase (no object addresses), or None if it can.
+
+    `path`: a file path, or the encoded bytes of an image (data2csv checks rows before writing
+    them). Every pixel is decoded: reading only the header misses truncated files.
+    """
+    import io
+
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            return "empty image (0 bytes)"
+        source = io.BytesIO(bytes(path))
+    else:
+        try:
+            size = os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing image"
+        except OSError as exc:
+            return f"unreadable image file ({exc.strerror or type(exc).__name__})"
+        if not Path(path).is_file():
+            return "missing image"
+        if size == 0:
+            return "empty image file (0 bytes)"
+        source = path
+    try:
+        with Image.open(source) as im:
+            im.load()
+            width, height = im.size
+    except Image.DecompressionBombError:
+        return "image too large (decompression bomb limit)"
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        if isinstance(exc, Image.UnidentifiedImageError):
+            return "not an image (undecodable)"
+        if "truncat" in str(exc).lower():
+            return "truncated image"
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system, not the data
+            return f"unreadable image file ({exc.strerror})"
+        return "corrupt image (undecodable)"
+    if width == 0 or height == 0:
+        return "image of zero size"
+    return None
