@@ -1,24 +1,25 @@
 """Greedy decoding with a static KV cache and a CUDA-graph decode step (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
-transformers' `generate` spends tens of milliseconds of host time per token (logits processors,
-stopping criteria with a GPU->CPU sync, growing caches and masks, ~500 kernel launches), so at
-batch 512 one step costs about what it costs at batch 128 (docs/BENCHMARKS.md). This loop around the
+transformers' `generate` does host work every token (logits processors, stopping criteria with a
+GPU->CPU sync, growing caches and masks, one launch per kernel), so at batch 512 one step costs about
+what it costs at batch 128 (docs/BENCHMARKS.md). This loop around the
 model's own forward does the same greedy search with:
 
 * prefill per chunk of similar-sized images (the batch comes sorted by image area), each chunk
   padded only to its own longest prompt and run by the model's own forward (vision tower, M-RoPE);
   its KV cache is copied, right-aligned, into one static cache so every row's prompt ends at slot P;
 * a decode step that reads and writes only fixed buffers: the next token, its M-RoPE position
-  (text tokens advance all three axes alike: last prompt position + 1 + t, as generate does; no
-  rope_deltas, whose meaning for left-padded rows changed between transformers releases), the
+  (text tokens advance all three axes alike: last prompt position + 1 + t, as generate does; taken
+  from the prompt's positions, not from `rope_deltas`, which count from a row's unpadded length), the
   cache slot, the key mask, the stop flags and the token history. On CUDA it is captured once per
   (rows, cache length) as a CUDA graph and replayed: one launch per token, no host work;
 * a stop check every STOP_CHECK_EVERY tokens (the only GPU->CPU sync), where the batch is also
   compacted to the next smaller bucket once at most half of its rows are still running.
 
-Greedy results equal generate's (tests/test_infer.py: fp32, rows stopping at different lengths,
-three families). Models whose cache is not a plain per-layer KV cache (linear-attention or sliding
-layers, e.g. Qwen3.5) and non-greedy settings use `generate` (`static_decode_supported`).
+Greedy results equal one-at-a-time generate's in fp32 (tests/test_decoding.py: three families, rows
+stopping at different lengths; tests/test_infer.py with a trained adapter). Models whose cache is
+not a plain per-layer KV cache (linear-attention or sliding layers, e.g. Qwen3.5) and non-greedy
+settings use `generate` (`static_decode_supported`).
 """
 from __future__ import annotations
 
@@ -88,8 +89,6 @@ class _SlotCache:
     """The cache object handed to the model in a decode step: writes the new key/value at slot
     `write_at` (a 1-element device tensor, so a CUDA graph replays it at a moving slot) and returns
     the whole fixed-length buffers; the key mask hides the slots not yet written and the padding."""
-
-    is_compileable = True
 
     def __init__(self, keys, values, write_at):
         self.keys, self.values, self.write_at = keys, values, write_at
