@@ -102,7 +102,9 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
     paths = [p for p, _ in formula_images[:10]]
     sizes = {encoder.sizing.target_size(*Image.open(p).size) for p in paths}
     assert len(sizes) >= 3, sizes  # the batch really mixes prompt lengths (left padding)
-    one = predict(model, encoder, paths, batch_size=1, max_new_tokens=8, num_workers=0, progress=False)
+    # the reference: transformers' generate, one image at a time; infer.py's default engine: the static loop
+    one = predict(model, encoder, paths, batch_size=1, max_new_tokens=8, num_workers=0, progress=False,
+                  engine="generate")
     many = predict(model, encoder, paths, batch_size=8, max_new_tokens=8, num_workers=0, progress=False)
     assert all(r["error"] is None and isinstance(r["prediction"], str) for r in one + many)
     assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
