@@ -197,6 +197,24 @@ class OcrTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     _trainable = None
+    vision_learning_rate = 0.0  # > 0: the vision tower's (and merger's) trainable weights learn at this rate
+
+    def get_optimizer_cls_and_kwargs(self, args, model=None):
+        # transformers' own optimizer choice; with a vision learning rate, its parameter groups
+        # (the create_optimizer hook: kwargs["params"]) split in two, the vision side at its own lr
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if self.vision_learning_rate > 0 and model is not None:
+            from .modeling import vision_parameter_ids
+            vision, decay = vision_parameter_ids(model), set(self.get_decay_parameter_names(model))
+            groups = {}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    key = (id(p) in vision, name in decay)
+                    groups.setdefault(key, []).append(p)
+            kwargs["params"] = [{"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
+                                 **({"lr": self.vision_learning_rate} if is_vision else {})}
+                                for (is_vision, decayed), params in sorted(groups.items())]
+        return cls, kwargs
 
     def _clip_grad_norm(self, model):
         # the norm over the LoRA tensors only (the only ones with gradients), without walking the
