@@ -106,7 +106,8 @@ def main(argv=None):
     from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
                                 should_compile, should_use_cuda_graphs, use_packed_text_attention)
     from latexocr.tracking import SwanLabCallback, Tracker
-    from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
+    from latexocr.training import (Fp16OverflowStop, OcrDataset, OcrTrainer, ThroughputCallback,
+                                  skip_redundant_module_walks)
     from latexocr.vision import graph_vision_tower
 
     should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
@@ -250,7 +251,8 @@ def main(argv=None):
                                     pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
                                     pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
-        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
+        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps(),
+                   Fp16OverflowStop()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 
@@ -261,3 +262,19 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
+
+
+class Fp16OverflowStop(TrainerCallback):
+    """With DTYPE=fp16, stops at the first logged loss that is not finite, saying what to use instead.
+
+    Loss scaling skips steps whose gradients overflow, but a forward pass that overflows fp16 (Qwen's
+    models were trained in bf16; their activations can exceed fp16's 65504) gives a NaN loss at every
+    step: the run would go on learning nothing.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if args.fp16 and loss is not None and not math.isfinite(float(loss)):
+            raise SystemExit(f"DTYPE=fp16: the loss is {loss} at step {state.global_step} (fp16 overflow); "
+                             f"train with DTYPE=bf16 where the GPU has it, else DTYPE=fp32 or QUANTIZATION=4bit "
+                             f"with DTYPE=fp32")

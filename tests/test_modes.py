@@ -8,6 +8,7 @@ the real Qwen2-VL-2B architecture on the meta device.
 from __future__ import annotations
 
 import ast
+import math
 import re
 import sys
 from pathlib import Path
@@ -175,3 +176,23 @@ def test_wrong_mode_settings_stop_with_one_line(flags, message, tmp_path, tiny_m
                       *TINY, *flags, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_fp16_overflow_stops_with_one_line_naming_what_to_use():
+    from types import SimpleNamespace
+
+    from latexocr.training import Fp16OverflowStop
+    stop, state = Fp16OverflowStop(), SimpleNamespace(global_step=7)
+    stop.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": 2.5})       # finite: goes on
+    stop.on_log(SimpleNamespace(fp16=False), state, None, logs={"loss": float("nan")})  # not fp16: not ours
+    with pytest.raises(SystemExit, match=r"DTYPE=fp16: the loss is nan at step 7 .*DTYPE=bf16.*DTYPE=fp32"):
+        stop.on_log(SimpleNamespace(fp16=True), state, None, logs={"loss": float("nan")})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 training (loss scaling) needs a CUDA GPU")
+def test_fp16_trains_on_gpu(tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path, LABELS)
+    train = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                       "--output-dir", tmp_path / "out", *FAST, "--dtype", "fp16", timeout=900)
+    losses = logged_losses(train.stdout)
+    assert all(map(math.isfinite, losses)) and losses[-1] < 0.7 * losses[0], losses
