@@ -113,11 +113,11 @@ def mergers_of(model) -> list[tuple[str, "torch.nn.Module"]]:
 
 
 def _linear_pattern(part_name: str, part, skip=()) -> str:
-    """A peft target regex matching exactly the nn.Linear modules of `part` (minus those under `skip`).
+    r"""A peft target regex matching exactly the nn.Linear modules of `part` (minus those under `skip`).
 
-    By their own names (`.*language_model.*\\.(q_proj|...)$`, in order of first appearance) where
+    By their own names (`.*language_model.*\.(q_proj|...)$`, in order of first appearance) where
     no other module of the part shares one; else by their paths inside the part, layer numbers
-    generalised (`.*visual\\.(blocks\\.\\d+\\.attn\\.qkv|...)$`: the ViT's `proj` is also its patch
+    generalised (`.*visual\.(blocks\.\d+\.attn\.qkv|...)$`: the ViT's `proj` is also its patch
     embedding's Conv3d)."""
     import re
 
