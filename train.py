@@ -5,8 +5,8 @@
     accelerate launch --config_file configs/accelerate_zero2.yaml train.py --deepspeed configs/ds_zero2.json
 
 Reads latex_ocr_train.json / latex_ocr_val.json (csv2json.py), writes checkpoints to OUTPUT_DIR
-and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), then scores the
-validation set with the same generation code infer.py uses.
+and the final adapter (TUNE=full: the whole model) to OUTPUT_DIR/final (where infer.py looks by
+default), then scores the validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
