@@ -16,7 +16,8 @@ INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .js
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
 MODEL_SOURCE = "modelscope"   # modelscope | huggingface | local
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
-ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none
+ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none;
+                              # a full model folder (train.py TUNE=full) is loaded in place of MODEL_ID
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
@@ -29,6 +30,7 @@ NUM_WORKERS = 4               # processes loading and encoding images ahead of g
 DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
+QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
@@ -91,19 +93,25 @@ def write_rows(rows: list[dict], out: Path) -> None:
 
 
 def load_for_inference(args):
-    """(model, processor) of base + adapter, ready for generation."""
+    """(model, processor, trained folder or None) of base + adapter, or of a fully fine-tuned model folder."""
     import torch
-    from latexocr.modeling import find_adapter, load_model, load_processor, pick_dtype, resolve_model
+    from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
+                                   quantization_config, resolve_model)
 
     adapter = find_adapter(args.adapter, args.output_dir)
-    base = resolve_model(args.model_id, args.model_source)
+    full = adapter is not None and is_full_model(adapter)  # train.py TUNE=full: the model itself, no adapter
+    base = adapter if full else resolve_model(args.model_id, args.model_source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(base, pick_dtype(args.dtype), args.attn_implementation, device_map=device)
+    dtype = pick_dtype(args.dtype)
+    model = load_model(base, dtype, args.attn_implementation, device_map=device,
+                       quantization=quantization_config(args.quantization, dtype))
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter if saved else base)
-    if adapter:
+    if full:
+        print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
+    elif adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
         print(f"adapter: {adapter}", file=sys.stderr)
@@ -158,7 +166,10 @@ def main(argv=None):
     if args.merge_to:
         if adapter is None:
             raise SystemExit("--merge-to needs an adapter (got --adapter none)")
-        merged = model.merge_and_unload()
+        if args.quantization != "none":
+            raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
+        # a fully fine-tuned model is already one plain model: it is written as it is
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(args.merge_to)
         set_processor_sizing(processor, sizing)  # plain AutoProcessor then resizes as training did
         processor.save_pretrained(args.merge_to)

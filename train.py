@@ -5,8 +5,8 @@
     accelerate launch --config_file configs/accelerate_zero2.yaml train.py --deepspeed configs/ds_zero2.json
 
 Reads latex_ocr_train.json / latex_ocr_val.json (csv2json.py), writes checkpoints to OUTPUT_DIR
-and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), then scores the
-validation set with the same generation code infer.py uses.
+and the final adapter (TUNE=full: the whole model) to OUTPUT_DIR/final (where infer.py looks by
+default), then scores the validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
 from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
@@ -16,6 +16,13 @@ MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
 TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
 VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # checkpoints; the final adapter goes to OUTPUT_DIR/final
+# what is trained (README "Training modes")
+TUNE = "lora"            # lora (the tutorial: LoRA on the LLM) | lora_vision (LoRA on the vision tower
+                         # and merger too) | full (every LLM weight; the vision tower frozen)
+UNFREEZE_MERGER = False  # also train the merger's (vision -> LLM projector's) own weights
+UNFREEZE_VISION = False  # TUNE=full: train the whole vision tower too
+VISION_LEARNING_RATE = 0.0  # > 0: the learning rate of the vision side's trainable weights (else LEARNING_RATE)
+QUANTIZATION = "none"    # none | 4bit (QLoRA: NF4 LLM weights via bitsandbytes; LoRA modes only)
 # LoRA, as the tutorial
 LORA_R = 64              # LoRA rank
 LORA_ALPHA = 16          # LoRA scaling numerator (scale = alpha / r)
@@ -66,6 +73,7 @@ LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
+import contextlib
 import math
 import os
 
@@ -96,16 +104,23 @@ def main(argv=None):
     from latexocr.evaluation import comparison_table, evaluate
     from latexocr.linear_attention import (describe as describe_linear_attention, has_linear_attention,
                                            keep_packed_samples_apart)
-    from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
+    from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
+                                   quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
                                  sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
     from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
                                 should_compile, should_use_cuda_graphs, use_packed_text_attention)
     from latexocr.tracking import SwanLabCallback, Tracker
-    from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
+    from latexocr.training import (Fp16OverflowStop, OcrDataset, OcrTrainer, ThroughputCallback,
+                                  skip_redundant_module_walks)
     from latexocr.vision import graph_vision_tower
 
     should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
+    if args.quantization != "none" and args.tune == "full":
+        raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("DTYPE=fp16 needs a CUDA GPU (its loss scaling runs only there); on this machine "
+                         "use DTYPE=fp32 (auto) or bf16")
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -147,19 +162,23 @@ def main(argv=None):
     say(f"validation: {len(val_pairs)} samples from {args.val_json}")
 
     dtype = pick_dtype(args.dtype)
+    quantization = quantization_config(args.quantization, dtype)
     model = load_model(model_path, dtype, args.attn_implementation,
-                       packed_vision_attention=args.packed_vision_attention)
+                       packed_vision_attention=args.packed_vision_attention, quantization=quantization,
+                       device_map={"": state.device} if quantization else None)  # bnb quantises on load
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
     if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
         use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
     if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
-    if state.is_main_process:
-        model.print_trainable_parameters()
+    counts = parameter_counts(model)
+    say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
+        f"vision tower) of {counts['total']:,}")
 
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
     world = state.num_processes
@@ -179,7 +198,8 @@ def main(argv=None):
     vision_graphs = None
     if compiled:
         n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
-        # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
+        # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches);
+        # None when the tower trains (lora_vision, UNFREEZE_MERGER/VISION): a graph records no backward
         vision_graphs = graph_vision_tower(model) if cuda_graphs and args.packing else None
         graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
         say(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}, ~1 min in the first "
@@ -263,18 +283,20 @@ def main(argv=None):
                                     pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
                                     pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
         processing_class=processor,
-        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), SaveSampleDefinition()],
+        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), Fp16OverflowStop(),
+                   SaveSampleDefinition()],
     )
     trainer.supervised_logits_only = args.supervised_logits_only
     trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
     trainer.cuda_graphs = cuda_graphs
     trainer.vision_graphs = vision_graphs
+    trainer.vision_learning_rate = args.vision_learning_rate
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 
     base_summary = None
-    if args.eval_base_model:
-        with model.disable_adapter():
+    if args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
             base_summary = run_eval(0, what="base model")
 
     # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
@@ -291,10 +313,12 @@ def main(argv=None):
         sys.exit(130)
 
     final_dir = out_dir / "final"
-    trainer.save_model(str(final_dir))  # adapter + processor files, from the main process only
+    if args.tune == "full":  # fp32 master weights back to the loaded dtype: the folder infer.py loads
+        model.to(dtype)
+    trainer.save_model(str(final_dir))  # adapter (or the full model) + processor files, main process only
     if state.is_main_process:
         write_sample_definition(final_dir, definition)
-    say(f"final adapter: {final_dir}")
+    say(f"final {'model' if args.tune == 'full' else 'adapter'}: {final_dir}")
     final_summary = run_eval(trainer.state.global_step)
     if final_summary is not None:  # the before/after, same data, same scoring
         headers, table = comparison_table(base_summary, final_summary)

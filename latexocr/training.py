@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 
@@ -197,6 +198,24 @@ class OcrTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     _trainable = None
+    vision_learning_rate = 0.0  # > 0: the vision tower's (and merger's) trainable weights learn at this rate
+
+    def get_optimizer_cls_and_kwargs(self, args, model=None):
+        # transformers' own optimizer choice; with a vision learning rate, its parameter groups
+        # (the create_optimizer hook: kwargs["params"]) split in two, the vision side at its own lr
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if self.vision_learning_rate > 0 and model is not None:
+            from .modeling import vision_parameter_ids
+            vision, decay = vision_parameter_ids(model), set(self.get_decay_parameter_names(model))
+            groups = {}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    key = (id(p) in vision, name in decay)
+                    groups.setdefault(key, []).append(p)
+            kwargs["params"] = [{"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
+                                 **({"lr": self.vision_learning_rate} if is_vision else {})}
+                                for (is_vision, decayed), params in sorted(groups.items())]
+        return cls, kwargs
 
     def _clip_grad_norm(self, model):
         # the norm over the LoRA tensors only (the only ones with gradients), without walking the
@@ -258,3 +277,19 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
         self.paused = 0.0
+
+
+class Fp16OverflowStop(TrainerCallback):
+    """With DTYPE=fp16, stops at the first logged loss that is not finite, saying what to use instead.
+
+    Loss scaling skips steps whose gradients overflow, but a forward pass that overflows fp16 (Qwen's
+    models were trained in bf16; their activations can exceed fp16's 65504) gives a NaN loss at every
+    step: the run would go on learning nothing.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if args.fp16 and loss is not None and not math.isfinite(float(loss)):
+            raise SystemExit(f"DTYPE=fp16: the loss is {loss} at step {state.global_step} (fp16 overflow); "
+                             f"train with DTYPE=bf16 where the GPU has it, else DTYPE=fp32 or QUANTIZATION=4bit "
+                             f"with DTYPE=fp32")
