@@ -81,11 +81,11 @@ from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
-from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
+from latexocr.fast.attention import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
                             should_compile, should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
 from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
-from latexocr.vision import graph_vision_tower
+from latexocr.fast.vision import graph_vision_tower
 from transformers import TrainerCallback
 
 

@@ -28,7 +28,7 @@ def shape_counts(shared: Path, batches: int, micro: int) -> None:
 
     from latexocr.batching import SampleEncoder
     from latexocr.sample import sizing_for
-    from latexocr.speed import CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE
+    from latexocr.fast.attention import CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE
 
     processor = AutoProcessor.from_pretrained(shared / "qwen2vl-2b")
     encoder = SampleEncoder(processor, sizing_for(processor))

@@ -49,7 +49,7 @@ def main():
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
     from latexocr.sample import sizing_for
-    from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION,
+    from latexocr.fast.attention import (CUDA_GRAPH_ROW_MULTIPLE, PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION,
                                 use_packed_text_attention)
     from latexocr.training import NoLoraInputCast, supervised_loss
 
@@ -158,7 +158,7 @@ def main():
     if a.variants:
         import torch._inductor.config as inductor_config
         from torch._dynamo.utils import counters
-        from latexocr.speed import compile_decoder_layers, uncompile
+        from latexocr.fast.attention import compile_decoder_layers, uncompile
 
         def warm(n, label):
             t0 = time.perf_counter()
@@ -187,8 +187,8 @@ def main():
                     inductor_config.use_static_cuda_launcher = False
                 recompile(cuda_graphs=True)
             elif variant == "vision_graphs":  # + the vision tower as one CUDA graph per padded patch count
-                from latexocr.speed import CUDA_GRAPH_PATCH_MULTIPLE
-                from latexocr.vision import graph_vision_tower
+                from latexocr.fast.attention import CUDA_GRAPH_PATCH_MULTIPLE
+                from latexocr.fast.vision import graph_vision_tower
                 live["vision"] = graph_vision_tower(model)
                 live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket,
                                                 pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE)

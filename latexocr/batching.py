@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .sample import ImageSizing, load_image, user_messages
-from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
-from .vision import precompute_packed
+from .fast.attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY
+from .fast.vision import precompute_packed
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"

@@ -53,7 +53,7 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call."""
     from transformers import AutoModelForImageTextToText
 
-    from .speed import configure_cuda, use_packed_vision_attention
+    from .fast.attention import configure_cuda, use_packed_vision_attention
     configure_cuda()
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         device_map=device_map)

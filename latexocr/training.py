@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
 from .sample import is_valid_label
-from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
+from .fast.vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
                      takes_precomputed_vision)
 
 

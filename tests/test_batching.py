@@ -6,8 +6,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
 from latexocr.sample import ImageSizing, load_image, sizing_for
-from latexocr.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
-from latexocr.speed import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
+from latexocr.fast.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
+from latexocr.fast.attention import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
                              use_packed_vision_attention)
 
 
@@ -159,7 +159,7 @@ def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images
 def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
     """COMPILE_LAYERS: every block compiles as ONE graph (fullgraph=True raises on a graph break)
     with the packed text and vision attention inside, and gives eager's loss and gradients."""
-    from latexocr.speed import compile_decoder_layers
+    from latexocr.fast.attention import compile_decoder_layers
     from latexocr.training import supervised_loss
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
@@ -191,7 +191,7 @@ def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
     (torch 2.11 then skipped the LLM blocks' graphs, or segfaulted in their backward)."""
     from latexocr.modeling import add_lora
-    from latexocr.speed import compile_decoder_layers, uncompile
+    from latexocr.fast.attention import compile_decoder_layers, uncompile
     from latexocr.training import supervised_loss
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
@@ -237,7 +237,7 @@ def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
 
 
 def test_cuda_graphs_only_where_measured():
-    from latexocr.speed import should_use_cuda_graphs
+    from latexocr.fast.attention import should_use_cuda_graphs
     assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
     assert not should_use_cuda_graphs(False, compiled=True, processes=1, accumulation=1, on_cuda=True)
     assert not should_use_cuda_graphs(True, compiled=False, processes=1, accumulation=1, on_cuda=True)
@@ -248,7 +248,7 @@ def test_cuda_graphs_only_where_measured():
 
 
 def test_compile_setting():
-    from latexocr.speed import COMPILE_PAYS_FROM_STEPS, should_compile
+    from latexocr.fast.attention import COMPILE_PAYS_FROM_STEPS, should_compile
     assert should_compile("on", 1) and not should_compile("off", 10**6)
     # auto: only on a CUDA GPU, and only for runs long enough to repay the compile
     assert should_compile("auto", COMPILE_PAYS_FROM_STEPS) == torch.cuda.is_available()
@@ -263,7 +263,7 @@ def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formul
     the batch's host-side count; the FLOP estimate is transformers' own."""
     from transformers import TrainingArguments
     from latexocr.training import OcrTrainer
-    from latexocr.vision import REAL_TOKENS_KEY
+    from latexocr.fast.vision import REAL_TOKENS_KEY
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
@@ -308,7 +308,7 @@ def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
     """The vision tower is graphed only for Qwen2-VL with the packed (sync-free) vision attention,
     and only while it is frozen."""
     from latexocr.modeling import add_lora
-    from latexocr.vision import graph_vision_tower
+    from latexocr.fast.vision import graph_vision_tower
     model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
     use_packed_vision_attention(model)
     assert graph_vision_tower(model) is None  # every parameter trainable

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
+from .attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
 
 VISION_POSITIONS_KEY = "vision_position_ids"    # (patches, 2) row/column of every patch
 VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"     # int32 image boundaries [0, p1, p1+p2, ...]
