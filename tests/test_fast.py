@@ -1,0 +1,255 @@
+"""The fast path (latexocr/fast/): same losses as the plain path, its upstream hooks still in place. Tiny models, CPU."""
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
+from latexocr.sample import ImageSizing, load_image, sizing_for
+from latexocr.fast.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
+from latexocr.fast.attention import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
+                             use_packed_vision_attention)
+
+
+def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    samples = formula_images[:5]
+    padded = TrainCollator(encoder, packed=False)(samples)
+    packed = TrainCollator(encoder, packed=True)(samples)
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())
+    with torch.no_grad():
+        reference = model(**padded).loss  # transformers' own loss on the padded batch
+        loss_padded, n1 = supervised_loss(model, dict(padded))
+        loss_packed, n2 = supervised_loss(model, dict(packed))
+        # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        loss_fast, n3 = supervised_loss(model, dict(packed))
+        # a packed batch that does not bring the boundaries: derived from the positions instead
+        bare = {k: v for k, v in packed.items() if k not in (CU_SEQLENS_KEY, MAX_LENGTH_KEY)}
+        loss_derived, _ = supervised_loss(model, bare)
+        # rows padded up to a multiple of 64 tokens (few shapes, for CUDA graphs): the padding is
+        # one extra unsupervised segment, so the loss and its token count are unchanged
+        bucketed = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(samples)
+        length = bucketed["input_ids"].shape[1]
+        assert length % 64 == 0 and length > packed["input_ids"].shape[1]
+        assert bucketed[CU_SEQLENS_KEY].tolist()[:-1] == packed[CU_SEQLENS_KEY].tolist()
+        assert bucketed[CU_SEQLENS_KEY][-1] == length and bucketed[MAX_LENGTH_KEY] >= packed[MAX_LENGTH_KEY]
+        loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
+        # the vision tower's patches padded too (its CUDA graphs): one extra all-zero image whose
+        # features are dropped, so the loss is unchanged
+        both = TrainCollator(encoder, packed=True, pad_to_multiple_of=64, pad_patches_to_multiple_of=64)(samples)
+        assert both["pixel_values"].shape[0] % 64 == 0 and both[VISION_PADDING_KEY] > 0
+        assert torch.equal(both["pixel_values"][:len(packed["pixel_values"])], packed["pixel_values"])
+        loss_both, n5 = supervised_loss(model, dict(both))
+        with plain_text_attention(model):
+            assert model.config.text_config._attn_implementation == "sdpa"
+    assert n1 == n2 == n3 == n4 == n5
+    assert torch.allclose(loss_fast, loss_bucketed, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_both, rtol=1e-4)
+    assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
+    assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
+    assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_derived, rtol=1e-4)
+    # and it really is per-sample: shuffling the order of the samples in the row changes nothing
+    with torch.no_grad():
+        loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
+    assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images, family):
+    """Packed batches of Qwen2-VL skip the model's own image path (latexocr/vision.py: vision inputs,
+    image-token and supervised positions precomputed by the collator, no GPU->CPU sync): same loss
+    and same LoRA gradients as the model's own forward. Other families take their own forward,
+    and refuse padded patches with a clear error."""
+    from latexocr.modeling import add_lora
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batch = TrainCollator(encoder, packed=True)(formula_images[:4])
+    assert set(PRECOMPUTED_KEYS) <= set(batch)
+
+    def loss_and_grads(b):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+        model = add_lora(model, 8, 16, 0.0)
+        loss, n = supervised_loss(model, dict(b))
+        (loss / n).backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        return takes_precomputed_vision(model), loss.detach(), n, torch.cat(grads)
+
+    fast, loss, n, grads = loss_and_grads(batch)
+    assert fast == (family == "qwen2_vl")
+    _, loss_own, n_own, grads_own = loss_and_grads({k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS})
+    assert n == n_own
+    assert torch.allclose(loss, loss_own, rtol=1e-5)
+    assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-7)
+    if not fast:
+        padded = TrainCollator(encoder, packed=True, pad_patches_to_multiple_of=64)(formula_images[:4])
+        with pytest.raises(ValueError, match="only Qwen2-VL"):
+            loss_and_grads(padded)
+
+
+def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
+    """COMPILE_LAYERS: every block compiles as ONE graph (fullgraph=True raises on a graph break)
+    with the packed text and vision attention inside, and gives eager's loss and gradients."""
+    from latexocr.fast.attention import compile_decoder_layers
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batches = [TrainCollator(encoder, packed=True)(formula_images[i:i + 3]) for i in (0, 3)]
+
+    def loss_and_grads(compiled):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        if compiled:
+            torch._dynamo.reset()
+            assert compile_decoder_layers(model, backend="aot_eager", fullgraph=True) > 0
+        losses = []
+        for batch in batches:  # two batches of different lengths: no recompile error, same results
+            loss, n = supervised_loss(model, dict(batch))
+            (loss / n).backward()
+            losses.append(loss.detach() / n)
+        grads = torch.cat([p.grad.flatten() for p in model.model.language_model.parameters() if p.grad is not None])
+        return torch.stack(losses), grads
+
+    eager_losses, eager_grads = loss_and_grads(False)
+    compiled_losses, compiled_grads = loss_and_grads(True)
+    assert torch.allclose(eager_losses, compiled_losses, rtol=1e-4)
+    assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
+    """CUDA graphs can only replay a block whose inputs all live on the GPU. Python floats the blocks
+    read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
+    (torch 2.11 then skipped the LLM blocks' graphs, or segfaulted in their backward)."""
+    from latexocr.modeling import add_lora
+    from latexocr.fast.attention import compile_decoder_layers, uncompile
+    from latexocr.training import supervised_loss
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+    model = add_lora(model, 8, 16, 0.05)
+    inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        inputs.extend(example_inputs)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        compile_decoder_layers(model, backend=recording_backend)
+        loss, n = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(formula_images[:3])))
+        (loss / n).backward()
+    finally:
+        uncompile(model)
+        torch._dynamo.reset()
+    assert inputs, "no block was compiled"
+    scalars = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 0]
+    assert not scalars, f"{len(scalars)} 0-d tensor inputs (floats lifted to tensors): {scalars[:3]}"
+
+
+def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
+    """NoLoraInputCast switches off exactly the layers peft's own helper does, and restores them."""
+    from peft.helpers import disable_input_dtype_casting
+    from latexocr.modeling import add_lora
+    from latexocr.training import NoLoraInputCast
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.0)
+    flags = lambda: [getattr(m, "cast_input_dtype_enabled", None) for m in model.modules()]  # noqa: E731
+    before = flags()
+    with disable_input_dtype_casting(model):
+        by_peft = flags()
+    switch = NoLoraInputCast(model)
+    assert len(switch.layers) == 7 * model.config.text_config.num_hidden_layers  # q k v o gate up down
+    with switch():
+        assert flags() == by_peft != before
+    assert flags() == before
+    with switch(active=False):  # without autocast the cast stays on
+        assert flags() == before
+
+
+def test_cuda_graphs_only_where_measured():
+    from latexocr.fast.attention import should_use_cuda_graphs
+    assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(False, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=False, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=False)
+    # gradient accumulation: the next replay would reuse the memory of gradients not yet consumed
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=2, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=2, accumulation=1, on_cuda=True)
+
+
+def test_compile_setting():
+    from latexocr.fast.attention import COMPILE_PAYS_FROM_STEPS, should_compile
+    assert should_compile("on", 1) and not should_compile("off", 10**6)
+    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile
+    assert should_compile("auto", COMPILE_PAYS_FROM_STEPS) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS - 1)
+    assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
+    with pytest.raises(SystemExit, match="auto, on or off"):
+        should_compile("yes", 10)
+
+
+def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formula_images):
+    """Tokens seen (tokens/s in the logs) count the packed row without its CUDA-graph padding, from
+    the batch's host-side count; the FLOP estimate is transformers' own."""
+    from transformers import TrainingArguments
+    from latexocr.training import OcrTrainer
+    from latexocr.fast.vision import REAL_TOKENS_KEY
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             include_num_input_tokens_seen="all")
+    trainer = OcrTrainer(model=model, args=args, processing_class=processor)
+    plain = TrainCollator(encoder, packed=True)(formula_images[:3])
+    padded = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(formula_images[:3])
+    real = plain["input_ids"].shape[1]
+    assert padded[REAL_TOKENS_KEY] == plain[REAL_TOKENS_KEY] == real < padded["input_ids"].shape[1]
+    trainer._track_num_input_tokens(padded)
+    assert trainer.state.num_input_tokens_seen == real
+    assert trainer.floating_point_ops(padded) == 6 * padded["input_ids"].numel() * model.num_parameters(
+        exclude_embeddings=True)
+
+
+def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
+    """skip_redundant_module_walks (the Trainer's per-step train()/zero_grad()): eval() and train()
+    still switch every module, zero_grad() clears every gradient there is (LoRA's)."""
+    from latexocr.modeling import add_lora
+    from latexocr.training import skip_redundant_module_walks
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.1)
+    trainable = skip_redundant_module_walks(model)
+    assert trainable and len(trainable) == sum(p.requires_grad for p in model.parameters())
+    # peft's wrapper says training while the loaded base model is in eval mode: train() must switch it
+    assert model.training and not model.base_model.model.training
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert model.train() is model and all(m.training for m in model.modules())
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
+    """The vision tower is graphed only for Qwen2-VL with the packed (sync-free) vision attention,
+    and only while it is frozen."""
+    from latexocr.modeling import add_lora
+    from latexocr.fast.vision import graph_vision_tower
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+    use_packed_vision_attention(model)
+    assert graph_vision_tower(model) is None  # every parameter trainable
+    model = add_lora(model, 8, 16, 0.0)       # the vision tower frozen, as in train.py
+    assert (graph_vision_tower(model) is not None) == (family == "qwen2_vl")
+    model.base_model.model.config.vision_config._attn_implementation = "sdpa"
+    assert graph_vision_tower(model) is None  # transformers' sdpa vision attention syncs per image
