@@ -81,17 +81,14 @@ from latexocr.evaluation import evaluate
 from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
 from latexocr.records import read_labelled
 from latexocr.sample import sizing_for
-from latexocr.fast.attention import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
-                            should_compile, should_use_cuda_graphs, use_packed_text_attention)
 from latexocr.tracking import SwanLabCallback, Tracker
-from latexocr.training import OcrDataset, OcrTrainer, ThroughputCallback, skip_redundant_module_walks
-from latexocr.fast.vision import graph_vision_tower
+from latexocr.speed import plan_training
+from latexocr.training import OcrDataset, ThroughputCallback
 from transformers import TrainerCallback
 
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
-    should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -114,8 +111,6 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
-        use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
     if state.is_main_process:
         model.print_trainable_parameters()
 
@@ -136,17 +131,9 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    compiled = should_compile(args.compile_layers, planned_steps,
-                              measured_setup=not (args.deepspeed or args.gradient_checkpointing))
-    cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
-    vision_graphs = None
-    if compiled:
-        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
-        # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
-        vision_graphs = graph_vision_tower(model) if cuda_graphs and args.packing else None
-        graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
-        say(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}, ~1 min in the first "
-            f"steps; COMPILE_LAYERS=off skips it")
+    # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
+    fast = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
+    say(fast.summary)
 
     if args.resume and not list_checkpoints(out_dir):
         raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
@@ -182,7 +169,7 @@ def main(argv=None):
         dataloader_prefetch_factor=4 if args.num_workers > 0 else None,
         remove_unused_columns=False,   # the collator needs the raw (path, label) pairs
         label_names=["labels"],
-        # packed rows: OcrTrainer counts their real tokens on the host (the CUDA-graph padding excluded)
+        # packed rows: the fast path counts their real tokens on the host (the CUDA-graph padding excluded)
         include_num_input_tokens_seen="all" if args.packing else "non_padding",
         # transformers checks every step's loss for NaN/inf with a GPU->CPU sync (only to keep such
         # a step out of the logged average): the host then cannot queue the next step in advance
@@ -210,20 +197,16 @@ def main(argv=None):
             if args.eval_steps > 0 and s.global_step % args.eval_steps == 0 and s.global_step < s.max_steps:
                 run_eval(s.global_step)
 
-    trainer = OcrTrainer(
+    trainer = fast.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
-        data_collator=TrainCollator(encoder, packed=args.packing,
-                                    pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
-                                    pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
+        data_collator=TrainCollator(encoder, packed=args.packing, **fast.collator_options),
         processing_class=processor,
         callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
+        **fast.trainer_options,
     )
     trainer.supervised_logits_only = args.supervised_logits_only
-    trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
-    trainer.cuda_graphs = cuda_graphs
-    trainer.vision_graphs = vision_graphs
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 

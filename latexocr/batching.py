@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .sample import ImageSizing, load_image, user_messages
-from .fast.attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY
-from .fast.vision import precompute_packed
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
@@ -118,12 +117,12 @@ class TrainCollator:
     packed=True concatenates the samples into one row with no padding ("padding-free"):
     per-sample positions restart at 0 (row 0 of the 4 x 1 x L position ids, from which
     transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
-    (rows 1-3), and the sample boundaries for the packed attention (latexocr/speed.py).
-    packed=False right-pads to the longest sample, as the tutorial does. pad_to_multiple_of
-    rounds the row length up (packed: with an extra all-padding sample), and
-    pad_patches_to_multiple_of the vision tower's patch count (packed only: an extra all-zero
-    image), so that few distinct shapes occur (CUDA graphs record one graph per shape).
-    Packed batches also carry what the step needs precomputed on the CPU (latexocr/vision.py).
+    (rows 1-3). packed=False right-pads to the longest sample, as the tutorial does.
+    pad_to_multiple_of rounds the row length up (packed: with an extra all-padding sample), so
+    that few distinct shapes occur (CUDA graphs record one graph per shape). packed_extras
+    (from the fast path's plan, latexocr/fast/) adds keys to packed batches: called with the
+    batch, the samples' lengths (padding segment included), the longest-sample bound, the real
+    token count and the encoder; returns the keys to add.
     Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
     already dropped and counted those whose header cannot be read).
     """
@@ -131,7 +130,7 @@ class TrainCollator:
     encoder: SampleEncoder
     packed: bool = True
     pad_to_multiple_of: int | None = None
-    pad_patches_to_multiple_of: int | None = None
+    packed_extras: Callable | None = None
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
@@ -173,12 +172,8 @@ class TrainCollator:
                 max_length = sum(lengths)
             text_pos = torch.cat([torch.arange(n) for n in lengths])
             batch["position_ids"] = torch.cat([text_pos[None], torch.cat(rope_pos, dim=1)])[:, None, :]  # 4 x 1 x L
-            # sample boundaries for the attention, computed here so the GPU never waits on them
-            batch[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            batch[MAX_LENGTH_KEY] = max_length
-            batch.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
-                                           batch["image_grid_thw"], merge, self.encoder.image_token_id,
-                                           real_tokens, self.pad_patches_to_multiple_of, IGNORE_INDEX))
+            if self.packed_extras is not None:
+                batch.update(self.packed_extras(batch, lengths, max_length, real_tokens, self.encoder))
         else:
             length = max(len(e["input_ids"]) for e in encoded)
             if self.pad_to_multiple_of:

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import END_OF_TURN, SampleEncoder, generation_batch
 from .sample import load_image
-from .fast.attention import plain_text_attention
+from .speed import plain_text_attention
 
 # The longest LaTeX_OCR label is ~223 Qwen2 tokens; 256 leaves room and stops runaway repetition.
 DEFAULT_MAX_NEW_TOKENS = 256

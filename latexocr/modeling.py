@@ -53,13 +53,10 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call."""
     from transformers import AutoModelForImageTextToText
 
-    from .fast.attention import configure_cuda, use_packed_vision_attention
-    configure_cuda()
+    from .speed import prepare_model
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         device_map=device_map)
-    if packed_vision_attention and attn_implementation == "sdpa":
-        use_packed_vision_attention(model)
-    return model
+    return prepare_model(model, attn_implementation, packed_vision_attention)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets=LORA_TARGETS):

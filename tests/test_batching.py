@@ -6,9 +6,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
 from latexocr.sample import ImageSizing, load_image, sizing_for
-from latexocr.fast.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
-from latexocr.fast.attention import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
-                             use_packed_vision_attention)
 
 
 def test_supervised_tokens_are_answer_and_end_of_turn(tiny_model_dir, formula_images):

@@ -1,29 +1,36 @@
 """The fast path (latexocr/fast/): same losses as the plain path, its upstream hooks still in place. Tiny models, CPU."""
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
-from latexocr.sample import ImageSizing, load_image, sizing_for
-from latexocr.fast.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, takes_precomputed_vision
+from latexocr.batching import SampleEncoder, TrainCollator
 from latexocr.fast.attention import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
-                             use_packed_vision_attention)
+                                     use_packed_vision_attention)
+from latexocr.fast.trainer import fast_supervised_loss as supervised_loss
+from latexocr.fast.vision import PRECOMPUTED_KEYS, VISION_PADDING_KEY, PackedExtras, takes_precomputed_vision
+from latexocr.sample import sizing_for
+from latexocr.training import supervised_loss as plain_supervised_loss
+
+
+def fast_collator(encoder, pad_to_multiple_of=None, pad_patches_to_multiple_of=None):
+    """TrainCollator with the fast path's keys, as plan_training sets it up for a Qwen2-VL model."""
+    return TrainCollator(encoder, packed=True, pad_to_multiple_of=pad_to_multiple_of,
+                         packed_extras=PackedExtras(pad_patches_to_multiple_of=pad_patches_to_multiple_of))
 
 
 def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
-    from latexocr.training import supervised_loss
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     encoder = SampleEncoder(processor, sizing_for(processor))
     samples = formula_images[:5]
     padded = TrainCollator(encoder, packed=False)(samples)
-    packed = TrainCollator(encoder, packed=True)(samples)
-    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())
+    plain = TrainCollator(encoder, packed=True)(samples)  # the plain path's packed batch: no extra keys
+    packed = fast_collator(encoder)(samples)
+    assert packed["input_ids"].shape[1] == plain["input_ids"].shape[1] == int(padded["attention_mask"].sum())
     with torch.no_grad():
         reference = model(**padded).loss  # transformers' own loss on the padded batch
-        loss_padded, n1 = supervised_loss(model, dict(padded))
-        loss_packed, n2 = supervised_loss(model, dict(packed))
+        loss_padded, n1 = plain_supervised_loss(model, dict(padded))
+        loss_packed, n2 = plain_supervised_loss(model, dict(plain))
         # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
         assert use_packed_text_attention(model) and use_packed_vision_attention(model)
         loss_fast, n3 = supervised_loss(model, dict(packed))
@@ -32,7 +39,7 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         loss_derived, _ = supervised_loss(model, bare)
         # rows padded up to a multiple of 64 tokens (few shapes, for CUDA graphs): the padding is
         # one extra unsupervised segment, so the loss and its token count are unchanged
-        bucketed = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(samples)
+        bucketed = fast_collator(encoder, pad_to_multiple_of=64)(samples)
         length = bucketed["input_ids"].shape[1]
         assert length % 64 == 0 and length > packed["input_ids"].shape[1]
         assert bucketed[CU_SEQLENS_KEY].tolist()[:-1] == packed[CU_SEQLENS_KEY].tolist()
@@ -40,7 +47,7 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
         loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
         # the vision tower's patches padded too (its CUDA graphs): one extra all-zero image whose
         # features are dropped, so the loss is unchanged
-        both = TrainCollator(encoder, packed=True, pad_to_multiple_of=64, pad_patches_to_multiple_of=64)(samples)
+        both = fast_collator(encoder, pad_to_multiple_of=64, pad_patches_to_multiple_of=64)(samples)
         assert both["pixel_values"].shape[0] % 64 == 0 and both[VISION_PADDING_KEY] > 0
         assert torch.equal(both["pixel_values"][:len(packed["pixel_values"])], packed["pixel_values"])
         loss_both, n5 = supervised_loss(model, dict(both))
@@ -55,7 +62,7 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
     assert torch.allclose(loss_fast, loss_derived, rtol=1e-4)
     # and it really is per-sample: shuffling the order of the samples in the row changes nothing
     with torch.no_grad():
-        loss_reversed, _ = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(samples[::-1])))
+        loss_reversed, _ = supervised_loss(model, dict(fast_collator(encoder)(samples[::-1])))
     assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)
 
 
@@ -66,10 +73,9 @@ def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images
     and same LoRA gradients as the model's own forward. Other families take their own forward,
     and refuse padded patches with a clear error."""
     from latexocr.modeling import add_lora
-    from latexocr.training import supervised_loss
     processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
     encoder = SampleEncoder(processor, sizing_for(processor))
-    batch = TrainCollator(encoder, packed=True)(formula_images[:4])
+    batch = fast_collator(encoder)(formula_images[:4])
     assert set(PRECOMPUTED_KEYS) <= set(batch)
 
     def loss_and_grads(b):
@@ -88,7 +94,7 @@ def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images
     assert torch.allclose(loss, loss_own, rtol=1e-5)
     assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-7)
     if not fast:
-        padded = TrainCollator(encoder, packed=True, pad_patches_to_multiple_of=64)(formula_images[:4])
+        padded = fast_collator(encoder, pad_patches_to_multiple_of=64)(formula_images[:4])
         with pytest.raises(ValueError, match="only Qwen2-VL"):
             loss_and_grads(padded)
 
@@ -96,11 +102,10 @@ def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images
 def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
     """COMPILE_LAYERS: every block compiles as ONE graph (fullgraph=True raises on a graph break)
     with the packed text and vision attention inside, and gives eager's loss and gradients."""
-    from latexocr.fast.attention import compile_decoder_layers
-    from latexocr.training import supervised_loss
+    from latexocr.fast.compile import compile_decoder_layers
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
-    batches = [TrainCollator(encoder, packed=True)(formula_images[i:i + 3]) for i in (0, 3)]
+    batches = [fast_collator(encoder)(formula_images[i:i + 3]) for i in (0, 3)]
 
     def loss_and_grads(compiled):
         torch.manual_seed(0)
@@ -128,8 +133,7 @@ def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
     (torch 2.11 then skipped the LLM blocks' graphs, or segfaulted in their backward)."""
     from latexocr.modeling import add_lora
-    from latexocr.fast.attention import compile_decoder_layers, uncompile
-    from latexocr.training import supervised_loss
+    from latexocr.fast.compile import compile_decoder_layers, uncompile
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
@@ -144,7 +148,7 @@ def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     torch._dynamo.reset()
     try:
         compile_decoder_layers(model, backend=recording_backend)
-        loss, n = supervised_loss(model, dict(TrainCollator(encoder, packed=True)(formula_images[:3])))
+        loss, n = supervised_loss(model, dict(fast_collator(encoder)(formula_images[:3])))
         (loss / n).backward()
     finally:
         uncompile(model)
@@ -158,7 +162,7 @@ def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
     """NoLoraInputCast switches off exactly the layers peft's own helper does, and restores them."""
     from peft.helpers import disable_input_dtype_casting
     from latexocr.modeling import add_lora
-    from latexocr.training import NoLoraInputCast
+    from latexocr.fast.trainer import NoLoraInputCast
     model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.0)
     flags = lambda: [getattr(m, "cast_input_dtype_enabled", None) for m in model.modules()]  # noqa: E731
     before = flags()
@@ -174,7 +178,7 @@ def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
 
 
 def test_cuda_graphs_only_where_measured():
-    from latexocr.fast.attention import should_use_cuda_graphs
+    from latexocr.fast.compile import should_use_cuda_graphs
     assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
     assert not should_use_cuda_graphs(False, compiled=True, processes=1, accumulation=1, on_cuda=True)
     assert not should_use_cuda_graphs(True, compiled=False, processes=1, accumulation=1, on_cuda=True)
@@ -185,12 +189,16 @@ def test_cuda_graphs_only_where_measured():
 
 
 def test_compile_setting():
-    from latexocr.fast.attention import COMPILE_PAYS_FROM_STEPS, should_compile
+    from latexocr.fast.compile import COMPILE_COLD_FROM_STEPS, COMPILE_WARM_FROM_STEPS, should_compile
     assert should_compile("on", 1) and not should_compile("off", 10**6)
-    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile
-    assert should_compile("auto", COMPILE_PAYS_FROM_STEPS) == torch.cuda.is_available()
-    assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS - 1)
-    assert not should_compile("auto", COMPILE_PAYS_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
+    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile; the tutorial's
+    # 125-step job compiles on a cold cache too (paid once per machine), shorter runs once it is warm
+    assert COMPILE_WARM_FROM_STEPS < COMPILE_COLD_FROM_STEPS <= 125
+    assert should_compile("auto", COMPILE_COLD_FROM_STEPS) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS - 1)
+    assert should_compile("auto", COMPILE_WARM_FROM_STEPS, warm_cache=True) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_WARM_FROM_STEPS - 1, warm_cache=True)
+    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
     with pytest.raises(SystemExit, match="auto, on or off"):
         should_compile("yes", 10)
 
@@ -199,16 +207,16 @@ def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formul
     """Tokens seen (tokens/s in the logs) count the packed row without its CUDA-graph padding, from
     the batch's host-side count; the FLOP estimate is transformers' own."""
     from transformers import TrainingArguments
-    from latexocr.training import OcrTrainer
+    from latexocr.fast.trainer import FastTrainer
     from latexocr.fast.vision import REAL_TOKENS_KEY
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                              include_num_input_tokens_seen="all")
-    trainer = OcrTrainer(model=model, args=args, processing_class=processor)
-    plain = TrainCollator(encoder, packed=True)(formula_images[:3])
-    padded = TrainCollator(encoder, packed=True, pad_to_multiple_of=64)(formula_images[:3])
+    trainer = FastTrainer(model=model, args=args, processing_class=processor)
+    plain = fast_collator(encoder)(formula_images[:3])
+    padded = fast_collator(encoder, pad_to_multiple_of=64)(formula_images[:3])
     real = plain["input_ids"].shape[1]
     assert padded[REAL_TOKENS_KEY] == plain[REAL_TOKENS_KEY] == real < padded["input_ids"].shape[1]
     trainer._track_num_input_tokens(padded)
@@ -221,7 +229,7 @@ def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
     """skip_redundant_module_walks (the Trainer's per-step train()/zero_grad()): eval() and train()
     still switch every module, zero_grad() clears every gradient there is (LoRA's)."""
     from latexocr.modeling import add_lora
-    from latexocr.training import skip_redundant_module_walks
+    from latexocr.fast.trainer import skip_redundant_module_walks
     model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.1)
     trainable = skip_redundant_module_walks(model)
     assert trainable and len(trainable) == sum(p.requires_grad for p in model.parameters())

@@ -1,4 +1,4 @@
-"""GPU speed settings used by training and inference, each measured in docs/BENCHMARKS.md."""
+"""Packed attention for the vision tower and the language model, each measured in docs/BENCHMARKS.md."""
 from __future__ import annotations
 
 import contextlib
@@ -161,82 +161,3 @@ def configure_cuda() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-# Packed rows are padded up to a multiple of this many tokens when the language model's blocks
-# replay as CUDA graphs (one graph is recorded per distinct shape). Over 2,000 random batches of 16
-# of the sample images: 6 row lengths, 5.0 % padding (bench/host_costs.py).
-CUDA_GRAPH_ROW_MULTIPLE = 256
-# ... and the vision tower's patches (latexocr/vision.py VisionGraphs) to a multiple of this many:
-# 5 patch counts, 5.0 % padding over the same batches (161 patches per image; bench/host_costs.py).
-CUDA_GRAPH_PATCH_MULTIPLE = 256
-
-
-def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
-    """torch.compile each transformer block of the language model and vision tower (regional compilation).
-
-    Blocks of one kind share their compiled code, so compilation happens a few times (per block
-    kind and input variant: ~30 s in all on an H100), not once per layer;
-    `dynamic=True` keeps packed batches of any length from recompiling. Fusing
-    the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
-    packed attentions above trace whole (no graph break): their boundaries come in as inputs.
-
-    cuda_graphs=True also replays the language model's blocks as CUDA graphs (inductor's
-    "reduce-overhead" mode), which removes their per-kernel launch cost: the step is host-bound
-    without it (docs/BENCHMARKS.md). A graph is recorded for every new row shape (~6 s each on an
-    H100, the first few dozen steps). Use it with a collator that pads rows to few shapes
-    (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
-    torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision blocks are
-    compiled without graphs here; latexocr.vision.VisionGraphs replays the whole (frozen) tower as
-    one graph per padded patch count instead.
-    """
-    # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of
-    # 0-d CPU tensor inputs: those cost a CPU kernel per call and keep a graph off CUDA graphs (torch
-    # 2.11 skipped such graphs, or segfaulted in the backward when it partitioned around them).
-    torch._dynamo.config.specialize_float = True
-    compile_options = {"dynamic": True, **compile_options}
-    count = 0
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("DecoderLayer"):
-            module.compile(**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-        elif name.endswith("VisionBlock"):
-            module.compile(**compile_options)
-        else:
-            continue
-        count += 1
-    return count
-
-
-def uncompile(model) -> None:
-    """Undo compile_decoder_layers (the modules run eagerly again)."""
-    for module in model.modules():
-        module._compiled_call_impl = None
-
-
-# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s in a 150-step run)
-# and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
-# eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): it pays from ~230-450
-# optimizer steps on; 500 leaves a margin, and the tutorial's 125-step job stays eager.
-COMPILE_PAYS_FROM_STEPS = 500
-
-
-def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
-    """COMPILE_LAYERS: "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
-    compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
-    gradient checkpointing)."""
-    setting = setting.lower()
-    if setting not in ("auto", "on", "off"):
-        raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
-    if setting == "auto":
-        return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_PAYS_FROM_STEPS
-    return setting == "on"
-
-
-def should_use_cuda_graphs(enabled: bool, compiled: bool, processes: int, accumulation: int,
-                           on_cuda: bool | None = None) -> bool:
-    """CUDA_GRAPHS applies only where it was measured: compiled blocks on one CUDA GPU, without
-    gradient accumulation. A replay reuses the previous replay's output memory, so the gradients of
-    one pass must be consumed by the optimizer step before the next pass runs."""
-    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
-    return enabled and compiled and on_cuda and processes == 1 and accumulation == 1

@@ -19,6 +19,8 @@ attention) and Qwen3-VL (deepstack features) use the model's own forward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -181,3 +183,26 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     targets = batch[SUPERVISED_TARGETS_KEY]
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, targets.shape[0]
+
+
+@dataclass
+class PackedExtras:
+    """What the fast path adds to a packed batch (TrainCollator's packed_extras), computed on the CPU in
+    the DataLoader workers: the sample boundaries for the packed text attention, the real token
+    count, and for a Qwen2-VL model the precomputed step's keys above (other families would only
+    throw them away)."""
+
+    text_attention: bool = True
+    precomputed_vision: bool = True
+    pad_patches_to_multiple_of: int | None = None
+
+    def __call__(self, batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
+        extras = {REAL_TOKENS_KEY: real_tokens}
+        if self.text_attention:
+            extras[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            extras[MAX_LENGTH_KEY] = max_length
+        if self.precomputed_vision:
+            extras.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
+                                            batch["image_grid_thw"], encoder.processor.image_processor.merge_size,
+                                            encoder.image_token_id, real_tokens, self.pad_patches_to_multiple_of))
+        return extras
