@@ -261,3 +261,144 @@ def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
     assert (graph_vision_tower(model) is not None) == (family == "qwen2_vl")
     model.base_model.model.config.vision_config._attn_implementation = "sdpa"
     assert graph_vision_tower(model) is None  # transformers' sdpa vision attention syncs per image
+
+
+# ---------------------------------------------------------------- upstream hooks (latexocr/fast/upstream.py)
+def test_upstream_hooks_unchanged():
+    """Every private method overridden, instance method patched and transformers source re-implemented
+    by the fast path is as it was checked; a transformers/peft upgrade that changes one fails here,
+    naming what to re-check, instead of leaving training silently slower or different."""
+    from latexocr.fast.upstream import drift
+    problems = drift()
+    assert not problems, "\n".join(problems)
+
+
+def test_upstream_drift_names_what_to_recheck(monkeypatch):
+    from latexocr.fast import upstream
+    key = ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.forward")
+    monkeypatch.setitem(upstream.SOURCES, key, (upstream.SOURCES[key][0], ("0" * 16,)))
+    monkeypatch.setitem(upstream.SOURCES, ("transformers.vision_utils", "a_function_that_was_removed"), ("X", ("",)))
+    monkeypatch.setitem(upstream.OVERRIDDEN, ("transformers.Trainer", "_clip_grad_norm"), ["self", "model", "old"])
+    monkeypatch.setattr(upstream, "CALLED_BY_TRAINER", upstream.CALLED_BY_TRAINER + ("self._a_hook_never_called()",))
+    problems = "\n".join(upstream.drift())
+    assert "checked against transformers 5.24.0" in problems
+    assert "Qwen2VLModel.forward changed" in problems and "re-check fast/vision.py supervised_step_loss" in problems
+    assert "a_function_that_was_removed is gone" in problems
+    assert "_clip_grad_norm now takes ['self', 'model']" in problems
+    assert "no longer calls self._a_hook_never_called()" in problems
+
+
+# ---------------------------------------------------------------- one door: the plan, and training without it
+def test_train_py_without_the_fast_package_trains_the_same(tmp_path, tiny_model_dir):
+    """Deleting latexocr/fast/ leaves plain transformers training working, with the fast path's losses."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import TINY, _losses, make_dataset, script_env
+
+    root = Path(__file__).resolve().parents[1]
+    plain_repo = tmp_path / "repo"
+    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
+    shutil.copy(root / "train.py", plain_repo / "train.py")
+    data = make_dataset(tmp_path, ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )"])
+    common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
+              "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
+              "--eval-samples", 2, *TINY]
+
+    def train(repo, out):
+        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out)],
+                              env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    plain, fast = train(plain_repo, tmp_path / "plain"), train(root, tmp_path / "fast")
+    assert "fast path: not installed" in plain
+    assert "fast path: packed text attention; sync-free Qwen2-VL step" in fast
+    assert (tmp_path / "plain" / "final" / "adapter_model.safetensors").exists()
+    assert len(_losses(plain)) == 3 and _losses(fast) == pytest.approx(_losses(plain), rel=1e-4)
+
+
+def _settings(**changes):
+    import argparse
+    import train
+    return argparse.Namespace(**{**{k.lower(): v for k, v in train.SETTINGS.items()}, **changes})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_images, family):
+    """The collator emits the precomputed step's keys only for Qwen2-VL (others would throw them away)."""
+    from latexocr.fast import plan_training
+    from latexocr.fast.trainer import FastTrainer
+    from latexocr.modeling import add_lora
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa"),
+                     8, 16, 0.0)
+    plan = plan_training(model, _settings(), processes=1, accumulation=1, planned_steps=125)
+    assert plan.trainer_class is FastTrainer and plan.trainer_options == {"fast_plan": plan}
+    assert "compiling" not in plan.summary and not plan.cuda_graphs  # CPU: COMPILE_LAYERS=auto stays eager
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **plan.collator_options)(formula_images[:3])
+    assert CU_SEQLENS_KEY in batch
+    assert set(PRECOMPUTED_KEYS) <= set(batch) if family == "qwen2_vl" else not (set(PRECOMPUTED_KEYS[:-1]) & set(batch))
+    with pytest.raises(SystemExit, match="auto, on or off"):
+        plan_training(model, _settings(compile_layers="yes"), processes=1, accumulation=1, planned_steps=1)
+
+
+def test_compile_cache_is_marked_warm_per_setup(tmp_path, tiny_model_dir, monkeypatch):
+    """COMPILE_LAYERS=auto lowers its threshold once a run has compiled this setup on this machine:
+    the marker sits inside torch's cache folder, is written after the compiles, and a different setup
+    (here: CUDA graphs or not) has its own."""
+    from transformers import TrainerControl, TrainerState
+    from latexocr.fast.compile import WARM_AFTER_STEPS, CompileCache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    cache = CompileCache(model, cuda_graphs=True, folder=tmp_path)
+    assert not cache.warm and cache.marker.is_relative_to(tmp_path / "inductor")
+    cache.use()
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    callback, state = cache.callback(), TrainerState()
+    for step in range(1, WARM_AFTER_STEPS):
+        state.global_step = step
+        callback.on_step_end(None, state, TrainerControl())
+    assert not cache.warm  # the first steps still compile and record graphs
+    state.global_step = WARM_AFTER_STEPS
+    callback.on_step_end(None, state, TrainerControl())
+    assert cache.warm and CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
+    assert not CompileCache(model, cuda_graphs=False, folder=tmp_path).warm
+
+
+# ---------------------------------------------------------------- GPU smoke test
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled blocks + CUDA graphs)")
+def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
+    """On a GPU the whole fast path (packed flash attention, sync-free step, compiled blocks, CUDA graphs
+    of the LLM blocks and the vision tower) trains with the plain transformers path's losses (bf16)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import LABELS, TINY, _losses, make_dataset, script_env
+
+    root = Path(__file__).resolve().parents[1]
+    plain_repo = tmp_path / "repo"
+    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
+    shutil.copy(root / "train.py", plain_repo / "train.py")
+    data = make_dataset(tmp_path, LABELS)
+    common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 6,
+              "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 1, "--save-steps", 1000,
+              "--eval-samples", 2, "--dtype", "bf16", *TINY]
+
+    def train(repo, out, *flags):
+        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out),
+                               *flags], env=script_env(LATEXOCR_COMPILE_CACHE=str(tmp_path / "cache")),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    plain = train(plain_repo, tmp_path / "plain")
+    fast = train(root, tmp_path / "fast", "--compile-layers", "on")
+    assert "LLM blocks and vision tower as CUDA graphs" in fast
+    assert len(_losses(plain)) == 6 and _losses(fast) == pytest.approx(_losses(plain), rel=2e-2)
