@@ -68,7 +68,7 @@ def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images, family):
-    """Packed batches of Qwen2-VL skip the model's own image path (latexocr/vision.py: vision inputs,
+    """Packed batches of Qwen2-VL skip the model's own image path (latexocr/fast/vision.py: vision inputs,
     image-token and supervised positions precomputed by the collator, no GPU->CPU sync): same loss
     and same LoRA gradients as the model's own forward. Other families take their own forward,
     and refuse padded patches with a clear error."""

@@ -14,7 +14,7 @@ import torch
 # replay as CUDA graphs (one graph is recorded per distinct shape). Over 2,000 random batches of 16
 # of the sample images: 6 row lengths, 5.0 % padding (bench/host_costs.py).
 CUDA_GRAPH_ROW_MULTIPLE = 256
-# ... and the vision tower's patches (latexocr/vision.py VisionGraphs) to a multiple of this many:
+# ... and the vision tower's patches (latexocr/fast/vision.py VisionGraphs) to a multiple of this many:
 # 5 patch counts, 5.0 % padding over the same batches (161 patches per image; bench/host_costs.py).
 CUDA_GRAPH_PATCH_MULTIPLE = 256
 

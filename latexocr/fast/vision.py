@@ -177,7 +177,7 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     embeds = core.get_input_embeddings()(batch["input_ids"])
     # features of the padding patches (if any) come last and are dropped
     embeds = embeds.index_copy(1, image_positions, features[None, :image_positions.shape[0]].to(embeds.dtype))
-    text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/speed.py
+    text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/fast/attention.py
     logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False,
                    logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **text_attention).logits
     targets = batch[SUPERVISED_TARGETS_KEY]
