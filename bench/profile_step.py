@@ -63,8 +63,8 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     no_lora_input_cast = NoLoraInputCast(model)
     pairs = real_samples(a.shared)
-    live = {"collate": TrainCollator(enc, packed=True, packed_extras=PackedExtras()), "opt": torch.optim.AdamW(params, lr=1e-4),
-            "vision": None}  # variants swap them
+    live = {"collate": TrainCollator(enc, packed=True, packed_extras=PackedExtras()),
+            "opt": torch.optim.AdamW(params, lr=1e-4), "vision": None}  # variants swap them
     offset = [0]
 
     def fresh_batches(n):  # rotate through the samples so every batch has new shapes
@@ -191,8 +191,9 @@ def main():
                 from latexocr.fast.compile import CUDA_GRAPH_PATCH_MULTIPLE
                 from latexocr.fast.vision import graph_vision_tower
                 live["vision"] = graph_vision_tower(model)
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket, packed_extras=PackedExtras(
-                                                pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE))
+                live["collate"] = TrainCollator(
+                    enc, packed=True, pad_to_multiple_of=a.bucket,
+                    packed_extras=PackedExtras(pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE))
             elif variant in ("eager", "bucket"):  # bucket: the compiled code so far, on padded rows
                 pass
             elif variant == "combo_kernels":  # inductor fuses independent kernels horizontally: fewer launches
@@ -205,7 +206,8 @@ def main():
             else:
                 raise SystemExit(f"unknown variant {variant!r}; see --help")
             if "cuda_graphs" in variant or variant == "bucket":  # rows padded as train.py pads them for graphs
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket, packed_extras=PackedExtras())
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket,
+                                                packed_extras=PackedExtras())
             if variant != "eager":
                 warm(6 if "graphs" not in variant else 12, variant)
             measure(variant, False, True, False, True)

@@ -66,8 +66,9 @@ def plan_training(model, args, *, processes: int, accumulation: int, planned_ste
                      f"{'cache warm, a few s' if warm else 'cold cache, ~1 min once'} in the first steps "
                      f"(cache {cache.folder}; COMPILE_LAYERS=off skips it)")
     elif args.compile_layers.lower() == "auto" and torch.cuda.is_available():
-        parts.append(f"eager (COMPILE_LAYERS=auto compiles from {COMPILE_WARM_FROM_STEPS if warm else COMPILE_COLD_FROM_STEPS} "
-                     f"steps{' and without DeepSpeed / gradient checkpointing' if not measured_setup else ''})")
+        from_steps = COMPILE_WARM_FROM_STEPS if warm else COMPILE_COLD_FROM_STEPS
+        parts.append(f"eager (COMPILE_LAYERS=auto compiles from {from_steps} steps"
+                     f"{' and without DeepSpeed / gradient checkpointing' if not measured_setup else ''})")
     collator_options = {}
     if packed:
         collator_options["packed_extras"] = PackedExtras(

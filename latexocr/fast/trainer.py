@@ -13,8 +13,8 @@ import contextlib
 import torch
 
 from ..training import OcrTrainer, supervised_loss
-from .vision import PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss, \
-    takes_precomputed_vision
+from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
+                     takes_precomputed_vision)
 
 
 def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
@@ -36,6 +36,7 @@ class NoLoraInputCast:
     Under bf16 autocast that cast is a full fp32 copy of every LoRA input for nothing (autocast
     casts back). peft.helpers.disable_input_dtype_casting does the same but walks all ~2,700
     modules of the 2B model (named_modules) twice per call; this finds the LoRA layers once.
+    Sets a peft attribute, checked against peft 0.21.2 (upstream.SOURCES: BaseTunerLayer._cast_input_dtype).
     """
 
     def __init__(self, model):
@@ -64,7 +65,8 @@ def skip_redundant_module_walks(model) -> list:
     the ~400 LoRA tensors have gradients. After this call, train() returns at once when the previous train() already put
     every module in training mode (eval() and the train() after it still switch every module;
     switching a submodule alone is not seen), and zero_grad() clears the trainable parameters
-    only. Returns those parameters (for clipping).
+    only. Returns those parameters (for clipping). Patches torch.nn.Module methods on the instance,
+    checked against torch 2.14.1 / transformers 5.24.0 (upstream.PATCHED, CALLED_BY_TRAINER).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     module_train = type(model).train
@@ -120,7 +122,7 @@ class FastTrainer(OcrTrainer):
         with self._no_lora_input_cast(active=self.args.bf16 or self.args.fp16):
             return fast_supervised_loss(model, inputs, self.supervised_logits_only, self.vision_graphs)
 
-
+    # private Trainer methods, checked against transformers 5.24.0 (upstream.OVERRIDDEN, CALLED_BY_TRAINER)
     def _clip_grad_norm(self, model):
         # the norm over the LoRA tensors only (the only ones with gradients), without walking the
         # whole model; DeepSpeed, FSDP and fp16 loss scaling keep accelerate's own clipping

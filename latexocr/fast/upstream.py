@@ -1,4 +1,4 @@
-"""What the fast path relies on in transformers, peft and torch that is not public API, and a check that it is unchanged.
+"""What the fast path relies on in transformers, peft and torch that is not public API, and a check of it.
 
 A private method the Trainer stops calling, a renamed peft attribute, or a change in the Qwen2-VL
 forward that latexocr/fast/vision.py re-implements would not break training: it would silently
@@ -30,15 +30,18 @@ SOURCES = {
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.get_image_features"):
         ("fast/vision.py supervised_step_loss calls the vision tower as this does", ("561e0953b7c00787",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel.forward"):
-        ("fast/vision.py passes position_ids / cu_seqlens / max_seqlen, which this pops from its kwargs", ("9a5e94aee1d7a5e7",)),
+        ("fast/vision.py passes position_ids / cu_seqlens / max_seqlen, which this pops from its kwargs",
+         ("9a5e94aee1d7a5e7",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention.forward"):
-        ("fast/attention.py _packed_sdpa: one varlen call over all images when the name contains 'flash'", ("40e4a17c0ea9da79",)),
+        ("fast/attention.py _packed_sdpa: one varlen call over all images when the name contains 'flash'",
+         ("40e4a17c0ea9da79",)),
     ("transformers.vision_utils", "get_vision_position_ids"):
         ("fast/vision.py precompute_packed (the collator computes the patch positions)", ("6d2193802eadae1c",)),
     ("transformers.vision_utils", "get_vision_cu_seqlens"):
         ("fast/vision.py precompute_packed (the collator computes the image boundaries)", ("aee13f15c32efcfe",)),
     ("transformers.vision_utils", "get_vision_attention_seqlens"):
-        ("fast/vision.py passes cu_seqlens / max_seqlen so that this reads nothing back from the GPU", ("daf3fb20a25fd480",)),
+        ("fast/vision.py passes cu_seqlens / max_seqlen so that this reads nothing back from the GPU",
+         ("daf3fb20a25fd480",)),
     ("transformers.utils.generic", "is_flash_attention_requested"):
         ("fast/attention.py PACKED_VISION_ATTENTION's name must pass this test", ("0beadd3a3e26c607",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
