@@ -369,6 +369,12 @@ def test_compile_cache_is_marked_warm_per_setup(tmp_path, tiny_model_dir, monkey
     callback.on_step_end(None, state, TrainerControl())
     assert cache.warm and CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
     assert not CompileCache(model, cuda_graphs=False, folder=tmp_path).warm
+    # torch writes its own default into the variable while the model loads: that is not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).folder == tmp_path / "mine"
 
 
 # ---------------------------------------------------------------- GPU smoke test

@@ -98,6 +98,14 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latexocr" / "torch-compile")
 
 
+def _torch_default_cache_dir() -> str | None:
+    try:  # private, checked against torch 2.14.1 (latexocr/fast/upstream.py)
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
+
+
 class CompileCache:
     """torch's compile caches in compile_cache_dir()/inductor (or $TORCHINDUCTOR_CACHE_DIR), and a
     marker per setup saying that a run compiled it: torch, transformers and peft versions, GPU,
@@ -105,7 +113,12 @@ class CompileCache:
 
     def __init__(self, model, cuda_graphs: bool, folder: Path | None = None):
         folder = Path(folder) if folder else compile_cache_dir()
-        self.folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or folder / "inductor")
+        # torch itself writes its default (under /tmp) into the variable once it has looked it up,
+        # which happens while the model loads: only another value is the user's choice
+        chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if chosen and os.path.abspath(chosen) == _torch_default_cache_dir():
+            chosen = None
+        self.folder = Path(chosen) if chosen else folder / "inductor"
         # inside torch's cache folder: emptying it makes the setup cold again
         self.marker = self.folder / "latexocr-warm" / f"{self.setup_key(model, cuda_graphs)}.json"
 
@@ -129,7 +142,7 @@ class CompileCache:
 
     def use(self) -> None:
         """Point torch's caches at the folder (before the first compile)."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.folder))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)  # torch reads it at every cache access
 
     def mark_warm(self, steps: int) -> None:
         self.marker.parent.mkdir(parents=True, exist_ok=True)
