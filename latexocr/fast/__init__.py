@@ -62,8 +62,8 @@ def plan_training(model, args, *, processes: int, accumulation: int, planned_ste
         vision_graphs = graph_vision_tower(model) if cuda_graphs and packed else None
         callbacks.append(cache.callback())
         graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
-        parts.append(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}: "
-                     f"{'from the warm compile cache' if warm else 'cold compile cache, ~1 min once in the first steps'} "
+        cost = "from the warm compile cache" if warm else "cold compile cache, ~1 min once in the first steps"
+        parts.append(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}: {cost} "
                      f"(cache {cache.folder}; COMPILE_LAYERS=off skips it)")
     elif args.compile_layers.lower() == "auto" and torch.cuda.is_available():
         from_steps = COMPILE_WARM_FROM_STEPS if warm else COMPILE_COLD_FROM_STEPS
