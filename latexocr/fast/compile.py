@@ -157,13 +157,16 @@ class CompileCache:
         cache = self
 
         class MarkCompileCacheWarm(TrainerCallback):
+            steps = 0  # of this run (a resumed run starts at its checkpoint's step)
+
             def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == WARM_AFTER_STEPS and state.is_world_process_zero:
-                    cache.mark_warm(state.global_step)
+                self.steps += 1
+                if self.steps == WARM_AFTER_STEPS and state.is_world_process_zero:
+                    cache.mark_warm(self.steps)
 
             def on_train_end(self, args, state, control, **kwargs):
-                if 0 < state.global_step < WARM_AFTER_STEPS and state.is_world_process_zero:
-                    cache.mark_warm(state.global_step)
+                if 0 < self.steps < WARM_AFTER_STEPS and state.is_world_process_zero:
+                    cache.mark_warm(self.steps)
 
         return MarkCompileCacheWarm()
 
