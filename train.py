@@ -38,7 +38,7 @@ ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
 COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once per machine (cached), then 4-5x faster steps;
-                         # auto = on a GPU, for runs of >= 100 optimizer steps (>= 50 once this setup's
+                         # auto = on a GPU, for runs of >= 300 optimizer steps (>= 220 once this setup's
                          # compile cache is warm), without DeepSpeed or gradient checkpointing | on | off
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens

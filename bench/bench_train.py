@@ -46,7 +46,7 @@ CONFIGS = {
     "default_warm": ([], "train.py defaults, second run (compile cache warm from default_cold)"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
     "compiled": (["--compile-layers", "on"], "defaults + torch.compile of each LLM and vision block, LLM blocks "
-                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 100 "
+                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 300 "
                                             "steps)"),
     "compiled_no_graphs": (["--compile-layers", "on", "--no-cuda-graphs"], "compiled, without CUDA graphs"),
     "compiled_500x100": (["--compile-layers", "on", "--image-size", "500x100"], "compiled, at fixed 500x100"),

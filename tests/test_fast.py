@@ -192,9 +192,9 @@ def test_cuda_graphs_only_where_measured():
 def test_compile_setting():
     from latexocr.fast.compile import COMPILE_COLD_FROM_STEPS, COMPILE_WARM_FROM_STEPS, should_compile
     assert should_compile("on", 1) and not should_compile("off", 10**6)
-    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile; the tutorial's
-    # 125-step job compiles on a cold cache too (paid once per machine), shorter runs once it is warm
-    assert COMPILE_WARM_FROM_STEPS < COMPILE_COLD_FROM_STEPS <= 125
+    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile, fewer steps once
+    # this setup's compile cache is warm
+    assert COMPILE_WARM_FROM_STEPS < COMPILE_COLD_FROM_STEPS
     assert should_compile("auto", COMPILE_COLD_FROM_STEPS) == torch.cuda.is_available()
     assert not should_compile("auto", COMPILE_COLD_FROM_STEPS - 1)
     assert should_compile("auto", COMPILE_WARM_FROM_STEPS, warm_cache=True) == torch.cuda.is_available()

@@ -65,16 +65,16 @@ def uncompile(model) -> None:
 # and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
 # eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): within one run it pays from
 # ~230-450 optimizer steps on; 500 leaves a margin.
-COMPILE_PAYS_FROM_STEPS = 500
+COMPILE_PAYS_FROM_STEPS = 500  # within one cold run (H100, run H); the thresholds below are what auto uses
 # But most of that cost is paid once per machine, not per run: torch's compile caches (compiled
 # graphs, AOTAutograd, autotuning, Triton kernels, dynamic-shape profiles) live in a persistent
 # folder (compile_cache_dir), and a run that found them warm for its setup (the marker below)
-# starts in the time of tracing and of recording the CUDA graphs only. So a run of the tutorial's
-# size (125 steps) compiles on a cold cache too -- it pays the one-off cost, every later run of the
-# same setup on this machine gains -- and a shorter one compiles once the cache is warm.
-# (Not yet measured on a GPU with the warm cache: bench/bench_train.py --configs compiled_warm.)
-COMPILE_COLD_FROM_STEPS = 100
-COMPILE_WARM_FROM_STEPS = 50
+# starts in the time of tracing and of recording the CUDA graphs only. Measured (H200, torch 2.11,
+# bench/bench_train.py --configs eager,default_cold,default_warm, docs/BENCHMARKS.md run I): the
+# 125-step job trains in 31.8 s eager, 61.9 s compiled on a cold cache, 46.1 s on a warm one; eager
+# 0.254 s/step, compiled 0.065 s/step: a cold run pays from ~280 steps, a warm one from ~200.
+COMPILE_COLD_FROM_STEPS = 300
+COMPILE_WARM_FROM_STEPS = 220
 CACHE_ENV = "LATEXOCR_COMPILE_CACHE"
 WARM_AFTER_STEPS = 20  # by then the blocks are compiled and the common row shapes' graphs recorded
 

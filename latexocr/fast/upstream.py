@@ -46,9 +46,9 @@ SOURCES = {
         ("fast/attention.py PACKED_VISION_ATTENTION's name must pass this test", ("0beadd3a3e26c607",)),
     ("torch._inductor.runtime.cache_dir_utils", "cache_dir"):
         ("fast/compile.py CompileCache: torch reads $TORCHINDUCTOR_CACHE_DIR at every access, else its default",
-         ("c105dff8eaf76e1a",)),
+         ("c105dff8eaf76e1a", "226ac4b2a182a50e")),
     ("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"):
-        ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b",)),
+        ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b", "2373431b645f0805")),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
 }
