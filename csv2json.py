@@ -4,14 +4,18 @@
     python csv2json.py --val-size 0.05                   # 5% of the rows for validation
     python csv2json.py --val-csv latex_ocr_val.csv       # the dataset's own validation split
 
-The validation rows are drawn with a fixed seed and never share an image with training.
+The validation rows are drawn with a fixed seed and never share an image with training (the
+same file, or another file of identical content). Only a CSV that data2csv.py finished is
+read (its CSV_PATH.done.json must match the CSV; --no-require-done for CSVs made otherwise).
 Image paths in the JSON are relative to the JSON file's folder, so the project folder can be
-moved; rows whose image file is missing or whose label is empty are skipped and reported.
+moved; rows whose image is missing or unusable or whose label is empty are skipped and reported.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 import random
 import sys
@@ -19,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from latexocr.io import atomic_write_json
-from latexocr.sample import is_valid_label, make_record
+from latexocr.sample import image_problem, is_valid_label, make_record
 
 # ---- settings (edit here, or pass the same names as --flags) -----------------------------------
 CSV_PATH = "latex_ocr_train.csv"     # input: columns image_path,text (from data2csv.py)
@@ -29,6 +33,7 @@ VAL_SIZE = "100"                     # validation rows: a count (100) or a fract
 SEED = 42                            # fixed, so the split is the same on every run
 VAL_CSV = None                       # a CSV of the dataset's validation split: used as the
                                      # validation set instead, and all of CSV_PATH trains
+REQUIRE_DONE = True                  # read only CSVs whose data2csv completion record matches
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("image_path", "text")
@@ -49,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-size", default=VAL_SIZE, help="row count (>= 1) or fraction (0 < x < 1)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--val-csv", default=VAL_CSV, help="use this CSV as the validation set")
+    p.add_argument("--require-done", default=REQUIRE_DONE, action=argparse.BooleanOptionalAction,
+                   help="refuse a CSV without a matching CSV_PATH.done.json from data2csv.py")
     args = p.parse_args(argv)
     try:
         v = float(args.val_size)
@@ -58,6 +65,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--val-size must be a count >= 1 or a fraction between 0 and 1, got {args.val_size!r}")
     return args
+
+
+def check_done(path: Path) -> None:
+    """A CSV is read only if data2csv.py finished it: its marker exists and holds its hash.
+
+    An interrupted or changed re-run of data2csv removes the marker first, so a CSV left
+    behind (whose images may now be another run's) is refused here, not paired silently.
+    """
+    if not path.is_file():
+        raise DataError(f"CSV not found: {path}")
+    marker = path.with_name(path.name + ".done.json")
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        done = None
+    if not isinstance(done, dict) or done.get("csv_sha256") != _sha256(path):
+        state = "does not match it (changed since)" if done is not None else "is missing"
+        raise DataError(f"{path}: not a finished data2csv.py export (its completion record {marker.name} "
+                        f"{state}); re-run data2csv.py, or pass --no-require-done to use it as it is")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]]:
@@ -70,6 +104,7 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
     """
     if not path.is_file():
         raise DataError(f"CSV not found: {path}")
+    _check_utf8(path)
     rows, skipped, missing = [], Counter(), []
     base = path.resolve().parent
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -90,12 +125,24 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
             p = Path(image.strip())
             if not p.is_absolute():
                 p = base / p if (base / p).exists() or not p.exists() else p.resolve()
-            if not p.is_file():
-                skipped["missing image"] += 1
+            problem = image_problem(p)  # the same check train.py and infer.py make
+            if problem:
+                skipped[problem] += 1
                 missing.append(image)
                 continue
             rows.append((n, os.path.normpath(p), text))
     return rows, skipped, missing
+
+
+def _check_utf8(path: Path) -> None:
+    """A CSV that is not UTF-8 stops with the first bad line's number (the csv module would
+    fail later, naming neither file nor line)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (save the CSV as UTF-8)") from None
 
 
 def dedupe(rows):
@@ -107,6 +154,12 @@ def dedupe(rows):
             seen.add(key)
             out.append(row)
     return out, len(rows) - len(out)
+
+
+def content_key(path: str) -> str:
+    """What identifies an image: its bytes, so two files of one image count as one."""
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
 def split_rows(rows, val_size, seed: int):
@@ -121,8 +174,10 @@ def split_rows(rows, val_size, seed: int):
         raise DataError(f"need at least {n_val + 1} distinct usable images for {n_val} validation + "
                         f"1 training, found {len(images)}")
     val_images = set(random.Random(seed).sample(images, n_val))
-    train = [r for r in rows if r[1] not in val_images]
     val = [r for r in rows if r[1] in val_images]
+    # a copy (another file, same bytes) of a validation image is not trained on either
+    val_keys = {content_key(r[1]) for r in val}
+    train = [r for r in rows if r[1] not in val_images and content_key(r[1]) not in val_keys]
     return train, val
 
 
@@ -142,12 +197,15 @@ def report(name: str, skipped: Counter, missing: list[str]) -> None:
     if skipped:
         print(f"{name}: skipped " + ", ".join(f"{n} ({r})" for r, n in skipped.most_common()))
     if missing:
-        print(f"  missing images, first {min(5, len(missing))}: " + ", ".join(missing[:5]))
+        print(f"  missing or unusable images, first {min(5, len(missing))}: " + ", ".join(missing[:5]))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        for given in (args.csv_path, args.val_csv):
+            if given and args.require_done:
+                check_done(Path(given))
         rows, skipped, missing = read_csv(Path(args.csv_path))
         report(args.csv_path, skipped, missing)
         rows, dups = dedupe(rows)
@@ -158,9 +216,15 @@ def main(argv=None) -> int:
             report(args.val_csv, vskipped, vmissing)
             val, _ = dedupe(val)
             val_images = {r[1] for r in val}
+            val_keys = {content_key(r[1]) for r in val}
             train = [r for r in rows if r[1] not in val_images]
-            if len(train) < len(rows):
-                print(f"removed {len(rows) - len(train)} training rows whose image is in {args.val_csv}")
+            same_file = len(rows) - len(train)
+            train = [r for r in train if content_key(r[1]) not in val_keys]
+            if same_file:
+                print(f"removed {same_file} training rows whose image is in {args.val_csv}")
+            if len(rows) - same_file - len(train):
+                print(f"removed {len(rows) - same_file - len(train)} training rows whose image is identical "
+                      f"in content to an image of {args.val_csv}")
             if not val or not train:
                 raise DataError(f"need at least 1 training and 1 validation row; have "
                                 f"{len(train)} and {len(val)}")
@@ -171,8 +235,12 @@ def main(argv=None) -> int:
         return 2
 
     train_json, val_json = Path(args.train_json), Path(args.val_json)
-    atomic_write_json(train_json, records(train, train_json))
-    atomic_write_json(val_json, records(val, val_json))
+    try:
+        atomic_write_json(train_json, records(train, train_json))
+        atomic_write_json(val_json, records(val, val_json))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(train)} training rows to {train_json} and {len(val)} validation rows to {val_json}")
     return 0
 

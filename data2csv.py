@@ -7,24 +7,28 @@
 
 Streams the source (memory stays flat), writes each image losslessly as PNG, and can be
 interrupted and re-run: finished PNGs are kept, and the CSV and the completion marker
-(`CSV_PATH.done.json`) appear only when every row has been handled. Rows with an unreadable
-image or an unusable label are skipped and listed in `CSV_PATH.skipped.csv`.
+(`CSV_PATH.done.json`, holding the CSV's SHA-256) appear only when every row has been handled.
+Image names carry a fingerprint of the source, so runs of different sources never share,
+overwrite or delete each other's images. Rows with an unreadable image or an unusable label
+are skipped and listed in `CSV_PATH.skipped.csv`.
 Image paths in the CSV are relative to the CSV's folder (csv2json.py resolves them so).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import signal
 import sys
 from collections import Counter, deque
 from pathlib import Path
 
 from tqdm import tqdm
 
-from latexocr.io import atomic_open, atomic_write_json, save_images_batch
-from latexocr.sources import CONFIGS, SPLITS, SourceError, label_problem, open_source
+from latexocr.io import atomic_open, atomic_write_json, check_writable, save_images_batch, worker_init
+from latexocr.sources import CONFIGS, SPLITS, SourceError, label_problem, open_source, source_fingerprint
 
 # ---- settings (edit here, or pass the same names as --flags) -----------------------------------
 SOURCE = "modelscope"        # 'modelscope' (AI-ModelScope/LaTeX_OCR), 'huggingface' (linxy/LaTeX_OCR),
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--csv-path", default=CSV_PATH, help="output CSV (image_path,text)")
     p.add_argument("--workers", type=int, default=WORKERS, help="image processes; 0 = in-process")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="hub download cache")
-    p.add_argument("--force", action="store_true", help="redo everything even if a finished run matches")
+    p.add_argument("--force", action="store_true", help="rewrite every image even if a finished run matches")
     args = p.parse_args(argv)
     if str(args.limit).lower() in ("all", "none"):
         args.limit = None
@@ -69,8 +73,17 @@ def run_params(args) -> dict:
     """What identifies a run: a marker with other values does not count as finished."""
     local = Path(args.source).expanduser()
     source = str(local.resolve()) if local.exists() else args.source.lower()
-    return {"source": source, "config": args.config, "split": args.split, "limit": args.limit,
+    return {"source": source, "source_id": source_fingerprint(args.source, args.config, args.split),
+            "config": args.config, "split": args.split, "limit": args.limit,
             "image_dir": str(Path(args.image_dir).resolve())}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read_json(path: Path):
@@ -80,24 +93,11 @@ def _read_json(path: Path):
         return None
 
 
-def prepare_image_dir(image_dir: Path, params: dict, prefix: str, force: bool) -> None:
-    """Make PNGs left by an earlier run reusable only if they came from the same rows.
-
-    A small state file records which source/config/split the `{prefix}_*.png` files belong
-    to. If it names something else (or --force), those files are deleted *before* the state
-    file is rewritten, so an interrupted run can never mix two sources' images.
-    """
+def prepare_image_dir(image_dir: Path, prefix: str) -> None:
+    """Remove temp files a killed run of this source left (never a finished PNG, never
+    another source's files: their names carry another fingerprint)."""
     image_dir.mkdir(parents=True, exist_ok=True)
-    state_path = image_dir / f".{prefix}.source.json"
-    state = {k: params[k] for k in ("source", "config", "split")}
-    if _read_json(state_path) != state or force:
-        stale = list(image_dir.glob(f"{prefix}_*.png"))
-        if stale:
-            print(f"removing {len(stale)} images of an earlier, different run in {image_dir}")
-        for p in stale:
-            p.unlink()
-        atomic_write_json(state_path, state)
-    for tmp in image_dir.glob(f".{prefix}_*.tmp"):  # left by a killed worker; never a finished PNG
+    for tmp in image_dir.glob(f".{prefix}_*.tmp"):
         tmp.unlink(missing_ok=True)
 
 
@@ -107,7 +107,7 @@ class _Done:
     def __init__(self, value):
         self._value = value
 
-    def result(self):
+    def get(self):
         return self._value
 
 
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     params = run_params(args)
 
     done = _read_json(marker)
-    if not args.force and done and done.get("params") == params and csv_path.is_file():
+    if (not args.force and isinstance(done, dict) and done.get("params") == params and csv_path.is_file()
+            and done.get("csv_sha256") == file_sha256(csv_path)):
         print(f"{csv_path} is already complete for these settings ({done.get('rows')} rows); "
               f"--force to redo it")
         return 0
@@ -129,13 +130,21 @@ def main(argv=None) -> int:
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    marker.unlink(missing_ok=True)  # from here on, nothing claims to be finished
+    for folder in dict.fromkeys((csv_path.resolve().parent, image_dir.resolve())):
+        problem = check_writable(folder)
+        if problem:  # before anything is removed: the earlier outputs stay as they were
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    # From here on nothing claims to be finished: csv2json refuses a CSV without its marker.
+    # The old CSV itself stays as it was and still true: this run's images carry other names.
+    marker.unlink(missing_ok=True)
     total = source.num_rows if args.limit is None else min(args.limit, source.num_rows or args.limit)
     print(f"reading {source.description}: {source.num_rows} rows, exporting {total}")
 
-    # Names depend only on config/split/row index, so a re-run finds its earlier PNGs.
-    prefix = f"{args.config}_{args.split}"
-    prepare_image_dir(image_dir, params, prefix, args.force)
+    # Names depend on the source's fingerprint, config, split and row index: a re-run of the
+    # same source finds its earlier PNGs, and no other source's run can touch them.
+    prefix = f"{args.config}_{args.split}_{params['source_id']}"
+    prepare_image_dir(image_dir, prefix)
     csv_dir = csv_path.resolve().parent
     try:  # paths in the CSV are relative to the CSV, so the folder can move as a whole
         rel_dir = Path(os.path.relpath(image_dir.resolve(), csv_dir)).as_posix()
@@ -147,15 +156,16 @@ def main(argv=None) -> int:
     pending: deque = deque()  # (rows to emit in order, future of their image jobs)
     pool = None
     if args.workers > 0:
-        from concurrent.futures import ProcessPoolExecutor
-        pool = ProcessPoolExecutor(max_workers=args.workers)
+        import multiprocessing
+        # spawn, not fork: forking while pyarrow's threads hold locks can deadlock a worker
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, worker_init, (os.getpid(),))
     max_pending = max(2, 4 * args.workers)  # bounded: the source is never read far ahead
 
     def emit(block_until: int) -> None:
         nonlocal written
         while len(pending) > block_until:
             entries, future = pending.popleft()
-            errors = dict(future.result()) if future is not None else {}
+            errors = dict(future.get()) if future is not None else {}
             for index, rel, text in entries:
                 err = errors.get(index)
                 if err:
@@ -188,12 +198,13 @@ def main(argv=None) -> int:
                         entries.append((row.index, f"{rel_dir}/{name}", row.text))
                         # PNGs are only ever created by os.replace of a complete file, so
                         # one that exists was finished by an earlier run: keep it.
-                        if out.is_file() and out.stat().st_size > 0:
+                        if not args.force and out.is_file() and out.stat().st_size > 0:
                             reused += 1
                         else:
                             jobs.append((row.index, row.image, str(out)))
                     if jobs:
-                        future = pool.submit(save_images_batch, jobs) if pool else _Done(save_images_batch(jobs))
+                        future = (pool.apply_async(save_images_batch, (jobs,)) if pool
+                                  else _Done(save_images_batch(jobs)))
                     else:
                         future = None
                     pending.append((entries, future))
@@ -205,9 +216,15 @@ def main(argv=None) -> int:
                 if stop:
                     break
             emit(0)
+    except OSError as exc:  # the disk, not the data (full, read-only, removed folder)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # terminate, not close+join: after Ctrl-C the queues may be mid-message; the
+            # images that were being written are temp files until complete
+            pool.terminate()
+            pool.join()
 
     # The report, then the marker last: a marker means everything before it is on disk.
     with atomic_open(report_path, "w", encoding="utf-8", newline="") as f:
@@ -222,9 +239,25 @@ def main(argv=None) -> int:
         for index, reason, detail in sorted(skipped)[:10]:
             print(f"  row {index}: {reason}{' (' + detail + ')' if detail else ''}")
         print(f"  full list: {report_path}")
-    atomic_write_json(marker, {"params": params, "rows": written, "skipped": dict(counts)})
+    atomic_write_json(marker, {"params": params, "rows": written, "skipped": dict(counts),
+                               "csv_sha256": file_sha256(csv_path)})
     return 0
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: workers terminated, temp files removed
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("\ninterrupted: finished images are kept; run the same command again to continue",
+              file=sys.stderr)
+        code = 130
+    # Everything is settled (outputs written or removed): a Ctrl-C landing now, while the
+    # interpreter shuts down, would only print a stray "KeyboardInterrupt" and exit 1.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

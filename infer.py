@@ -13,21 +13,24 @@ INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .js
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
 MODEL_SOURCE = "modelscope"   # modelscope | huggingface | local
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
-ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none
+ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none;
+                              # a full model folder (train.py TUNE=full) is loaded in place of MODEL_ID
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
 MAX_NEW_TOKENS = 256          # the longest LaTeX_OCR label is ~223 tokens
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # must match training (train.py's defaults)
-IMAGE_MAX_PIXELS = 512 * 28 * 28
+IMAGE_MAX_PIXELS = 512 * 28 * 28  # upper area bound, as in training
 IMAGE_SIZE = ""               # "500x100" if the adapter was trained at a fixed size
 LIMIT = 0                     # > 0: only the first N images
-NUM_WORKERS = 4
-DTYPE = "auto"
-ATTN_IMPLEMENTATION = "sdpa"
+NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
+DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
+REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
+QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-SWANLAB_LOGDIR = "swanlog"
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+SWANLAB_LOGDIR = "swanlog"    # where SwanLab keeps local/offline runs
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # -----------------------------------------------------------------------------------------------
 
@@ -41,14 +44,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
-    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file."""
-    from latexocr.records import read_labelled
+    """(image paths, labels or None, labelled?) for an image, folder, glob or labelled file.
+
+    Stops with one line when the input does not exist, does not parse or has no usable image:
+    main() calls it before any model is loaded or downloaded.
+    """
+    from latexocr.records import LabelledFileError, check_usable, read_labelled
 
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in {".json", ".jsonl", ".csv"}:
-        pairs = read_labelled(path)
-        if not pairs:
-            raise SystemExit(f"no samples in {spec!r}")
+        try:
+            pairs = read_labelled(path)
+            check_usable(spec, pairs, need_label=False)
+        except LabelledFileError as exc:
+            raise SystemExit(f"error: {exc}") from None
         return [p for p, _ in pairs], [t for _, t in pairs], True
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -58,6 +67,10 @@ def collect_inputs(spec: str) -> tuple[list[str], list[str | None], bool]:
         files = sorted(glob.glob(spec, recursive=True))
     if not files:
         raise SystemExit(f"no images found at {spec!r} (an image, a folder, a glob or a labelled .json/.csv)")
+    try:
+        check_usable(spec, [(f, None) for f in files], need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return files, [None] * len(files), False
 
 
@@ -76,19 +89,25 @@ def write_rows(rows: list[dict], out: Path) -> None:
 
 
 def load_for_inference(args):
-    """(model, processor) of base + adapter, ready for generation."""
+    """(model, processor, trained folder or None) of base + adapter, or of a fully fine-tuned model folder."""
     import torch
-    from latexocr.modeling import find_adapter, load_model, load_processor, pick_dtype, resolve_model
+    from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
+                                   quantization_config, resolve_model)
 
     adapter = find_adapter(args.adapter, args.output_dir)
-    base = resolve_model(args.model_id, args.model_source)
+    full = adapter is not None and is_full_model(adapter)  # train.py TUNE=full: the model itself, no adapter
+    base = adapter if full else resolve_model(args.model_id, args.model_source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(base, pick_dtype(args.dtype), args.attn_implementation, device_map=device)
+    dtype = pick_dtype(args.dtype)
+    model = load_model(base, dtype, args.attn_implementation, device_map=device,
+                       quantization=quantization_config(args.quantization, dtype))
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter if saved else base)
-    if adapter:
+    if full:
+        print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
+    elif adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
         print(f"adapter: {adapter}", file=sys.stderr)
@@ -108,25 +127,34 @@ def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
 
     from latexocr.batching import SampleEncoder
+    from latexocr.evaluation import score_row, summarize_rows, worst_first
     from latexocr.generation import predict
-    from latexocr.metrics import sample_scores, summarize
     from latexocr.sample import sizing_for
 
+    if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
+        images, labels, labelled = collect_inputs(args.input)
+        if args.limit > 0:
+            images, labels = images[: args.limit], labels[: args.limit]
+        if args.output:
+            from latexocr.io import check_writable
+            problem = check_writable(Path(args.output).resolve().parent)
+            if problem:
+                raise SystemExit(f"error: {problem}")
     model, processor, adapter = load_for_inference(args)
 
     if args.merge_to:
         if adapter is None:
             raise SystemExit("--merge-to needs an adapter (got --adapter none)")
-        merged = model.merge_and_unload()
+        if args.quantization != "none":
+            raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
+        # a fully fine-tuned model is already one plain model: it is written as it is
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(args.merge_to)
         processor.save_pretrained(args.merge_to)
         print(f"merged model written to {args.merge_to}; load it with AutoModelForImageTextToText / "
               f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
         return
 
-    images, labels, labelled = collect_inputs(args.input)
-    if args.limit > 0:
-        images, labels = images[: args.limit], labels[: args.limit]
     encoder = SampleEncoder(processor, sizing_for(processor, args.image_min_pixels, args.image_max_pixels,
                                                   args.image_size))
     results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -137,7 +165,9 @@ def main(argv=None):
         row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
         if labelled:
             row["label"] = label
-            row.update(sample_scores(result["prediction"], label))
+            row.update(score_row(result["prediction"], label, result["truncated"]))
+        else:
+            row["truncated"] = result["truncated"]
         rows.append(row)
     errors = [r for r in rows if r["error"]]
     for r in errors:
@@ -153,17 +183,24 @@ def main(argv=None):
                                                     if Path(args.input).is_file() else "predictions.csv")
     write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
+    summary = None
     if labelled:
-        summary = summarize([r["prediction"] for r in rows], [r["label"] for r in rows])
+        summary = summarize_rows(rows)
         summary["errors"] = len(errors)
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
         if args.swanlab_mode != "disabled":
-            from latexocr.tracking import Tracker
-            tracker = Tracker(args.swanlab_mode, args.swanlab_project, f"infer-{Path(adapter or 'base').name}",
+            from latexocr.tracking import Tracker, run_name
+            tracker = Tracker(args.swanlab_mode, args.swanlab_project, run_name(adapter, args.input),
                               config=vars(args), logdir=args.swanlab_logdir)
             tracker.log({f"infer/{k}": v for k, v in summary.items()})
             tracker.log_predictions([r for r in rows if not r["error"]], key="infer/predictions")
+            tracker.log_worst(rows, key="infer/worst")
             tracker.finish()
+    if args.report:
+        from latexocr.report import write_report
+        page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
+                            title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
+        print(f"report: {page}")
 
 
 if __name__ == "__main__":

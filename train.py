@@ -5,32 +5,39 @@
     accelerate launch --config_file configs/accelerate_zero2.yaml train.py --deepspeed configs/ds_zero2.json
 
 Reads latex_ocr_train.json / latex_ocr_val.json (csv2json.py), writes checkpoints to OUTPUT_DIR
-and the final adapter to OUTPUT_DIR/final (where infer.py looks by default), then scores the
-validation set with the same generation code infer.py uses.
+and the final adapter (TUNE=full: the whole model) to OUTPUT_DIR/final (where infer.py looks by
+default), then scores the validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
-MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL) or a local model folder
+MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL, Qwen3.5) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
-TRAIN_JSON = "latex_ocr_train.json"
-VAL_JSON = "latex_ocr_val.json"
+TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
+VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # checkpoints; the final adapter goes to OUTPUT_DIR/final
+# what is trained (README "Training modes")
+TUNE = "lora"            # lora (the tutorial: LoRA on the LLM) | lora_vision (LoRA on the vision tower
+                         # and merger too) | full (every LLM weight; the vision tower frozen)
+UNFREEZE_MERGER = False  # also train the merger's (vision -> LLM projector's) own weights
+UNFREEZE_VISION = False  # TUNE=full: train the whole vision tower too
+VISION_LEARNING_RATE = 0.0  # > 0: the learning rate of the vision side's trainable weights (else LEARNING_RATE)
+QUANTIZATION = "none"    # none | 4bit (QLoRA: NF4 LLM weights via bitsandbytes; LoRA modes only)
 # LoRA, as the tutorial
-LORA_R = 64
-LORA_ALPHA = 16
-LORA_DROPOUT = 0.05
+LORA_R = 64              # LoRA rank
+LORA_ALPHA = 16          # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05      # dropout on the LoRA input
 # optimisation, as the tutorial: 2 epochs, lr 1e-4, 16 samples per optimizer step
-EPOCHS = 2.0
-LEARNING_RATE = 1e-4
+EPOCHS = 2.0             # passes over the training set (fractions allowed)
+LEARNING_RATE = 1e-4     # peak learning rate, linear decay
 BATCH_SIZE = 16          # samples per optimizer step, all GPUs together
 MICRO_BATCH_SIZE = 16    # samples per forward pass on one GPU (gradient accumulation makes up the rest)
 MAX_STEPS = -1           # > 0 stops after this many optimizer steps
-WARMUP_STEPS = 0
+WARMUP_STEPS = 0         # optimizer steps of linear warm-up
 MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
 IMAGE_MIN_PIXELS = 32 * 28 * 28  # image area bounds (aspect ratio kept); see latexocr/sample.py
-IMAGE_MAX_PIXELS = 512 * 28 * 28
+IMAGE_MAX_PIXELS = 512 * 28 * 28  # upper area bound: caps large handwritten photos at 512 visual tokens
 IMAGE_SIZE = ""          # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -43,27 +50,28 @@ COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once per machine (ca
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
                          # and x256 patches so that few shapes occur)
-SEED = 42
+SEED = 42                # seeds the LoRA init, data order and dropout
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
-EVAL_BATCH_SIZE = 256
-EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training
-MAX_NEW_TOKENS = 256
+EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
+EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training: step 0 of eval/*
+MAX_NEW_TOKENS = 256     # generation limit; the longest LaTeX_OCR label is ~223 tokens
 # checkpoints
-SAVE_STEPS = 100
-SAVE_TOTAL_LIMIT = 3
+SAVE_STEPS = 100         # a checkpoint every N optimizer steps
+SAVE_TOTAL_LIMIT = 3     # older checkpoints beyond this many are deleted
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 # tracking
 SWANLAB_MODE = "auto"    # auto (cloud if logged in, else local) | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"
-EXPERIMENT_NAME = ""
-SWANLAB_LOGDIR = "swanlog"
-LOGGING_STEPS = 10
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR" # SwanLab project name
+EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
+SWANLAB_LOGDIR = "swanlog" # where SwanLab keeps local/offline runs
+LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # -----------------------------------------------------------------------------------------------
 
+import contextlib
 import math
 import os
 
@@ -71,24 +79,41 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 import sys
 from pathlib import Path
 
-import torch
-from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
-
-from latexocr.batching import SampleEncoder, TrainCollator
 from latexocr.cli import parse_settings
-from latexocr.evaluation import evaluate
-from latexocr.modeling import add_lora, list_checkpoints, load_model, load_processor, pick_dtype, resolve_model
-from latexocr.records import read_labelled
-from latexocr.sample import sizing_for
-from latexocr.tracking import SwanLabCallback, Tracker
-from latexocr.speed import plan_training
-from latexocr.training import OcrDataset, ThroughputCallback
-from transformers import TrainerCallback
+from latexocr.records import LabelledFileError, check_usable, read_labelled
 
 
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
+    # The inputs are read and checked before torch is imported or a model loaded or downloaded:
+    # --help and a wrong path answer in a second, not after minutes.
+    try:
+        check_usable(args.train_json, read_labelled(args.train_json), need_label=True)
+        if Path(args.val_json).exists():
+            check_usable(args.val_json, read_labelled(args.val_json), need_label=False)
+    except LabelledFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+    import torch
+    from accelerate import PartialState
+    from transformers import TrainerCallback, TrainingArguments, set_seed
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.evaluation import comparison_table, evaluate
+    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
+    from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
+                                   quantization_config, resolve_model, setup_training_mode)
+    from latexocr.sample import sizing_for
+    from latexocr.speed import check_settings, plan_training
+    from latexocr.tracking import SwanLabCallback, Tracker
+    from latexocr.training import Fp16OverflowStop, OcrDataset, ThroughputCallback
+
+    check_settings(args)  # a wrong COMPILE_LAYERS value stops here, not after loading
+    if args.quantization != "none" and args.tune == "full":
+        raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
+    if args.dtype == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("DTYPE=fp16 needs a CUDA GPU (its loss scaling runs only there); on this machine "
+                         "use DTYPE=fp32 (auto) or bf16")
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -103,24 +128,34 @@ def main(argv=None):
     processor = load_processor(model_path)
     sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
     encoder = SampleEncoder(processor, sizing)
-    dtype = pick_dtype(args.dtype)
-    model = load_model(model_path, dtype, args.attn_implementation,
-                       packed_vision_attention=args.packed_vision_attention)
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    if state.is_main_process:
-        model.print_trainable_parameters()
-
     # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
-    train_set = OcrDataset(args.train_json, encoder, args.max_length)
+    # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
+    try:
+        train_set = OcrDataset(args.train_json, encoder, args.max_length)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
     val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
     if args.eval_samples > 0:
         val_pairs = val_pairs[: args.eval_samples]
     say(f"validation: {len(val_pairs)} samples from {args.val_json}")
+
+    dtype = pick_dtype(args.dtype)
+    quantization = quantization_config(args.quantization, dtype)
+    model = load_model(model_path, dtype, args.attn_implementation,
+                       packed_vision_attention=args.packed_vision_attention, quantization=quantization,
+                       device_map={"": state.device} if quantization else None)  # bnb quantises on load
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
+    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+        say(describe_linear_attention(model))
+    counts = parameter_counts(model)
+    say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
+        f"vision tower) of {counts['total']:,}")
 
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
     world = state.num_processes
@@ -182,14 +217,20 @@ def main(argv=None):
         disable_tqdm=not state.is_main_process,
     )
 
-    def run_eval(step, prefix="eval"):
+    throughput = ThroughputCallback(args.batch_size)
+
+    def run_eval(step, what=""):
         if not val_pairs:
-            return
-        summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
-                                 num_workers=min(2, args.num_workers))
-        say(f"[{prefix} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-        tracker.log({f"{prefix}/{k}": v for k, v in summary.items()}, step=step)
-        tracker.log_predictions(rows, step=step, key=f"{prefix}/predictions")
+            return None
+        with throughput.excluded():  # samples/s counts training only
+            summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
+                                     num_workers=min(2, args.num_workers))
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
+            say(f"[eval{' ' + what if what else ''} @ step {step}] {scores}")
+            # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
+            tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
+            tracker.log_predictions(rows, step=step, key="eval/predictions")
+            tracker.log_worst(rows, step=step, key="eval/worst")
         return summary
 
     class EvalEverySteps(TrainerCallback):
@@ -203,16 +244,18 @@ def main(argv=None):
         train_dataset=train_set,
         data_collator=TrainCollator(encoder, packed=args.packing, **fast.collator_options),
         processing_class=processor,
-        callbacks=[ThroughputCallback(args.batch_size), SwanLabCallback(tracker), EvalEverySteps()],
+        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), Fp16OverflowStop()],
         **fast.trainer_options,
     )
     trainer.supervised_logits_only = args.supervised_logits_only
+    trainer.vision_learning_rate = args.vision_learning_rate
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 
-    if args.eval_base_model:
-        with model.disable_adapter():
-            run_eval(0, prefix="eval_base")
+    base_summary = None
+    if args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            base_summary = run_eval(0, what="base model")
 
     # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
     try:
@@ -222,13 +265,23 @@ def main(argv=None):
         trainer._save_checkpoint(trainer.model, trial=None)
         say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
         tracker.finish()
+        state.destroy_process_group()
         sys.exit(130)
 
     final_dir = out_dir / "final"
-    trainer.save_model(str(final_dir))  # adapter + processor files, from the main process only
-    say(f"final adapter: {final_dir}")
-    run_eval(trainer.state.global_step)
+    if args.tune == "full":  # fp32 master weights back to the loaded dtype: the folder infer.py loads
+        model.to(dtype)
+    trainer.save_model(str(final_dir))  # adapter (or the full model) + processor files, main process only
+    say(f"final {'model' if args.tune == 'full' else 'adapter'}: {final_dir}")
+    final_summary = run_eval(trainer.state.global_step)
+    if final_summary is not None:  # the before/after, same data, same scoring
+        headers, table = comparison_table(base_summary, final_summary)
+        say("\n" + "\n".join(" | ".join(f"{c:>16}" for c in line) for line in [headers] + table))
+        tracker.log_table("eval/base_vs_finetuned", headers, table)
     tracker.finish()
+    # While the interpreter is whole: a gloo group left to interpreter finalization can abort
+    # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Inference speed: one image at a time (the tutorial's way) against infer.py's batched generation, in one run.
+"""Inference speed and agreement, one run: one image at a time (the tutorial's way), the batched
+`generate` path (the reference), and the static-cache / CUDA-graph loop (infer.py's default engine).
 
     python bench/bench_infer.py                 # random-init Qwen2-VL-2B from ../shared, real LaTeX_OCR images
 
-Both paths use the same model, images and the same code (latexocr.generation.predict); every
-image generates exactly --new-tokens tokens (min = max), so the comparison is engine speed
-alone. Prints images/s, the speed-up, and peak GPU memory of the batched run.
+All paths run latexocr.generation.predict on the same model and images. For speed every image
+generates exactly --new-tokens tokens (min = max), so the comparison is engine speed alone; the
+agreement (identical texts, metrics against the labels) compares the batched engines' outputs on the
+same images. --full-test then scores that many images (real images cycled, the `full` test split's
+9,443 by default) with latexocr.evaluation.evaluate, from the image files to the metrics summary,
+with the generation stopping where the model stops (random weights: rarely before the cap).
 """
 from __future__ import annotations
 
@@ -23,10 +27,15 @@ def main():
     ap.add_argument("--model", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--single-images", type=int, default=16, help="images for the one-at-a-time run")
-    ap.add_argument("--batched-images", type=int, default=1024)
-    ap.add_argument("--batch-sizes", default="128,512", help="comma-separated; infer.py's default is 512")
+    ap.add_argument("--single-images", type=int, default=8, help="images for the one-at-a-time run")
+    ap.add_argument("--reference-images", type=int, default=1024, help="images for the batched generate run")
+    ap.add_argument("--images", type=int, default=4096, help="images for the static-loop run")
+    ap.add_argument("--batch-size", type=int, default=512, help="infer.py's default is 512")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers (infer.py's default: 4)")
+    ap.add_argument("--noise-batch-size", type=int, default=256,
+                    help="also run generate at this batch size: its agreement with itself (0: skip)")
+    ap.add_argument("--full-test", type=int, default=9443, help="images scored end to end (0: skip)")
+    ap.add_argument("--full-max-new-tokens", default="64,256", help="comma-separated caps for --full-test")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
@@ -35,7 +44,9 @@ def main():
     import torch
     import transformers
     from latexocr.batching import SampleEncoder
+    from latexocr.evaluation import evaluate
     from latexocr.generation import predict
+    from latexocr.metrics import summarize
     from latexocr.modeling import load_model, load_processor, pick_dtype
     from latexocr.sample import sizing_for
 
@@ -44,34 +55,82 @@ def main():
     model = load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device).eval()
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
-    images = [p for p, _ in real_samples(a.shared)]
+    samples = real_samples(a.shared)
+    cycled = [samples[i % len(samples)] for i in range(max(a.images, a.reference_images, a.full_test))]
     fixed = dict(min_new_tokens=a.new_tokens)  # random weights: force the same length for every image
 
-    def timed(paths, batch_size):
-        predict(model, encoder, paths[: min(len(paths), batch_size)], batch_size=batch_size,
-                max_new_tokens=a.new_tokens, progress=False, num_workers=a.workers, **fixed)  # warm-up
+    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
+
+    def timed(n, batch_size, engine):
+        """(images/s, peak GiB, results) of predict over the first n images, after a one-batch warm-up."""
+        paths = [p for p, _ in cycled[:n]]
+        predict(model, encoder, paths[:batch_size], batch_size=batch_size, max_new_tokens=a.new_tokens,
+                progress=False, num_workers=a.workers, engine=engine, **fixed)
+        sync()
+        if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        predict(model, encoder, paths, batch_size=batch_size, max_new_tokens=a.new_tokens, progress=False,
-                num_workers=a.workers, **fixed)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        results = predict(model, encoder, paths, batch_size=batch_size, max_new_tokens=a.new_tokens,
+                          progress=False, num_workers=a.workers, engine=engine, **fixed)
+        sync()
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-        return len(paths) / dt, peak
+        return n / dt, peak, results
 
     env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "new_tokens": a.new_tokens}
-    single, _ = timed([images[i % len(images)] for i in range(a.single_images)], 1)
-    results = {"env": env, "single_images_per_s": single, "batched": []}
-    print(json.dumps(env), f"\none at a time: {single:.2f} images/s", flush=True)
-    for bs in (int(x) for x in a.batch_sizes.split(",")):
-        rate, peak = timed([images[i % len(images)] for i in range(a.batched_images)], bs)
-        results["batched"].append({"batch_size": bs, "images_per_s": rate, "speedup": rate / single, "peak_gib": peak})
-        print(f"batch {bs}: {rate:.1f} images/s = {rate / single:.1f}x one-at-a-time, peak {peak:.1f} GiB", flush=True)
-        a.out.write_text(json.dumps(results, indent=1))
+           "transformers": transformers.__version__, "new_tokens": a.new_tokens, "batch_size": a.batch_size,
+           "workers": a.workers}
+    print(json.dumps(env), flush=True)
+    out = {"env": env}
+
+    def save():
+        a.out.write_text(json.dumps(out, indent=1))
+
+    single, _, _ = timed(a.single_images, 1, "generate")
+    out["single_images_per_s"] = single
+    print(f"one at a time (generate, batch 1): {single:.2f} images/s", flush=True)
+    save()
+    ref_rate, ref_peak, ref = timed(a.reference_images, a.batch_size, "generate")
+    out["generate"] = {"images_per_s": ref_rate, "speedup": ref_rate / single, "peak_gib": ref_peak}
+    print(f"generate, batch {a.batch_size}: {ref_rate:.1f} images/s = {ref_rate / single:.1f}x one-at-a-time, "
+          f"peak {ref_peak:.1f} GiB", flush=True)
+    save()
+    rate, peak, new = timed(a.images, a.batch_size, "static")
+    out["static"] = {"images_per_s": rate, "speedup": rate / single, "vs_generate": rate / ref_rate, "peak_gib": peak}
+    print(f"static loop, batch {a.batch_size}: {rate:.1f} images/s = {rate / single:.1f}x one-at-a-time "
+          f"({rate / ref_rate:.1f}x batched generate), peak {peak:.1f} GiB", flush=True)
+
+    n = a.reference_images
+    if a.noise_batch_size:  # bf16 noise floor: the reference against itself at another batch size
+        _, _, other = timed(n, a.noise_batch_size, "generate")
+        floor = sum(r["prediction"] == o["prediction"] for r, o in zip(ref, other)) / n
+        out["generate_vs_itself"] = {"batch_size": a.noise_batch_size, "identical_texts": floor}
+        print(f"generate at batch {a.noise_batch_size} vs {a.batch_size}: {100 * floor:.2f} % identical texts",
+              flush=True)
+    labels = [t for _, t in cycled[:n]]
+    same = sum(r["prediction"] == s["prediction"] for r, s in zip(ref, new[:n])) / n
+    m_ref = summarize([r["prediction"] for r in ref], labels)
+    m_new = summarize([s["prediction"] for s in new[:n]], labels)
+    out["agreement"] = {"identical_texts": same, "metrics_generate": m_ref, "metrics_static": m_new}
+    print(f"agreement on {n} images: {100 * same:.2f} % identical texts; metrics generate {m_ref} / static {m_new}",
+          flush=True)
+    save()
+
+    for cap in (int(x) for x in a.full_max_new_tokens.split(",")) if a.full_test else ():
+        sync()
+        t0 = time.perf_counter()
+        summary, rows = evaluate(model, encoder, cycled[:a.full_test], batch_size=a.batch_size,
+                                 max_new_tokens=cap, num_workers=a.workers, progress=False)
+        sync()
+        dt = time.perf_counter() - t0
+        cut = sum(bool(r.get("truncated")) for r in rows) if "truncated" in rows[0] else None
+        out.setdefault("full_test", []).append({"images": a.full_test, "max_new_tokens": cap, "seconds": dt,
+                                                "summary": summary, "rows_at_cap": cut})
+        print(f"full test, {a.full_test} images, max {cap} new tokens: files -> metrics in {dt:.1f} s "
+              f"({a.full_test / dt:.0f} images/s); summary {summary}", flush=True)
+        save()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ CONFIGS = {
     "grad_ckpt": (["--gradient-checkpointing"], "defaults + gradient checkpointing"),
     "micro4": (["--micro-batch-size", "4"], "defaults, micro-batch 4 x accumulation 4"),
     "workers0": (["--num-workers", "0"], "defaults, batches built in the main process"),
+    # training modes (README "Training modes"); MFU below counts a frozen vision tower for all of them
+    "lora_vision": (["--tune", "lora_vision"], "defaults, LoRA on the vision tower and merger too"),
+    "lora_merger": (["--unfreeze-merger"], "defaults + the merger trained in full"),
+    "full": (["--tune", "full", "--learning-rate", "1e-5"], "full fine-tuning of the LLM (fp32 master weights)"),
+    "qlora": (["--quantization", "4bit"], "defaults on a 4-bit NF4 language model (bitsandbytes)"),
+    "fp16": (["--dtype", "fp16"], "defaults in fp16 with loss scaling (GPUs without bf16)"),
 }
 PEAK_TFLOPS = 989.0
 

@@ -25,6 +25,17 @@ END_OF_TURN = "<|im_end|>"
 # appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.
 TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
 
+# The sample boundaries of a packed row, for the layers that keep samples apart by them: the fast
+# path's packed text attention (latexocr/fast/attention.py) and, always, linear attention
+# (latexocr/linear_attention.py: Qwen3.5 has no mask to do it).
+CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
+
+
+def sample_boundaries(batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
+    """A TrainCollator packed_extras: the boundaries above (int32 [0, l1, l1+l2, ...]) and the longest sample."""
+    return {CU_SEQLENS_KEY: torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            MAX_LENGTH_KEY: max_length}
+
 
 def _trace_batch(samples) -> None:
     folder = os.environ.get(TRACE_ENV)
@@ -42,8 +53,11 @@ class SampleEncoder:
         self.tokenizer = processor.tokenizer
         self.sizing = sizing
         # The prompt text is the same for every sample: one image placeholder and the instruction.
+        # Thinking off (Qwen3.5; other families' templates ignore the flag): the prompt ends with the
+        # template's empty, closed <think></think> block, so the model learns to answer at once and
+        # generation, from the same prompt, writes no <think> block.
         self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                         add_generation_prompt=True)
+                                                         add_generation_prompt=True, enable_thinking=False)
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)

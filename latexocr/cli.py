@@ -2,6 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import io
+import sys
+import tokenize
+
+
+def settings_help(source_file) -> dict[str, str]:
+    """{SETTING: its comment} from a script's settings block: the comment after the value,
+    plus the indented comment-only lines right below it (how a long comment continues).
+
+    Read with tokenize, so a '#' inside a string value is not taken for a comment.
+    """
+    try:
+        with open(source_file, encoding="utf-8") as f:
+            tokens = list(tokenize.generate_tokens(io.StringIO(f.read()).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    comments: dict[str, list[str]] = {}
+    current, statement_row = None, None
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 0:
+            following = tokens[i + 1] if i + 1 < len(tokens) else None
+            is_setting = tok.string.isupper() and following is not None and following.string == "="
+            current = tok.string if is_setting else None
+            statement_row = tok.start[0]
+        elif tok.type == tokenize.COMMENT and current:
+            if tok.start[1] == 0:  # a section heading above the next settings, not this one's
+                current = None
+            elif tok.line[: tok.start[1]].strip() or tok.start[0] > statement_row:
+                comments.setdefault(current, []).append(tok.string.lstrip("#").strip())
+    return {name: " ".join(parts) for name, parts in comments.items()}
 
 
 def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict | None = None) -> argparse.Namespace:
@@ -9,11 +39,14 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
 
     Booleans get --flag / --no-flag. Settings whose default is None take a string.
     The returned namespace uses the setting names in lower case (args.max_new_tokens).
+    Each flag's help is `help[NAME]`, by default the setting's comment in the calling script.
     """
+    if help is None:  # the settings block of the script that called us
+        help = settings_help(sys._getframe(1).f_globals.get("__file__", ""))
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in defaults.items():
         flag = "--" + name.lower().replace("_", "-")
-        text = (help or {}).get(name, "")
+        text = (help or {}).get(name, "").replace("%", "%%")  # argparse formats help with %
         if isinstance(value, bool):
             parser.add_argument(flag, dest=name.lower(), default=value, action=argparse.BooleanOptionalAction,
                                 help=text)

@@ -5,12 +5,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .batching import END_OF_TURN, SampleEncoder, generation_batch
+from .batching import END_OF_TURN, SampleEncoder, generation_batch, mrope_positions
+from .decoding import StaticDecoder, static_decode_supported
 from .sample import load_image
 from .speed import plain_text_attention
 
 # The longest LaTeX_OCR label is ~223 Qwen2 tokens; 256 leaves room and stops runaway repetition.
 DEFAULT_MAX_NEW_TOKENS = 256
+# The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is
+# sorted by area), each padded to its own longest prompt: less padding, and prefill activations
+# stay small next to the KV cache of the whole batch.
+PREFILL_CHUNK_ROWS = 128
+ENGINES = ("auto", "static", "generate")
 
 
 class _Images(Dataset):
@@ -28,14 +34,40 @@ class _Images(Dataset):
 
 
 class _Collate:
-    def __init__(self, encoder):
-        self.encoder = encoder
+    """(indices, failed, chunks): the readable images as left-padded batches of `chunk_rows` each
+    (None: one batch), in order; chunks is None when no image of the batch could be read.
+    with_positions adds each chunk's 4 x rows x length position ids (text row + M-RoPE rows, as
+    generate builds them), computed here in the worker: the model's get_rope_index loops over the
+    rows on the GPU with a few syncs each."""
+
+    def __init__(self, encoder, chunk_rows: int | None = None, with_positions: bool = False):
+        self.encoder, self.chunk_rows, self.with_positions = encoder, chunk_rows, with_positions
 
     def __call__(self, items):
         ok = [(i, im) for i, im, err in items if im is not None]
         failed = [(i, err) for i, im, err in items if im is None]
-        batch = generation_batch(self.encoder, [im for _, im in ok]) if ok else None
-        return [i for i, _ in ok], failed, batch
+        images = [im for _, im in ok]
+        step = self.chunk_rows or max(len(images), 1)
+        chunks = [generation_batch(self.encoder, images[j:j + step]) for j in range(0, len(images), step)]
+        if self.with_positions:
+            merge = self.encoder.processor.image_processor.merge_size
+            for chunk in chunks:
+                chunk["position_ids"] = prompt_positions(chunk["attention_mask"], chunk["mm_token_type_ids"],
+                                                         chunk["image_grid_thw"], merge)
+        return [i for i, _ in ok], failed, chunks or None
+
+
+def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: int) -> torch.Tensor:
+    """4 x rows x length positions of a left-padded batch of one-image prompts: the text positions
+    (attention_mask.cumsum - 1) and the three M-RoPE rows of the model's get_rope_index (equal to it,
+    tests/test_batching.py); padding positions are 0 and never attended to."""
+    rows, length = attention_mask.shape
+    pos = torch.zeros(4, rows, length, dtype=torch.long)
+    pos[0] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask
+    for r in range(rows):
+        n = int(attention_mask[r].sum())
+        pos[1:, r, length - n:] = mrope_positions(mm_token_type_ids[r, length - n:].tolist(), grid_thw[r], merge_size)
+    return pos
 
 
 def _size_order(paths) -> list[int]:
@@ -52,41 +84,62 @@ def _size_order(paths) -> list[int]:
 @torch.inference_mode()
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
-            progress: bool = True, **generate_kwargs) -> list[dict]:
-    """Greedy LaTeX for each image, in input order: [{"prediction": str | None, "error": str | None}].
+            progress: bool = True, engine: str = "auto", **generate_kwargs) -> list[dict]:
+    """Greedy LaTeX for each image, in input order:
+    [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
     An image that cannot be read gives an error row (prediction None) and the run continues.
     Batches are left-padded so every prompt ends where generation starts; generation stops at
-    <|im_end|> (end of turn), the token the model was trained to emit after the formula.
+    <|im_end|> (end of turn), the token the model was trained to emit after the formula;
+    "truncated" marks a row that hit max_new_tokens without it (usually a repetition loop).
+    engine: "static" = latexocr/decoding.py's static-cache loop (CUDA graphs on GPU), "generate" =
+    transformers' generate (the reference), "auto" = static where `static_decode_supported`.
     """
     from tqdm.auto import tqdm
 
-    order = _size_order(image_paths)
-    dataset = _Images([image_paths[i] for i in order], encoder.sizing)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_Collate(encoder), persistent_workers=False)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     tok = encoder.tokenizer
     stop_ids = [tok.convert_tokens_to_ids(END_OF_TURN)] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    results: list[dict] = [{"prediction": None, "error": None} for _ in image_paths]
+    results: list[dict] = [{"prediction": None, "error": None, "truncated": False} for _ in image_paths]
     try:
         # Blocks compiled for training (COMPILE_LAYERS) would recompile for eval mode, the KV cache
         # and every new length: generation runs them eagerly.
         with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
-            for indices, failed, batch in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
+            static = engine == "static" or (engine == "auto" and static_decode_supported(model, generate_kwargs))
+            if static and not static_decode_supported(model, generate_kwargs):
+                raise ValueError("engine='static' does not support this model or these generate options "
+                                 f"({sorted(generate_kwargs)}); use engine='generate'")
+            order = _size_order(image_paths)
+            dataset = _Images([image_paths[i] for i in order], encoder.sizing)
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
+                                persistent_workers=False)
+            decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
+                                    generate_kwargs.get("min_new_tokens", 0)) if static else None
+            for indices, failed, chunks in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
                 for i, err in failed:
                     results[order[i]]["error"] = err
-                if batch is None:
+                if chunks is None:
                     continue
-                batch = batch.to(device)
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                     temperature=None, top_p=None, top_k=None, **generate_kwargs)
-                texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(indices, texts):
-                    results[order[i]]["prediction"] = text.strip()
+                chunks = [c.to(device) for c in chunks]
+                if static:
+                    new_tokens, stopped = decoder.generate(chunks)
+                    truncated = (~stopped).tolist()
+                else:
+                    batch = chunks[0]
+                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                         eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
+                                         temperature=None, top_p=None, top_k=None, **generate_kwargs)
+                    new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+                    stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
+                    truncated = (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist()
+                texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+                for i, text, cut in zip(indices, texts, truncated):
+                    results[order[i]].update(prediction=text.strip(), truncated=cut)
     finally:
         model.train(was_training)
     return results

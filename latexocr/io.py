@@ -29,8 +29,11 @@ _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """open() that only creates `path` when the block finishes without an exception."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file the user asked for, not our temp file
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -106,6 +109,42 @@ def save_image_png(data: bytes, path: str | os.PathLike, fsync: bool = False) ->
     atomic_write_bytes(path, to_png_bytes(data), fsync=fsync)
 
 
+def check_writable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in `folder` (created if missing), or None if they can."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"cannot write to {folder}: {exc.strerror or exc}"
+    return None
+
+
+def worker_init(parent_pid: int) -> None:
+    """Process-pool initializer: Ctrl-C is the main process's to handle, and no worker
+    outlives it, however it ends (even SIGKILL, which leaves no chance to clean up).
+
+    SIGINT reaches the whole process group; a worker interrupted mid-task would break the
+    pool's queues and could leave the main process waiting forever, so workers ignore it and
+    the main process terminates them. A daemon thread exits the worker once its parent is
+    gone (re-parented: getppid changes).
+    """
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def save_images_batch(items: list[tuple[int, bytes, str]]) -> list[tuple[int, str | None]]:
     """Process-pool entry point: [(index, image bytes, output path)] -> [(index, error or None)].
 
@@ -118,5 +157,9 @@ def save_images_batch(items: list[tuple[int, bytes, str]]) -> list[tuple[int, st
             save_image_png(data, path)
             results.append((index, None))
         except Exception as exc:  # a bad row is reported, never fatal
-            results.append((index, f"{type(exc).__name__}: {exc}"[:200]))
+            if isinstance(exc, OSError) and exc.errno is not None:  # writing failed: not the row's fault
+                raise
+            from .sample import image_problem
+            # a stable phrase: the same bad row gives the same report in every run
+            results.append((index, image_problem(data) or f"cannot convert to PNG ({type(exc).__name__})"))
     return results

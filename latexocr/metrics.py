@@ -1,27 +1,23 @@
-"""Metrics for LaTeX OCR (formula image -> LaTeX), defined as the field does.
+"""Metrics for LaTeX OCR (formula image -> LaTeX), scored over LaTeX tokens, not characters.
 
-Every string is first whitespace-normalised (runs of whitespace -> one space, ends stripped);
-a failed sample (prediction ``None``) counts as an empty prediction, so it scores EM 0,
-ED 1 and adds no n-gram matches to BLEU while still counting in the brevity penalty.
+Both sides are first cut into the dataset's LaTeX tokens (:func:`latexocr.latex.tokenize`: math
+delimiters and code fences stripped; labels give exactly ``label.split()``, and compact
+``\\frac{1}{2}`` gives the same tokens as ``\\frac { 1 } { 2 }``). A failed sample (prediction
+``None``) counts as an empty prediction: EM 0, ED 1, no n-gram matches, not rendered.
 
-- **Exact match (EM)**: 1 if the normalised prediction equals the normalised label, else 0;
-  reported as the mean over rows (a fraction in [0, 1]).
-- **Edit distance (ED)**: character Levenshtein distance divided by the length of the longer of
-  the two normalised strings (UniMERNet's normalised edit distance), in [0, 1], lower is better;
-  0 when both are empty. Reported as the mean over rows.
-- **Edit distance / ref (ED_ref)**: pix2tex's variant, Levenshtein distance divided by the
-  length of the label; it can exceed 1 when the prediction is much longer than the label
-  (e.g. repetition loops). An empty label is treated as length 1 (so the value is the number
-  of inserted characters, and 0 when both are empty). Mean over rows.
-- **BLEU-4**: corpus BLEU (sacrebleu, 0-100 scale, uniform 1-4-gram weights, brevity penalty,
-  default 'exp' smoothing which only matters for zero counts) over the dataset's LaTeX tokens:
-  labels are KaTeX-normalised with one space between tokens (``\\frac { 1 } { 2 }``), so both
-  sides are split on whitespace and passed with ``tokenize='none'``. A prediction written
-  without those spaces (``\\frac{1}{2}``) is one token and matches nothing: BLEU measures the
-  dataset's token convention, ED only characters. Per-row ``bleu4`` in `sample_scores` is
-  sacrebleu's sentence BLEU with ``effective_order=True`` (orders a short pair lacks are skipped).
+- **exact_match**: 1 if the token sequences are equal, else 0; mean over rows.
+- **edit_distance**: token Levenshtein distance / the longer sequence's length (UniMERNet's
+  normalised edit distance, on tokens), in [0, 1], 0 when both are empty; mean over rows.
+- **edit_distance_ref**: token Levenshtein distance / the label's length (pix2tex's variant);
+  exceeds 1 when the prediction is much longer (repetition loops). An empty label counts as 1.
+- **bleu4**: corpus BLEU-4 (sacrebleu, 0-100, default 'exp' smoothing) over the tokens joined by
+  spaces with ``tokenize='none'``. Per-row ``bleu4`` in `sample_scores` is sentence BLEU with
+  ``effective_order=True``.
+- **render_rate**: share of predictions KaTeX (the parser that normalised the labels) accepts.
+- **truncated_rate**: share of predictions that hit the generation limit (MAX_NEW_TOKENS) before
+  the end of turn: the repetition-loop signal. Only when the caller passes the flags.
 
-Levenshtein comes from rapidfuzz and BLEU from sacrebleu; nothing here is hand-rolled.
+Levenshtein comes from rapidfuzz (on token lists), BLEU from sacrebleu, the parser is KaTeX.
 """
 from __future__ import annotations
 
@@ -31,6 +27,9 @@ from collections.abc import Sequence
 from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
 
+from .latex import render_error
+from .latex import tokenize as latex_tokens
+
 __all__ = [
     "normalize",
     "tokenize",
@@ -39,6 +38,7 @@ __all__ = [
     "edit_distance_ref",
     "corpus_bleu",
     "sentence_bleu",
+    "render_ok",
     "sample_scores",
     "summarize",
 ]
@@ -51,46 +51,48 @@ _CORPUS_BLEU = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4)
 _SENTENCE_BLEU = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4, effective_order=True)
 
 
-def normalize(text: str | None) -> str:
-    """Collapse every run of whitespace to one space and strip the ends; None -> ""."""
-    if text is None:
-        return ""
-    return " ".join(str(text).split())
-
-
 def tokenize(text: str | None) -> list[str]:
-    """The dataset's LaTeX tokens: labels have one space between tokens, so split on whitespace."""
-    return normalize(text).split()
+    """The dataset's LaTeX tokens (see latexocr.latex.tokenize); None -> []."""
+    return latex_tokens(text)
+
+
+def normalize(text: str | None) -> str:
+    """The formula in the labels' form: its tokens joined by single spaces; None -> ""."""
+    return " ".join(tokenize(text))
 
 
 def exact_match(pred: str | None, ref: str | None) -> float:
-    """1.0 if the normalised strings are equal, else 0.0."""
-    return 1.0 if normalize(pred) == normalize(ref) else 0.0
+    """1.0 if the token sequences are equal, else 0.0."""
+    return 1.0 if tokenize(pred) == tokenize(ref) else 0.0
 
 
 def edit_distance(pred: str | None, ref: str | None) -> float:
-    """Levenshtein(pred, ref) / max(len(pred), len(ref)) on normalised strings; 0.0 if both empty."""
-    p, r = normalize(pred), normalize(ref)
+    """Token Levenshtein(pred, ref) / max(len(pred), len(ref)) in tokens; 0.0 if both empty."""
+    p, r = tokenize(pred), tokenize(ref)
     if not p and not r:
         return 0.0
     return Levenshtein.distance(p, r) / max(len(p), len(r))
 
 
 def edit_distance_ref(pred: str | None, ref: str | None) -> float:
-    """pix2tex's Levenshtein(pred, ref) / len(ref) on normalised strings; may exceed 1.
+    """pix2tex's Levenshtein(pred, ref) / len(ref), in tokens; may exceed 1.
 
     An empty reference is taken as length 1: the result is then len(pred) (0.0 if both empty).
     """
-    p, r = normalize(pred), normalize(ref)
+    p, r = tokenize(pred), tokenize(ref)
     return Levenshtein.distance(p, r) / max(len(r), 1)
 
 
-def _joined(text: str | None) -> str:
-    return " ".join(tokenize(text))
+def render_ok(pred: str | None) -> bool:
+    """True when KaTeX parses the prediction (an empty or failed one does not render)."""
+    return render_error(pred) is None
+
+
+_joined = normalize
 
 
 def corpus_bleu(preds: Sequence[str | None], refs: Sequence[str | None]) -> float:
-    """Corpus BLEU-4 on the 0-100 scale (sacrebleu) over whitespace-separated LaTeX tokens.
+    """Corpus BLEU-4 on the 0-100 scale (sacrebleu) over LaTeX tokens.
 
     None / empty predictions are allowed (they contribute length 0). Raises ValueError on
     mismatched lengths; returns nan for an empty corpus.
@@ -125,22 +127,36 @@ def sample_scores(pred: str | None, ref: str | None) -> dict[str, float]:
     }
 
 
-def summarize(preds: Sequence[str | None], refs: Sequence[str | None]) -> dict[str, float]:
+def _rate(flags: Sequence) -> float:
+    return sum(bool(f) for f in flags) / len(flags) if len(flags) else math.nan
+
+
+def summarize(preds: Sequence[str | None], refs: Sequence[str | None],
+              truncated: Sequence[bool] | None = None,
+              rendered: Sequence[bool] | None = None) -> dict[str, float]:
     """Dataset scores: exact_match, edit_distance, edit_distance_ref (means over rows),
-    bleu4 (corpus BLEU-4, 0-100) and n (rows). A None prediction counts as empty.
-    An empty input gives n=0 and nan for every metric.
+    bleu4 (corpus BLEU-4, 0-100), render_rate, truncated_rate (when ``truncated`` flags are
+    given) and n (rows). A None prediction counts as empty. ``rendered`` may pass render_ok
+    flags already computed per row. An empty input gives n=0 and nan for every metric.
     """
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
     n = len(refs)
     if n == 0:
-        return {"exact_match": math.nan, "edit_distance": math.nan,
-                "edit_distance_ref": math.nan, "bleu4": math.nan, "n": 0}
+        out = {"exact_match": math.nan, "edit_distance": math.nan, "edit_distance_ref": math.nan,
+               "bleu4": math.nan, "render_rate": math.nan, "n": 0}
+        return out if truncated is None else {**out, "truncated_rate": math.nan}
     pairs = list(zip(preds, refs))
-    return {
+    out = {
         "exact_match": sum(exact_match(p, r) for p, r in pairs) / n,
         "edit_distance": sum(edit_distance(p, r) for p, r in pairs) / n,
         "edit_distance_ref": sum(edit_distance_ref(p, r) for p, r in pairs) / n,
         "bleu4": corpus_bleu(preds, refs),
-        "n": n,
+        "render_rate": _rate(rendered if rendered is not None else [render_ok(p) for p in preds]),
     }
+    if truncated is not None:
+        if len(truncated) != n:
+            raise ValueError(f"{len(truncated)} truncated flags for {n} rows")
+        out["truncated_rate"] = _rate(truncated)
+    out["n"] = n
+    return out

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 
-# The seven projections of each LLM layer (attention and MLP), as in the tutorial. The vision
-# tower stays frozen, so it needs no backward pass at all.
+# The seven projections of each LLM layer (attention and MLP), as in the tutorial: what
+# lora_targets(model, "lora") finds in a Qwen2-VL by walking it (tests/test_modes.py). The vision
+# tower stays frozen in that mode, so it needs no backward pass at all. Qwen3.5's Gated DeltaNet
+# layers (three of every four) have five projections of their own (linear_attn.in_proj_qkv/z/b/a,
+# out_proj): the walk finds them too, as ms-swift and LLaMA-Factory target all linear layers.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,24 +52,187 @@ def load_processor(path: str):
 
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None,
-               packed_vision_attention: bool = True):
-    """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call."""
+               packed_vision_attention: bool = True, quantization=None):
+    """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call.
+    quantization: a quantization_config() (4-bit language model), or None."""
     from transformers import AutoModelForImageTextToText
 
     from .speed import prepare_model
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                        device_map=device_map)
+                                                        device_map=device_map, quantization_config=quantization)
     return prepare_model(model, attn_implementation, packed_vision_attention)
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, targets=LORA_TARGETS):
-    """Wrap the language model's projections in LoRA adapters (vision tower untouched)."""
+def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to_save=None):
+    """Wrap the language model's projections in LoRA adapters (vision tower untouched).
+
+    targets: a peft target_modules regex (default: lora_targets(model, "lora")); modules_to_save:
+    modules trained in full and saved with the adapter (e.g. the merger)."""
     from peft import LoraConfig, get_peft_model
-    # Match only modules inside the language model: the ViT has q/k/v-like names too in some families.
-    pattern = r".*language_model.*\.(" + "|".join(targets) + r")$"
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=pattern, bias="none")
+                        target_modules=targets or lora_targets(model, "lora"), bias="none",
+                        modules_to_save=modules_to_save or None)
     return get_peft_model(model, config)
+
+
+# ---- training modes: which weights learn ---------------------------------------------------
+TUNE_MODES = ("lora", "lora_vision", "full")
+QUANTIZATIONS = ("none", "4bit")
+LANGUAGE_MODEL_NAMES = ("language_model",)  # the attribute holding the LLM in every Qwen-VL family
+VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+def _find_part(model, names) -> tuple[str, "torch.nn.Module"]:
+    """(full name, module) of the first submodule whose own name is one of `names`."""
+    for full_name, module in model.named_modules():
+        if full_name.rsplit(".", 1)[-1] in names:
+            return full_name, module
+    raise ValueError(f"{type(model).__name__} has no submodule named {' or '.join(names)}")
+
+
+def language_model_of(model):
+    return _find_part(model, LANGUAGE_MODEL_NAMES)
+
+
+def vision_tower_of(model):
+    return _find_part(model, VISION_TOWER_NAMES)
+
+
+def mergers_of(model) -> list[tuple[str, "torch.nn.Module"]]:
+    """The vision tower's mergers (patch features -> LLM width): Qwen2/2.5-VL `merger`, Qwen3-VL
+    also each of `deepstack_merger_list`. Full names, as peft's modules_to_save takes them."""
+    vision_name, vision = vision_tower_of(model)
+    found = []
+    for name, child in vision.named_children():
+        if "merger" not in name:
+            continue
+        items = child.named_children() if isinstance(child, torch.nn.ModuleList) else [("", child)]
+        found += [(".".join(filter(None, (vision_name, name, i))), m) for i, m in items]
+    return found
+
+
+def _linear_pattern(part_name: str, part, skip=()) -> str:
+    r"""A peft target regex matching exactly the nn.Linear modules of `part` (minus those under `skip`).
+
+    By their own names (`.*language_model.*\.(q_proj|...)$`, in order of first appearance) where
+    no other module of the part shares one; else by their paths inside the part, layer numbers
+    generalised (`.*visual\.(blocks\.\d+\.attn\.qkv|...)$`: the ViT's `proj` is also its patch
+    embedding's Conv3d)."""
+    import re
+
+    linears, others = {}, set()
+    for name, module in part.named_modules():
+        if not name:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and not any(f"{part_name}.{name}".startswith(s + ".")
+                                                          or f"{part_name}.{name}" == s for s in skip):
+            linears.setdefault(leaf, []).append(name)
+        else:
+            others.add(leaf)
+    if not linears:
+        raise ValueError(f"no nn.Linear modules in {part_name}")
+    root = re.escape(part_name.rsplit(".", 1)[-1])
+    if not others & set(linears):
+        return rf".*{root}.*\.(" + "|".join(linears) + r")$"
+    paths = dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n))
+                          for names in linears.values() for n in names)
+    return rf".*{root}\.(" + "|".join(paths) + r")$"
+
+
+def lora_targets(model, mode: str = "lora", skip=()) -> str:
+    """peft target_modules for a TUNE mode, found by walking the model: every nn.Linear of the
+    language model (Qwen2-VL: the tutorial's seven projections), and for "lora_vision" also
+    every nn.Linear of the vision tower and its merger. `skip`: full names of modules left out
+    (trained in full instead)."""
+    if mode not in ("lora", "lora_vision"):
+        raise ValueError(f"no LoRA targets for TUNE={mode!r}")
+    patterns = [_linear_pattern(*language_model_of(model), skip=skip)]
+    if mode == "lora_vision":
+        patterns.append(_linear_pattern(*vision_tower_of(model), skip=skip))
+    return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
+
+
+def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16, dropout: float = 0.05,
+                        unfreeze_merger: bool = False, unfreeze_vision: bool = False):
+    """The model with the weights of a TUNE mode trainable (everything else frozen).
+
+    lora: LoRA on the language model's linear layers; lora_vision: also on the vision tower's
+    and merger's; full: every language-model weight (embeddings and LM head included).
+    unfreeze_merger trains the merger's own weights in any mode (with LoRA: saved with the
+    adapter); unfreeze_vision (full only) the whole vision tower. Trainable weights are kept in
+    fp32 (the optimizer's master copy: bf16 would round away small updates, fp16 loss scaling
+    refuses fp16 gradients), the frozen rest stays in the loaded dtype.
+    """
+    if tune not in TUNE_MODES:
+        raise SystemExit(f"TUNE must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
+    if unfreeze_vision and tune != "full":
+        raise SystemExit("UNFREEZE_VISION trains the whole vision tower and applies to TUNE=full; "
+                         "for LoRA on the vision tower use TUNE=lora_vision")
+    merger_names = [name for name, _ in mergers_of(model)] if unfreeze_merger else []
+    if tune == "full":
+        model.requires_grad_(False)
+        parts = [language_model_of(model)[1], model.get_output_embeddings()]
+        parts += [vision_tower_of(model)[1]] if unfreeze_vision else [m for _, m in mergers_of(model) if unfreeze_merger]
+        for part in parts:
+            part.requires_grad_(True)
+    else:
+        model = add_lora(model, r, alpha, dropout, targets=lora_targets(model, tune, skip=merger_names),
+                         modules_to_save=merger_names)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    return model
+
+
+def vision_language_core(model):
+    """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head, or None."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = getattr(core, "model", core)
+    return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
+
+
+def vision_parameter_ids(model) -> set[int]:
+    """ids of the vision tower's parameters (merger included), for their own learning rate."""
+    return {id(p) for p in vision_tower_of(model)[1].parameters()}
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Trainable and total parameters (shared tensors once), and the trainable ones of the vision side."""
+    vision = vision_parameter_ids(model)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {"trainable": sum(p.numel() for p in unique if p.requires_grad),
+            "trainable_vision": sum(p.numel() for p in unique if p.requires_grad and id(p) in vision),
+            "total": sum(p.numel() for p in unique)}
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for QUANTIZATION, or None for "none".
+
+    4bit: NF4 with double quantisation, bf16 compute (fp16 on GPUs without bf16), the language
+    model only: the vision tower (about a third of the 2B model) stays in `dtype`, as the
+    precomputed-vision step (latexocr/fast/vision.py) reads its dtype, and the LM head too.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise SystemExit(f"QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    if quantization == "none":
+        return None
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit("QUANTIZATION=4bit needs bitsandbytes (pip install 'bitsandbytes>=0.50'); "
+                         "or use QUANTIZATION=none")
+    from transformers import BitsAndBytesConfig
+    skip = [rf".*\.{name}" for name in VISION_TOWER_NAMES] + ["lm_head"]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16,
+                              llm_int8_skip_modules=skip)
+
+
+def is_full_model(path: str | Path) -> bool:
+    """A folder train.py's TUNE=full wrote: a whole model (config.json), not an adapter."""
+    path = Path(path)
+    return (path / "config.json").exists() and not (path / "adapter_config.json").exists()
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -74,12 +240,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / "adapter_config.json").exists()]
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / "adapter_config.json").exists() or is_full_model(p)]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
 
 
 def find_adapter(adapter: str, output_dir: str | Path | None = None) -> str | None:
-    """The adapter folder to load: a path, 'none', 'final' (train.py's fixed path), or 'last'."""
+    """The adapter folder to load: a path, 'none', 'final' (train.py's fixed path), or 'last'.
+    A full model folder (TUNE=full) is returned too: the caller loads it instead of the base."""
     if adapter in ("none", "", None):
         return None
     candidates = []
@@ -88,12 +255,12 @@ def find_adapter(adapter: str, output_dir: str | Path | None = None) -> str | No
         if ckpts:
             return str(ckpts[-1])
     path = Path(output_dir) / "final" if adapter == "final" and output_dir is not None else Path(adapter)
-    if (path / "adapter_config.json").exists():
+    if (path / "adapter_config.json").exists() or is_full_model(path):
         return str(path)
     if output_dir is not None:
         candidates = [str(p) for p in list_checkpoints(output_dir)]
         final = Path(output_dir) / "final"
-        if (final / "adapter_config.json").exists():
+        if (final / "adapter_config.json").exists() or is_full_model(final):
             candidates.append(str(final))
     listing = "\n  ".join(candidates) if candidates else "(none found)"
     raise SystemExit(f"no adapter at {adapter!r} (a folder with adapter_config.json).\n"

@@ -151,3 +151,48 @@ def is_valid_label(text) -> bool:
     if not isinstance(text, str):
         return False
     return bool(text.strip())
+
+
+# ---- the one "usable image" check (data2csv, csv2json, training, inference) -------------------
+
+def image_problem(path) -> str | None:
+    """Why an image cannot be used, as one stable phrase (no object addresses), or None if it can.
+
+    `path`: a file path, or the encoded bytes of an image (data2csv checks rows before writing
+    them). Every pixel is decoded: reading only the header misses truncated files.
+    """
+    import io
+
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            return "empty image (0 bytes)"
+        source = io.BytesIO(bytes(path))
+    else:
+        try:
+            size = os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing image"
+        except OSError as exc:
+            return f"unreadable image file ({exc.strerror or type(exc).__name__})"
+        if not Path(path).is_file():
+            return "missing image"
+        if size == 0:
+            return "empty image file (0 bytes)"
+        source = path
+    try:
+        with Image.open(source) as im:
+            im.load()
+            width, height = im.size
+    except Image.DecompressionBombError:
+        return "image too large (decompression bomb limit)"
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        if isinstance(exc, Image.UnidentifiedImageError):
+            return "not an image (undecodable)"
+        if "truncat" in str(exc).lower():
+            return "truncated image"
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system, not the data
+            return f"unreadable image file ({exc.strerror})"
+        return "corrupt image (undecodable)"
+    if width == 0 or height == 0:
+        return "image of zero size"
+    return None

@@ -105,9 +105,13 @@ def parquet_source(files: list[Path], batch_size: int = 256) -> Source:
     total = 0
     for f in files:
         try:
-            total += pq.ParquetFile(f).metadata.num_rows
+            pf = pq.ParquetFile(f)
         except Exception as exc:
             raise SourceError(f"cannot read parquet file {f}: {exc}") from None
+        total += pf.metadata.num_rows
+        names = pf.schema_arrow.names  # checked here, before any output is touched
+        _pick(names, IMAGE_COLUMNS, "image", f)
+        _pick(names, TEXT_COLUMNS, "text", f)
 
     def batches() -> Iterator[list[Row]]:
         index = 0
@@ -192,7 +196,7 @@ def pro_source(folder: Path, split: str, batch_size: int = 256) -> Source:
     def batches() -> Iterator[list[Row]]:
         rows = []
         for index, line in enumerate(match_lines):
-            parts = line.split()
+            parts = line.rsplit(None, 1)  # the formula index is the last field; a file name may hold spaces
             problem, text, data = None, None, None
             if len(parts) != 2 or not parts[1].isdigit():
                 problem = "bad matching line"
@@ -250,6 +254,37 @@ def download(hub: str, config: str, split: str, cache_dir: str | None = None) ->
                           f"{type(exc).__name__}: {first[:160]} -- no network? Pass a local "
                           f"SOURCE instead (a parquet file/folder or a LaTeX_OCR_PRO folder).") from None
     return Path(folder)
+
+
+# ---- what a source is, for naming its images ---------------------------------------------------
+
+def source_fingerprint(source: str, config: str, split: str) -> str:
+    """A short hash naming one source's config/split: it goes into every image file name.
+
+    Two runs with different sources (or a local source whose files changed: size, mtime)
+    get different image names, so a run can never overwrite or reuse another run's images.
+    Cheap (stat only, no download): data2csv calls it before deciding anything.
+    """
+    import hashlib
+
+    key = {"hf": "huggingface", "ms": "modelscope"}.get(source.lower(), source.lower())
+    path = Path(source).expanduser()
+    parts = [config, split]
+    if key in HUB_REPOS and not path.exists():
+        parts.append(HUB_REPOS[key])
+    else:
+        path = path.resolve()
+        if path.is_file():
+            files = [path]
+        elif is_pro_folder(path):  # its text files, and the image folders (files added or removed)
+            files = sorted([*path.glob("matching/*.txt"), *path.glob("formulas/*.txt"), *path.glob("images/*")])
+        else:
+            files = find_parquet_files(path, config, split)
+        parts.append(str(path))
+        for f in files:
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
 # ---- entry point -------------------------------------------------------------------------------

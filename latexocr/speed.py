@@ -24,7 +24,7 @@ class Plan:
 
 
 try:
-    from .fast import plain_text_attention, plan_training, prepare_model
+    from .fast import check_settings, plain_text_attention, plan_training, prepare_model
 except ModuleNotFoundError as exc:
     if exc.name != f"{__package__}.fast":
         raise
@@ -36,7 +36,15 @@ except ModuleNotFoundError as exc:
     def plain_text_attention(model):
         yield
 
+    def check_settings(args) -> None:
+        pass
+
     def plan_training(model, args, *, processes: int, accumulation: int, planned_steps: int) -> Plan:
+        from .batching import sample_boundaries
+        from .linear_attention import has_linear_attention
         from .training import OcrTrainer
-        return Plan(trainer_class=OcrTrainer,
+        # linear-attention layers (Qwen3.5) keep packed samples apart only by the boundaries
+        boundaries = args.packing and has_linear_attention(model)
+        return Plan(collator_options={"packed_extras": sample_boundaries} if boundaries else {},
+                    trainer_class=OcrTrainer,
                     summary="fast path: not installed (no latexocr/fast/), plain transformers training")

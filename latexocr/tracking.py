@@ -7,7 +7,9 @@ Our own small integration, because transformers' ``report_to="swanlab"`` raises
 * :func:`resolve_mode` turns a user-facing mode (``auto``, ``cloud``/``online``,
   ``local``, ``offline``, ``disabled``) into the name SwanLab uses.
 * :class:`Tracker` owns one SwanLab run: ``log`` scalars, ``log_predictions``
-  (image + predicted / reference LaTeX), ``finish``. ``enabled=False`` (non-main
+  (image captioned label first, then the prediction), ``log_worst`` / ``log_table``
+  (tables, as text), ``finish``. The config is flat (``lora.r``): the dashboard shows a
+  nested value as ``[object Object]``. ``enabled=False`` (non-main
   ranks) and mode ``disabled`` make every method a no-op that writes nothing.
 * :class:`SwanLabCallback` is a ``transformers.TrainerCallback`` that forwards
   the Trainer's logs to a :class:`Tracker`.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import TrainerCallback as _TrainerCallbackBase  # noqa: F401
 
-__all__ = ["MODES", "resolve_mode", "has_api_key", "dashboard_available", "Tracker", "SwanLabCallback"]
+__all__ = ["MODES", "resolve_mode", "has_api_key", "dashboard_available", "Tracker", "SwanLabCallback", "run_name"]
 
 #: Modes accepted by :func:`resolve_mode` (``cloud`` is an alias of ``online``).
 MODES = ("auto", "cloud", "online", "local", "offline", "disabled")
@@ -168,6 +170,33 @@ def _plain_scalar(value: Any) -> Any:
     return value
 
 
+def flatten_config(config: Mapping, prefix: str = "") -> dict:
+    """Nested mappings as one level of dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8}); None as
+    "None" (SwanLab stores None as an empty object, shown as [object Object] too)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}.") if value else {name: "{}"})
+        else:
+            flat[name] = "None" if value is None else value
+    return flat
+
+
+def run_name(adapter: str | None, input_spec: str) -> str:
+    """An infer.py run's name: its adapter (checkpoint folder and its parent) and its input."""
+    if adapter:
+        a = Path(adapter)
+        who = f"{a.parent.name}-{a.name}" if a.parent.name else a.name
+    else:
+        who = "base"
+    return f"infer-{who}-{Path(str(input_spec)).stem or 'input'}"
+
+
+#: What a caption keeps of a label and of a prediction: SwanLab's image grid shows only the start.
+CAPTION_CHARS = 48
+
+
 def _decode_image_dict(image: Mapping) -> Any:
     if image.get("bytes"):
         from io import BytesIO
@@ -213,7 +242,7 @@ class Tracker:
         if self.mode == "disabled":
             print("[tracking] SwanLab disabled: nothing is logged.", flush=True)
             return
-        self._start(_plain(dict(config or {})))
+        self._start(flatten_config(_plain(dict(config or {}))))
 
     # ------------------------------------------------------------------ setup
     def _start(self, config: dict) -> None:
@@ -221,6 +250,15 @@ class Tracker:
 
         kwargs = dict(project=self.project, name=self.experiment_name, config=config or None, reinit=True,
                       log_dir=str(self.logdir))
+        # No run may ever wait at a prompt: without a key, swanlab.init(mode="online") shows its
+        # login menu at a terminal and blocks; with interactive off, a bad key raises instead
+        # (and falls back below) rather than asking for another.
+        os.environ.setdefault("SWANLAB_INTERACTIVE", "false")
+        if self.mode == "online" and not has_api_key():
+            _warn("SwanLab cloud mode needs an API key and none is configured; falling back to 'offline'. "
+                  "To use the cloud: `swanlab login` (or set SWANLAB_API_KEY), then upload this run with "
+                  "`swanlab sync <run dir>`.")
+            self.mode = "offline"
         try:
             self.run = swanlab.init(mode=self.mode, **kwargs)
         except Exception as e:
@@ -261,7 +299,7 @@ class Tracker:
         """Add entries to the run's config (hyper-parameters)."""
         if not self.active or not config:
             return
-        self.run.config.update(_plain(dict(config)))
+        self.run.config.update(flatten_config(_plain(dict(config))))
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> dict:
         """Log the numeric (finite) values of ``metrics``; others are skipped.
@@ -285,19 +323,23 @@ class Tracker:
         max_rows: int = 32,
     ) -> int:
         """Log up to ``max_rows`` samples: each image (file path or PIL image)
-        under ``key`` with the prediction and label as its caption, plus the same
-        pair as text under ``f"{key}_text"`` (full length, easy to copy).
+        under ``key`` captioned label first, then the prediction (each cut to
+        CAPTION_CHARS, so a looping prediction cannot hide the label), plus the
+        same pair as text under ``f"{key}_text"`` (full length, easy to copy).
         Returns the number of rows logged."""
         if not self.active or not rows:
             return 0
         import swanlab
 
+        from .metrics import exact_match
+
         images, texts = [], []
         for row in list(rows)[: max(0, int(max_rows))]:
-            pred = str(row.get("prediction", ""))
+            pred = "" if row.get("prediction") is None else str(row.get("prediction"))
             label = str(row.get("label", ""))
-            match = pred.strip() == label.strip()
-            caption = f"{'✓' if match else '✗'} pred: {_shorten(pred, 300)} | label: {_shorten(label, 300)}"
+            match = bool(row.get("exact_match", exact_match(pred, label)))
+            caption = (f"{'✓' if match else '✗'} label: {_shorten(label, CAPTION_CHARS)} | "
+                       f"pred: {_shorten(pred, CAPTION_CHARS)}")
             image = row.get("image")
             if isinstance(image, os.PathLike):
                 image = os.fspath(image)
@@ -308,7 +350,7 @@ class Tracker:
                     images.append(swanlab.Image(image, caption=caption, size=1024))
                 except Exception as e:  # unreadable file etc.: keep the text
                     _warn(f"could not log image {image!r}: {e}")
-            texts.append(swanlab.Text(f"pred:  {pred}\nlabel: {label}", caption="match" if match else "differs"))
+            texts.append(swanlab.Text(f"label: {label}\npred:  {pred}", caption="match" if match else "differs"))
         payload: dict[str, Any] = {}
         if images:
             payload[key] = images
@@ -316,6 +358,42 @@ class Tracker:
             payload[f"{key}_text"] = texts
         if payload:
             self.run.log(payload, step=None if step is None else int(step))
+        return len(texts)
+
+    # Tables are logged as text: SwanLab's ECharts table does not show in the local dashboard
+    # (its chart list skips it and its data endpoint fails), text charts show everywhere.
+    def log_table(self, key: str, headers: list[str], rows: list[list], step: int | None = None) -> bool:
+        """Log one small table as an aligned plain-text block under ``key``; True when logged."""
+        if not self.active or not rows:
+            return False
+        import swanlab
+
+        cells = [[str(h) for h in headers]] + [[str(_plain(v)) for v in r] for r in rows]
+        widths = [max(len(line[c]) for line in cells) for c in range(len(headers))]
+        text = "\n".join(" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+        self.run.log({key: swanlab.Text(text, caption=key)}, step=None if step is None else int(step))
+        return True
+
+    def log_worst(self, rows: list[dict], step: int | None = None, key: str = "eval/worst",
+                  max_rows: int = 20) -> int:
+        """The ``max_rows`` worst-scored samples (highest edit distance first), one text entry
+        each: caption = rank and scores, text = label, prediction, image. Returns the rows logged."""
+        if not self.active:
+            return 0
+        import swanlab
+
+        scored = [r for r in rows or [] if "edit_distance" in r]
+        worst = sorted(scored, key=lambda r: (-r["edit_distance"], r.get("render_ok", True)))[: max(0, int(max_rows))]
+        texts = []
+        for rank, r in enumerate(worst, 1):
+            caption = (f"#{rank} ED {float(r['edit_distance']):.3f} · EM {float(r.get('exact_match', 0)):g} · "
+                       f"BLEU {float(r.get('bleu4', 0)):.1f} · {'renders' if r.get('render_ok') else 'does not render'}"
+                       + (" · hit MAX_NEW_TOKENS" if r.get("truncated") else ""))
+            pred = "" if r.get("prediction") is None else str(r["prediction"])
+            texts.append(swanlab.Text(f"label: {r.get('label', '')}\npred:  {pred}\nimage: {r.get('image', '')}",
+                                      caption=caption))
+        if texts:
+            self.run.log({key: texts}, step=None if step is None else int(step))
         return len(texts)
 
     def finish(self, state: str = "success", error: str | None = None) -> None:
@@ -398,6 +476,10 @@ def _build_callback_class():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
+                return
+            if "train_samples_per_second" in logs and "loss" not in logs:
+                # transformers' end-of-run totals would be one-point charts: keep them in the config
+                self.tracker.update_config({f"run.{k}": v for k, v in logs.items() if _to_number(v) is not None})
                 return
             self.tracker.log(rewrite_logs(logs), step=state.global_step)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_parquet_folder_with_config_layout_and_limit(tmp_path):
     rc, csv_path, image_dir = run(tmp_path, tmp_path / "repo", "--config", "small", "--limit", "20")
     assert rc == 0
     check_against_source(csv_path, images, texts, range(20))
-    assert sorted(p.name for p in image_dir.glob("*.png"))[0] == "small_train_000000.png"
+    # config, split, a fingerprint of the source's files, the row index
+    assert re.fullmatch(r"small_train_[0-9a-f]{10}_000000\.png", sorted(p.name for p in image_dir.glob("*.png"))[0])
     rc, csv_path, _ = run(tmp_path, tmp_path / "repo", "--config", "small", "--split", "test", out="t")
     check_against_source(csv_path, images, texts, range(3))
 

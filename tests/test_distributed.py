@@ -114,22 +114,43 @@ def _run(tmp, name, model_dir, data, processes, micro):
              "--lora-dropout", "0", "--num-workers", "0", "--swanlab-mode", "disabled",
              "--eval-batch-size", "4", "--max-new-tokens", "4", "--seed", "42"]
     script = [str(launcher), str(ROOT / "train.py")]
+    logs = tmp / name / "rank-logs"
     if processes == 1:
         cmd = [sys.executable, *script, *flags]
     else:
+        # --redirects/--tee: each rank's stdout/stderr also lands in its own file under `logs`, so a
+        # failure shows every rank's own last lines (torchrun's merged stream interleaves them)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *script, *flags]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--log-dir", str(logs), "--redirects", "3", "--tee", "3", *script, *flags]
     env = {**os.environ, "LATEXOCR_TRACE_BATCHES": str(trace), "LATEXOCR_TEST_DUMP": str(dump),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           # a rank that dies of a signal (SIGABRT from C++, SIGSEGV) prints every thread's Python stack
+           "PYTHONFAULTHANDLER": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
         env.pop(var, None)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tmp / name, env=env, capture_output=True, text=True, timeout=240)
+    # ~40-60 s on 2 idle cores; the limit leaves room for a machine busy with other work
+    proc = subprocess.run(cmd, cwd=tmp / name, env=env, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - start
-    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert proc.returncode == 0, (f"{name} failed ({_exit_reason(proc.returncode)}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-8000:]}{_rank_logs(logs)}")
     return proc, out, dump, trace, seconds
+
+
+def _exit_reason(rc: int) -> str:
+    import signal
+    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+
+
+def _rank_logs(folder: Path) -> str:
+    """The end of every rank's own stderr, for the failure message."""
+    parts = []
+    for f in sorted(folder.rglob("stderr.log")) if folder.exists() else []:
+        parts.append(f"\n---- {f.relative_to(folder)} (last 3000 chars) ----\n{f.read_text(errors='replace')[-3000:]}")
+    return "".join(parts)
 
 
 def _trace(trace_dir, rank):

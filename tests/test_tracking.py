@@ -204,8 +204,10 @@ def test_local_run_visible_in_dashboard(iso, capsys):
         assert len(runs) == 1, project["experiments"]
         exp = runs[0]
         cfg = {k: v["value"] for k, v in exp["config"].items()}
-        assert cfg["lr"] == 1e-4 and cfg["lora"] == {"r": 8} and cfg["path"] == "/x"
-        assert cfg["training_args"]["per_device_train_batch_size"] == 4
+        # flat: the dashboard shows a nested value as [object Object]
+        assert not any(isinstance(v, dict) for v in cfg.values()), cfg
+        assert cfg["lr"] == 1e-4 and cfg["lora.r"] == 8 and cfg["path"] == "/x"
+        assert cfg["training_args.per_device_train_batch_size"] == 4
 
         summary = _get_json(f"{dash.base}/api/v1/experiment/{exp['id']}/summary")
         values = {s["key"]: s["value"] for s in summary["summaries"]}
@@ -297,6 +299,7 @@ def test_online_failure_falls_back_to_offline(iso, monkeypatch, capsys):
         return real_init(*args, mode=mode, **kwargs)
 
     monkeypatch.setattr(swanlab, "init", fake_init)
+    monkeypatch.setenv("SWANLAB_API_KEY", "a-key-the-cloud-would-reject")  # without one it never tries
     logdir = iso.tmp / "swanlog"
     tracker = tracking.Tracker("cloud", project="p", experiment_name="fallback", config={"a": 1}, logdir=logdir)
     assert calls == ["online", "offline"] and tracker.mode == "offline"
@@ -352,9 +355,62 @@ def test_callback_with_real_trainer(iso):
     assert [step for step, _ in per_step] == [1, 2, 3, 4]
     for _, logged in per_step:
         assert {"train/loss", "train/learning_rate", "train/epoch"} <= set(logged)
-    assert any("train/train_runtime" in logged for _, logged in seen)  # the end-of-training summary
+    # transformers' end-of-run totals are one point each: kept in the config, not charted
+    assert not any("train/train_samples_per_second" in logged or "train/train_loss" in logged for _, logged in seen)
     cfg = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
     assert cfg["model"]["value"] == "toy"
-    targs = cfg["training_args"]["value"]
-    assert targs["learning_rate"] == 1e-2 and targs["max_steps"] == 4 and targs["lr_scheduler_type"] == "linear"
-    assert cfg["model_params"]["value"] == {"total": 5, "trainable": 5}
+    assert cfg["run.train_runtime"]["value"] > 0 and "run.train_loss" in cfg
+    assert cfg["training_args.learning_rate"]["value"] == 1e-2 and cfg["training_args.max_steps"]["value"] == 4
+    assert cfg["training_args.lr_scheduler_type"]["value"] == "linear"
+    assert cfg["model_params.total"]["value"] == 5 and cfg["model_params.trainable"]["value"] == 5
+
+
+def test_cloud_without_key_never_prompts_at_a_terminal(iso, tmp_path):
+    """At an interactive terminal, swanlab.init(mode="online") without a key shows a login menu
+    and waits for input. Run it as a user would (a pseudo-terminal, nothing typed): it must
+    fall back to offline at once, naming the login command, and never show the menu."""
+    import os
+    import pty
+
+    code = ("from latexocr.tracking import Tracker; t = Tracker('cloud', 'p', 'nokey', logdir='swanlog'); "
+            "print('MODE', t.mode); t.finish()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), PYTHONPATH=str(Path(__file__).parents[1]))
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env=env,
+                            cwd=iso.work)
+    os.close(child)
+    output = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    try:
+        rc = proc.wait(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"blocked at a prompt: {output.decode(errors='replace')[-500:]}")
+    finally:
+        os.close(main)
+    text = output.decode(errors="replace")
+    assert rc == 0, text
+    assert "MODE offline" in text and "swanlab login" in text, text
+    assert "Enter your choice" not in text
+
+
+# ---------------------------------------------------------------------------- names, flat config
+def test_run_names_say_adapter_and_input():
+    assert tracking.run_name("output/Qwen2-VL-2B-LatexOCR/final", "latex_ocr_val.json") == \
+        "infer-Qwen2-VL-2B-LatexOCR-final-latex_ocr_val"
+    assert tracking.run_name("output/run/checkpoint-100", "data/test.csv") == "infer-run-checkpoint-100-test"
+    assert tracking.run_name(None, "imgs/") == "infer-base-imgs"
+
+
+def test_config_is_flat():
+    flat = tracking.flatten_config({"lr": 1e-4, "lora": {"r": 8, "alpha": {"x": 1}}, "none": None, "empty": {}})
+    assert flat == {"lr": 1e-4, "lora.r": 8, "lora.alpha.x": 1, "none": "None", "empty": "{}"}

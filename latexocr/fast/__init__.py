@@ -22,7 +22,12 @@ from .trainer import FastTrainer
 from .upstream import drift
 from .vision import PackedExtras, graph_vision_tower, takes_precomputed_vision
 
-__all__ = ["plan_training", "prepare_model", "plain_text_attention"]
+__all__ = ["check_settings", "plan_training", "prepare_model", "plain_text_attention"]
+
+
+def check_settings(args) -> None:
+    """Stops on a fast-path setting no run could take (a wrong COMPILE_LAYERS), before the model loads."""
+    should_compile(args.compile_layers, 0)
 
 
 def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attention: bool = True):
@@ -34,16 +39,29 @@ def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attent
     return model
 
 
+def _vision_parameters(model):
+    from ..modeling import vision_language_core
+    core = vision_language_core(model)
+    return core.visual.parameters() if core is not None else ()
+
+
 def plan_training(model, args, *, processes: int, accumulation: int, planned_steps: int):
     """Switch the fast path on for `model` (LoRA already added) as train.py's settings `args` ask:
     packed text attention, compiled blocks and CUDA graphs where they pay. Returns the Plan: the
     TrainCollator and trainer options, and a one-line summary to print."""
+    from ..linear_attention import has_linear_attention
     from ..speed import Plan
 
     packed = args.packing
+    linear_attention = has_linear_attention(model)  # Qwen3.5: keeps packed samples apart by the boundaries
+    # a vision tower that trains (TUNE=lora_vision, UNFREEZE_MERGER/VISION) takes the model's own
+    # forward: the sync-free step was checked with a frozen tower, and a CUDA graph records no backward
+    vision_trains = any(p.requires_grad for p in _vision_parameters(model))
     text_attention = (packed and args.packed_text_attention and args.attn_implementation == "sdpa"
                       and use_packed_text_attention(model))  # flash varlen on GPU: no work on masked-out scores
-    measured_setup = not (args.deepspeed or args.gradient_checkpointing)
+    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
+    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
+    measured_setup = not (args.deepspeed or args.gradient_checkpointing or linear_attention)
     graphs_if_compiled = should_use_cuda_graphs(args.cuda_graphs, True, processes, accumulation)
     cache = CompileCache(model, graphs_if_compiled) if args.compile_layers.lower() != "off" else None
     warm = cache is not None and cache.warm
@@ -52,14 +70,14 @@ def plan_training(model, args, *, processes: int, accumulation: int, planned_ste
     vision_graphs, callbacks, parts = None, [], []
     if text_attention:
         parts.append("packed text attention")
-    precomputed = packed and args.supervised_logits_only and takes_precomputed_vision(model)
+    precomputed = packed and args.supervised_logits_only and takes_precomputed_vision(model) and not vision_trains
     if precomputed:
         parts.append("sync-free Qwen2-VL step")
     if compiled:
         cache.use()
         n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
         # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
-        vision_graphs = graph_vision_tower(model) if cuda_graphs and packed else None
+        vision_graphs = graph_vision_tower(model) if cuda_graphs and precomputed else None
         callbacks.append(cache.callback())
         graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
         cost = "from the warm compile cache" if warm else "cold compile cache, ~1 min once in the first steps"
@@ -68,11 +86,11 @@ def plan_training(model, args, *, processes: int, accumulation: int, planned_ste
     elif args.compile_layers.lower() == "auto" and torch.cuda.is_available():
         from_steps = COMPILE_WARM_FROM_STEPS if warm else COMPILE_COLD_FROM_STEPS
         parts.append(f"eager (COMPILE_LAYERS=auto compiles from {from_steps} steps"
-                     f"{' and without DeepSpeed / gradient checkpointing' if not measured_setup else ''})")
+                     f"{' and without DeepSpeed / gradient checkpointing / linear attention' if not measured_setup else ''})")
     collator_options = {}
     if packed:
         collator_options["packed_extras"] = PackedExtras(
-            text_attention=bool(text_attention), precomputed_vision=precomputed,
+            text_attention=bool(text_attention) or linear_attention, precomputed_vision=precomputed,
             pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None)
     if cuda_graphs:
         collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE

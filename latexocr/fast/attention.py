@@ -86,7 +86,7 @@ PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
 # The packed collator computes the sample boundaries on the CPU and passes them to the model under
 # these names (not transformers' cu_seq_lens_q: the vision tower receives the same kwargs and
 # has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
-CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
+from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY  # noqa: E402 (the collator emits them)
 
 
 @torch.compiler.disable  # data-dependent (nonzero, .max()): only when the batch did not bring boundaries

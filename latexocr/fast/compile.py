@@ -34,7 +34,7 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     H100, the first few dozen steps). Use it with a collator that pads rows to few shapes
     (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
     torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision blocks are
-    compiled without graphs here; latexocr.vision.VisionGraphs replays the whole (frozen) tower as
+    compiled without graphs here; latexocr.fast.vision.VisionGraphs replays the whole (frozen) tower as
     one graph per padded patch count instead.
     """
     # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of

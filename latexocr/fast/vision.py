@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..batching import sample_boundaries
+from ..modeling import vision_language_core
 from .attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
 
 VISION_POSITIONS_KEY = "vision_position_ids"    # (patches, 2) row/column of every patch
@@ -81,12 +83,7 @@ def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_value
     }
 
 
-def _vision_language_core(model):
-    """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = getattr(core, "model", core)
-    return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
+_vision_language_core = vision_language_core  # latexocr.modeling (inference uses it too)
 
 
 def takes_precomputed_vision(model) -> bool:
@@ -201,8 +198,7 @@ class PackedExtras:
     def __call__(self, batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
         extras = {REAL_TOKENS_KEY: real_tokens}
         if self.text_attention:
-            extras[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            extras[MAX_LENGTH_KEY] = max_length
+            extras.update(sample_boundaries(batch, lengths, max_length, real_tokens, encoder))
         if self.precomputed_vision:
             extras.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
                                             batch["image_grid_thw"], encoder.processor.image_processor.merge_size,

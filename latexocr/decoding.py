@@ -1,0 +1,321 @@
+"""Greedy decoding with a static KV cache and a CUDA-graph decode step (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+transformers' `generate` does host work every token (logits processors, stopping criteria with a
+GPU->CPU sync, growing caches and masks, one launch per kernel), so at batch 512 one step costs about
+what it costs at batch 128 (docs/BENCHMARKS.md). This loop around the
+model's own forward does the same greedy search with:
+
+* prefill per chunk of similar-sized images (the batch comes sorted by image area), each chunk
+  padded only to its own longest prompt and run by the model's own forward (vision tower, M-RoPE);
+  its KV cache is copied, right-aligned, into one static cache so every row's prompt ends at slot P;
+* a decode step that reads and writes only fixed buffers: the next token, its M-RoPE position
+  (text tokens advance all three axes alike: last prompt position + 1 + t, as generate does; taken
+  from the prompt's positions, not from `rope_deltas`, which count from a row's unpadded length), the
+  cache slot, the key mask, the stop flags and the token history. On CUDA it is captured once per
+  (rows, cache length) as a CUDA graph and replayed: one launch per token, no host work;
+* a stop check every STOP_CHECK_EVERY tokens (the only GPU->CPU sync), where the batch is also
+  compacted to the next smaller bucket once at most half of its rows are still running.
+
+Greedy results equal one-at-a-time generate's in fp32 (tests/test_decoding.py: three families, rows
+stopping at different lengths; tests/test_infer.py with a trained adapter). Models whose cache is
+not a plain per-layer KV cache (linear-attention or sliding layers, e.g. Qwen3.5) and non-greedy
+settings use `generate` (`static_decode_supported`).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .modeling import vision_language_core as _vision_language_core
+
+SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+STOP_CHECK_EVERY = 8      # tokens between stop checks (one GPU->CPU sync each)
+CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up so few graph shapes occur
+MIN_BUCKET = 8            # compaction never goes below this many rows
+# generate() options the loop implements; any other one sends predict() to generate.
+SUPPORTED_OPTIONS = {"min_new_tokens"}
+
+
+def _unwrap(model):
+    """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def static_decode_supported(model, options: dict | None = None) -> bool:
+    """True where this loop computes exactly what greedy `generate` computes: a Qwen2/2.5/3-VL model
+    with plain full attention in every text layer (one KV pair per layer), sdpa attention, and no
+    generate() option the loop does not implement (repetition penalty etc. in the generation config)."""
+    core = _vision_language_core(model)
+    if core is None or getattr(core.config, "model_type", "") not in SUPPORTED_FAMILIES:
+        return False
+    text = core.config.text_config
+    if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"])):
+        return False
+    if getattr(text, "use_sliding_window", False) or text._attn_implementation != "sdpa":
+        return False
+    if set(options or {}) - SUPPORTED_OPTIONS:
+        return False
+    gen = getattr(_unwrap(model), "generation_config", None)
+    return gen is None or ((gen.repetition_penalty in (None, 1.0)) and not gen.no_repeat_ngram_size
+                           and not gen.bad_words_ids and not gen.suppress_tokens and not gen.begin_suppress_tokens
+                           and not gen.sequence_bias)
+
+
+# transformers' sdpa path repeats every key/value head for its query heads whenever a mask is given
+# (on CUDA; `use_gqa_in_sdpa`): at batch 512 that copies the whole KV cache six times per layer and
+# token. One query token per row lets the query heads of a key/value head stand in for the query
+# length instead: the same attention in one sdpa call, with the cache read once.
+GROUPED_DECODE_ATTENTION = "sdpa_grouped_decode"
+
+
+def _grouped_decode_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    rows, heads, length, dim = query.shape  # length == 1 in a decode step
+    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1] * length, dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def _layer_kv(cache):
+    """(keys, values) per layer of a transformers cache returned by a prefill forward."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+class _SlotCache:
+    """The cache object handed to the model in a decode step: writes the new key/value at slot
+    `write_at` (a 1-element device tensor, so a CUDA graph replays it at a moving slot) and returns
+    the whole fixed-length buffers; the key mask hides the slots not yet written and the padding."""
+
+    def __init__(self, keys, values, write_at):
+        self.keys, self.values, self.write_at = keys, values, write_at
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_at, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _State:
+    """The fixed buffers of one (rows, cache length) shape, and its CUDA graph once captured."""
+
+    def __init__(self, rows: int, length: int, max_new: int, kv_storage, kv_shape, device):
+        heads, dim = kv_shape
+        numel = rows * heads * length * dim
+        self.rows, self.length = rows, length
+        self.keys = [s[0][:numel].view(rows, heads, length, dim) for s in kv_storage]
+        self.values = [s[1][:numel].view(rows, heads, length, dim) for s in kv_storage]
+        self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)   # key mask
+        self.token = torch.zeros(rows, dtype=torch.long, device=device)            # last token, fed next
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)         # its M-RoPE position
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.history = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+        self.origin = torch.zeros(rows, dtype=torch.long, device=device)           # row of the batch
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)            # cache slot of `token`
+        self.step = torch.zeros(1, dtype=torch.long, device=device)                # index of the token made
+        self.cache = _SlotCache(self.keys, self.values, self.write_at)
+        self.graph = None
+
+
+class StaticDecoder:
+    """Greedy decoding of left-padded prompt chunks; see the module docstring.
+
+    use_graphs: None = on CUDA; the step runs eagerly otherwise (CPU, or a capture that failed).
+    """
+
+    def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                 min_new_tokens: int = 0, use_graphs: bool | None = None):
+        self.model = _unwrap(model)
+        self.core = _vision_language_core(model)
+        text = self.core.config.text_config
+        self.layers = text.num_hidden_layers
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kv_shape = (text.num_key_value_heads, head_dim)
+        embed = self.core.get_input_embeddings().weight
+        self.device, self.dtype = embed.device, embed.dtype
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
+        self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        # transformers 5.24 renamed forward's past_key_values to cache (the old name still works there)
+        params = inspect.signature(self.core.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        from transformers import AttentionInterface
+        AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_sdpa)
+        self.text_config = text
+        self.states: dict[tuple, _State] = {}
+        self.kv_storage, self.kv_numel = [], 0
+        self.pool = None
+
+    # ---- buffers ----------------------------------------------------------------------------
+    def _state(self, rows: int, length: int) -> _State:
+        """Buffers for this shape. Every shape views one storage per layer (only one shape is in use
+        at a time), sized for the largest shape seen; growing it drops the graphs that pointed at it."""
+        heads, dim = self.kv_shape
+        numel = rows * heads * length * dim
+        if numel > self.kv_numel:
+            self.states.clear()
+            self.kv_storage = []  # free the old storage before allocating the new
+            self.kv_storage = [(torch.zeros(numel, dtype=self.dtype, device=self.device),
+                                torch.zeros(numel, dtype=self.dtype, device=self.device))
+                               for _ in range(self.layers)]
+            self.kv_numel = numel
+        key = (rows, length)
+        if key not in self.states:
+            self.states[key] = _State(rows, length, self.max_new, self.kv_storage, self.kv_shape, self.device)
+        return self.states[key]
+
+    # ---- one token ----------------------------------------------------------------------------
+    def _pick(self, logits, step, finished):
+        """Greedy choice as generate makes it: stop tokens barred before min_new_tokens, and pad once finished."""
+        logits = logits.float()
+        if self.min_new:
+            barred = (step < self.min_new).expand(logits.shape[0], len(self.stop_ids))
+            logits.scatter_(1, self.stop_ids.expand(logits.shape[0], -1),
+                            torch.where(barred, float("-inf"), logits.gather(1, self.stop_ids.expand(logits.shape[0], -1))))
+        token = logits.argmax(-1)
+        return torch.where(finished, torch.full_like(token, self.pad_id), token)
+
+    def _step(self, s: _State) -> None:
+        """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
+        s.valid.index_fill_(1, s.write_at, True)
+        position = s.position.view(1, -1, 1).expand(3, -1, 1)
+        plain, self.text_config._attn_implementation = self.text_config._attn_implementation, GROUPED_DECODE_ATTENTION
+        try:
+            out = self.model(input_ids=s.token[:, None], position_ids=position,
+                             attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
+                             use_cache=True, logits_to_keep=1, **{self.cache_arg: s.cache})
+        finally:
+            self.text_config._attn_implementation = plain
+        token = self._pick(out.logits[:, -1], s.step, s.finished)
+        s.history.index_copy_(1, s.step, token[:, None])
+        s.finished |= torch.isin(token, self.stop_ids)
+        s.token.copy_(token)
+        s.position += 1
+        s.write_at += 1
+        s.step += 1
+
+    def _run_step(self, s: _State) -> None:
+        if not self.use_graphs:
+            return self._step(s)
+        if s.graph is None:
+            self._capture(s)  # runs one real step, then records the graph
+            return
+        s.graph.replay()
+
+    def _capture(self, s: _State) -> None:
+        """Run one real step on a side stream (cuBLAS handles, kernel choice, allocations happen off
+        the capture), then record the step; if recording fails, later steps run eagerly."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(s)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the DataLoader's pin-memory thread must not invalidate the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self._step(s)
+        except RuntimeError as exc:
+            print(f"warning: the decode step could not be captured as a CUDA graph ({exc}); running it eagerly",
+                  flush=True)
+            self.use_graphs = False
+            return
+        s.graph = graph
+
+    # ---- one batch ----------------------------------------------------------------------------
+    def _prefill(self, chunks: list[dict], rows: int) -> _State:
+        prompt = max(c["input_ids"].shape[1] for c in chunks)
+        # slots: the prompt, then every generated token but the last (it is never fed back)
+        length = -(-(prompt + max(self.max_new - 1, 1)) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+        s = self._state(rows, length)
+        s.valid.zero_()
+        s.finished.zero_()
+        s.history.fill_(self.pad_id)
+        s.origin.copy_(torch.arange(rows, device=self.device))
+        first, row = [], 0
+        for chunk in chunks:
+            n, width = chunk["input_ids"].shape
+            if "position_ids" not in chunk:  # as generate computes them: the text row, then the M-RoPE rows
+                mask = chunk["attention_mask"]
+                rope, _ = self.core.get_rope_index(chunk["input_ids"], image_grid_thw=chunk["image_grid_thw"],
+                                                   attention_mask=mask, mm_token_type_ids=chunk["mm_token_type_ids"])
+                text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+                chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
+            rope = chunk["position_ids"][1:]
+            out = self.model(**chunk, use_cache=True, logits_to_keep=1)
+            start = prompt - width
+            for layer, (k, v) in enumerate(_layer_kv(out.cache if hasattr(out, "cache") else out.past_key_values)):
+                s.keys[layer][row:row + n, :, start:prompt].copy_(k)
+                s.values[layer][row:row + n, :, start:prompt].copy_(v)
+            s.valid[row:row + n, start:prompt] = chunk["attention_mask"].bool()
+            # generate's next position: the last prompt position + 1 (a text token: equal on all three axes)
+            s.position[row:row + n] = rope[:, :, -1].max(0).values + 1
+            first.append(out.logits[:, -1])
+            row += n
+            del out
+        s.step.zero_()
+        token = self._pick(torch.cat(first), s.step, s.finished)
+        s.history[:, 0] = token
+        s.finished |= torch.isin(token, self.stop_ids)
+        s.token.copy_(token)
+        s.write_at.fill_(prompt)
+        s.step.fill_(1)
+        return s
+
+    def _compact(self, s: _State, alive: torch.Tensor, done_tokens, done_finished) -> _State:
+        """Move the running rows into the buffers of a smaller bucket (padding rows marked finished)."""
+        keep = alive.nonzero().flatten()
+        rows = max(MIN_BUCKET, 1 << (len(keep) - 1).bit_length())
+        gone = (~alive).nonzero().flatten()
+        done_tokens.index_copy_(0, s.origin[gone], s.history[gone])
+        done_finished.index_copy_(0, s.origin[gone], s.finished[gone])
+        # read everything out before the new views (same storage) are written
+        saved = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in zip(s.keys, s.values)]
+        small = {name: getattr(s, name).index_select(0, keep)
+                 for name in ("valid", "token", "position", "finished", "history", "origin")}
+        write_at, step = s.write_at.clone(), s.step.clone()
+        t = self._state(rows, s.length)
+        n = len(keep)
+        for layer, (k, v) in enumerate(saved):
+            t.keys[layer][:n].copy_(k)
+            t.values[layer][:n].copy_(v)
+        del saved
+        for name, value in small.items():
+            getattr(t, name)[:n].copy_(value)
+        t.valid[n:] = False
+        t.valid[n:, 0] = True  # padding rows attend to one slot (no all-masked softmax)
+        t.finished[n:] = True
+        t.origin[n:] = done_tokens.shape[0] - 1  # a scratch row
+        t.write_at.copy_(write_at)
+        t.step.copy_(step)
+        return t
+
+    @torch.inference_mode()
+    def generate(self, chunks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens: rows x max_new_tokens, pad after the stop token; stopped: rows) on the CPU, rows
+        in the order of the chunks. Each chunk is a left-padded processor batch on the model's device."""
+        rows = sum(c["input_ids"].shape[0] for c in chunks)
+        s = self._prefill(chunks, rows)
+        done_tokens = torch.full((rows + 1, self.max_new), self.pad_id, dtype=torch.long, device=self.device)
+        done_finished = torch.zeros(rows + 1, dtype=torch.bool, device=self.device)
+        made = 1
+        while made < self.max_new:
+            for _ in range(min(STOP_CHECK_EVERY, self.max_new - made)):
+                self._run_step(s)
+                made += 1
+            if made >= self.max_new:
+                break
+            alive = ~s.finished
+            running = int(alive.sum())  # the stop check: one sync every STOP_CHECK_EVERY tokens
+            if running == 0:
+                break
+            if max(MIN_BUCKET, 1 << (running - 1).bit_length()) <= s.rows // 2:
+                s = self._compact(s, alive, done_tokens, done_finished)
+        done_tokens.index_copy_(0, s.origin, s.history)
+        done_finished.index_copy_(0, s.origin, s.finished)
+        return done_tokens[:rows].cpu(), done_finished[:rows].cpu()

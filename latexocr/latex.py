@@ -1,0 +1,90 @@
+"""LaTeX as the metrics see it: the dataset's tokens, math delimiters stripped, KaTeX's verdict.
+
+LaTeX_OCR's labels were normalised by KaTeX's parser and written with one space between tokens
+(``\\frac { 1 } { 2 }``). :func:`tokenize` reproduces that tokenisation for labels exactly and
+splits compact LaTeX (``\\frac{1}{2}``) into the same tokens, so scores judge the formula and not
+its spacing. :func:`render_error` / :func:`to_mathml` ask KaTeX itself (through ``pykatex``, which
+embeds KaTeX in QuickJS: no node, no browser), the parser that normalised the labels.
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["strip_math", "tokenize", "render_error", "to_mathml"]
+
+# The dataset fuses a few constructs into one token: \begin{array}, \end{array}, and \left / \right
+# with their delimiter (\left(, \right., \left\{). Everything else is a control word (\frac),
+# a control symbol (\{ \, \\), or one character.
+_TOKEN = re.compile(
+    r"\\(?:begin|end)\s*\{\s*[A-Za-z]+\*?\s*\}"               # \begin{array}
+    r"|\\(?:left|right)(?![A-Za-z])\s*(?:\\[A-Za-z]+|\\.|[^\s\\])"  # \left( \right\} \left\langle
+    r"|\\[A-Za-z]+"                                           # control word
+    r"|\\."                                                   # control symbol
+    r"|\S",                                                   # one character
+    re.DOTALL,
+)
+_SPACE = re.compile(r"\s+")
+
+# Wrappers models put around an answer: code fences and display/inline math delimiters.
+_FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+_WRAPPERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
+_ENVIRONMENT = re.compile(r"^\\begin\{(equation|displaymath|math)(\*?)\}(.*)\\end\{\1\2\}$", re.DOTALL)
+
+
+def strip_math(text: str | None) -> str:
+    """The formula without code fences, ``$$ $$``, ``\\[ \\]``, ``\\( \\)``, ``$ $`` or an
+    ``equation``/``displaymath`` environment around it (peeled repeatedly); None -> ""."""
+    if text is None:
+        return ""
+    text = str(text).strip()
+    while True:
+        fence = _FENCE.match(text)
+        env = _ENVIRONMENT.match(text)
+        if fence:
+            inner = fence.group(1)
+        elif env:
+            inner = env.group(3)
+        else:
+            inner = next((text[len(a):-len(b)] for a, b in _WRAPPERS
+                          if len(text) >= len(a) + len(b) and text.startswith(a) and text.endswith(b)), None)
+        if inner is None:
+            return text
+        text = inner.strip()
+
+
+def tokenize(text: str | None) -> list[str]:
+    """The dataset's LaTeX tokens of ``text`` (delimiters stripped first).
+
+    For a label this equals ``label.split()``; ``\\frac{1}{2}`` and ``\\frac { 1 } { 2 }`` give
+    the same tokens. Inside a fused token the spaces are dropped (``\\left (`` -> ``\\left(``).
+    """
+    return [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
+
+
+def _katex(latex: str) -> str:
+    import pykatex  # imported here: the metrics module stays importable where no wheel exists
+
+    return pykatex.renderToString(latex, output="mathml", displayMode=True, throwOnError=True)
+
+
+def render_error(text: str | None) -> str | None:
+    """None when KaTeX parses the formula (delimiters stripped), else its one-line error.
+
+    An empty formula counts as not rendering: an OCR model that writes nothing has failed.
+    """
+    latex = strip_math(text)
+    if not latex:
+        return "empty formula"
+    try:
+        _katex(latex)
+    except ImportError:
+        raise
+    except Exception as exc:  # KaTeX's ParseError (and anything else it throws) is the verdict
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
+
+
+def to_mathml(text: str | None) -> str:
+    """KaTeX's MathML for the formula (Chromium, Firefox and Safari render MathML natively);
+    raises on a formula KaTeX rejects."""
+    return _katex(strip_math(text))

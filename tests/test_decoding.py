@@ -1,0 +1,100 @@
+"""latexocr/decoding.py: the static-cache loop gives generate's greedy results. CPU, tiny models, fp32."""
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import latexocr.decoding as decoding
+import latexocr.generation as generation
+from latexocr.batching import SampleEncoder, generation_batch
+from latexocr.generation import predict, prompt_positions
+from latexocr.sample import load_image, sizing_for
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+NEW_TOKENS = 16
+
+
+def load(folder):
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(folder)
+    return model.eval(), SampleEncoder(processor, sizing_for(processor))
+
+
+def stop_at_different_lengths(model, encoder, paths, **kw) -> list[dict]:
+    """A random tiny model never says <|im_end|>: give it the output weights of a character that the
+    one-at-a-time outputs contain at different places (x1.5, so it wins where that character would),
+    until rows stop at different lengths and some run to the cap. Returns generate's results then."""
+    texts = [r["prediction"] for r in predict(model, encoder, paths, batch_size=1, engine="generate", **kw)]
+    candidates = [c for c in string.ascii_letters + string.digits + string.punctuation
+                  if 0 < sum(c in t for t in texts) < len(texts)]
+    candidates.sort(key=lambda c: -len({t.index(c) for t in texts if c in t}))
+    weight = model.get_output_embeddings().weight
+    original = weight[encoder.end_of_turn_id].clone()
+    for ch in candidates[:6]:
+        with torch.no_grad():
+            weight[encoder.end_of_turn_id] = 1.5 * weight[encoder.tokenizer.convert_tokens_to_ids(ch)]
+        reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
+        if len({len(r["prediction"]) for r in reference}) >= 2 and {r["truncated"] for r in reference} == {True, False}:
+            return reference
+        with torch.no_grad():
+            weight[encoder.end_of_turn_id] = original
+    pytest.fail(f"no character makes the rows stop at different lengths: {texts}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_loop_equals_one_at_a_time_generate(tiny_family_dirs, formula_images, family, monkeypatch):
+    model, encoder = load(tiny_family_dirs[family])
+    paths = [p for p, _ in formula_images[:10]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
+    reference = stop_at_different_lengths(model, encoder, paths, **kw)
+    # small prefill chunks, frequent stop checks, compaction down to 1 row: every path of the loop
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
+    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
+    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
+    static = predict(model, encoder, paths, batch_size=10, engine="static", **kw)
+    assert static == reference
+    assert len({r["prediction"] for r in reference}) > 1
+
+
+def test_min_new_tokens_is_honoured(tiny_family_dirs, formula_images):
+    model, encoder = load(tiny_family_dirs["qwen2_vl"])
+    paths = [p for p, _ in formula_images[:4]]
+    with torch.no_grad():  # <|im_end|> would win at once
+        model.get_output_embeddings().weight[encoder.end_of_turn_id] *= 0
+        model.get_output_embeddings().bias = None
+        model.get_output_embeddings().weight[encoder.end_of_turn_id] += 100 * model.get_output_embeddings().weight.abs().max()
+    kw = dict(max_new_tokens=6, num_workers=0, progress=False, min_new_tokens=4)
+    reference = predict(model, encoder, paths, batch_size=4, engine="generate", **kw)
+    static = predict(model, encoder, paths, batch_size=4, engine="static", **kw)
+    assert static == reference
+
+
+def test_unsupported_settings_use_generate(tiny_family_dirs):
+    model, encoder = load(tiny_family_dirs["qwen2_vl"])
+    assert decoding.static_decode_supported(model)
+    assert decoding.static_decode_supported(model, {"min_new_tokens": 4})
+    assert not decoding.static_decode_supported(model, {"num_beams": 2})
+    model.generation_config.repetition_penalty = 1.05
+    assert not decoding.static_decode_supported(model)
+    model.generation_config.repetition_penalty = 1.0
+    model.config.text_config._attn_implementation = "eager"
+    assert not decoding.static_decode_supported(model)
+    with pytest.raises(ValueError, match="engine='generate'"):
+        predict(model, encoder, [], engine="static")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_positions_match_the_model(tiny_family_dirs, formula_images, family):
+    model, encoder = load(tiny_family_dirs[family])
+    batch = generation_batch(encoder, [load_image(p, encoder.sizing) for p, _ in formula_images[:5]])
+    assert batch["attention_mask"].min() == 0  # left padding present
+    rope, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                         image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    ours = prompt_positions(batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                            encoder.processor.image_processor.merge_size)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(ours[1:][:, real], rope[:, real])
+    assert torch.equal(ours[0][real], (batch["attention_mask"].cumsum(-1) - 1)[real])

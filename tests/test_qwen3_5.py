@@ -1,0 +1,279 @@
+"""Qwen3.5 (Gated DeltaNet + full-attention hybrid) through the same code: CPU, a tiny offline model.
+
+The tiny model has both layer kinds (three linear-attention layers, one full-attention layer), a
+vision tower with patch 16, Qwen3VLProcessor, its own tokenizer class and a chat template with the
+thinking mode. Packed rows are the risk specific to this family: a linear-attention layer carries a
+convolution and a recurrent state along the row, so these tests check per-sample equality with
+padded batches and with each sample alone, and that the check fails without the fix.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
+from latexocr.linear_attention import keep_packed_samples_apart
+from latexocr.sample import sizing_for
+from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
+from latexocr.fast.vision import PRECOMPUTED_KEYS
+
+from test_train import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_script, trainer_state
+
+GDN_PROJECTIONS = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from latexocr.testing import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_5"), "qwen3_5")
+
+
+@pytest.fixture(scope="module")
+def encoder(model_dir):
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return SampleEncoder(processor, sizing_for(processor))
+
+
+def load(model_dir, packed: bool = True):
+    """The model as train.py sets it up for packed batches (or untouched, packed=False)."""
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa")
+    if packed:
+        use_packed_text_attention(model)
+        use_packed_vision_attention(model)
+        assert keep_packed_samples_apart(model) == 3  # the three linear-attention layers
+    return model.eval()
+
+
+def forward_logits(model, batch) -> torch.Tensor:
+    """Logits of every position of a batch (rows x length x vocab), as training computes them."""
+    inputs = {k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS and k != "labels"}
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+def per_sample_losses(model, batch) -> list[float]:
+    """Summed cross-entropy of each sample's supervised tokens (packed: split by the row's boundaries)."""
+    logits, labels = forward_logits(model, batch), batch["labels"]
+    if CU_SEQLENS_KEY in batch:
+        bounds = batch[CU_SEQLENS_KEY].tolist()
+        rows = [(logits[0, s:e], labels[0, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    else:
+        rows = list(zip(logits, labels))
+    losses = []
+    for lg, lb in rows:
+        keep = lb[1:] != IGNORE_INDEX
+        losses.append(float(F.cross_entropy(lg[:-1][keep].float(), lb[1:][keep], reduction="sum")))
+    return losses
+
+
+def samples(formula_images, n):
+    return formula_images[:n]
+
+
+# ------------------------------------------------------------------------- the model and its template
+def test_tiny_model_has_both_layer_kinds_vision_processor_and_template(model_dir, encoder):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"
+    assert model.config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    assert GDN_PROJECTIONS | {"q_proj", "k_proj", "v_proj", "o_proj", "conv1d"} <= names
+    assert hasattr(model.model, "visual")
+    processor = encoder.processor
+    assert type(processor).__name__ == "Qwen3VLProcessor"
+    assert type(processor.tokenizer).__name__ == "Qwen3_5Tokenizer"
+    assert encoder.sizing.factor == 32  # patch 16 x merge 2
+    # the template's thinking mode, as Qwen3.5's own: on by default, an empty closed block when off
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "read"}]}]
+    on = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    off = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert not on.startswith("<|im_start|>system")  # no default system turn
+    assert on.endswith("<|im_start|>assistant\n<think>\n")
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_thinking_is_off_in_the_prompt_and_never_supervised(encoder, formula_images):
+    """The prompt (training and generation alike) ends with the template's empty <think></think>
+    block; the model learns only the formula and <|im_end|> after it."""
+    assert encoder.prompt_text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tok = encoder.tokenizer
+    think_ids = {tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+    batch = TrainCollator(encoder, packed=False)(samples(formula_images, 4))
+    for row, (_, label) in zip(batch["labels"], samples(formula_images, 4)):
+        supervised = row[row != IGNORE_INDEX].tolist()
+        assert tok.decode(supervised) == label + "<|im_end|>"
+        assert not think_ids & set(supervised)
+    # the prompt does hold the (closed) block, unsupervised
+    ids = batch["input_ids"][0].tolist()
+    assert all(t in ids for t in think_ids)
+
+
+def test_lora_covers_both_layer_kinds_and_not_the_vision_tower(model_dir):
+    from latexocr.modeling import add_lora
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(model_dir), 8, 16, 0.0)
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert all("language_model" in n for n in wrapped)
+    by_layer = {}
+    for name in wrapped:
+        layer = int(name.split("layers.")[1].split(".")[0])
+        by_layer.setdefault(layer, set()).add(name.split(".")[-1])
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    for layer in (0, 1, 2):  # Gated DeltaNet layers: all five projections
+        assert by_layer[layer] == GDN_PROJECTIONS | mlp
+    assert by_layer[3] == {"q_proj", "k_proj", "v_proj", "o_proj"} | mlp
+
+
+# ------------------------------------------------------------------------------------ packing
+def test_positions_of_packed_rows_equal_the_models_rope_index(model_dir, encoder, formula_images):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    batch = samples(formula_images, 3)
+    packed = TrainCollator(encoder, packed=True)(batch)
+    bounds = packed[CU_SEQLENS_KEY].tolist()
+    for i, sample in enumerate(batch):
+        alone = TrainCollator(encoder, packed=False)([sample])
+        expected, _ = model.model.get_rope_index(alone["input_ids"], mm_token_type_ids=alone["mm_token_type_ids"],
+                                                 image_grid_thw=alone["image_grid_thw"])
+        start, end = bounds[i], bounds[i + 1]
+        assert torch.equal(packed["position_ids"][1:, 0, start:end], expected[:, 0])
+        assert torch.equal(packed["position_ids"][0, 0, start:end], torch.arange(end - start))
+        assert torch.equal(mrope_positions(alone["mm_token_type_ids"][0].tolist(), alone["image_grid_thw"][0],
+                                           encoder.processor.image_processor.merge_size), expected[:, 0])
+
+
+def test_packed_loss_equals_padded_loss_per_sample(model_dir, encoder, formula_images):
+    from latexocr.training import supervised_loss
+    batch = samples(formula_images, 5)
+    padded = TrainCollator(encoder, packed=False)(batch)
+    packed = TrainCollator(encoder, packed=True)(batch)
+    plain = load(model_dir, packed=False)
+    reference = per_sample_losses(plain, padded)  # the model's own forward, right padding
+    model = load(model_dir)
+    assert per_sample_losses(model, packed) == pytest.approx(reference, abs=1e-4, rel=1e-5)
+    # and train.py's loss on the packed batch is their sum
+    with torch.no_grad():
+        loss, n = supervised_loss(model, dict(packed))
+    assert n == int((padded["labels"] != IGNORE_INDEX).sum())
+    assert math.isclose(float(loss), sum(reference), rel_tol=1e-5)
+
+
+def test_a_packed_row_leaks_no_state_between_samples(model_dir, encoder, formula_images):
+    """Sample B after sample A in one row gives exactly what B gives alone: every position's
+    logits, not only the supervised ones. Without keep_packed_samples_apart it does not."""
+    a, b = samples(formula_images, 2)
+    row = TrainCollator(encoder, packed=True)([a, b])
+    alone = TrainCollator(encoder, packed=True)([b])
+    n = alone["input_ids"].shape[1]
+    model = load(model_dir)
+    assert per_sample_losses(model, row)[1] == pytest.approx(per_sample_losses(model, alone)[0], abs=1e-4)
+    assert torch.allclose(forward_logits(model, row)[0, -n:], forward_logits(model, alone)[0], atol=1e-4)
+
+    leaky = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    use_packed_text_attention(leaky)  # full attention kept apart, linear attention not
+    difference = (forward_logits(leaky, row)[0, -n:] - forward_logits(leaky, alone)[0]).abs().max()
+    assert difference > 1e-2, "the leak this guards against did not show: the test would prove nothing"
+
+
+def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, monkeypatch):
+    """With flash-linear-attention + causal-conv1d (GPU), the row goes through each layer in one call
+    and the kernels get the boundaries: `cu_seqlens` for the delta rule, `seq_idx` for the
+    convolution. Stand-ins with those kernels' signatures (reference math per segment) check the
+    wiring on the CPU."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    reference_conv, reference_rule = q35.causal_conv1d_fn, q35.torch_chunk_gated_delta_rule
+    seen = {"conv": [], "rule": []}
+
+    def conv(x, weight, bias=None, seq_idx=None, activation=None, **kwargs):
+        seen["conv"].append(seq_idx)
+        parts = [reference_conv(x[:, :, seq_idx[0] == i], weight, bias, activation=activation)
+                 for i in range(int(seq_idx.max()) + 1)]
+        return torch.cat(parts, dim=2)
+
+    def rule(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+             cu_seqlens=None, **kwargs):
+        seen["rule"].append(cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        parts = [reference_rule(*(t[:, s:e] for t in (q, k, v, g, beta)),
+                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1), None
+
+    monkeypatch.setattr(q35, "causal_conv1d_fn", conv)
+    monkeypatch.setattr(q35, "torch_chunk_gated_delta_rule", rule)
+    batch = samples(formula_images, 3)
+    packed = TrainCollator(encoder, packed=True)(batch)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    use_packed_text_attention(model)
+    assert keep_packed_samples_apart(model, fast=True) == 3
+    losses = per_sample_losses(model, packed)
+    assert len(seen["conv"]) == len(seen["rule"]) == 3  # one call per layer, not per sample
+    assert seen["rule"][0].tolist() == packed[CU_SEQLENS_KEY].tolist()
+    lengths = packed[CU_SEQLENS_KEY].diff().tolist()
+    assert seen["conv"][0][0].tolist() == sum(([i] * n for i, n in enumerate(lengths)), [])
+    monkeypatch.undo()
+    reference = per_sample_losses(load(model_dir, packed=False), TrainCollator(encoder, packed=False)(batch))
+    assert losses == pytest.approx(reference, abs=1e-4, rel=1e-5)
+
+
+# ------------------------------------------------------------------ train.py -> infer.py -> merge
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, model_dir):
+    work = tmp_path_factory.mktemp("overfit_qwen3_5")
+    data = make_dataset(work, LABELS)
+    out = work / "out"
+    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+                      "--output-dir", out, "--max-steps", 60, "--batch-size", 16, "--micro-batch-size", 16,
+                      "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 60, "--logging-steps", 20,
+                      *TINY, timeout=3600)  # as test_train.py's overfit: generous for a busy CPU
+    return work, data, out, proc
+
+
+def test_overfit_infer_and_merged_export(overfit, model_dir):
+    from safetensors import safe_open
+    work, data, out, train = overfit
+    assert "train: 16 samples" in train.stdout and "no samples skipped" in train.stdout
+    assert "linear-attention layers:" in train.stdout  # the run's log says how packed rows pass them
+    assert "[eval @ step 60] exact_match 1," in train.stdout, train.stdout[-3000:]
+    assert trainer_state(out / "checkpoint-60")["global_step"] == 60
+    with safe_open(out / "final" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert all("language_model" in k for k in keys)
+    assert {k.split(".")[-3] for k in keys if "lora_A" in k} >= GDN_PROJECTIONS | {"q_proj", "o_proj", "down_proj"}
+    # the processor saved with the adapter keeps Qwen3.5's template (with its thinking switch)
+    saved = AutoProcessor.from_pretrained(out / "final")
+    assert "enable_thinking" in saved.chat_template
+
+    # infer.py, a new process, reproduces every label, with no <think> block in the text
+    preds = work / "preds.csv"
+    proc = run_script("infer.py", data, "--model-id", model_dir, "--model-source", "local", "--output-dir", out,
+                      "--output", preds, "--num-workers", "0", "--max-new-tokens", "12")
+    metrics = printed_metrics(proc.stdout)
+    assert metrics["exact_match"] == 1.0 and metrics["errors"] == 0 and metrics["n"] == 16
+    assert [r["prediction"] for r in read_csv(preds)] == LABELS
+
+    # merged export: plain transformers loads it and predicts the same
+    merged = work / "merged"
+    run_script("infer.py", "--merge-to", merged, "--model-id", model_dir, "--model-source", "local",
+               "--output-dir", out)
+    model = AutoModelForImageTextToText.from_pretrained(merged)
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert AutoProcessor.from_pretrained(merged).image_processor.patch_size == 16
+    merged_preds = work / "merged.csv"
+    run_script("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
+               "--output", merged_preds, "--num-workers", "0", "--max-new-tokens", "12")
+    assert [r["prediction"] for r in read_csv(merged_preds)] == LABELS
+
+
+def test_resume_continues_a_qwen3_5_run(overfit, model_dir):
+    work, data, out, _ = overfit
+    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+                      "--output-dir", out, "--max-steps", 62, "--batch-size", 16, "--micro-batch-size", 16,
+                      "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 62, "--logging-steps", 1,
+                      "--eval-samples", 2, "--resume", *TINY)
+    assert trainer_state(out / "checkpoint-62")["global_step"] == 62
+    # continued from checkpoint-60's adapter: two steps from scratch would read none of them
+    assert "[eval @ step 62] exact_match 1," in proc.stdout, proc.stdout[-3000:]

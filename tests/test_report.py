@@ -1,0 +1,105 @@
+"""infer.py --report: one offline HTML page, opened in a real headless Chromium (selenium + the
+distribution's chromium-driver; .ci/run installs both). Checks the browser laid the formulas out
+as math (not raw LaTeX), loaded every image, and shows a formula KaTeX rejects as a failure."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from latexocr.evaluation import score_row, worst_first
+from latexocr.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / ".test-artifacts"  # git-ignored; CI keeps the screenshot here
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _rows(tmp_path: Path) -> list[dict]:
+    cases = [  # (prediction, label)
+        (r"\frac{1}{2}", r"\frac { 1 } { 2 }"),                    # compact, exact
+        (r"$$x^{2}+y_{1}$$", r"x ^ { 2 } + y _ { 1 }"),              # wrapped, exact
+        (r"\sqrt{a} + \frac{b}{", r"\sqrt { a } + \frac { b } { c }"),  # broken: does not render
+        (r"\alpha \beta", r"\alpha + \beta"),                        # one token missing
+    ]
+    rows = []
+    for i, (pred, label) in enumerate(cases):
+        path = tmp_path / f"{i}.png"
+        img = Image.new("RGB", (160 + 20 * i, 40), "white")
+        ImageDraw.Draw(img).text((4, 12), label[:24], fill=(0, 0, 0))
+        img.save(path)
+        rows.append({"image": str(path), "prediction": pred, "label": label, "error": "",
+                     **score_row(pred, label, truncated=(i == 3))})
+    return rows
+
+
+def test_report_is_self_contained_and_sorted_worst_first(tmp_path):
+    rows = worst_first(_rows(tmp_path))
+    page = write_report(rows, tmp_path / "report.html", {"exact_match": 0.5, "n": 4}).read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not fetch anything"
+    assert "<script" not in page
+    assert page.count("<img src=\"data:image/png;base64,") == 4
+    assert page.count("<math") == 7  # 4 labels + 3 predictions that render
+    assert "does not render" in page and r"\frac{b}{" in page
+    assert [r["edit_distance"] for r in rows] == sorted((r["edit_distance"] for r in rows), reverse=True)
+    assert rows[0]["label"] == r"\alpha + \beta" and rows[-1]["edit_distance"] == 0.0
+    assert page.index(rows[0]["label"]) < page.index(rows[-1]["label"])  # the page keeps that order
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="needs chromium + chromedriver (Debian: apt-get install chromium chromium-driver; "
+                           ".ci/run installs them)")
+def test_report_renders_in_a_real_browser(tmp_path, capsys):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    rows = worst_first(_rows(tmp_path))
+    report = write_report(rows, tmp_path / "report.html", {"exact_match": 0.5, "n": 4})
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,900", "--blink-settings=imagesEnabled=true"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver download
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(report.as_uri())
+        state = driver.execute_script("""
+            const rendered = [...document.querySelectorAll('td.formula[data-rendered="1"]')];
+            const fracs = [...document.querySelectorAll('td.formula mfrac')].map(f => {
+                const [num, den] = [...f.children].map(c => c.getBoundingClientRect());
+                return {stacked: num.bottom <= den.top + 1, h: f.getBoundingClientRect().height};
+            });
+            return {
+                images: [...document.images].map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth})),
+                cells: rendered.map(td => {
+                    const m = td.querySelector('math'), r = m.getBoundingClientRect();
+                    return {display: getComputedStyle(m).display, w: r.width, h: r.height,
+                            text: td.innerText};
+                }),
+                fracs: fracs,
+                failed: [...document.querySelectorAll('td.formula[data-rendered="0"]')].map(td => td.innerText),
+            };
+        """)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "report.png"
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    with capsys.disabled():
+        print(f"\n[report screenshot] {shot}")
+
+    assert len(state["images"]) == 4 and all(i["ok"] for i in state["images"]), state["images"]
+    assert len(state["cells"]) == 7
+    for cell in state["cells"]:
+        # laid out by the browser's MathML engine, with a size, showing no LaTeX source
+        assert "math" in cell["display"] and cell["w"] > 0 and cell["h"] > 0, cell
+        assert "\\" not in cell["text"], cell
+    assert state["fracs"] and all(f["stacked"] for f in state["fracs"]), state["fracs"]
+    assert len(state["failed"]) == 1 and "does not render" in state["failed"][0]
+    assert r"\frac{b}{" in state["failed"][0]
+    assert shot.stat().st_size > 1000
