@@ -46,9 +46,9 @@ DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once, then 4-5x faster steps; auto = on a GPU,
-                         # for runs of >= 500 optimizer steps (where it pays), without DeepSpeed or
-                         # gradient checkpointing (not measured with them) | on | off
+COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once per machine (cached), then 4-5x faster steps;
+                         # auto = on a GPU, for runs of >= 300 optimizer steps (>= 220 once this setup's
+                         # compile cache is warm), without DeepSpeed or gradient checkpointing | on | off
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
                          # and x256 patches so that few shapes occur)
@@ -102,20 +102,16 @@ def main(argv=None):
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.evaluation import comparison_table, evaluate
-    from latexocr.linear_attention import (describe as describe_linear_attention, has_linear_attention,
-                                           keep_packed_samples_apart)
+    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
                                  sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
-    from latexocr.speed import (CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, compile_decoder_layers,
-                                should_compile, should_use_cuda_graphs, use_packed_text_attention)
+    from latexocr.speed import check_settings, plan_training
     from latexocr.tracking import SwanLabCallback, Tracker
-    from latexocr.training import (Fp16OverflowStop, OcrDataset, OcrTrainer, ThroughputCallback,
-                                  skip_redundant_module_walks)
-    from latexocr.vision import graph_vision_tower
+    from latexocr.training import Fp16OverflowStop, OcrDataset, ThroughputCallback
 
-    should_compile(args.compile_layers, 0)  # a wrong COMPILE_LAYERS value stops here, not after loading
+    check_settings(args)  # a wrong COMPILE_LAYERS value stops here, not after loading
     if args.quantization != "none" and args.tune == "full":
         raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
     if args.dtype == "fp16" and not torch.cuda.is_available():
@@ -172,8 +168,6 @@ def main(argv=None):
         model.enable_input_require_grads()
     model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
                                 unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
-    if args.packing and args.packed_text_attention and args.attn_implementation == "sdpa":
-        use_packed_text_attention(model)  # flash varlen on GPU: no work on masked-out scores
     if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
     counts = parameter_counts(model)
@@ -189,21 +183,9 @@ def main(argv=None):
                          f"{world} processes; choose sizes that divide evenly.")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
-    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
-    compiled = should_compile(args.compile_layers, planned_steps,
-                              measured_setup=not (args.deepspeed or args.gradient_checkpointing
-                                                  or has_linear_attention(model)))
-    cuda_graphs = should_use_cuda_graphs(args.cuda_graphs, compiled, world, accumulation)
-    vision_graphs = None
-    if compiled:
-        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
-        # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches);
-        # None when the tower trains (lora_vision, UNFREEZE_MERGER/VISION): a graph records no backward
-        vision_graphs = graph_vision_tower(model) if cuda_graphs and args.packing else None
-        graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
-        say(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}, ~1 min in the first "
-            f"steps; COMPILE_LAYERS=off skips it")
+    # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
+    fast = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
+    say(fast.summary)
 
     tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
                       config={**vars(args), "model_path": model_path, "world_size": world,
@@ -236,7 +218,7 @@ def main(argv=None):
         dataloader_prefetch_factor=4 if args.num_workers > 0 else None,
         remove_unused_columns=False,   # the collator needs the raw (path, label) pairs
         label_names=["labels"],
-        # packed rows: OcrTrainer counts their real tokens on the host (the CUDA-graph padding excluded)
+        # packed rows: the fast path counts their real tokens on the host (the CUDA-graph padding excluded)
         include_num_input_tokens_seen="all" if args.packing else "non_padding",
         # transformers checks every step's loss for NaN/inf with a GPU->CPU sync (only to keep such
         # a step out of the logged average): the host then cannot queue the next step in advance
@@ -275,21 +257,17 @@ def main(argv=None):
             if args.eval_steps > 0 and s.global_step % args.eval_steps == 0 and s.global_step < s.max_steps:
                 run_eval(s.global_step)
 
-    trainer = OcrTrainer(
+    trainer = fast.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
-        data_collator=TrainCollator(encoder, packed=args.packing,
-                                    pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE if cuda_graphs else None,
-                                    pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None),
+        data_collator=TrainCollator(encoder, packed=args.packing, **fast.collator_options),
         processing_class=processor,
         callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), Fp16OverflowStop(),
                    SaveSampleDefinition()],
+        **fast.trainer_options,
     )
     trainer.supervised_logits_only = args.supervised_logits_only
-    trainer._trainable = skip_redundant_module_walks(model)  # per-step train()/zero_grad()/clip: LoRA only
-    trainer.cuda_graphs = cuda_graphs
-    trainer.vision_graphs = vision_graphs
     trainer.vision_learning_rate = args.vision_learning_rate
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")

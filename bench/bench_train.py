@@ -2,6 +2,8 @@
 
     python bench/bench_train.py                       # all configurations, writes docs-ready markdown
     python bench/bench_train.py --configs default,tutorial --steps 40
+    python bench/bench_train.py --configs eager,default_cold,default_warm --full eager,default_cold,default_warm
+                                                      # the tutorial's job: eager, first run, second run
 
 Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (or uses --model), cycles the real
 LaTeX_OCR images of ../shared/latex_ocr to --samples samples, and runs train.py itself (a
@@ -21,6 +23,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,9 +39,14 @@ CONFIGS = {
     "tutorial": (TUTORIAL, "tutorial-equivalent: micro-batch 4 x 4, gradient checkpointing, 500x100, padded, "
                            "full logits, no workers"),
     "default": ([], "train.py defaults"),
+    # the tutorial's job as a user runs it twice on one machine (COMPILE_LAYERS=auto compiles it):
+    # the first run with the compile cache emptied, the second finding it warm; eager beside them
+    "eager": (["--compile-layers", "off"], "train.py defaults, eager (COMPILE_LAYERS=off)"),
+    "default_cold": ([], "train.py defaults, first run on the machine (compile cache emptied first)"),
+    "default_warm": ([], "train.py defaults, second run (compile cache warm from default_cold)"),
     "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
     "compiled": (["--compile-layers", "on"], "defaults + torch.compile of each LLM and vision block, LLM blocks "
-                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 500 "
+                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 300 "
                                             "steps)"),
     "compiled_no_graphs": (["--compile-layers", "on", "--no-cuda-graphs"], "compiled, without CUDA graphs"),
     "compiled_500x100": (["--compile-layers", "on", "--image-size", "500x100"], "compiled, at fixed 500x100"),
@@ -110,8 +118,13 @@ def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1, 
            "--train-json", str(json_path), "--val-json", str(work / "no_val.json"), "--output-dir", str(out_dir),
            "--logging-steps", "5", "--save-steps", "100000", "--swanlab-mode", "disabled", *flags]
     cmd += ["--max-steps", str(steps)] if steps > 0 else ["--epochs", str(epochs)]
+    cache = work / "compile_cache"  # latexocr/fast/compile.py: torch's compile caches live here
+    if name.endswith("_cold"):
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(PYTHONUNBUFFERED="1", LATEXOCR_COMPILE_CACHE=str(cache))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     (work / f"log_{name}.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -133,6 +146,7 @@ def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1, 
         "last_loss": [l["loss"] for l in logs if "loss" in l][-1],
         "losses": [l["loss"] for l in logs if "loss" in l],
         "train_runtime_s": final.get("train_runtime"),
+        "fast_path": next((line for line in proc.stdout.splitlines() if line.startswith("fast path:")), ""),
         "wall_s": wall,
     }
 
@@ -170,7 +184,7 @@ def main():
     for name in a.configs.split(","):
         flags = CONFIGS[name][0]
         full = name in a.full.split(",")
-        compiles = "--compile-layers" in flags
+        compiles = "on" in flags or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
         steps = 0 if full else (a.compiled_steps if compiles else a.steps)
         r = run_config(name, flags, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles)
         r["gpus"] = a.nproc
@@ -196,6 +210,15 @@ def main():
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.1f}×" if base else "-"
         print(f"| {r['name']} | {r['samples_per_s']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f} % "
               f"| {r['peak_gib']:.1f} | {r['tutorial_workload_s']:.0f} s | {r['first_loss']:.3f}→{r['last_loss']:.3f} |")
+    runs = {r["name"]: r for r in results if "error" not in r}
+    if "eager" in runs and "eager" in a.full.split(","):
+        for name in ("default_cold", "default_warm"):
+            if name in runs and name in a.full.split(","):
+                r, e = runs[name], runs["eager"]
+                worst = max(abs(x - y) / max(abs(y), 1e-9) for x, y in zip(r["losses"], e["losses"]))
+                print(f"{name}: 996x2 training {r['train_runtime_s']:.1f} s vs eager {e['train_runtime_s']:.1f} s "
+                      f"({e['train_runtime_s'] / r['train_runtime_s']:.2f}x), losses within {100 * worst:.2f} % "
+                      f"of eager's; {r['fast_path']}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def step_seconds(family: str, pairs, packed: bool, steps: int) -> float:
     from latexocr.linear_attention import keep_packed_samples_apart
     from latexocr.modeling import add_lora
     from latexocr.sample import sizing_for
-    from latexocr.speed import use_packed_text_attention
+    from latexocr.fast.attention import use_packed_text_attention
     from latexocr.testing import build_tiny_model
     from latexocr.training import supervised_loss
 

@@ -28,7 +28,7 @@ def shape_counts(shared: Path, batches: int, micro: int) -> None:
 
     from latexocr.batching import SampleEncoder
     from latexocr.sample import sizing_for
-    from latexocr.speed import CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE
+    from latexocr.fast.compile import CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE
 
     processor = AutoProcessor.from_pretrained(shared / "qwen2vl-2b")
     encoder = SampleEncoder(processor, sizing_for(processor))
@@ -58,7 +58,7 @@ def module_walks(shared: Path, repeats: int) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from latexocr.modeling import add_lora
-    from latexocr.training import skip_redundant_module_walks
+    from latexocr.fast.trainer import skip_redundant_module_walks
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(shared / "qwen2vl-2b"))

@@ -49,9 +49,10 @@ def main():
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
     from latexocr.sample import sizing_for
-    from latexocr.speed import (CUDA_GRAPH_ROW_MULTIPLE, PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION,
-                                use_packed_text_attention)
-    from latexocr.training import NoLoraInputCast, supervised_loss
+    from latexocr.fast.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
+    from latexocr.fast.compile import CUDA_GRAPH_ROW_MULTIPLE
+    from latexocr.fast.trainer import NoLoraInputCast, fast_supervised_loss as supervised_loss
+    from latexocr.fast.vision import PackedExtras
 
     a.bucket = a.bucket or CUDA_GRAPH_ROW_MULTIPLE
     model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
@@ -62,8 +63,8 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     no_lora_input_cast = NoLoraInputCast(model)
     pairs = real_samples(a.shared)
-    live = {"collate": TrainCollator(enc, packed=True), "opt": torch.optim.AdamW(params, lr=1e-4),
-            "vision": None}  # variants swap them
+    live = {"collate": TrainCollator(enc, packed=True, packed_extras=PackedExtras()),
+            "opt": torch.optim.AdamW(params, lr=1e-4), "vision": None}  # variants swap them
     offset = [0]
 
     def fresh_batches(n):  # rotate through the samples so every batch has new shapes
@@ -158,7 +159,7 @@ def main():
     if a.variants:
         import torch._inductor.config as inductor_config
         from torch._dynamo.utils import counters
-        from latexocr.speed import compile_decoder_layers, uncompile
+        from latexocr.fast.compile import compile_decoder_layers, uncompile
 
         def warm(n, label):
             t0 = time.perf_counter()
@@ -187,11 +188,12 @@ def main():
                     inductor_config.use_static_cuda_launcher = False
                 recompile(cuda_graphs=True)
             elif variant == "vision_graphs":  # + the vision tower as one CUDA graph per padded patch count
-                from latexocr.speed import CUDA_GRAPH_PATCH_MULTIPLE
-                from latexocr.vision import graph_vision_tower
+                from latexocr.fast.compile import CUDA_GRAPH_PATCH_MULTIPLE
+                from latexocr.fast.vision import graph_vision_tower
                 live["vision"] = graph_vision_tower(model)
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket,
-                                                pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE)
+                live["collate"] = TrainCollator(
+                    enc, packed=True, pad_to_multiple_of=a.bucket,
+                    packed_extras=PackedExtras(pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE))
             elif variant in ("eager", "bucket"):  # bucket: the compiled code so far, on padded rows
                 pass
             elif variant == "combo_kernels":  # inductor fuses independent kernels horizontally: fewer launches
@@ -204,7 +206,8 @@ def main():
             else:
                 raise SystemExit(f"unknown variant {variant!r}; see --help")
             if "cuda_graphs" in variant or variant == "bucket":  # rows padded as train.py pads them for graphs
-                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket)
+                live["collate"] = TrainCollator(enc, packed=True, pad_to_multiple_of=a.bucket,
+                                                packed_extras=PackedExtras())
             if variant != "eager":
                 warm(6 if "graphs" not in variant else 12, variant)
             measure(variant, False, True, False, True)

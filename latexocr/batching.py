@@ -12,18 +12,28 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 # The sample encoder lives with the rest of the sample definition; re-exported here.
 from .sample import END_OF_TURN, IGNORE_INDEX, SampleEncoder, load_image  # noqa: F401
-from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY
-from .vision import precompute_packed
 
 # Opt-in trace for tests: with this set to a folder, every training batch's image paths are
 # appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.
 TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
+
+# The sample boundaries of a packed row, for the layers that keep samples apart by them: the fast
+# path's packed text attention (latexocr/fast/attention.py) and, always, linear attention
+# (latexocr/linear_attention.py: Qwen3.5 has no mask to do it).
+CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
+
+
+def sample_boundaries(batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
+    """A TrainCollator packed_extras: the boundaries above (int32 [0, l1, l1+l2, ...]) and the longest sample."""
+    return {CU_SEQLENS_KEY: torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            MAX_LENGTH_KEY: max_length}
 
 
 def _trace_batch(samples) -> None:
@@ -72,12 +82,12 @@ class TrainCollator:
     packed=True concatenates the samples into one row with no padding ("padding-free"):
     per-sample positions restart at 0 (row 0 of the 4 x 1 x L position ids, from which
     transformers builds a block-diagonal causal mask) and per-sample M-RoPE positions
-    (rows 1-3), and the sample boundaries for the packed attention (latexocr/speed.py).
-    packed=False right-pads to the longest sample, as the tutorial does. pad_to_multiple_of
-    rounds the row length up (packed: with an extra all-padding sample), and
-    pad_patches_to_multiple_of the vision tower's patch count (packed only: an extra all-zero
-    image), so that few distinct shapes occur (CUDA graphs record one graph per shape).
-    Packed batches also carry what the step needs precomputed on the CPU (latexocr/vision.py).
+    (rows 1-3). packed=False right-pads to the longest sample, as the tutorial does.
+    pad_to_multiple_of rounds the row length up (packed: with an extra all-padding sample), so
+    that few distinct shapes occur (CUDA graphs record one graph per shape). packed_extras
+    (from the fast path's plan, latexocr/fast/) adds keys to packed batches: called with the
+    batch, the samples' lengths (padding segment included), the longest-sample bound, the real
+    token count and the encoder; returns the keys to add.
     Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
     already dropped and counted those whose header cannot be read).
     """
@@ -85,7 +95,7 @@ class TrainCollator:
     encoder: SampleEncoder
     packed: bool = True
     pad_to_multiple_of: int | None = None
-    pad_patches_to_multiple_of: int | None = None
+    packed_extras: Callable | None = None
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
@@ -127,12 +137,8 @@ class TrainCollator:
                 max_length = sum(lengths)
             text_pos = torch.cat([torch.arange(n) for n in lengths])
             batch["position_ids"] = torch.cat([text_pos[None], torch.cat(rope_pos, dim=1)])[:, None, :]  # 4 x 1 x L
-            # sample boundaries for the attention, computed here so the GPU never waits on them
-            batch[CU_SEQLENS_KEY] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            batch[MAX_LENGTH_KEY] = max_length
-            batch.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
-                                           batch["image_grid_thw"], merge, self.encoder.image_token_id,
-                                           real_tokens, self.pad_patches_to_multiple_of, IGNORE_INDEX))
+            if self.packed_extras is not None:
+                batch.update(self.packed_extras(batch, lengths, max_length, real_tokens, self.encoder))
         else:
             length = max(len(e["input_ids"]) for e in encoded)
             if self.pad_to_multiple_of:

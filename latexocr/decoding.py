@@ -28,7 +28,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .vision import _vision_language_core
+from .modeling import vision_language_core as _vision_language_core
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 STOP_CHECK_EVERY = 8      # tokens between stop checks (one GPU->CPU sync each)

@@ -1,6 +1,6 @@
 """Packed rows through linear-attention layers (Qwen3.5's Gated DeltaNet): no state crosses a sample boundary.
 
-A full-attention layer keeps packed samples apart with its block-diagonal mask (latexocr/speed.py).
+A full-attention layer keeps packed samples apart with its block-diagonal mask (latexocr/fast/attention.py, or transformers' mask from the positions).
 A Gated DeltaNet layer has no mask: a short causal convolution (4 tokens) and a recurrent state run
 along the whole row, so without boundaries every sample would start from the previous sample's
 state. transformers 5.24's layer forwards `cu_seq_lens_q` to its delta-rule kernel and any `seq_idx`
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .speed import CU_SEQLENS_KEY
+from .batching import CU_SEQLENS_KEY
 
 LINEAR_ATTENTION_CLASS_SUFFIX = "GatedDeltaNet"
 

@@ -57,13 +57,10 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     quantization: a quantization_config() (4-bit language model), or None."""
     from transformers import AutoModelForImageTextToText
 
-    from .speed import configure_cuda, use_packed_vision_attention
-    configure_cuda()
+    from .speed import prepare_model
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         device_map=device_map, quantization_config=quantization)
-    if packed_vision_attention and attn_implementation == "sdpa":
-        use_packed_vision_attention(model)
-    return model
+    return prepare_model(model, attn_implementation, packed_vision_attention)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to_save=None):
@@ -188,6 +185,14 @@ def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16,
     return model
 
 
+def vision_language_core(model):
+    """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head, or None."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = getattr(core, "model", core)
+    return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
+
+
 def vision_parameter_ids(model) -> set[int]:
     """ids of the vision tower's parameters (merger included), for their own learning rate."""
     return {id(p) for p in vision_tower_of(model)[1].parameters()}
@@ -207,7 +212,7 @@ def quantization_config(quantization: str, dtype: torch.dtype):
 
     4bit: NF4 with double quantisation, bf16 compute (fp16 on GPUs without bf16), the language
     model only: the vision tower (about a third of the 2B model) stays in `dtype`, as the
-    precomputed-vision step (latexocr/vision.py) reads its dtype, and the LM head too.
+    precomputed-vision step (latexocr/fast/vision.py) reads its dtype, and the LM head too.
     """
     if quantization not in QUANTIZATIONS:
         raise SystemExit(f"QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")

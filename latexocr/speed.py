@@ -1,242 +1,50 @@
-"""GPU speed settings used by training and inference, each measured in docs/BENCHMARKS.md."""
+"""The one door to the fast path (latexocr/fast/): the rest of the project imports it only from here.
+
+Delete latexocr/fast/ and everything still trains and infers with plain transformers + peft: this
+module then hands out plain equivalents (tests/test_fast.py runs train.py without the package).
+"""
 from __future__ import annotations
 
 import contextlib
-import inspect
-
-import torch
-import torch.nn.functional as F
-
-# transformers sends a vision tower to one variable-length attention call per layer when the
-# implementation's name contains "flash"; any other name loops over the images of a batch
-# (16 images x 32 layers = 512 small attention calls per step). This implementation takes the
-# varlen call and runs it as ONE call: PyTorch's flash varlen kernel on GPU, else one
-# scaled_dot_product_attention with a block-diagonal mask, so no image attends to another.
-PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
-MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
+from dataclasses import dataclass, field
 
 
-def _find_varlen_attn():
-    """(torch's varlen_attn, whether it takes is_causal) or None. Looked up once at import, so
-    compiled blocks see a plain function (torch registers it as a custom op with its own backward)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
+@dataclass
+class Plan:
+    """How train.py runs: TrainCollator keyword arguments, the trainer class and its extra keyword
+    arguments, a one-line summary; the rest is the fast path's own state."""
+
+    collator_options: dict = field(default_factory=dict)
+    trainer_class: type | None = None
+    trainer_options: dict = field(default_factory=dict)
+    summary: str = ""
+    cuda_graphs: bool = False
+    vision_graphs: object = None
+    callbacks: list = field(default_factory=list)
 
 
-_VARLEN_ATTN = _find_varlen_attn()
+try:
+    from .fast import check_settings, plain_text_attention, plan_training, prepare_model
+except ModuleNotFoundError as exc:
+    if exc.name != f"{__package__}.fast":
+        raise
 
+    def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attention: bool = True):
+        return model
 
-def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
-    """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
-    varlen_attn, takes_is_causal = _VARLEN_ATTN
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    cu = cu.to(device=q.device, dtype=torch.int32)
-    if takes_is_causal:  # torch 2.9-2.10; later releases take a window instead
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
-    else:
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
-                          window_size=(-1, 0) if causal else (-1, -1))
-    return out[None]  # (1, T, heads, dim)
-
-
-def _varlen_available(t) -> bool:
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _VARLEN_ATTN is not None
-
-
-def _block_mask(bounds, n: int, device, causal: bool):
-    """(1, 1, n, n) boolean mask letting each position see only its own segment [bounds[i], bounds[i+1])."""
-    segment = torch.searchsorted(bounds[1:], torch.arange(n, device=device), right=True)
-    mask = segment[:, None] == segment[None, :]
-    if causal:
-        idx = torch.arange(n, device=device)
-        mask &= idx[:, None] >= idx[None, :]
-    return mask[None, None]
-
-
-def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                 is_causal=False, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    # query/key/value: (1, heads, patches, head_dim); cu_seq_lens_q: image boundaries [0, n1, n1+n2, ...]
-    n = query.shape[2]
-    bounds = cu_seq_lens_q.to(query.device)
-    if _varlen_available(query) and not (module.training and dropout):
-        max_len = int(max_length_q) if max_length_q is not None else int(bounds.diff().max())
-        return _varlen_flash(query, key, value, bounds, max_len, scaling, causal=False), None
-    if n <= MAX_MASKED_TOKENS:
-        mask = _block_mask(bounds, n, query.device, causal=False)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                             dropout_p=dropout if module.training else 0.0)
-    else:
-        lengths = bounds.diff().tolist()
-        parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
-        out = torch.cat([F.scaled_dot_product_attention(q, k, v, scale=scaling) for q, k, v in parts], dim=2)
-    return out.transpose(1, 2).contiguous(), None
-
-
-# The same for the language model on packed batches (one row, positions restarting at 0 for each
-# sample): transformers' sdpa path builds a dense block-diagonal mask over the whole row and the
-# memory-efficient kernel then computes every masked-out score too (16 samples: 16x the work).
-# Flash varlen attention skips them. Generation (left padding, KV cache) switches back to sdpa.
-PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
-# The packed collator computes the sample boundaries on the CPU and passes them to the model under
-# these names (not transformers' cu_seq_lens_q: the vision tower receives the same kwargs and
-# has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
-CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
-
-
-@torch.compiler.disable  # data-dependent (nonzero, .max()): only when the batch did not bring boundaries
-def _sample_boundaries(position_ids):
-    """cu_seqlens [0, l1, l1+l2, ..., L] and the longest sample of a packed row, from its positions."""
-    pos = position_ids.reshape(-1)
-    starts = (pos == 0).nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
-    return cu, int(cu.diff().max())
-
-
-def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                   position_ids=None, **kwargs):
-    cu, max_len = kwargs.pop(CU_SEQLENS_KEY, None), kwargs.pop(MAX_LENGTH_KEY, None)
-    if attention_mask is not None or query.shape[0] != 1 or (cu is None and position_ids is None):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    if cu is None:
-        cu, max_len = _sample_boundaries(position_ids)
-    if _varlen_available(query) and not (module.training and dropout):
-        return _varlen_flash(query, key, value, cu, max_len, scaling, causal=True), None
-    # CPU / fallback: the same block-diagonal causal attention through a dense mask
-    mask = _block_mask(cu.to(query.device), query.shape[2], query.device, causal=True)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _route_attention(model, sub_config: str, name: str, function) -> bool:
-    """Register `function` as attention `name` and make the model's `sub_config` part use it."""
-    from transformers import AttentionInterface
-
-    config = getattr(getattr(model, "config", None), sub_config, None)
-    if config is None:
-        return False
-    AttentionInterface.register(name, function)
-    config._attn_implementation = name
-    return True
-
-
-def use_packed_text_attention(model) -> bool:
-    """Route the language model's attention through `_packed_causal` (packed training batches)."""
-    return _route_attention(model, "text_config", PACKED_TEXT_ATTENTION, _packed_causal)
-
-
-def use_packed_vision_attention(model) -> bool:
-    """Route the vision tower's attention through `_packed_sdpa`. False if the model has no vision config."""
-    return _route_attention(model, "vision_config", PACKED_VISION_ATTENTION, _packed_sdpa)
-
-
-@contextlib.contextmanager
-def plain_text_attention(model):
-    """Inside, the language model uses plain sdpa (generation: left padding + KV cache)."""
-    config = getattr(getattr(model, "config", None), "text_config", None)
-    if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
+    @contextlib.contextmanager
+    def plain_text_attention(model):
         yield
-        return
-    config._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = PACKED_TEXT_ATTENTION
 
+    def check_settings(args) -> None:
+        pass
 
-def configure_cuda() -> None:
-    """cuDNN's attention builds a new plan for every new sequence length; packed batches change
-    length every step, so that cost recurs (measured on an H100: 914-972 -> 300-353 ms per
-    16-sample step, docs/BENCHMARKS.md). Flash / memory-efficient SDPA kernels need no plan.
-    TF32 speeds any fp32 matmul that is left."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-# Packed rows are padded up to a multiple of this many tokens when the language model's blocks
-# replay as CUDA graphs (one graph is recorded per distinct shape). Over 2,000 random batches of 16
-# of the sample images: 6 row lengths, 5.0 % padding (bench/host_costs.py).
-CUDA_GRAPH_ROW_MULTIPLE = 256
-# ... and the vision tower's patches (latexocr/vision.py VisionGraphs) to a multiple of this many:
-# 5 patch counts, 5.0 % padding over the same batches (161 patches per image; bench/host_costs.py).
-CUDA_GRAPH_PATCH_MULTIPLE = 256
-
-
-def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
-    """torch.compile each transformer block of the language model and vision tower (regional compilation).
-
-    Blocks of one kind share their compiled code, so compilation happens a few times (per block
-    kind and input variant: ~30 s in all on an H100), not once per layer;
-    `dynamic=True` keeps packed batches of any length from recompiling. Fusing
-    the many small ops of LoRA, RMSNorm and rotary embeddings cuts the host time per step. The
-    packed attentions above trace whole (no graph break): their boundaries come in as inputs.
-
-    cuda_graphs=True also replays the language model's blocks as CUDA graphs (inductor's
-    "reduce-overhead" mode), which removes their per-kernel launch cost: the step is host-bound
-    without it (docs/BENCHMARKS.md). A graph is recorded for every new row shape (~6 s each on an
-    H100, the first few dozen steps). Use it with a collator that pads rows to few shapes
-    (TrainCollator(pad_to_multiple_of=CUDA_GRAPH_ROW_MULTIPLE)) and call
-    torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision blocks are
-    compiled without graphs here; latexocr.vision.VisionGraphs replays the whole (frozen) tower as
-    one graph per padded patch count instead.
-    """
-    # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of
-    # 0-d CPU tensor inputs: those cost a CPU kernel per call and keep a graph off CUDA graphs (torch
-    # 2.11 skipped such graphs, or segfaulted in the backward when it partitioned around them).
-    torch._dynamo.config.specialize_float = True
-    compile_options = {"dynamic": True, **compile_options}
-    count = 0
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("DecoderLayer"):
-            module.compile(**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-        elif name.endswith("VisionBlock"):
-            module.compile(**compile_options)
-        else:
-            continue
-        count += 1
-    return count
-
-
-def uncompile(model) -> None:
-    """Undo compile_decoder_layers (the modules run eagerly again)."""
-    for module in model.modules():
-        module._compiled_call_impl = None
-
-
-# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s in a 150-step run)
-# and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
-# eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): it pays from ~230-450
-# optimizer steps on; 500 leaves a margin, and the tutorial's 125-step job stays eager.
-COMPILE_PAYS_FROM_STEPS = 500
-
-
-def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
-    """COMPILE_LAYERS: "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
-    compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
-    gradient checkpointing)."""
-    setting = setting.lower()
-    if setting not in ("auto", "on", "off"):
-        raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
-    if setting == "auto":
-        return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_PAYS_FROM_STEPS
-    return setting == "on"
-
-
-def should_use_cuda_graphs(enabled: bool, compiled: bool, processes: int, accumulation: int,
-                           on_cuda: bool | None = None) -> bool:
-    """CUDA_GRAPHS applies only where it was measured: compiled blocks on one CUDA GPU, without
-    gradient accumulation. A replay reuses the previous replay's output memory, so the gradients of
-    one pass must be consumed by the optimizer step before the next pass runs."""
-    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
-    return enabled and compiled and on_cuda and processes == 1 and accumulation == 1
+    def plan_training(model, args, *, processes: int, accumulation: int, planned_steps: int) -> Plan:
+        from .batching import sample_boundaries
+        from .linear_attention import has_linear_attention
+        from .training import OcrTrainer
+        # linear-attention layers (Qwen3.5) keep packed samples apart only by the boundaries
+        boundaries = args.packing and has_linear_attention(model)
+        return Plan(collator_options={"packed_extras": sample_boundaries} if boundaries else {},
+                    trainer_class=OcrTrainer,
+                    summary="fast path: not installed (no latexocr/fast/), plain transformers training")

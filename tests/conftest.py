@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SWANLAB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# compiled runs keep torch's caches here, not in the user's ~/.cache/latexocr (latexocr/fast/compile.py)
+os.environ.setdefault("LATEXOCR_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "latexocr-tests-compile-cache"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU, with the reason)")
 
 
 @pytest.fixture(scope="session")

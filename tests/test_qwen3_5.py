@@ -8,7 +8,6 @@ padded batches and with each sample alone, and that the check fails without the 
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
+from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions, sample_boundaries  # what plan_training adds for Qwen3.5
 from latexocr.linear_attention import keep_packed_samples_apart
 from latexocr.sample import sizing_for
-from latexocr.speed import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
-from latexocr.vision import PRECOMPUTED_KEYS
+from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
+from latexocr.fast.vision import PRECOMPUTED_KEYS
 
 from test_train import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_script, trainer_state
 
@@ -131,7 +130,7 @@ def test_lora_covers_both_layer_kinds_and_not_the_vision_tower(model_dir):
 def test_positions_of_packed_rows_equal_the_models_rope_index(model_dir, encoder, formula_images):
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     batch = samples(formula_images, 3)
-    packed = TrainCollator(encoder, packed=True)(batch)
+    packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
     bounds = packed[CU_SEQLENS_KEY].tolist()
     for i, sample in enumerate(batch):
         alone = TrainCollator(encoder, packed=False)([sample])
@@ -148,7 +147,7 @@ def test_packed_loss_equals_padded_loss_per_sample(model_dir, encoder, formula_i
     from latexocr.training import supervised_loss
     batch = samples(formula_images, 5)
     padded = TrainCollator(encoder, packed=False)(batch)
-    packed = TrainCollator(encoder, packed=True)(batch)
+    packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
     plain = load(model_dir, packed=False)
     reference = per_sample_losses(plain, padded)  # the model's own forward, right padding
     model = load(model_dir)
@@ -164,8 +163,8 @@ def test_a_packed_row_leaks_no_state_between_samples(model_dir, encoder, formula
     """Sample B after sample A in one row gives exactly what B gives alone: every position's
     logits, not only the supervised ones. Without keep_packed_samples_apart it does not."""
     a, b = samples(formula_images, 2)
-    row = TrainCollator(encoder, packed=True)([a, b])
-    alone = TrainCollator(encoder, packed=True)([b])
+    row = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)([a, b])
+    alone = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)([b])
     n = alone["input_ids"].shape[1]
     model = load(model_dir)
     assert per_sample_losses(model, row)[1] == pytest.approx(per_sample_losses(model, alone)[0], abs=1e-4)
@@ -204,7 +203,7 @@ def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, m
     monkeypatch.setattr(q35, "causal_conv1d_fn", conv)
     monkeypatch.setattr(q35, "torch_chunk_gated_delta_rule", rule)
     batch = samples(formula_images, 3)
-    packed = TrainCollator(encoder, packed=True)(batch)
+    packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     use_packed_text_attention(model)
     assert keep_packed_samples_apart(model, fast=True) == 3

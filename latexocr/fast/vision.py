@@ -19,10 +19,14 @@ attention) and Qwen3-VL (deepstack features) use the model's own forward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .speed import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
+from ..batching import sample_boundaries
+from ..modeling import vision_language_core
+from .attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
 
 VISION_POSITIONS_KEY = "vision_position_ids"    # (patches, 2) row/column of every patch
 VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"     # int32 image boundaries [0, p1, p1+p2, ...]
@@ -79,12 +83,7 @@ def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_value
     }
 
 
-def _vision_language_core(model):
-    """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = getattr(core, "model", core)
-    return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
+_vision_language_core = vision_language_core  # latexocr.modeling (inference uses it too)
 
 
 def takes_precomputed_vision(model) -> bool:
@@ -161,7 +160,9 @@ class VisionGraphs:
 
 def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of a packed batch with the keys above, and
-    their count (a host int): the same value as the model's own forward (tests/test_batching.py)."""
+    their count (a host int): the same value as the model's own forward (tests/test_fast.py).
+    Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0
+    (latexocr/fast/upstream.py SOURCES)."""
     core = _vision_language_core(model)
     pixel_values = batch["pixel_values"].type(core.visual.dtype)
     args = (pixel_values, batch["image_grid_thw"], batch[VISION_POSITIONS_KEY], batch[VISION_CU_SEQLENS_KEY],
@@ -175,9 +176,31 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     embeds = core.get_input_embeddings()(batch["input_ids"])
     # features of the padding patches (if any) come last and are dropped
     embeds = embeds.index_copy(1, image_positions, features[None, :image_positions.shape[0]].to(embeds.dtype))
-    text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/speed.py
+    text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/fast/attention.py
     logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False,
                    logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **text_attention).logits
     targets = batch[SUPERVISED_TARGETS_KEY]
     loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
     return loss, targets.shape[0]
+
+
+@dataclass
+class PackedExtras:
+    """What the fast path adds to a packed batch (TrainCollator's packed_extras), computed on the CPU in
+    the DataLoader workers: the sample boundaries for the packed text attention, the real token
+    count, and for a Qwen2-VL model the precomputed step's keys above (other families would only
+    throw them away)."""
+
+    text_attention: bool = True
+    precomputed_vision: bool = True
+    pad_patches_to_multiple_of: int | None = None
+
+    def __call__(self, batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
+        extras = {REAL_TOKENS_KEY: real_tokens}
+        if self.text_attention:
+            extras.update(sample_boundaries(batch, lengths, max_length, real_tokens, encoder))
+        if self.precomputed_vision:
+            extras.update(precompute_packed(batch["input_ids"], batch["labels"], batch["pixel_values"],
+                                            batch["image_grid_thw"], encoder.processor.image_processor.merge_size,
+                                            encoder.image_token_id, real_tokens, self.pad_patches_to_multiple_of))
+        return extras

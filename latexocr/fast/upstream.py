@@ -1,0 +1,144 @@
+"""What the fast path relies on in transformers, peft and torch that is not public API, and a check of it.
+
+A private method the Trainer stops calling, a renamed peft attribute, or a change in the Qwen2-VL
+forward that latexocr/fast/vision.py re-implements would not break training: it would silently
+run slower, or (for the re-implemented forward) compute something else. So every such hook is
+listed here with the versions it was checked against, and `drift()` says which ones changed in
+the installed libraries. tests/test_fast.py fails on any drift, with the message below saying what
+to re-check; plan_training prints it in its summary line.
+
+To accept a new version: re-read each changed source against the code named in `used_by`, fix
+that code if needed, then run `python -m latexocr.fast.upstream` and add its hashes here.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import inspect
+from functools import lru_cache
+
+CHECKED_AGAINST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1"}
+
+# Sources whose behaviour latexocr/fast/ copies or depends on: (module, qualified name) ->
+# (what of ours depends on it, the sha256[:16] of its source text in the versions checked: an
+# unchanged source passes whatever the version).
+SOURCES = {
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.forward"):
+        ("fast/vision.py supervised_step_loss re-implements its image path (features scattered into the "
+         "embeddings, then the language model)", ("dae72733e5152e32",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.get_image_features"):
+        ("fast/vision.py supervised_step_loss calls the vision tower as this does", ("561e0953b7c00787",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel.forward"):
+        ("fast/vision.py passes position_ids / cu_seqlens / max_seqlen, which this pops from its kwargs",
+         ("9a5e94aee1d7a5e7",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention.forward"):
+        ("fast/attention.py _packed_sdpa: one varlen call over all images when the name contains 'flash'",
+         ("40e4a17c0ea9da79",)),
+    ("transformers.vision_utils", "get_vision_position_ids"):
+        ("fast/vision.py precompute_packed (the collator computes the patch positions)", ("6d2193802eadae1c",)),
+    ("transformers.vision_utils", "get_vision_cu_seqlens"):
+        ("fast/vision.py precompute_packed (the collator computes the image boundaries)", ("aee13f15c32efcfe",)),
+    ("transformers.vision_utils", "get_vision_attention_seqlens"):
+        ("fast/vision.py passes cu_seqlens / max_seqlen so that this reads nothing back from the GPU",
+         ("daf3fb20a25fd480",)),
+    ("transformers.utils.generic", "is_flash_attention_requested"):
+        ("fast/attention.py PACKED_VISION_ATTENTION's name must pass this test", ("0beadd3a3e26c607",)),
+    ("torch._inductor.runtime.cache_dir_utils", "cache_dir"):
+        ("fast/compile.py CompileCache: torch reads $TORCHINDUCTOR_CACHE_DIR at every access, else its default",
+         ("c105dff8eaf76e1a", "226ac4b2a182a50e")),
+    ("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"):
+        ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b", "2373431b645f0805")),
+    ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
+        ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
+}
+
+# Private methods FastTrainer overrides: (class path, method) -> its parameters.
+OVERRIDDEN = {
+    ("transformers.Trainer", "_clip_grad_norm"): ["self", "model"],
+    ("transformers.Trainer", "_track_num_input_tokens"): ["self", "inputs"],
+    ("transformers.Trainer", "floating_point_ops"): ["self", "inputs"],
+}
+# Calls the Trainer's training loop must still make, else an override or instance patch
+# (fast/trainer.py skip_redundant_module_walks: model.train / model.zero_grad) is never reached.
+CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_tokens(inputs)",
+                     "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()")
+# Attributes patched on instances: (module, class, attribute) -> parameters of the method they shadow.
+PATCHED = {
+    ("torch.nn", "Module", "train"): ["self", "mode"],
+    ("torch.nn", "Module", "zero_grad"): ["self", "set_to_none"],
+}
+
+
+@lru_cache(maxsize=None)
+def _module_tree(module: str) -> tuple[str, ast.Module]:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(module)
+    text = open(spec.origin, encoding="utf-8").read()
+    return text, ast.parse(text)
+
+
+def source_of(module: str, qualname: str) -> str | None:
+    """The source text of a function or method, read from the installed file without importing it
+    (None if it no longer exists)."""
+    text, node = _module_tree(module)
+    for part in qualname.split("."):
+        node = next((n for n in ast.iter_child_nodes(node)
+                     if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == part),
+                    None)
+        if node is None:
+            return None
+    return ast.get_source_segment(text, node)
+
+
+def source_hash(module: str, qualname: str) -> str | None:
+    source = source_of(module, qualname)
+    return None if source is None else hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _installed_versions() -> dict:
+    from importlib.metadata import version
+    return {name: version(name) for name in CHECKED_AGAINST}
+
+
+def drift() -> list[str]:
+    """One line per hook that differs in the installed libraries from what was checked; [] if none."""
+    problems = []
+    for (module, qualname), (used_by, expected) in SOURCES.items():
+        try:
+            found = source_hash(module, qualname)
+        except ModuleNotFoundError:
+            found = None
+        if found is None:
+            problems.append(f"{module}.{qualname} is gone; re-check {used_by}")
+        elif found not in expected:
+            problems.append(f"{module}.{qualname} changed (source hash {found}, checked {', '.join(expected)}); "
+                            f"re-check {used_by}")
+    for (owner, method), params in OVERRIDDEN.items():
+        module, cls = owner.rsplit(".", 1)
+        function = getattr(getattr(importlib.import_module(module), cls), method, None)
+        found = list(inspect.signature(function).parameters) if function else None
+        if found != params:
+            problems.append(f"{owner}.{method}{f' now takes {found}' if found else ' is gone'} (checked: {params}); "
+                            f"re-check FastTrainer.{method} in latexocr/fast/trainer.py")
+    trainer_source = _module_tree("transformers.trainer")[0]
+    for call in CALLED_BY_TRAINER:
+        if call not in trainer_source:
+            problems.append(f"transformers' Trainer no longer calls {call}; re-check latexocr/fast/trainer.py")
+    for (module, cls, attribute), params in PATCHED.items():
+        found = list(inspect.signature(getattr(getattr(importlib.import_module(module), cls), attribute)).parameters)
+        if found != params:
+            problems.append(f"{module}.{cls}.{attribute} now takes {found} (checked: {params}); re-check "
+                            f"skip_redundant_module_walks in latexocr/fast/trainer.py")
+    if problems:
+        versions = ", ".join(f"{k} {v}" for k, v in _installed_versions().items())
+        checked = ", ".join(f"{k} {v}" for k, v in CHECKED_AGAINST.items())
+        problems.insert(0, f"installed {versions}; the fast path was checked against {checked}:")
+    return problems
+
+
+if __name__ == "__main__":  # the hashes of the installed versions, to paste into SOURCES after re-checking
+    print(_installed_versions())
+    for (module, qualname), (used_by, _) in SOURCES.items():
+        print(f"{module}:{qualname}  {source_hash(module, qualname)}")

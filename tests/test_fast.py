@@ -1,0 +1,412 @@
+"""The fast path (latexocr/fast/): the plain path's losses, its upstream hooks still in place. Tiny models, CPU."""
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from latexocr.batching import SampleEncoder, TrainCollator
+from latexocr.fast.attention import (CU_SEQLENS_KEY, MAX_LENGTH_KEY, plain_text_attention, use_packed_text_attention,
+                                     use_packed_vision_attention)
+from latexocr.fast.trainer import fast_supervised_loss as supervised_loss
+from latexocr.fast.vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, PackedExtras,
+                                  takes_precomputed_vision)
+from latexocr.sample import sizing_for
+from latexocr.training import supervised_loss as plain_supervised_loss
+
+
+def fast_collator(encoder, pad_to_multiple_of=None, pad_patches_to_multiple_of=None):
+    """TrainCollator with the fast path's keys, as plan_training sets it up for a Qwen2-VL model."""
+    return TrainCollator(encoder, packed=True, pad_to_multiple_of=pad_to_multiple_of,
+                         packed_extras=PackedExtras(pad_patches_to_multiple_of=pad_patches_to_multiple_of))
+
+
+def test_packed_batch_gives_same_loss_as_padded(tiny_model_dir, formula_images):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    samples = formula_images[:5]
+    padded = TrainCollator(encoder, packed=False)(samples)
+    plain = TrainCollator(encoder, packed=True)(samples)  # the plain path's packed batch: no extra keys
+    packed = fast_collator(encoder)(samples)
+    assert packed["input_ids"].shape[1] == plain["input_ids"].shape[1] == int(padded["attention_mask"].sum())
+    with torch.no_grad():
+        reference = model(**padded).loss  # transformers' own loss on the padded batch
+        loss_padded, n1 = plain_supervised_loss(model, dict(padded))
+        loss_packed, n2 = plain_supervised_loss(model, dict(plain))
+        # train.py's fast path: packed attention for text and vision (block-diagonal, per sample)
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        loss_fast, n3 = supervised_loss(model, dict(packed))
+        # a packed batch that does not bring the boundaries: derived from the positions instead
+        bare = {k: v for k, v in packed.items() if k not in (CU_SEQLENS_KEY, MAX_LENGTH_KEY)}
+        loss_derived, _ = supervised_loss(model, bare)
+        # rows padded up to a multiple of 64 tokens (few shapes, for CUDA graphs): the padding is
+        # one extra unsupervised segment, so the loss and its token count are unchanged
+        bucketed = fast_collator(encoder, pad_to_multiple_of=64)(samples)
+        length = bucketed["input_ids"].shape[1]
+        assert length % 64 == 0 and length > packed["input_ids"].shape[1]
+        assert bucketed[CU_SEQLENS_KEY].tolist()[:-1] == packed[CU_SEQLENS_KEY].tolist()
+        assert bucketed[CU_SEQLENS_KEY][-1] == length and bucketed[MAX_LENGTH_KEY] >= packed[MAX_LENGTH_KEY]
+        loss_bucketed, n4 = supervised_loss(model, dict(bucketed))
+        # the vision tower's patches padded too (its CUDA graphs): one extra all-zero image whose
+        # features are dropped, so the loss is unchanged
+        both = fast_collator(encoder, pad_to_multiple_of=64, pad_patches_to_multiple_of=64)(samples)
+        assert both["pixel_values"].shape[0] % 64 == 0 and both[VISION_PADDING_KEY] > 0
+        assert torch.equal(both["pixel_values"][:len(packed["pixel_values"])], packed["pixel_values"])
+        loss_both, n5 = supervised_loss(model, dict(both))
+        with plain_text_attention(model):
+            assert model.config.text_config._attn_implementation == "sdpa"
+    assert n1 == n2 == n3 == n4 == n5
+    assert torch.allclose(loss_fast, loss_bucketed, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_both, rtol=1e-4)
+    assert torch.allclose(reference, loss_padded / n1, atol=1e-5)
+    assert torch.allclose(loss_padded, loss_packed, rtol=1e-4)
+    assert torch.allclose(loss_padded, loss_fast, rtol=1e-4)
+    assert torch.allclose(loss_fast, loss_derived, rtol=1e-4)
+    # and it really is per-sample: shuffling the order of the samples in the row changes nothing
+    with torch.no_grad():
+        loss_reversed, _ = supervised_loss(model, dict(fast_collator(encoder)(samples[::-1])))
+    assert torch.allclose(loss_fast, loss_reversed, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_precomputed_step_matches_model_forward(tiny_family_dirs, formula_images, family):
+    """Packed batches of Qwen2-VL skip the model's own image path (latexocr/fast/vision.py: vision inputs,
+    image-token and supervised positions precomputed by the collator, no GPU->CPU sync): same loss
+    and same LoRA gradients as the model's own forward. Other families take their own forward,
+    and refuse padded patches with a clear error."""
+    from latexocr.modeling import add_lora
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batch = fast_collator(encoder)(formula_images[:4])
+    assert set(PRECOMPUTED_KEYS) <= set(batch)
+
+    def loss_and_grads(b):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+        model = add_lora(model, 8, 16, 0.0)
+        loss, n = supervised_loss(model, dict(b))
+        (loss / n).backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        return takes_precomputed_vision(model), loss.detach(), n, torch.cat(grads)
+
+    fast, loss, n, grads = loss_and_grads(batch)
+    assert fast == (family == "qwen2_vl")
+    _, loss_own, n_own, grads_own = loss_and_grads({k: v for k, v in batch.items() if k not in PRECOMPUTED_KEYS})
+    assert n == n_own
+    assert torch.allclose(loss, loss_own, rtol=1e-5)
+    assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-7)
+    if not fast:
+        padded = fast_collator(encoder, pad_patches_to_multiple_of=64)(formula_images[:4])
+        with pytest.raises(ValueError, match="only Qwen2-VL"):
+            loss_and_grads(padded)
+
+
+def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_images):
+    """COMPILE_LAYERS: every block compiles as ONE graph (fullgraph=True raises on a graph break)
+    with the packed text and vision attention inside, and gives eager's loss and gradients."""
+    from latexocr.fast.compile import compile_decoder_layers
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batches = [fast_collator(encoder)(formula_images[i:i + 3]) for i in (0, 3)]
+
+    def loss_and_grads(compiled):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+        if compiled:
+            torch._dynamo.reset()
+            assert compile_decoder_layers(model, backend="aot_eager", fullgraph=True) > 0
+        losses = []
+        for batch in batches:  # two batches of different lengths: no recompile error, same results
+            loss, n = supervised_loss(model, dict(batch))
+            (loss / n).backward()
+            losses.append(loss.detach() / n)
+        grads = torch.cat([p.grad.flatten() for p in model.model.language_model.parameters() if p.grad is not None])
+        return torch.stack(losses), grads
+
+    eager_losses, eager_grads = loss_and_grads(False)
+    compiled_losses, compiled_grads = loss_and_grads(True)
+    assert torch.allclose(eager_losses, compiled_losses, rtol=1e-4)
+    assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
+    """CUDA graphs can only replay a block whose inputs all live on the GPU. Python floats the blocks
+    read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
+    (torch 2.11 then skipped the LLM blocks' graphs, or segfaulted in their backward)."""
+    from latexocr.modeling import add_lora
+    from latexocr.fast.compile import compile_decoder_layers, uncompile
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert use_packed_text_attention(model) and use_packed_vision_attention(model)
+    model = add_lora(model, 8, 16, 0.05)
+    inputs = []
+
+    def recording_backend(graph_module, example_inputs):
+        inputs.extend(example_inputs)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        compile_decoder_layers(model, backend=recording_backend)
+        loss, n = supervised_loss(model, dict(fast_collator(encoder)(formula_images[:3])))
+        (loss / n).backward()
+    finally:
+        uncompile(model)
+        torch._dynamo.reset()
+    assert inputs, "no block was compiled"
+    scalars = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 0]
+    assert not scalars, f"{len(scalars)} 0-d tensor inputs (floats lifted to tensors): {scalars[:3]}"
+
+
+def test_lora_input_cast_switch_matches_peft(tiny_model_dir):
+    """NoLoraInputCast switches off exactly the layers peft's own helper does, and restores them."""
+    from peft.helpers import disable_input_dtype_casting
+    from latexocr.modeling import add_lora
+    from latexocr.fast.trainer import NoLoraInputCast
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.0)
+    flags = lambda: [getattr(m, "cast_input_dtype_enabled", None) for m in model.modules()]  # noqa: E731
+    before = flags()
+    with disable_input_dtype_casting(model):
+        by_peft = flags()
+    switch = NoLoraInputCast(model)
+    assert len(switch.layers) == 7 * model.config.text_config.num_hidden_layers  # q k v o gate up down
+    with switch():
+        assert flags() == by_peft != before
+    assert flags() == before
+    with switch(active=False):  # without autocast the cast stays on
+        assert flags() == before
+
+
+def test_cuda_graphs_only_where_measured():
+    from latexocr.fast.compile import should_use_cuda_graphs
+    assert should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(False, compiled=True, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=False, processes=1, accumulation=1, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=1, on_cuda=False)
+    # gradient accumulation: the next replay would reuse the memory of gradients not yet consumed
+    assert not should_use_cuda_graphs(True, compiled=True, processes=1, accumulation=2, on_cuda=True)
+    assert not should_use_cuda_graphs(True, compiled=True, processes=2, accumulation=1, on_cuda=True)
+
+
+def test_compile_setting():
+    from latexocr.fast.compile import COMPILE_COLD_FROM_STEPS, COMPILE_WARM_FROM_STEPS, should_compile
+    assert should_compile("on", 1) and not should_compile("off", 10**6)
+    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile, fewer steps once
+    # this setup's compile cache is warm
+    assert COMPILE_WARM_FROM_STEPS < COMPILE_COLD_FROM_STEPS
+    assert should_compile("auto", COMPILE_COLD_FROM_STEPS) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS - 1)
+    assert should_compile("auto", COMPILE_WARM_FROM_STEPS, warm_cache=True) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_WARM_FROM_STEPS - 1, warm_cache=True)
+    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
+    with pytest.raises(SystemExit, match="auto, on or off"):
+        should_compile("yes", 10)
+
+
+def test_trainer_counts_real_tokens_on_the_host(tmp_path, tiny_model_dir, formula_images):
+    """Tokens seen (tokens/s in the logs) count the packed row without its CUDA-graph padding, from
+    the batch's host-side count; the FLOP estimate is transformers' own."""
+    from transformers import TrainingArguments
+    from latexocr.fast.trainer import FastTrainer
+    from latexocr.fast.vision import REAL_TOKENS_KEY
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             include_num_input_tokens_seen="all")
+    trainer = FastTrainer(model=model, args=args, processing_class=processor)
+    plain = fast_collator(encoder)(formula_images[:3])
+    padded = fast_collator(encoder, pad_to_multiple_of=64)(formula_images[:3])
+    real = plain["input_ids"].shape[1]
+    assert padded[REAL_TOKENS_KEY] == plain[REAL_TOKENS_KEY] == real < padded["input_ids"].shape[1]
+    trainer._track_num_input_tokens(padded)
+    assert trainer.state.num_input_tokens_seen == real
+    assert trainer.floating_point_ops(padded) == 6 * padded["input_ids"].numel() * model.num_parameters(
+        exclude_embeddings=True)
+
+
+def test_cheap_train_and_zero_grad_keep_module_semantics(tiny_model_dir):
+    """skip_redundant_module_walks (the Trainer's per-step train()/zero_grad()): eval() and train()
+    still switch every module, zero_grad() clears every gradient there is (LoRA's)."""
+    from latexocr.modeling import add_lora
+    from latexocr.fast.trainer import skip_redundant_module_walks
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.1)
+    trainable = skip_redundant_module_walks(model)
+    assert trainable and len(trainable) == sum(p.requires_grad for p in model.parameters())
+    # peft's wrapper says training while the loaded base model is in eval mode: train() must switch it
+    assert model.training and not model.base_model.model.training
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert model.train() is model and all(m.training for m in model.modules())
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
+    """The vision tower is graphed only for Qwen2-VL with the packed (sync-free) vision attention,
+    and only while it is frozen."""
+    from latexocr.modeling import add_lora
+    from latexocr.fast.vision import graph_vision_tower
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa")
+    use_packed_vision_attention(model)
+    assert graph_vision_tower(model) is None  # every parameter trainable
+    model = add_lora(model, 8, 16, 0.0)       # the vision tower frozen, as in train.py
+    assert (graph_vision_tower(model) is not None) == (family == "qwen2_vl")
+    model.base_model.model.config.vision_config._attn_implementation = "sdpa"
+    assert graph_vision_tower(model) is None  # transformers' sdpa vision attention syncs per image
+
+
+# ---------------------------------------------------------------- upstream hooks (latexocr/fast/upstream.py)
+def test_upstream_hooks_unchanged():
+    """Every private method overridden, instance method patched and transformers source re-implemented
+    by the fast path is as it was checked; a transformers/peft upgrade that changes one fails here,
+    naming what to re-check, instead of leaving training silently slower or different."""
+    from latexocr.fast.upstream import drift
+    problems = drift()
+    assert not problems, "\n".join(problems)
+
+
+def test_upstream_drift_names_what_to_recheck(monkeypatch):
+    from latexocr.fast import upstream
+    key = ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.forward")
+    monkeypatch.setitem(upstream.SOURCES, key, (upstream.SOURCES[key][0], ("0" * 16,)))
+    monkeypatch.setitem(upstream.SOURCES, ("transformers.vision_utils", "a_function_that_was_removed"), ("X", ("",)))
+    monkeypatch.setitem(upstream.OVERRIDDEN, ("transformers.Trainer", "_clip_grad_norm"), ["self", "model", "old"])
+    monkeypatch.setattr(upstream, "CALLED_BY_TRAINER", upstream.CALLED_BY_TRAINER + ("self._a_hook_never_called()",))
+    problems = "\n".join(upstream.drift())
+    assert "checked against transformers 5.24.0" in problems
+    assert "Qwen2VLModel.forward changed" in problems and "re-check fast/vision.py supervised_step_loss" in problems
+    assert "a_function_that_was_removed is gone" in problems
+    assert "_clip_grad_norm now takes ['self', 'model']" in problems
+    assert "no longer calls self._a_hook_never_called()" in problems
+
+
+# ---------------------------------------------------------------- one door: the plan, and training without it
+def test_train_py_without_the_fast_package_trains_the_same(tmp_path, tiny_model_dir):
+    """Deleting latexocr/fast/ leaves plain transformers training working, with the fast path's losses."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import TINY, _losses, make_dataset, script_env
+
+    root = Path(__file__).resolve().parents[1]
+    plain_repo = tmp_path / "repo"
+    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
+    shutil.copy(root / "train.py", plain_repo / "train.py")
+    data = make_dataset(tmp_path, ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )"])
+    common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
+              "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
+              "--eval-samples", 2, *TINY]
+
+    def train(repo, out):
+        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out)],
+                              env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    plain, fast = train(plain_repo, tmp_path / "plain"), train(root, tmp_path / "fast")
+    assert "fast path: not installed" in plain
+    assert "fast path: packed text attention; sync-free Qwen2-VL step" in fast
+    assert (tmp_path / "plain" / "final" / "adapter_model.safetensors").exists()
+    assert len(_losses(plain)) == 3 and _losses(fast) == pytest.approx(_losses(plain), rel=1e-4)
+
+
+def _settings(**changes):
+    import argparse
+    import train
+    return argparse.Namespace(**{**{k.lower(): v for k, v in train.SETTINGS.items()}, **changes})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_images, family):
+    """The collator emits the precomputed step's keys only for Qwen2-VL (others would throw them away)."""
+    from latexocr.fast import plan_training
+    from latexocr.fast.trainer import FastTrainer
+    from latexocr.modeling import add_lora
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa"),
+                     8, 16, 0.0)
+    plan = plan_training(model, _settings(), processes=1, accumulation=1, planned_steps=125)
+    assert plan.trainer_class is FastTrainer and plan.trainer_options == {"fast_plan": plan}
+    assert "compiling" not in plan.summary and not plan.cuda_graphs  # CPU: COMPILE_LAYERS=auto stays eager
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **plan.collator_options)(formula_images[:3])
+    assert CU_SEQLENS_KEY in batch
+    step_keys = set(PRECOMPUTED_KEYS) - {REAL_TOKENS_KEY}  # the real token count serves every family
+    assert (step_keys <= set(batch)) if family == "qwen2_vl" else not (step_keys & set(batch))
+    with pytest.raises(SystemExit, match="auto, on or off"):
+        plan_training(model, _settings(compile_layers="yes"), processes=1, accumulation=1, planned_steps=1)
+
+
+def test_compile_cache_is_marked_warm_per_setup(tmp_path, tiny_model_dir, monkeypatch):
+    """COMPILE_LAYERS=auto lowers its threshold once a run has compiled this setup on this machine:
+    the marker sits inside torch's cache folder, is written after the compiles, and a different setup
+    (here: CUDA graphs or not) has its own."""
+    from transformers import TrainerControl, TrainerState
+    from latexocr.fast.compile import WARM_AFTER_STEPS, CompileCache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    cache = CompileCache(model, cuda_graphs=True, folder=tmp_path)
+    assert not cache.warm and cache.marker.is_relative_to(tmp_path / "inductor")
+    cache.use()
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    callback, state = cache.callback(), TrainerState()
+    for step in range(1, WARM_AFTER_STEPS):
+        state.global_step = step
+        callback.on_step_end(None, state, TrainerControl())
+    assert not cache.warm  # the first steps still compile and record graphs
+    state.global_step = WARM_AFTER_STEPS
+    callback.on_step_end(None, state, TrainerControl())
+    assert cache.warm and CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
+    assert not CompileCache(model, cuda_graphs=False, folder=tmp_path).warm
+    # torch writes its own default into the variable while the model loads: that is not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).folder == tmp_path / "mine"
+
+
+# ---------------------------------------------------------------- GPU smoke test
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled blocks + CUDA graphs)")
+def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
+    """On a GPU the whole fast path (packed flash attention, sync-free step, compiled blocks, CUDA graphs
+    of the LLM blocks and the vision tower) trains with the plain transformers path's losses (bf16)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import LABELS, TINY, _losses, make_dataset, script_env
+
+    root = Path(__file__).resolve().parents[1]
+    plain_repo = tmp_path / "repo"
+    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
+    shutil.copy(root / "train.py", plain_repo / "train.py")
+    data = make_dataset(tmp_path, LABELS)
+    common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 6,
+              "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 1, "--save-steps", 1000,
+              "--eval-samples", 2, "--dtype", "bf16", *TINY]
+
+    def train(repo, out, *flags):
+        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out),
+                               *flags], env=script_env(LATEXOCR_COMPILE_CACHE=str(tmp_path / "cache")),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    plain = train(plain_repo, tmp_path / "plain")
+    fast = train(root, tmp_path / "fast", "--compile-layers", "on")
+    assert "LLM blocks and vision tower as CUDA graphs" in fast
+    assert len(_losses(plain)) == 6 and _losses(fast) == pytest.approx(_losses(plain), rel=2e-2)
