@@ -64,7 +64,9 @@ def tokenize(text: str | None) -> list[str]:
 def _katex(latex: str) -> str:
     import pykatex  # imported here: the metrics module stays importable where no wheel exists
 
-    return pykatex.renderToString(latex, output="mathml", displayMode=True, throwOnError=True)
+    # strict="ignore": KaTeX's default ("warn") prints a console line for every non-LaTeX character
+    # (a random or looping model writes thousands); the verdict is the same, only errors count.
+    return pykatex.renderToString(latex, output="mathml", displayMode=True, throwOnError=True, strict="ignore")
 
 
 def render_error(text: str | None) -> str | None:

@@ -245,7 +245,7 @@ def test_one_definition_of_each_default_and_of_a_usable_label():
     from latexocr.sources import label_problem
 
     sources = {p: p.read_text(encoding="utf-8") for p in ROOT.rglob("*.py")
-               if "tests" not in p.parts and ".venv" not in p.parts}
+               if "tests" not in p.parts and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)}
     literal = {  # a default written as a value, not as the one constant of latexocr/sample.py
         "IMAGE_MIN_PIXELS": r"(?m)^\s*(IMAGE_MIN_PIXELS|DEFAULT_MIN_PIXELS)\s*=\s*\d",
         "IMAGE_MAX_PIXELS": r"(?m)^\s*(IMAGE_MAX_PIXELS|DEFAULT_MAX_PIXELS)\s*=\s*\d",

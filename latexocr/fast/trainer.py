@@ -13,8 +13,8 @@ import contextlib
 import torch
 
 from ..training import OcrTrainer, supervised_loss
-from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VisionGraphs, supervised_step_loss,
-                     takes_precomputed_vision)
+from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, VisionGraphs,
+                     supervised_step_loss, takes_precomputed_vision)
 
 
 def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
@@ -22,7 +22,9 @@ def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True
     """training.supervised_loss, except that packed batches of a Qwen2-VL model take the sync-free
     step of latexocr/fast/vision.py (its vision tower replayed by `vision_graphs`)."""
     precomputed = {k: batch.pop(k) for k in PRECOMPUTED_KEYS if k in batch}
-    if precomputed and supervised_logits_only and takes_precomputed_vision(model):
+    # the collator precomputes the vision inputs only where the sync-free step applies (plan_training:
+    # not when the vision tower trains); the token count alone (REAL_TOKENS_KEY) comes with every packed batch
+    if VISION_POSITIONS_KEY in precomputed and supervised_logits_only and takes_precomputed_vision(model):
         return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs)
     if precomputed.get(VISION_PADDING_KEY):
         raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
