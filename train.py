@@ -48,7 +48,9 @@ PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch 
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
 COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once per machine (cached), then 4-5x faster steps;
                          # auto = on a GPU, for runs of >= 300 optimizer steps (>= 220 once this setup's
-                         # compile cache is warm), without DeepSpeed or gradient checkpointing | on | off
+                         # compile cache is warm), without DeepSpeed or gradient checkpointing,
+                         # where it was measured (not Qwen3.5, TUNE=full, a training vision tower,
+                         # 4-bit or fp16) | on | off
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
                          # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
                          # and x256 patches so that few shapes occur)

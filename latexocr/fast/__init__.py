@@ -60,8 +60,11 @@ def plan_training(model, args, *, processes: int, accumulation: int, planned_ste
     text_attention = (packed and args.packed_text_attention and args.attn_implementation == "sdpa"
                       and use_packed_text_attention(model))  # flash varlen on GPU: no work on masked-out scores
     # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
-    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host
-    measured_setup = not (args.deepspeed or args.gradient_checkpointing or linear_attention)
+    # Qwen3.5, whose linear-attention layers split packed rows per sample on the host, nor the training
+    # modes whose compiled step was never timed (a training vision tower, TUNE=full, 4-bit, fp16)
+    measured_setup = not (args.deepspeed or args.gradient_checkpointing or linear_attention or vision_trains
+                          or getattr(args, "tune", "lora") == "full" or getattr(args, "quantization", "none") != "none"
+                          or getattr(args, "dtype", "auto") == "fp16")
     graphs_if_compiled = should_use_cuda_graphs(args.cuda_graphs, True, processes, accumulation)
     cache = CompileCache(model, graphs_if_compiled) if args.compile_layers.lower() != "off" else None
     warm = cache is not None and cache.warm

@@ -65,7 +65,6 @@ def uncompile(model) -> None:
 # and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
 # eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): within one run it pays from
 # ~230-450 optimizer steps on; 500 leaves a margin.
-COMPILE_PAYS_FROM_STEPS = 500  # within one cold run (H100, run H); the thresholds below are what auto uses
 # But most of that cost is paid once per machine, not per run: torch's compile caches (compiled
 # graphs, AOTAutograd, autotuning, Triton kernels, dynamic-shape profiles) live in a persistent
 # folder (compile_cache_dir), and a run that found them warm for its setup (the marker below)

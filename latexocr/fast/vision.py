@@ -83,23 +83,20 @@ def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_value
     }
 
 
-_vision_language_core = vision_language_core  # latexocr.modeling (inference uses it too)
-
-
 def takes_precomputed_vision(model) -> bool:
     """Qwen2-VL only: its vision tower takes the precomputed inputs and returns one feature per token."""
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     return core is not None and getattr(core.config, "model_type", "") == "qwen2_vl"
 
 
 def graph_vision_tower(model) -> "VisionGraphs | None":
     """VisionGraphs for the model's vision tower, or None where it cannot be captured: another
-    architecture, a vision attention other than latexocr.speed's packed one (transformers'
+    architecture, a vision attention other than latexocr/fast/attention.py's packed one (transformers'
     per-image sdpa loop reads the boundaries back to the CPU, which a capture cannot do), or a
     tower that is being trained (a graph records no backward)."""
     if not takes_precomputed_vision(model):
         return None
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     if (core.config.vision_config._attn_implementation != PACKED_VISION_ATTENTION
             or any(p.requires_grad for p in core.visual.parameters())):
         return None
@@ -163,7 +160,7 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     their count (a host int): the same value as the model's own forward (tests/test_fast.py).
     Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0
     (latexocr/fast/upstream.py SOURCES)."""
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     pixel_values = batch["pixel_values"].type(core.visual.dtype)
     args = (pixel_values, batch["image_grid_thw"], batch[VISION_POSITIONS_KEY], batch[VISION_CU_SEQLENS_KEY],
             batch[VISION_MAX_LENGTH_KEY])
