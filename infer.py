@@ -153,6 +153,10 @@ def main(argv=None):
             problem = check_writable(Path(args.output).resolve().parent)
             if problem:
                 raise SystemExit(f"error: {problem}")
+    if args.merge_to and args.adapter == "none":  # before any model is loaded or downloaded
+        raise SystemExit("--merge-to needs an adapter (got --adapter none)")
+    if args.merge_to and args.quantization != "none":
+        raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
     model, processor, adapter = load_for_inference(args)
     # Show the model its samples as it was trained: the saved sizing and prompt, unless flags say otherwise.
     trained_with, where = trained_sample(args, adapter)
@@ -199,7 +203,7 @@ def main(argv=None):
     for r in errors:
         print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
 
-    if len(rows) == 1 and not labelled and not args.output:
+    if len(rows) == 1 and not labelled and not args.output and not args.report:
         if rows[0]["prediction"] is None:
             sys.exit(1)
         print(rows[0]["prediction"])

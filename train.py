@@ -105,8 +105,8 @@ def main(argv=None):
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.evaluation import comparison_table, evaluate
     from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
-    from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
-                                   quantization_config, resolve_model, setup_training_mode)
+    from latexocr.modeling import (TUNE_MODES, list_checkpoints, load_model, load_processor, parameter_counts,
+                                   pick_dtype, quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
                                  sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
     from latexocr.speed import check_settings, plan_training
@@ -114,6 +114,15 @@ def main(argv=None):
     from latexocr.training import Fp16OverflowStop, OcrDataset, ThroughputCallback
 
     check_settings(args)  # a wrong COMPILE_LAYERS value stops here, not after loading
+    out_dir = Path(args.output_dir)
+    if args.resume and not list_checkpoints(out_dir):
+        raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
+    if args.tune not in TUNE_MODES:
+        raise SystemExit(f"TUNE must be one of {', '.join(TUNE_MODES)}, not {args.tune!r}")
+    if args.unfreeze_vision and args.tune != "full":
+        raise SystemExit("UNFREEZE_VISION trains the whole vision tower and applies to TUNE=full; "
+                         "for LoRA on the vision tower use TUNE=lora_vision")
+    quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes: now
     if args.quantization != "none" and args.tune == "full":
         raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
     if args.dtype == "fp16" and not torch.cuda.is_available():
@@ -124,7 +133,6 @@ def main(argv=None):
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=cpu_ddp)
     set_seed(args.seed)
-    out_dir = Path(args.output_dir)
     say = print if state.is_main_process else (lambda *a, **k: None)
 
     # ---- the model and its processor ----
@@ -133,8 +141,6 @@ def main(argv=None):
     processor = load_processor(model_path)
 
     # ---- one sample: prompt, image sizing, answer; --resume continues with the checkpoint's own ----
-    if args.resume and not list_checkpoints(out_dir):
-        raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
     trained_with, where = None, None
     if args.resume:
         where = str(list_checkpoints(out_dir)[-1])
@@ -175,6 +181,9 @@ def main(argv=None):
     counts = parameter_counts(model)
     say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
         f"vision tower) of {counts['total']:,}")
+    if args.vision_learning_rate > 0 and counts["trainable_vision"] == 0:
+        say("note: VISION_LEARNING_RATE has no effect: nothing on the vision side trains (TUNE=lora_vision, "
+            "UNFREEZE_MERGER or UNFREEZE_VISION)")
 
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
     world = state.num_processes
@@ -281,7 +290,9 @@ def main(argv=None):
 
     # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
     try:
-        trainer.train(resume_from_checkpoint=True if args.resume else None)
+        # the checkpoint whose sample definition was read above (transformers' own pick would be the
+        # highest checkpoint-N folder, even one whose save was cut off)
+        trainer.train(resume_from_checkpoint=where if args.resume else None)
     except KeyboardInterrupt:
         say("\ninterrupted: saving a checkpoint ...")
         trainer._save_checkpoint(trainer.model, trial=None)

@@ -98,6 +98,11 @@ class _SlotCache:
         self.values[layer_idx].index_copy_(2, self.write_at, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # transformers 5.24's Qwen-VL forward reads the cache length only when no position_ids or
+        # 4-D mask are given; the decode step always passes both. Fail clearly if that changes.
+        raise NotImplementedError("the static decode step passes position_ids and a 4-D mask itself")
+
 
 class _State:
     """The fixed buffers of one (rows, cache length) shape, and its CUDA graph once captured."""
@@ -220,7 +225,7 @@ class StaticDecoder:
             # thread_local: the DataLoader's pin-memory thread must not invalidate the capture
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self._step(s)
-        except RuntimeError as exc:
+        except Exception as exc:  # capture errors surface as several types
             print(f"warning: the decode step could not be captured as a CUDA graph ({exc}); running it eagerly",
                   flush=True)
             self.use_graphs = False
@@ -291,6 +296,9 @@ class StaticDecoder:
         t.valid[n:, 0] = True  # padding rows attend to one slot (no all-masked softmax)
         t.finished[n:] = True
         t.origin[n:] = done_tokens.shape[0] - 1  # a scratch row
+        t.token[n:] = self.pad_id  # padding rows hold nothing of an earlier batch
+        t.position[n:] = 0
+        t.history[n:] = self.pad_id
         t.write_at.copy_(write_at)
         t.step.copy_(step)
         return t

@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .batching import END_OF_TURN, SampleEncoder, generation_batch, mrope_positions
+from .batching import SampleEncoder, generation_batch, mrope_positions
 from .decoding import StaticDecoder, static_decode_supported
-from .sample import DEFAULT_MAX_NEW_TOKENS, load_image
+from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN, load_image
 from .speed import plain_text_attention
 
 # The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is
@@ -107,8 +107,9 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
         # Blocks compiled for training (COMPILE_LAYERS) would recompile for eval mode, the KV cache
         # and every new length: generation runs them eagerly.
         with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
-            static = engine == "static" or (engine == "auto" and static_decode_supported(model, generate_kwargs))
-            if static and not static_decode_supported(model, generate_kwargs):
+            supported = static_decode_supported(model, generate_kwargs)
+            static = engine == "static" or (engine == "auto" and supported)
+            if engine == "static" and not supported:
                 raise ValueError("engine='static' does not support this model or these generate options "
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
             order = _size_order(image_paths)
