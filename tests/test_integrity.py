@@ -192,12 +192,14 @@ def _start(source: Path, out: Path) -> subprocess.Popen:
 
 def test_30_sigints_at_random_moments_each_end_within_10_s(tmp_path, big_source):
     rng = random.Random(13)
-    # One uninterrupted export first: the signals then land anywhere from interpreter start-up to
-    # near its end, however fast this machine is (a fixed window let a quiet machine finish first).
-    start = time.monotonic()
-    full = _start(big_source, tmp_path / "full")
-    assert full.wait(timeout=600) == 0, full.stderr.read()
-    window = 0.9 * (time.monotonic() - start)
+    # Uninterrupted exports first (the first one warms the file cache): the signals then land anywhere
+    # from interpreter start-up to past the middle of the export, however fast this machine is (a
+    # fixed window let a quiet machine finish first).
+    for name in ("warm", "full"):
+        start = time.monotonic()
+        full = _start(big_source, tmp_path / name)
+        assert full.wait(timeout=600) == 0, full.stderr.read()
+    window = 0.6 * (time.monotonic() - start)
     outcomes = []
     for i in range(30):
         proc = _start(big_source, tmp_path / f"run{i}")
