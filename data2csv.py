@@ -158,7 +158,14 @@ def main(argv=None) -> int:
     if args.workers > 0:
         import multiprocessing
         # spawn, not fork: forking while pyarrow's threads hold locks can deadlock a worker
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, worker_init, (os.getpid(),))
+        # The workers start with SIGINT ignored (a disposition survives exec, and Python keeps an
+        # ignored SIGINT): a Ctrl-C to the whole process group while they start up would otherwise
+        # print a KeyboardInterrupt traceback from each, before worker_init could ignore it.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(args.workers, worker_init, (os.getpid(),))
+        finally:
+            signal.signal(signal.SIGINT, previous)
     max_pending = max(2, 4 * args.workers)  # bounded: the source is never read far ahead
 
     def emit(block_until: int) -> None:
