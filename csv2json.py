@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from latexocr.io import atomic_write_json
+from latexocr.io import atomic_write_json, file_sha256
 from latexocr.sample import image_problem, is_valid_label, make_record
 
 # ---- settings (edit here, or pass the same names as --flags) -----------------------------------
@@ -78,18 +78,10 @@ def check_done(path: Path) -> None:
         done = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         done = None
-    if not isinstance(done, dict) or done.get("csv_sha256") != _sha256(path):
+    if not isinstance(done, dict) or done.get("csv_sha256") != file_sha256(path):
         state = "does not match it (changed since)" if done is not None else "is missing"
         raise DataError(f"{path}: not a finished data2csv.py export (its completion record {marker.name} "
                         f"{state}); re-run data2csv.py, or pass --no-require-done to use it as it is")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from latexocr.io import atomic_open, atomic_write_json, check_writable, save_images_batch, worker_init
+from latexocr.io import atomic_open, atomic_write_json, check_writable, file_sha256, save_images_batch, worker_init
 from latexocr.sources import CONFIGS, SPLITS, SourceError, label_problem, open_source, source_fingerprint
 
 # ---- settings (edit here, or pass the same names as --flags) -----------------------------------
@@ -76,14 +75,6 @@ def run_params(args) -> dict:
     return {"source": source, "source_id": source_fingerprint(args.source, args.config, args.split),
             "config": args.config, "split": args.split, "limit": args.limit,
             "image_dir": str(Path(args.image_dir).resolve())}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -163,3 +164,12 @@ def save_images_batch(items: list[tuple[int, bytes, str]]) -> list[tuple[int, st
             # a stable phrase: the same bad row gives the same report in every run
             results.append((index, image_problem(data) or f"cannot convert to PNG ({type(exc).__name__})"))
     return results
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes: data2csv writes it into the completion record, csv2json checks it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
