@@ -98,7 +98,7 @@ class _Done:
     def __init__(self, value):
         self._value = value
 
-    def get(self):
+    def result(self):
         return self._value
 
 
@@ -148,22 +148,28 @@ def main(argv=None) -> int:
     pool = None
     if args.workers > 0:
         import multiprocessing
-        # spawn, not fork: forking while pyarrow's threads hold locks can deadlock a worker
-        # The workers start with SIGINT ignored (a disposition survives exec, and Python keeps an
-        # ignored SIGINT): a Ctrl-C to the whole process group while they start up would otherwise
-        # print a KeyboardInterrupt traceback from each, before worker_init could ignore it.
+        from concurrent.futures import ProcessPoolExecutor
+        # spawn, not fork: forking while pyarrow's threads hold locks can deadlock a worker.
+        # ProcessPoolExecutor, not multiprocessing.Pool: after a Ctrl-C, Pool.terminate() could
+        # wait forever for its task queue's lock, held by an idle worker (about 1 Ctrl-C in 60).
+        pool = ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"),
+                                   initializer=worker_init, initargs=(os.getpid(),))
+        # All workers start now, with SIGINT ignored (a disposition survives exec, and Python keeps
+        # an ignored SIGINT): a Ctrl-C to the whole process group while they start up would
+        # otherwise print a KeyboardInterrupt traceback from each, before worker_init ignores it.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(args.workers, worker_init, (os.getpid(),))
+        try:  # one task per worker: the executor starts a process per task while none is idle
+            started = [pool.submit(os.getpid) for _ in range(args.workers)]
         finally:
             signal.signal(signal.SIGINT, previous)
+        del started
     max_pending = max(2, 4 * args.workers)  # bounded: the source is never read far ahead
 
     def emit(block_until: int) -> None:
         nonlocal written
         while len(pending) > block_until:
             entries, future = pending.popleft()
-            errors = dict(future.get()) if future is not None else {}
+            errors = dict(future.result()) if future is not None else {}
             for index, rel, text in entries:
                 err = errors.get(index)
                 if err:
@@ -201,7 +207,7 @@ def main(argv=None) -> int:
                         else:
                             jobs.append((row.index, row.image, str(out)))
                     if jobs:
-                        future = (pool.apply_async(save_images_batch, (jobs,)) if pool
+                        future = (pool.submit(save_images_batch, jobs) if pool
                                   else _Done(save_images_batch(jobs)))
                     else:
                         future = None
@@ -219,10 +225,9 @@ def main(argv=None) -> int:
         return 2
     finally:
         if pool is not None:
-            # terminate, not close+join: after Ctrl-C the queues may be mid-message; the
-            # images that were being written are temp files until complete
-            pool.terminate()
-            pool.join()
+            # Queued chunks are dropped; a worker finishes the chunk it holds (under a second) and
+            # exits. An image being written is a temp file until complete (a re-run removes it).
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # The report, then the marker last: a marker means everything before it is on disk.
     with atomic_open(report_path, "w", encoding="utf-8", newline="") as f:

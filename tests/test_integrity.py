@@ -211,11 +211,7 @@ def test_30_sigints_at_random_moments_each_end_within_10_s(tmp_path, big_source)
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            # Known, not fixed: about one mid-export Ctrl-C in 60 leaves data2csv waiting in
-            # multiprocessing.Pool.terminate() (suspected: its _help_stuff_finish waits for the task
-            # queue's lock, which an idle worker holds). Reported as XFAIL so it stays visible; every
-            # other check of this test (exit code, no traceback, no worker left, marker) still fails it.
-            pytest.xfail(f"known: SIGINT #{i} did not end data2csv within 10 s (Pool.terminate wait)")
+            pytest.fail(f"SIGINT #{i} did not end data2csv within 10 s")
         took = time.monotonic() - start
         assert _wait_group_gone(proc.pid, 5), f"SIGINT #{i}: a worker outlived the main process"
         err = proc.stderr.read()
