@@ -134,7 +134,9 @@ def main(argv=None) -> int:
 
     # Names depend on the source's fingerprint, config, split and row index: a re-run of the
     # same source finds its earlier PNGs, and no other source's run can touch them.
-    prefix = f"{args.config}_{args.split}_{params['source_id']}"
+    # A hub source adds which files it downloaded: a new revision upstream never reuses the images
+    # an earlier one left under the same settings.
+    prefix = f"{args.config}_{args.split}_{params['source_id']}" + (f"-{source.data_id}" if source.data_id else "")
     prepare_image_dir(image_dir, prefix)
     csv_dir = csv_path.resolve().parent
     try:  # paths in the CSV are relative to the CSV, so the folder can move as a whole

@@ -47,6 +47,9 @@ class Source:
     description: str
     num_rows: int | None
     _batches: Callable[[], Iterator[list[Row]]] = field(repr=False)
+    # For a hub source: which files were downloaded (see downloaded_files_id). Its rows can change
+    # upstream while the settings stay the same, so image names carry this too.
+    data_id: str = ""
 
     def batches(self) -> Iterator[list[Row]]:
         """Lists of consecutive rows (a few hundred at a time), in index order."""
@@ -289,6 +292,19 @@ def source_fingerprint(source: str, config: str, split: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
+def downloaded_files_id(files: list[Path]) -> str:
+    """A short hash of which hub files these are: name, size and, for the Hugging Face cache,
+    the content-addressed blob each snapshot file links to (ModelScope stores plain files).
+
+    Not the path or mtime: clearing the cache and downloading the same revision again keeps the
+    id, so the earlier images are reused; a new revision of the data gets new image names.
+    """
+    import hashlib
+
+    parts = [f"{f.name}:{f.stat().st_size}:{Path(os.path.realpath(f)).name}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
 # ---- entry point -------------------------------------------------------------------------------
 
 def open_source(source: str, config: str, split: str, cache_dir: str | None = None) -> Source:
@@ -300,7 +316,9 @@ def open_source(source: str, config: str, split: str, cache_dir: str | None = No
         if not files:
             raise SourceError(f"{HUB_REPOS[key]} has no parquet files for config={config!r} split={split!r} "
                               f"(downloaded to {folder})")
-        return parquet_source(files)
+        found = parquet_source(files)
+        found.data_id = downloaded_files_id(files)
+        return found
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(f"SOURCE {source!r} is neither 'modelscope', 'huggingface' nor an existing path")

@@ -289,6 +289,37 @@ def test_hub_download_is_called_correctly(tmp_path, monkeypatch):
     assert not any(p.startswith(("full/", "default/")) for p in seen["allow_patterns"])
 
 
+def test_a_new_hub_revision_never_reuses_the_earlier_images(tmp_path, monkeypatch):
+    """The hub's rows change upstream, the settings stay: a re-run (a larger limit) must pair each
+    row with its own new image, not with the earlier revision's PNG of the same row number.
+    Laid out as the Hugging Face cache does: snapshot files link to content-addressed blobs."""
+    hf = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "cache"
+    revisions = []
+    for rev in range(2):
+        images = [encode(random_image(100 * rev + i)) for i in range(8)]
+        texts = [f"rev{rev} row{i}" for i in range(8)]
+        blob = write_parquet(cache / "blobs" / f"blob{rev}", images, texts)
+        snap = cache / "snapshots" / f"commit{rev}" / "small"
+        snap.mkdir(parents=True)
+        (snap / "validation-00000-of-00001.parquet").symlink_to(blob)
+        revisions.append((snap.parent, images, texts))
+    current = {"rev": 0}
+    monkeypatch.setattr(hf, "snapshot_download", lambda *a, **kw: str(revisions[current["rev"]][0]))
+    args = ("huggingface", "--config", "small", "--split", "validation")
+    rc, csv_path, image_dir = run(tmp_path, *args, "--limit", "4")
+    assert rc == 0
+    check_against_source(csv_path, *revisions[0][1:], indices=range(4))
+    current["rev"] = 1
+    rc, csv_path, _ = run(tmp_path, *args, "--limit", "8")
+    assert rc == 0
+    check_against_source(csv_path, *revisions[1][1:])
+    # the same revision again (another limit, so no "already complete"): its images are reused
+    assert len(list(image_dir.glob("*.png"))) == 12
+    rc, csv_path, _ = run(tmp_path, *args, "--limit", "all")
+    assert rc == 0 and len(list(image_dir.glob("*.png"))) == 12
+
+
 @pytest.mark.parametrize("hub", ["huggingface", "modelscope"])
 def test_network_failure_is_one_clear_line(tmp_path, monkeypatch, capsys, hub):
     if hub == "modelscope":
