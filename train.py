@@ -302,6 +302,10 @@ def main(argv=None):
         tracker.finish()
         state.destroy_process_group()
         sys.exit(130)
+    except SystemExit as stop:  # a callback's verdict (fp16 overflow): the dashboard shows why the run ended
+        tracker.finish(state="crashed", error=str(stop.code))
+        state.destroy_process_group()
+        raise
 
     final_dir = out_dir / "final"
     if args.tune == "full":  # fp32 master weights back to the loaded dtype: the folder infer.py loads
