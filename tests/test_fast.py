@@ -318,7 +318,10 @@ def test_train_py_without_the_fast_package_trains_the_same(tmp_path, tiny_model_
     assert "fast path: not installed" in plain
     assert "fast path: packed text attention; sync-free Qwen2-VL step" in fast
     assert (tmp_path / "plain" / "final" / "adapter_model.safetensors").exists()
-    assert len(_losses(plain)) == 3 and _losses(fast) == pytest.approx(_losses(plain), rel=1e-4)
+    # CPU trains in fp32: the same numbers. A CUDA GPU trains in bf16, where packing (another summation
+    # order) moves a loss by up to a few bf16 roundings: 6.590 vs 6.592 seen on an H200.
+    tolerance = 5e-3 if torch.cuda.is_available() else 1e-4
+    assert len(_losses(plain)) == 3 and _losses(fast) == pytest.approx(_losses(plain), rel=tolerance)
 
 
 def _settings(**changes):
