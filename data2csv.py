@@ -227,8 +227,8 @@ def main(argv=None) -> int:
         return 2
     finally:
         if pool is not None:
-            # Queued chunks are dropped; a worker finishes the chunk it holds (under a second) and
-            # exits. An image being written is a temp file until complete (a re-run removes it).
+            # Queued chunks are dropped; the workers finish the few already handed to them (at most
+            # WORKERS + 1 chunks of 64 images: well under a second) and exit. An image being written is a temp file until complete (a re-run removes it).
             pool.shutdown(wait=True, cancel_futures=True)
 
     # The report, then the marker last: a marker means everything before it is on disk.
