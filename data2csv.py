@@ -250,7 +250,7 @@ def main(argv=None) -> int:
 
 
 def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: workers terminated, temp files removed
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: workers shut down, temp files removed
 
 
 if __name__ == "__main__":

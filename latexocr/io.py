@@ -129,7 +129,7 @@ def worker_init(parent_pid: int) -> None:
 
     SIGINT reaches the whole process group; a worker interrupted mid-task would break the
     pool's queues and could leave the main process waiting forever, so workers ignore it and
-    the main process terminates them. A daemon thread exits the worker once its parent is
+    the main process shuts them down. A daemon thread exits the worker once its parent is
     gone (re-parented: getppid changes).
     """
     import signal
