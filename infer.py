@@ -139,8 +139,9 @@ def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
 
     from latexocr.batching import SampleEncoder
-    from latexocr.evaluation import score_row, summarize_rows, worst_first
+    from latexocr.evaluation import score_row, summarize_rows
     from latexocr.generation import predict
+    from latexocr.metrics import worst_first
     from latexocr.sample import (SAMPLE_FILE, check_sample_definition, follow_sample_definition, sample_definition,
                                  set_processor_sizing, sizing_for, write_sample_definition)
 

@@ -17,11 +17,6 @@ def summarize_rows(rows: list[dict]) -> dict:
                      truncated=[r["truncated"] for r in rows], rendered=[r["render_ok"] for r in rows])
 
 
-def worst_first(rows: list[dict]) -> list[dict]:
-    """Rows sorted worst first: highest edit distance, then not rendered, then truncated."""
-    return sorted(rows, key=lambda r: (-r["edit_distance"], r["render_ok"], not r["truncated"]))
-
-
 def comparison_table(base: dict | None, tuned: dict) -> tuple[list[str], list[list]]:
     """(headers, rows) of the end-of-training table: one row per metric, base vs fine-tuned."""
     headers = ["metric", "base", "fine-tuned"]

@@ -3,14 +3,14 @@
 LaTeX_OCR's labels were normalised by KaTeX's parser and written with one space between tokens
 (``\\frac { 1 } { 2 }``). :func:`tokenize` reproduces that tokenisation for labels exactly and
 splits compact LaTeX (``\\frac{1}{2}``) into the same tokens, so scores judge the formula and not
-its spacing. :func:`render_error` / :func:`to_mathml` ask KaTeX itself (through ``pykatex``, which
+its spacing. :func:`render` / :func:`render_error` ask KaTeX itself (through ``pykatex``, which
 embeds KaTeX in QuickJS: no node, no browser), the parser that normalised the labels.
 """
 from __future__ import annotations
 
 import re
 
-__all__ = ["strip_math", "tokenize", "render_error", "to_mathml"]
+__all__ = ["strip_math", "tokenize", "render", "render_error"]
 
 # The dataset fuses a few constructs into one token: \begin{array}, \end{array}, and \left / \right
 # with their delimiter (\left(, \right., \left\{). Everything else is a control word (\frac),
@@ -69,24 +69,23 @@ def _katex(latex: str) -> str:
     return pykatex.renderToString(latex, output="mathml", displayMode=True, throwOnError=True, strict="ignore")
 
 
-def render_error(text: str | None) -> str | None:
-    """None when KaTeX parses the formula (delimiters stripped), else its one-line error.
+def render(text: str | None) -> tuple[str | None, str | None]:
+    """(KaTeX's MathML, None) when KaTeX parses the formula (delimiters stripped), else (None, its
+    one-line error). Chromium, Firefox and Safari render the MathML natively.
 
     An empty formula counts as not rendering: an OCR model that writes nothing has failed.
     """
     latex = strip_math(text)
     if not latex:
-        return "empty formula"
+        return None, "empty formula"
     try:
-        _katex(latex)
+        return _katex(latex), None
     except ImportError:
         raise
     except Exception as exc:  # KaTeX's ParseError (and anything else it throws) is the verdict
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return None
+        return None, " ".join(str(exc).split()) or type(exc).__name__
 
 
-def to_mathml(text: str | None) -> str:
-    """KaTeX's MathML for the formula (Chromium, Firefox and Safari render MathML natively);
-    raises on a formula KaTeX rejects."""
-    return _katex(strip_math(text))
+def render_error(text: str | None) -> str | None:
+    """None when KaTeX parses the formula, else its one-line error (see render)."""
+    return render(text)[1]

@@ -41,6 +41,7 @@ __all__ = [
     "render_ok",
     "sample_scores",
     "summarize",
+    "worst_first",
 ]
 
 # tokenize='none': the text is already tokenised (split on single spaces by sacrebleu).
@@ -160,3 +161,9 @@ def summarize(preds: Sequence[str | None], refs: Sequence[str | None],
         out["truncated_rate"] = _rate(truncated)
     out["n"] = n
     return out
+
+
+def worst_first(rows: Sequence[dict]) -> list[dict]:
+    """Rows carrying score columns (evaluation.score_row's), worst first: highest edit distance,
+    then not rendered, then truncated. The one order of the HTML report and the dashboard."""
+    return sorted(rows, key=lambda r: (-r["edit_distance"], r["render_ok"], not r["truncated"]))

@@ -14,7 +14,7 @@ import mimetypes
 from pathlib import Path
 
 from .io import atomic_open
-from .latex import render_error, to_mathml
+from .latex import render
 
 __all__ = ["write_report"]
 
@@ -44,9 +44,9 @@ def _image_cell(path) -> str:
 
 def _formula_cell(latex: str | None, kind: str) -> str:
     """The formula as MathML, or its raw text marked as a failure."""
-    error = render_error(latex)
+    mathml, error = render(latex)  # one KaTeX call: the verdict and the MathML together
     if error is None:
-        return f'<td class="formula {kind}" data-rendered="1">{to_mathml(latex)}</td>'
+        return f'<td class="formula {kind}" data-rendered="1">{mathml}</td>'
     raw = "" if latex is None else str(latex)
     return (f'<td class="formula {kind} fail" data-rendered="0"><code>{html.escape(raw)}</code>'
             f'<span class="why">does not render: {html.escape(error)}</span></td>')

@@ -382,8 +382,9 @@ class Tracker:
             return 0
         import swanlab
 
-        scored = [r for r in rows or [] if "edit_distance" in r]
-        worst = sorted(scored, key=lambda r: (-r["edit_distance"], r.get("render_ok", True)))[: max(0, int(max_rows))]
+        from .metrics import worst_first
+
+        worst = worst_first([r for r in rows or [] if "edit_distance" in r])[: max(0, int(max_rows))]
         texts = []
         for rank, r in enumerate(worst, 1):
             caption = (f"#{rank} ED {float(r['edit_distance']):.3f} · EM {float(r.get('exact_match', 0)):g} · "

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from latexocr.evaluation import score_row, worst_first
+from latexocr.evaluation import score_row
+from latexocr.metrics import worst_first
 from latexocr.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
