@@ -154,7 +154,7 @@ def main(argv=None):
             problem = check_writable(Path(args.output).resolve().parent)
             if problem:
                 raise SystemExit(f"error: {problem}")
-    if args.merge_to and args.adapter == "none":  # before any model is loaded or downloaded
+    if args.merge_to and args.adapter in ("none", ""):  # before any model is loaded or downloaded
         raise SystemExit("--merge-to needs an adapter (got --adapter none)")
     if args.merge_to and args.quantization != "none":
         raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
@@ -168,11 +168,7 @@ def main(argv=None):
     model_type = model.config.model_type
     check_sample_definition(encoder, trained_with, model_type, where)
 
-    if args.merge_to:
-        if adapter is None:
-            raise SystemExit("--merge-to needs an adapter (got --adapter none)")
-        if args.quantization != "none":
-            raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
+    if args.merge_to:  # its settings were checked above, before the model loaded
         # a fully fine-tuned model is already one plain model: it is written as it is
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(args.merge_to)
