@@ -105,7 +105,7 @@ def main(argv=None):
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.evaluation import comparison_table, evaluate
     from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
-    from latexocr.modeling import (TUNE_MODES, list_checkpoints, load_model, load_processor, parameter_counts,
+    from latexocr.modeling import (check_training_mode, list_checkpoints, load_model, load_processor, parameter_counts,
                                    pick_dtype, quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
                                  sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
@@ -117,14 +117,8 @@ def main(argv=None):
     out_dir = Path(args.output_dir)
     if args.resume and not list_checkpoints(out_dir):
         raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
-    if args.tune not in TUNE_MODES:
-        raise SystemExit(f"TUNE must be one of {', '.join(TUNE_MODES)}, not {args.tune!r}")
-    if args.unfreeze_vision and args.tune != "full":
-        raise SystemExit("UNFREEZE_VISION trains the whole vision tower and applies to TUNE=full; "
-                         "for LoRA on the vision tower use TUNE=lora_vision")
     quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes: now
-    if args.quantization != "none" and args.tune == "full":
-        raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
+    check_training_mode(args.tune, args.unfreeze_vision, args.quantization)
     if args.dtype == "fp16" and not torch.cuda.is_available():
         raise SystemExit("DTYPE=fp16 needs a CUDA GPU (its loss scaling runs only there); on this machine "
                          "use DTYPE=fp32 (auto) or bf16")

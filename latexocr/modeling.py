@@ -153,6 +153,18 @@ def lora_targets(model, mode: str = "lora", skip=()) -> str:
     return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
 
 
+def check_training_mode(tune: str, unfreeze_vision: bool = False, quantization: str = "none") -> None:
+    """Stops with one line on a TUNE / UNFREEZE_VISION / QUANTIZATION combination no run can take
+    (train.py calls it before any model loads; setup_training_mode again, for other callers)."""
+    if tune not in TUNE_MODES:
+        raise SystemExit(f"TUNE must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
+    if unfreeze_vision and tune != "full":
+        raise SystemExit("UNFREEZE_VISION trains the whole vision tower and applies to TUNE=full; "
+                         "for LoRA on the vision tower use TUNE=lora_vision")
+    if quantization != "none" and tune == "full":
+        raise SystemExit("QUANTIZATION=4bit trains LoRA on a 4-bit base: use TUNE=lora or lora_vision")
+
+
 def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16, dropout: float = 0.05,
                         unfreeze_merger: bool = False, unfreeze_vision: bool = False):
     """The model with the weights of a TUNE mode trainable (everything else frozen).
@@ -164,11 +176,7 @@ def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16,
     fp32 (the optimizer's master copy: bf16 would round away small updates, fp16 loss scaling
     refuses fp16 gradients), the frozen rest stays in the loaded dtype.
     """
-    if tune not in TUNE_MODES:
-        raise SystemExit(f"TUNE must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
-    if unfreeze_vision and tune != "full":
-        raise SystemExit("UNFREEZE_VISION trains the whole vision tower and applies to TUNE=full; "
-                         "for LoRA on the vision tower use TUNE=lora_vision")
+    check_training_mode(tune, unfreeze_vision)
     merger_names = [name for name, _ in mergers_of(model)] if unfreeze_merger else []
     if tune == "full":
         model.requires_grad_(False)
