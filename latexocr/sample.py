@@ -135,17 +135,17 @@ class SampleEncoder:
         # Thinking off (Qwen3.5; other families' templates ignore the flag): the prompt ends with the
         # template's empty, closed <think></think> block, so the model learns to answer at once and
         # generation, from the same prompt, writes no <think> block.
-        self.prompt_text = processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                         add_generation_prompt=True, enable_thinking=False)
+        self.use_prompt(processor.apply_chat_template(user_messages("image"), tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=False))
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        # Text tokens around the image placeholder, to compute a sample's length without encoding it.
-        self.prompt_text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False).input_ids) - 1
 
     def use_prompt(self, prompt_text: str) -> None:
-        """Encode with this rendered prompt (the one a checkpoint was trained with) instead."""
+        """Encode with this rendered prompt (at start-up the template's; or the one a checkpoint was
+        trained with)."""
         self.prompt_text = prompt_text
+        # Text tokens around the image placeholder, to compute a sample's length without encoding it.
         self.prompt_text_tokens = len(self.tokenizer(prompt_text, add_special_tokens=False).input_ids) - 1
 
     # ---- lengths (cheap: image header + label tokenisation) -------------------------------
@@ -242,7 +242,7 @@ def follow_sample_definition(args, definition: dict | None, given: set[str], whe
     one-line warning naming both. Without a definition the settings stay as they are (today's
     defaults), with a one-line note when `note_if_missing`. verbose=False: no messages (other processes).
     """
-    say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
+    say = _messages(verbose)
     if definition is None:
         if note_if_missing:
             current = ", ".join(f"{name}={getattr(args, name.lower())!r}" for name in SIZING_SETTINGS)
@@ -267,7 +267,7 @@ def check_sample_definition(encoder: SampleEncoder, definition: dict | None, mod
     """Use the saved prompt; warn (one line each) where the model or its patch grid differ from training's."""
     if definition is None:
         return
-    say = (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
+    say = _messages(verbose)
     saved_file = Path(where) / SAMPLE_FILE
     if definition.get("prompt_text") and definition["prompt_text"] != encoder.prompt_text:
         say(f"note: using the prompt saved in {saved_file} ({definition['prompt_text']!r}) instead of "
@@ -279,6 +279,11 @@ def check_sample_definition(encoder: SampleEncoder, definition: dict | None, mod
     for what, saved, current in checks:
         if saved is not None and saved != current:
             say(f"warning: {what} {current!r} differs from the {saved!r} saved in {saved_file}")
+
+
+def _messages(verbose: bool):
+    """Where a one-line note or warning goes: stderr, or nowhere (the other processes of a run)."""
+    return (lambda text: print(text, file=sys.stderr)) if verbose else (lambda text: None)
 
 
 def _size_text(text: str) -> str:
