@@ -10,7 +10,7 @@ The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config
 sample definition (latexocr_sample.json: image sizing, prompt), so no training flag needs repeating.
 """
 # ---- settings: edit here, or pass as flags ------------------------------------------------------
-from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from latexocr.sample import DEFAULT_MAX_NEW_TOKENS
 
 INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .json/.jsonl (csv2json) or a .csv
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
@@ -21,10 +21,11 @@ ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoi
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
 BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
-IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS  # lower area bound; default: the one saved with the model (latexocr_sample.json);
-    # a flag or a value edited here wins over it, with a warning
-IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS  # upper area bound; by default the one saved with the model
-IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100": one fixed size for every image; by default the one saved with the model
+# image sizing; None: the one saved with the model (latexocr_sample.json), else the default in brackets;
+# a value given here or as a flag wins over the saved one, with a warning
+IMAGE_MIN_PIXELS: int = None  # lower image area bound, aspect ratio kept [32*28*28]
+IMAGE_MAX_PIXELS: int = None  # upper area bound [512*28*28]
+IMAGE_SIZE: str = None        # "500x100": one fixed size for every image, "" keeps aspect [""]
 LIMIT = 0                     # > 0: only the first N images
 NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
 DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -97,6 +98,7 @@ def load_for_inference(args):
     import torch
     from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
                                    quantization_config, resolve_model)
+    from latexocr.speed import prepare_model
 
     adapter = find_adapter(args.adapter, args.output_dir)
     full = adapter is not None and is_full_model(adapter)  # train.py TUNE=full: the model itself, no adapter
@@ -105,6 +107,8 @@ def load_for_inference(args):
     dtype = pick_dtype(args.dtype)
     model = load_model(base, dtype, args.attn_implementation, device_map=device,
                        quantization=quantization_config(args.quantization, dtype))
+    # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
+    prepare_model(model, args.attn_implementation)
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
@@ -121,16 +125,8 @@ def load_for_inference(args):
     return model, processor, adapter
 
 
-def trained_sample(args, adapter: str | None) -> tuple[dict | None, str | None]:
-    """(the saved sample definition, its folder): the adapter's, else a local model folder's (merged)."""
-    from latexocr.sample import read_sample_definition
-
-    folder = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
-    return read_sample_definition(folder), folder
-
-
 def main(argv=None):
-    from latexocr.cli import parse_settings, settings_given
+    from latexocr.cli import parse_settings
 
     # The input may also be given positionally: python infer.py image.png
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -138,12 +134,10 @@ def main(argv=None):
         argv = ["--input", argv[0]] + argv[1:]
     args = parse_settings(SETTINGS, __doc__, argv)
 
-    from latexocr.batching import SampleEncoder
     from latexocr.evaluation import score_row, summarize_rows
     from latexocr.generation import predict
     from latexocr.metrics import worst_first
-    from latexocr.sample import (SAMPLE_FILE, check_sample_definition, follow_sample_definition, sample_definition,
-                                 set_processor_sizing, sizing_for, write_sample_definition)
+    from latexocr.sample import SAMPLE_FILE, setup_sample, write_sample_definition
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
         images, labels, labelled = collect_inputs(args.input)
@@ -159,22 +153,19 @@ def main(argv=None):
     if args.merge_to and args.quantization != "none":
         raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
     model, processor, adapter = load_for_inference(args)
-    # Show the model its samples as it was trained: the saved sizing and prompt, unless flags say otherwise.
-    trained_with, where = trained_sample(args, adapter)
-    follow_sample_definition(args, trained_with, settings_given(SETTINGS, argv), where,
-                             note_if_missing=adapter is not None)
-    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
-    encoder = SampleEncoder(processor, sizing)
-    model_type = model.config.model_type
-    check_sample_definition(encoder, trained_with, model_type, where)
+    # Show the model its samples as it was trained: the sizing and prompt saved with the adapter (else
+    # with a local model folder: a merged model), unless settings say otherwise.
+    trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
+    encoder, definition = setup_sample(processor, args, model.config.model_type, trained,
+                                       note_if_missing=adapter is not None)
+    sizing = encoder.sizing
 
     if args.merge_to:  # its settings were checked above, before the model loaded
         # a fully fine-tuned model is already one plain model: it is written as it is
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(args.merge_to)
-        set_processor_sizing(processor, sizing)  # plain AutoProcessor then resizes as training did
-        processor.save_pretrained(args.merge_to)
-        write_sample_definition(args.merge_to, sample_definition(encoder, model_type))
+        processor.save_pretrained(args.merge_to)  # resizes as training did (setup_sample set its bounds)
+        write_sample_definition(args.merge_to, definition)
         if sizing.fixed:
             w, h = sizing.target_size(1, 1)
             print(f"warning: trained at a fixed {args.image_size} (sent as {w}x{h}), which a plain AutoProcessor "

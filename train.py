@@ -9,7 +9,7 @@ and the final adapter (TUNE=full: the whole model) to OUTPUT_DIR/final (where in
 default), then scores the validation set with the same generation code infer.py uses.
 """
 # ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
-from latexocr.sample import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from latexocr.sample import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL, Qwen3.5) or a local model folder
 MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
@@ -38,17 +38,18 @@ MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and cou
 PACKING = True           # padding-free batches: samples concatenated, per-sample positions
 SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING = False  # 18 -> 8 GiB on the 2B model but 2.4x slower (docs/BENCHMARKS.md)
-IMAGE_MIN_PIXELS = DEFAULT_MIN_PIXELS  # image area bounds (aspect ratio kept); see latexocr/sample.py
-IMAGE_MAX_PIXELS = DEFAULT_MAX_PIXELS  # upper area bound: caps large handwritten photos at 512 visual tokens
-IMAGE_SIZE = DEFAULT_IMAGE_SIZE  # "500x100" forces one size for every image (the tutorial's), "" keeps aspect
+# image sizing (latexocr/sample.py); None: with --resume the checkpoint's, else the default in brackets
+IMAGE_MIN_PIXELS: int = None  # lower image area bound, aspect ratio kept [32*28*28]
+IMAGE_MAX_PIXELS: int = None  # upper area bound: caps large handwritten photos at 512 visual tokens [512*28*28]
+IMAGE_SIZE: str = None   # "500x100" forces one size for every image (the tutorial's), "" keeps aspect [""]
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
 DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
 PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min once per machine (cached), then 4-5x faster steps;
-                         # auto = on a GPU, for runs of >= 300 optimizer steps (>= 220 once this setup's
-                         # compile cache is warm), without DeepSpeed or gradient checkpointing,
+COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min (less once torch's cache is warm), then 4-5x
+                         # faster steps; auto = on a GPU, for runs of >= 300 optimizer steps,
+                         # without DeepSpeed or gradient checkpointing,
                          # where it was measured (not Qwen3.5, TUNE=full, a training vision tower,
                          # 4-bit or fp16) | on | off
 CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
@@ -76,6 +77,7 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.st
 # -----------------------------------------------------------------------------------------------
 
 import contextlib
+import functools
 import math
 import os
 
@@ -83,14 +85,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 import sys
 from pathlib import Path
 
-from latexocr.cli import parse_settings, settings_given
+from latexocr.cli import parse_settings
 from latexocr.records import LabelledFileError, check_usable, read_labelled
 
 
-def main(argv=None):
-    args = parse_settings(SETTINGS, __doc__, argv)
-    # The inputs are read and checked before torch is imported or a model loaded or downloaded:
-    # --help and a wrong path answer in a second, not after minutes.
+def check_inputs(args) -> None:
+    """The training and validation files, read and checked before torch is imported or a model
+    loaded or downloaded: --help and a wrong path answer in a second, not after minutes."""
     try:
         check_usable(args.train_json, read_labelled(args.train_json), need_label=True)
         if Path(args.val_json).exists():
@@ -98,110 +99,43 @@ def main(argv=None):
     except LabelledFileError as exc:
         raise SystemExit(f"error: {exc}") from None
 
+
+def check_settings(args) -> None:
+    """Settings no run can take stop here with one line, before any model loads."""
     import torch
-    from accelerate import PartialState
-    from transformers import AutoConfig, TrainerCallback, TrainingArguments, set_seed
 
-    from latexocr.batching import SampleEncoder, TrainCollator
-    from latexocr.evaluation import comparison_table, evaluate
-    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
-    from latexocr.modeling import (check_training_mode, list_checkpoints, load_model, load_processor, parameter_counts,
-                                   pick_dtype, quantization_config, resolve_model, setup_training_mode)
-    from latexocr.sample import (check_sample_definition, follow_sample_definition, read_sample_definition,
-                                 sample_definition, set_processor_sizing, sizing_for, write_sample_definition)
-    from latexocr.speed import check_settings, plan_training
-    from latexocr.tracking import SwanLabCallback, Tracker
-    from latexocr.training import Fp16OverflowStop, OcrDataset, ThroughputCallback
+    from latexocr.modeling import check_training_mode, list_checkpoints, quantization_config
+    from latexocr.speed import check_settings as check_fast_path_settings
 
-    check_settings(args)  # a wrong COMPILE_LAYERS value stops here, not after loading
-    out_dir = Path(args.output_dir)
-    if args.resume and not list_checkpoints(out_dir):
-        raise SystemExit(f"--resume: no checkpoint in {out_dir} (checkpoint-N folders); start without --resume.")
-    quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes: now
+    check_fast_path_settings(args)  # COMPILE_LAYERS
     check_training_mode(args.tune, args.unfreeze_vision, args.quantization)
+    quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes
+    if args.resume and not list_checkpoints(args.output_dir):
+        raise SystemExit(f"--resume: no checkpoint in {args.output_dir} (checkpoint-N folders); "
+                         f"start without --resume.")
     if args.dtype == "fp16" and not torch.cuda.is_available():
         raise SystemExit("DTYPE=fp16 needs a CUDA GPU (its loss scaling runs only there); on this machine "
                          "use DTYPE=fp32 (auto) or bf16")
-    # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
-    # to see a multi-process launch (gloo), else every process would train alone
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=cpu_ddp)
-    set_seed(args.seed)
-    say = print if state.is_main_process else (lambda *a, **k: None)
 
-    # ---- the model and its processor ----
-    with state.main_process_first():  # download once, the other processes read the cache
-        model_path = resolve_model(args.model_id, args.model_source)
-    processor = load_processor(model_path)
 
-    # ---- one sample: prompt, image sizing, answer; --resume continues with the checkpoint's own ----
-    trained_with, where = None, None
-    if args.resume:
-        where = str(list_checkpoints(out_dir)[-1])
-        trained_with = read_sample_definition(where)
-        follow_sample_definition(args, trained_with, settings_given(SETTINGS, argv), where,
-                                 verbose=state.is_main_process)
-    model_type = AutoConfig.from_pretrained(model_path).model_type  # the config only: weights load below
-    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
-    encoder = SampleEncoder(processor, sizing)
-    check_sample_definition(encoder, trained_with, model_type, where, verbose=state.is_main_process)
-    set_processor_sizing(processor, sizing)  # the processor saved with each checkpoint resizes as training does
-    definition = sample_definition(encoder, model_type)
-    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
-    # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
-    try:
-        train_set = OcrDataset(args.train_json, encoder, args.max_length)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
-    val_pairs = [(p, t) for p, t in read_labelled(args.val_json)] if Path(args.val_json).exists() else []
-    if args.eval_samples > 0:
-        val_pairs = val_pairs[: args.eval_samples]
-    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
+def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple[int, int]:
+    """(samples per forward pass, gradient accumulation) making BATCH_SIZE samples per optimizer step."""
+    micro = min(micro_batch_size, max(1, batch_size // processes))
+    accumulation = batch_size // (micro * processes)
+    if micro * processes * accumulation != batch_size:
+        raise SystemExit(f"BATCH_SIZE={batch_size} is not a multiple of MICRO_BATCH_SIZE={micro} x "
+                         f"{processes} processes; choose sizes that divide evenly.")
+    return micro, accumulation
 
-    dtype = pick_dtype(args.dtype)
-    quantization = quantization_config(args.quantization, dtype)
-    model = load_model(model_path, dtype, args.attn_implementation,
-                       packed_vision_attention=args.packed_vision_attention, quantization=quantization,
-                       device_map={"": state.device} if quantization else None)  # bnb quantises on load
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
-                                unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
-    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
-        say(describe_linear_attention(model))
-    counts = parameter_counts(model)
-    say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
-        f"vision tower) of {counts['total']:,}")
-    if args.vision_learning_rate > 0 and counts["trainable_vision"] == 0:
-        say("note: VISION_LEARNING_RATE has no effect: nothing on the vision side trains (TUNE=lora_vision, "
-            "UNFREEZE_MERGER or UNFREEZE_VISION)")
 
-    # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
-    world = state.num_processes
-    micro = min(args.micro_batch_size, max(1, args.batch_size // world))
-    accumulation = args.batch_size // (micro * world)
-    if micro * world * accumulation != args.batch_size:
-        raise SystemExit(f"BATCH_SIZE={args.batch_size} is not a multiple of MICRO_BATCH_SIZE={micro} x "
-                         f"{world} processes; choose sizes that divide evenly.")
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
-    fast = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
-    say(fast.summary)
-
-    tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
-                      config={**vars(args), "model_path": model_path, "world_size": world,
-                              "micro_batch_size": micro, "gradient_accumulation": accumulation,
-                              "train_samples": len(train_set), "val_samples": len(val_pairs),
-                              "image_factor": sizing.factor},
-                      logdir=args.swanlab_logdir, enabled=state.is_main_process)
+def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool):
+    """transformers' TrainingArguments for these settings (the loop, logging, checkpoints, DataLoader)."""
+    import torch
+    from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
-    training_args = TrainingArguments(
-        output_dir=str(out_dir),
+    return TrainingArguments(
+        output_dir=args.output_dir,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=args.epochs,
@@ -233,90 +167,170 @@ def main(argv=None):
         use_cpu=cpu_ddp,               # TrainingArguments re-creates the state: keep gloo DDP on CPU
         deepspeed=args.deepspeed or None,
         report_to="none",              # SwanLab is wired in below, with the real config
-        disable_tqdm=not state.is_main_process,
+        disable_tqdm=not main_process,
     )
 
-    throughput = ThroughputCallback(args.batch_size)
 
-    def run_eval(step, what=""):
-        if not val_pairs:
-            return None
-        with throughput.excluded():  # samples/s counts training only
-            summary, rows = evaluate(model, encoder, val_pairs, args.eval_batch_size, args.max_new_tokens,
-                                     num_workers=min(2, args.num_workers))
-            scores = ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
-            say(f"[eval{' ' + what if what else ''} @ step {step}] {scores}")
-            # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
-            tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
-            tracker.log_predictions(rows, step=step, key="eval/predictions")
-            tracker.log_worst(rows, step=step, key="eval/worst")
-        return summary
+def evaluate_and_log(model, encoder, pairs, args, tracker, throughput, say, step: int, what: str = ""):
+    """Score the validation pairs (infer.py's generation and metrics) and log them at `step`."""
+    from latexocr.evaluation import evaluate
 
-    class SaveSampleDefinition(TrainerCallback):  # with every checkpoint, for infer.py and --resume
-        def on_save(self, a, s, control, **kw):
-            if s.is_world_process_zero:
-                write_sample_definition(out_dir / f"checkpoint-{s.global_step}", definition)
+    if not pairs:
+        return None
+    with throughput.excluded():  # samples/s counts training only
+        summary, rows = evaluate(model, encoder, pairs, args.eval_batch_size, args.max_new_tokens,
+                                 num_workers=min(2, args.num_workers))
+    say(f"[eval{' ' + what if what else ''} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
+    tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
+    tracker.log_predictions(rows, step=step, key="eval/predictions")
+    tracker.log_worst(rows, step=step, key="eval/worst")
+    return summary
 
-    class EvalEverySteps(TrainerCallback):
-        def on_step_end(self, a, s, control, **kw):
-            if args.eval_steps > 0 and s.global_step % args.eval_steps == 0 and s.global_step < s.max_steps:
-                run_eval(s.global_step)
 
-    trainer = fast.trainer_class(
+def main(argv=None):
+    args = parse_settings(SETTINGS, __doc__, argv)
+    check_inputs(args)
+    check_settings(args)
+
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoConfig, set_seed
+
+    from latexocr.batching import TrainCollator
+    from latexocr.evaluation import comparison_table
+    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
+    from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
+                                   quantization_config, resolve_model, setup_training_mode)
+    from latexocr.sample import setup_sample, write_sample_definition
+    from latexocr.speed import plan_training, prepare_model
+    from latexocr.tracking import SwanLabCallback, Tracker
+    from latexocr.training import (EvaluateEvery, Fp16OverflowStop, OcrDataset, SaveOnInterrupt,
+                                   SaveSampleDefinition, ThroughputCallback)
+
+    # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
+    # to see a multi-process launch (gloo), else every process would train alone
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=cpu_ddp)
+    set_seed(args.seed)
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    out_dir = Path(args.output_dir)
+    # --resume continues from the newest checkpoint, with the sample definition saved in it
+    resume_from = str(list_checkpoints(out_dir)[-1]) if args.resume else None
+
+    # ---- the processor, and what one sample is: prompt, image sizing, answer ----
+    with state.main_process_first():  # download once, the other processes read the cache
+        model_path = resolve_model(args.model_id, args.model_source)
+    processor = load_processor(model_path)
+    model_type = AutoConfig.from_pretrained(model_path).model_type  # the config only: weights load below
+    encoder, definition = setup_sample(processor, args, model_type, resume_from, verbose=state.is_main_process)
+
+    # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
+    # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
+    try:
+        train_set = OcrDataset(args.train_json, encoder, args.max_length)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    say(f"train: {len(train_set)} samples from {args.train_json}; {train_set.report()}")
+    val_pairs = read_labelled(args.val_json) if Path(args.val_json).exists() else []
+    val_pairs = val_pairs[: args.eval_samples] if args.eval_samples > 0 else val_pairs
+    say(f"validation: {len(val_pairs)} samples from {args.val_json}")
+
+    # ---- the model: loaded, prepared for the fast path, with the weights of TUNE trainable ----
+    dtype = pick_dtype(args.dtype)
+    quantization = quantization_config(args.quantization, dtype)
+    model = load_model(model_path, dtype, args.attn_implementation, quantization=quantization,
+                       device_map={"": state.device} if quantization else None)  # bnb quantises on load
+    # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
+    prepare_model(model, args.attn_implementation, args.packed_vision_attention)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
+    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+        say(describe_linear_attention(model))
+    counts = parameter_counts(model)
+    say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
+        f"vision tower) of {counts['total']:,}")
+    if args.vision_learning_rate > 0 and counts["trainable_vision"] == 0:
+        say("note: VISION_LEARNING_RATE has no effect: nothing on the vision side trains (TUNE=lora_vision, "
+            "UNFREEZE_MERGER or UNFREEZE_VISION)")
+
+    # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
+    world = state.num_processes
+    micro, accumulation = batch_split(args.batch_size, args.micro_batch_size, world)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
+    plan = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
+    say(plan.summary)
+
+    training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process)
+    tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
+                      config={**vars(args), "model_path": model_path, "world_size": world,
+                              "micro_batch_size": micro, "gradient_accumulation": accumulation,
+                              "train_samples": len(train_set), "val_samples": len(val_pairs),
+                              "image_factor": encoder.sizing.factor},
+                      logdir=args.swanlab_logdir, enabled=state.is_main_process)
+    throughput, interrupt = ThroughputCallback(args.batch_size), SaveOnInterrupt()
+    evaluate = functools.partial(evaluate_and_log, model, encoder, val_pairs, args, tracker, throughput, say)
+    trainer_class = plan.trainer_class  # latexocr/fast/trainer.py FastTrainer, or training.OcrTrainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
-        data_collator=TrainCollator(encoder, packed=args.packing, **fast.collator_options),
+        data_collator=TrainCollator(encoder, packed=args.packing, **plan.collator_options),
         processing_class=processor,
-        callbacks=[throughput, SwanLabCallback(tracker), EvalEverySteps(), Fp16OverflowStop(),
-                   SaveSampleDefinition()],
-        **fast.trainer_options,
+        callbacks=[throughput, SwanLabCallback(tracker), EvaluateEvery(args.eval_steps, evaluate),
+                   Fp16OverflowStop(), SaveSampleDefinition(out_dir, definition), interrupt],
+        supervised_logits_only=args.supervised_logits_only,
+        vision_learning_rate=args.vision_learning_rate,
+        **plan.trainer_options,
     )
-    trainer.supervised_logits_only = args.supervised_logits_only
-    trainer.vision_learning_rate = args.vision_learning_rate
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
 
-    base_summary = None
-    if args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
-        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-            base_summary = run_eval(0, what="base model")
-
-    # ---- train; Ctrl-C saves a checkpoint that --resume continues from ----
+    outcome = {"state": "crashed", "error": None}  # what the dashboard shows if we leave early
     try:
-        # the checkpoint whose sample definition was read above (transformers' own pick would be the
-        # highest checkpoint-N folder, even one whose save was cut off)
-        trainer.train(resume_from_checkpoint=where if args.resume else None)
-    except KeyboardInterrupt:
-        say("\ninterrupted: saving a checkpoint ...")
-        trainer._save_checkpoint(trainer.model, trial=None)
-        if state.is_main_process:
-            write_sample_definition(out_dir / f"checkpoint-{trainer.state.global_step}", definition)
-        say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
-        tracker.finish()
-        state.destroy_process_group()
-        sys.exit(130)
-    except SystemExit as stop:  # a callback's verdict (fp16 overflow): the dashboard shows why the run ended
-        tracker.finish(state="crashed", error=str(stop.code))
-        state.destroy_process_group()
-        raise
+        base_summary = None
+        if args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
+            with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+                base_summary = evaluate(0, what="base model")
 
-    final_dir = out_dir / "final"
-    if args.tune == "full":  # fp32 master weights back to the loaded dtype: the folder infer.py loads
-        model.to(dtype)
-    trainer.save_model(str(final_dir))  # adapter (or the full model) + processor files, main process only
-    if state.is_main_process:
-        write_sample_definition(final_dir, definition)
-    say(f"final {'model' if args.tune == 'full' else 'adapter'}: {final_dir}")
-    final_summary = run_eval(trainer.state.global_step)
-    if final_summary is not None:  # the before/after, same data, same scoring
-        headers, table = comparison_table(base_summary, final_summary)
-        say("\n" + "\n".join(" | ".join(f"{c:>16}" for c in line) for line in [headers] + table))
-        tracker.log_table("eval/base_vs_finetuned", headers, table)
-    tracker.finish()
-    # While the interpreter is whole: a gloo group left to interpreter finalization can abort
-    # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).
-    state.destroy_process_group()
+        # ---- train; Ctrl-C saves a checkpoint at the end of the step (SaveOnInterrupt) ----
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except SystemExit as stop:  # a callback's verdict (fp16 overflow): the dashboard shows why the run ended
+            outcome["error"] = str(stop.code)
+            raise
+        if interrupt.interrupted:
+            say(f"saved {out_dir}/checkpoint-{trainer.state.global_step}; continue with --resume")
+            outcome["state"] = "success"
+            sys.exit(130)
+
+        # ---- save: the adapter (or the whole model) where infer.py looks, with its sample definition ----
+        final_dir = out_dir / "final"
+        if args.tune == "full":  # fp32 master weights back to the loaded dtype: the folder infer.py loads
+            model.to(dtype)
+        trainer.save_model(str(final_dir))  # adapter (or the full model) + processor files, main process only
+        if state.is_main_process:
+            write_sample_definition(final_dir, definition)
+        say(f"final {'model' if args.tune == 'full' else 'adapter'}: {final_dir}")
+
+        # ---- evaluate: the before/after, same data, same scoring ----
+        final_summary = evaluate(trainer.state.global_step)
+        if final_summary is not None:
+            headers, table = comparison_table(base_summary, final_summary)
+            say("\n" + "\n".join(" | ".join(f"{c:>16}" for c in line) for line in [headers] + table))
+            tracker.log_table("eval/base_vs_finetuned", headers, table)
+        outcome["state"] = "success"
+    finally:
+        tracker.finish(**outcome)
+        # While the interpreter is whole: a gloo group left to interpreter finalization can abort
+        # the process (SIGABRT) when its worker threads release tensors (pytorch/pytorch#179291).
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,15 +34,21 @@ def settings_help(source_file) -> dict[str, str]:
     return {name: " ".join(parts) for name, parts in comments.items()}
 
 
-def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict | None = None) -> argparse.Namespace:
+def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict | None = None,
+                   types: dict | None = None) -> argparse.Namespace:
     """One flag per setting: MAX_NEW_TOKENS -> --max-new-tokens, typed like its default.
 
-    Booleans get --flag / --no-flag. Settings whose default is None take a string.
+    Booleans get --flag / --no-flag. A setting whose default is None ("unset": e.g. use the value
+    saved with the model) is typed by its annotation in the settings block (`IMAGE_SIZE: str = None`;
+    `types`, by default the calling script's annotations), else a string.
     The returned namespace uses the setting names in lower case (args.max_new_tokens).
     Each flag's help is `help[NAME]`, by default the setting's comment in the calling script.
     """
+    caller = sys._getframe(1).f_globals
     if help is None:  # the settings block of the script that called us
-        help = settings_help(sys._getframe(1).f_globals.get("__file__", ""))
+        help = settings_help(caller.get("__file__", ""))
+    if types is None:
+        types = caller.get("__annotations__", {})
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in defaults.items():
         flag = "--" + name.lower().replace("_", "-")
@@ -51,21 +57,8 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
             parser.add_argument(flag, dest=name.lower(), default=value, action=argparse.BooleanOptionalAction,
                                 help=text)
         else:
-            kind = type(value) if value is not None else str
+            kind = type(value) if value is not None else types.get(name, str)
+            kind = {"int": int, "float": float, "str": str}.get(kind, kind)  # annotations read as text
             parser.add_argument(flag, dest=name.lower(), default=value, type=kind,
                                 help=f"{text} (default: {value})".strip())
     return parser.parse_args(argv)
-
-
-def settings_given(defaults: dict, argv=None) -> set[str]:
-    """The settings (UPPER_CASE names) passed on the command line, e.g. {"IMAGE_SIZE"}: a value
-    saved with a model yields to these (latexocr/sample.py), so it must know which were typed."""
-    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for name, value in defaults.items():
-        flag = "--" + name.lower().replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, dest=name.lower(), action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag, dest=name.lower())
-    given, _ = parser.parse_known_args(argv)
-    return {name.upper() for name in vars(given)}

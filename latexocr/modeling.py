@@ -1,18 +1,15 @@
-"""Finding, loading and adapting the model: ModelScope / Hugging Face / local folder, LoRA."""
+"""Finding, loading and adapting the model: ModelScope / Hugging Face / local folder, LoRA.
+
+LoRA targets are found by walking the model (lora_targets): every linear layer of the language model,
+which in a Qwen2-VL are the tutorial's seven projections (q/k/v/o, gate/up/down) and in Qwen3.5 also
+the five of its Gated DeltaNet layers (linear_attn.in_proj_qkv/z/b/a, out_proj), as ms-swift and
+LLaMA-Factory target all linear layers.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-
-# The seven projections of each LLM layer (attention and MLP), as in the tutorial: what
-# lora_targets(model, "lora") finds in a Qwen2-VL by walking it (tests/test_modes.py). The vision
-# tower stays frozen in that mode, so it needs no backward pass at all. Qwen3.5's Gated DeltaNet
-# layers (three of every four) have five projections of their own (linear_attn.in_proj_qkv/z/b/a,
-# out_proj): the walk finds them too, as ms-swift and LLaMA-Factory target all linear layers.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def resolve_model(model_id: str, source: str = "modelscope") -> str:
     """A local folder holding the model: `model_id` itself if it is a folder, else downloaded.
@@ -51,16 +48,13 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path)
 
 
-def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None,
-               packed_vision_attention: bool = True, quantization=None):
-    """The model in `dtype`; with sdpa, its vision tower attends over all images of a batch in one call.
-    quantization: a quantization_config() (4-bit language model), or None."""
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None, quantization=None):
+    """The model in `dtype`, as transformers loads it. quantization: a quantization_config() (4-bit
+    language model), or None. (The scripts then call latexocr.speed.prepare_model.)"""
     from transformers import AutoModelForImageTextToText
 
-    from .speed import prepare_model
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                        device_map=device_map, quantization_config=quantization)
-    return prepare_model(model, attn_implementation, packed_vision_attention)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                       device_map=device_map, quantization_config=quantization)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to_save=None):
@@ -274,7 +268,3 @@ def find_adapter(adapter: str, output_dir: str | Path | None = None) -> str | No
     raise SystemExit(f"no adapter at {adapter!r} (a folder with adapter_config.json).\n"
                      f"Adapters under {output_dir}:\n  {listing}\n"
                      f"Train one with train.py, pass one of these with --adapter, or --adapter none for the base model.")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -233,30 +233,27 @@ def read_sample_definition(folder: str | os.PathLike | None) -> dict | None:
     return definition
 
 
-def follow_sample_definition(args, definition: dict | None, given: set[str], where: str,
+def follow_sample_definition(args, definition: dict | None, where: str | None,
                              note_if_missing: bool = True, verbose: bool = True) -> None:
-    """Set args' image sizing to the saved definition's, except settings the user chose.
-
-    A setting counts as chosen when it was passed as a flag (`given`) or edited in the script
-    (differs from its default here); a chosen value that contradicts the saved one wins, with a
-    one-line warning naming both. Without a definition the settings stay as they are (today's
-    defaults), with a one-line note when `note_if_missing`. verbose=False: no messages (other processes).
-    """
+    """Fill args' unset image sizing (None: the scripts' default) from the saved definition, else
+    with today's defaults. A value the user chose (a flag, or edited in the script) wins; where it
+    contradicts the saved one, with a one-line warning naming both. Without a definition, a
+    one-line note when `note_if_missing`. verbose=False: no messages (the other processes of a run)."""
     say = _messages(verbose)
-    if definition is None:
-        if note_if_missing:
-            current = ", ".join(f"{name}={getattr(args, name.lower())!r}" for name in SIZING_SETTINGS)
-            say(f"note: {where} has no {SAMPLE_FILE} (saved before it existed): using {current}; "
-                f"pass the flags it was trained with if they differ")
-        return
+    if definition is None and note_if_missing and where is not None:
+        unset = [name for name in SIZING_SETTINGS if getattr(args, name.lower()) is None]
+        current = ", ".join(f"{name}={SIZING_SETTINGS[name][1]!r}" for name in unset)
+        say(f"note: {where} has no {SAMPLE_FILE} (saved before it existed)"
+            + (f": using {current}; pass the flags it was trained with if they differ" if unset else ""))
     for name, (key, default) in SIZING_SETTINGS.items():
-        saved, current = definition["image"][key], getattr(args, name.lower())
+        current = getattr(args, name.lower())
+        saved = definition["image"][key] if definition is not None else None
+        if current is None:
+            setattr(args, name.lower(), default if saved is None else saved)
+            continue
         if isinstance(default, str):  # compare sizes as sizes: "500X100" is "500x100"
-            saved, current = _size_text(saved), _size_text(current)
-        chosen = name in given or current != default
-        if not chosen:
-            setattr(args, name.lower(), saved)
-        elif current != saved:
+            saved, current = (_size_text(saved) if saved is not None else None), _size_text(current)
+        if saved is not None and current != saved:
             flag = "--" + name.lower().replace("_", "-")
             say(f"warning: {flag} {current or '(aspect kept)'} contradicts the {saved or '(aspect kept)'} "
                 f"saved in {Path(where) / SAMPLE_FILE}; using {current or '(aspect kept)'}")
@@ -279,6 +276,23 @@ def check_sample_definition(encoder: SampleEncoder, definition: dict | None, mod
     for what, saved, current in checks:
         if saved is not None and saved != current:
             say(f"warning: {what} {current!r} differs from the {saved!r} saved in {saved_file}")
+
+
+def setup_sample(processor, args, model_type: str, folder: str | None, note_if_missing: bool = True,
+                 verbose: bool = True) -> tuple[SampleEncoder, dict]:
+    """(encoder, definition) of a run: what one sample is, as the model in `folder` (a checkpoint, an
+    adapter, a merged model; None: a new run) was trained, unless settings say otherwise.
+
+    Follows the definition saved there (image sizing, prompt), warns where the model differs from
+    training's, and makes the processor resize as the encoder does (so the processor saved with
+    each checkpoint gives training's image grid). The definition is what train.py saves."""
+    saved = read_sample_definition(folder)
+    follow_sample_definition(args, saved, folder, note_if_missing=note_if_missing, verbose=verbose)
+    sizing = sizing_for(processor, args.image_min_pixels, args.image_max_pixels, args.image_size)
+    encoder = SampleEncoder(processor, sizing)
+    check_sample_definition(encoder, saved, model_type, folder, verbose=verbose)
+    set_processor_sizing(processor, sizing)
+    return encoder, sample_definition(encoder, model_type)
 
 
 def _messages(verbose: bool):

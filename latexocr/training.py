@@ -1,10 +1,13 @@
-"""The training pieces train.py puts together: the dataset, the loss, the Trainer, throughput logging."""
+"""The training pieces train.py puts together: the dataset, the loss, the Trainer and its plan, the callbacks."""
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
-from .sample import image_problem, is_valid_label
+from .sample import image_problem, is_valid_label, write_sample_definition
 
 
 class OcrDataset(Dataset):
@@ -89,6 +92,17 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> 
     return loss, targets.numel()
 
 
+@dataclass
+class Plan:
+    """How train.py runs (latexocr.speed.plan_training): TrainCollator keyword arguments, the trainer
+    class and its extra keyword arguments, a one-line summary."""
+
+    collator_options: dict = field(default_factory=dict)
+    trainer_class: type | None = None
+    trainer_options: dict = field(default_factory=dict)
+    summary: str = ""
+
+
 class OcrTrainer(Trainer):
     """transformers' Trainer with the supervised-positions-only loss above.
 
@@ -96,9 +110,15 @@ class OcrTrainer(Trainer):
     (`num_items_in_batch`, summed over accumulation steps and processes), as transformers
     does for its own causal-LM loss, so micro-batch size and GPU count don't change it.
     The fast path (latexocr/fast/trainer.py) subclasses it and replaces `step_loss`.
+
+    supervised_logits_only: False computes every position's logits (kept to measure the difference);
+    vision_learning_rate > 0: the vision tower's (and merger's) trainable weights learn at this rate.
     """
 
-    supervised_logits_only = True
+    def __init__(self, *args, supervised_logits_only: bool = True, vision_learning_rate: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.supervised_logits_only = supervised_logits_only
+        self.vision_learning_rate = vision_learning_rate
 
     def step_loss(self, model, inputs: dict) -> tuple[torch.Tensor, int]:
         """The summed loss of one forward pass and its supervised-token count."""
@@ -115,8 +135,6 @@ class OcrTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, None) if return_outputs else loss
-
-    vision_learning_rate = 0.0  # > 0: the vision tower's (and merger's) trainable weights learn at this rate
 
     def get_optimizer_cls_and_kwargs(self, args, model=None):
         # transformers' own optimizer choice; with a vision learning rate, its parameter groups
@@ -187,3 +205,59 @@ class Fp16OverflowStop(TrainerCallback):
             raise SystemExit(f"DTYPE=fp16: the loss is {loss} at step {state.global_step} (fp16 overflow); "
                              f"train with DTYPE=bf16 where the GPU has it, else DTYPE=fp32 or QUANTIZATION=4bit "
                              f"with DTYPE=fp32")
+
+
+class SaveSampleDefinition(TrainerCallback):
+    """Writes the sample definition (latexocr/sample.py) into every checkpoint, for infer.py and --resume."""
+
+    def __init__(self, output_dir, definition: dict):
+        self.output_dir, self.definition = output_dir, definition
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_sample_definition(f"{self.output_dir}/checkpoint-{state.global_step}", self.definition)
+
+
+class EvaluateEvery(TrainerCallback):
+    """Calls evaluate(step) every `steps` optimizer steps (not at the last one: train.py scores the end)."""
+
+    def __init__(self, steps: int, evaluate):
+        self.steps, self.evaluate = steps, evaluate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps > 0 and state.global_step % self.steps == 0 and state.global_step < state.max_steps:
+            self.evaluate(state.global_step)
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C (SIGINT) ends training at the end of the current optimizer step with a checkpoint
+    (`--resume` continues from it), through the Trainer's own save: `interrupted` then says so.
+    A second Ctrl-C stops at once, as usual (KeyboardInterrupt, no checkpoint)."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous, self._pid = None, None
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: the main process decides
+            return
+        if self.interrupted:  # the second Ctrl-C: the user does not want to wait for the step
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\ninterrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop now) ...",
+              flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a process started with SIGINT ignored (nohup, a background job) keeps ignoring it
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._pid = os.getpid()
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

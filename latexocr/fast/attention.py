@@ -116,15 +116,25 @@ def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def _transformers_model(model):
+    """The transformers model under DistributedDataParallel / peft."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model):
+    return getattr(getattr(_transformers_model(model), "config", None), "text_config", None)
+
+
 def _route_attention(model, sub_config: str, name: str, function) -> bool:
     """Register `function` as attention `name` and make the model's `sub_config` part use it."""
     from transformers import AttentionInterface
 
-    config = getattr(getattr(model, "config", None), sub_config, None)
-    if config is None:
+    model = _transformers_model(model)
+    if getattr(getattr(model, "config", None), sub_config, None) is None:
         return False
     AttentionInterface.register(name, function)
-    config._attn_implementation = name
+    model.set_attn_implementation({sub_config: name})
     return True
 
 
@@ -141,19 +151,29 @@ def use_packed_vision_attention(model) -> bool:
 @contextlib.contextmanager
 def plain_text_attention(model):
     """Inside, the language model uses plain sdpa (generation: left padding + KV cache)."""
-    config = getattr(getattr(model, "config", None), "text_config", None)
+    config = _text_config(model)
     if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
         yield
         return
-    config._attn_implementation = "sdpa"
+    _transformers_model(model).set_attn_implementation({"text_config": "sdpa"})
     try:
         yield
     finally:
-        config._attn_implementation = PACKED_TEXT_ATTENTION
+        _transformers_model(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+
+
+def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attention: bool = True):
+    """What the fast path does to a loaded model, in training and inference alike: the process-wide
+    CUDA settings of configure_cuda(), and with sdpa the vision tower's attention over all images of
+    a batch in one call."""
+    configure_cuda()
+    if packed_vision_attention and attn_implementation == "sdpa":
+        use_packed_vision_attention(model)
+    return model
 
 
 def configure_cuda() -> None:
-    """cuDNN's attention builds a new plan for every new sequence length; packed batches change
+    """Process-wide: cuDNN's SDPA kernel off, TF32 matmuls on. cuDNN's attention builds a new plan for every new sequence length; packed batches change
     length every step, so that cost recurs (measured on an H100: 914-972 -> 300-353 ms per
     16-sample step, docs/BENCHMARKS.md). Flash / memory-efficient SDPA kernels need no plan.
     TF32 speeds any fp32 matmul that is left."""

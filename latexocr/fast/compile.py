@@ -1,10 +1,7 @@
 """torch.compile of the model's blocks and CUDA graphs: when they pay, and how."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -61,33 +58,24 @@ def uncompile(model) -> None:
         module._compiled_call_impl = None
 
 
-# Compiling and recording the CUDA graphs cost ~1 min once (H100, torch 2.11: 68 s in a 150-step run)
-# and then save 0.15-0.3 s per 16-sample step (compiled 223 samples/s, docs/BENCHMARKS.md run H;
-# eager 43-51 in runs D-G, and the plain loop's eager step of 219 ms): within one run it pays from
-# ~230-450 optimizer steps on; 500 leaves a margin.
-# But most of that cost is paid once per machine, not per run: torch's compile caches (compiled
-# graphs, AOTAutograd, autotuning, Triton kernels, dynamic-shape profiles) live in a persistent
-# folder (compile_cache_dir), and a run that found them warm for its setup (the marker below)
-# starts in the time of tracing and of recording the CUDA graphs only. Measured (H200, torch 2.11,
-# bench/bench_train.py --configs eager,default_cold,default_warm, docs/BENCHMARKS.md run I): the
-# 125-step job trains in 31.8 s eager, 61.9 s compiled on a cold cache, 46.1 s on a warm one; eager
-# 0.254 s/step, compiled 0.065 s/step: a cold run pays from ~280 steps, a warm one from ~200.
-COMPILE_COLD_FROM_STEPS = 300
-COMPILE_WARM_FROM_STEPS = 220
+# Compiling and recording the CUDA graphs cost ~1 min in a cold run (H100, torch 2.11: 68 s in a
+# 150-step run; torch's persistent caches in compile_cache_dir() cut later runs' share, H200: 61.9 s
+# cold vs 46.1 s warm for the 125-step job) and then save 0.15-0.3 s per 16-sample step (compiled
+# 223 samples/s, docs/BENCHMARKS.md run H; eager 0.254 s/step vs compiled 0.065 s/step in run I):
+# a cold run pays from ~280 optimizer steps on; 300 leaves a margin.
+COMPILE_FROM_STEPS = 300
 CACHE_ENV = "LATEXOCR_COMPILE_CACHE"
-WARM_AFTER_STEPS = 20  # by then the blocks are compiled and the common row shapes' graphs recorded
 
 
-def should_compile(setting: str, planned_steps: int, measured_setup: bool = True, warm_cache: bool = False) -> bool:
+def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
     """COMPILE_LAYERS: "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
-    compile (fewer steps when this setup's compile cache is warm), and only in the setup it was
-    measured in (`measured_setup`: no DeepSpeed, no gradient checkpointing)."""
+    compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
+    gradient checkpointing)."""
     setting = setting.lower()
     if setting not in ("auto", "on", "off"):
         raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
     if setting == "auto":
-        pays_from = COMPILE_WARM_FROM_STEPS if warm_cache else COMPILE_COLD_FROM_STEPS
-        return torch.cuda.is_available() and measured_setup and planned_steps >= pays_from
+        return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_FROM_STEPS
     return setting == "on"
 
 
@@ -106,11 +94,10 @@ def _torch_default_cache_dir() -> str | None:
 
 
 class CompileCache:
-    """torch's compile caches in compile_cache_dir()/inductor (or $TORCHINDUCTOR_CACHE_DIR), and a
-    marker per setup saying that a run compiled it: torch, transformers and peft versions, GPU,
-    model architecture, LoRA config and CUDA-graph use all change the compiled code."""
+    """torch's compile caches in compile_cache_dir()/inductor, or in $TORCHINDUCTOR_CACHE_DIR where
+    the user chose one: kept across runs, so most of the compile cost is paid once per machine and setup."""
 
-    def __init__(self, model, cuda_graphs: bool, folder: Path | None = None):
+    def __init__(self, folder: Path | None = None):
         folder = Path(folder) if folder else compile_cache_dir()
         # torch itself writes its default (under /tmp) into the variable once it has looked it up,
         # which happens while the model loads: only another value is the user's choice
@@ -118,56 +105,10 @@ class CompileCache:
         if chosen and os.path.abspath(chosen) == _torch_default_cache_dir():
             chosen = None
         self.folder = Path(chosen) if chosen else folder / "inductor"
-        # inside torch's cache folder: emptying it makes the setup cold again
-        self.marker = self.folder / "latexocr-warm" / f"{self.setup_key(model, cuda_graphs)}.json"
-
-    @staticmethod
-    def setup_key(model, cuda_graphs: bool) -> str:
-        import peft
-        import transformers
-
-        unwrapped = getattr(model, "module", model)
-        config = getattr(unwrapped, "config", None)
-        peft_config = getattr(unwrapped, "peft_config", {})
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        setup = [torch.__version__, transformers.__version__, peft.__version__, gpu, cuda_graphs,
-                 config.to_json_string(use_diff=False) if config is not None else "",
-                 sorted((name, repr(c)) for name, c in peft_config.items())]
-        return hashlib.sha256(json.dumps(setup, default=str).encode()).hexdigest()[:16]
-
-    @property
-    def warm(self) -> bool:
-        return self.marker.exists()
 
     def use(self) -> None:
         """Point torch's caches at the folder (before the first compile)."""
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder)  # torch reads it at every cache access
-
-    def mark_warm(self, steps: int) -> None:
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"steps": steps, "time": time.time()}))
-        tmp.replace(self.marker)  # atomic: a half-written marker never says "warm"
-
-    def callback(self):
-        """A TrainerCallback that marks the cache warm once the compiles of a run are done."""
-        from transformers import TrainerCallback
-
-        cache = self
-
-        class MarkCompileCacheWarm(TrainerCallback):
-            steps = 0  # of this run (a resumed run starts at its checkpoint's step)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.steps += 1
-                if self.steps == WARM_AFTER_STEPS and state.is_world_process_zero:
-                    cache.mark_warm(self.steps)
-
-            def on_train_end(self, args, state, control, **kwargs):
-                if 0 < self.steps < WARM_AFTER_STEPS and state.is_world_process_zero:
-                    cache.mark_warm(self.steps)
-
-        return MarkCompileCacheWarm()
 
 
 def should_use_cuda_graphs(enabled: bool, compiled: bool, processes: int, accumulation: int,

@@ -100,16 +100,13 @@ class FastTrainer(OcrTrainer):
     `_track_num_input_tokens`, `floating_point_ops` and `_clip_grad_norm` below,
     `skip_redundant_module_walks` above, and `logging_nan_inf_filter=False` in train.py.
 
-    fast_plan (latexocr.fast.plan_training) says whether the blocks replay as CUDA graphs and holds
-    the vision tower's graphs; its callbacks (the compile cache's warm marker) are added.
+    cuda_graphs: the blocks replay as CUDA graphs (latexocr/fast/compile.py); vision_graphs: the
+    vision tower's (latexocr.fast.vision.VisionGraphs), or None. latexocr/fast/plan.py chooses both.
     """
 
-    def __init__(self, *args, fast_plan=None, **kwargs):
+    def __init__(self, *args, cuda_graphs: bool = False, vision_graphs: VisionGraphs | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cuda_graphs = bool(fast_plan and fast_plan.cuda_graphs)  # latexocr.fast.compile
-        self.vision_graphs = fast_plan.vision_graphs if fast_plan else None  # latexocr.fast.vision.VisionGraphs
-        for callback in (fast_plan.callbacks if fast_plan else ()):
-            self.add_callback(callback)
+        self.cuda_graphs, self.vision_graphs = cuda_graphs, vision_graphs
         # per-step train()/zero_grad()/clip: the LoRA tensors only
         self._trainable = skip_redundant_module_walks(self.accelerator.unwrap_model(self.model))
         self._no_lora_input_cast = None

@@ -63,6 +63,13 @@ OVERRIDDEN = {
 # (fast/trainer.py skip_redundant_module_walks: model.train / model.zero_grad) is never reached.
 CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_tokens(inputs)",
                      "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()")
+# Private attributes and settings set directly: (module, attribute path) -> what of ours sets it.
+PRIVATE_ATTRIBUTES = {
+    ("torch._dynamo.config", "specialize_float"):
+        "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
+    ("torch.nn.modules.module", "Module._compiled_call_impl"):
+        "fast/compile.py uncompile: clears what Module.compile() set",
+}
 # Attributes patched on instances: (module, class, attribute) -> parameters of the method they shadow.
 PATCHED = {
     ("torch.nn", "Module", "train"): ["self", "mode"],
@@ -126,6 +133,12 @@ def drift() -> list[str]:
     for call in CALLED_BY_TRAINER:
         if call not in trainer_source:
             problems.append(f"transformers' Trainer no longer calls {call}; re-check latexocr/fast/trainer.py")
+    for (module, path), used_by in PRIVATE_ATTRIBUTES.items():
+        owner_name, _, attribute = path.rpartition(".")
+        owner = importlib.import_module(module)
+        owner = getattr(owner, owner_name) if owner_name else owner
+        if not hasattr(owner, attribute) and attribute not in _module_tree(module)[0]:
+            problems.append(f"{module}.{path} is gone; re-check {used_by}")
     for (module, cls, attribute), params in PATCHED.items():
         found = list(inspect.signature(getattr(getattr(importlib.import_module(module), cls), attribute)).parameters)
         if found != params:
