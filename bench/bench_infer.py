@@ -48,11 +48,12 @@ def main():
     from latexocr.generation import predict
     from latexocr.metrics import summarize
     from latexocr.modeling import load_model, load_processor, pick_dtype
+    from latexocr.speed import prepare_model
     from latexocr.sample import sizing_for
 
     model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device).eval()
+    model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device)).eval()
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
     samples = real_samples(a.shared)

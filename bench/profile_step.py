@@ -48,6 +48,7 @@ def main():
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
+    from latexocr.speed import prepare_model
     from latexocr.sample import sizing_for
     from latexocr.fast.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
     from latexocr.fast.compile import CUDA_GRAPH_ROW_MULTIPLE
@@ -58,7 +59,7 @@ def main():
     model_dir = build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     processor = load_processor(str(model_dir))
     enc = SampleEncoder(processor, sizing_for(processor, fixed=a.image_size))
-    model = load_model(str(model_dir), torch.bfloat16, "sdpa", device_map="cuda")
+    model = prepare_model(load_model(str(model_dir), torch.bfloat16, "sdpa", device_map="cuda"))
     model = add_lora(model, 64, 16, 0.05)
     params = [p for p in model.parameters() if p.requires_grad]
     no_lora_input_cast = NoLoraInputCast(model)
@@ -93,13 +94,12 @@ def main():
         live["opt"].zero_grad(set_to_none=True)
 
     use_packed_text_attention(model.base_model.model)  # registers it; measure() picks per variant
-    vision_cfg = model.base_model.model.config.vision_config
-    text_cfg = model.base_model.model.config.text_config
 
     def measure(name, cudnn, packed_vision, cast, packed_text=False):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        vision_cfg._attn_implementation = PACKED_VISION_ATTENTION if packed_vision else "sdpa"
-        text_cfg._attn_implementation = PACKED_TEXT_ATTENTION if packed_text else "sdpa"
+        model.base_model.model.set_attn_implementation(
+            {"vision_config": PACKED_VISION_ATTENTION if packed_vision else "sdpa",
+             "text_config": PACKED_TEXT_ATTENTION if packed_text else "sdpa"})
         for b in fresh_batches(2):
             step(b, cast)
         batches = timing_batches(a.steps, cast)

@@ -190,16 +190,12 @@ def test_cuda_graphs_only_where_measured():
 
 
 def test_compile_setting():
-    from latexocr.fast.compile import COMPILE_COLD_FROM_STEPS, COMPILE_WARM_FROM_STEPS, should_compile
+    from latexocr.fast.compile import COMPILE_FROM_STEPS, should_compile
     assert should_compile("on", 1) and not should_compile("off", 10**6)
-    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile, fewer steps once
-    # this setup's compile cache is warm
-    assert COMPILE_WARM_FROM_STEPS < COMPILE_COLD_FROM_STEPS
-    assert should_compile("auto", COMPILE_COLD_FROM_STEPS) == torch.cuda.is_available()
-    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS - 1)
-    assert should_compile("auto", COMPILE_WARM_FROM_STEPS, warm_cache=True) == torch.cuda.is_available()
-    assert not should_compile("auto", COMPILE_WARM_FROM_STEPS - 1, warm_cache=True)
-    assert not should_compile("auto", COMPILE_COLD_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
+    # auto: only on a CUDA GPU, and only for runs long enough to repay the compile
+    assert should_compile("auto", COMPILE_FROM_STEPS) == torch.cuda.is_available()
+    assert not should_compile("auto", COMPILE_FROM_STEPS - 1)
+    assert not should_compile("auto", COMPILE_FROM_STEPS, measured_setup=False)  # DeepSpeed / checkpointing
     with pytest.raises(SystemExit, match="auto, on or off"):
         should_compile("yes", 10)
 
@@ -260,7 +256,7 @@ def test_vision_graphs_only_where_capturable(tiny_family_dirs, family):
     assert graph_vision_tower(model) is None  # every parameter trainable
     model = add_lora(model, 8, 16, 0.0)       # the vision tower frozen, as in train.py
     assert (graph_vision_tower(model) is not None) == (family == "qwen2_vl")
-    model.base_model.model.config.vision_config._attn_implementation = "sdpa"
+    model.base_model.model.set_attn_implementation({"vision_config": "sdpa"})
     assert graph_vision_tower(model) is None  # transformers' sdpa vision attention syncs per image
 
 
@@ -333,15 +329,15 @@ def _settings(**changes):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_images, family):
     """The collator emits the precomputed step's keys only for Qwen2-VL (others would throw them away)."""
-    from latexocr.fast import plan_training
+    from latexocr.fast.plan import plan_training
     from latexocr.fast.trainer import FastTrainer
     from latexocr.modeling import add_lora
     processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
     model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa"),
                      8, 16, 0.0)
     plan = plan_training(model, _settings(), processes=1, accumulation=1, planned_steps=125)
-    assert plan.trainer_class is FastTrainer and plan.trainer_options == {"fast_plan": plan}
-    assert "compiling" not in plan.summary and not plan.cuda_graphs  # CPU: COMPILE_LAYERS=auto stays eager
+    assert plan.trainer_class is FastTrainer and plan.trainer_options == {"cuda_graphs": False, "vision_graphs": None}
+    assert "compiling" not in plan.summary  # CPU: COMPILE_LAYERS=auto stays eager
     batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **plan.collator_options)(formula_images[:3])
     assert CU_SEQLENS_KEY in batch
     step_keys = set(PRECOMPUTED_KEYS) - {REAL_TOKENS_KEY}  # the real token count serves every family
@@ -350,34 +346,22 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
         plan_training(model, _settings(compile_layers="yes"), processes=1, accumulation=1, planned_steps=1)
 
 
-def test_compile_cache_is_marked_warm_per_setup(tmp_path, tiny_model_dir, monkeypatch):
-    """COMPILE_LAYERS=auto lowers its threshold once a run has compiled this setup on this machine:
-    the marker sits inside torch's cache folder, is written after the compiles, and a different setup
-    (here: CUDA graphs or not) has its own."""
-    from transformers import TrainerControl, TrainerState
-    from latexocr.fast.compile import WARM_AFTER_STEPS, CompileCache
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    cache = CompileCache(model, cuda_graphs=True, folder=tmp_path)
-    assert not cache.warm and cache.marker.is_relative_to(tmp_path / "inductor")
-    cache.use()
+def test_compile_cache_folder_is_ours_unless_the_user_chose_one(tmp_path, monkeypatch):
+    """torch's compile caches go to a folder kept across runs (not torch's default under /tmp), unless
+    $TORCHINDUCTOR_CACHE_DIR names another."""
     import os
+    from latexocr.fast.compile import CompileCache
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache = CompileCache(folder=tmp_path)
+    assert cache.folder == tmp_path / "inductor"
+    cache.use()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-    callback, state = cache.callback(), TrainerState()
-    for step in range(1, WARM_AFTER_STEPS):
-        state.global_step = step
-        callback.on_step_end(None, state, TrainerControl())
-    assert not cache.warm  # the first steps still compile and record graphs
-    state.global_step = WARM_AFTER_STEPS
-    callback.on_step_end(None, state, TrainerControl())
-    assert cache.warm and CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
-    assert not CompileCache(model, cuda_graphs=False, folder=tmp_path).warm
     # torch writes its own default into the variable while the model loads: that is not the user's choice
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).warm
+    assert CompileCache(folder=tmp_path).folder == tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert CompileCache(model, cuda_graphs=True, folder=tmp_path).folder == tmp_path / "mine"
+    assert CompileCache(folder=tmp_path).folder == tmp_path / "mine"
 
 
 # ---------------------------------------------------------------- GPU smoke test

@@ -59,10 +59,11 @@ def vision_output(model, seed: int = 0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ target selection
 def test_lora_targets_are_found_by_walking_the_model(tiny_family_dirs):
-    from latexocr.modeling import LORA_TARGETS, lora_targets, vision_tower_of
+    from latexocr.modeling import lora_targets, vision_tower_of
     model = load(tiny_family_dirs["qwen2_vl"])
     # the tutorial's default, byte for byte: what adapters trained before these modes recorded
-    assert lora_targets(model, "lora") == r".*language_model.*\.(" + "|".join(LORA_TARGETS) + r")$"
+    tutorial = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert lora_targets(model, "lora") == r".*language_model.*\.(" + "|".join(tutorial) + r")$"
     for family, folder in tiny_family_dirs.items():
         model = load(folder)
         pattern = lora_targets(model, "lora_vision")
@@ -82,8 +83,7 @@ def test_vision_learning_rate_is_applied_to_the_vision_groups(tiny_model_dir, tm
     model = setup_training_mode(load(tiny_model_dir), "lora_vision", 8, 16, 0.0, unfreeze_merger=True)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.01, report_to="none",
                              use_cpu=True)
-    trainer = OcrTrainer(model=model, args=args)
-    trainer.vision_learning_rate = 3e-5
+    trainer = OcrTrainer(model=model, args=args, vision_learning_rate=3e-5)
     optimizer = trainer.create_optimizer()
     vision = vision_parameter_ids(model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}

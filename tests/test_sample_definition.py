@@ -224,20 +224,28 @@ def test_old_adapter_without_the_file_loads_with_a_note(fixed_run, data, tiny_mo
 def test_a_setting_yields_to_a_saved_value_unless_chosen():
     from argparse import Namespace
 
-    from latexocr.cli import settings_given
-    from latexocr.sample import follow_sample_definition
+    from latexocr.cli import parse_settings
+    from latexocr.sample import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, follow_sample_definition
 
     saved = {"image": {"min_pixels": 1000, "max_pixels": 2000, "fixed_size": "500x100"}}
-    assert settings_given(infer.SETTINGS, ["x.png", "--image-size", "", "--limit=3"]) == {"IMAGE_SIZE", "LIMIT"}
+    # unset (None) unless passed as a flag; a flag is typed as its setting's annotation says
+    args = parse_settings(infer.SETTINGS, argv=["--input", "x.png", "--image-size", "", "--image-min-pixels", "3000"],
+                          types=infer.__annotations__)
+    assert (args.image_min_pixels, args.image_max_pixels, args.image_size) == (3000, None, "")
 
-    args = Namespace(image_min_pixels=25088, image_max_pixels=401408, image_size="")
-    follow_sample_definition(args, saved, set(), "adapter")
-    assert (args.image_min_pixels, args.image_max_pixels, args.image_size) == (1000, 2000, "500x100")
+    unset = Namespace(image_min_pixels=None, image_max_pixels=None, image_size=None)
+    follow_sample_definition(unset, saved, "adapter")
+    assert (unset.image_min_pixels, unset.image_max_pixels, unset.image_size) == (1000, 2000, "500x100")
 
     # passed as a flag (even at its default value), or edited in the settings block: the user's value wins
-    args = Namespace(image_min_pixels=3000, image_max_pixels=401408, image_size="")
-    follow_sample_definition(args, saved, {"IMAGE_SIZE"}, "adapter")
+    follow_sample_definition(args, saved, "adapter")
     assert (args.image_min_pixels, args.image_max_pixels, args.image_size) == (3000, 2000, "")
+
+    # nothing saved (a new run, an adapter from before the file existed): today's defaults
+    unset = Namespace(image_min_pixels=None, image_max_pixels=None, image_size=None)
+    follow_sample_definition(unset, None, None)
+    assert (unset.image_min_pixels, unset.image_max_pixels, unset.image_size) == (DEFAULT_MIN_PIXELS,
+                                                                                DEFAULT_MAX_PIXELS, "")
 
 
 def test_one_definition_of_each_default_and_of_a_usable_label():

@@ -232,7 +232,9 @@ def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
 # ----------------------------------------------------------------------------- 4. Ctrl-C, resume
 def _train_until_logged(cmd: list[str], env: dict, n_logs: int, timeout: float = 900.0):
     """Start train.py, send SIGINT once `n_logs` loss lines were printed; (returncode, output)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C's default handler, also when this suite runs as a background job (which starts children with SIGINT ignored)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chunks: list[str] = []
 
     def reader():
