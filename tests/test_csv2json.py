@@ -158,6 +158,9 @@ def test_every_setting_is_a_flag_and_bad_values_are_one_line(tmp_path, capsys):
     args = csv2json.parse_args(["--csv-path", "a.csv", "--train-json", "t.json", "--val-json", "v.json",
                                 "--val-size", "0.1", "--seed", "7", "--val-csv", "b.csv", "--no-require-done"])
     assert set(vars(args)) == {name.lower() for name in csv2json.SETTINGS}
+    from latexocr.cli import settings_help
+    described = {k for k, v in settings_help(ROOT / "csv2json.py").items() if v}
+    assert set(csv2json.SETTINGS) <= described, set(csv2json.SETTINGS) - described  # --help explains each
     assert (args.val_size, args.seed, args.val_csv, args.require_done) == (0.1, 7, "b.csv", False)
     for bad in ("0", "-3", "2.5", "nan", "inf", "many"):
         assert run(make_project(tmp_path, n=3), "--val-size", bad)[0] == 2

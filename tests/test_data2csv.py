@@ -145,6 +145,9 @@ def test_every_setting_is_a_flag_and_a_bad_limit_is_one_line(tmp_path, capsys):
                                 "--image-dir", "i", "--csv-path", "c.csv", "--workers", "0", "--cache-dir", "h",
                                 "--force"])
     assert set(vars(args)) == {name.lower() for name in data2csv.SETTINGS}
+    from latexocr.cli import settings_help
+    described = {k for k, v in settings_help(ROOT / "data2csv.py").items() if v}
+    assert set(data2csv.SETTINGS) <= described, set(data2csv.SETTINGS) - described  # --help explains each
     assert (args.limit, args.workers, args.cache_dir, args.force) == (None, 0, "h", True)
     assert data2csv.parse_args(["--limit", "25"]).limit == 25 and not data2csv.parse_args([]).force
     for bad in ("0", "-1", "some"):
