@@ -12,7 +12,6 @@ moved; rows whose image is missing or unusable or whose label is empty are skipp
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -22,10 +21,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from latexocr.cli import parse_settings
+from latexocr.images import image_problem
 from latexocr.io import atomic_write_json, file_sha256
-from latexocr.sample import image_problem, is_valid_label, make_record
+from latexocr.sample import is_valid_label, make_record
 
-# ---- settings (edit here, or pass the same names as --flags) -----------------------------------
+# ---- settings (edit here, or pass the same names as --flags: VAL_SIZE -> --val-size) -------------
 CSV_PATH = "latex_ocr_train.csv"     # input: columns image_path,text (from data2csv.py)
 TRAIN_JSON = "latex_ocr_train.json"  # output: training conversations
 VAL_JSON = "latex_ocr_val.json"      # output: validation conversations
@@ -34,6 +35,8 @@ SEED = 42                            # fixed, so the split is the same on every 
 VAL_CSV = None                       # a CSV of the dataset's validation split: used as the
                                      # validation set instead, and all of CSV_PATH trains
 REQUIRE_DONE = True                  # read only CSVs whose data2csv completion record matches
+                                     # (--no-require-done for a CSV made otherwise)
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("image_path", "text")
@@ -43,25 +46,17 @@ class DataError(Exception):
     """Bad input; the message is for the user."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--csv-path", default=CSV_PATH)
-    p.add_argument("--train-json", default=TRAIN_JSON)
-    p.add_argument("--val-json", default=VAL_JSON)
-    p.add_argument("--val-size", default=VAL_SIZE, help="row count (>= 1) or fraction (0 < x < 1)")
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--val-csv", default=VAL_CSV, help="use this CSV as the validation set")
-    p.add_argument("--require-done", default=REQUIRE_DONE, action=argparse.BooleanOptionalAction,
-                   help="refuse a CSV without a matching CSV_PATH.done.json from data2csv.py")
-    args = p.parse_args(argv)
+def parse_args(argv=None):
+    """The settings, each also a flag; DataError (one line) for a value that cannot be used."""
+    args = parse_settings(SETTINGS, __doc__, argv)
     try:
         v = float(args.val_size)
-        if v >= 1 and v != int(v) or v <= 0:
+        if not (0 < v < 1 or v >= 1 and v.is_integer()):  # NaN and inf fail both
             raise ValueError
-        args.val_size = int(v) if v >= 1 else v
     except ValueError:
-        p.error(f"--val-size must be a count >= 1 or a fraction between 0 and 1, got {args.val_size!r}")
+        raise DataError(f"--val-size must be a count >= 1 or a fraction between 0 and 1, "
+                        f"got {args.val_size!r}") from None
+    args.val_size = int(v) if v >= 1 else v
     return args
 
 
@@ -104,7 +99,7 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
             raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
                             f"{','.join(header) if header else 'nothing (empty file)'}")
         ip, tx = header.index("image_path"), header.index("text")
-        for n, fields in enumerate(reader):
+        for n, fields in enumerate(reader, 1):  # numbered from 1, as the tutorial's ids
             if len(fields) <= max(ip, tx):
                 skipped["short line"] += 1
                 continue
@@ -191,8 +186,8 @@ def report(name: str, skipped: Counter, missing: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         for given in (args.csv_path, args.val_csv):
             if given and args.require_done:
                 check_done(Path(given))

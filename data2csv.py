@@ -2,7 +2,7 @@
 
     python data2csv.py                                    # 1000 rows of ModelScope's default/train
     python data2csv.py --source huggingface --limit all   # everything, from the HF mirror
-    python data2csv.py --source ../shared/latex_ocr/small --split validation \
+    python data2csv.py --source ../shared/latex_ocr/small --split validation \\
         --csv-path latex_ocr_val.csv
 
 Streams the source (memory stays flat), writes each image losslessly as PNG, and can be
@@ -15,7 +15,6 @@ Image paths in the CSV are relative to the CSV's folder (csv2json.py resolves th
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -26,10 +25,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from latexocr.io import atomic_open, atomic_write_json, check_writable, file_sha256, save_images_batch, worker_init
-from latexocr.sources import CONFIGS, SPLITS, SourceError, label_problem, open_source, source_fingerprint
+from latexocr.cli import parse_settings
+from latexocr.images import save_images_batch, worker_init
+from latexocr.io import atomic_open, atomic_write_json, check_writable, file_sha256
+from latexocr.sample import label_problem
+from latexocr.sources import SourceError, open_source, source_fingerprint
 
-# ---- settings (edit here, or pass the same names as --flags) -----------------------------------
+# ---- settings (edit here, or pass the same names as --flags: CSV_PATH -> --csv-path) ------------
 SOURCE = "modelscope"        # 'modelscope' (AI-ModelScope/LaTeX_OCR), 'huggingface' (linxy/LaTeX_OCR),
                              # or a local parquet file / folder / LaTeX_OCR_PRO folder
 CONFIG = "default"           # default, full, small, synthetic_handwrite, human_handwrite, human_handwrite_print
@@ -39,32 +41,26 @@ IMAGE_DIR = "latex_ocr_images"     # where the PNGs go
 CSV_PATH = "latex_ocr_train.csv"   # the output: columns image_path,text
 WORKERS = 2                  # processes validating/writing images; 0 = all in this process
 CACHE_DIR = None             # hub download cache (None = the hub client's default)
+FORCE = False                # rewrite every image even if a finished run matches
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # ---------------------------------------------------------------------------------------------
 
 CHUNK = 64                   # rows per task sent to a worker: big enough to amortize pickling
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default=SOURCE, help="modelscope | huggingface | local path")
-    p.add_argument("--config", default=CONFIG, help=f"dataset config: {', '.join(CONFIGS)}")
-    p.add_argument("--split", default=SPLIT, help=f"{', '.join(SPLITS)}")
-    p.add_argument("--limit", default=LIMIT, help="number of source rows, or 'all'")
-    p.add_argument("--image-dir", default=IMAGE_DIR, help="output folder of PNGs")
-    p.add_argument("--csv-path", default=CSV_PATH, help="output CSV (image_path,text)")
-    p.add_argument("--workers", type=int, default=WORKERS, help="image processes; 0 = in-process")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help="hub download cache")
-    p.add_argument("--force", action="store_true", help="rewrite every image even if a finished run matches")
-    args = p.parse_args(argv)
-    if str(args.limit).lower() in ("all", "none"):
+def parse_args(argv=None):
+    """The settings, each also a flag; ValueError (one line) for a value that cannot be used."""
+    args = parse_settings(SETTINGS, __doc__, argv)
+    given = args.limit
+    if str(given).strip().lower() in ("all", "none"):
         args.limit = None
-    else:
-        try:
-            args.limit = int(args.limit)
-            assert args.limit > 0
-        except (ValueError, AssertionError):
-            p.error(f"--limit must be a positive integer or 'all', got {args.limit!r}")
+        return args
+    try:
+        args.limit = int(given)
+    except ValueError:
+        args.limit = 0
+    if args.limit <= 0:
+        raise ValueError(f"--limit must be a positive integer or 'all', got {given!r}")
     return args
 
 
@@ -103,7 +99,11 @@ class _Done:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     csv_path = Path(args.csv_path)
     image_dir = Path(args.image_dir)
     marker = csv_path.with_name(csv_path.name + ".done.json")

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 # The sample encoder lives with the rest of the sample definition; re-exported here.
-from .sample import END_OF_TURN, IGNORE_INDEX, SampleEncoder, load_image  # noqa: F401
+from .images import load_image
+from .sample import END_OF_TURN, IGNORE_INDEX, SampleEncoder  # noqa: F401
 
 # Opt-in trace for tests: with this set to a folder, every training batch's image paths are
 # appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
 from .decoding import StaticDecoder, static_decode_supported
-from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN, load_image
+from .images import load_image
+from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 from .speed import plain_text_attention
 
 # The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is

@@ -9,7 +9,8 @@ import csv
 import json
 from pathlib import Path
 
-from .sample import image_problem, is_valid_label, parse_record
+from .images import image_problem
+from .sample import is_valid_label, parse_record
 
 JSON_SHAPE = "a list of {'id', 'conversations': [user turn with the image, assistant turn]} records (csv2json.py output)"
 

@@ -1,18 +1,19 @@
-"""What one sample is: the prompt, the chat messages, how its image is loaded and sized, and the
-encoder that turns a sample into tokens.
+"""What one sample is: the prompt, the chat messages, how its image is sized, its label, its
+record in the conversation JSON, and the encoder that turns a sample into tokens.
 
-Training (the collator) and inference (generation) both call `load_image` with the same
-`ImageSizing`, so a formula is seen at exactly the same resolution in both.
+Training (the collator) and inference (generation) both load images with `images.load_image` and
+the same `ImageSizing`, so a formula is seen at exactly the same resolution in both.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from .io import atomic_write_json
 
 # The tutorial's instruction, kept verbatim so adapters trained with it keep working.
 PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"
@@ -56,8 +57,8 @@ class ImageSizing:
 
 def _smart_resize(width: int, height: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     # transformers' own Qwen2-VL rule (the processor applies it too, so an image we already
-    # sized passes through the processor unchanged). Extreme aspect ratios (> 200:1) are
-    # rejected by transformers; formulas never reach that, so we clamp instead of failing.
+    # sized passes through the processor unchanged). transformers rejects aspect ratios above
+    # 200:1; we refuse a little earlier, with one line naming the size (formulas never get close).
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     if max(width, height) / max(1, min(width, height)) > 190:
@@ -87,35 +88,6 @@ def sizing_for(processor, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int 
     ip = processor.image_processor
     return ImageSizing(factor=int(ip.patch_size) * int(ip.merge_size),
                        min_pixels=min_pixels, max_pixels=max_pixels, fixed=fixed)
-
-
-def load_image(path: str | os.PathLike, sizing: ImageSizing | None = None) -> Image.Image:
-    """Open an image as RGB (transparent pixels on white, as the formula was drawn), resized by `sizing`.
-
-    Raises FileNotFoundError / PIL.UnidentifiedImageError / OSError with the path in the message.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = _to_rgb(im)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except Exception as exc:  # PIL raises several types for broken files
-        raise OSError(f"cannot read image {path}: {exc}") from exc
-    if sizing is not None:
-        size = sizing.target_size(*image.size)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def user_messages(image) -> list[dict]:
@@ -157,11 +129,6 @@ class SampleEncoder:
         return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.end_of_turn_id]
 
     # ---- encoding ---------------------------------------------------------------------------
-    def encode_prompts(self, images) -> dict:
-        """Processor outputs for a list of already-loaded images, text not yet padded."""
-        return self.processor(text=[self.prompt_text] * len(images), images=list(images),
-                              return_tensors=None, padding=False)
-
     def encode_train(self, image, answer: str) -> dict:
         """input_ids / labels / mm_token_type_ids (lists) and pixel_values / image_grid_thw (tensors)."""
         out = self.processor(text=[self.prompt_text], images=[image], return_tensors="pt")
@@ -211,8 +178,6 @@ def sample_definition(encoder: SampleEncoder, model_type: str) -> dict:
 
 
 def write_sample_definition(folder: str | os.PathLike, definition: dict) -> Path:
-    from .io import atomic_write_json
-
     path = Path(folder) / SAMPLE_FILE
     atomic_write_json(path, definition)
     return path
@@ -323,17 +288,19 @@ def set_processor_sizing(processor, sizing: ImageSizing) -> None:
             setattr(ip, name, value)
 
 
-# ---- the tutorial's conversation JSON -------------------------------------------------------
+# ---- the conversation JSON (csv2json.py writes it, records.read_labelled reads it) ----------------
 
 def make_record(index: int, image_path: str, text: str) -> dict:
-    """One row of latex_ocr_{train,val}.json, in the tutorial's format."""
+    """One record of latex_ocr_{train,val}.json, exactly as the tutorial's csv2json.py writes it
+    (its train.py reads the user turn's value as the image path)."""
     return {"id": f"identity_{index}",
-            "conversations": [{"from": "user", "value": f"{VISION_START}{image_path}{VISION_END}"},
-                              {"from": "assistant", "value": text}]}
+            "conversations": [{"role": "user", "value": image_path},
+                              {"role": "assistant", "value": text}]}
 
 
 def parse_record(record: dict, base_dir: str | os.PathLike | None = None) -> tuple[str, str | None]:
-    """(absolute image path, label or None) of a conversation record.
+    """(absolute image path, label or None) of a conversation record: the tutorial's (the value
+    is the path) or this project's earlier one ({"from": ..., "value": "<|vision_start|>path<|vision_end|>"}).
 
     Relative image paths are resolved against `base_dir` (the JSON file's folder), so the
     project folder can move; absolute paths are used as they are.
@@ -349,64 +316,27 @@ def parse_record(record: dict, base_dir: str | os.PathLike | None = None) -> tup
     return str(path), label
 
 
-def normalize_whitespace(text: str) -> str:
-    return " ".join(text.split())
-
+# ---- the label rule (data2csv, csv2json, training, inference's scoring) -------------------------
 
 # How NaN/None look once a pandas-written CSV is read back as text: not labels (a KaTeX-normalised
 # label spells a word with spaces, "n a n").
 NAN_STRINGS = {"nan", "NaN", "NAN", "None", "null", "<NA>"}
 
 
-def is_valid_label(text) -> bool:
-    """A usable label: a string with something besides whitespace (NaN and None, also as text, are not).
-
-    The one definition, used by data2csv.py (sources.py), csv2json.py and training."""
-    if not isinstance(text, str) or text.strip() in NAN_STRINGS:
-        return False
-    return bool(text.strip())
-
-
-# ---- the one "usable image" check (data2csv, csv2json, training, inference) -------------------
-
-def image_problem(path) -> str | None:
-    """Why an image cannot be used, as one stable phrase (no object addresses), or None if it can.
-
-    `path`: a file path, or the encoded bytes of an image (data2csv checks rows before writing
-    them). Every pixel is decoded: reading only the header misses truncated files.
-    """
-    import io
-
-    if isinstance(path, (bytes, bytearray, memoryview)):
-        if len(path) == 0:
-            return "empty image (0 bytes)"
-        source = io.BytesIO(bytes(path))
-    else:
-        try:
-            size = os.stat(path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return "missing image"
-        except OSError as exc:
-            return f"unreadable image file ({exc.strerror or type(exc).__name__})"
-        if not Path(path).is_file():
-            return "missing image"
-        if size == 0:
-            return "empty image file (0 bytes)"
-        source = path
-    try:
-        with Image.open(source) as im:
-            im.load()
-            width, height = im.size
-    except Image.DecompressionBombError:
-        return "image too large (decompression bomb limit)"
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        if isinstance(exc, Image.UnidentifiedImageError):
-            return "not an image (undecodable)"
-        if "truncat" in str(exc).lower():
-            return "truncated image"
-        if isinstance(exc, OSError) and exc.errno is not None:  # the file system, not the data
-            return f"unreadable image file ({exc.strerror})"
-        return "corrupt image (undecodable)"
-    if width == 0 or height == 0:
-        return "image of zero size"
+def label_problem(text) -> str | None:
+    """Why `text` is not a usable label (one of a few fixed phrases), or None if it is: a usable
+    label is a string with something besides whitespace; NaN and None, also as text, are not."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return "missing label"
+    if not isinstance(text, str):
+        return "label not a string"
+    stripped = text.strip()
+    if stripped in NAN_STRINGS:
+        return "missing label"
+    if not stripped:
+        return "empty label" if text == "" else "whitespace-only label"
     return None
+
+
+def is_valid_label(text) -> bool:
+    return label_problem(text) is None

@@ -14,13 +14,10 @@ Layouts understood:
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
-
-from latexocr.sample import NAN_STRINGS, is_valid_label
 
 CONFIGS = ("default", "full", "small", "synthetic_handwrite", "human_handwrite", "human_handwrite_print")
 SPLITS = ("train", "validation", "test")
@@ -54,21 +51,6 @@ class Source:
     def batches(self) -> Iterator[list[Row]]:
         """Lists of consecutive rows (a few hundred at a time), in index order."""
         return self._batches()
-
-
-# ---- row checks -----------------------------------------------------------------------------
-
-def label_problem(text) -> str | None:
-    """Why `text` is not a usable label (one of a few fixed reasons), or None if it is."""
-    if is_valid_label(text):
-        return None
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return "missing label"
-    if not isinstance(text, str):
-        return "label not a string"
-    if text.strip() in NAN_STRINGS:
-        return "missing label"
-    return "empty label" if text == "" else "whitespace-only label"
 
 
 # ---- parquet ----------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from transformers import Trainer, TrainerCallback
 
 from .batching import IGNORE_INDEX, SampleEncoder
 from .records import read_labelled
-from .sample import image_problem, is_valid_label, write_sample_definition
+from .images import image_problem
+from .sample import is_valid_label, write_sample_definition
 
 
 class OcrDataset(Dataset):
     """(image_path, label) pairs of a labelled file, checked once up front.
 
-    The check decodes each image once (sample.image_problem: ~0.15 ms for a formula PNG) and
+    The check decodes each image once (images.image_problem: ~0.15 ms for a formula PNG) and
     tokenises each label; it drops (and counts, by reason) samples with a missing, empty,
     truncated or undecodable image, an empty label, or more tokens than `max_length` (a sample
     is never cut through its image tokens). `lengths` holds

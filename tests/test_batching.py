@@ -5,7 +5,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions
-from latexocr.sample import ImageSizing, load_image, sizing_for
+from latexocr.images import load_image
+from latexocr.sample import ImageSizing, sizing_for
 
 
 def test_supervised_tokens_are_answer_and_end_of_turn(tiny_model_dir, formula_images):

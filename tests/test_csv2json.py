@@ -123,7 +123,49 @@ def test_loads_with_datasets(tmp_path):
     rc, train, val = run(csv_path, "--val-size", "3")
     ds = datasets.Dataset.from_json(str(train), cache_dir=str(tmp_path / "cache"))
     assert len(ds) == 7 and set(ds.column_names) == {"id", "conversations"}
-    assert ds[0]["conversations"][0]["from"] == "user"
+    assert [t["role"] for t in ds[0]["conversations"]] == ["user", "assistant"]
+
+
+def test_json_is_the_tutorials_format_and_both_formats_are_read(tmp_path):
+    """csv2json writes exactly what the tutorial's csv2json.py writes (its train.py reads the user
+    turn's value as the image path); the readers also accept this project's earlier format."""
+    from latexocr.records import read_labelled
+
+    csv_path = make_project(tmp_path, n=6)
+    rc, train, val = run(csv_path, "--val-size", "2")
+    assert rc == 0
+    written = json.loads(train.read_text(encoding="utf-8")) + json.loads(val.read_text(encoding="utf-8"))
+    assert sorted(r["id"] for r in written) == [f"identity_{i}" for i in range(1, 7)]  # CSV rows, from 1
+    for record in written:
+        assert list(record) == ["id", "conversations"]
+        user, assistant = record["conversations"]
+        assert user == {"role": "user", "value": user["value"]} and assistant["role"] == "assistant"
+        i = int(record["id"].removeprefix("identity_")) - 1  # CSV row i holds images/{i}.png
+        assert user["value"] == f"images/{i}.png" and assistant["value"] == f"x _ {{ {i} }}"
+    tutorial = load(train) + load(val)
+
+    old = tmp_path / "old.json"  # the same records in this project's earlier format
+    old.write_text(json.dumps([{"id": r["id"], "conversations": [
+        {"from": "user", "value": f"<|vision_start|>{r['conversations'][0]['value']}<|vision_end|>"},
+        {"from": "assistant", "value": r["conversations"][1]["value"]}]} for r in written]), encoding="utf-8")
+    assert load(old) == tutorial
+    both = read_labelled(train) + read_labelled(val)
+    assert both == read_labelled(old) == tutorial
+    assert all(Path(p).is_file() for p, _ in both)
+
+
+def test_every_setting_is_a_flag_and_bad_values_are_one_line(tmp_path, capsys):
+    args = csv2json.parse_args(["--csv-path", "a.csv", "--train-json", "t.json", "--val-json", "v.json",
+                                "--val-size", "0.1", "--seed", "7", "--val-csv", "b.csv", "--no-require-done"])
+    assert set(vars(args)) == {name.lower() for name in csv2json.SETTINGS}
+    from latexocr.cli import settings_help
+    described = {k for k, v in settings_help(ROOT / "csv2json.py").items() if v}
+    assert set(csv2json.SETTINGS) <= described, set(csv2json.SETTINGS) - described  # --help explains each
+    assert (args.val_size, args.seed, args.val_csv, args.require_done) == (0.1, 7, "b.csv", False)
+    for bad in ("0", "-3", "2.5", "nan", "inf", "many"):
+        assert run(make_project(tmp_path, n=3), "--val-size", bad)[0] == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --val-size must be a count >= 1 or a fraction between 0 and 1, got {bad!r}"
 
 
 def test_missing_images_and_bad_labels_reported(tmp_path, capsys):

@@ -19,8 +19,8 @@ SHARED_SMALL = Path(__file__).resolve().parents[2] / "shared" / "latex_ocr" / "s
 sys.path.insert(0, str(ROOT))
 
 import data2csv  # noqa: E402
-import latexocr.io  # noqa: E402
-from latexocr.sources import label_problem  # noqa: E402
+import latexocr.images  # noqa: E402
+from latexocr.sample import label_problem  # noqa: E402
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -95,7 +95,7 @@ def check_against_source(csv_path: Path, images: list[bytes], texts: list[str], 
         path = csv_path.parent / rel  # relative to the CSV's folder
         assert path.name.endswith(f"_{i:06d}.png")
         with open(path, "rb") as f:
-            assert f.read(8) == latexocr.io.PNG_SIGNATURE
+            assert f.read(8) == latexocr.images.PNG_SIGNATURE
         mode, got = pixels(path)
         src_mode, want = pixels(images[i])
         assert mode == src_mode  # RGBA stays RGBA
@@ -140,6 +140,22 @@ def test_label_problem_reasons():
     assert label_problem(" \t\n") == "whitespace-only label"
 
 
+def test_every_setting_is_a_flag_and_a_bad_limit_is_one_line(tmp_path, capsys):
+    args = data2csv.parse_args(["--source", "s", "--config", "small", "--split", "test", "--limit", "all",
+                                "--image-dir", "i", "--csv-path", "c.csv", "--workers", "0", "--cache-dir", "h",
+                                "--force"])
+    assert set(vars(args)) == {name.lower() for name in data2csv.SETTINGS}
+    from latexocr.cli import settings_help
+    described = {k for k, v in settings_help(ROOT / "data2csv.py").items() if v}
+    assert set(data2csv.SETTINGS) <= described, set(data2csv.SETTINGS) - described  # --help explains each
+    assert (args.limit, args.workers, args.cache_dir, args.force) == (None, 0, "h", True)
+    assert data2csv.parse_args(["--limit", "25"]).limit == 25 and not data2csv.parse_args([]).force
+    for bad in ("0", "-1", "some"):
+        rc, csv_path, _ = run(tmp_path, tmp_path / "nowhere", "--limit", bad)
+        assert rc == 2 and not csv_path.parent.exists()
+        assert capsys.readouterr().err.strip() == f"error: --limit must be a positive integer or 'all', got {bad!r}"
+
+
 def test_bad_rows_are_skipped_and_reported(tmp_path, capsys):
     good = encode(random_image(0))
     truncated = good[: len(good) // 2]
@@ -180,7 +196,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys):
     rc, ref_csv, ref_dir = run(tmp_path, src, "--limit", "all", out="ref")  # uninterrupted
     assert rc == 0
 
-    real, calls = latexocr.io.save_image_png, []
+    real, calls = latexocr.images.save_image_png, []
 
     def flaky(data, path, **kw):
         if len(calls) == 13:
@@ -188,7 +204,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys):
         calls.append(path)
         return real(data, path, **kw)
 
-    monkeypatch.setattr(latexocr.io, "save_image_png", flaky)
+    monkeypatch.setattr(latexocr.images, "save_image_png", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, src, "--limit", "all", out="run")
     out_dir = tmp_path / "run"
@@ -196,7 +212,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch, capsys):
     assert len(list((out_dir / "images").glob("*.png"))) == 13
     assert not [p for p in out_dir.rglob("*") if p.name.endswith(".tmp")]  # no temp leftovers
 
-    monkeypatch.setattr(latexocr.io, "save_image_png", real)
+    monkeypatch.setattr(latexocr.images, "save_image_png", real)
     capsys.readouterr()
     rc, csv_path, image_dir = run(tmp_path, src, "--limit", "all", out="run")
     assert rc == 0

@@ -11,7 +11,8 @@ import latexocr.decoding as decoding
 import latexocr.generation as generation
 from latexocr.batching import SampleEncoder, generation_batch
 from latexocr.generation import predict, prompt_positions
-from latexocr.sample import load_image, sizing_for
+from latexocr.images import load_image
+from latexocr.sample import sizing_for
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NEW_TOKENS = 16

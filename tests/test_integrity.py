@@ -54,6 +54,12 @@ def pixels(src) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def default_sigint() -> None:
+    """preexec_fn for a child that is sent SIGINT: run as a background job, this suite's own
+    SIGINT may be ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def script(name: str, *args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([PY, str(ROOT / name), *map(str, args)], cwd=kw.pop("cwd", ROOT), env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout, **kw)
@@ -128,7 +134,7 @@ def test_interrupted_rerun_with_another_source_is_refused_and_the_old_csv_stays_
     proc = subprocess.Popen([PY, str(ROOT / "data2csv.py"), "--source", str(tmp_path / "B.parquet"),
                              "--csv-path", str(csv_path), "--image-dir", str(images), "--limit", "all",
                              "--workers", "2"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while len(list(images.glob("*.png"))) < len(a_files) + 200 and time.monotonic() < deadline:
         time.sleep(0.05)  # wait until B's images are being written
@@ -187,7 +193,7 @@ def _start(source: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([PY, str(ROOT / "data2csv.py"), "--source", str(source), "--limit", "all",
                              "--csv-path", str(out / "data.csv"), "--image-dir", str(out / "img"), "--workers", "2"],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def test_30_sigints_at_random_moments_each_end_within_10_s(tmp_path, big_source):

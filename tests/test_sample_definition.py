@@ -159,7 +159,8 @@ def test_pixel_bounds_travel_with_the_adapter(pixels_run, data, tiny_model_dir, 
 def test_merged_model_predicts_and_resizes_as_training(pixels_run, data, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoProcessor
 
-    from latexocr.sample import ImageSizing, load_image
+    from latexocr.images import load_image
+    from latexocr.sample import ImageSizing
 
     out, _, (with_adapter, _, _) = pixels_run
     merged = tmp_path / "merged"
@@ -249,8 +250,7 @@ def test_a_setting_yields_to_a_saved_value_unless_chosen():
 
 
 def test_one_definition_of_each_default_and_of_a_usable_label():
-    from latexocr.sample import is_valid_label
-    from latexocr.sources import label_problem
+    from latexocr.sample import is_valid_label, label_problem
 
     sources = {p: p.read_text(encoding="utf-8") for p in ROOT.rglob("*.py")
                if "tests" not in p.parts and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)}

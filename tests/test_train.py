@@ -319,7 +319,7 @@ def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
                       "--max-length", 1024, *TINY)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("train: "))
     assert line.startswith("train: 4 samples from"), line
-    # the reasons of sample.image_problem, the one image check of every script
+    # the reasons of images.image_problem, the one image check of every script
     assert "1 (missing image, e.g. " in line and "missing.png" in line
     assert "1 (not an image (undecodable), e.g. " in line and "corrupt.png" in line
     assert "1 (empty or missing label, e.g. " in line and "empty.png" in line
