@@ -214,7 +214,7 @@ def test_local_run_visible_in_dashboard(iso, capsys):
         assert math.isclose(values["train/loss"], 0.25)  # last logged value, rank>0 ignored
         assert math.isclose(values["train/learning_rate"], 5e-5)
         assert math.isclose(values["train/grad_norm"], 1.5)
-        assert math.isclose(values["train/epoch"], 0.5)
+        assert "train/epoch" not in values and cfg["run.epoch"] == 0.5  # a count, not a chart
         assert math.isclose(values["eval/loss"], 0.3)
         assert "train/comment" not in values
         assert "eval/predictions" in values and "eval/predictions_text" in values
@@ -354,12 +354,13 @@ def test_callback_with_real_trainer(iso):
     per_step = [(step, logged) for step, logged in seen if "train/loss" in logged]
     assert [step for step, _ in per_step] == [1, 2, 3, 4]
     for _, logged in per_step:
-        assert {"train/loss", "train/learning_rate", "train/epoch"} <= set(logged)
-    # transformers' end-of-run totals are one point each: kept in the config, not charted
-    assert not any("train/train_samples_per_second" in logged or "train/train_loss" in logged for _, logged in seen)
+        assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= set(logged)
+    # counts and transformers' end-of-run totals (one point each): kept in the config, not charted
+    assert not any(k in logged for k in ("train/epoch", "train/train_samples_per_second", "train/train_loss")
+                   for _, logged in seen)
     cfg = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
     assert cfg["model"]["value"] == "toy"
-    assert cfg["run.train_runtime"]["value"] > 0 and "run.train_loss" in cfg
+    assert cfg["run.train_runtime"]["value"] > 0 and "run.train_loss" in cfg and cfg["run.epoch"]["value"] == 1
     assert cfg["training_args.learning_rate"]["value"] == 1e-2 and cfg["training_args.max_steps"]["value"] == 4
     assert cfg["training_args.lr_scheduler_type"]["value"] == "linear"
     assert cfg["model_params.total"]["value"] == 5 and cfg["model_params.trainable"]["value"] == 5
