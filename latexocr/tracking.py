@@ -1,16 +1,11 @@
 """Experiment tracking with SwanLab (cloud, local dashboard, offline or off).
 
-* :func:`resolve_mode` turns a user-facing mode (``auto``, ``cloud``/``online``, ``local``,
-  ``offline``, ``disabled``) into the name SwanLab uses.
-* :class:`Tracker` owns one SwanLab run: ``log`` scalars, ``log_predictions`` (images captioned
-  label first), ``log_worst`` / ``log_table`` (as text), ``finish``. ``enabled=False`` (non-main
-  ranks) and mode ``disabled`` make every method a no-op that writes nothing.
-* :class:`SwanLabCallback` is swanlab's own transformers integration, logging through a Tracker.
-
-What is a chart: per-step measurements (loss, grad norm, learning rate, samples/s, tokens/s, the
-eval metrics). Totals and counts (epoch, tokens seen, transformers' end-of-run totals, eval n and
-errors) would be flat or one-point charts: :data:`NOT_CHARTED` keys go into the run's config
-(``run.<name>``) instead, in every mode.
+:func:`resolve_mode` maps a user-facing mode onto SwanLab's; :class:`Tracker` owns one run (a no-op
+with mode ``disabled`` or ``enabled=False``, i.e. non-main ranks); :class:`SwanLabCallback` is
+swanlab's own transformers integration, logging through a Tracker. Charts are what changes step by
+step (loss, grad norm, learning rate, samples/s, tokens/s, the eval metrics); totals and counts
+(:data:`NOT_CHARTED`: epoch, tokens seen, transformers' end-of-run totals, eval n and errors) go
+into the run's config as ``run.<name>``, in every mode.
 """
 
 from __future__ import annotations
@@ -27,18 +22,16 @@ import swanlab
 from swanlab.integration.transformers import SwanLabCallback as _SwanLabIntegration
 from swanlab.integration.transformers import rewrite_logs
 
-__all__ = ["MODES", "resolve_mode", "has_api_key", "dashboard_available", "Tracker", "SwanLabCallback", "run_name"]
+from .metrics import exact_match, worst_first
 
 #: Modes accepted by :func:`resolve_mode` (``cloud`` is an alias of ``online``).
 MODES = ("auto", "cloud", "online", "local", "offline", "disabled")
 DASHBOARD_INSTALL_HINT = 'pip install "swanlab[dashboard]"'
 DEFAULT_PORT = 5092
 #: Last parts of metric keys that are totals or counts, not curves (``train/epoch``, ``eval/n``).
-NOT_CHARTED = {"epoch", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second",
-               "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss", "n", "errors",
-               "gpu_mem_peak_gib"}
-#: What a caption keeps of a label and of a prediction: SwanLab's image grid shows only the start.
-CAPTION_CHARS = 48
+NOT_CHARTED = {"epoch", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second", "train_samples_per_second",
+               "train_steps_per_second", "total_flos", "train_loss", "n", "errors", "gpu_mem_peak_gib"}
+CAPTION_CHARS = 48  #: what a caption keeps of a label and of a prediction: the image grid shows the start
 
 
 def _warn(msg: str) -> None:
@@ -46,8 +39,7 @@ def _warn(msg: str) -> None:
 
 
 def has_api_key() -> bool:
-    """True when swanlab's own settings find an API key (``SWANLAB_API_KEY``, a saved
-    ``swanlab login``, ``.env`` / ``swanlab.yaml``)."""
+    """True when swanlab's own settings find an API key (SWANLAB_API_KEY, `swanlab login`, swanlab.yaml)."""
     try:
         return bool(swanlab.Settings().api_key)
     except Exception:  # a broken swanlab config file: swanlab.init would fail the same way
@@ -60,9 +52,8 @@ def dashboard_available() -> bool:
 
 
 def resolve_mode(mode: str) -> str:
-    """``online``, ``local``, ``offline`` or ``disabled``. ``auto``: ``$SWANLAB_MODE`` if set, else
-    the cloud when an API key is configured, else ``local``. ``local`` without the dashboard
-    package falls back to ``offline`` (with a warning): swanlab's local mode refuses to start."""
+    """``online``, ``local``, ``offline`` or ``disabled``. ``auto``: ``$SWANLAB_MODE`` if set, else the cloud
+    with an API key, else ``local``; ``local`` without the dashboard package (it refuses to start): ``offline``."""
     m = mode.strip().lower() if isinstance(mode, str) else None
     if m == "auto" and (env := os.environ.get("SWANLAB_MODE", "").strip().lower()) not in ("", "auto"):
         mode, m = f"SWANLAB_MODE={env}", env  # an explicit SWANLAB_MODE decides for auto
@@ -79,37 +70,30 @@ def resolve_mode(mode: str) -> str:
 
 
 def flatten_config(config: Mapping, prefix: str = "") -> dict:
-    """Nested mappings as dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8}), None as "None": the
-    dashboard shows a nested value, and None, as [object Object]."""
+    """Nested mappings as dotted keys ({"lora": {"r": 8}} -> {"lora.r": 8}), None as "None" (the dashboard shows
+    a nested value and None as [object Object]), an enum as its value (not "SchedulerType.LINEAR")."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_config(value, f"{name}.") if value else {name: "{}"})
         else:
-            # an enum as its value ("linear", not "SchedulerType.LINEAR"); other objects: swanlab stores str()
             flat[name] = "None" if value is None else value.value if isinstance(value, enum.Enum) else value
     return flat
 
 
 def run_name(adapter: str | None, input_spec: str) -> str:
     """An infer.py run's name: its adapter (checkpoint folder and its parent) and its input."""
-    if adapter:
-        a = Path(adapter)
-        who = f"{a.parent.name}-{a.name}" if a.parent.name else a.name
-    else:
-        who = "base"
+    a = Path(adapter or "base")
+    who = f"{a.parent.name}-{a.name}" if adapter and a.parent.name else a.name
     return f"infer-{who}-{Path(str(input_spec)).stem or 'input'}"
 
 
 def _number(value: Any) -> float | None:
-    """A finite float (also from numpy / torch scalars), else None: a NaN in the local database
-    breaks the dashboard's summary endpoint."""
-    if isinstance(value, str):
-        return None
+    """A finite float (numpy / torch scalars too), else None: a NaN breaks the local dashboard's summary."""
     try:
-        value = float(value)
-    except Exception:
+        value = float(value) if not isinstance(value, str) else math.nan
+    except Exception:  # None, arrays, objects
         return None
     return value if math.isfinite(value) else None
 
@@ -119,12 +103,7 @@ def _shorten(text: str, limit: int = CAPTION_CHARS) -> str:
 
 
 class Tracker:
-    """One SwanLab run.
-
-    >>> tracker = Tracker("auto", "qwen2vl-latexocr", "lora-r8", config={"lr": 1e-4})
-    >>> tracker.log({"eval/bleu4": 71.2}, step=100)
-    >>> tracker.finish()
-    """
+    """One SwanLab run: ``Tracker("auto", "project", "lora-r8", config={"lr": 1e-4})``."""
 
     def __init__(self, mode: str, project: str, experiment_name: str | None = None, config: dict | None = None,
                  logdir: str | os.PathLike = "swanlog", enabled: bool = True):
@@ -157,8 +136,6 @@ class Tracker:
 
     def where(self) -> str:
         """One line saying the mode and where to look."""
-        if not self.run:
-            return "SwanLab disabled: nothing is logged."
         if self.mode == "online":
             return f"SwanLab mode=online (cloud): {getattr(self.run, 'url', 'https://swanlab.cn')}"
         if self.mode == "local":
@@ -171,12 +148,8 @@ class Tracker:
         return self.run is not None
 
     def update_config(self, config: Mapping[str, Any]) -> None:
-        """Add entries to the run's config (flat, as at the start)."""
         if self.active and config:
             self.run.config.update(flatten_config(config))
-
-    def _log(self, data: dict, step: int | None) -> None:
-        self.run.log(data, step=None if step is None else int(step))
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> dict:
         """Chart the finite numbers of ``metrics`` at ``step``; a :data:`NOT_CHARTED` key goes into the
@@ -185,71 +158,59 @@ class Tracker:
             return {}
         numbers = {str(k): n for k, v in (metrics or {}).items() if (n := _number(v)) is not None}
         charted = {k: v for k, v in numbers.items() if k.rsplit("/", 1)[-1] not in NOT_CHARTED}
-        totals = {"run." + k.removeprefix("train/").replace("/", "_"): v for k, v in numbers.items() if k not in charted}
-        self.update_config(totals)
+        self.update_config({"run." + k.removeprefix("train/").replace("/", "_"): v
+                            for k, v in numbers.items() if k not in charted})
         if charted:
-            self._log(charted, step)
+            self.run.log(charted, step=step)
         return charted
 
     def log_predictions(self, rows: list[dict], step: int | None = None, key: str = "eval/predictions",
                         max_rows: int = 32) -> int:
-        """Up to ``max_rows`` samples: each image (path, PIL image or {bytes, path}) under ``key``,
-        captioned label first, then the prediction (each cut to CAPTION_CHARS, so a looping prediction
-        cannot hide the label); the full pair as text under ``f"{key}_text"``. Returns the rows logged."""
+        """Up to ``max_rows`` images (path or PIL) under ``key``, captioned label first (both cut to CAPTION_CHARS:
+        a looping prediction cannot hide the label); the full pairs as text under ``f"{key}_text"``."""
         if not self.active or not rows:
             return 0
-        from io import BytesIO
-
-        from .metrics import exact_match
-
         images, texts = [], []
         for row in rows[:max_rows]:
             pred, label = str(row.get("prediction") or ""), str(row.get("label", ""))
             match = bool(row.get("exact_match", exact_match(pred, label)))
             caption = f"{'✓' if match else '✗'} label: {_shorten(label)} | pred: {_shorten(pred)}"
-            image = row.get("image")
-            if isinstance(image, Mapping):  # a datasets Image feature left undecoded
-                from PIL import Image
-
-                image = Image.open(BytesIO(image["bytes"])) if image.get("bytes") else image.get("path")
-            if image is not None:
+            if (image := row.get("image")) is not None:
                 try:
                     images.append(swanlab.Image(os.fspath(image) if isinstance(image, os.PathLike) else image,
                                                 caption=caption, size=1024))
                 except Exception as e:  # an unreadable file: keep the text
                     _warn(f"could not log image {image!r}: {e}")
             texts.append(swanlab.Text(f"label: {label}\npred:  {pred}", caption="match" if match else "differs"))
-        self._log({**({key: images} if images else {}), f"{key}_text": texts}, step)
+        self.run.log({**({key: images} if images else {}), f"{key}_text": texts}, step=step)
         return len(texts)
 
-    # Tables as text: SwanLab's ECharts table does not show in the local dashboard, text does everywhere.
     def log_table(self, key: str, headers: list[str], rows: list[list], step: int | None = None) -> bool:
-        """One small table as an aligned plain-text block under ``key``; True when logged."""
+        """One small table as aligned text under ``key`` (SwanLab's ECharts table does not show in the
+        local dashboard, text does everywhere); True when logged."""
         if not self.active or not rows:
             return False
         cells = [[str(h) for h in headers]] + [[str(v) for v in r] for r in rows]
         widths = [max(len(line[c]) for line in cells) for c in range(len(headers))]
         text = "\n".join(" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
-        self._log({key: swanlab.Text(text, caption=key)}, step)
+        self.run.log({key: swanlab.Text(text, caption=key)}, step=step)
         return True
 
     def log_worst(self, rows: list[dict], step: int | None = None, key: str = "eval/worst",
                   max_rows: int = 20) -> int:
-        """The ``max_rows`` worst samples (metrics.worst_first), one text each: caption = rank and
-        scores, text = label, prediction, image. Returns the rows logged."""
+        """The ``max_rows`` worst samples (metrics.worst_first), one text each, scores in the caption."""
         if not self.active:
             return 0
-        from .metrics import worst_first
-
         texts = []
         for rank, r in enumerate(worst_first([r for r in rows or [] if "edit_distance" in r])[:max_rows], 1):
             caption = (f"#{rank} ED {float(r['edit_distance']):.3f} · EM {float(r.get('exact_match', 0)):g} · "
-                       f"BLEU {float(r.get('bleu4', 0)):.1f} · {'renders' if r.get('render_ok') else 'does not render'}"
+                       f"BLEU {float(r.get('bleu4', 0)):.1f} · "
+                       f"{'renders' if r.get('render_ok') else 'does not render'}"
                        + (" · hit MAX_NEW_TOKENS" if r.get("truncated") else ""))
             texts.append(swanlab.Text(f"label: {r.get('label', '')}\npred:  {r.get('prediction') or ''}\n"
                                       f"image: {r.get('image', '')}", caption=caption))
         if texts:
-            self._log({key: texts}, step)
+            self.run.log({key: texts}, step=step)
         return len(texts)
 
     def finish(self, state: str = "success", error: str | None = None) -> None:
@@ -258,22 +219,14 @@ class Tracker:
             run, self.run = self.run, None
             run.finish(state=state, **({"error": error} if error is not None else {}))
 
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(*(("success",) if exc_type is None else
-                      ("aborted" if exc_type is KeyboardInterrupt else "crashed", repr(exc))))
-
 
 class SwanLabCallback(_SwanLabIntegration):
-    """swanlab's transformers callback (rank 0 only, ``eval_x`` -> ``eval/x``, anything else ->
-    ``train/x``, the last checkpoint in the config) logging into ``tracker``'s run through
-    :meth:`Tracker.log`, so the chart policy holds; it never starts a run of its own."""
+    """swanlab's transformers callback (rank 0, ``eval_x`` -> ``eval/x``, else ``train/x``, the last checkpoint
+    in the config) logging through :meth:`Tracker.log` (the chart policy); it never starts a run of its own."""
 
     #: TrainingArguments that train.py's own settings do not already record.
-    TRAINING_ARG_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                         "lr_scheduler_type", "max_steps", "optim", "bf16", "fp16", "max_grad_norm", "weight_decay")
+    TRAINING_ARG_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+                         "optim", "bf16", "fp16", "max_grad_norm", "weight_decay")
 
     def __init__(self, tracker: Tracker):
         super().__init__(log_config=False)  # its config is the whole model config and TrainingArguments, nested
@@ -285,13 +238,12 @@ class SwanLabCallback(_SwanLabIntegration):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
-        if state.is_world_process_zero and self.tracker.active:
-            params = list(model.parameters()) if model is not None else []
-            self.tracker.update_config({
-                "training_args": {k: getattr(args, k) for k in self.TRAINING_ARG_KEYS if hasattr(args, k)},
-                **({"model_params": {"total": sum(p.numel() for p in params),
-                                     "trainable": sum(p.numel() for p in params if p.requires_grad)}}
-                   if params else {})})
+        if state.is_world_process_zero:
+            config = {"training_args": {k: getattr(args, k) for k in self.TRAINING_ARG_KEYS if hasattr(args, k)}}
+            if model is not None:
+                config["model_params"] = {"total": sum(p.numel() for p in model.parameters()),
+                                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            self.tracker.update_config(config)
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
