@@ -2,7 +2,9 @@
 no-op modes, and prediction logging. CPU only, no network (the dashboard runs on 127.0.0.1)."""
 import json
 import math
+import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,9 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from latexocr import tracking
-
 pytest.importorskip("swanlab")
+from latexocr import tracking  # noqa: E402  (imports swanlab)
 
 
 @pytest.fixture
@@ -370,7 +371,6 @@ def test_cloud_without_key_never_prompts_at_a_terminal(iso, tmp_path):
     """At an interactive terminal, swanlab.init(mode="online") without a key shows a login menu
     and waits for input. Run it as a user would (a pseudo-terminal, nothing typed): it must
     fall back to offline at once, naming the login command, and never show the menu."""
-    import os
     import pty
 
     code = ("from latexocr.tracking import Tracker; t = Tracker('cloud', 'p', 'nokey', logdir='swanlog'); "
@@ -447,9 +447,6 @@ def _tiny_dataset(folder: Path) -> Path:
 def _train(iso, model_dir, data, name, *extra):
     """train.py with its defaults (tracking local), sized for the tiny model; returns the run as the
     local dashboard stores it: {tag: (type, [(step, value), ...])} read from swanlog/runs.swanlab."""
-    import os
-    import sqlite3
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
     env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), HF_HUB_OFFLINE="1")
     logdir = iso.tmp / "swanlog"
