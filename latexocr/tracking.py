@@ -89,13 +89,13 @@ def run_name(adapter: str | None, input_spec: str) -> str:
     return f"infer-{who}-{Path(str(input_spec)).stem or 'input'}"
 
 
-def _number(value: Any) -> float | None:
-    """A finite float (numpy / torch scalars too), else None: a NaN breaks the local dashboard's summary."""
+def _number(value: Any) -> float | int | None:
+    """A finite number (numpy / torch scalars too, ints kept), else None: NaN breaks the dashboard's summary."""
     try:
-        value = float(value) if not isinstance(value, str) else math.nan
+        number = float(value) if not isinstance(value, str) else math.nan
     except Exception:  # None, arrays, objects
         return None
-    return value if math.isfinite(value) else None
+    return (int(value) if isinstance(value, int) else number) if math.isfinite(number) else None
 
 
 def _shorten(text: str, limit: int = CAPTION_CHARS) -> str:
