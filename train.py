@@ -61,7 +61,7 @@ DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, co
 EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
 EVAL_SAMPLES = 0         # 0 = the whole validation file
 EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
-EVAL_BASE_MODEL = False  # also score the base model (adapter off) before training: step 0 of eval/*
+EVAL_BASE_MODEL = True   # score the base model (adapter off) first: step 0 of eval/*; --no-eval-base-model skips
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit; the longest LaTeX_OCR label is ~223 tokens
 # checkpoints
 SAVE_STEPS = 100         # a checkpoint every N optimizer steps

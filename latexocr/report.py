@@ -28,7 +28,8 @@ td.formula { font-size: 1.15em; min-width: 14em; }
 .fail code { display: block; white-space: pre-wrap; word-break: break-all; font-size: .8em; }
 .fail .why { color: #b00020; font-size: .8em; }
 .scores { font-variant-numeric: tabular-nums; white-space: nowrap; font-size: .85em; }
-.summary { font-variant-numeric: tabular-nums; }
+table.summary { width: auto; margin-bottom: 1.5em; font-variant-numeric: tabular-nums; }
+table.summary th { font-weight: normal; color: #555; font-size: .85em; }
 """
 
 
@@ -64,6 +65,10 @@ def _scores_cell(row: dict) -> str:
     return f'<td class="scores">{"<br>".join(parts)}</td>'
 
 
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def write_report(rows: list[dict], path, summary: dict | None = None, title: str = "LaTeX OCR predictions") -> Path:
     """Write ``rows`` (image, prediction, optional label and score_row's columns) to one HTML
     file, in the given order (sort worst first before calling); never half-written."""
@@ -77,10 +82,10 @@ def write_report(rows: list[dict], path, summary: dict | None = None, title: str
             cells += [_formula_cell(row.get("label"), "label"), _scores_cell(row)]
         body.append("<tr>" + "".join(cells) + "</tr>")
     summary_line = ""
-    if summary:
-        summary_line = '<p class="summary">' + ", ".join(
-            f"{html.escape(str(k))} {v:.4g}" if isinstance(v, float) else f"{html.escape(str(k))} {html.escape(str(v))}"
-            for k, v in summary.items()) + "</p>"
+    if summary:  # every metric of the summary, one column each, in the summary's order
+        summary_line = ('<table class="summary"><tr>' + "".join(f"<th>{html.escape(str(k))}</th>" for k in summary)
+                        + "</tr><tr>" + "".join(f"<td>{html.escape(_number(v))}</td>" for v in summary.values())
+                        + "</tr></table>")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{summary_line}"
             f"<table><thead>{head}</thead><tbody>\n" + "\n".join(body) + "\n</tbody></table></body></html>\n")

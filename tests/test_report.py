@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from latexocr.evaluation import score_row
+from latexocr.evaluation import score_row, summarize_rows
 from latexocr.metrics import worst_first
 from latexocr.report import write_report
 
@@ -38,9 +38,15 @@ def _rows(tmp_path: Path) -> list[dict]:
     return rows
 
 
+def _summary(rows: list[dict]) -> dict:
+    """What infer.py passes: every metric of the rows, and the error count."""
+    return {**summarize_rows(rows), "errors": 0}
+
+
 def test_report_is_self_contained_and_sorted_worst_first(tmp_path):
     rows = worst_first(_rows(tmp_path))
-    page = write_report(rows, tmp_path / "report.html", {"exact_match": 0.5, "n": 4}).read_text(encoding="utf-8")
+    summary = _summary(rows)
+    page = write_report(rows, tmp_path / "report.html", summary).read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not fetch anything"
     assert "<script" not in page
     assert page.count("<img src=\"data:image/png;base64,") == 4
@@ -49,6 +55,14 @@ def test_report_is_self_contained_and_sorted_worst_first(tmp_path):
     assert [r["edit_distance"] for r in rows] == sorted((r["edit_distance"] for r in rows), reverse=True)
     assert rows[0]["label"] == r"\alpha + \beta" and rows[-1]["edit_distance"] == 0.0
     assert page.index(rows[0]["label"]) < page.index(rows[-1]["label"])  # the page keeps that order
+    # the header: every metric of the summary with its value, not only exact match and n
+    header = page[page.index('<table class="summary">'):page.index("<thead>")]
+    assert {"exact_match", "edit_distance", "edit_distance_ref", "bleu4", "render_rate", "truncated_rate", "n",
+            "errors"} <= set(summary)
+    for key, value in summary.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        assert f"<th>{key}</th>" in header and f"<td>{shown}</td>" in header, (key, shown, header)
+    assert re.findall(r"<th>(\w+)</th>", header) == list(summary)  # in the summary's order
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
@@ -59,7 +73,8 @@ def test_report_renders_in_a_real_browser(tmp_path, capsys):
     from selenium.webdriver.chrome.service import Service
 
     rows = worst_first(_rows(tmp_path))
-    report = write_report(rows, tmp_path / "report.html", {"exact_match": 0.5, "n": 4})
+    summary = _summary(rows)
+    report = write_report(rows, tmp_path / "report.html", summary)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -84,6 +99,8 @@ def test_report_renders_in_a_real_browser(tmp_path, capsys):
                 }),
                 fracs: fracs,
                 failed: [...document.querySelectorAll('td.formula[data-rendered="0"]')].map(td => td.innerText),
+                header: [...document.querySelectorAll('table.summary tr')].map(
+                    tr => [...tr.children].map(c => c.innerText)),
             };
         """)
         ARTIFACTS.mkdir(exist_ok=True)
@@ -104,3 +121,6 @@ def test_report_renders_in_a_real_browser(tmp_path, capsys):
     assert len(state["failed"]) == 1 and "does not render" in state["failed"][0]
     assert r"\frac{b}{" in state["failed"][0]
     assert shot.stat().st_size > 1000
+    # the header a person reads: every metric of the summary above its value
+    assert state["header"] == [list(summary), [f"{v:.4g}" if isinstance(v, float) else str(v)
+                                               for v in summary.values()]], state["header"]

@@ -2,7 +2,9 @@
 no-op modes, and prediction logging. CPU only, no network (the dashboard runs on 127.0.0.1)."""
 import json
 import math
+import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,9 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from latexocr import tracking
-
 pytest.importorskip("swanlab")
+from latexocr import tracking  # noqa: E402  (imports swanlab)
 
 
 @pytest.fixture
@@ -214,7 +215,7 @@ def test_local_run_visible_in_dashboard(iso, capsys):
         assert math.isclose(values["train/loss"], 0.25)  # last logged value, rank>0 ignored
         assert math.isclose(values["train/learning_rate"], 5e-5)
         assert math.isclose(values["train/grad_norm"], 1.5)
-        assert math.isclose(values["train/epoch"], 0.5)
+        assert "train/epoch" not in values and cfg["run.epoch"] == 0.5  # a count, not a chart
         assert math.isclose(values["eval/loss"], 0.3)
         assert "train/comment" not in values
         assert "eval/predictions" in values and "eval/predictions_text" in values
@@ -270,16 +271,16 @@ def test_log_predictions_local(iso):
         {"image": str(img_path), "prediction": "a", "label": "b"},
         {"image": img_path, "prediction": "c" * 1000, "label": "c"},
         {"image": None, "prediction": "text only", "label": "text only"},
-        {"image": {"bytes": img_path.read_bytes(), "path": None}, "prediction": "d", "label": "d"},
     ]
-    with tracking.Tracker("local", project="p", experiment_name="preds", logdir=logdir) as tracker:
-        assert tracker.log_predictions(rows, step=7) == 6
-        assert tracker.log_predictions(rows, step=8, key="test/samples", max_rows=2) == 2
-        run_dir = Path(tracker.run.dir)
+    tracker = tracking.Tracker("local", project="p", experiment_name="preds", logdir=logdir)
+    assert tracker.log_predictions(rows, step=7) == 5
+    assert tracker.log_predictions(rows, step=8, key="test/samples", max_rows=2) == 2
+    run_dir = Path(tracker.run.dir)
+    tracker.finish()
     pngs = [p for p in _files_under(run_dir / "media") if p.suffix == ".png"]
     texts = [p for p in _files_under(run_dir / "media") if p.suffix == ".txt"]
-    assert len({p.name for p in pngs}) >= 1 and len(pngs) >= 7  # 5 + 2 images
-    assert len(texts) >= 8  # 6 + 2 texts
+    assert len(pngs) >= 6  # 4 + 2 images (the row without one: text only)
+    assert len(texts) >= 7  # 5 + 2 texts
     assert any("x^{3}" in p.read_text() for p in texts)
 
 
@@ -354,13 +355,14 @@ def test_callback_with_real_trainer(iso):
     per_step = [(step, logged) for step, logged in seen if "train/loss" in logged]
     assert [step for step, _ in per_step] == [1, 2, 3, 4]
     for _, logged in per_step:
-        assert {"train/loss", "train/learning_rate", "train/epoch"} <= set(logged)
-    # transformers' end-of-run totals are one point each: kept in the config, not charted
-    assert not any("train/train_samples_per_second" in logged or "train/train_loss" in logged for _, logged in seen)
+        assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= set(logged)
+    # counts and transformers' end-of-run totals (one point each): kept in the config, not charted
+    assert not any(k in logged for k in ("train/epoch", "train/train_samples_per_second", "train/train_loss")
+                   for _, logged in seen)
     cfg = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
     assert cfg["model"]["value"] == "toy"
-    assert cfg["run.train_runtime"]["value"] > 0 and "run.train_loss" in cfg
-    assert cfg["training_args.learning_rate"]["value"] == 1e-2 and cfg["training_args.max_steps"]["value"] == 4
+    assert cfg["run.train_runtime"]["value"] > 0 and "run.train_loss" in cfg and cfg["run.epoch"]["value"] == 1
+    assert cfg["training_args.per_device_train_batch_size"]["value"] == 4
     assert cfg["training_args.lr_scheduler_type"]["value"] == "linear"
     assert cfg["model_params.total"]["value"] == 5 and cfg["model_params.trainable"]["value"] == 5
 
@@ -369,7 +371,6 @@ def test_cloud_without_key_never_prompts_at_a_terminal(iso, tmp_path):
     """At an interactive terminal, swanlab.init(mode="online") without a key shows a login menu
     and waits for input. Run it as a user would (a pseudo-terminal, nothing typed): it must
     fall back to offline at once, naming the login command, and never show the menu."""
-    import os
     import pty
 
     code = ("from latexocr.tracking import Tracker; t = Tracker('cloud', 'p', 'nokey', logdir='swanlog'); "
@@ -414,3 +415,93 @@ def test_run_names_say_adapter_and_input():
 def test_config_is_flat():
     flat = tracking.flatten_config({"lr": 1e-4, "lora": {"r": 8, "alpha": {"x": 1}}, "none": None, "empty": {}})
     assert flat == {"lr": 1e-4, "lora.r": 8, "lora.alpha.x": 1, "none": "None", "empty": "{}"}
+
+
+# ---------------------------------------------------------------------------- train.py's dashboard
+#: What a training run charts (issue 25): the curves people read, and nothing that is a total or a count.
+CHARTS = {"train/loss", "train/grad_norm", "train/learning_rate", "train/samples_per_second", "train/tokens_per_second",
+          "eval/exact_match", "eval/edit_distance", "eval/edit_distance_ref", "eval/bleu4", "eval/render_rate",
+          "eval/truncated_rate"}
+NOT_CHARTS = {"train/epoch", "train/num_input_tokens_seen", "train/train_runtime", "train/train_tokens_per_second",
+              "train/train_samples_per_second", "train/train_steps_per_second", "train/total_flos",
+              "train/train_loss", "train/global_step", "eval/n", "eval/errors"}
+
+
+def _tiny_dataset(folder: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    from latexocr.sample import make_record
+
+    records = []
+    for i, label in enumerate(["x ^ 2", "a + b = c", "\\pi", "y _ 1"]):
+        img = Image.new("RGB", (100 + 20 * i, 28 + 6 * (i % 3)), "white")
+        ImageDraw.Draw(img).text((4, 4), label, fill=(0, 0, 0))
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        img.save(folder / "images" / f"{i}.png")
+        records.append(make_record(i, f"images/{i}.png", label))
+    path = folder / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def _train(iso, model_dir, data, name, *extra):
+    """train.py with its defaults (tracking local), sized for the tiny model; returns the run as the
+    local dashboard stores it: {tag: (type, [(step, value), ...])} read from swanlog/runs.swanlab."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), HF_HUB_OFFLINE="1")
+    logdir = iso.tmp / "swanlog"
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "train.py"), "--model-id", str(model_dir),
+           "--model-source", "local", "--train-json", str(data), "--val-json", str(data),
+           "--output-dir", str(iso.tmp / name), "--max-steps", "3", "--batch-size", "2", "--micro-batch-size", "2",
+           "--logging-steps", "1", "--num-workers", "0", "--max-new-tokens", "6", "--swanlab-mode", "local",
+           "--swanlab-logdir", str(logdir), "--experiment-name", name, *extra]
+    proc = subprocess.run(cmd, cwd=iso.work, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    db = sqlite3.connect(logdir / "runs.swanlab")  # the local dashboard's database
+    try:
+        (exp_id, run_id), = db.execute("SELECT id, run_id FROM experiment WHERE name = ?", (name,)).fetchall()
+        tags = db.execute("SELECT folder, name, type FROM tag WHERE experiment_id = ?", (exp_id,)).fetchall()
+    finally:
+        db.close()
+    run_dir = logdir / run_id
+    points = {}
+    for folder, tag, kind in tags:  # each tag's points: logs/<folder>/*.log, one JSON line per step
+        lines = [json.loads(line) for f in sorted((run_dir / "logs" / folder).glob("*.log"))
+                 for line in f.read_text().splitlines()]
+        points[tag] = (kind, [(p["index"], p["data"]) for p in lines])
+    import yaml
+
+    config = {k: v["value"] for k, v in yaml.safe_load((run_dir / "files" / "config.yaml").read_text()).items()}
+    return points, config
+
+
+def test_train_dashboard_before_after_by_default(iso, tiny_model_dir):
+    """Issue 25: the dashboard a user opens after `python train.py` (defaults): every eval/* curve
+    starts at step 0 (the base model) and ends at the last step; only the charts people read; totals
+    and counts in the config; the before/after table logged. --no-eval-base-model skips the base pass."""
+    if not tracking.dashboard_available():
+        pytest.skip("needs swanlab[dashboard]")
+    data = _tiny_dataset(iso.tmp / "data")
+    points, config = _train(iso, tiny_model_dir, data, "defaults")
+
+    charts = {tag for tag, (kind, _) in points.items() if kind == "line"}
+    assert charts == CHARTS, charts ^ CHARTS
+    assert not NOT_CHARTS & set(points)
+    for tag in CHARTS:
+        if tag.startswith("eval/"):
+            assert [step for step, _ in points[tag][1]] == [0, 3], (tag, points[tag])
+    assert [step for step, _ in points["train/loss"][1]] == [1, 2, 3]
+    # prediction images and the worst samples stay as media, before and after
+    assert points["eval/predictions"][0] == "image" and [s for s, _ in points["eval/predictions"][1]] == [0, 3]
+    assert [s for s, _ in points["eval/worst"][1]] == [0, 3]
+    table = points["eval/base_vs_finetuned"][1][-1][1][0]
+    assert table.splitlines()[0].split() == ["metric", "|", "base", "|", "fine-tuned"]
+    assert "not run" not in table and any(line.startswith("exact_match") for line in table.splitlines())
+    # the totals and counts are numbers of the run, in its config
+    assert config["run.eval_n"] == 4 and config["run.eval_errors"] == 0 and config["run.epoch"] == 1.5
+    assert config["run.train_runtime"] > 0 and config["run.num_input_tokens_seen"] > 0
+    assert config["eval_base_model"] is True
+
+    points, config = _train(iso, tiny_model_dir, data, "no-base", "--no-eval-base-model")
+    assert [step for step, _ in points["eval/exact_match"][1]] == [3]
+    assert config["eval_base_model"] is False
