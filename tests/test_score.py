@@ -280,3 +280,27 @@ def test_bad_predictions_file_is_one_line(tmp_path, capsys, name, text, expected
     message = str(exc.value.code)
     assert message.startswith("error: ") and str(path) in message and expected in message, message
     assert "\n" not in message
+
+
+def test_evaluate_scores_in_workers_as_in_process(labelled, tiny_model_dir):
+    """train.py's evaluation: batches scored in a worker process while the next one generates give
+    the rows and summary of in-process scoring, in input order, the unreadable image included."""
+    import infer
+    from latexocr.batching import SampleEncoder
+    from latexocr.cli import parse_settings
+    from latexocr.evaluation import evaluate
+    from latexocr.records import read_labelled
+    from latexocr.sample import sizing_for
+
+    args = parse_settings(infer.SETTINGS, None, ["--model-id", str(tiny_model_dir), "--model-source", "local",
+                                                 "--adapter", "none"])
+    model, processor, _ = infer.load_for_inference(args)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    pairs = read_labelled(labelled)
+    runs = [evaluate(model, encoder, pairs, batch_size=3, max_new_tokens=5, num_workers=0, progress=False,
+                     score_workers=workers) for workers in (0, 1)]
+    (here, here_rows), (pooled, pooled_rows) = runs
+    assert pooled == here and pooled_rows == here_rows
+    assert [r["index"] for r in here_rows] == list(range(10)) and here["errors"] == 1
+    preds, labels, cuts = zip(*[(r["prediction"], r["label"], r["truncated"]) for r in here_rows])
+    assert {k: v for k, v in here.items() if k != "errors"} == pytest.approx(old_summary(preds, labels, cuts), abs=TOL)
