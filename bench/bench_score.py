@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,11 @@ def old_scoring(commit: str, folder: Path):
     return score_row, summarize_rows
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=9443)
@@ -103,21 +109,21 @@ def main() -> None:
             print("(a) old single-process path: skipped (--old-commit none or not in this git history)")
         else:
             score_row, summarize_rows = old
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             rows = [{"prediction": p, "label": r, **score_row(p, r, False)} for p, r in pairs]
             summary = summarize_rows(rows)
-            took = time.perf_counter() - start
+            took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             print(f"(a) old single-process score_row + summarize_rows ({args.old_commit}): {took:.2f} s "
-                  f"({len(pairs) / took:.0f} rows/s); load average now {os.getloadavg()[0]:.2f}")
+                  f"({len(pairs) / took:.0f} rows/s), {cpu:.2f} CPU s; load average now {os.getloadavg()[0]:.2f}")
             print("    " + json.dumps(summary))
-        start = time.perf_counter()
+        start, cpu_before = time.perf_counter(), _children_cpu()
         done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--score", str(csv_path)],
                               capture_output=True, text=True, cwd=ROOT)
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
         if done.returncode != 0:
             raise SystemExit(f"infer.py --score failed:\n{done.stderr}")
-        print(f"(b) infer.py --score, end to end (a subprocess): {took:.2f} s ({len(pairs) / took:.0f} rows/s); "
-              f"load average now {os.getloadavg()[0]:.2f}")
+        print(f"(b) infer.py --score, end to end (a subprocess): {took:.2f} s ({len(pairs) / took:.0f} rows/s), "
+              f"{cpu:.2f} CPU s (its workers included); load average now {os.getloadavg()[0]:.2f}")
         new = json.loads(done.stdout)
         print("    " + json.dumps(new))
         if done.stderr.strip():

@@ -212,6 +212,7 @@ def test_each_distinct_prediction_is_parsed_once(monkeypatch):
         return render_error(text)
 
     monkeypatch.setattr(M, "render_error", counting)
+    M._renders.cache_clear()  # earlier tests parsed some of these strings already
     preds = [r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 ", None, ""] * 3
     flags = [M.render_ok(p) for p in preds]
     assert flags == [True, True, False, False, False] * 3

@@ -23,13 +23,17 @@ from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
 
 from latexocr import metrics, scoring
-from latexocr.latex import render_error, tokenize
+from latexocr.latex import _SPACE, _TOKEN, render_error, strip_math
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-9
 
 
 # ------------------------------------------------------------------ the old code (the reference)
+def tokenize(text):  # latexocr/latex.py's tokenize at c2454c7
+    return [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
+
+
 _OLD_CORPUS = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4)
 _OLD_SENTENCE = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4, effective_order=True)
 
