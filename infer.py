@@ -173,6 +173,7 @@ def main(argv=None):
     from latexocr.metrics import worst_first
     from latexocr.sample import (SAMPLE_FILE, check_sample_definition, follow_sample_definition, sample_definition,
                                  set_processor_sizing, sizing_for, write_sample_definition)
+    from latexocr.scoring import Scorer, default_workers, summarize_rows
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
         images, labels, labelled = collect_inputs(args.input)
@@ -214,7 +215,6 @@ def main(argv=None):
         return
 
     # Labelled: each batch's rows are scored in worker processes while the next batch generates.
-    from latexocr.scoring import Scorer, default_workers, summarize_rows
     with Scorer(default_workers(rows=len(images)) if labelled else 0) as scorer:
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])

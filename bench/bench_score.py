@@ -98,7 +98,7 @@ def main() -> None:
     if not labels:
         raise SystemExit(f"no labels under {SHARED}")
     pairs = realistic_pairs(labels, args.rows)
-    print(f"{len(pairs)} pairs from {len(labels)} real labels; {sum(p == r for p, r in pairs)} exact; "
+    print(f"{len(pairs)} pairs from {len(labels)} real label lines ({len(set(labels))} distinct); {sum(p == r for p, r in pairs)} exact; "
           f"{len(set(p for p, _ in pairs))} distinct predictions; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,7 @@ __all__ = [
     "edit_distance",
     "edit_distance_ref",
     "corpus_bleu",
+    "corpus_bleu_from_stats",
     "sentence_bleu",
     "render_ok",
     "score_pair",
@@ -153,7 +154,9 @@ def sample_scores(pred: str | None, ref: str | None) -> dict[str, float]:
 
 def corpus_bleu_from_stats(stats: Sequence[Sequence[int]]) -> float:
     """Corpus BLEU-4 (0-100, sacrebleu's default 'exp' smoothing) from per-row statistics
-    (score_pair's): what ``BLEU.corpus_score`` computes from the same rows; nan for no rows."""
+    (score_pair's): what ``BLEU.corpus_score`` computes from the same rows; nan for no rows.
+    corpus_score itself is not called, nor its "you forgot to detokenize" warning (printed when
+    100 lines end in " .": this text is tokenised on purpose)."""
     if not len(stats):
         return math.nan
     return _bleu([sum(column) for column in zip(*stats)], effective_order=False)
