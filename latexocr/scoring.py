@@ -72,9 +72,10 @@ class Scorer:
     """
 
     def __init__(self, workers: int | None = None):
-        self.workers = default_workers() if workers is None else int(workers)
-        self._pool = (ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_worker_init) if self.workers > 0 else None)
+        workers = default_workers() if workers is None else int(workers)
+        # spawn, not fork: the caller holds CUDA and torch's threads, which a forked child must not inherit
+        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_worker_init) if workers > 0 else None)
         self._chunks: list[tuple[list, Future | list]] = []
 
     def submit(self, keys: Sequence, items: Sequence[tuple[str | None, str, bool]]) -> None:
