@@ -5,6 +5,7 @@
     python infer.py latex_ocr_val.json                # labelled: predictions + metrics summary
     python infer.py latex_ocr_val.json --adapter none # the base model, for a before/after table
     python infer.py --merge-to merged/                # base + adapter as one plain model folder
+    python infer.py --score preds.csv --report r.html # re-score a predictions file: no model, no GPU
 
 The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used, and its
 sample definition (latexocr_sample.json: image sizing, prompt), so no training flag needs repeating.
@@ -33,6 +34,8 @@ ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
 REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
 QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
+SCORE = ""                    # re-score this predictions file (--output's CSV/JSONL: image, prediction, label)
+                              # and stop: the metrics summary (and --report) without loading any model
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
 SWANLAB_LOGDIR = "swanlog"    # where SwanLab keeps local/offline runs
@@ -125,6 +128,31 @@ def load_for_inference(args):
     return model, processor, adapter
 
 
+def rescore(args) -> None:
+    """infer.py --score: the metrics summary (and --report) of a predictions file, as the live run
+    that wrote it printed them; no model, no torch."""
+    from latexocr.metrics import worst_first
+    from latexocr.scoring import PredictionsFileError, Scorer, default_workers, read_predictions, summarize_rows
+
+    try:
+        rows = read_predictions(args.score)
+    except PredictionsFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.limit > 0:
+        rows = rows[: args.limit]
+    with Scorer(default_workers(rows=len(rows), keep_one=False)) as scorer:  # no GPU to feed: every core scores
+        scorer.submit(range(len(rows)), [(r["prediction"], r["label"], r.get("truncated", False)) for r in rows])
+        scores, bleu_stats = scorer.results()
+    summary = summarize_rows(scores, bleu_stats, truncated=all("truncated" in r for r in rows))
+    summary["errors"] = sum(bool(r["error"]) for r in rows)
+    print(json.dumps({"predictions": args.score, **summary}, indent=2))
+    if args.report:
+        from latexocr.report import write_report
+        scored = [{**row, **columns} for row, columns in zip(rows, scores)]
+        page = write_report(worst_first(scored), args.report, summary, title=f"{Path(args.score).name}: re-scored")
+        print(f"report: {page}")
+
+
 def main(argv=None):
     from latexocr.cli import parse_settings
 
@@ -133,11 +161,13 @@ def main(argv=None):
     if argv and not argv[0].startswith("-"):
         argv = ["--input", argv[0]] + argv[1:]
     args = parse_settings(SETTINGS, __doc__, argv)
+    if args.score:  # before anything imports torch
+        return rescore(args)
 
-    from latexocr.evaluation import score_row, summarize_rows
     from latexocr.generation import predict
     from latexocr.metrics import worst_first
     from latexocr.sample import SAMPLE_FILE, setup_sample, write_sample_definition
+    from latexocr.scoring import Scorer, default_workers, summarize_rows
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
         images, labels, labelled = collect_inputs(args.input)
@@ -175,15 +205,22 @@ def main(argv=None):
               f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
         return
 
-    results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      num_workers=args.num_workers, progress=len(images) > 1)
+    # Labelled: each batch's rows are scored in worker processes while the next batch generates.
+    with Scorer(default_workers(rows=len(images)) if labelled else 0) as scorer:
+        def score_batch(indices, results):
+            scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
+
+        results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          num_workers=args.num_workers, progress=len(images) > 1,
+                          on_batch=score_batch if labelled else None)
+        scores, bleu_stats = scorer.results()
 
     rows = []
-    for image, label, result in zip(images, labels, results):
+    for i, (image, label, result) in enumerate(zip(images, labels, results)):
         row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
         if labelled:
             row["label"] = label
-            row.update(score_row(result["prediction"], label, result["truncated"]))
+            row.update(scores[i])
         else:
             row["truncated"] = result["truncated"]
         rows.append(row)
@@ -203,7 +240,7 @@ def main(argv=None):
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
     summary = None
     if labelled:
-        summary = summarize_rows(rows)
+        summary = summarize_rows(scores, bleu_stats)
         summary["errors"] = len(errors)
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
         if args.swanlab_mode != "disabled":

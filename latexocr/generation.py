@@ -80,10 +80,15 @@ def _size_order(paths) -> list[int]:
     return sorted(range(len(paths)), key=lambda i: area(paths[i]))
 
 
+def _hand_over(on_batch, results: list[dict], done: list[int]) -> None:
+    if on_batch is not None and done:
+        on_batch(done, [results[i] for i in done])
+
+
 @torch.inference_mode()
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
-            progress: bool = True, engine: str = "auto", **generate_kwargs) -> list[dict]:
+            progress: bool = True, engine: str = "auto", on_batch=None, **generate_kwargs) -> list[dict]:
     """Greedy LaTeX for each image, in input order:
     [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
@@ -93,6 +98,9 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     "truncated" marks a row that hit max_new_tokens without it (usually a repetition loop).
     engine: "static" = latexocr/decoding.py's static-cache loop (CUDA graphs on GPU), "generate" =
     transformers' generate (the reference), "auto" = static where `static_decode_supported`.
+    on_batch(indices, results): called after each batch with its rows' positions in image_paths
+    and their result dicts (every row once, unreadable images included), so a caller can score
+    them while the next batch generates.
     """
     from tqdm.auto import tqdm
 
@@ -124,6 +132,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 for i, err in failed:
                     results[order[i]]["error"] = err
                 if chunks is None:
+                    _hand_over(on_batch, results, [order[i] for i, _ in failed])
                     continue
                 chunks = [c.to(device) for c in chunks]
                 if static:
@@ -140,6 +149,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
                 for i, text, cut in zip(indices, texts, truncated):
                     results[order[i]].update(prediction=text.strip(), truncated=cut)
+                _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
     finally:
         model.train(was_training)
     return results

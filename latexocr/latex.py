@@ -58,7 +58,8 @@ def tokenize(text: str | None) -> list[str]:
     For a label this equals ``label.split()``; ``\\frac{1}{2}`` and ``\\frac { 1 } { 2 }`` give
     the same tokens. Inside a fused token the spaces are dropped (``\\left (`` -> ``\\left(``).
     """
-    return [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
+    # a one-character token has no space to drop (most tokens: scoring tokenises every row)
+    return [t if len(t) == 1 else _SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
 
 
 def _katex(latex: str) -> str:

@@ -17,15 +17,20 @@ delimiters and code fences stripped; labels give exactly ``label.split()``, and 
 - **truncated_rate**: share of predictions that hit the generation limit (MAX_NEW_TOKENS) before
   the end of turn: the repetition-loop signal. Only when the caller passes the flags.
 
+Each row is tokenised once: :func:`score_pair` gives its four scores and its BLEU sufficient
+statistics; :func:`aggregate` turns scored rows into the summary (means, and corpus BLEU from the
+summed statistics, which is what sacrebleu's corpus_score computes) without scoring anything again.
 Levenshtein comes from rapidfuzz (on token lists), BLEU from sacrebleu, the parser is KaTeX.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
+from sacrebleu.metrics.helpers import extract_all_word_ngrams
 
 from .latex import render_error
 from .latex import tokenize as latex_tokens
@@ -37,19 +42,17 @@ __all__ = [
     "edit_distance",
     "edit_distance_ref",
     "corpus_bleu",
+    "corpus_bleu_from_stats",
     "sentence_bleu",
     "render_ok",
+    "score_pair",
     "sample_scores",
+    "aggregate",
     "summarize",
     "worst_first",
 ]
 
-# tokenize='none': the text is already tokenised (split on single spaces by sacrebleu).
-# smooth_method='exp' is sacrebleu's default for corpus BLEU (it changes nothing unless an
-# n-gram order has zero matches, in which case BLEU is 0, as in the original definition).
-_CORPUS_BLEU = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4)
-# Sentence BLEU: sacrebleu's recommended setting for single segments.
-_SENTENCE_BLEU = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4, effective_order=True)
+MAX_NGRAM_ORDER = 4
 
 
 def tokenize(text: str | None) -> list[str]:
@@ -64,15 +67,12 @@ def normalize(text: str | None) -> str:
 
 def exact_match(pred: str | None, ref: str | None) -> float:
     """1.0 if the token sequences are equal, else 0.0."""
-    return 1.0 if tokenize(pred) == tokenize(ref) else 0.0
+    return score_pair(pred, ref)[0]["exact_match"]
 
 
 def edit_distance(pred: str | None, ref: str | None) -> float:
     """Token Levenshtein(pred, ref) / max(len(pred), len(ref)) in tokens; 0.0 if both empty."""
-    p, r = tokenize(pred), tokenize(ref)
-    if not p and not r:
-        return 0.0
-    return Levenshtein.distance(p, r) / max(len(p), len(r))
+    return score_pair(pred, ref)[0]["edit_distance"]
 
 
 def edit_distance_ref(pred: str | None, ref: str | None) -> float:
@@ -80,16 +80,86 @@ def edit_distance_ref(pred: str | None, ref: str | None) -> float:
 
     An empty reference is taken as length 1: the result is then len(pred) (0.0 if both empty).
     """
-    p, r = tokenize(pred), tokenize(ref)
-    return Levenshtein.distance(p, r) / max(len(r), 1)
+    return score_pair(pred, ref)[0]["edit_distance_ref"]
+
+
+def sentence_bleu(pred: str | None, ref: str | None) -> float:
+    """Sentence BLEU-4 (0-100, sacrebleu, effective order) over LaTeX tokens.
+
+    0.0 if exactly one side is empty, 100.0 if both are.
+    """
+    return score_pair(pred, ref)[0]["bleu4"]
+
+
+# A model repeats itself (the same wrong formula for many images, or a label it has learnt), and
+# KaTeX costs ~1 ms on a label but ~12 ms on a long looping output: each distinct string is parsed once.
+@functools.lru_cache(maxsize=1 << 16)
+def _renders(text: str) -> bool:
+    return render_error(text) is None
 
 
 def render_ok(pred: str | None) -> bool:
     """True when KaTeX parses the prediction (an empty or failed one does not render)."""
-    return render_error(pred) is None
+    return pred is not None and _renders(str(pred))
 
 
-_joined = normalize
+def score_pair(pred: str | None, ref: str | None) -> tuple[dict[str, float], tuple[int, ...]]:
+    """(the row's exact_match, edit_distance, edit_distance_ref, bleu4; its BLEU sufficient
+    statistics) from one tokenisation of each side. The statistics are sacrebleu's per-segment
+    ones (hyp length, ref length, matched 1..4-grams, hypothesis 1..4-grams): summed over rows
+    they give corpus BLEU (see :func:`aggregate`)."""
+    p, r = tokenize(pred), tokenize(ref)
+    distance = Levenshtein.distance(p, r)
+    stats = _bleu_statistics(p, r)
+    scores = {
+        "exact_match": 1.0 if p == r else 0.0,
+        "edit_distance": distance / max(len(p), len(r)) if p or r else 0.0,
+        "edit_distance_ref": distance / max(len(r), 1),
+        # sacrebleu gives an empty side 0; both empty is a perfect answer to an empty label
+        "bleu4": _bleu(stats, effective_order=True) if p and r else (100.0 if p == r else 0.0),
+    }
+    return scores, stats
+
+
+def _bleu_statistics(p: list[str], r: list[str]) -> tuple[int, ...]:
+    """sacrebleu's segment statistics for one reference (what ``BLEU(tokenize="none")`` extracts
+    from the tokens joined by spaces), counted with its own n-gram helper. Its public route,
+    ``sentence_score``, costs twice as much per row; tests/test_score.py checks the two agree."""
+    if p == r:  # 60 % of a good model's rows: every n-gram matches
+        counts = [max(0, len(p) - k) for k in range(MAX_NGRAM_ORDER)]
+        return (len(p), len(p), *counts, *counts)
+    hyp_ngrams, hyp_len = extract_all_word_ngrams(" ".join(p), 1, MAX_NGRAM_ORDER)
+    ref_ngrams, ref_len = extract_all_word_ngrams(" ".join(r), 1, MAX_NGRAM_ORDER)
+    correct, total = [0] * MAX_NGRAM_ORDER, [0] * MAX_NGRAM_ORDER
+    for ngram, count in hyp_ngrams.items():
+        total[len(ngram) - 1] += count
+        if ngram in ref_ngrams:
+            correct[len(ngram) - 1] += min(count, ref_ngrams[ngram])
+    return (hyp_len, ref_len, *correct, *total)
+
+
+def _bleu(stats: Sequence[int], effective_order: bool) -> float:
+    """BLEU-4 (0-100) from (summed) statistics, sacrebleu's 'exp' smoothing: effective order for a
+    sentence (sacrebleu's recommendation), the full order for a corpus (``corpus_score``'s)."""
+    n = MAX_NGRAM_ORDER
+    return float(BLEU.compute_bleu(correct=list(stats[2:2 + n]), total=list(stats[2 + n:]), sys_len=stats[0],
+                                   ref_len=stats[1], smooth_method="exp", effective_order=effective_order,
+                                   max_ngram_order=n).score)
+
+
+def sample_scores(pred: str | None, ref: str | None) -> dict[str, float]:
+    """Per-row scores: exact_match, edit_distance, edit_distance_ref, bleu4 (sentence BLEU, 0-100)."""
+    return score_pair(pred, ref)[0]
+
+
+def corpus_bleu_from_stats(stats: Sequence[Sequence[int]]) -> float:
+    """Corpus BLEU-4 (0-100, sacrebleu's default 'exp' smoothing) from per-row statistics
+    (score_pair's): what ``BLEU.corpus_score`` computes from the same rows; nan for no rows.
+    corpus_score itself is not called, nor its "you forgot to detokenize" warning (printed when
+    100 lines end in " .": this text is tokenised on purpose)."""
+    if not len(stats):
+        return math.nan
+    return _bleu([sum(column) for column in zip(*stats)], effective_order=False)
 
 
 def corpus_bleu(preds: Sequence[str | None], refs: Sequence[str | None]) -> float:
@@ -100,70 +170,54 @@ def corpus_bleu(preds: Sequence[str | None], refs: Sequence[str | None]) -> floa
     """
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    if len(refs) == 0:
-        return math.nan
-    hyps = [_joined(p) for p in preds]
-    refs_ = [_joined(r) for r in refs]
-    return float(_CORPUS_BLEU.corpus_score(hyps, [refs_]).score)
-
-
-def sentence_bleu(pred: str | None, ref: str | None) -> float:
-    """Sentence BLEU-4 (0-100, sacrebleu, effective order) over LaTeX tokens.
-
-    0.0 if exactly one side is empty, 100.0 if both are.
-    """
-    hyp, r = _joined(pred), _joined(ref)
-    if not hyp or not r:
-        return 100.0 if hyp == r else 0.0
-    return float(_SENTENCE_BLEU.sentence_score(hyp, [r]).score)
-
-
-def sample_scores(pred: str | None, ref: str | None) -> dict[str, float]:
-    """Per-row scores: exact_match, edit_distance, edit_distance_ref, bleu4 (sentence BLEU, 0-100)."""
-    return {
-        "exact_match": exact_match(pred, ref),
-        "edit_distance": edit_distance(pred, ref),
-        "edit_distance_ref": edit_distance_ref(pred, ref),
-        "bleu4": sentence_bleu(pred, ref),
-    }
+    return corpus_bleu_from_stats([score_pair(p, r)[1] for p, r in zip(preds, refs)])
 
 
 def _rate(flags: Sequence) -> float:
     return sum(bool(f) for f in flags) / len(flags) if len(flags) else math.nan
 
 
-def summarize(preds: Sequence[str | None], refs: Sequence[str | None],
-              truncated: Sequence[bool] | None = None,
-              rendered: Sequence[bool] | None = None) -> dict[str, float]:
-    """Dataset scores: exact_match, edit_distance, edit_distance_ref (means over rows),
-    bleu4 (corpus BLEU-4, 0-100), render_rate, truncated_rate (when ``truncated`` flags are
-    given) and n (rows). A None prediction counts as empty. ``rendered`` may pass render_ok
-    flags already computed per row. An empty input gives n=0 and nan for every metric.
-    """
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    n = len(refs)
-    if n == 0:
-        out = {"exact_match": math.nan, "edit_distance": math.nan, "edit_distance_ref": math.nan,
-               "bleu4": math.nan, "render_rate": math.nan, "n": 0}
-        return out if truncated is None else {**out, "truncated_rate": math.nan}
-    pairs = list(zip(preds, refs))
-    out = {
-        "exact_match": sum(exact_match(p, r) for p, r in pairs) / n,
-        "edit_distance": sum(edit_distance(p, r) for p, r in pairs) / n,
-        "edit_distance_ref": sum(edit_distance_ref(p, r) for p, r in pairs) / n,
-        "bleu4": corpus_bleu(preds, refs),
-        "render_rate": _rate(rendered if rendered is not None else [render_ok(p) for p in preds]),
-    }
-    if truncated is not None:
-        if len(truncated) != n:
-            raise ValueError(f"{len(truncated)} truncated flags for {n} rows")
-        out["truncated_rate"] = _rate(truncated)
+def aggregate(scores: Sequence[dict], bleu_stats: Sequence[Sequence[int]], truncated: bool = False) -> dict[str, float]:
+    """Dataset scores from scored rows (dicts with score_pair's four scores and render_ok, plus
+    truncated when ``truncated``) and their BLEU statistics: the means over rows, corpus BLEU-4,
+    render_rate, truncated_rate (when asked) and n. Nothing is re-scored. No rows: n=0, nan for
+    every metric."""
+    if len(scores) != len(bleu_stats):
+        raise ValueError(f"{len(bleu_stats)} BLEU statistics for {len(scores)} rows")
+    n = len(scores)
+    out = {key: sum(s[key] for s in scores) / n if n else math.nan
+           for key in ("exact_match", "edit_distance", "edit_distance_ref")}
+    out["bleu4"] = corpus_bleu_from_stats(bleu_stats)
+    out["render_rate"] = _rate([s["render_ok"] for s in scores])
+    if truncated:
+        out["truncated_rate"] = _rate([s["truncated"] for s in scores])
     out["n"] = n
     return out
 
 
+def summarize(preds: Sequence[str | None], refs: Sequence[str | None],
+              truncated: Sequence[bool] | None = None) -> dict[str, float]:
+    """Dataset scores of raw predictions: exact_match, edit_distance, edit_distance_ref (means over
+    rows), bleu4 (corpus BLEU-4, 0-100), render_rate, truncated_rate (when ``truncated`` flags are
+    given) and n (rows). A None prediction counts as empty. An empty input gives n=0 and nan for
+    every metric. Rows already scored (latexocr.scoring) are summarised by :func:`aggregate`.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+    if truncated is not None and len(truncated) != len(refs):
+        raise ValueError(f"{len(truncated)} truncated flags for {len(refs)} rows")
+    scores, stats = [], []
+    for i, (pred, ref) in enumerate(zip(preds, refs)):
+        row, row_stats = score_pair(pred, ref)
+        row["render_ok"] = render_ok(pred)
+        if truncated is not None:
+            row["truncated"] = bool(truncated[i])
+        scores.append(row)
+        stats.append(row_stats)
+    return aggregate(scores, stats, truncated=truncated is not None)
+
+
 def worst_first(rows: Sequence[dict]) -> list[dict]:
-    """Rows carrying score columns (evaluation.score_row's), worst first: highest edit distance,
+    """Rows carrying score columns (scoring.score_row's), worst first: highest edit distance,
     then not rendered, then truncated. The one order of the HTML report and the dashboard."""
     return sorted(rows, key=lambda r: (-r["edit_distance"], r["render_ok"], not r["truncated"]))

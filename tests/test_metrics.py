@@ -201,3 +201,19 @@ def test_truncated_rate_counts_predictions_that_hit_the_limit():
     assert "truncated_rate" not in M.summarize([REF], [REF])
     with pytest.raises(ValueError):
         M.summarize([REF], [REF], truncated=[True, False])
+
+
+def test_each_distinct_prediction_is_parsed_once(monkeypatch):
+    """A model repeats itself: KaTeX (~1-12 ms a formula) runs once per distinct string."""
+    calls = []
+
+    def counting(text):
+        calls.append(text)
+        return render_error(text)
+
+    monkeypatch.setattr(M, "render_error", counting)
+    M._renders.cache_clear()  # earlier tests parsed some of these strings already
+    preds = [r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 ", None, ""] * 3
+    flags = [M.render_ok(p) for p in preds]
+    assert flags == [True, True, False, False, False] * 3
+    assert sorted(calls) == sorted([r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 ", ""])

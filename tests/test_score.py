@@ -1,0 +1,310 @@
+"""Scoring once per row, in worker processes, and `infer.py --score`: the same metrics as before.
+
+The reference is the scoring code as it was before (latexocr/metrics.py's functions and
+evaluation.py's score_row / summarize_rows at commit c2454c7), copied below: it tokenised every
+row up to 16 times and asked sacrebleu for a corpus score; the new code must give identical
+numbers (to 1e-9) on varied rows. CPU only; the live run uses a tiny random-init model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image, ImageDraw
+from rapidfuzz.distance import Levenshtein
+from sacrebleu.metrics import BLEU
+
+from latexocr import metrics, scoring
+from latexocr.latex import _SPACE, _TOKEN, render_error, strip_math
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-9
+
+
+# ------------------------------------------------------------------ the old code (the reference)
+def tokenize(text):  # latexocr/latex.py's tokenize at c2454c7
+    return [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
+
+
+_OLD_CORPUS = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4)
+_OLD_SENTENCE = BLEU(tokenize="none", smooth_method="exp", max_ngram_order=4, effective_order=True)
+
+
+def _old_joined(text):
+    return " ".join(tokenize(text))
+
+
+def old_score_row(pred, ref, truncated=False):
+    p, r = tokenize(pred), tokenize(ref)
+    hyp, rr = _old_joined(pred), _old_joined(ref)
+    bleu = (100.0 if hyp == rr else 0.0) if not hyp or not rr else float(_OLD_SENTENCE.sentence_score(hyp, [rr]).score)
+    return {"exact_match": 1.0 if p == r else 0.0,
+            "edit_distance": 0.0 if not p and not r else Levenshtein.distance(p, r) / max(len(p), len(r)),
+            "edit_distance_ref": Levenshtein.distance(p, r) / max(len(r), 1),
+            "bleu4": bleu, "render_ok": render_error(pred) is None, "truncated": bool(truncated)}
+
+
+def old_summary(preds, refs, truncated):
+    n = len(refs)
+    rows = [old_score_row(p, r, t) for p, r, t in zip(preds, refs, truncated)]
+    return {"exact_match": sum(r["exact_match"] for r in rows) / n,
+            "edit_distance": sum(r["edit_distance"] for r in rows) / n,
+            "edit_distance_ref": sum(r["edit_distance_ref"] for r in rows) / n,
+            "bleu4": float(_OLD_CORPUS.corpus_score([_old_joined(p) for p in preds], [[_old_joined(r) for r in refs]]).score),
+            "render_rate": sum(r["render_ok"] for r in rows) / n,
+            "truncated_rate": sum(bool(t) for t in truncated) / n, "n": n}
+
+
+# ------------------------------------------------------------------------------- varied rows
+LABELS = [
+    r"\frac { 1 } { 2 }",
+    r"\mathrm { h o p f } \simeq \sum _ { n > 0 } \widetilde { G } _ { n }",
+    r"\left( x \right) + \left[ y \right] + \left\{ z \right\} + \left\{ w \right.",
+    r"\begin{array} { l l } { a } & { b } \\ { c } & { d } \end{array}",
+    r"a \, b \! c \: d \; e \{ f \} \leftarrow \rightarrow g ^ { \prime }",
+    r"{ \cal L } _ { a } g = 0 , \; \; \mathbf { x } \in \mathbb { R } ^ { 3 } .",
+    r"x",
+    r"E = m c ^ { 2 } .",
+]
+
+
+def varied_rows(n: int = 400, seed: int = 0) -> list[tuple[str | None, str, bool]]:
+    """(prediction, label, truncated): exact, one token off, compact, wrapped, empty, None,
+    whitespace, non-rendering, repetition loops (truncated), unicode, an empty label, a tokenised
+    ' .' ending (sacrebleu's "forgot to detokenize" trigger)."""
+    rng = random.Random(seed)
+    vocab = sorted({t for label in LABELS for t in label.split()}) + ["\\foo", "}", "{", "^", "é", "∑"]
+    rows = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        toks = label.split()
+        kind = i % 12
+        if kind in (0, 1, 2):
+            pred = label
+        elif kind == 3:
+            toks[rng.randrange(len(toks))] = rng.choice(vocab)
+            pred = " ".join(toks)
+        elif kind == 4:
+            pred = "".join(toks)  # compact (may merge control words: a different formula)
+        elif kind == 5:
+            pred = f"$${label}$$" if i % 2 else f"```latex\n{label}\n```"
+        elif kind == 6:
+            pred = [None, "", "   ", "\n"][i % 4]
+        elif kind == 7:
+            pred = label + " } } \\frac {"  # does not render
+        elif kind == 8:
+            pred = " ".join(toks * rng.randint(3, 9))  # a repetition loop
+        elif kind == 9:
+            del toks[rng.randrange(len(toks))]
+            pred = " ".join(toks + [rng.choice(vocab)] * rng.randint(0, 3))
+        elif kind == 10:
+            pred = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 30))) + " ."
+        else:
+            pred = label.replace(" ", "\u00a0") if i % 2 else "x ^ { 2 } ."
+        if i % 97 == 5:
+            label = ""  # an empty label
+        rows.append((pred, label, kind == 8 or i % 13 == 0))
+    return rows
+
+
+def test_rows_and_summary_equal_the_old_code():
+    rows = varied_rows()
+    new = scoring.score_items(rows)
+    for (pred, label, cut), (columns, _) in zip(rows, new):
+        assert columns == pytest.approx(old_score_row(pred, label, cut), abs=TOL), (pred, label)
+        assert isinstance(columns["render_ok"], bool) and isinstance(columns["truncated"], bool)
+    preds, labels, cuts = zip(*rows)
+    reference = old_summary(preds, labels, cuts)
+    summary = scoring.summarize_rows([c for c, _ in new], [s for _, s in new])
+    assert list(summary) == list(reference)
+    assert summary == pytest.approx(reference, abs=TOL)
+    assert 0 < summary["render_rate"] < 1 and 0 < summary["exact_match"] < 1  # the rows really vary
+    # metrics.summarize / corpus_bleu (raw predictions) agree too
+    assert metrics.summarize(preds, labels, truncated=cuts) == pytest.approx(reference, abs=TOL)
+    assert metrics.corpus_bleu(preds, labels) == pytest.approx(reference["bleu4"], abs=TOL)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_corpus_bleu_from_row_statistics_equals_sacrebleu_on_subsets(seed):
+    """Any subset of rows: the summed per-row statistics give sacrebleu's corpus score."""
+    rows = random.Random(seed).sample(varied_rows(), 150)
+    stats = [s for _, s in scoring.score_items(rows)]
+    hyps, refs = [_old_joined(p) for p, _, _ in rows], [_old_joined(r) for _, r, _ in rows]
+    assert metrics.corpus_bleu_from_stats(stats) == pytest.approx(
+        _OLD_CORPUS.corpus_score(hyps, [refs]).score, abs=TOL)
+    assert math.isnan(metrics.corpus_bleu_from_stats([]))
+
+
+def test_no_detokenize_warning(caplog):
+    """100+ predictions ending in ' .' made sacrebleu warn "you forgot to detokenize": the text
+    is tokenised on purpose, so nothing is printed now."""
+    rows = [("a b c .", "a b c .", False)] * 150
+    with caplog.at_level(logging.WARNING, logger="sacrebleu"):
+        scored = scoring.score_items(rows)
+        scoring.summarize_rows([c for c, _ in scored], [s for _, s in scored])
+        metrics.summarize([p for p, _, _ in rows], [r for _, r, _ in rows])
+    assert not caplog.records
+
+
+def workers_left() -> list:
+    """Child processes still there (zombies included), but for multiprocessing's resource tracker:
+    one long-lived helper per parent that spawn starts once."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_worker_processes_give_the_same_rows_and_leave_no_process():
+    rows = varied_rows(300, seed=4)
+    with scoring.Scorer(0) as here:
+        here.submit(range(len(rows)), rows)
+        expected = here.results()
+    with scoring.Scorer(2) as pool:
+        # batches arrive out of order (generation sorts by image size): keys restore the order
+        order = list(range(len(rows)))
+        random.Random(0).shuffle(order)
+        for start in range(0, len(order), 70):
+            keys = order[start:start + 70]
+            pool.submit(keys, [rows[k] for k in keys])
+        got = pool.results()
+    assert got == expected
+    assert workers_left() == []
+
+
+def test_interrupt_shuts_the_workers_down():
+    """Ctrl-C while rows are being scored: pending chunks are cancelled, the workers joined."""
+    rows = varied_rows(400, seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        with scoring.Scorer(1) as scorer:
+            scorer.submit(range(len(rows)), rows)
+            raise KeyboardInterrupt
+    assert workers_left() == []
+
+
+def test_default_workers():
+    assert scoring.default_workers(rows=10) == 0  # one chunk: scored in the process
+    assert 1 <= scoring.default_workers() <= 4
+    assert scoring.default_workers(processes_per_host=1000) == 1
+
+
+# ------------------------------------------------------------------------------ infer.py --score
+def draw(path: Path, text: str, size) -> str:
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((4, 4), text, fill=(0, 0, 0))
+    img.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A labelled CSV of 10 images (one unreadable: an error row with no prediction)."""
+    folder = tmp_path_factory.mktemp("score_data")
+    rows = []
+    for i in range(9):
+        rows.append({"image_path": Path(draw(folder / f"{i}.png", LABELS[i % 8], (80 + 30 * i, 30))).name,
+                     "text": LABELS[i % 8]})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    rows.append({"image_path": "broken.png", "text": "y"})
+    with open(folder / "data.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_path", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "data.csv"
+
+
+def printed_summary(stdout: str) -> dict:
+    text = stdout.split("\nreport: ")[0]
+    return json.loads(text[text.rfind("\n{") + 1:])  # the JSON summary is the last thing printed
+
+
+def page_without_title(path: Path) -> str:
+    import re
+    return re.sub(r"<title>.*?</title>|<h1>.*?</h1>", "", path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_score_equals_the_live_run(labelled, tiny_model_dir, tmp_path, capsys, monkeypatch, suffix):
+    import infer
+
+    monkeypatch.setattr(scoring, "CHUNK_ROWS", 3)  # several chunks: the live run scores in a worker process
+    out = tmp_path / f"preds{suffix}"
+    infer.main([str(labelled), "--output", str(out), "--report", str(tmp_path / "live.html"),
+                "--model-id", str(tiny_model_dir), "--model-source", "local", "--adapter", "none",
+                "--num-workers", "0", "--max-new-tokens", "6", "--batch-size", "4"])
+    live = printed_summary(capsys.readouterr().out)
+    assert live.pop("adapter") == "none" and live["n"] == 10 and live["errors"] == 1
+    assert live["truncated_rate"] > 0  # six new tokens cut most random outputs
+
+    infer.main(["--score", str(out), "--report", str(tmp_path / "again.html")])
+    again = printed_summary(capsys.readouterr().out)
+    assert again.pop("predictions") == str(out)
+    assert again == live  # exactly: the same rows scored by the same code
+    assert page_without_title(tmp_path / "again.html") == page_without_title(tmp_path / "live.html")
+
+
+def test_score_does_not_import_torch(tmp_path):
+    preds = tmp_path / "p.csv"
+    preds.write_text("image,prediction,error,label\na.png,x ^ 2,,x ^ 2\nb.png,,boom,y\n", encoding="utf-8")
+    code = ("import sys, infer; infer.main(['--score', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(preds)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["n"] == 2 and summary["exact_match"] == 0.5 and summary["errors"] == 1
+    assert "truncated_rate" not in summary  # the file has no truncated column: nothing to report
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("missing.csv", None, "predictions file not found"),
+    ("p.csv", "image,prediction\na.png,x\n", "line 2 has no 'label' or 'text' column"),
+    ("p.csv", "image,label\na.png,x\n", "line 2 has no 'prediction' column"),
+    ("p.csv", "", "no rows"),
+    ("p.jsonl", '{"image": "a", "prediction": "x", "label": "x"}\nnot json\n', "line 2 is not JSON"),
+    ("p.jsonl", '[1, 2]\n', "line 1 is a JSON list"),
+    ("p.jsonl", '{"image": "a", "prediction": 3, "label": "x"}\n', "line 1: label and prediction must be text"),
+    ("p.csv", "image,prediction,label,truncated\na.png,x,x,maybe\n", "line 2: truncated is 'maybe'"),
+    ("p.txt", "x", "expected a .csv or .jsonl"),
+])
+def test_bad_predictions_file_is_one_line(tmp_path, capsys, name, text, expected):
+    import infer
+
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        infer.main(["--score", str(path)])
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and str(path) in message and expected in message, message
+    assert "\n" not in message
+
+
+def test_evaluate_scores_in_workers_as_in_process(labelled, tiny_model_dir):
+    """train.py's evaluation: batches scored in a worker process while the next one generates give
+    the rows and summary of in-process scoring, in input order, the unreadable image included."""
+    import infer
+    from latexocr.batching import SampleEncoder
+    from latexocr.cli import parse_settings
+    from latexocr.evaluation import evaluate
+    from latexocr.records import read_labelled
+    from latexocr.sample import sizing_for
+
+    args = parse_settings(infer.SETTINGS, None, ["--model-id", str(tiny_model_dir), "--model-source", "local",
+                                                 "--adapter", "none"])
+    model, processor, _ = infer.load_for_inference(args)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    pairs = read_labelled(labelled)
+    runs = [evaluate(model, encoder, pairs, batch_size=3, max_new_tokens=5, num_workers=0, progress=False,
+                     score_workers=workers) for workers in (0, 1)]
+    (here, here_rows), (pooled, pooled_rows) = runs
+    assert pooled == here and pooled_rows == here_rows
+    assert [r["index"] for r in here_rows] == list(range(10)) and here["errors"] == 1
+    preds, labels, cuts = zip(*[(r["prediction"], r["label"], r["truncated"]) for r in here_rows])
+    assert {k: v for k, v in here.items() if k != "errors"} == pytest.approx(old_summary(preds, labels, cuts), abs=TOL)
