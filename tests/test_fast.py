@@ -288,17 +288,12 @@ def test_upstream_drift_names_what_to_recheck(monkeypatch):
 # ---------------------------------------------------------------- one door: the plan, and training without it
 def test_train_py_without_the_fast_package_trains_the_same(tmp_path, tiny_model_dir):
     """Deleting latexocr/fast/ leaves plain transformers training working, with the fast path's losses."""
-    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
-    from test_train import TINY, _losses, make_dataset, script_env
+    from helpers import ROOT as root, TINY, losses as _losses, make_dataset, repo_without_fast_path, script_env
 
-    root = Path(__file__).resolve().parents[1]
-    plain_repo = tmp_path / "repo"
-    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
-    shutil.copy(root / "train.py", plain_repo / "train.py")
+    plain_repo = repo_without_fast_path(tmp_path / "repo", "train.py")
     data = make_dataset(tmp_path, ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )"])
     common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
               "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
@@ -370,17 +365,12 @@ def test_compile_cache_folder_is_ours_unless_the_user_chose_one(tmp_path, monkey
 def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
     """On a GPU the whole fast path (packed flash attention, sync-free step, compiled blocks, CUDA graphs
     of the LLM blocks and the vision tower) trains with the plain transformers path's losses (bf16)."""
-    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
-    from test_train import LABELS, TINY, _losses, make_dataset, script_env
+    from helpers import LABELS, ROOT as root, TINY, losses as _losses, make_dataset, repo_without_fast_path, script_env
 
-    root = Path(__file__).resolve().parents[1]
-    plain_repo = tmp_path / "repo"
-    shutil.copytree(root / "latexocr", plain_repo / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
-    shutil.copy(root / "train.py", plain_repo / "train.py")
+    plain_repo = repo_without_fast_path(tmp_path / "repo", "train.py")
     data = make_dataset(tmp_path, LABELS)
     common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 6,
               "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 1, "--save-steps", 1000,

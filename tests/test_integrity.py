@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 13), as a user sees it: the scripts run as subprocesses.
+"""Nothing silently wrong (issue 13), as a user sees it: the data scripts run as subprocesses.
 
 * data2csv/csv2json never pair an image with another row's label: two CSVs sharing one image
   folder, and a re-run with another source that is interrupted (pixels are checked);
@@ -54,10 +54,7 @@ def pixels(src) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def default_sigint() -> None:
-    """preexec_fn for a child that is sent SIGINT: run as a background job, this suite's own
-    SIGINT may be ignored, and the child would inherit that."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+from helpers import default_sigint  # noqa: E402
 
 
 def script(name: str, *args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
@@ -326,8 +323,20 @@ def test_csv2json_zero_byte_image_is_counted_and_val_copies_leave_training(tmp_p
     assert first.name not in (tmp_path / "t.json").read_text()
 
 
-def test_infer_checks_its_input_before_loading_any_model(tmp_path):
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to find, download or load a model fails the test: the checks must come first."""
+    import latexocr.modeling as modeling
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was resolved or loaded before the input was checked")
+    for name in ("resolve_model", "load_model", "load_processor"):
+        monkeypatch.setattr(modeling, name, forbidden)
+
+
+def test_infer_checks_its_input_before_loading_any_model(tmp_path, no_model_loads):
     """--model-id is a hub id that would be downloaded: each bad input must stop before that."""
+    from helpers import run_main
     hub = ["--model-id", "Qwen/Qwen2-VL-2B-Instruct", "--model-source", "modelscope", "--adapter", "none"]
     (tmp_path / "dict.json").write_text('{"conversations": []}')
     (tmp_path / "empty_conv.json").write_text('[{"id": "identity_0", "conversations": []}]')
@@ -339,32 +348,32 @@ def test_infer_checks_its_input_before_loading_any_model(tmp_path):
              "notext.csv": "expected columns image_path,text", "broken.json": "not valid JSON",
              "empty_dir": "no images found", "missing.png": "no images found",
              "bad.png": "no usable image among 1 (empty image file (0 bytes)"}
-    # Hub caches of their own: a model download, had one started, would have created them (a check by
-    # what happened, not by time: a busy CPU makes the imports alone take many seconds).
-    caches = {"MODELSCOPE_CACHE": tmp_path / "ms_cache", "HF_HOME": tmp_path / "hf_home"}
     for name, expected in cases.items():
-        p = script("infer.py", tmp_path / name, *hub, timeout=300, env={k: str(v) for k, v in caches.items()})
-        line = one_line(p)
+        line = one_line(run_main("infer.py", tmp_path / name, *hub, check=False))
         assert expected in line and name in line, (name, line)
-        assert "adapter:" not in p.stderr and "download" not in line.lower()
-        assert not any(c.exists() for c in caches.values()), f"{name}: a model download was started"
 
 
-def test_train_checks_its_input_before_loading_any_model(tmp_path, tiny_model_dir):
+def test_train_checks_its_input_before_loading_any_model(tmp_path, tiny_model_dir, monkeypatch, no_model_loads):
+    from helpers import run_main
     hub = ["--model-id", "Qwen/Qwen2-VL-2B-Instruct", "--model-source", "modelscope"]
     (tmp_path / "empty_conv.json").write_text('[{"id": "identity_0", "conversations": []}]')
-    line = one_line(script("train.py", "--train-json", tmp_path / "empty_conv.json", *hub, timeout=300))
+    line = one_line(run_main("train.py", "--train-json", tmp_path / "empty_conv.json", *hub, check=False))
     assert "empty_conv.json" in line and "empty 'conversations'" in line
-    line = one_line(script("train.py", "--train-json", tmp_path / "nowhere.json", *hub, timeout=300))
+    line = one_line(run_main("train.py", "--train-json", tmp_path / "nowhere.json", *hub, check=False))
     assert "nowhere.json" in line and "not found" in line
     # MAX_LENGTH below every sample: found with the tokenizer, before the weights are loaded
+    from transformers import AutoProcessor
+
+    import latexocr.modeling as modeling
     from latexocr.sample import make_record
+    monkeypatch.setattr(modeling, "resolve_model", lambda model_id, source: model_id)
+    monkeypatch.setattr(modeling, "load_processor", AutoProcessor.from_pretrained)
     Image.fromarray(np.full((20, 60, 3), 255, dtype=np.uint8)).save(tmp_path / "0.png")
     (tmp_path / "ok.json").write_text(json.dumps([make_record(0, "0.png", "x ^ 2")]))
-    p = script("train.py", "--train-json", tmp_path / "ok.json", "--val-json", tmp_path / "none.json",
-               "--model-id", tiny_model_dir, "--model-source", "local", "--max-length", "8",
-               "--output-dir", tmp_path / "out", "--swanlab-mode", "disabled", timeout=300)
-    line = one_line(p, library_noise=True)  # torch/transformers were imported by then
+    p = run_main("train.py", "--train-json", tmp_path / "ok.json", "--val-json", tmp_path / "none.json",
+                 "--model-id", tiny_model_dir, "--model-source", "local", "--max-length", "8",
+                 "--output-dir", tmp_path / "out", "--swanlab-mode", "disabled", check=False)
+    line = one_line(p)
     assert "ok.json" in line and "no usable samples" in line and "longer than max_length=8" in line
     assert not (tmp_path / "out").exists()
 

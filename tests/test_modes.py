@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_script
+from helpers import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CONFIG = ROOT.parent / "shared" / "qwen2vl-2b" / "config.json"
@@ -120,8 +120,8 @@ MODE_FLAGS = {"lora": [], "lora_vision": ["--tune", "lora_vision", "--vision-lea
 def test_mode_trains_saves_reloads_and_merges(mode, tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path, LABELS)
     out = tmp_path / "out"
-    train = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
-                       "--output-dir", out, *FAST, *MODE_FLAGS[mode], timeout=900)
+    train = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                       "--output-dir", out, *FAST, *MODE_FLAGS[mode])
     losses = logged_losses(train.stdout)
     assert len(losses) >= 10 and losses[-1] < 0.7 * losses[0], losses
     assert f"TUNE={mode}: trainable params" in train.stdout
@@ -131,16 +131,16 @@ def test_mode_trains_saves_reloads_and_merges(mode, tmp_path, tiny_model_dir):
 
     # infer.py, a new process, with no extra flags: the predictions train.py's evaluation scored
     preds = tmp_path / "preds.csv"
-    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
+    proc = run_main("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
                       "--output", preds, "--num-workers", 0, "--max-new-tokens", 12)
     assert str(final) in proc.stderr
     assert same_scores(eval_line(train.stdout), printed_metrics(proc.stdout))
     # --merge-to: one plain model folder, loaded as --model-id, predicts the same
     merged = tmp_path / "merged"
-    run_script("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
+    run_main("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
                "--merge-to", merged)
     merged_preds = tmp_path / "merged.csv"
-    run_script("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
+    run_main("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
                "--output", merged_preds, "--num-workers", 0, "--max-new-tokens", 12)
     assert [r["prediction"] for r in read_csv(merged_preds)] == [r["prediction"] for r in read_csv(preds)]
 
@@ -161,11 +161,11 @@ def test_qlora_4bit_trains_and_reloads(tmp_path, tiny_model_dir):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (requirements.txt has it)")
     data = make_dataset(tmp_path, LABELS)
     out = tmp_path / "out"
-    train = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
-                       "--output-dir", out, *FAST, "--quantization", "4bit", timeout=900)
+    train = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                       "--output-dir", out, *FAST, "--quantization", "4bit")
     losses = logged_losses(train.stdout)
     assert losses[-1] < 0.7 * losses[0], losses
-    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
+    proc = run_main("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
                       "--output", tmp_path / "p.csv", "--num-workers", 0, "--max-new-tokens", 12,
                       "--quantization", "4bit")
     assert same_scores(eval_line(train.stdout), printed_metrics(proc.stdout))
@@ -181,7 +181,7 @@ def test_wrong_mode_settings_stop_with_one_line(flags, message, tmp_path, tiny_m
     if flags == ["--dtype", "fp16"] and torch.cuda.is_available():
         pytest.skip("fp16 trains on a CUDA GPU")
     data = make_dataset(tmp_path, LABELS[:2])
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--output-dir", tmp_path / "o",
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--output-dir", tmp_path / "o",
                       *TINY, *flags, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -201,7 +201,7 @@ def test_fp16_overflow_stops_with_one_line_naming_what_to_use():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 training (loss scaling) needs a CUDA GPU")
 def test_fp16_trains_on_gpu(tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path, LABELS)
-    train = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
-                       "--output-dir", tmp_path / "out", *FAST, "--dtype", "fp16", timeout=900)
+    train = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                       "--output-dir", tmp_path / "out", *FAST, "--dtype", "fp16")
     losses = logged_losses(train.stdout)
     assert all(map(math.isfinite, losses)) and losses[-1] < 0.7 * losses[0], losses

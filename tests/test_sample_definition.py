@@ -18,7 +18,7 @@ from PIL import Image
 import infer
 
 from latexocr.sample import SAMPLE_FILE, make_record
-from test_train import ROOT, draw_formula, printed_metrics, read_csv, run_script
+from helpers import ROOT, draw_formula, printed_metrics, read_csv, run_main
 
 SHARED_VAL = ROOT.parent / "shared" / "latex_ocr" / "small"  # real LaTeX_OCR images, where present
 
@@ -26,7 +26,7 @@ LABELS = ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2"]
 MIN_PIXELS, MAX_PIXELS = 16 * 28 * 28, 128 * 28 * 28  # not the defaults (32 and 512 patches of 28 px)
 TINY = ["--model-source", "local", "--num-workers", "0", "--swanlab-mode", "disabled", "--lora-dropout", "0",
         "--max-new-tokens", "8", "--save-steps", 1, "--batch-size", 6, "--micro-batch-size", 6,
-        "--learning-rate", 1e-4, "--lora-alpha", 64]
+        "--learning-rate", 1e-4, "--lora-alpha", 64, "--no-eval-base-model"]
 
 
 def infer_args(model, out=None, adapter=None) -> list:
@@ -67,9 +67,8 @@ def data(tmp_path_factory):
 
 def train_run(folder: Path, data: Path, model, *flags):
     out = folder / "out"
-    proc = run_script("train.py", "--model-id", model, "--train-json", data / "train.json",
-                      "--val-json", data / "val.json", "--output-dir", out, "--max-steps", 2, *TINY, *flags,
-                      timeout=600)
+    proc = run_main("train.py", "--model-id", model, "--train-json", data / "train.json",
+                      "--val-json", data / "val.json", "--output-dir", out, "--max-steps", 2, *TINY, *flags)
     return out, proc
 
 
@@ -86,8 +85,8 @@ def same_as_train_eval(metrics: dict, train_stdout: str) -> None:
 
 
 def predict(tmp: Path, name: str, data: Path, *args) -> tuple[list[str], str, dict]:
-    """infer.py on val.json in a new process: (predictions, stderr, printed metrics)."""
-    proc = run_script("infer.py", data / "val.json", "--output", tmp / f"{name}.csv", *args)
+    """infer.py on val.json: (predictions, stderr, printed metrics)."""
+    proc = run_main("infer.py", data / "val.json", "--output", tmp / f"{name}.csv", *args)
     return [r["prediction"] for r in read_csv(tmp / f"{name}.csv")], proc.stderr, printed_metrics(proc.stdout)
 
 
@@ -204,9 +203,9 @@ def test_resume_continues_with_the_checkpoint_sizing(fixed_run, tmp_path, data, 
     out, _, _ = fixed_run
     run = tmp_path / "out"
     shutil.copytree(out / "checkpoint-2", run / "checkpoint-2")
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data / "train.json",
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data / "train.json",
                       "--val-json", data / "missing.json", "--output-dir", run, "--resume", "--max-steps", 3,
-                      *TINY, timeout=600)
+                      *TINY)
     assert "warning: --" not in proc.stderr and "note:" not in proc.stderr
     assert json.loads((run / "final" / SAMPLE_FILE).read_text())["image"]["fixed_size"] == "500x100"
     assert json.loads((run / "checkpoint-3" / SAMPLE_FILE).read_text())["image"]["fixed_size"] == "500x100"

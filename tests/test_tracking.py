@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("swanlab")
+from helpers import free_port as _free_port, run_main  # noqa: E402
 from latexocr import tracking  # noqa: E402  (imports swanlab)
 
 
@@ -97,12 +98,6 @@ def test_local_without_dashboard_falls_back_to_offline(iso, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------------- helpers: dashboard
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.status, resp.read()
@@ -450,13 +445,11 @@ def _train(iso, model_dir, data, name, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
     env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), HF_HUB_OFFLINE="1")
     logdir = iso.tmp / "swanlog"
-    cmd = [sys.executable, str(Path(__file__).parents[1] / "train.py"), "--model-id", str(model_dir),
-           "--model-source", "local", "--train-json", str(data), "--val-json", str(data),
-           "--output-dir", str(iso.tmp / name), "--max-steps", "3", "--batch-size", "2", "--micro-batch-size", "2",
-           "--logging-steps", "1", "--num-workers", "0", "--max-new-tokens", "6", "--swanlab-mode", "local",
-           "--swanlab-logdir", str(logdir), "--experiment-name", name, *extra]
-    proc = subprocess.run(cmd, cwd=iso.work, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_main("train.py", "--model-id", model_dir, "--model-source", "local", "--train-json", data,
+             "--val-json", data, "--output-dir", iso.tmp / name, "--max-steps", 3, "--batch-size", 2,
+             "--micro-batch-size", 2, "--logging-steps", 1, "--num-workers", 0, "--max-new-tokens", 6,
+             "--swanlab-mode", "local", "--swanlab-logdir", logdir, "--experiment-name", name, *extra,
+             cwd=iso.work, env=env)
     db = sqlite3.connect(logdir / "runs.swanlab")  # the local dashboard's database
     try:
         (exp_id, run_id), = db.execute("SELECT id, run_id FROM experiment WHERE name = ?", (name,)).fetchall()
@@ -501,6 +494,22 @@ def test_train_dashboard_before_after_by_default(iso, tiny_model_dir):
     assert config["run.eval_n"] == 4 and config["run.eval_errors"] == 0 and config["run.epoch"] == 1.5
     assert config["run.train_runtime"] > 0 and config["run.num_input_tokens_seen"] > 0
     assert config["eval_base_model"] is True
+
+    # the same run through the dashboard's HTTP API, as the browser reads it
+    with _Dashboard(iso.tmp / "swanlog", iso.tmp / "watch.log") as dash:
+        dash.wait_ready()
+        project = _get_json(dash.base + "/api/v1/project")
+        run, = [e for e in project["experiments"] if e["name"] == "defaults"]
+        summary = {s["key"]: s["value"] for s in _get_json(f"{dash.base}/api/v1/experiment/{run['id']}/summary")["summaries"]}
+        assert math.isfinite(summary["train/loss"]) and 0.0 <= summary["eval/exact_match"] <= 1.0
+        assert {"eval/bleu4", "eval/edit_distance", "eval/render_rate", "eval/truncated_rate"} <= set(summary)
+        flat = {k: v["value"] for k, v in run["config"].items()}
+        assert flat["max_steps"] == 3 and flat["train_samples"] == 4 and "run.train_runtime" in flat
+        assert not any(isinstance(v, dict) for v in flat.values()), flat  # flat: no [object Object]
+        tag = urllib.parse.quote("eval/predictions", safe="")
+        captions = [m["caption"] for point in _get_json(f"{dash.base}/api/v1/experiment/{run['id']}/tag/{tag}")["list"]
+                    for m in point["more"]]
+        assert len(captions) == 8 and all(c[0] in "✓✗" and " label: " in c for c in captions), captions
 
     points, config = _train(iso, tiny_model_dir, data, "no-base", "--no-eval-base-model")
     assert [step for step, _ in points["eval/exact_match"][1]] == [3]

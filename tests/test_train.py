@@ -25,82 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from helpers import (LABELS, PY, ROOT, TINY, default_sigint, draw_formula, free_port, get_json, losses,
+                     make_dataset, printed_metrics, read_csv, run_main, run_script, script_env, trainer_state)
 from latexocr.sample import make_record
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-# Short, distinct labels in the dataset's convention (tokens separated by spaces); some have four
-# or more tokens so that corpus BLEU-4 is defined (100 when every prediction is exact).
-LABELS = ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )",
-          "n !", "k = 1", "\\int", "c - d", "z ^ { 3 }", "\\sum", "a b", "q"]
-
-# train.py flags for the tiny model: no workers, no tracking, short generation.
-TINY = ["--model-source", "local", "--num-workers", "0", "--swanlab-mode", "disabled",
-        "--lora-dropout", "0", "--max-new-tokens", "12"]
-
-
-def script_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-# Subprocess limits catch a hang, not slowness: each is >= 5x the run's duration on 2 idle cores,
-# so a machine busy with other work (CI neighbours, a CPU-burning process) does not fail a test.
-SCRIPT_TIMEOUT = 1200
-
-
-def run_script(name: str, *args, cwd=None, env=None, timeout=SCRIPT_TIMEOUT, check=True) -> subprocess.CompletedProcess:
-    """python <name> args... ; stdout and stderr captured; a non-zero exit fails with the output."""
-    proc = subprocess.run([PY, str(ROOT / name), *map(str, args)], cwd=cwd, env=env or script_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
-                    f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def draw_formula(path: Path, text: str, size: tuple[int, int], seed: int | None = None) -> Path:
-    """The text in black on white, or on a light random texture (seeded) that makes every image
-    distinct at the patch level, so a tiny frozen random vision tower tells them apart quickly."""
-    if seed is None:
-        img = Image.new("RGB", size, "white")
-    else:
-        rng = np.random.default_rng(seed)
-        img = Image.fromarray(rng.integers(128, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ImageDraw.Draw(img).text((4, 4), text, fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
-def make_dataset(folder: Path, labels: list[str], name: str = "data.json") -> Path:
-    """One image per label (different sizes) and a conversation JSON with paths relative to it."""
-    records = []
-    for i, label in enumerate(labels):
-        draw_formula(folder / "images" / f"{i}.png", label, (100 + 20 * (i % 5), 28 + 6 * (i % 3)), seed=i)
-        records.append(make_record(i, f"images/{i}.png", label))
-    path = folder / name
-    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
-
-
-def printed_metrics(stdout: str) -> dict:
-    """The JSON summary infer.py prints last for a labelled input."""
-    start = stdout.rindex("\n{") + 1 if "\n{" in stdout else stdout.index("{")
-    return json.loads(stdout[start:])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def trainer_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
 
 
 # ------------------------------------------------------------------------------------ 1. overfit
@@ -110,10 +37,10 @@ def overfit(tmp_path_factory, tiny_model_dir):
     work = tmp_path_factory.mktemp("overfit")
     data = make_dataset(work, LABELS)
     out = work / "out"
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 120, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 1000, "--logging-steps", 40,
-                      *TINY, timeout=3600)  # 1885 s measured with the CPU busy (load 12 on 2 cores)
+                      *TINY)
     return work, data, out, proc
 
 
@@ -130,7 +57,7 @@ def test_overfit_then_infer_reproduces_every_label(overfit, tiny_model_dir):
 
     # A new process, loading base + OUTPUT_DIR/final from disk (the default --adapter final).
     preds = work / "preds.csv"
-    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
+    proc = run_main("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
                       "--output-dir", out, "--output", preds, "--num-workers", "0", "--max-new-tokens", "12")
     assert f"adapter: {out / 'final'}" in proc.stderr
     metrics = printed_metrics(proc.stdout)
@@ -144,7 +71,7 @@ def test_overfit_then_infer_reproduces_every_label(overfit, tiny_model_dir):
 
     # Sizing matters: the same adapter shown the images at 4x the area no longer reads them.
     resized = work / "preds_4x.csv"
-    proc = run_script("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
+    proc = run_main("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local",
                       "--output-dir", out, "--output", resized, "--num-workers", "0", "--max-new-tokens", "12",
                       "--image-min-pixels", 4 * 32 * 28 * 28)
     metrics = printed_metrics(proc.stdout)
@@ -177,17 +104,17 @@ def test_end_to_end_data2csv_csv2json_train_infer(tmp_path, tiny_model_dir):
     work = tmp_path / "project"
     work.mkdir()
     # step 1: parquet -> PNGs + CSV (paths relative to the CSV)
-    run_script("data2csv.py", "--source", source, "--limit", "all", "--workers", "0", cwd=work)
+    run_main("data2csv.py", "--source", source, "--limit", "all", "--workers", "0", cwd=work)
     csv_rows = read_csv(work / "latex_ocr_train.csv")
     assert len(csv_rows) == 8 and sorted(r["text"] for r in csv_rows) == sorted(LABELS[:8])
     assert all((work / r["image_path"]).is_file() for r in csv_rows)
     # step 2: CSV -> conversation JSONs (train / val split)
-    run_script("csv2json.py", "--val-size", "2", cwd=work)
+    run_main("csv2json.py", "--val-size", "2", cwd=work)
     train = json.loads((work / "latex_ocr_train.json").read_text(encoding="utf-8"))
     val = json.loads((work / "latex_ocr_val.json").read_text(encoding="utf-8"))
     assert len(train) == 6 and len(val) == 2
     # step 3: train with the default file names, a few steps
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--max-steps", 3, "--batch-size", 2,
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--max-steps", 3, "--batch-size", 2,
                       "--micro-batch-size", 2, "--save-steps", 2, "--output-dir", "output/run", *TINY, cwd=work)
     assert "train: 6 samples" in proc.stdout and "validation: 2 samples" in proc.stdout
     assert "[eval @ step 3] exact_match" in proc.stdout
@@ -196,7 +123,7 @@ def test_end_to_end_data2csv_csv2json_train_infer(tmp_path, tiny_model_dir):
     assert (out / "checkpoint-2" / "adapter_config.json").is_file()
     assert trainer_state(out / "checkpoint-3")["global_step"] == 3
     # step 4: infer on the validation JSON (default input name), predictions next to it
-    proc = run_script("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir",
+    proc = run_main("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir",
                       "output/run", "--num-workers", "0", "--max-new-tokens", "8", cwd=work)
     metrics = printed_metrics(proc.stdout)
     assert {"exact_match", "edit_distance", "bleu4"} <= set(metrics)
@@ -211,7 +138,7 @@ def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
     model_dir = tiny_family_dirs[family]
     data = make_dataset(tmp_path, LABELS[:2])
     out = tmp_path / "out"
-    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+    proc = run_main("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 2, "--batch-size", 2, "--micro-batch-size", 2,
                       "--logging-steps", 1, *TINY)
     assert "[eval @ step 2] exact_match" in proc.stdout and "errors 0" in proc.stdout
@@ -223,7 +150,7 @@ def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
     assert keys and all("language_model" in k for k in keys), keys[:5]
     assert {k.split(".")[-3] for k in keys if "lora_A" in k} == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"}
-    proc = run_script("infer.py", tmp_path / "images" / "0.png", "--model-id", model_dir, "--model-source",
+    proc = run_main("infer.py", tmp_path / "images" / "0.png", "--model-id", model_dir, "--model-source",
                       "local", "--output-dir", out, "--num-workers", "0", "--max-new-tokens", "6")
     assert f"adapter: {out / 'final'}" in proc.stderr
     assert len(proc.stdout.splitlines()) == 1  # one image: just its LaTeX on stdout
@@ -232,9 +159,8 @@ def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
 # ----------------------------------------------------------------------------- 4. Ctrl-C, resume
 def _train_until_logged(cmd: list[str], env: dict, n_logs: int, timeout: float = 900.0):
     """Start train.py, send SIGINT once `n_logs` loss lines were printed; (returncode, output)."""
-    # Ctrl-C's default handler, also when this suite runs as a background job (which starts children with SIGINT ignored)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_sigint)
     chunks: list[str] = []
 
     def reader():
@@ -280,12 +206,12 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
     assert (checkpoints[-1] / "adapter_config.json").is_file()
     assert not (out / "final").exists()
 
-    proc = run_script("train.py", *args, "--resume")
+    proc = run_main("train.py", *args, "--resume")
     # it continued from step k: only steps k+1..40 were trained (one loss line each)
     assert proc.stdout.count("'loss'") == 40 - k, proc.stdout[-4000:]
     assert trainer_state(out / "checkpoint-40")["global_step"] == 40
     assert (out / "final" / "adapter_config.json").is_file()
-    proc = run_script("infer.py", tmp_path / "images" / "0.png", "--model-id", tiny_model_dir, "--model-source",
+    proc = run_main("infer.py", tmp_path / "images" / "0.png", "--model-id", tiny_model_dir, "--model-source",
                       "local", "--output-dir", out, "--num-workers", "0", "--max-new-tokens", "4")
     assert f"adapter: {out / 'final'}" in proc.stderr
 
@@ -293,7 +219,7 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path, LABELS[:2])
     out = tmp_path / "fresh"
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 2, "--resume", *TINY, check=False)
     assert proc.returncode != 0
     assert "no checkpoint" in proc.stderr and str(out) in proc.stderr
@@ -314,7 +240,7 @@ def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(records))
     out = tmp_path / "out"
-    proc = run_script("train.py", "--model-id", tiny_model_dir, "--train-json", bad, "--val-json", bad,
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", bad, "--val-json", bad,
                       "--output-dir", out, "--max-steps", 2, "--batch-size", 4, "--micro-batch-size", 4,
                       "--max-length", 1024, *TINY)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("train: "))
@@ -331,117 +257,20 @@ def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
     assert "n 8, errors 2" in eval_line, eval_line
 
 
-# ------------------------------------------------------------------------------- 6. SwanLab
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    import urllib.request
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        payload = json.loads(resp.read())
-    assert payload.get("code") == 0, payload
-    return payload["data"]
-
-
-def test_swanlab_local_run_has_train_and_eval_metrics(tmp_path, tiny_model_dir):
-    pytest.importorskip("swanlab")
-    from latexocr.tracking import dashboard_available
-    if not dashboard_available():
-        pytest.skip("needs swanlab[dashboard]")
-    data = make_dataset(tmp_path, LABELS[:2])
-    home = tmp_path / "home"
-    home.mkdir()
-    env = script_env(HOME=str(home), SWANLAB_ROOT=str(home / ".swanlab"))
-    for var in ("SWANLAB_MODE", "SWANLAB_API_KEY", "SWANLAB_SAVE_DIR", "SWANLAB_LOG_DIR", "SWANLAB_API_HOST",
-                "SWANLAB_WEB_HOST"):
-        env.pop(var, None)
-    logdir = tmp_path / "swanlog"
-    run_script("train.py", "--model-id", tiny_model_dir, "--model-source", "local", "--train-json", data,
-               "--val-json", data, "--output-dir", tmp_path / "out", "--max-steps", 3, "--batch-size", 2,
-               "--micro-batch-size", 2, "--logging-steps", 1, "--num-workers", "0", "--max-new-tokens", "6",
-               "--swanlab-mode", "local", "--swanlab-logdir", logdir, "--swanlab-project", "latexocr-train-test",
-               "--experiment-name", "tiny", "--eval-base-model", cwd=tmp_path, env=env)
-    assert (logdir / "runs.swanlab").is_file()
-
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "watch.log", "wb")
-    server = subprocess.Popen([PY, "-m", "swanlab", "watch", str(logdir), "-h", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, (tmp_path / "watch.log").read_text()
-            try:
-                project = _get_json(base + "/api/v1/project")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("dashboard not ready: " + (tmp_path / "watch.log").read_text())
-                time.sleep(0.3)
-        assert project["name"] == "latexocr-train-test"
-        runs = [e for e in project["experiments"] if e["name"] == "tiny"]
-        assert len(runs) == 1, project["experiments"]
-        summary = _get_json(f"{base}/api/v1/experiment/{runs[0]['id']}/summary")
-        values = {s["key"]: s["value"] for s in summary["summaries"]}
-        assert "train/loss" in values and math.isfinite(values["train/loss"])
-        assert "eval/exact_match" in values and 0.0 <= values["eval/exact_match"] <= 1.0
-        assert "eval/bleu4" in values and "eval/edit_distance" in values
-        assert "eval/render_rate" in values and "eval/truncated_rate" in values
-        assert not any(k.startswith("eval_base/") for k in values)
-        # transformers' end-of-run totals are not charted (one point each)
-        assert not any(k in values for k in ("train/train_samples_per_second", "train/train_steps_per_second",
-                                             "train/train_loss"))
-        cfg = {k: v["value"] for k, v in runs[0]["config"].items()}
-        assert cfg["max_steps"] == 3 and cfg["train_samples"] == 2
-        assert not any(isinstance(v, dict) for v in cfg.values()), cfg  # flat: no [object Object]
-        assert "run.train_runtime" in cfg
-
-        def tag(name):
-            return _get_json(f"{base}/api/v1/experiment/{runs[0]['id']}/tag/{urllib.parse.quote(name, safe='')}")
-
-        # the base model is step 0 of the same chart, the fine-tuned model its last point
-        assert [p["index"] for p in tag("eval/exact_match")["list"]] == [0, 3]
-        captions = [m["caption"] for point in tag("eval/predictions")["list"] for m in point["more"]]
-        assert len(captions) == 4 and all(re.match(r"[✓✗] label: ", c) for c in captions), captions
-        assert [p["index"] for p in tag("eval/worst")["list"]] == [0, 3]
-        table = tag("eval/base_vs_finetuned")["list"][-1]["data"][0]
-        assert table.splitlines()[0].split() == ["metric", "|", "base", "|", "fine-tuned"]
-        assert any(line.startswith("exact_match") for line in table.splitlines())
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=5)
-        log.close()
-
-
 # ------------------------------------------------------------------------- compiled blocks (CPU)
-def _losses(stdout: str) -> list[float]:
-    import ast
-    return [float(ast.literal_eval(line)["loss"]) for line in stdout.splitlines() if line.startswith("{'loss'")]
-
-
 def test_compiled_training_matches_eager_and_generation_does_not_recompile(tmp_path, tiny_model_dir):
     """COMPILE_LAYERS=on (torch.compile of every block) trains the same model as eager, and the
     evaluation afterwards generates with the blocks run eagerly (no recompiles for eval mode/KV cache)."""
     data = make_dataset(tmp_path, LABELS[:8])
     common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
               "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000, *TINY]
-    eager = run_script("train.py", *common, "--output-dir", tmp_path / "eager")  # auto: no GPU -> eager
+    eager = run_main("train.py", *common, "--output-dir", tmp_path / "eager")  # auto: no GPU -> eager
+    # a process of its own: torch reads TORCH_LOGS when it is imported
     compiled = run_script("train.py", *common, "--output-dir", tmp_path / "compiled", "--compile-layers", "on",
                           env=script_env(TORCH_LOGS="recompiles"), timeout=3600)
     assert "compiling" not in eager.stdout and "compiling" in compiled.stdout
-    assert len(_losses(eager.stdout)) == 3
-    assert _losses(compiled.stdout) == pytest.approx(_losses(eager.stdout), rel=1e-3)
+    assert len(losses(eager.stdout)) == 3
+    assert losses(compiled.stdout) == pytest.approx(losses(eager.stdout), rel=1e-3)
     assert "[eval @ step 3] exact_match" in compiled.stdout
     # training compiles a few entries (vision vs text block, first vs later layers); generation would
     # add one per eval/no-grad mode and per KV-cache layer if it ran the compiled blocks
