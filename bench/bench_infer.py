@@ -21,6 +21,30 @@ from pathlib import Path
 from common import DEFAULT_SHARED, build_random_model, real_samples
 
 
+def infer_py(a, model_dir, pairs) -> dict:
+    """`python infer.py <labelled json>` with infer.py's defaults (the base model, no adapter), in a process
+    of its own: the seconds from the command to the printed metrics, as a user waits for them."""
+    import subprocess
+    import sys
+
+    from common import ROOT, write_json
+    labelled = write_json(pairs, len(pairs), a.work / f"labelled_{len(pairs)}.json")
+    cmd = [sys.executable, str(ROOT / "infer.py"), str(labelled), "--model-id", str(model_dir), "--model-source",
+           "local", "--adapter", "none", "--max-new-tokens", str(a.infer_py_max_new_tokens),
+           "--output", str(a.work / "infer_py_predictions.csv")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+        return {"error": proc.returncode}
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    print(f"infer.py on {len(pairs)} labelled images (max {a.infer_py_max_new_tokens} new tokens): "
+          f"{wall:.1f} s from the command to the printed metrics ({len(pairs) / wall:.0f} images/s); {summary}",
+          flush=True)
+    return {"images": len(pairs), "max_new_tokens": a.infer_py_max_new_tokens, "wall_s": wall, "summary": summary}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
@@ -36,6 +60,12 @@ def main():
                     help="also run generate at this batch size: its agreement with itself (0: skip)")
     ap.add_argument("--full-test", type=int, default=9443, help="images scored end to end (0: skip)")
     ap.add_argument("--full-max-new-tokens", default="64,256", help="comma-separated caps for --full-test")
+    ap.add_argument("--infer-py", type=int, default=9443,
+                    help="images for `python infer.py labelled.json` timed as a user waits for it: from the "
+                         "command to the printed metrics, a process of its own (0: skip)")
+    ap.add_argument("--infer-py-max-new-tokens", type=int, default=64,
+                    help="its cap (random weights rarely stop before it; 64 ids ~ a median label and a half)")
+    ap.add_argument("--only-infer-py", action="store_true", help="run only the infer.py measurement")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
@@ -57,7 +87,7 @@ def main():
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
     samples = real_samples(a.shared)
-    cycled = [samples[i % len(samples)] for i in range(max(a.images, a.reference_images, a.full_test))]
+    cycled = [samples[i % len(samples)] for i in range(max(a.images, a.reference_images, a.full_test, a.infer_py))]
     fixed = dict(min_new_tokens=a.new_tokens)  # random weights: force the same length for every image
 
     def sync():
@@ -88,6 +118,12 @@ def main():
 
     def save():
         a.out.write_text(json.dumps(out, indent=1))
+
+    if a.infer_py:
+        out["infer_py"] = infer_py(a, model_dir, cycled[:a.infer_py])
+        save()
+    if a.only_infer_py:
+        return
 
     single, _, _ = timed(a.single_images, 1, "generate")
     out["single_images_per_s"] = single

@@ -1,0 +1,98 @@
+"""Where one batch of inference spends its time: host vs device, prefill vs decode vs the rest.
+
+    python bench/profile_infer.py --images 2048 --new-tokens 64        # random-init Qwen2-VL-2B, real images
+
+Runs latexocr.generation.predict (infer.py's engine) on the real LaTeX_OCR images cycled, every row
+generating exactly --new-tokens tokens, and reports (1) wall time split into the phases of
+predict (waiting for the DataLoader, prefill, decode steps, the rest), each measured with a CUDA
+sync around it, and (2) torch.profiler's top operators of one batch by host and by device time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+from pathlib import Path
+
+from common import DEFAULT_SHARED, build_random_model, real_samples
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from latexocr import decoding, generation
+    from latexocr.batching import SampleEncoder
+    from latexocr.modeling import load_model, load_processor, pick_dtype
+    from latexocr.sample import sizing_for
+    from latexocr.speed import prepare_model
+
+    model_dir = a.model or build_random_model(a.shared.resolve(), a.work / "qwen2vl-2b-random")
+    model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map="cuda")).eval()
+    processor = load_processor(str(model_dir))
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    samples = real_samples(a.shared.resolve())
+    paths = [samples[i % len(samples)][0] for i in range(a.images)]
+
+    phases = collections.Counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            phases[name] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    S = decoding.StaticDecoder
+    S._prefill = timed("prefill (model forward per chunk, cache copies)", S._prefill)
+    S._run_step = timed("decode steps (graph replays)", S._run_step)
+    S._compact = timed("compaction", S._compact)
+    S.generate = timed("StaticDecoder.generate (all)", S.generate)
+
+    def run(n):
+        return generation.predict(model, encoder, paths[:n], batch_size=a.batch_size, max_new_tokens=a.new_tokens,
+                                  num_workers=a.workers, progress=False, min_new_tokens=a.new_tokens)
+
+    run(a.batch_size)  # warm-up: CUDA graphs captured, kernels chosen
+    phases.clear()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run(a.images)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    rest = wall - phases["StaticDecoder.generate (all)"]
+    table = {"images": a.images, "batch_size": a.batch_size, "new_tokens": a.new_tokens, "wall_s": wall,
+             "images_per_s": a.images / wall, **{k: round(v, 3) for k, v in phases.items()},
+             "outside generate (DataLoader wait, batch to GPU, decode text)": round(rest, 3)}
+    print(json.dumps(table, indent=1), flush=True)
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(a.batch_size)
+        torch.cuda.synchronize()
+    by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    by_cuda = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    (a.out / "profile_infer.txt").write_text(json.dumps(table, indent=1) + "\n\nby host time\n" + by_cpu
+                                             + "\n\nby device time\n" + by_cuda)
+    print(by_cpu[:6000], flush=True)
+    print(by_cuda[:4000], flush=True)
+
+
+if __name__ == "__main__":
+    main()
