@@ -28,6 +28,7 @@ layers (sliding-window attention) and non-greedy settings use `generate` (`stati
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,7 @@ class _State:
 
     def __init__(self, rows: int, length: int, max_new: int, storage, shapes, types, device):
         self.rows, self.length = rows, length
-        views = [tuple(flat[:_numel(shape)].view(shape) for flat, shape in zip(pair, layer_shapes))
+        views = [tuple(flat[:math.prod(shape)].view(shape) for flat, shape in zip(pair, layer_shapes))
                  for pair, layer_shapes in zip(storage, shapes)]
         # full-attention layers: keys and values (rows x heads x length x dim); linear-attention
         # layers: conv state (rows x channels x kernel) and recurrent state (rows x heads x dk x dv)
@@ -158,13 +159,6 @@ class _State:
     def layer_buffers(self):
         """Every per-layer buffer, each with the batch's rows first."""
         return [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.recurrent.values()]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 class StaticDecoder:
@@ -222,7 +216,7 @@ class StaticDecoder:
             heads, dim = self.kv_shape
             for kind in self.types:
                 sizes = ((self.storage_slots * heads * dim,) * 2 if kind == ATTENTION else
-                         (self.storage_rows * _numel(self.conv_shape), self.storage_rows * _numel(self.recurrent_shape)))
+                         (self.storage_rows * math.prod(self.conv_shape), self.storage_rows * math.prod(self.recurrent_shape)))
                 self.storage.append(tuple(torch.zeros(n, dtype=dtype, device=self.device)
                                           for n, dtype in zip(sizes, self._dtypes(kind))))
         key = (rows, length)
