@@ -5,8 +5,8 @@ A Gated DeltaNet layer has no mask: a short causal convolution (4 tokens) and a 
 along the whole row, so without boundaries every sample would start from the previous sample's
 state. transformers 5.24's layer forwards `cu_seq_lens_q` to its delta-rule kernel and any `seq_idx`
 to its convolution kernel, but its reference PyTorch kernels (used when flash-linear-attention and
-causal-conv1d are not installed: on a CPU, and on a GPU where they do not build) ignore them and
-would silently leak state. So, on a packed row (the collator's boundaries in the kwargs, one row,
+causal-conv1d are not installed: on a CPU, and on a GPU where they do not build) refuse them ("can't
+keep packed sequences apart"), and without them they would silently leak state. So, on a packed row (the collator's boundaries in the kwargs, one row,
 no attention mask), one call of the layer per row either way:
 
 * with both kernel packages: the boundaries are handed to them (`cu_seq_lens_q` for the delta rule,
