@@ -4,17 +4,21 @@
     python bench/bench_train.py --configs default,tutorial --steps 40
     python bench/bench_train.py --configs eager,default_cold,default_warm --full eager,default_cold,default_warm
                                                       # the tutorial's job: eager, first run, second run
+    python bench/bench_train.py --configs tutorial,default,qwen3_5,qwen3_5_no_packing --steps 20
+                                                      # Qwen3.5-2B beside Qwen2-VL-2B
 
-Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (or uses --model), cycles the real
-LaTeX_OCR images of ../shared/latex_ocr to --samples samples, and runs train.py itself (a
-subprocess per configuration, SwanLab and evaluation off). Prints steady-state samples/s and
+Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (or uses --model), and for the qwen3_5*
+configurations a random-init Qwen3.5-2B from ../shared/qwen3_5-2b (bench/common.py; or --qwen3-5-model),
+cycles the real LaTeX_OCR images of ../shared/latex_ocr to --samples samples, and runs train.py itself
+(a subprocess per configuration, SwanLab and evaluation off). Prints steady-state samples/s and
 tokens/s (median of the logging intervals after warm-up), MFU, peak GPU memory, and the time of
 the tutorial's workload (996 samples x 2 epochs).
 
 MFU counts model FLOPs per sample as 4 * N_llm * tokens (forward 2N + backward through frozen
 weights 2N; LoRA's own FLOPs are < 1 % and ignored) + 2 * N_vit * patches (the frozen vision
-tower runs forward only) + 4 * d * V * supervised tokens (the vocabulary projection); attention
-score FLOPs are ignored. Peak: 989 TFLOP/s (H100 SXM dense bf16).
+tower runs forward only) + 4 * d * V * supervised tokens (the vocabulary projection); N_llm and
+N_vit are the decoder layers' and the vision tower's parameters (counted on the meta device);
+attention score FLOPs and Qwen3.5's delta-rule state updates are ignored. Peak: 989 TFLOP/s (H100 SXM dense bf16).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, ROOT, build_random_model, real_samples, write_json
+from common import DEFAULT_SHARED, ROOT, build_random_model, build_random_qwen3_5, real_samples, write_json
 
 TUTORIAL = ["--micro-batch-size", "4", "--gradient-checkpointing", "--image-size", "500x100", "--no-packing",
             "--no-supervised-logits-only", "--num-workers", "0"]
@@ -63,26 +67,34 @@ CONFIGS = {
     "full": (["--tune", "full", "--learning-rate", "1e-5"], "full fine-tuning of the LLM (fp32 master weights)"),
     "qlora": (["--quantization", "4bit"], "defaults on a 4-bit NF4 language model (bitsandbytes)"),
     "fp16": (["--dtype", "fp16"], "defaults in fp16 with loss scaling (GPUs without bf16)"),
+    # Qwen3.5-2B (the qwen3_5 prefix picks the model): without flash-linear-attention + causal-conv1d its
+    # Gated DeltaNet layers run the reference PyTorch kernels, a packed row as one padded batch of its samples
+    "qwen3_5": ([], "Qwen3.5-2B, train.py defaults (packed)"),
+    "qwen3_5_no_packing": (["--no-packing"], "Qwen3.5-2B, defaults, padded batches instead of packed"),
 }
+QWEN3_5_PREFIX = "qwen3_5"
 PEAK_TFLOPS = 989.0
 
 
 def model_flops_per_sample(model_dir: Path, json_path: Path, flags: list[str]) -> tuple[float, float]:
     """(FLOPs, tokens) per sample averaged over the dataset, for the sizing the flags select."""
-    import torch  # noqa: F401
+    import torch
     from transformers import AutoConfig, AutoProcessor
 
     from latexocr.batching import SampleEncoder
     from latexocr.records import read_labelled
     from latexocr.sample import sizing_for
 
+    from transformers import AutoModelForImageTextToText
+
+    from latexocr.modeling import vision_language_core
+
     cfg = AutoConfig.from_pretrained(model_dir)
-    t, v = cfg.text_config, cfg.vision_config
-    d, ff, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
-    kv = t.num_key_value_heads * (d // t.num_attention_heads)
-    n_llm = layers * (d * d * 2 + d * kv * 2 + 3 * d * ff)
-    e = v.embed_dim
-    n_vit = v.depth * (4 * e * e + 2 * e * e * v.mlp_ratio) + e * 3 * 14 * 14 * 2 + 4 * e * 4 * e + 4 * e * d
+    with torch.device("meta"):  # parameter counts of either family without building it
+        core = vision_language_core(AutoModelForImageTextToText.from_config(cfg))
+    n_llm = sum(p.numel() for p in core.language_model.layers.parameters())
+    n_vit = sum(p.numel() for p in core.visual.parameters())
+    d, vocab = cfg.text_config.hidden_size, cfg.text_config.vocab_size
     fixed = flags[flags.index("--image-size") + 1] if "--image-size" in flags else None
     processor = AutoProcessor.from_pretrained(model_dir)
     enc = SampleEncoder(processor, sizing_for(processor, fixed=fixed))
@@ -93,7 +105,8 @@ def model_flops_per_sample(model_dir: Path, json_path: Path, flags: list[str]) -
             img_tokens = enc.image_tokens(*im.size)
         ans = len(enc.answer_ids(label))
         n = enc.prompt_text_tokens + img_tokens + ans
-        flops.append(4 * n_llm * n + 2 * n_vit * img_tokens * 4 + 4 * d * t.vocab_size * ans)
+        patches = img_tokens * processor.image_processor.merge_size ** 2
+        flops.append(4 * n_llm * n + 2 * n_vit * patches + 4 * d * vocab * ans)
         tokens.append(n)
     return statistics.mean(flops), statistics.mean(tokens)
 
@@ -147,6 +160,8 @@ def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1, 
         "losses": [l["loss"] for l in logs if "loss" in l],
         "train_runtime_s": final.get("train_runtime"),
         "fast_path": next((line for line in proc.stdout.splitlines() if line.startswith("fast path:")), ""),
+        "linear_attention": next((line for line in proc.stdout.splitlines()
+                                  if line.startswith("linear-attention layers:")), ""),
         "wall_s": wall,
     }
 
@@ -155,6 +170,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     ap.add_argument("--model", type=Path, help="an existing model folder (default: build a random-init 2B)")
+    ap.add_argument("--qwen3-5-model", type=Path,
+                    help="the qwen3_5* configurations' model folder (default: build a random-init Qwen3.5-2B)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
     ap.add_argument("--samples", type=int, default=996)
     ap.add_argument("--configs", default="tutorial,default,default_500x100,no_packing,full_logits,grad_ckpt")
@@ -168,10 +185,28 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
-    if not (a.shared / "qwen2vl-2b").exists() and a.model is None:
-        sys.exit(f"{a.shared}/qwen2vl-2b not found: pass --shared or --model")
+    names = a.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown configuration(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    qwen3_5 = [n for n in names if n.startswith(QWEN3_5_PREFIX)]
+    if not (a.shared / "qwen2vl-2b").exists() and (a.model is None or (qwen3_5 and a.qwen3_5_model is None)):
+        sys.exit(f"{a.shared}/qwen2vl-2b not found: pass --shared or --model (and --qwen3-5-model)")
+    if qwen3_5 and a.qwen3_5_model is None and not (a.shared / "qwen3_5-2b").exists():
+        sys.exit(f"{a.shared}/qwen3_5-2b not found (configurations {', '.join(qwen3_5)}): pass --shared or "
+                 "--qwen3-5-model")
     a.work.mkdir(parents=True, exist_ok=True)
-    model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
+    models = {}
+
+    def model_for(name: str) -> Path:  # built once, on first use
+        family = "qwen3_5" if name.startswith(QWEN3_5_PREFIX) else "qwen2vl"
+        if family not in models:
+            if family == "qwen3_5":
+                models[family] = a.qwen3_5_model or build_random_qwen3_5(a.shared, a.work / "qwen3_5-2b-random")
+            else:
+                models[family] = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
+        return models[family]
+
     json_path = write_json(real_samples(a.shared), a.samples, a.work / "train.json")
 
     import torch
@@ -181,8 +216,8 @@ def main():
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     print(env, flush=True)
     results = []
-    for name in a.configs.split(","):
-        flags = CONFIGS[name][0]
+    for name in names:
+        flags, model_dir = CONFIGS[name][0], model_for(name)
         full = name in a.full.split(",")
         compiles = "on" in flags or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
         steps = 0 if full else (a.compiled_steps if compiles else a.steps)

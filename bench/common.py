@@ -1,4 +1,4 @@
-"""Shared by the GPU benchmarks: a random-init full-size model and real-shaped LaTeX_OCR samples."""
+"""Shared by the GPU benchmarks: random-init full-size models and real-shaped LaTeX_OCR samples."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,53 @@ def build_random_model(shared: Path, out: Path) -> Path:
     for name in PROCESSOR_FILES:
         shutil.copy(src / name, out / name)
     del model
+    return out
+
+
+def build_random_qwen3_5(shared: Path, out: Path) -> Path:
+    """Qwen3.5-2B's exact architecture (shared/qwen3_5-2b/config.json) with random bf16 weights.
+
+    Its 248k tokenizer is not in shared/: Qwen2's BPE (shared/qwen2vl-2b) in a Qwen3_5Tokenizer with
+    Qwen3.5's chat template (latexocr/testing.py's, thinking switch included) gives LaTeX token counts
+    close to the real ones. The config's special-token ids are set to that tokenizer's; vocab_size
+    stays 248,320, so the embedding and the (tied) LM head cost what they cost.
+    """
+    import torch
+    from transformers import (AutoConfig, AutoImageProcessor, Qwen3_5ForConditionalGeneration, Qwen3_5Tokenizer,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    from latexocr.testing import QWEN3_5_CHAT_TEMPLATE, THINK_TOKENS
+
+    src, bpe = shared / "qwen3_5-2b", shared / "qwen2vl-2b"
+    if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
+        return out
+    vocab = json.loads((bpe / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (bpe / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if line and not line.startswith("#")]
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                           eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                          "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    tok.add_tokens(THINK_TOKENS)
+    tok.chat_template = QWEN3_5_CHAT_TEMPLATE
+    ids = {name: tok.convert_tokens_to_ids(f"<|{name}|>") for name in
+           ("image_pad", "video_pad", "vision_start", "vision_end", "im_end")}
+    config = AutoConfig.from_pretrained(src)
+    config.image_token_id, config.video_token_id = ids["image_pad"], ids["video_pad"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["vision_start"], ids["vision_end"]
+    config.text_config.eos_token_id = config.eos_token_id = ids["im_end"]
+    config.text_config.pad_token_id = config.pad_token_id = tok.pad_token_id
+    assert config.text_config.vocab_size == 248320 and len(tok) < config.text_config.vocab_size
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = [ids["im_end"], tok.eos_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    del model
+    processor = Qwen3VLProcessor(image_processor=AutoImageProcessor.from_pretrained(src), tokenizer=tok,
+                                 video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=tok.chat_template)
+    processor.save_pretrained(out)
     return out
 
 

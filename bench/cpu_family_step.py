@@ -5,7 +5,7 @@
 
 The number that matters is Qwen3.5's against Qwen3-VL's: without flash-linear-attention and
 causal-conv1d (no CPU build), Qwen3.5's Gated DeltaNet layers run transformers' reference PyTorch
-kernels, and a packed row passes them one sample at a time (latexocr/linear_attention.py). The tiny
+kernels, and a packed row passes them as one right-padded batch of its samples (latexocr/linear_attention.py). The tiny
 models have the same width (64); Qwen3.5's has 4 layers (3 linear-attention), the others 2.
 Median of --steps steps after one warm-up step; torch threads as the machine gives them.
 """
@@ -23,7 +23,7 @@ from common import DEFAULT_SHARED, real_samples
 def step_seconds(family: str, pairs, packed: bool, steps: int) -> float:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.batching import SampleEncoder, TrainCollator, sample_boundaries
     from latexocr.linear_attention import keep_packed_samples_apart
     from latexocr.modeling import add_lora
     from latexocr.sample import sizing_for
@@ -39,7 +39,10 @@ def step_seconds(family: str, pairs, packed: bool, steps: int) -> float:
     if packed:
         use_packed_text_attention(model)
         keep_packed_samples_apart(model)
-    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), packed=packed)(pairs)
+    # the boundaries, as train.py's plan adds them: without them a linear-attention layer would run
+    # the packed row unsplit (fast, and wrong: state crosses samples)
+    extras = {"packed_extras": sample_boundaries} if packed else {}
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), packed=packed, **extras)(pairs)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

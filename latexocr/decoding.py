@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache and a CUDA-graph decode step (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""Greedy decoding with a static cache and a CUDA-graph decode step (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
 
 transformers' `generate` does host work every token (logits processors, stopping criteria with a
 GPU->CPU sync, growing caches and masks, one launch per kernel), so at batch 512 one step costs about
@@ -8,29 +8,35 @@ model's own forward does the same greedy search with:
 * prefill per chunk of similar-sized images (the batch comes sorted by image area), each chunk
   padded only to its own longest prompt and run by the model's own forward (vision tower, M-RoPE);
   its KV cache is copied, right-aligned, into one static cache so every row's prompt ends at slot P;
+  a linear-attention layer's cache (Qwen3.5's Gated DeltaNet: the last 4 convolution inputs and the
+  recurrent state) has no length, so it is copied as is into a fixed buffer per layer. Left padding
+  cannot enter that state: the model's own forward zeroes padded positions before the layer
+  (`apply_mask_to_padding_states`), as in generate's prefill;
 * a decode step that reads and writes only fixed buffers: the next token, its M-RoPE position
   (text tokens advance all three axes alike: last prompt position + 1 + t, as generate does; taken
   from the prompt's positions, not from `rope_deltas`, which count from a row's unpadded length), the
-  cache slot, the key mask, the stop flags and the token history. On CUDA it is captured once per
+  cache slot, the key mask, the linear-attention states (updated in place by transformers' own
+  one-token path), the stop flags and the token history. On CUDA it is captured once per
   (rows, cache length) as a CUDA graph and replayed: one launch per token, no host work;
 * a stop check every STOP_CHECK_EVERY tokens (the only GPU->CPU sync), where the batch is also
   compacted to the next smaller bucket once at most half of its rows are still running.
 
-Greedy results equal one-at-a-time generate's in fp32 (tests/test_decoding.py: three families, rows
-stopping at different lengths; tests/test_infer.py with a trained adapter). Models whose cache is
-not a plain per-layer KV cache (linear-attention or sliding layers, e.g. Qwen3.5) and non-greedy
-settings use `generate` (`static_decode_supported`).
+Greedy results equal one-at-a-time generate's in fp32 (tests/test_decoding.py: four families, rows
+stopping at different lengths; tests/test_infer.py with a trained adapter). Models with other
+layers (sliding-window attention) and non-greedy settings use `generate` (`static_decode_supported`).
 """
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
 
 from .modeling import vision_language_core as _vision_language_core
 
-SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # config.layer_types the loop handles
 STOP_CHECK_EVERY = 8      # tokens between stop checks (one GPU->CPU sync each)
 CACHE_LENGTH_MULTIPLE = 64  # cache lengths are rounded up so few graph shapes occur
 MIN_BUCKET = 8            # compaction never goes below this many rows
@@ -45,14 +51,15 @@ def _unwrap(model):
 
 
 def static_decode_supported(model, options: dict | None = None) -> bool:
-    """True where this loop computes exactly what greedy `generate` computes: a Qwen2/2.5/3-VL model
-    with plain full attention in every text layer (one KV pair per layer), sdpa attention, and no
-    generate() option the loop does not implement (repetition penalty etc. in the generation config)."""
+    """True where this loop computes exactly what greedy `generate` computes: a Qwen2/2.5/3-VL or
+    Qwen3.5 model whose text layers are full attention (one KV pair per layer) or Qwen3.5's linear
+    attention (a conv and a recurrent state), sdpa attention, and no generate() option the loop does
+    not implement (repetition penalty etc. in the generation config)."""
     core = _vision_language_core(model)
     if core is None or getattr(core.config, "model_type", "") not in SUPPORTED_FAMILIES:
         return False
     text = core.config.text_config
-    if any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"])):
+    if any(t not in (ATTENTION, LINEAR_ATTENTION) for t in _layer_types(text)):
         return False
     if getattr(text, "use_sliding_window", False) or text._attn_implementation != "sdpa":
         return False
@@ -78,25 +85,46 @@ def _grouped_decode_sdpa(module, query, key, value, attention_mask=None, dropout
     return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-def _layer_kv(cache):
-    """(keys, values) per layer of a transformers cache returned by a prefill forward."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
+def _layer_types(text_config) -> list[str]:
+    return getattr(text_config, "layer_types", None) or [ATTENTION] * text_config.num_hidden_layers
+
+
+def _layer_states(cache, types: list[str]):
+    """Per layer of a transformers cache returned by a prefill forward: (keys, values) of a
+    full-attention layer, (conv state, recurrent state) of a linear-attention layer."""
+    if not hasattr(cache, "layers"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(layer.keys, layer.values) if kind == ATTENTION else (layer.conv_states[0], layer.recurrent_states[0])
+            for kind, layer in zip(types, cache.layers)]
 
 
 class _SlotCache:
     """The cache object handed to the model in a decode step: writes the new key/value at slot
     `write_at` (a 1-element device tensor, so a CUDA graph replays it at a moving slot) and returns
-    the whole fixed-length buffers; the key mask hides the slots not yet written and the padding."""
+    the whole fixed-length buffers; the key mask hides the slots not yet written and the padding.
+    Linear-attention layers (transformers 5.24's Cache methods they call in a one-token step) get
+    their fixed conv buffer, updated in place by the layer, and their recurrent buffer, copied into."""
 
-    def __init__(self, keys, values, write_at):
+    def __init__(self, keys, values, conv, recurrent, write_at):
         self.keys, self.values, self.write_at = keys, values, write_at
+        self.conv, self.recurrent = conv, recurrent
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
         self.values[layer_idx].index_copy_(2, self.write_at, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return self.conv[layer_idx]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return self.recurrent[layer_idx]
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self.recurrent[layer_idx].copy_(recurrent_states)
+
+    def is_recording_past(self, layer_idx: int) -> bool:  # no rollback: the conv buffer stays 4 wide
+        return False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # transformers 5.24's Qwen-VL forward reads the cache length only when no position_ids or
@@ -107,12 +135,16 @@ class _SlotCache:
 class _State:
     """The fixed buffers of one (rows, cache length) shape, and its CUDA graph once captured."""
 
-    def __init__(self, rows: int, length: int, max_new: int, kv_storage, kv_shape, device):
-        heads, dim = kv_shape
-        numel = rows * heads * length * dim
+    def __init__(self, rows: int, length: int, max_new: int, storage, shapes, types, device):
         self.rows, self.length = rows, length
-        self.keys = [s[0][:numel].view(rows, heads, length, dim) for s in kv_storage]
-        self.values = [s[1][:numel].view(rows, heads, length, dim) for s in kv_storage]
+        views = [tuple(flat[:math.prod(shape)].view(shape) for flat, shape in zip(pair, layer_shapes))
+                 for pair, layer_shapes in zip(storage, shapes)]
+        # full-attention layers: keys and values (rows x heads x length x dim); linear-attention
+        # layers: conv state (rows x channels x kernel) and recurrent state (rows x heads x dk x dv)
+        self.keys = {i: v[0] for i, (v, kind) in enumerate(zip(views, types)) if kind == ATTENTION}
+        self.values = {i: v[1] for i, (v, kind) in enumerate(zip(views, types)) if kind == ATTENTION}
+        self.conv = {i: v[0] for i, (v, kind) in enumerate(zip(views, types)) if kind == LINEAR_ATTENTION}
+        self.recurrent = {i: v[1] for i, (v, kind) in enumerate(zip(views, types)) if kind == LINEAR_ATTENTION}
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)   # key mask
         self.token = torch.zeros(rows, dtype=torch.long, device=device)            # last token, fed next
         self.position = torch.zeros(rows, dtype=torch.long, device=device)         # its M-RoPE position
@@ -121,8 +153,12 @@ class _State:
         self.origin = torch.zeros(rows, dtype=torch.long, device=device)           # row of the batch
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)            # cache slot of `token`
         self.step = torch.zeros(1, dtype=torch.long, device=device)                # index of the token made
-        self.cache = _SlotCache(self.keys, self.values, self.write_at)
+        self.cache = _SlotCache(self.keys, self.values, self.conv, self.recurrent, self.write_at)
         self.graph = None
+
+    def layer_buffers(self):
+        """Every per-layer buffer, each with the batch's rows first."""
+        return [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.recurrent.values()]
 
 
 class StaticDecoder:
@@ -136,9 +172,13 @@ class StaticDecoder:
         self.model = _unwrap(model)
         self.core = _vision_language_core(model)
         text = self.core.config.text_config
-        self.layers = text.num_hidden_layers
+        self.types = _layer_types(text)[: text.num_hidden_layers]
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.kv_shape = (text.num_key_value_heads, head_dim)
+        if LINEAR_ATTENTION in self.types:  # Qwen3.5's Gated DeltaNet: its conv input width and state
+            keys, values = text.linear_num_key_heads * text.linear_key_head_dim, text.linear_num_value_heads * text.linear_value_head_dim
+            self.conv_shape = (2 * keys + values, text.linear_conv_kernel_dim)
+            self.recurrent_shape = (text.linear_num_value_heads, text.linear_key_head_dim, text.linear_value_head_dim)
         embed = self.core.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
@@ -151,25 +191,38 @@ class StaticDecoder:
         AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_sdpa)
         self.text_config = text
         self.states: dict[tuple, _State] = {}
-        self.kv_storage, self.kv_numel = [], 0
+        self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
 
     # ---- buffers ----------------------------------------------------------------------------
-    def _state(self, rows: int, length: int) -> _State:
-        """Buffers for this shape. Every shape views one storage per layer (only one shape is in use
-        at a time), sized for the largest shape seen; growing it drops the graphs that pointed at it."""
+    def _shapes(self, rows: int, length: int) -> list[tuple]:
+        """The two buffers' shapes of each layer (see _State)."""
         heads, dim = self.kv_shape
-        numel = rows * heads * length * dim
-        if numel > self.kv_numel:
+        return [((rows, heads, length, dim),) * 2 if kind == ATTENTION
+                else ((rows, *self.conv_shape), (rows, *self.recurrent_shape)) for kind in self.types]
+
+    def _dtypes(self, kind: str) -> tuple:
+        # the recurrent state stays fp32, as transformers' delta-rule kernels keep it
+        return (self.dtype, self.dtype) if kind == ATTENTION else (self.dtype, torch.float32)
+
+    def _state(self, rows: int, length: int) -> _State:
+        """Buffers for this shape. Every shape views one storage per buffer (only one shape is in use
+        at a time), sized for the largest shape seen (KV: rows x length; linear-attention states:
+        rows); growing it drops the graphs that pointed at it."""
+        if rows * length > self.storage_slots or rows > self.storage_rows:
             self.states.clear()
-            self.kv_storage = []  # free the old storage before allocating the new
-            self.kv_storage = [(torch.zeros(numel, dtype=self.dtype, device=self.device),
-                                torch.zeros(numel, dtype=self.dtype, device=self.device))
-                               for _ in range(self.layers)]
-            self.kv_numel = numel
+            self.storage = []  # free the old storage before allocating the new
+            self.storage_rows, self.storage_slots = max(rows, self.storage_rows), max(rows * length, self.storage_slots)
+            heads, dim = self.kv_shape
+            for kind in self.types:
+                sizes = ((self.storage_slots * heads * dim,) * 2 if kind == ATTENTION else
+                         (self.storage_rows * math.prod(self.conv_shape), self.storage_rows * math.prod(self.recurrent_shape)))
+                self.storage.append(tuple(torch.zeros(n, dtype=dtype, device=self.device)
+                                          for n, dtype in zip(sizes, self._dtypes(kind))))
         key = (rows, length)
         if key not in self.states:
-            self.states[key] = _State(rows, length, self.max_new, self.kv_storage, self.kv_shape, self.device)
+            self.states[key] = _State(rows, length, self.max_new, self.storage, self._shapes(rows, length),
+                                      self.types, self.device)
         return self.states[key]
 
     # ---- one token ----------------------------------------------------------------------------
@@ -254,9 +307,14 @@ class StaticDecoder:
             rope = chunk["position_ids"][1:]
             out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
-            for layer, (k, v) in enumerate(_layer_kv(out.cache if hasattr(out, "cache") else out.past_key_values)):
-                s.keys[layer][row:row + n, :, start:prompt].copy_(k)
-                s.values[layer][row:row + n, :, start:prompt].copy_(v)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            for layer, (first_state, second_state) in enumerate(_layer_states(cache, self.types)):
+                if self.types[layer] == ATTENTION:
+                    s.keys[layer][row:row + n, :, start:prompt].copy_(first_state)
+                    s.values[layer][row:row + n, :, start:prompt].copy_(second_state)
+                else:  # no length: the state after the prompt's last token, whatever the padding
+                    s.conv[layer][row:row + n].copy_(first_state)
+                    s.recurrent[layer][row:row + n].copy_(second_state)
             s.valid[row:row + n, start:prompt] = chunk["attention_mask"].bool()
             # generate's next position: the last prompt position + 1 (a text token: equal on all three axes)
             s.position[row:row + n] = rope[:, :, -1].max(0).values + 1
@@ -280,15 +338,15 @@ class StaticDecoder:
         done_tokens.index_copy_(0, s.origin[gone], s.history[gone])
         done_finished.index_copy_(0, s.origin[gone], s.finished[gone])
         # read everything out before the new views (same storage) are written
-        saved = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in zip(s.keys, s.values)]
+        saved = [buffer.index_select(0, keep) for buffer in s.layer_buffers()]
         small = {name: getattr(s, name).index_select(0, keep)
                  for name in ("valid", "token", "position", "finished", "history", "origin")}
         write_at, step = s.write_at.clone(), s.step.clone()
         t = self._state(rows, s.length)
         n = len(keep)
-        for layer, (k, v) in enumerate(saved):
-            t.keys[layer][:n].copy_(k)
-            t.values[layer][:n].copy_(v)
+        for buffer, rows_kept in zip(t.layer_buffers(), saved):
+            buffer[:n].copy_(rows_kept)
+            buffer[n:].zero_()  # padding rows hold nothing of an earlier batch
         del saved
         for name, value in small.items():
             getattr(t, name)[:n].copy_(value)

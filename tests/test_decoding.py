@@ -14,8 +14,15 @@ from latexocr.generation import predict, prompt_positions
 from latexocr.images import load_image
 from latexocr.sample import sizing_for
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]  # qwen3_5: linear-attention layers too
 NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tiny_family_dirs, tmp_path_factory):
+    """conftest's three tiny families and a tiny Qwen3.5 (three Gated DeltaNet layers, one full attention)."""
+    from latexocr.testing import build_tiny_model
+    return {**tiny_family_dirs, "qwen3_5": build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_5"), "qwen3_5")}
 
 
 def load(folder):
@@ -46,8 +53,8 @@ def stop_at_different_lengths(model, encoder, paths, **kw) -> list[dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_static_loop_equals_one_at_a_time_generate(tiny_family_dirs, formula_images, family, monkeypatch):
-    model, encoder = load(tiny_family_dirs[family])
+def test_static_loop_equals_one_at_a_time_generate(family_dirs, formula_images, family, monkeypatch):
+    model, encoder = load(family_dirs[family])
     paths = [p for p, _ in formula_images[:10]]
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
     reference = stop_at_different_lengths(model, encoder, paths, **kw)
@@ -58,6 +65,28 @@ def test_static_loop_equals_one_at_a_time_generate(tiny_family_dirs, formula_ima
     static = predict(model, encoder, paths, batch_size=10, engine="static", **kw)
     assert static == reference
     assert len({r["prediction"] for r in reference}) > 1
+    assert decoding.static_decode_supported(model)  # engine="auto" takes the loop
+
+
+def test_left_padding_leaves_the_linear_attention_state_alone(family_dirs, formula_images):
+    """A left-padded Qwen3.5 prompt leaves the Gated DeltaNet layers the state its unpadded prompt
+    leaves (the model zeroes padded positions before them), so the static loop may copy it as is."""
+    model, encoder = load(family_dirs["qwen3_5"])
+    batch = generation_batch(encoder, [load_image(p, encoder.sizing) for p, _ in formula_images[:3]])
+    assert batch["attention_mask"].min() == 0  # left padding present
+    with torch.no_grad():
+        padded = model(**batch, use_cache=True).cache
+        for row in range(3):
+            keep = batch["attention_mask"][row].bool()
+            alone = {"input_ids": batch["input_ids"][row:row + 1, keep], "mm_token_type_ids": batch["mm_token_type_ids"][row:row + 1, keep],
+                     "image_grid_thw": batch["image_grid_thw"][row:row + 1], "attention_mask": batch["attention_mask"][row:row + 1, keep]}
+            patches = batch["image_grid_thw"].prod(-1).tolist()
+            start = sum(patches[:row])
+            alone["pixel_values"] = batch["pixel_values"][start:start + patches[row]]
+            cache = model(**alone, use_cache=True).cache
+            for layer, mine in zip(cache.layers[:3], padded.layers[:3]):
+                assert torch.allclose(mine.conv_states[0][row], layer.conv_states[0][0], atol=1e-5)
+                assert torch.allclose(mine.recurrent_states[0][row], layer.recurrent_states[0][0], atol=1e-5)
 
 
 def test_min_new_tokens_is_honoured(tiny_family_dirs, formula_images):
@@ -88,8 +117,8 @@ def test_unsupported_settings_use_generate(tiny_family_dirs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_positions_match_the_model(tiny_family_dirs, formula_images, family):
-    model, encoder = load(tiny_family_dirs[family])
+def test_prompt_positions_match_the_model(family_dirs, formula_images, family):
+    model, encoder = load(family_dirs[family])
     batch = generation_batch(encoder, [load_image(p, encoder.sizing) for p, _ in formula_images[:5]])
     assert batch["attention_mask"].min() == 0  # left padding present
     rope, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],

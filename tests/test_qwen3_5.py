@@ -143,7 +143,10 @@ def test_positions_of_packed_rows_equal_the_models_rope_index(model_dir, encoder
                                            encoder.processor.image_processor.merge_size), expected[:, 0])
 
 
-def test_packed_loss_equals_padded_loss_per_sample(model_dir, encoder, formula_images):
+def test_packed_loss_equals_padded_loss_per_sample(model_dir, encoder, formula_images, monkeypatch):
+    """The default path without the kernels (CPU; a GPU without causal-conv1d): one call of each
+    linear-attention layer per packed row, on the row's samples as one right-padded batch."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
     from latexocr.training import supervised_loss
     batch = samples(formula_images, 5)
     padded = TrainCollator(encoder, packed=False)(batch)
@@ -151,7 +154,15 @@ def test_packed_loss_equals_padded_loss_per_sample(model_dir, encoder, formula_i
     plain = load(model_dir, packed=False)
     reference = per_sample_losses(plain, padded)  # the model's own forward, right padding
     model = load(model_dir)
+    rule, batch_sizes = q35.torch_chunk_gated_delta_rule, []
+    monkeypatch.setattr(q35, "torch_chunk_gated_delta_rule",
+                        lambda q, *a, **kw: batch_sizes.append(q.shape[0]) or rule(q, *a, **kw))
     assert per_sample_losses(model, packed) == pytest.approx(reference, abs=1e-4, rel=1e-5)
+    assert batch_sizes == [5, 5, 5]  # one call per layer, all five samples in it
+    # a row filled up to a multiple (CUDA-graph shapes: the longest-sample bound is then the row length)
+    filled = TrainCollator(encoder, packed=True, pad_to_multiple_of=64, packed_extras=sample_boundaries)(batch)
+    assert per_sample_losses(model, filled)[:5] == pytest.approx(reference, abs=1e-4, rel=1e-5)
+    monkeypatch.undo()
     # and train.py's loss on the packed batch is their sum
     with torch.no_grad():
         loss, n = supervised_loss(model, dict(packed))
