@@ -31,7 +31,6 @@ import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .modeling import vision_language_core as _vision_language_core
 
@@ -69,20 +68,6 @@ def static_decode_supported(model, options: dict | None = None) -> bool:
     return gen is None or ((gen.repetition_penalty in (None, 1.0)) and not gen.no_repeat_ngram_size
                            and not gen.bad_words_ids and not gen.suppress_tokens and not gen.begin_suppress_tokens
                            and not gen.sequence_bias)
-
-
-# transformers' sdpa path repeats every key/value head for its query heads whenever a mask is given
-# (on CUDA; `use_gqa_in_sdpa`): at batch 512 that copies the whole KV cache six times per layer and
-# token. One query token per row lets the query heads of a key/value head stand in for the query
-# length instead: the same attention in one sdpa call, with the cache read once.
-GROUPED_DECODE_ATTENTION = "sdpa_grouped_decode"
-
-
-def _grouped_decode_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
-    rows, heads, length, dim = query.shape  # length == 1 in a decode step
-    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1] * length, dim)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def _layer_types(text_config) -> list[str]:
@@ -187,9 +172,6 @@ class StaticDecoder:
         # transformers 5.24 renamed forward's past_key_values to cache (the old name still works there)
         params = inspect.signature(self.core.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        from transformers import AttentionInterface
-        AttentionInterface.register(GROUPED_DECODE_ATTENTION, _grouped_decode_sdpa)
-        self.text_config = text
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
@@ -240,13 +222,9 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.valid.index_fill_(1, s.write_at, True)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        plain, self.text_config._attn_implementation = self.text_config._attn_implementation, GROUPED_DECODE_ATTENTION
-        try:
-            out = self.model(input_ids=s.token[:, None], position_ids=position,
-                             attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
-                             use_cache=True, logits_to_keep=1, **{self.cache_arg: s.cache})
-        finally:
-            self.text_config._attn_implementation = plain
+        out = self.model(input_ids=s.token[:, None], position_ids=position,
+                         attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: s.cache})
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
         s.finished |= torch.isin(token, self.stop_ids)

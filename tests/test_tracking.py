@@ -3,7 +3,6 @@ no-op modes, and prediction logging. CPU only, no network (the dashboard runs on
 import json
 import math
 import os
-import socket
 import sqlite3
 import subprocess
 import sys

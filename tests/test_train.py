@@ -7,26 +7,19 @@ inference provably see the same pixels.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
-import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import (LABELS, PY, ROOT, TINY, default_sigint, draw_formula, free_port, get_json, losses,
-                     make_dataset, printed_metrics, read_csv, run_main, run_script, script_env, trainer_state)
+from helpers import (LABELS, PY, ROOT, TINY, default_sigint, draw_formula, losses, make_dataset, printed_metrics, read_csv, run_main, run_script, script_env, trainer_state)
 from latexocr.sample import make_record
 
 
