@@ -71,6 +71,7 @@ CONFIGS = {
     # Gated DeltaNet layers run the reference PyTorch kernels, a packed row as one padded batch of its samples
     "qwen3_5": ([], "Qwen3.5-2B, train.py defaults (packed)"),
     "qwen3_5_no_packing": (["--no-packing"], "Qwen3.5-2B, defaults, padded batches instead of packed"),
+    "qwen3_5_compiled": (["--compile-layers", "on"], "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
 QWEN3_5_PREFIX = "qwen3_5"
 PEAK_TFLOPS = 989.0

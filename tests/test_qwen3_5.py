@@ -21,7 +21,7 @@ from latexocr.sample import sizing_for
 from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
 from latexocr.fast.vision import PRECOMPUTED_KEYS
 
-from test_train import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_script, trainer_state
+from helpers import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_main, trainer_state
 
 GDN_PROJECTIONS = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
 
@@ -234,10 +234,10 @@ def overfit(tmp_path_factory, model_dir):
     work = tmp_path_factory.mktemp("overfit_qwen3_5")
     data = make_dataset(work, LABELS)
     out = work / "out"
-    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+    proc = run_main("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 60, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 60, "--logging-steps", 20,
-                      *TINY, timeout=3600)  # as test_train.py's overfit: generous for a busy CPU
+                      *TINY)
     return work, data, out, proc
 
 
@@ -258,7 +258,7 @@ def test_overfit_infer_and_merged_export(overfit, model_dir):
 
     # infer.py, a new process, reproduces every label, with no <think> block in the text
     preds = work / "preds.csv"
-    proc = run_script("infer.py", data, "--model-id", model_dir, "--model-source", "local", "--output-dir", out,
+    proc = run_main("infer.py", data, "--model-id", model_dir, "--model-source", "local", "--output-dir", out,
                       "--output", preds, "--num-workers", "0", "--max-new-tokens", "12")
     metrics = printed_metrics(proc.stdout)
     assert metrics["exact_match"] == 1.0 and metrics["errors"] == 0 and metrics["n"] == 16
@@ -266,21 +266,21 @@ def test_overfit_infer_and_merged_export(overfit, model_dir):
 
     # merged export: plain transformers loads it and predicts the same
     merged = work / "merged"
-    run_script("infer.py", "--merge-to", merged, "--model-id", model_dir, "--model-source", "local",
+    run_main("infer.py", "--merge-to", merged, "--model-id", model_dir, "--model-source", "local",
                "--output-dir", out)
     model = AutoModelForImageTextToText.from_pretrained(merged)
     assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert AutoProcessor.from_pretrained(merged).image_processor.patch_size == 16
     merged_preds = work / "merged.csv"
-    run_script("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
+    run_main("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
                "--output", merged_preds, "--num-workers", "0", "--max-new-tokens", "12")
     assert [r["prediction"] for r in read_csv(merged_preds)] == LABELS
 
 
 def test_resume_continues_a_qwen3_5_run(overfit, model_dir):
     work, data, out, _ = overfit
-    proc = run_script("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+    proc = run_main("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
                       "--output-dir", out, "--max-steps", 62, "--batch-size", 16, "--micro-batch-size", 16,
                       "--learning-rate", 6e-3, "--lora-alpha", 64, "--save-steps", 62, "--logging-steps", 1,
                       "--eval-samples", 2, "--resume", *TINY)
