@@ -23,7 +23,8 @@ def settings_help(source_file) -> dict[str, str]:
     for i, tok in enumerate(tokens):
         if tok.type == tokenize.NAME and tok.start[1] == 0:
             following = tokens[i + 1] if i + 1 < len(tokens) else None
-            is_setting = tok.string.isupper() and following is not None and following.string == "="
+            # NAME = value, or NAME: type = value (an unset setting, typed by its annotation)
+            is_setting = tok.string.isupper() and following is not None and following.string in ("=", ":")
             current = tok.string if is_setting else None
             statement_row = tok.start[0]
         elif tok.type == tokenize.COMMENT and current:
@@ -60,5 +61,5 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
             kind = type(value) if value is not None else types.get(name, str)
             kind = {"int": int, "float": float, "str": str}.get(kind, kind)  # annotations read as text
             parser.add_argument(flag, dest=name.lower(), default=value, type=kind,
-                                help=f"{text} (default: {value})".strip())
+                                help=f"{text} (default: {'unset' if value is None else value})".strip())
     return parser.parse_args(argv)

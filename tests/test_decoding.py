@@ -110,7 +110,7 @@ def test_unsupported_settings_use_generate(tiny_family_dirs):
     model.generation_config.repetition_penalty = 1.05
     assert not decoding.static_decode_supported(model)
     model.generation_config.repetition_penalty = 1.0
-    model.config.text_config._attn_implementation = "eager"
+    model.set_attn_implementation({"text_config": "eager"})
     assert not decoding.static_decode_supported(model)
     with pytest.raises(ValueError, match="engine='generate'"):
         predict(model, encoder, [], engine="static")

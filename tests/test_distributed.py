@@ -25,7 +25,6 @@ then runs train.py unchanged (runpy), so the code under test is train.py itself.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +66,6 @@ OcrTrainer.train = train_and_dump
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +116,7 @@ def _run(tmp, name, model_dir, data, processes, micro):
         # --redirects/--tee: each rank's stdout/stderr also lands in its own file under `logs`, so a
         # failure shows every rank's own last lines (torchrun's merged stream interleaves them)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "--log-dir", str(logs), "--redirects", "3", "--tee", "3", *script, *flags]
     env = {**os.environ, "LATEXOCR_TRACE_BATCHES": str(trace), "LATEXOCR_TEST_DUMP": str(dump),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

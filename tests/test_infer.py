@@ -176,7 +176,7 @@ def test_truncated_rows_and_html_report(trained, tiny_model_dir, data, tmp_path,
     assert all(isinstance(r["render_ok"], bool) for r in rows)
     assert metrics["render_rate"] == pytest.approx(sum(r["render_ok"] for r in rows) / 8)
     page = report.read_text(encoding="utf-8")
-    assert page.count("<tr><td>") == 8 and page.count("data:image/png;base64,") == 8
+    assert page.count("<tr><td>") == 8 + 1 and page.count("data:image/png;base64,") == 8  # + the summary's row
     assert page.count("hit MAX_NEW_TOKENS") == 8
     eds = [r["edit_distance"] for r in rows]
     order = [int(m) for m in re.findall(r'alt="[^"]*?(\d+)\.png"', page)]

@@ -40,7 +40,9 @@ def _rows(tmp_path: Path) -> list[dict]:
 
 def _summary(rows: list[dict]) -> dict:
     """What infer.py passes: every metric of the rows, and the error count."""
-    return {**summarize_rows(rows), "errors": 0}
+    from latexocr.metrics import score_pair
+    stats = [score_pair(r["prediction"], r["label"])[1] for r in rows]
+    return {**summarize_rows(rows, stats), "errors": 0}
 
 
 def test_report_is_self_contained_and_sorted_worst_first(tmp_path):

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("swanlab")
-from helpers import free_port as _free_port, run_main  # noqa: E402
+from helpers import free_port as _free_port, get_json as _get_json, run_main  # noqa: E402
 from latexocr import tracking  # noqa: E402  (imports swanlab)
 
 
@@ -100,14 +100,6 @@ def test_local_without_dashboard_falls_back_to_offline(iso, monkeypatch, capsys)
 def _get(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.status, resp.read()
-
-
-def _get_json(url: str):
-    status, body = _get(url)
-    assert status == 200, url
-    payload = json.loads(body)
-    assert payload.get("code") == 0, payload
-    return payload["data"]
 
 
 class _Dashboard:
