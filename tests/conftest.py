@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_family_dirs(tmp_path_factory):
     from latexocr.testing import build_tiny_model
     return {f: build_tiny_model(tmp_path_factory.mktemp(f"tiny_{f}"), f)
-            for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
+            for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")}
 
 
 @pytest.fixture(scope="session")

@@ -116,43 +116,59 @@ MODE_FLAGS = {"lora": [], "lora_vision": ["--tune", "lora_vision", "--vision-lea
               "full": ["--tune", "full", "--learning-rate", 1e-3]}
 
 
-@pytest.mark.parametrize("mode", list(MODE_FLAGS))
-def test_mode_trains_saves_reloads_and_merges(mode, tmp_path, tiny_model_dir):
+# The one train -> infer -> merge chain: every mode on Qwen2-VL, LoRA on every other family.
+CHAIN = [("qwen2_vl", "lora"), ("qwen2_vl", "lora_vision"), ("qwen2_vl", "full"),
+         ("qwen2_5_vl", "lora"), ("qwen3_vl", "lora"), ("qwen3_5", "lora")]
+
+
+@pytest.mark.parametrize("family,mode", CHAIN, ids=[f"{f}-{m}" for f, m in CHAIN])
+def test_train_infer_merge_chain(family, mode, tmp_path, tiny_family_dirs):
+    """train.py learns (the loss falls), saves what infer.py loads with no extra flag (the scores train.py's
+    evaluation printed), and --merge-to writes one plain model folder that predicts the same."""
+    model_dir = tiny_family_dirs[family]
     data = make_dataset(tmp_path, LABELS)
     out = tmp_path / "out"
-    train = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
-                       "--output-dir", out, *FAST, *MODE_FLAGS[mode])
+    train = run_main("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
+                     "--output-dir", out, *FAST, *MODE_FLAGS[mode])
     losses = logged_losses(train.stdout)
     assert len(losses) >= 10 and losses[-1] < 0.7 * losses[0], losses
     assert f"TUNE={mode}: trainable params" in train.stdout
     final = out / "final"
     assert (final / ("config.json" if mode == "full" else "adapter_config.json")).is_file()
     assert (final / "tokenizer_config.json").is_file()
+    if mode == "lora":  # LoRA sits on the language model's linear layers only
+        from safetensors import safe_open
+        with safe_open(final / "adapter_model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert keys and all("language_model" in k for k in keys), keys[:5]
+        assert {k.split(".")[-3] for k in keys if "lora_A" in k} >= {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"}
 
-    # infer.py, a new process, with no extra flags: the predictions train.py's evaluation scored
+    # infer.py with no extra flags: the predictions train.py's evaluation scored
     preds = tmp_path / "preds.csv"
-    proc = run_main("infer.py", data, "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
-                      "--output", preds, "--num-workers", 0, "--max-new-tokens", 12)
+    proc = run_main("infer.py", data, "--model-id", model_dir, "--model-source", "local", "--output-dir", out,
+                    "--output", preds, "--num-workers", 0, "--max-new-tokens", 12)
     assert str(final) in proc.stderr
     assert same_scores(eval_line(train.stdout), printed_metrics(proc.stdout))
     # --merge-to: one plain model folder, loaded as --model-id, predicts the same
     merged = tmp_path / "merged"
-    run_main("infer.py", "--model-id", tiny_model_dir, "--model-source", "local", "--output-dir", out,
-               "--merge-to", merged)
+    run_main("infer.py", "--model-id", model_dir, "--model-source", "local", "--output-dir", out,
+             "--merge-to", merged)
     merged_preds = tmp_path / "merged.csv"
     run_main("infer.py", data, "--model-id", merged, "--model-source", "local", "--adapter", "none",
-               "--output", merged_preds, "--num-workers", 0, "--max-new-tokens", 12)
+             "--output", merged_preds, "--num-workers", 0, "--max-new-tokens", 12)
     assert [r["prediction"] for r in read_csv(merged_preds)] == [r["prediction"] for r in read_csv(preds)]
+    assert not any("lora" in n for n, _ in load(merged).named_parameters())
 
     # only lora_vision changes the vision tower (merger included): every other mode leaves each of its
     # weights as loaded (on a GPU training loads, and merges into, bf16: compared in the saved dtype)
-    base, trained = vision_weights(load(tiny_model_dir)), vision_weights(load(merged))
+    base, trained = vision_weights(load(model_dir)), vision_weights(load(merged))
     assert base.keys() == trained.keys()
     same = {k for k, w in trained.items() if torch.equal(base[k].to(w.dtype), w)}
     if mode == "lora_vision":
         changed = set(trained) - same
         assert any(k.endswith("attn.qkv.weight") for k in changed) and any(k.startswith("merger.") for k in changed)
-        assert not torch.allclose(vision_output(load(tiny_model_dir)), vision_output(load(merged)).float(), atol=1e-4)
+        assert not torch.allclose(vision_output(load(model_dir)), vision_output(load(merged)).float(), atol=1e-4)
     else:
         assert same == set(trained), sorted(set(trained) - same)[:5]
 

@@ -125,28 +125,7 @@ def test_end_to_end_data2csv_csv2json_train_infer(tmp_path, tiny_model_dir):
     assert [r["label"] for r in rows] == [rec["conversations"][1]["value"] for rec in val]
 
 
-# --------------------------------------------------------------------------- 3. other families
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_other_families_train_and_generate(tmp_path, tiny_family_dirs, family):
-    model_dir = tiny_family_dirs[family]
-    data = make_dataset(tmp_path, LABELS[:2])
-    out = tmp_path / "out"
-    proc = run_main("train.py", "--model-id", model_dir, "--train-json", data, "--val-json", data,
-                      "--output-dir", out, "--max-steps", 2, "--batch-size", 2, "--micro-batch-size", 2,
-                      "--logging-steps", 1, *TINY)
-    assert "[eval @ step 2] exact_match" in proc.stdout and "errors 0" in proc.stdout
-    assert trainer_state(out / "checkpoint-2")["global_step"] == 2
-    # LoRA sits on the language model only; the vision tower is untouched.
-    from safetensors import safe_open
-    with safe_open(out / "final" / "adapter_model.safetensors", "pt") as f:
-        keys = list(f.keys())
-    assert keys and all("language_model" in k for k in keys), keys[:5]
-    assert {k.split(".")[-3] for k in keys if "lora_A" in k} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"}
-    proc = run_main("infer.py", tmp_path / "images" / "0.png", "--model-id", model_dir, "--model-source",
-                      "local", "--output-dir", out, "--num-workers", "0", "--max-new-tokens", "6")
-    assert f"adapter: {out / 'final'}" in proc.stderr
-    assert len(proc.stdout.splitlines()) == 1  # one image: just its LaTeX on stdout
+# (the other families train, infer and merge in tests/test_modes.py's one chain)
 
 
 # ----------------------------------------------------------------------------- 4. Ctrl-C, resume
