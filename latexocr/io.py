@@ -72,3 +72,24 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """A UTF-8 text file's contents (a BOM allowed), else `error` naming the first line that is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise error(f"{path}: line {line} is not UTF-8 text") from None
+
+
+def jsonl_records(path: Path, text: str, error: type[Exception]) -> list[tuple[int, object]]:
+    """(line number, value) of each non-empty line of a JSONL text, else `error` naming the line that is not JSON."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((number, json.loads(line)))
+            except ValueError as exc:
+                raise error(f"{path}: line {number} is not JSON ({exc})") from None
+    return records

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .images import image_problem
+from .io import jsonl_records, read_text
 from .sample import is_valid_label, parse_record
 
 JSON_SHAPE = "a list of {'id', 'conversations': [user turn with the image, assistant turn]} records (csv2json.py output)"
@@ -28,11 +29,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | None]]:
     if not path.is_file():
         raise LabelledFileError(f"labelled file not found: {path}")
     base = path.resolve().parent
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise LabelledFileError(f"{path}: line {line} is not UTF-8 text") from None
+    text = read_text(path, LabelledFileError)
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines(keepends=True))
         try:
@@ -44,13 +41,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | None]]:
         except csv.Error as exc:
             raise LabelledFileError(f"{path}: not a readable CSV ({exc})") from None
     if path.suffix.lower() == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as exc:
-                    raise LabelledFileError(f"{path}: line {number} is not JSON ({exc})") from None
+        records = [record for _, record in jsonl_records(path, text, LabelledFileError)]
     else:
         try:
             records = json.loads(text)

@@ -9,7 +9,6 @@ scores them in ``spawn`` worker processes while the GPU decodes the next batch. 
 from __future__ import annotations
 
 import csv
-import json
 import multiprocessing
 import os
 import signal
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
+from .io import jsonl_records, read_text
 from .metrics import aggregate, render_ok, score_pair
 
 __all__ = ["score_row", "score_items", "summarize_rows", "default_workers", "Scorer", "read_predictions",
@@ -125,23 +125,14 @@ def read_predictions(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise PredictionsFileError(f"predictions file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise PredictionsFileError(f"{path}: line {line} is not UTF-8 text") from None
+    text = read_text(path, PredictionsFileError)
     if path.suffix.lower() == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise PredictionsFileError(f"{path}: line {number} is not JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise PredictionsFileError(f"{path}: line {number} is a JSON {type(record).__name__}, "
-                                               "not an object")
-                records.append((f"line {number}", record))
+        for number, record in jsonl_records(path, text, PredictionsFileError):
+            if not isinstance(record, dict):
+                raise PredictionsFileError(f"{path}: line {number} is a JSON {type(record).__name__}, "
+                                           "not an object")
+            records.append((f"line {number}", record))
     elif path.suffix.lower() == ".csv":
         try:
             reader = csv.DictReader(text.splitlines(keepends=True))
