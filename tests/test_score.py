@@ -23,6 +23,7 @@ from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
 
 from latexocr import metrics, scoring
+from test_metrics import HAND_LABELS
 from latexocr.latex import _SPACE, _TOKEN, render_error, strip_math
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +65,7 @@ def old_summary(preds, refs, truncated):
 
 
 # ------------------------------------------------------------------------------- varied rows
-LABELS = [
-    r"\frac { 1 } { 2 }",
-    r"\mathrm { h o p f } \simeq \sum _ { n > 0 } \widetilde { G } _ { n }",
-    r"\left( x \right) + \left[ y \right] + \left\{ z \right\} + \left\{ w \right.",
-    r"\begin{array} { l l } { a } & { b } \\ { c } & { d } \end{array}",
-    r"a \, b \! c \: d \; e \{ f \} \leftarrow \rightarrow g ^ { \prime }",
-    r"{ \cal L } _ { a } g = 0 , \; \; \mathbf { x } \in \mathbb { R } ^ { 3 } .",
-    r"x",
-    r"E = m c ^ { 2 } .",
-]
+LABELS = HAND_LABELS + [r"x", r"E = m c ^ { 2 } ."]  # test_metrics.py's hand-written labels, and two short ones
 
 
 def varied_rows(n: int = 400, seed: int = 0) -> list[tuple[str | None, str, bool]]:
