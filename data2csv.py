@@ -228,8 +228,13 @@ def main(argv=None) -> int:
     finally:
         if pool is not None:
             # Queued chunks are dropped; the workers finish the few already handed to them (at most
-            # WORKERS + 1 chunks of 64 images: well under a second) and exit. An image being written is a temp file until complete (a re-run removes it).
-            pool.shutdown(wait=True, cancel_futures=True)
+            # WORKERS + 1 chunks of 64 images: well under a second) and exit. An image being written
+            # is a temp file until complete (a re-run removes it). A Ctrl-C that lands inside the
+            # executor's own bookkeeping can leave its shutdown waiting forever (seen once in 120
+            # Ctrl-Cs): leaving by an exception, the workers are stopped after SHUTDOWN_SECONDS.
+            interrupted = sys.exc_info()[0] is not None
+            with _deadline(SHUTDOWN_SECONDS if interrupted else None):
+                pool.shutdown(wait=True, cancel_futures=True)
 
     # The report, then the marker last: a marker means everything before it is on disk.
     with atomic_open(report_path, "w", encoding="utf-8", newline="") as f:
@@ -247,6 +252,36 @@ def main(argv=None) -> int:
     atomic_write_json(marker, {"params": params, "rows": written, "skipped": dict(counts),
                                "csv_sha256": file_sha256(csv_path)})
     return 0
+
+
+SHUTDOWN_SECONDS = 5
+
+
+class _deadline:
+    """Within `seconds` (None: no limit) the block ends, else the worker processes are killed and the
+    process exits with 130, as after a Ctrl-C: every output is already written whole or removed."""
+
+    def __init__(self, seconds: float | None):
+        import threading
+        self.timer = threading.Timer(seconds, self._expire) if seconds else None
+
+    @staticmethod
+    def _expire():
+        import multiprocessing
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        print(f"\ninterrupted: the workers did not stop within {SHUTDOWN_SECONDS} s and were killed; finished "
+              "images are kept, run the same command again to continue", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def __enter__(self):
+        if self.timer is not None:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def __exit__(self, *exc):
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def _exit_on_signal(signum, frame):

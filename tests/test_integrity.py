@@ -398,3 +398,30 @@ def test_help_is_fast_imports_no_torch_and_describes_every_setting():
                  f"print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
         out = subprocess.run([PY, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60).stdout
         assert "HEAVY []" in out, (name, out[-300:])
+
+
+def test_a_shutdown_that_hangs_after_ctrl_c_is_cut_short(tmp_path):
+    """data2csv's last resort (a Ctrl-C inside the process pool's bookkeeping can leave its shutdown
+    waiting forever): after the deadline the workers are killed and the process exits 130."""
+    code = ("import multiprocessing, sys, time; sys.path.insert(0, sys.argv[1]); import data2csv\n"
+            "if __name__ == '__main__':\n"
+            "    worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
+            "    worker.start(); print(worker.pid, flush=True)\n"
+            "    with data2csv._deadline(0.5):\n"
+            "        time.sleep(60)  # a shutdown that never returns\n")
+    script = tmp_path / "hang.py"
+    script.write_text(code)
+    start = time.monotonic()
+    proc = subprocess.run([PY, str(script), str(ROOT)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 130 and time.monotonic() - start < 30, (proc.returncode, proc.stderr)
+    assert "were killed" in proc.stderr and "run the same command again" in proc.stderr
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker outlived the main process")
