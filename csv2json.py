@@ -12,6 +12,19 @@ moved; rows whose image is missing or unusable or whose label is empty are skipp
 """
 from __future__ import annotations
 
+# ---- settings (edit here, or pass the same names as --flags: VAL_SIZE -> --val-size) -------------
+CSV_PATH = "latex_ocr_train.csv"     # input: columns image_path,text (from data2csv.py)
+TRAIN_JSON = "latex_ocr_train.json"  # output: training conversations
+VAL_JSON = "latex_ocr_val.json"      # output: validation conversations
+VAL_SIZE = "100"                     # validation rows: a count (100) or a fraction (0.05)
+SEED = 42                            # fixed, so the split is the same on every run
+VAL_CSV = None                       # a CSV of the dataset's validation split: used as the
+                                     # validation set instead, and all of CSV_PATH trains
+REQUIRE_DONE = True                  # read only CSVs whose data2csv completion record matches
+                                     # (--no-require-done for a CSV made otherwise)
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+# ---------------------------------------------------------------------------------------------
+
 import csv
 import hashlib
 import json
@@ -26,18 +39,6 @@ from latexocr.images import image_problem
 from latexocr.io import atomic_write_json, file_sha256
 from latexocr.sample import is_valid_label, make_record
 
-# ---- settings (edit here, or pass the same names as --flags: VAL_SIZE -> --val-size) -------------
-CSV_PATH = "latex_ocr_train.csv"     # input: columns image_path,text (from data2csv.py)
-TRAIN_JSON = "latex_ocr_train.json"  # output: training conversations
-VAL_JSON = "latex_ocr_val.json"      # output: validation conversations
-VAL_SIZE = "100"                     # validation rows: a count (100) or a fraction (0.05)
-SEED = 42                            # fixed, so the split is the same on every run
-VAL_CSV = None                       # a CSV of the dataset's validation split: used as the
-                                     # validation set instead, and all of CSV_PATH trains
-REQUIRE_DONE = True                  # read only CSVs whose data2csv completion record matches
-                                     # (--no-require-done for a CSV made otherwise)
-SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
-# ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("image_path", "text")
 

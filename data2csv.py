@@ -15,6 +15,20 @@ Image paths in the CSV are relative to the CSV's folder (csv2json.py resolves th
 """
 from __future__ import annotations
 
+# ---- settings (edit here, or pass the same names as --flags: CSV_PATH -> --csv-path) ------------
+SOURCE = "modelscope"        # 'modelscope' (AI-ModelScope/LaTeX_OCR), 'huggingface' (linxy/LaTeX_OCR),
+                             # or a local parquet file / folder / LaTeX_OCR_PRO folder
+CONFIG = "default"           # default, full, small, synthetic_handwrite, human_handwrite, human_handwrite_print
+SPLIT = "train"              # train, validation, test
+LIMIT = "1000"               # source rows to export, as in the tutorial; 'all' for every row
+IMAGE_DIR = "latex_ocr_images"     # where the PNGs go
+CSV_PATH = "latex_ocr_train.csv"   # the output: columns image_path,text
+WORKERS = 2                  # processes validating/writing images; 0 = all in this process
+CACHE_DIR = None             # hub download cache (None = the hub client's default)
+FORCE = False                # rewrite every image even if a finished run matches
+SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+# ---------------------------------------------------------------------------------------------
+
 import csv
 import json
 import os
@@ -31,19 +45,6 @@ from latexocr.io import atomic_open, atomic_write_json, check_writable, file_sha
 from latexocr.sample import label_problem
 from latexocr.sources import SourceError, open_source, source_fingerprint
 
-# ---- settings (edit here, or pass the same names as --flags: CSV_PATH -> --csv-path) ------------
-SOURCE = "modelscope"        # 'modelscope' (AI-ModelScope/LaTeX_OCR), 'huggingface' (linxy/LaTeX_OCR),
-                             # or a local parquet file / folder / LaTeX_OCR_PRO folder
-CONFIG = "default"           # default, full, small, synthetic_handwrite, human_handwrite, human_handwrite_print
-SPLIT = "train"              # train, validation, test
-LIMIT = "1000"               # source rows to export, as in the tutorial; 'all' for every row
-IMAGE_DIR = "latex_ocr_images"     # where the PNGs go
-CSV_PATH = "latex_ocr_train.csv"   # the output: columns image_path,text
-WORKERS = 2                  # processes validating/writing images; 0 = all in this process
-CACHE_DIR = None             # hub download cache (None = the hub client's default)
-FORCE = False                # rewrite every image even if a finished run matches
-SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
-# ---------------------------------------------------------------------------------------------
 
 CHUNK = 64                   # rows per task sent to a worker: big enough to amortize pickling
 
