@@ -49,6 +49,10 @@ SOURCES = {
          ("c105dff8eaf76e1a", "226ac4b2a182a50e")),
     ("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"):
         ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b", "2373431b645f0805")),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"):
+        ("linear_attention.py hands it packed rows as one right-padded batch (or cu_seq_lens_q / seq_idx), and "
+         "decoding.py _SlotCache answers the cache calls of its one-token path (get_conv_state, "
+         "get_recurrent_state, update_recurrent_state, is_recording_past)", ("92cffc53f026e24e",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
 }
