@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .batching import SampleEncoder
 from .generation import predict
-from .scoring import Scorer, default_workers, score_row, summarize_rows  # noqa: F401 (score_row: re-exported)
+from .scoring import Scorer, default_workers, summarize_rows
 
 
 def comparison_table(base: dict | None, tuned: dict) -> tuple[list[str], list[list]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from latexocr.evaluation import score_row, summarize_rows
+from latexocr.scoring import score_row, summarize_rows
 from latexocr.metrics import worst_first
 from latexocr.report import write_report
 
