@@ -12,14 +12,16 @@ import re
 
 __all__ = ["strip_math", "tokenize", "render", "render_error"]
 
-# The dataset fuses a few constructs into one token: \begin{array}, \end{array}, and \left / \right
-# with their delimiter (\left(, \right., \left\{). Everything else is a control word (\frac),
-# a control symbol (\{ \, \\), or one character.
+# The dataset fuses a few constructs into one token: \begin{array}, \end{array}, \left / \right
+# with their delimiter (\left(, \right., \left\{), and KaTeX's dash ligatures -- and --- (its lexer
+# reads them as one token: `D _ { -- }`). Everything else is a control word (\frac), a control symbol
+# (\{ \, \\), or one character.
 _TOKEN = re.compile(
     r"\\(?:begin|end)\s*\{\s*[A-Za-z]+\*?\s*\}"               # \begin{array}
     r"|\\(?:left|right)(?![A-Za-z])\s*(?:\\[A-Za-z]+|\\.|[^\s\\])"  # \left( \right\} \left\langle
     r"|\\[A-Za-z]+"                                           # control word
     r"|\\."                                                   # control symbol
+    r"|-{2,3}"                                                # the -- and --- ligatures
     r"|\S",                                                   # one character
     re.DOTALL,
 )

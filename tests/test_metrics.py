@@ -122,6 +122,7 @@ HAND_LABELS = [
     r"\begin{array} { l l } { a } & { b } \\ { c } & { d } \end{array}",
     r"a \, b \! c \: d \; e \{ f \} \leftarrow \rightarrow g ^ { \prime }",
     r"{ \cal L } _ { a } g = 0 , \; \; \mathbf { x } \in \mathbb { R } ^ { 3 } .",
+    r"D _ { -- } + \Psi ^ { --- } - - x",  # KaTeX's dash ligatures are one token; spaced dashes two
 ]
 
 
@@ -151,6 +152,7 @@ COMPACT = [  # (compact LaTeX a model may write, the label)
     (r"\begin{array}{ll}a&b\\c&d\end{array}", r"\begin{array} { l l } a & b \\ c & d \end{array}"),
     (r"x_{12}\leq\alpha\,y", r"x _ { 1 2 } \leq \alpha \, y"),
     (r"a\ b", r"a \ b"),  # a control space: the labels write it as a lone "\"
+    (r"D_{--}-x", r"D _ { -- } - x"),
 ]
 
 
