@@ -24,6 +24,11 @@ model's own forward does the same greedy search with:
 Greedy results equal one-at-a-time generate's in fp32 (tests/test_decoding.py: four families, rows
 stopping at different lengths; tests/test_infer.py with a trained adapter). Models with other
 layers (sliding-window attention) and non-greedy settings use `generate` (`static_decode_supported`).
+
+Sampling (`temperature` > 0, optional `top_p`) exists for GRPO's rollouts (latexocr/grpo.py); greedy
+stays the default of every caller. It draws without a host sync, so the step still replays as a graph:
+the Gumbel-max form of categorical sampling (argmax of probabilities / Exp(1) noise) on the
+temperature-scaled, nucleus-truncated distribution.
 """
 from __future__ import annotations
 
@@ -81,6 +86,19 @@ def _layer_states(cache, types: list[str]):
         return list(zip(cache.key_cache, cache.value_cache))
     return [(layer.keys, layer.values) if kind == ATTENTION else (layer.conv_states[0], layer.recurrent_states[0])
             for kind, layer in zip(types, cache.layers)]
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """One token per row drawn from softmax(logits / temperature), restricted to the smallest set of
+    tokens whose probability reaches top_p (the most likely token always stays): what generate's
+    do_sample with these two settings draws, without a host sync."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_()
+    return (probs / noise).argmax(-1)
 
 
 class _SlotCache:
@@ -153,7 +171,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                 min_new_tokens: int = 0, use_graphs: bool | None = None):
+                 min_new_tokens: int = 0, use_graphs: bool | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0):
         self.model = _unwrap(model)
         self.core = _vision_language_core(model)
         text = self.core.config.text_config
@@ -168,6 +187,7 @@ class StaticDecoder:
         self.device, self.dtype = embed.device, embed.dtype
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
         self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
+        self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         # transformers 5.24 renamed forward's past_key_values to cache (the old name still works there)
         params = inspect.signature(self.core.forward).parameters
@@ -209,13 +229,14 @@ class StaticDecoder:
 
     # ---- one token ----------------------------------------------------------------------------
     def _pick(self, logits, step, finished):
-        """Greedy choice as generate makes it: stop tokens barred before min_new_tokens, and pad once finished."""
+        """Greedy choice as generate makes it (or a sample: `sample_tokens`): stop tokens barred before
+        min_new_tokens, and pad once finished."""
         logits = logits.float()
         if self.min_new:
             barred = (step < self.min_new).expand(logits.shape[0], len(self.stop_ids))
             logits.scatter_(1, self.stop_ids.expand(logits.shape[0], -1),
                             torch.where(barred, float("-inf"), logits.gather(1, self.stop_ids.expand(logits.shape[0], -1))))
-        token = logits.argmax(-1)
+        token = logits.argmax(-1) if self.temperature <= 0 else sample_tokens(logits, self.temperature, self.top_p)
         return torch.where(finished, torch.full_like(token, self.pad_id), token)
 
     def _step(self, s: _State) -> None:
