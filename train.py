@@ -73,6 +73,19 @@ SWANLAB_PROJECT = "Qwen2-VL-LatexOCR" # SwanLab project name
 EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
 SWANLAB_LOGDIR = "swanlog" # where SwanLab keeps local/offline runs
 LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
+# reinforcement (METHOD=grpo): README "Reinforcement after fine-tuning (GRPO)", latexocr/grpo.py
+METHOD = "sft"           # sft (supervised fine-tuning, the tutorial) | grpo (reinforcement of INIT_ADAPTER,
+                         # written to OUTPUT_DIR-grpo; BATCH_SIZE and MICRO_BATCH_SIZE then count images)
+INIT_ADAPTER = ""        # the LoRA adapter GRPO starts from (its own rank, targets and sample definition);
+                         # "" = OUTPUT_DIR/final, the SFT run's
+NUM_GENERATIONS = 8      # completions sampled per image, compared with each other
+TEMPERATURE = 1.0        # sampling temperature of the completions (evaluation and infer.py stay greedy)
+TOP_P = 1.0              # nucleus sampling: only the most likely tokens making up this probability mass
+REWARD_WEIGHTS = "edit=1,exact=1,render=0.5"  # reward = weighted 1 - token edit distance, exact match, KaTeX
+                         # renders (no credit when truncated); unnamed ones weigh 0; function=W weighs yours
+REWARD_FUNCTION = ""     # your reward, module:function or file.py:function: fn(predictions, labels) -> floats
+KL_BETA = 0.0            # weight of the per-token KL to the base model (adapter off); 0 skips that forward
+CLIP_EPSILON = 0.2       # the objective's ratio clip: updates move each token's probability by at most this factor
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
@@ -191,6 +204,14 @@ def evaluate_and_log(model, encoder, pairs, args, tracker, throughput, say, step
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
     check_inputs(args)
+    # ---- reinforcement (METHOD=grpo, latexocr/grpo.py): its settings checked, args.output_dir its own ----
+    grpo = None
+    if args.method == "grpo":
+        from latexocr.grpo import setup_grpo
+        grpo = setup_grpo(args, [label for _, label in read_labelled(args.train_json) if label])
+    elif args.method != "sft":
+        raise SystemExit(f"METHOD must be sft or grpo, not {args.method!r}")
+    # --------------------------------------------------------------------------------------------------
     check_settings(args)
 
     import torch
@@ -223,7 +244,9 @@ def main(argv=None):
         model_path = resolve_model(args.model_id, args.model_source)
     processor = load_processor(model_path)
     model_type = AutoConfig.from_pretrained(model_path).model_type  # the config only: weights load below
-    encoder, definition = setup_sample(processor, args, model_type, resume_from, verbose=state.is_main_process)
+    # (GRPO: the sample definition of the adapter it starts from, so rollouts see what inference sees)
+    trained = resume_from or (args.init_adapter if grpo else None)
+    encoder, definition = setup_sample(processor, args, model_type, trained, verbose=state.is_main_process)
 
     # ---- data: paths and labels only; images are loaded by the DataLoader workers ----
     # (built before the model: a MAX_LENGTH below every sample stops here, before the weights load)
@@ -247,8 +270,12 @@ def main(argv=None):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
-                                unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
+    if grpo:  # GRPO trains the adapter it starts from
+        from latexocr.grpo import load_trainable_adapter
+        model = load_trainable_adapter(model, args.init_adapter)
+    else:
+        model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
+                                    unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
     if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
     counts = parameter_counts(model)
@@ -264,7 +291,11 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
     # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
-    plan = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
+    if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
+        from latexocr.grpo import grpo_plan
+        plan = grpo_plan(args, grpo)
+    else:
+        plan = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
     say(plan.summary)
 
     training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process)
@@ -295,7 +326,9 @@ def main(argv=None):
     outcome = {"state": "crashed", "error": None}  # what the dashboard shows if we leave early
     try:
         base_summary = None
-        if args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
+        if args.eval_base_model and grpo:  # GRPO's "before" is the adapter it starts from
+            base_summary = evaluate(0, what="starting adapter")
+        elif args.eval_base_model:  # TUNE=full: nothing is trained yet, the model is the base model
             with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
                 base_summary = evaluate(0, what="base model")
 
