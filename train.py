@@ -85,7 +85,9 @@ REWARD_WEIGHTS = "edit=1,exact=1,render=0.5"  # reward = weighted 1 - token edit
                          # renders (no credit when truncated); unnamed ones weigh 0; function=W weighs yours
 REWARD_FUNCTION = ""     # your reward, module:function or file.py:function: fn(predictions, labels) -> floats
 KL_BETA = 0.0            # weight of the per-token KL to the base model (adapter off); 0 skips that forward
-CLIP_EPSILON = 0.2       # the objective's ratio clip: updates move each token's probability by at most this factor
+STEPS_PER_ROLLOUT = 1    # optimizer steps on each rollout's completions (> 1: generation paid once for them)
+CLIP_EPSILON = 0.2       # with STEPS_PER_ROLLOUT > 1: the most a token's probability ratio to the rollout's
+                         # may move before its gradient stops (the objective's clip)
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 

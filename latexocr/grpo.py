@@ -29,11 +29,14 @@ rewards' signature) and adding a dependency. So GrpoTrainer is an OcrTrainer wit
    second model in memory. The reference is the base model, not the SFT adapter GRPO starts from (the
    common LoRA choice: the only one that costs no second adapter).
 
-One optimizer step per rollout, as TRL's default (num_iterations 1): the "old" log-probabilities are
-the current ones detached, so the ratio is 1 and its gradient is exactly the policy gradient
--A * grad log p. The clip (CLIP_EPSILON) then never binds and clip_fraction stays 0; it is kept (and
-logged) because the rollout policy and the updated one differ as soon as a rollout feeds more than one
-step, and because a dropout-free rollout of an adapter trained with LoRA dropout already differs a little.
+Each rollout feeds STEPS_PER_ROLLOUT optimizer steps (TRL's num_iterations, GRPO's mu). With 1, the
+default, the "old" log-probabilities are the current ones detached: the ratio is 1, the clip never binds
+(clip_fraction 0) and the gradient is exactly the policy gradient -A * grad log p. With more, the
+rollout's log-probabilities are taken once, without gradients, when it is made; the later steps move
+the policy away from them and CLIP_EPSILON bounds how far one token's probability ratio may go. The
+rollout cost (generation: most of a step) is then paid once per STEPS_PER_ROLLOUT steps; the prompts
+are not read again for those steps, so an epoch reads 1 / STEPS_PER_ROLLOUT of the training set
+(MAX_STEPS is the natural way to size a GRPO run).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from .speed import plain_text_attention
 from .training import OcrTrainer, Plan
 
 ADVANTAGES_KEY = "completion_advantages"  # one advantage per supervised (completion) token of an update batch
+OLD_LOGPROBS_KEY = "completion_old_logprobs"  # with STEPS_PER_ROLLOUT > 1: their log-probabilities at rollout
 # the model config's ids of tokens that stand for (or frame) an image: never part of a completion
 PLACEHOLDERS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 GRPO_SUFFIX = "-grpo"                     # GRPO writes to OUTPUT_DIR + this, next to the SFT run it starts from
@@ -114,6 +118,7 @@ class GrpoSettings:
     top_p: float = 1.0
     kl_beta: float = 0.0
     clip_epsilon: float = 0.2
+    steps_per_rollout: int = 1
     max_new_tokens: int = 256
     rewards: Rewards | None = None
 
@@ -125,9 +130,9 @@ class GrpoSettings:
             raise SystemExit(f"TEMPERATURE={self.temperature}: rollouts sample, the temperature must be > 0")
         if not 0 < self.top_p <= 1:
             raise SystemExit(f"TOP_P={self.top_p}: must be in (0, 1]")
-        if self.kl_beta < 0 or not 0 < self.clip_epsilon < 1:
-            raise SystemExit(f"KL_BETA={self.kl_beta}, CLIP_EPSILON={self.clip_epsilon}: KL_BETA >= 0, "
-                             f"0 < CLIP_EPSILON < 1")
+        if self.kl_beta < 0 or not 0 < self.clip_epsilon < 1 or self.steps_per_rollout < 1:
+            raise SystemExit(f"KL_BETA={self.kl_beta}, CLIP_EPSILON={self.clip_epsilon}, STEPS_PER_ROLLOUT="
+                             f"{self.steps_per_rollout}: KL_BETA >= 0, 0 < CLIP_EPSILON < 1, STEPS_PER_ROLLOUT >= 1")
 
 
 def grpo_output_dir(output_dir: str) -> str:
@@ -154,7 +159,7 @@ def setup_grpo(args, labels: list[str]) -> GrpoSettings:
         print(f"note: METHOD=grpo trains the adapter {init} as it was saved; TUNE and QUANTIZATION are ignored")
     args.init_adapter, args.output_dir = str(init), str(out)
     return GrpoSettings(args.num_generations, args.temperature, args.top_p, args.kl_beta, args.clip_epsilon,
-                        args.max_new_tokens, rewards)
+                        args.steps_per_rollout, args.max_new_tokens, rewards)
 
 
 def load_trainable_adapter(model, folder: str):
@@ -251,6 +256,8 @@ class GrpoTrainer(OcrTrainer):
         config = self._policy().config
         self.placeholder_ids = {getattr(config, name, None) for name in PLACEHOLDERS} - {None}
         self.decoder = None  # built at the first rollout (the model is placed on its device by then)
+        self.rollout_stats = defaultdict(list)  # the rewards etc. of the rollout the current step trains on
+        self.reused, self.reuse_left = None, 0  # the last rollout's update batches, and steps it still feeds
         self.metrics = defaultdict(list)  # per rollout / update, averaged into the next log line
         self.step_seconds = {"rollout": 0.0, "reward": 0.0}  # of the optimizer step being rolled out
 
@@ -311,22 +318,40 @@ class GrpoTrainer(OcrTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # the prompts of one optimizer step, rolled out; transformers then counts their completion
         # tokens (the update batches' supervised labels) for the step's token-level normalisation
+        if self.reuse_left > 0:  # STEPS_PER_ROLLOUT > 1: this rollout feeds another step
+            self.reuse_left -= 1
+            self.log_step(dict.fromkeys(self.step_seconds, 0.0))
+            return self.reused
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.step_seconds = dict.fromkeys(self.step_seconds, 0.0)
+        self.rollout_stats = defaultdict(list)
         updates = [self.rollout(batch) for batch in batches]
-        for name, seconds in self.step_seconds.items():  # per optimizer step: the step time's split
-            self.metrics[f"{name}_seconds"].append(seconds)
-        return super().get_batch_samples(iter(updates), len(updates), device)
+        self.log_step(self.step_seconds)
+        if self.grpo.steps_per_rollout > 1:
+            for update in updates:
+                update[OLD_LOGPROBS_KEY] = self.rollout_logprobs(update)
+        self.reused = super().get_batch_samples(iter(updates), len(updates), device)
+        self.reuse_left = self.grpo.steps_per_rollout - 1
+        return self.reused
+
+    @torch.no_grad()
+    def rollout_logprobs(self, update: dict) -> torch.Tensor:
+        """The log-probabilities of an update batch's completions under the policy that sampled them."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in update.items() if k != ADVANTAGES_KEY}
+        return completion_logprobs(self.model, batch, self.grpo.temperature).cpu()
 
     # ---- update ----
     def step_loss(self, model, inputs: dict) -> tuple[torch.Tensor, int]:
         advantages = inputs.pop(ADVANTAGES_KEY)
+        old = inputs.pop(OLD_LOGPROBS_KEY, None)
         logprobs = completion_logprobs(model, inputs, self.grpo.temperature)
         reference = None
         if self.grpo.kl_beta > 0:
             with torch.no_grad(), self._policy().disable_adapter():
                 reference = completion_logprobs(model, inputs, self.grpo.temperature)
-        loss, clipped, kl = grpo_token_loss(logprobs, logprobs.detach(), advantages.to(logprobs.dtype),
+        old = logprobs.detach() if old is None else old.to(logprobs.dtype)
+        loss, clipped, kl = grpo_token_loss(logprobs, old, advantages.to(logprobs.dtype),
                                             self.grpo.clip_epsilon, reference, self.grpo.kl_beta)
         self.metrics["clip_fraction"].append(clipped.float().mean().item())
         if kl is not None:
@@ -334,10 +359,18 @@ class GrpoTrainer(OcrTrainer):
         return loss.sum(), loss.numel()
 
     # ---- logging ----
+    def log_step(self, seconds: dict) -> None:
+        """What the next log line reports of this optimizer step: its rollout's statistics (the same
+        rollout for STEPS_PER_ROLLOUT steps) and the seconds it spent rolling out and rewarding."""
+        for name, values in self.rollout_stats.items():
+            self.metrics[name] += values
+        for name, value in seconds.items():
+            self.metrics[f"{name}_seconds"].append(value)
+
     def record(self, rewards: torch.Tensor, parts: dict, completions: list, truncated: list) -> None:
         groups = rewards.view(-1, self.grpo.num_generations)
         std = groups.std(1)
-        m = self.metrics
+        m = self.rollout_stats
         m["reward"].append(rewards.mean().item())
         for name, values in parts.items():
             m[f"reward_{name}"].append(sum(values) / len(values))
