@@ -5,7 +5,8 @@ owns the pieces this project has already made exact and fast, and makes them dif
 - the prompt: TRL renders a dataset's "prompt" column with its own chat-template code and sizes images
   with the processor's defaults; here the prompt and sizing are the sample definition saved with the
   adapter (latexocr/sample.py), which infer.py and SFT read too;
-- the batches: TRL scores completions in right-padded rows; SFT here packs samples into one row with
+- the batches: TRL scores completions in padded rows (prompts left-, completions right-padded); SFT here
+  packs samples into one row with
   per-sample M-RoPE positions (latexocr/batching.py TrainCollator), which the update below reuses as is;
 - generation: TRL calls `generate` (or a vLLM server, a second copy of the weights); here rollouts go
   through the static-cache decoder of infer.py (latexocr/decoding.py), extended with sampling;
@@ -41,7 +42,6 @@ are not read again for those steps, so an epoch reads 1 / STEPS_PER_ROLLOUT of t
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -201,11 +201,12 @@ class CompletionEncoder(SampleEncoder):
 class RolloutCollator:
     """A micro-batch of (image_path, label) pairs as rollout prompts, built in the DataLoader workers:
     each readable image `repeats` times in a row, encoded by infer.py's own prompt batching
-    (generation._Collate: left-padded chunks of similar sizes, with positions for the static decoder)."""
+    (generation._Collate: left-padded chunks of similar sizes with their positions for the static
+    decoder, or one batch for `generate`)."""
 
     encoder: SampleEncoder
     repeats: int
-    static: bool = True
+    static: bool  # chunks with positions for the static decoder, else one batch for generate
 
     def __call__(self, samples) -> dict:
         pairs, images = [], []
@@ -250,7 +251,9 @@ class GrpoTrainer(OcrTrainer):
         self.grpo = grpo
         encoder = data_collator.encoder
         self.update_collator = dataclasses.replace(data_collator, encoder=CompletionEncoder(encoder))
-        super().__init__(*args, data_collator=RolloutCollator(encoder, grpo.num_generations), **kwargs)
+        # the static decoder where it applies (latexocr/decoding.py), else transformers' generate
+        self.static = static_decode_supported(kwargs["model"])
+        super().__init__(*args, data_collator=RolloutCollator(encoder, grpo.num_generations, self.static), **kwargs)
         tok = self.text_tokenizer = encoder.tokenizer
         self.stop_ids = [tok.convert_tokens_to_ids(END_OF_TURN)] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         config = self._policy().config
@@ -276,7 +279,7 @@ class GrpoTrainer(OcrTrainer):
         try:
             # as generation.predict: plain attention for the KV-cache path, compiled blocks run eagerly
             with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
-                if static_decode_supported(model):
+                if self.static:
                     if self.decoder is None:
                         self.decoder = StaticDecoder(model, self.stop_ids, self.text_tokenizer.pad_token_id,
                                                      self.grpo.max_new_tokens, temperature=self.grpo.temperature,
@@ -336,7 +339,8 @@ class GrpoTrainer(OcrTrainer):
 
     @torch.no_grad()
     def rollout_logprobs(self, update: dict) -> torch.Tensor:
-        """The log-probabilities of an update batch's completions under the policy that sampled them."""
+        """The log-probabilities of an update batch's completions under the policy that sampled them
+        (in training mode, as the steps that compare against them compute theirs)."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in update.items() if k != ADVANTAGES_KEY}
         return completion_logprobs(self.model, batch, self.grpo.temperature).cpu()

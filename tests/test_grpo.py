@@ -233,3 +233,12 @@ def test_grpo_raises_a_learnable_reward_and_not_without_advantages(sft, tiny_mod
     assert learnt[0] == frozen[0]  # the same seed: the same first rollout
     assert sum(learnt[-2:]) / 2 > learnt[0] + 0.3, learnt
     assert sum(frozen[-2:]) / 2 < frozen[0] + 0.1, frozen
+
+
+def test_models_the_static_decoder_does_not_take_roll_out_with_generate(sft, tiny_model_dir):
+    work, data = sft
+    proc = run_main("train.py", *grpo_args(tiny_model_dir, work, data, "--max-steps", 1, "--save-steps", 1000,
+                                           "--attn-implementation", "eager", "--output-dir", work / "eager",
+                                           "--init-adapter", work / "sft" / "final"))
+    line, = logged(proc.stdout)
+    assert 0 < float(line["completion_length"]) <= 12 and "reward" in line
