@@ -20,7 +20,8 @@ OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
 ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none;
                               # a full model folder (train.py TUNE=full) is loaded in place of MODEL_ID
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
-BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
+BATCH_SIZE: int = "auto"      # images per generation batch; auto: as many as fit the GPU's free memory
+                              # (at most 512; measured, latexocr/memory.py), 512 on a CPU
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
 # image sizing; None: the one saved with the model (latexocr_sample.json), else the default in brackets;
 # a value given here or as a flag wins over the saved one, with a warning
@@ -165,6 +166,7 @@ def main(argv=None):
         return rescore(args)
 
     from latexocr.generation import predict
+    from latexocr.memory import parse_auto
     from latexocr.metrics import worst_first
     from latexocr.sample import SAMPLE_FILE, setup_sample, write_sample_definition
     from latexocr.scoring import Scorer, default_workers, summarize_rows
@@ -178,6 +180,7 @@ def main(argv=None):
             problem = check_writable(Path(args.output).resolve().parent)
             if problem:
                 raise SystemExit(f"error: {problem}")
+    parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
     if args.merge_to and args.adapter in ("none", ""):  # before any model is loaded or downloaded
         raise SystemExit("--merge-to needs an adapter (got --adapter none)")
     if args.merge_to and args.quantization != "none":
@@ -210,7 +213,8 @@ def main(argv=None):
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
-        results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
+                          max_new_tokens=args.max_new_tokens,
                           num_workers=args.num_workers, progress=len(images) > 1,
                           on_batch=score_batch if labelled else None)
         scores, bleu_stats = scorer.results()
