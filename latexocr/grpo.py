@@ -53,11 +53,11 @@ from .batching import IGNORE_INDEX, SampleEncoder, TrainCollator, sample_boundar
 from .decoding import StaticDecoder, static_decode_supported
 from .generation import PREFILL_CHUNK_ROWS, _Collate
 from .images import load_image
-from .modeling import is_full_model
+from .modeling import is_full_model, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
 from .speed import plain_text_attention
-from .training import OcrTrainer, Plan
+from .training import OcrTrainer, Plan, supervised_logits
 
 ADVANTAGES_KEY = "completion_advantages"  # one advantage per supervised (completion) token of an update batch
 OLD_LOGPROBS_KEY = "completion_old_logprobs"  # with STEPS_PER_ROLLOUT > 1: their log-probabilities at rollout
@@ -97,15 +97,10 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 def completion_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) of every supervised token of a training batch (in row order), under the model's
-    distribution at `temperature` (the one the rollout sampled from). As training.supervised_loss,
-    logits are computed only where a label is supervised. `batch` keeps its labels."""
-    batch = dict(batch)
-    targets = batch.pop("labels")[:, 1:]
-    keep = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-    logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float() / temperature
-    targets = targets[targets != IGNORE_INDEX]
-    return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    distribution at `temperature` (the one the rollout sampled from); logits only where a label is
+    supervised, as SFT's loss computes them. `batch` keeps its labels."""
+    logits, targets = supervised_logits(model, dict(batch))
+    return torch.log_softmax(logits.float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -135,11 +130,6 @@ class GrpoSettings:
                              f"{self.steps_per_rollout}: KL_BETA >= 0, 0 < CLIP_EPSILON < 1, STEPS_PER_ROLLOUT >= 1")
 
 
-def grpo_output_dir(output_dir: str) -> str:
-    """Where a GRPO run writes: next to the SFT run's folder, never into it."""
-    return str(output_dir).rstrip("/\\") + GRPO_SUFFIX
-
-
 def setup_grpo(args, labels: list[str]) -> GrpoSettings:
     """Check train.py's GRPO settings before any model loads and point the run at its own folder:
     args.init_adapter becomes the adapter to start from (default OUTPUT_DIR/final) and args.output_dir
@@ -147,7 +137,7 @@ def setup_grpo(args, labels: list[str]) -> GrpoSettings:
     rewards = Rewards(args.reward_weights, args.reward_function)  # a bad reward stops first: no folder needed
     rewards.check(labels[:4])
     init = Path(args.init_adapter or Path(args.output_dir) / "final")
-    out = Path(grpo_output_dir(args.output_dir))
+    out = Path(str(args.output_dir).rstrip("/\\") + GRPO_SUFFIX)  # next to the SFT run's folder
     if not (init / "adapter_config.json").is_file():
         what = "a full model (TUNE=full), not an adapter" if is_full_model(init) else "no adapter_config.json"
         raise SystemExit(f"INIT_ADAPTER {init}: {what}; GRPO starts from a LoRA adapter (train.py's "
@@ -167,11 +157,7 @@ def load_trainable_adapter(model, folder: str):
     modules_to_save), its trainable weights in fp32 as setup_training_mode keeps them."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-    return model
+    return trainable_in_fp32(PeftModel.from_pretrained(model, folder, is_trainable=True))
 
 
 def grpo_plan(args, settings: GrpoSettings) -> Plan:

@@ -184,6 +184,11 @@ def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16,
     else:
         model = add_lora(model, r, alpha, dropout, targets=lora_targets(model, tune, skip=merger_names),
                          modules_to_save=merger_names)
+    return trainable_in_fp32(model)
+
+
+def trainable_in_fp32(model):
+    """The model with its trainable weights in fp32, the optimizer's master copy (see setup_training_mode)."""
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()

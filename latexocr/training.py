@@ -73,8 +73,8 @@ class OcrDataset(Dataset):
         return self.samples[i]
 
 
-def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the supervised tokens, and their count.
+def supervised_logits(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits: supervised tokens x vocabulary, their targets), in row order; pops batch["labels"].
 
     Logits are computed only where the next token is supervised (`logits_to_keep`): the answer
     is ~1/3 of a sample, so this skips ~2/3 of the 151,936-wide vocabulary projection and never
@@ -88,8 +88,13 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> 
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
     else:  # every position's logits, as a plain causal-LM loss does (kept to measure the difference)
         logits = model(**batch, use_cache=False).logits[keep]
-    targets = targets[targets != IGNORE_INDEX]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
+    return logits.reshape(-1, logits.shape[-1]), targets[targets != IGNORE_INDEX]
+
+
+def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the supervised tokens (supervised_logits), and their count."""
+    logits, targets = supervised_logits(model, batch, supervised_logits_only)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss, targets.numel()
 
 
