@@ -1,0 +1,77 @@
+"""GRPO step time on one GPU (issue 30): rollout / reward / update, completions per second, peak memory.
+
+    python bench/bench_grpo.py                                   # 64 images x 8 completions per step
+    python bench/bench_grpo.py --images 64 --generations 8 --steps 6 --micro 16
+
+Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (bench/common.py; or --model), trains an SFT
+adapter on the real LaTeX_OCR images of ../shared/latex_ocr for --sft-steps steps with train.py, then runs
+`train.py --method grpo` from it (SwanLab and evaluation off) and reads its log lines: per optimizer step,
+rollout_seconds and reward_seconds come from the trainer; the update is the rest of the step's wall time
+(images per step / samples_per_second). Medians over the steps after the first (the decoder's CUDA graphs
+are captured in it). A random-init model's completions run to MAX_NEW_TOKENS (no end token learnt in a few
+SFT steps): the table gives the completion length the rollout really had.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import DEFAULT_SHARED, ROOT, build_random_model, real_samples, write_json
+
+
+def run(flags: list[str], work: Path) -> str:
+    env = {**os.environ, "SWANLAB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"train.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--model", type=Path, default=None, help="a model folder (default: random-init Qwen2-VL-2B)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_grpo"))
+    parser.add_argument("--images", type=int, default=64, help="images per optimizer step (BATCH_SIZE)")
+    parser.add_argument("--micro", default="auto", help="images per pass (MICRO_BATCH_SIZE)")
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sft-steps", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = args.model or build_random_model(args.shared, args.work / "qwen2vl-2b-random")
+    data = write_json(real_samples(args.shared), args.images * (args.steps + 1), args.work / "train.json")
+    common = ["--model-id", model, "--model-source", "local", "--train-json", data, "--val-json", args.work / "none.json",
+              "--output-dir", args.work / "run", "--swanlab-mode", "disabled", "--no-eval-base-model",
+              "--save-steps", 100000, "--logging-steps", 1, "--max-new-tokens", args.max_new_tokens]
+    if not (args.work / "run" / "final" / "adapter_config.json").is_file():
+        run([*common, "--max-steps", args.sft_steps, "--batch-size", 16], args.work)
+    out = run([*common, "--method", "grpo", "--max-steps", args.steps, "--batch-size", args.images,
+               "--micro-batch-size", args.micro, "--num-generations", args.generations], args.work)
+    lines = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'loss'")][1:]
+    if not lines:
+        raise SystemExit("no steady-state log lines: raise --steps")
+
+    def median(key):
+        return statistics.median(float(line[key]) for line in lines)
+
+    step = args.images / median("samples_per_second")
+    rollout, reward = median("rollout_seconds"), median("reward_seconds")
+    completions = args.images * args.generations
+    print(f"\n| images x completions | step s | rollout s | reward s | update s | completions/s | "
+          f"completion length | peak GiB |\n|---|---|---|---|---|---|---|---|\n"
+          f"| {args.images} x {args.generations} | {step:.2f} | {rollout:.2f} | {reward:.2f} | "
+          f"{step - rollout - reward:.2f} | {completions / step:.1f} | {median('completion_length'):.0f} | "
+          f"{max(float(line.get('gpu_mem_peak_gib', 'nan')) for line in lines):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
