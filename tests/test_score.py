@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -147,10 +148,12 @@ def test_no_detokenize_warning(caplog):
 
 
 def workers_left() -> list:
-    """Child processes still there (zombies included), but for multiprocessing's resource tracker:
-    one long-lived helper per parent that spawn starts once."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
+    """Child processes still there (zombies included), but for the long-lived helpers a process starts
+    once: multiprocessing's resource tracker (spawn's) and this process's own KaTeX child (latex.py)."""
+    def helper(p):
+        command = " ".join(p.cmdline())
+        return "resource_tracker" in command or (p.ppid() == os.getpid() and "import pykatex" in command)
+    return [p for p in psutil.Process().children(recursive=True) if not helper(p)]
 
 
 def test_worker_processes_give_the_same_rows_and_leave_no_process():
