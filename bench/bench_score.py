@@ -12,9 +12,10 @@ labels, deleted, or one inserted; seeded), so nearly every prediction is a disti
 They are written as infer.py's predictions CSV, then:
 (a) `infer.py --score` as a subprocess, from the command to the printed summary: the user's wait;
     wall and CPU seconds (its workers included), ``--repeat`` times, as the CPU may be shared;
-(b) the phases in this process, one core: reading the file, tokenising, the rest of score_pair
-    (Levenshtein, BLEU statistics), KaTeX's render check of the distinct labels and of the distinct
-    predictions that differ from their label. The load average is printed with the times.
+(b) the phases in this process, one core: reading the file, tokenising, score_pair (tokens,
+    Levenshtein, BLEU statistics), KaTeX's render check of the distinct predictions (equal to their
+    label, or not): the floor of the work, as no string's verdict implies another's. The load
+    average is printed with the times.
 """
 from __future__ import annotations
 
@@ -117,15 +118,14 @@ def phases(csv_path: Path, pairs: list[tuple[str, str]]) -> None:
     from latexocr.latex import render_error
     from latexocr.scoring import read_predictions
 
-    labels = list(dict.fromkeys(label for _, label in pairs))
+    exact = list(dict.fromkeys(pred for pred, label in pairs if pred == label))
     wrong = list(dict.fromkeys(pred for pred, label in pairs if pred != label))
-    tokens = {}
     phase("read_predictions", lambda: read_predictions(csv_path), len(pairs))
-    phase("tokenize both sides", lambda: tokens.update(
-        (i, (metrics.tokenize(p), metrics.tokenize(r))) for i, (p, r) in enumerate(pairs)), len(pairs))
-    phase("score_pair (tokenising again, Levenshtein, BLEU)", lambda: [metrics.score_pair(p, r) for p, r in pairs],
+    phase("tokenize both sides", lambda: [(metrics.tokenize(p), metrics.tokenize(r)) for p, r in pairs], len(pairs))
+    phase("score_pair (tokens, Levenshtein, BLEU)", lambda: [metrics.score_pair(p, r) for p, r in pairs],
           len(pairs))
-    phase("KaTeX render check, distinct labels", lambda: [render_error(t) for t in labels], len(labels))
+    # every distinct prediction must be parsed once: no verdict implies another's
+    phase("KaTeX render check, distinct exact predictions", lambda: [render_error(t) for t in exact], len(exact))
     phase("KaTeX render check, distinct wrong predictions", lambda: [render_error(t) for t in wrong], len(wrong))
 
 
