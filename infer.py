@@ -20,7 +20,8 @@ OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
 ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none;
                               # a full model folder (train.py TUNE=full) is loaded in place of MODEL_ID
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
-BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
+BATCH_SIZE: int = "auto"      # images per generation batch; auto: as many as fit the GPU's free memory
+                              # (at most 512; measured, latexocr/memory.py), 512 on a CPU
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
 # image sizing; None: the one saved with the model (latexocr_sample.json), else the default in brackets;
 # a value given here or as a flag wins over the saved one, with a warning
@@ -196,22 +197,24 @@ def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
     if args.score:  # before anything imports torch
         return rescore(args)
-    if args.merge_to:
-        return merge(args)
 
     from latexocr.generation import predict
+    from latexocr.memory import parse_auto
     from latexocr.metrics import worst_first
     from latexocr.scoring import Scorer, default_workers, scored_summary
 
-    # the input is read and checked before any model is loaded or downloaded
-    images, labels, labelled = collect_inputs(args.input)
-    if args.limit > 0:
-        images, labels = images[: args.limit], labels[: args.limit]
-    if args.output:
-        from latexocr.io import check_writable
-        problem = check_writable(Path(args.output).resolve().parent)
-        if problem:
-            raise SystemExit(f"error: {problem}")
+    if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
+        images, labels, labelled = collect_inputs(args.input)
+        if args.limit > 0:
+            images, labels = images[: args.limit], labels[: args.limit]
+        if args.output:
+            from latexocr.io import check_writable
+            problem = check_writable(Path(args.output).resolve().parent)
+            if problem:
+                raise SystemExit(f"error: {problem}")
+    parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
+    if args.merge_to:
+        return merge(args)
 
     # Labelled: the scoring workers start before the model loads (their start-up overlaps the loading),
     # then score each batch's rows while the next batch generates.
@@ -221,7 +224,8 @@ def main(argv=None):
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
-        results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
+                          max_new_tokens=args.max_new_tokens,
                           num_workers=args.num_workers, progress=len(images) > 1,
                           on_batch=score_batch if labelled else None)
         rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}

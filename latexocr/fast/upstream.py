@@ -55,6 +55,9 @@ SOURCES = {
          "get_recurrent_state, update_recurrent_state, is_recording_past)", ("92cffc53f026e24e",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
+    ("bitsandbytes.nn.modules", "Linear4bit.forward"):
+        ("modeling.py keep_4bit_layout_trainable clears support_avx512bf16_for_cpu, which this reads before "
+         "repacking the weight for CPU inference (bitsandbytes 0.50.2)", ("6d41f286252b9797",)),
 }
 
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
@@ -117,6 +120,8 @@ def drift() -> list[str]:
     """One line per hook that differs in the installed libraries from what was checked; [] if none."""
     problems = []
     for (module, qualname), (used_by, expected) in SOURCES.items():
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            continue  # an optional library (bitsandbytes) that is not installed: nothing relies on it
         try:
             found = source_hash(module, qualname)
         except ModuleNotFoundError:
