@@ -38,9 +38,11 @@ if _cap > 0:
     _total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, (_cap - 1) * 2**30 / _total), 0)
 
-def _peak():
+_pid = os.getpid()
+
+def _peak():  # the script's own process, not a forked DataLoader worker
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if os.getpid() == _pid and torch is not None and torch.cuda.is_initialized():
         print(f"bench: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
 atexit.register(_peak)
 '''
@@ -126,6 +128,7 @@ def main():
     work = args.work
     (work / "site").mkdir(parents=True, exist_ok=True)
     (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    args.shared = args.shared.resolve()  # the JSON files hold absolute image paths
     pairs = full_val_pairs(args.shared)
     write_json(pairs[:2048], work / "train.json")
     write_json(pairs[2048:2304], work / "val.json")

@@ -26,7 +26,7 @@ def fake_probe(weights_gib: float, per_sample_gib: float, seconds_per_sample: fl
         activations = micro * per_sample_gib * ((1 - checkpointing_saves) if checkpointing else 1)
         efficiency = min(1.0, 0.4 + 0.15 * micro)  # small batches leave the GPU idle
         seconds = micro * seconds_per_sample / efficiency * (4 / 3 if checkpointing else 1)
-        return Probe(micro, checkpointing, int((weights_gib + activations) * GIB), seconds)
+        return Probe(micro, checkpointing, int((weights_gib + activations) * GIB), seconds, tokens=100 * micro)
     return probe
 
 
