@@ -26,7 +26,7 @@ def fake_probe(weights_gib: float, per_sample_gib: float, seconds_per_sample: fl
         activations = micro * per_sample_gib * ((1 - checkpointing_saves) if checkpointing else 1)
         efficiency = min(1.0, 0.4 + 0.15 * micro)  # small batches leave the GPU idle
         seconds = micro * seconds_per_sample / efficiency * (4 / 3 if checkpointing else 1)
-        return Probe(micro, checkpointing, int((weights_gib + activations) * GIB), seconds)
+        return Probe(micro, checkpointing, int((weights_gib + activations) * GIB), seconds, tokens=100 * micro)
     return probe
 
 
@@ -153,3 +153,22 @@ def test_an_out_of_memory_mid_run_saves_a_checkpoint_and_resume_continues(tmp_pa
     resumed = run_main("train.py", *common, "--micro-batch-size", 2, "--resume")
     assert (out / "final" / "adapter_config.json").is_file()
     assert "[eval @ step 6]" in resumed.stdout
+
+
+def test_gradient_checkpointing_with_packing_trains_the_same(tmp_path, tiny_model_dir):
+    """GRADIENT_CHECKPOINTING (what auto turns on for small cards) with packed rows, the default: the same
+    losses as without it (the recomputed forward is the same computation), and infer.py loads the result."""
+    from test_modes import logged_losses
+
+    data = make_dataset(tmp_path, LABELS)
+    losses = {}
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        out = tmp_path / flag
+        # 6 steps of 4 samples, logged each step: enough to compare, short on a CPU
+        proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--output-dir", out,
+                        "--max-steps", 6, "--batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
+                        "--learning-rate", 3e-3, *TINY, flag)
+        losses[flag] = logged_losses(proc.stdout)
+        assert (out / "final" / "adapter_config.json").is_file()
+    assert len(losses["--gradient-checkpointing"]) >= 6
+    assert losses["--gradient-checkpointing"] == pytest.approx(losses["--no-gradient-checkpointing"], rel=1e-4)
