@@ -50,7 +50,7 @@ def load_processor(path: str):
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None, quantization=None):
     """The model in `dtype`, as transformers loads it. quantization: a quantization_config() (4-bit
-    language model), or None. (The scripts then call latexocr.speed.prepare_model.)"""
+    language model), or None. (The scripts then call latexocr.fast.prepare_model.)"""
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,

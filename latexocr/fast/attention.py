@@ -7,6 +7,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .choices import SpeedChoices, speed_choices
+
 # transformers sends a vision tower to one variable-length attention call per layer when the
 # implementation's name contains "flash"; any other name loops over the images of a batch
 # (16 images x 32 layers = 512 small attention calls per step). This implementation takes the
@@ -162,12 +164,15 @@ def plain_text_attention(model):
         _transformers_model(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
 
 
-def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attention: bool = True):
+def prepare_model(model, speed: SpeedChoices | None = None):
     """What the fast path does to a loaded model, in training and inference alike: the process-wide
     CUDA settings of configure_cuda(), and with sdpa the vision tower's attention over all images of
-    a batch in one call."""
+    a batch in one call. speed: the choices (default: speed_choices())."""
+    speed = speed or speed_choices()
+    if not speed.fast:
+        return model
     configure_cuda()
-    if packed_vision_attention and attn_implementation == "sdpa":
+    if speed.packed_vision_attention and speed.attention == "sdpa":
         use_packed_vision_attention(model)
     return model
 

@@ -5,7 +5,7 @@ forward that latexocr/fast/vision.py re-implements would not break training: it 
 run slower, or (for the re-implemented forward) compute something else. So every such hook is
 listed here with the versions it was checked against, and `drift()` says which ones changed in
 the installed libraries. tests/test_fast.py fails on any drift, with the message below saying what
-to re-check; plan_training prints it in its summary line.
+to re-check; build_trainer prints it in its summary line.
 
 To accept a new version: re-read each changed source against the code named in `used_by`, fix
 that code if needed, then run `python -m latexocr.fast.upstream` and add its hashes here.

@@ -1,0 +1,49 @@
+"""The speed choices the code makes, and the one way to change them: $LATEXOCR_SPEED.
+
+Each was measured (docs/BENCHMARKS.md) and is decided here, not in a script's settings block: a user
+who changes the learning rate never meets them. bench/ measures the alternatives by setting, e.g.,
+
+    LATEXOCR_SPEED="packing=off,supervised_logits_only=off" python train.py   # the tutorial's step
+    LATEXOCR_SPEED="compile=on" python train.py                                # compile a short run too
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV = "LATEXOCR_SPEED"
+
+
+@dataclass(frozen=True)
+class SpeedChoices:
+    fast: bool = True                     # off: plain transformers + peft, none of latexocr/fast/ (the
+                                          # reference tests/test_fast.py compares the fast path with)
+    attention: str = "sdpa"               # transformers' attn_implementation: sdpa | flash_attention_2 | eager
+    packing: bool = True                  # padding-free training batches (off: right-padded, as the tutorial)
+    supervised_logits_only: bool = True   # vocabulary projection only where a label is supervised (~1/3 of tokens)
+    packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
+    packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
+    compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
+    cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
+
+
+def speed_choices(text: str | None = None) -> SpeedChoices:
+    """The choices with $LATEXOCR_SPEED's changes ("name=value,..."; booleans on/off); stops with one
+    line on an unknown name or value."""
+    text = os.environ.get(ENV, "") if text is None else text
+    kinds = {f.name: type(f.default) for f in fields(SpeedChoices)}
+    changes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        if name not in kinds:
+            raise SystemExit(f"{ENV}: unknown choice {name!r} (known: {', '.join(kinds)})")
+        if kinds[name] is bool:
+            if value not in ("on", "off"):
+                raise SystemExit(f"{ENV}: {name} must be on or off, not {value!r}")
+            changes[name] = value == "on"
+        else:
+            changes[name] = value
+    if changes.get("compile", "auto") not in ("auto", "on", "off"):
+        raise SystemExit(f"{ENV}: compile must be auto, on or off, not {changes['compile']!r}")
+    return SpeedChoices(**changes)
