@@ -123,3 +123,61 @@ def test_train_py_opens_with_the_tutorials_knobs():
     assert TUTORIAL_KNOBS <= set(settings[:15]), TUTORIAL_KNOBS - set(settings[:15])
     # room for the GRPO settings: the block stays well below the 48 entries it once had
     assert len(settings) <= 39, len(settings)
+
+
+# ---------------------------------------------------------------- private library contracts
+LIBRARIES = ("transformers", "peft", "swanlab", "torch")
+
+
+def private_uses(path: Path) -> set[str]:
+    """What a module relies on of the libraries' private side, as the code writes it: imports of a
+    `_`-prefixed name or module, or from inside a model's own module (transformers.models.*); a function
+    assigned over an object's method (a patch); a `_`-prefixed attribute read from an object that is
+    neither `self`, a module of another library nor an attribute this project sets itself."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    functions = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    other_modules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names if a.name.split(".")[0] not in LIBRARIES}
+    found, reads = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] in LIBRARIES:
+            for alias in node.names:
+                parts = [*node.module.split("."), alias.name]
+                if any(p.startswith("_") for p in parts) or parts[1:2] == ["models"]:
+                    found.add(".".join(parts))
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] in LIBRARIES
+                      and any(p.startswith("_") for p in a.name.split("."))}
+        elif isinstance(node, ast.Assign):
+            patched = isinstance(node.value, ast.Lambda) or (isinstance(node.value, ast.Name)
+                                                             and node.value.id in functions)
+            targets = [t for target in node.targets for t in getattr(target, "elts", [target])]
+            found |= {ast.unparse(t) for t in targets if patched and isinstance(t, ast.Attribute)
+                      and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))}
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", *other_modules))):
+            reads.add(node)
+    # attributes this project sets itself (`module._unpacked_forward = ...`) are its own
+    own = {t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign) for target in n.targets
+           for t in getattr(target, "elts", [target]) if isinstance(t, ast.Attribute)}
+    return found | {ast.unparse(node) for node in reads if node.attr not in own}
+
+
+def test_private_library_contracts_outside_the_speed_door_are_in_the_drift_check():
+    from latexocr.fast.upstream import OUTSIDE_THE_DOOR, SOURCES
+
+    files = [f for f in sorted((ROOT / "latexocr").rglob("*.py")) if "fast" not in f.relative_to(ROOT).parts]
+    found = {(str(f.relative_to(ROOT)), name) for f in files + [ROOT / s for s in SCRIPTS] for name in private_uses(f)}
+    assert len(files) > 15 and ("latexocr/linear_attention.py", "module.forward") in found  # really scanned
+    missing = found - set(OUTSIDE_THE_DOOR)
+    assert not missing, f"private library contracts not in latexocr/fast/upstream.py OUTSIDE_THE_DOOR: {missing}"
+    assert set(OUTSIDE_THE_DOOR.values()) <= set(SOURCES)  # each one is checked by drift()
+    assert not set(OUTSIDE_THE_DOOR) - found, "listed contracts the code no longer has"
+
+
+def test_private_use_finder_sees_imports_patches_and_reads(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\nfrom torch._dynamo import config\nfrom transformers.models.x.y import f\n"
+                      "def g(): pass\nobj.forward = g\nos._exit(0)\nn = config._private\nself._mine = 1\n")
+    assert private_uses(module) == {"torch._dynamo.config", "transformers.models.x.y.f", "obj.forward",
+                                    "config._private"}

@@ -1,4 +1,4 @@
-"""What the fast path relies on in transformers, peft and torch that is not public API, and a check of it.
+"""What the project relies on in transformers, peft, swanlab and torch that is not public API, and a check of it.
 
 A private method the Trainer stops calling, a renamed peft attribute, or a change in the Qwen2-VL
 forward that latexocr/fast/vision.py re-implements would not break training: it would silently
@@ -18,9 +18,9 @@ import importlib.util
 import inspect
 from functools import lru_cache
 
-CHECKED_AGAINST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1"}
+CHECKED_AGAINST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1", "swanlab": "0.10.3"}
 
-# Sources whose behaviour latexocr/fast/ copies or depends on: (module, qualified name) ->
+# Sources whose behaviour the project copies or depends on: (module, qualified name) ->
 # (what of ours depends on it, the sha256[:16] of its source text in the versions checked: an
 # unchanged source passes whatever the version).
 SOURCES = {
@@ -55,6 +55,42 @@ SOURCES = {
          "get_recurrent_state, update_recurrent_state, is_recording_past)", ("92cffc53f026e24e",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
+    # ---- outside latexocr/fast/ (OUTSIDE_THE_DOOR below names the code that relies on each)
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention.forward"):
+        ("decoding.py _SlotCache.update answers its cache call (key/value written at a slot, whole buffers back)",
+         ("14df6827003f9bae",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.get_rope_index"):
+        ("decoding.py _prefill calls it by keyword (input_ids, image_grid_thw, attention_mask, mm_token_type_ids)",
+         ("4771812b6278dd7d",)),
+    ("transformers.cache_utils", "DynamicLayer.update"):
+        ("decoding.py _layer_states reads a full-attention layer's cache as .keys / .values", ("64886715e6c0d2da",)),
+    ("transformers.cache_utils", "LinearAttentionLayer"):
+        ("decoding.py _layer_states reads a linear-attention layer's cache as .conv_states[0] / "
+         ".recurrent_states[0]", ("a376279f411e079c",)),
+    ("transformers.configuration_utils", "PreTrainedConfig._attn_implementation"):
+        ("decoding.py static_decode_supported reads the text config's _attn_implementation", ("1ea6087f30b26301",)),
+    ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "smart_resize"):
+        ("sample.py sizes images with the processor's own rounding rule", ("149e5137bc02253c",)),
+    ("transformers.trainer", "Trainer.create_optimizer"):
+        ("training.py OcrTrainer.get_optimizer_cls_and_kwargs: a kwargs['params'] it returns replaces the "
+         "parameter groups built here", ("20cdcac4c9fe5ea2",)),
+    ("swanlab.integration.transformers", "SwanLabCallback.setup"):
+        ("tracking.py SwanLabCallback.setup: skipped without a run, as this would start one", ("935535b3aa01467a",)),
+    ("swanlab.integration.transformers", "SwanLabCallback.on_train_begin"):
+        ("tracking.py SwanLabCallback.on_train_begin calls it, then adds to the config", ("b388a327742cb4b2",)),
+    ("swanlab.integration.transformers", "SwanLabCallback.on_log"):
+        ("tracking.py SwanLabCallback.on_log replaces it (rewrite_logs, then Tracker.log)", ("d592a557796c92cc",)),
+}
+# Private imports, method patches and private attribute reads of the code outside latexocr/fast/:
+# (file, the name as the code writes it) -> the SOURCES entry that drift() checks for it.
+# tests/test_structure.py finds them in the code and fails on one missing here.
+OUTSIDE_THE_DOOR = {
+    ("latexocr/linear_attention.py", "module.forward"):
+        ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"),
+    ("latexocr/decoding.py", "text._attn_implementation"):
+        ("transformers.configuration_utils", "PreTrainedConfig._attn_implementation"),
+    ("latexocr/sample.py", "transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize"):
+        ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "smart_resize"),
 }
 
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
