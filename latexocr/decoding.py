@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .modeling import vision_language_core as _vision_language_core
+from .modeling import unwrap, vision_language_core
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # config.layer_types the loop handles
@@ -43,18 +43,12 @@ MIN_BUCKET = 8            # compaction never goes below this many rows
 SUPPORTED_OPTIONS = {"min_new_tokens"}
 
 
-def _unwrap(model):
-    """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def static_decode_supported(model, options: dict | None = None) -> bool:
     """True where this loop computes exactly what greedy `generate` computes: a Qwen2/2.5/3-VL or
     Qwen3.5 model whose text layers are full attention (one KV pair per layer) or Qwen3.5's linear
     attention (a conv and a recurrent state), sdpa attention, and no generate() option the loop does
     not implement (repetition penalty etc. in the generation config)."""
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     if core is None or getattr(core.config, "model_type", "") not in SUPPORTED_FAMILIES:
         return False
     text = core.config.text_config
@@ -64,7 +58,7 @@ def static_decode_supported(model, options: dict | None = None) -> bool:
         return False
     if set(options or {}) - SUPPORTED_OPTIONS:
         return False
-    gen = getattr(_unwrap(model), "generation_config", None)
+    gen = getattr(unwrap(model), "generation_config", None)
     return gen is None or ((gen.repetition_penalty in (None, 1.0)) and not gen.no_repeat_ngram_size
                            and not gen.bad_words_ids and not gen.suppress_tokens and not gen.begin_suppress_tokens
                            and not gen.sequence_bias)
@@ -154,8 +148,8 @@ class StaticDecoder:
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
                  min_new_tokens: int = 0, use_graphs: bool | None = None):
-        self.model = _unwrap(model)
-        self.core = _vision_language_core(model)
+        self.model = unwrap(model)
+        self.core = vision_language_core(model)
         text = self.core.config.text_config
         self.types = _layer_types(text)[: text.num_hidden_layers]
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

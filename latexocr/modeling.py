@@ -187,10 +187,15 @@ def setup_training_mode(model, tune: str = "lora", r: int = 64, alpha: int = 16,
     return model
 
 
+def unwrap(model):
+    """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def vision_language_core(model):
     """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head, or None."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap(model)
     core = getattr(core, "model", core)
     return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
 

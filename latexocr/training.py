@@ -90,9 +90,13 @@ def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> 
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
     else:  # every position's logits, as a plain causal-LM loss does (kept to measure the difference)
         logits = model(**batch, use_cache=False).logits[keep]
-    targets = targets[targets != IGNORE_INDEX]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum")
-    return loss, targets.numel()
+    return summed_cross_entropy(logits, targets[targets != IGNORE_INDEX])
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cross-entropy summed over the supervised tokens (in fp32), and their count: the loss of one
+    forward pass, plain or fast (latexocr/fast/vision.py); OcrTrainer.compute_loss divides it by the step's count."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
 
 
 class OcrTrainer(Trainer):

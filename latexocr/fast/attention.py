@@ -7,6 +7,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..modeling import unwrap
 from .choices import SpeedChoices, speed_choices
 
 # transformers sends a vision tower to one variable-length attention call per layer when the
@@ -86,9 +87,9 @@ def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
 # Flash varlen attention skips them. Generation (left padding, KV cache) switches back to sdpa.
 PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
 # The packed collator computes the sample boundaries on the CPU and passes them to the model under
-# these names (not transformers' cu_seq_lens_q: the vision tower receives the same kwargs and
-# has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
-from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY  # noqa: E402 (the collator emits them)
+# its own names (latexocr/batching.py; not transformers' cu_seq_lens_q: the vision tower receives the
+# same kwargs and has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
+from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY  # noqa: E402
 
 
 @torch.compiler.disable  # data-dependent (nonzero, .max()): only when the batch did not bring boundaries
@@ -118,21 +119,15 @@ def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _transformers_model(model):
-    """The transformers model under DistributedDataParallel / peft."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _text_config(model):
-    return getattr(getattr(_transformers_model(model), "config", None), "text_config", None)
+    return getattr(getattr(unwrap(model), "config", None), "text_config", None)
 
 
 def _route_attention(model, sub_config: str, name: str, function) -> bool:
     """Register `function` as attention `name` and make the model's `sub_config` part use it."""
     from transformers import AttentionInterface
 
-    model = _transformers_model(model)
+    model = unwrap(model)
     if getattr(getattr(model, "config", None), sub_config, None) is None:
         return False
     AttentionInterface.register(name, function)
@@ -157,11 +152,11 @@ def plain_text_attention(model):
     if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
         yield
         return
-    _transformers_model(model).set_attn_implementation({"text_config": "sdpa"})
+    unwrap(model).set_attn_implementation({"text_config": "sdpa"})
     try:
         yield
     finally:
-        _transformers_model(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+        unwrap(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
 
 
 def prepare_model(model, speed: SpeedChoices | None = None):

@@ -13,7 +13,8 @@ import contextlib
 
 import torch
 
-from ..batching import TrainCollator, sample_boundaries
+from ..batching import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, TrainCollator,
+                        sample_boundaries)
 from ..linear_attention import has_linear_attention
 from ..modeling import vision_language_core
 from ..training import OcrTrainer, supervised_loss
@@ -22,8 +23,7 @@ from .choices import ENV, SpeedChoices
 from .compile import (COMPILE_FROM_STEPS, CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, CompileCache,
                       compile_decoder_layers, should_compile, should_use_cuda_graphs)
 from .upstream import drift
-from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, PackedExtras,
-                     VisionGraphs, graph_vision_tower, supervised_step_loss, takes_precomputed_vision)
+from .vision import PackedExtras, VisionGraphs, graph_vision_tower, supervised_step_loss, takes_precomputed_vision
 
 
 def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
