@@ -60,8 +60,7 @@ MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit in tokens; the longe
 SAVE_STEPS = 100         # a checkpoint every N optimizer steps (the newest 3 are kept)
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
-# Speed choices (packing, packed attention, torch.compile, CUDA graphs...) are made by the code, where
-# they were measured: latexocr/fast/choices.py; bench/ changes them through $LATEXOCR_SPEED.
+# Speed choices (packing, packed attention, torch.compile...): latexocr/fast/choices.py, $LATEXOCR_SPEED.
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 

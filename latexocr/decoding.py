@@ -27,7 +27,6 @@ layers (sliding-window attention) and non-greedy settings use `generate` (`stati
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -71,8 +70,6 @@ def _layer_types(text_config) -> list[str]:
 def _layer_states(cache, types: list[str]):
     """Per layer of a transformers cache returned by a prefill forward: (keys, values) of a
     full-attention layer, (conv state, recurrent state) of a linear-attention layer."""
-    if not hasattr(cache, "layers"):
-        return list(zip(cache.key_cache, cache.value_cache))
     return [(layer.keys, layer.values) if kind == ATTENTION else (layer.conv_states[0], layer.recurrent_states[0])
             for kind, layer in zip(types, cache.layers)]
 
@@ -163,9 +160,6 @@ class StaticDecoder:
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)
         self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        # transformers 5.24 renamed forward's past_key_values to cache (the old name still works there)
-        params = inspect.signature(self.core.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
@@ -218,7 +212,7 @@ class StaticDecoder:
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
         out = self.model(input_ids=s.token[:, None], position_ids=position,
                          attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: s.cache})
+                         use_cache=True, logits_to_keep=1, cache=s.cache)
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
         s.finished |= torch.isin(token, self.stop_ids)
@@ -279,8 +273,7 @@ class StaticDecoder:
             rope = chunk["position_ids"][1:]
             out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            for layer, (first_state, second_state) in enumerate(_layer_states(cache, self.types)):
+            for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):
                 if self.types[layer] == ATTENTION:
                     s.keys[layer][row:row + n, :, start:prompt].copy_(first_state)
                     s.values[layer][row:row + n, :, start:prompt].copy_(second_state)

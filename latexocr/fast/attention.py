@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
+# looked up once, at import: compiled blocks see a plain function (a custom op with its own backward)
+from torch.nn.attention.varlen import varlen_attn
 
 from ..modeling import unwrap
 from .choices import SpeedChoices, speed_choices
@@ -19,37 +20,19 @@ PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
 MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
 
 
-def _find_varlen_attn():
-    """(torch's varlen_attn, whether it takes is_causal) or None. Looked up once at import, so
-    compiled blocks see a plain function (torch registers it as a custom op with its own backward)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
-
-
-_VARLEN_ATTN = _find_varlen_attn()
-
-
 def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
-    """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
-    varlen_attn, takes_is_causal = _VARLEN_ATTN
+    """PyTorch's own variable-length flash attention (torch >= 2.11, CUDA) on (1, heads, T, dim) inputs."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if takes_is_causal:  # torch 2.9-2.10; later releases take a window instead
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
-    else:
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
-                          window_size=(-1, 0) if causal else (-1, -1))
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0) if causal else (-1, -1))
     return out[None]  # (1, T, heads, dim)
 
 
 def _varlen_available(t) -> bool:
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _VARLEN_ATTN is not None
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _block_mask(bounds, n: int, device, causal: bool):

@@ -30,20 +30,13 @@ class SpeedChoices:
 def speed_choices(text: str | None = None) -> SpeedChoices:
     """The choices with $LATEXOCR_SPEED's changes ("name=value,..."; booleans on/off); stops with one
     line on an unknown name or value."""
-    text = os.environ.get(ENV, "") if text is None else text
     kinds = {f.name: type(f.default) for f in fields(SpeedChoices)}
     changes = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        name, value = name.strip(), value.strip().lower()
-        if name not in kinds:
-            raise SystemExit(f"{ENV}: unknown choice {name!r} (known: {', '.join(kinds)})")
-        if kinds[name] is bool:
-            if value not in ("on", "off"):
-                raise SystemExit(f"{ENV}: {name} must be on or off, not {value!r}")
-            changes[name] = value == "on"
-        else:
-            changes[name] = value
-    if changes.get("compile", "auto") not in ("auto", "on", "off"):
-        raise SystemExit(f"{ENV}: compile must be auto, on or off, not {changes['compile']!r}")
+    for item in filter(None, (os.environ.get(ENV, "") if text is None else text).replace(" ", "").split(",")):
+        name, _, value = item.lower().partition("=")
+        allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name == "compile" else None
+        if name not in kinds or (allowed and value not in allowed):
+            raise SystemExit(f"{ENV}: {item!r}: choose from {', '.join(kinds)}; "
+                             f"compile must be auto, on or off, the others bar attention on or off")
+        changes[name] = value == "on" if kinds[name] is bool else value
     return SpeedChoices(**changes)

@@ -1,8 +1,8 @@
 """The training step train.py runs: `build_trainer` picks the trainer, its step and its batches.
 
-FastTrainer is the fast path's trainer: its step (`fast_supervised_loss`) and private-method
-overrides and instance patches that keep the host ahead of the GPU. Each hook here replaces transformers' or peft's per-step bookkeeping by a host-side equivalent: the
-original made the host wait for the GPU, or walk the whole model, at every step, so the host could
+FastTrainer is the fast path's: its step (`fast_supervised_loss`) and private-method overrides and
+instance patches that keep the host ahead of the GPU. Each hook replaces transformers' or peft's
+per-step bookkeeping by a host-side equivalent: the original made the host wait for the GPU, or walk the whole model, at every step, so the host could
 not queue the next step while the GPU worked (docs/BENCHMARKS.md). Every hook is private or
 patched API: latexocr/fast/upstream.py names the versions it was checked against, and
 tests/test_fast.py fails when upstream renames, re-signs or stops calling it.
@@ -160,22 +160,17 @@ class FastTrainer(OcrTrainer):
 
 def build_trainer(model, settings, encoder, speed: SpeedChoices, *, processes: int, accumulation: int,
                   planned_steps: int, **trainer_kwargs) -> tuple[OcrTrainer, str]:
-    """The Trainer train.py runs (model with LoRA already added, `settings` its settings block), with its
-    collator, and a one-line summary of how it steps.
-
-    By default FastTrainer, whose step is `fast_supervised_loss` above, on the batches `plan` below
-    asks of the collator; with `speed.fast` off (tests, bench/) training.OcrTrainer's plain step
-    (training.supervised_loss) on packed batches that carry only the sample boundaries.
-    """
+    """The Trainer train.py runs (LoRA already added; `settings`: its settings block) with its collator,
+    and a one-line summary. By default FastTrainer (step: `fast_supervised_loss` above) on the batches
+    `plan` below asks for; with `speed.fast` off (tests, bench/) training.OcrTrainer's plain step
+    (training.supervised_loss) on packed batches that carry only the sample boundaries."""
+    trainer_class, collator_options, trainer_options = OcrTrainer, {}, {}
+    summary = f"fast path: off (${ENV}), plain transformers training"
     if speed.fast:
         trainer_class, (collator_options, trainer_options, summary) = FastTrainer, plan(
             model, settings, speed, processes=processes, accumulation=accumulation, planned_steps=planned_steps)
-    else:
-        # linear-attention layers (Qwen3.5) keep packed samples apart only by the boundaries
-        boundaries = speed.packing and has_linear_attention(model)
-        trainer_class, trainer_options = OcrTrainer, {}
-        collator_options = {"packed_extras": sample_boundaries} if boundaries else {}
-        summary = f"fast path: off (${ENV}), plain transformers training"
+    elif speed.packing and has_linear_attention(model):  # Qwen3.5 keeps packed samples apart only by these
+        collator_options = {"packed_extras": sample_boundaries}
     collator = TrainCollator(encoder, packed=speed.packing, **collator_options)
     trainer = trainer_class(model=model, data_collator=collator, supervised_logits_only=speed.supervised_logits_only,
                             **trainer_options, **trainer_kwargs)

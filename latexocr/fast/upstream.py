@@ -50,12 +50,14 @@ SOURCES = {
     ("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"):
         ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b", "2373431b645f0805")),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"):
-        ("linear_attention.py hands it packed rows as one right-padded batch (or cu_seq_lens_q / seq_idx), and "
+        ("linear_attention.py sets each such layer's module.forward, which hands it packed rows as one "
+         "right-padded batch (or cu_seq_lens_q / seq_idx), and "
          "decoding.py _SlotCache answers the cache calls of its one-token path (get_conv_state, "
          "get_recurrent_state, update_recurrent_state, is_recording_past)", ("92cffc53f026e24e",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
-    # ---- outside latexocr/fast/ (OUTSIDE_THE_DOOR below names the code that relies on each)
+    # ---- outside latexocr/fast/: tests/test_structure.py finds each private import, method patch and
+    # private read there and fails on one whose file and name no entry's text names
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention.forward"):
         ("decoding.py _SlotCache.update answers its cache call (key/value written at a slot, whole buffers back)",
          ("14df6827003f9bae",)),
@@ -70,7 +72,8 @@ SOURCES = {
     ("transformers.configuration_utils", "PreTrainedConfig._attn_implementation"):
         ("decoding.py static_decode_supported reads the text config's _attn_implementation", ("1ea6087f30b26301",)),
     ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "smart_resize"):
-        ("sample.py sizes images with the processor's own rounding rule", ("149e5137bc02253c",)),
+        ("sample.py imports smart_resize from inside the Qwen2-VL image processor's module: the processor's own "
+         "rounding rule", ("149e5137bc02253c",)),
     ("transformers.trainer", "Trainer.create_optimizer"):
         ("training.py OcrTrainer.get_optimizer_cls_and_kwargs: a kwargs['params'] it returns replaces the "
          "parameter groups built here", ("20cdcac4c9fe5ea2",)),
@@ -81,18 +84,6 @@ SOURCES = {
     ("swanlab.integration.transformers", "SwanLabCallback.on_log"):
         ("tracking.py SwanLabCallback.on_log replaces it (rewrite_logs, then Tracker.log)", ("d592a557796c92cc",)),
 }
-# Private imports, method patches and private attribute reads of the code outside latexocr/fast/:
-# (file, the name as the code writes it) -> the SOURCES entry that drift() checks for it.
-# tests/test_structure.py finds them in the code and fails on one missing here.
-OUTSIDE_THE_DOOR = {
-    ("latexocr/linear_attention.py", "module.forward"):
-        ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"),
-    ("latexocr/decoding.py", "text._attn_implementation"):
-        ("transformers.configuration_utils", "PreTrainedConfig._attn_implementation"),
-    ("latexocr/sample.py", "transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize"):
-        ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "smart_resize"),
-}
-
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
 OVERRIDDEN = {
     ("transformers.Trainer", "_clip_grad_norm"): ["self", "model"],
