@@ -28,7 +28,8 @@ IMAGE_MIN_PIXELS: int = None  # lower image area bound in pixels, aspect ratio k
 IMAGE_MAX_PIXELS: int = None  # upper area bound in pixels [512*28*28]
 IMAGE_SIZE: str = None        # "500x100": one fixed size in pixels for every image, "" keeps aspect [""]
 # ---- memory and hardware
-BATCH_SIZE = 512              # images per generate call (~10 GiB on a 2B model; see docs/BENCHMARKS.md)
+BATCH_SIZE: int = "auto"      # images per generation batch; auto: as many as fit the GPU's free memory
+                              # (at most 512; measured, latexocr/memory.py), 512 on a CPU
 NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
 DTYPE = "auto"                # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
@@ -168,6 +169,7 @@ def main(argv=None):
         return rescore(args)
 
     from latexocr.generation import predict
+    from latexocr.memory import parse_auto
     from latexocr.metrics import worst_first
     from latexocr.sample import SAMPLE_FILE, setup_sample, write_sample_definition
     from latexocr.scoring import Scorer, default_workers, summarize_rows
@@ -181,6 +183,7 @@ def main(argv=None):
             problem = check_writable(Path(args.output).resolve().parent)
             if problem:
                 raise SystemExit(f"error: {problem}")
+    parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
     if args.merge_to and args.adapter in ("none", ""):  # before any model is loaded or downloaded
         raise SystemExit("--merge-to needs an adapter (got --adapter none)")
     if args.merge_to and args.quantization != "none":
@@ -213,7 +216,8 @@ def main(argv=None):
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
-        results = predict(model, encoder, images, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
+                          max_new_tokens=args.max_new_tokens,
                           num_workers=args.num_workers, progress=len(images) > 1,
                           on_batch=score_batch if labelled else None)
         scores, bleu_stats = scorer.results()

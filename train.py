@@ -44,9 +44,13 @@ IMAGE_MIN_PIXELS: int = None  # lower image area bound in pixels, aspect ratio k
 IMAGE_MAX_PIXELS: int = None  # upper area bound in pixels: caps large handwritten photos at 512 visual tokens [512*28*28]
 IMAGE_SIZE: str = None   # "500x100" forces one size in pixels for every image (the tutorial's), "" keeps aspect [""]
 # ---- memory: what one GPU holds
-MICRO_BATCH_SIZE = 16    # samples per forward pass on one GPU (gradient accumulation makes up BATCH_SIZE)
-GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: 18 -> 8 GiB on the 2B model but 2.4x slower
-EVAL_BATCH_SIZE = 256    # images per generate call during evaluation
+MICRO_BATCH_SIZE: int = "auto"  # samples per forward pass on one GPU (gradient accumulation makes up the
+                         # rest); auto: the fastest that fits the GPU's free memory, measured on the
+                         # longest samples (latexocr/memory.py); the whole batch on a CPU
+GRADIENT_CHECKPOINTING: bool = "auto"  # recompute activations in the backward pass: less memory, ~1/3 more
+                         # work; auto: on only where it measured faster than the micro-batch that fits
+                         # without it | --gradient-checkpointing | --no-gradient-checkpointing
+EVAL_BATCH_SIZE: int = "auto"  # images per generation batch in evaluation; auto: as many as fit (<= 512)
 # ---- hardware
 DTYPE = "auto"           # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 NUM_WORKERS = 4          # DataLoader processes that load images and build batches
@@ -94,9 +98,13 @@ def check_settings(args) -> None:
     import torch
 
     from latexocr.fast import speed_choices
+    from latexocr.memory import parse_auto
     from latexocr.modeling import check_training_mode, list_checkpoints, quantization_config
 
     speed_choices()  # a wrong $LATEXOCR_SPEED
+    parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")  # auto or a number, else one line
+    parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
+    parse_auto(args.eval_batch_size, "EVAL_BATCH_SIZE")
     check_training_mode(args.tune, args.unfreeze_vision, args.quantization)
     quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes
     if args.resume and not list_checkpoints(args.output_dir):
@@ -115,6 +123,41 @@ def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple
         raise SystemExit(f"BATCH_SIZE={batch_size} is not a multiple of MICRO_BATCH_SIZE={micro} x "
                          f"{processes} processes; choose sizes that divide evenly.")
     return micro, accumulation
+
+
+def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say) -> tuple[int, bool]:
+    """(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING): the values given, else on a GPU the fastest pair
+    that fits its free memory, measured by probe steps on the longest samples (latexocr/memory.py);
+    on a CPU or under DeepSpeed (whose sharding the probe does not model) the whole per-process batch."""
+    import torch
+
+    from latexocr.batching import TrainCollator, sample_boundaries
+    from latexocr.linear_attention import has_linear_attention
+    from latexocr.memory import fit_training_batch, parse_auto, set_checkpointing
+    from latexocr.training import supervised_loss
+
+    micro = parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")
+    checkpointing = parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
+    share = max(1, args.batch_size // processes)
+    if (micro is None or checkpointing is None) and torch.cuda.is_available() and not args.deepspeed:
+        # the plain step and batches (the fast path's compiled step needs less memory, not more)
+        boundaries = sample_boundaries if packed and has_linear_attention(model) else None
+        collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
+        choice = fit_training_batch(model, train_set, collator, supervised_loss,
+                                    min(micro or share, share), checkpointing)
+        if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
+            import torch.distributed as dist
+            agreed = torch.tensor([choice.micro, -int(choice.checkpointing)], device=next(model.parameters()).device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            choice.micro, choice.checkpointing = int(agreed[0]), bool(agreed[1])
+            set_checkpointing(model, choice.checkpointing)
+        say(f"micro-batch {choice.micro}, gradient checkpointing {'on' if choice.checkpointing else 'off'} "
+            f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
+            f"{choice.reason}")
+        return choice.micro, choice.checkpointing
+    checkpointing = bool(checkpointing)
+    set_checkpointing(model, checkpointing)
+    return micro or share, checkpointing
 
 
 def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool, packed: bool):
@@ -163,12 +206,14 @@ def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool,
 def evaluate_and_log(model, encoder, pairs, args, tracker, throughput, say, step: int, what: str = ""):
     """Score the validation pairs (infer.py's generation and metrics) and log them at `step`."""
     from latexocr.evaluation import evaluate
+    from latexocr.memory import parse_auto
 
     if not pairs:
         return None
     with throughput.excluded():  # samples/s counts training only
-        summary, rows = evaluate(model, encoder, pairs, args.eval_batch_size, args.max_new_tokens,
-                                 num_workers=min(2, args.num_workers))
+        summary, rows = evaluate(model, encoder, pairs, parse_auto(args.eval_batch_size, "EVAL_BATCH_SIZE"),
+                                 args.max_new_tokens, num_workers=min(2, args.num_workers),
+                                 batch_setting="EVAL_BATCH_SIZE")
     say(f"[eval{' ' + what if what else ''} @ step {step}] " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     # the base model is step 0 of the same eval/* charts: every curve starts at the "before"
     tracker.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
@@ -190,6 +235,7 @@ def main(argv=None):
     from latexocr.fast import prepare_model, speed_choices
     from latexocr.fast.trainer import build_trainer
     from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
+    from latexocr.memory import out_of_memory_message
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import setup_sample, write_sample_definition
@@ -234,9 +280,6 @@ def main(argv=None):
     # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
     prepare_model(model, speed)
     model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
                                 unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
     if speed.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
@@ -248,9 +291,11 @@ def main(argv=None):
         say("note: VISION_LEARNING_RATE has no effect: nothing on the vision side trains (TUNE=lora_vision, "
             "UNFREEZE_MERGER or UNFREEZE_VISION)")
 
-    # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count ----
+    # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
+    # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    micro, accumulation = batch_split(args.batch_size, args.micro_batch_size, world)
+    micro, args.gradient_checkpointing = fit_micro_batch(args, model, train_set, encoder, world, speed.packing, say)
+    micro, accumulation = batch_split(args.batch_size, micro, world)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
 
@@ -258,6 +303,7 @@ def main(argv=None):
     tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
                       config={**vars(args), "model_path": model_path, "world_size": world,
                               "micro_batch_size": micro, "gradient_accumulation": accumulation,
+                              "gradient_checkpointing": args.gradient_checkpointing,
                               "train_samples": len(train_set), "val_samples": len(val_pairs),
                               "image_factor": encoder.sizing.factor, "speed": dataclasses.asdict(speed)},
                       enabled=state.is_main_process)
@@ -287,8 +333,14 @@ def main(argv=None):
 
         # ---- train; Ctrl-C saves a checkpoint at the end of the step (SaveOnInterrupt) ----
         try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except SystemExit as stop:  # a callback's verdict (fp16 overflow): the dashboard shows why the run ended
+            try:
+                trainer.train(resume_from_checkpoint=resume_from)
+            except torch.OutOfMemoryError:  # outside a step, or several processes: no checkpoint to save
+                raise SystemExit(out_of_memory_message("MICRO_BATCH_SIZE", micro, "in training")) from None
+            if trainer.out_of_memory.hit:  # one GPU: the Trainer saved a checkpoint and stopped
+                raise SystemExit(out_of_memory_message("MICRO_BATCH_SIZE", micro, f"in training ({trainer.out_of_memory.hit})")
+                                 + f"; {out_dir}/checkpoint-{trainer.state.global_step} saved, add --resume")
+        except SystemExit as stop:  # a verdict (out of memory, fp16 overflow): the dashboard shows why the run ended
             outcome["error"] = str(stop.code)
             raise
         if interrupt.interrupted:

@@ -39,7 +39,8 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
                    types: dict | None = None) -> argparse.Namespace:
     """One flag per setting: MAX_NEW_TOKENS -> --max-new-tokens, typed like its default.
 
-    Booleans get --flag / --no-flag. A setting whose default is None ("unset": e.g. use the value
+    Booleans get --flag / --no-flag (also a bool-annotated setting whose default is a word such as
+    "auto": `GRADIENT_CHECKPOINTING: bool = "auto"`). A setting whose default is None ("unset": e.g. use the value
     saved with the model) is typed by its annotation in the settings block (`IMAGE_SIZE: str = None`;
     `types`, by default the calling script's annotations), else a string.
     The returned namespace uses the setting names in lower case (args.max_new_tokens).
@@ -54,9 +55,9 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
     for name, value in defaults.items():
         flag = "--" + name.lower().replace("_", "-")
         text = (help or {}).get(name, "").replace("%", "%%")  # argparse formats help with %
-        if isinstance(value, bool):
+        if isinstance(value, bool) or types.get(name) in (bool, "bool"):  # also `NAME: bool = "auto"`
             parser.add_argument(flag, dest=name.lower(), default=value, action=argparse.BooleanOptionalAction,
-                                help=text)
+                                help=text if isinstance(value, bool) else f"{text} (default: {value})".strip())
         else:
             kind = type(value) if value is not None else types.get(name, str)
             kind = {"int": int, "float": float, "str": str}.get(kind, kind)  # annotations read as text

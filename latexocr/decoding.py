@@ -74,6 +74,33 @@ def _layer_states(cache, types: list[str]):
             for kind, layer in zip(types, cache.layers)]
 
 
+def _row_shapes(text_config):
+    """(layer types, key/value shape per row and slot: heads x dim, linear-attention conv state per row:
+    channels x kernel, recurrent state per row: heads x dk x dv); the latter two None without such layers."""
+    types = _layer_types(text_config)[: text_config.num_hidden_layers]
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    conv = recurrent = None
+    if LINEAR_ATTENTION in types:  # Qwen3.5's Gated DeltaNet: its conv input width and state
+        t = text_config
+        keys, values = t.linear_num_key_heads * t.linear_key_head_dim, t.linear_num_value_heads * t.linear_value_head_dim
+        conv = (2 * keys + values, t.linear_conv_kernel_dim)
+        recurrent = (t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim)
+    return types, (text_config.num_key_value_heads, head_dim), conv, recurrent
+
+
+def bytes_per_row(model, length: int) -> int:
+    """GPU bytes one more row of a decode batch holds: its static-cache buffers of `length` slots
+    (keys and values; a linear-attention layer's conv state and fp32 recurrent state), as StaticDecoder
+    allocates them, and its logits of one step (the model's dtype, then the fp32 copy the choice reads)."""
+    core = vision_language_core(model)
+    text = core.config.text_config
+    types, (heads, dim), conv, recurrent = _row_shapes(text)
+    size = core.get_input_embeddings().weight.element_size()
+    cache = sum(2 * heads * length * dim * size if kind == ATTENTION else math.prod(conv) * size + math.prod(recurrent) * 4
+                for kind in types)
+    return cache + text.vocab_size * (size + 4)
+
+
 class _SlotCache:
     """The cache object handed to the model in a decode step: writes the new key/value at slot
     `write_at` (a 1-element device tensor, so a CUDA graph replays it at a moving slot) and returns
@@ -148,13 +175,7 @@ class StaticDecoder:
         self.model = unwrap(model)
         self.core = vision_language_core(model)
         text = self.core.config.text_config
-        self.types = _layer_types(text)[: text.num_hidden_layers]
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.kv_shape = (text.num_key_value_heads, head_dim)
-        if LINEAR_ATTENTION in self.types:  # Qwen3.5's Gated DeltaNet: its conv input width and state
-            keys, values = text.linear_num_key_heads * text.linear_key_head_dim, text.linear_num_value_heads * text.linear_value_head_dim
-            self.conv_shape = (2 * keys + values, text.linear_conv_kernel_dim)
-            self.recurrent_shape = (text.linear_num_value_heads, text.linear_key_head_dim, text.linear_value_head_dim)
+        self.types, self.kv_shape, self.conv_shape, self.recurrent_shape = _row_shapes(text)
         embed = self.core.get_input_embeddings().weight
         self.device, self.dtype = embed.device, embed.dtype
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=self.device)

@@ -18,12 +18,12 @@ def _cell(value):
     return round(value, 4) if isinstance(value, float) else value
 
 
-def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_size: int = 64,
+def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_size: int | None = 64,
              max_new_tokens: int = 256, num_workers: int = 2, progress: bool = True,
-             score_workers: int | None = None) -> tuple[dict, list[dict]]:
+             score_workers: int | None = None, batch_setting: str = "BATCH_SIZE") -> tuple[dict, list[dict]]:
     """(summary metrics, one row per sample) for (image_path, label) pairs.
 
-    Each batch's rows are scored in ``score_workers`` processes (default: scoring.default_workers;
+    batch_size None: as many images as fit the GPU (generation.predict). Each batch's rows are scored in ``score_workers`` processes (default: scoring.default_workers;
     0: in this process) while the next batch generates. Under torch.distributed every process
     generates and scores its own share of the pairs and the rows are gathered, so every process
     returns the same full result.
@@ -40,7 +40,7 @@ def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_
 
         results = predict(model, encoder, [pairs[i][0] for i in mine], batch_size=batch_size,
                           max_new_tokens=max_new_tokens, num_workers=num_workers, progress=progress and rank == 0,
-                          on_batch=score_batch)
+                          on_batch=score_batch, batch_setting=batch_setting)
         scores, bleu_stats = scorer.results()
     rows = []
     for i, result, columns, stats in zip(mine, results, scores, bleu_stats):

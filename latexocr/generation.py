@@ -1,13 +1,16 @@
 """Batched greedy generation over many images: the one code path of infer.py and train.py's evaluation."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
-from .decoding import StaticDecoder, static_decode_supported
+from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
 from .images import load_image
+from .memory import MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release, usable_bytes
 from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 from .fast import plain_text_attention
 
@@ -80,15 +83,58 @@ def _size_order(paths) -> list[int]:
     return sorted(range(len(paths)), key=lambda i: area(paths[i]))
 
 
+def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
+             batch_setting: str = "BATCH_SIZE") -> tuple[int, str]:
+    """(rows per generation batch, why) for BATCH_SIZE=auto: a memory model calibrated by one probe.
+
+    The probe prefills one chunk of the largest images (what the decoder's prefill holds at once); each
+    row then adds its cache and logits (decoding.bytes_per_row, from the config; twice that for
+    generate, whose growing cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return MAX_GENERATION_ROWS, "no GPU: no memory probe"
+    images = []
+    for path in largest_paths:
+        try:
+            images.append(load_image(path, encoder.sizing))
+        except OSError:
+            pass  # predict() reports it with its row
+    if not images:
+        return MAX_GENERATION_ROWS, "no readable image to probe"
+    chunk = generation_batch(encoder, images).to(device)
+    release()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model(**chunk, use_cache=True, logits_to_keep=1)
+    except torch.OutOfMemoryError:
+        release()
+        raise SystemExit(f"out of GPU memory reading the {len(images)} largest images at once: use smaller images "
+                         f"(--image-max-pixels) or --quantization 4bit") from None
+    prefill = torch.cuda.max_memory_allocated(device) - base
+    release()
+    length = chunk["input_ids"].shape[1] + max_new_tokens
+    per_row = bytes_per_row(model, length)
+    fixed, per_row = (prefill, per_row) if static else (0, 2 * per_row + prefill // len(images))
+    budget = int(usable_bytes(device) * (1 - MARGIN)) - base
+    rows = choose_generation_rows(fixed, per_row, budget, MAX_GENERATION_ROWS)
+    if rows < 1:
+        raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
+    return rows, (f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {len(images)} "
+                  f"largest images {gib(prefill)}, {per_row / 2**20:.1f} MiB per row at {length} tokens")
+
+
 def _hand_over(on_batch, results: list[dict], done: list[int]) -> None:
     if on_batch is not None and done:
         on_batch(done, [results[i] for i in done])
 
 
 @torch.inference_mode()
-def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int = 64,
+def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int | None = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
-            progress: bool = True, engine: str = "auto", on_batch=None, **generate_kwargs) -> list[dict]:
+            progress: bool = True, engine: str = "auto", on_batch=None, batch_setting: str = "BATCH_SIZE",
+            **generate_kwargs) -> list[dict]:
     """Greedy LaTeX for each image, in input order:
     [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
@@ -98,6 +144,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     "truncated" marks a row that hit max_new_tokens without it (usually a repetition loop).
     engine: "static" = latexocr/decoding.py's static-cache loop (CUDA graphs on GPU), "generate" =
     transformers' generate (the reference), "auto" = static where `static_decode_supported`.
+    batch_size None: as many images as fit the GPU (fit_rows), said in one line on stderr; an
+    out-of-memory that still happens stops with one line naming `batch_setting` and a value that fits.
     on_batch(indices, results): called after each batch with its rows' positions in image_paths
     and their result dicts (every row once, unreadable images included), so a caller can score
     them while the next batch generates.
@@ -122,34 +170,42 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 raise ValueError("engine='static' does not support this model or these generate options "
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
             order = _size_order(image_paths)
+            if batch_size is None:
+                largest = [image_paths[i] for i in order[-PREFILL_CHUNK_ROWS:]]
+                batch_size, why = fit_rows(model, encoder, largest, max_new_tokens, static, batch_setting)
+                print(f"{batch_setting}=auto: {batch_size} images per batch ({why})", file=sys.stderr, flush=True)
             dataset = _Images([image_paths[i] for i in order], encoder.sizing)
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
                                 persistent_workers=False)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
-            for indices, failed, chunks in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
-                for i, err in failed:
-                    results[order[i]]["error"] = err
-                if chunks is None:
-                    _hand_over(on_batch, results, [order[i] for i, _ in failed])
-                    continue
-                chunks = [c.to(device) for c in chunks]
-                if static:
-                    new_tokens, stopped = decoder.generate(chunks)
-                    truncated = (~stopped).tolist()
-                else:
-                    batch = chunks[0]
-                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                         eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                         temperature=None, top_p=None, top_k=None, **generate_kwargs)
-                    new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
-                    stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
-                    truncated = (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist()
-                texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-                for i, text, cut in zip(indices, texts, truncated):
-                    results[order[i]].update(prediction=text.strip(), truncated=cut)
-                _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
+            try:
+                for indices, failed, chunks in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
+                    for i, err in failed:
+                        results[order[i]]["error"] = err
+                    if chunks is None:
+                        _hand_over(on_batch, results, [order[i] for i, _ in failed])
+                        continue
+                    chunks = [c.to(device) for c in chunks]
+                    if static:
+                        new_tokens, stopped = decoder.generate(chunks)
+                        truncated = (~stopped).tolist()
+                    else:
+                        batch = chunks[0]
+                        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                             eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
+                                             temperature=None, top_p=None, top_k=None, **generate_kwargs)
+                        new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+                        stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
+                        truncated = (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist()
+                    texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+                    for i, text, cut in zip(indices, texts, truncated):
+                        results[order[i]].update(prediction=text.strip(), truncated=cut)
+                    _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
+            except torch.OutOfMemoryError:  # another process took memory, or fragmentation: one line, no traceback
+                release()
+                raise SystemExit(out_of_memory_message(batch_setting, batch_size, "while generating")) from None
     finally:
         model.train(was_training)
     return results

@@ -53,8 +53,11 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     language model), or None. (The scripts then call latexocr.fast.prepare_model.)"""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                       device_map=device_map, quantization_config=quantization)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                        device_map=device_map, quantization_config=quantization)
+    if quantization is not None:
+        keep_4bit_layout_trainable(model)
+    return model
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to_save=None):
@@ -191,6 +194,19 @@ def unwrap(model):
     """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """QLoRA on a CPU with AVX512-BF16: bitsandbytes (checked on 0.50.2) repacks a Linear4bit's weight
+    for its inference kernel the first time the layer runs in eval mode without gradients (train.py's
+    base-model evaluation) and never packs it back, after which the training forward fails ("a view of
+    a leaf Variable that requires grad is being used in an in-place operation"). Every 4-bit model
+    keeps the trainable layout, the one loaded by infer.py too, so that train.py's evaluation and
+    infer.py run the same kernel and print the same scores. (`support_avx512bf16_for_cpu` is the
+    instance flag bitsandbytes reads; listed in latexocr/fast/upstream.py's drift check.)"""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def vision_language_core(model):

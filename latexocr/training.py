@@ -115,6 +115,25 @@ class OcrTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.supervised_logits_only = supervised_logits_only
         self.vision_learning_rate = vision_learning_rate
+        self.out_of_memory = StopOnOutOfMemory()
+        self.add_callback(self.out_of_memory)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """transformers' step; on one GPU, a step that runs out of memory (another process took memory,
+        fragmentation) ends training with a checkpoint instead of a traceback (StopOnOutOfMemory)."""
+        if self.out_of_memory.hit:  # the rest of that optimizer step's micro-batches
+            return torch.zeros((), device=self.args.device)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError:
+            if self.accelerator.num_processes > 1:  # the other processes wait in a collective: no way back
+                raise
+            tokens = inputs["input_ids"].numel() if "input_ids" in inputs else 0
+            self.out_of_memory.hit = f"a micro-batch of {tokens} tokens"
+            # no update from a partial step: AdamW skips weights without a gradient
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return torch.zeros((), device=self.args.device)
 
     def step_loss(self, model, inputs: dict) -> tuple[torch.Tensor, int]:
         """The summed loss of one forward pass and its supervised-token count."""
@@ -201,6 +220,20 @@ class Fp16OverflowStop(TrainerCallback):
             raise SystemExit(f"DTYPE=fp16: the loss is {loss} at step {state.global_step} (fp16 overflow); "
                              f"train with DTYPE=bf16 where the GPU has it, else DTYPE=fp32 or QUANTIZATION=4bit "
                              f"with DTYPE=fp32")
+
+
+class StopOnOutOfMemory(TrainerCallback):
+    """After a step that ran out of GPU memory (OcrTrainer.training_step sets `hit`), saves a checkpoint
+    through the Trainer's own save and stops: the weights are those of the last completed update (the
+    failed step changed nothing), so --resume with a smaller micro-batch continues the same run."""
+
+    def __init__(self):
+        self.hit: str | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hit:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class SaveSampleDefinition(TrainerCallback):

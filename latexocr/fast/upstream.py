@@ -83,6 +83,9 @@ SOURCES = {
         ("tracking.py SwanLabCallback.on_train_begin calls it, then adds to the config", ("b388a327742cb4b2",)),
     ("swanlab.integration.transformers", "SwanLabCallback.on_log"):
         ("tracking.py SwanLabCallback.on_log replaces it (rewrite_logs, then Tracker.log)", ("d592a557796c92cc",)),
+    ("bitsandbytes.nn.modules", "Linear4bit.forward"):
+        ("modeling.py keep_4bit_layout_trainable clears support_avx512bf16_for_cpu, which this reads before "
+         "repacking the weight for CPU inference (bitsandbytes 0.50.2)", ("6d41f286252b9797",)),
 }
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
 OVERRIDDEN = {
@@ -144,6 +147,8 @@ def drift() -> list[str]:
     """One line per hook that differs in the installed libraries from what was checked; [] if none."""
     problems = []
     for (module, qualname), (used_by, expected) in SOURCES.items():
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            continue  # an optional library (bitsandbytes) that is not installed: nothing relies on it
         try:
             found = source_hash(module, qualname)
         except ModuleNotFoundError:

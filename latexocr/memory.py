@@ -1,0 +1,221 @@
+"""What fits on the card: the micro-batch and gradient checkpointing of training, and the rows of a
+generation batch, chosen from a measurement on the card (never from its name).
+
+Training (`fit_training_batch`): a probe step (forward + backward, the plain step) on the worst batch
+the data can produce, the longest samples, at each candidate micro-batch from the largest down; the
+first that fits without gradient checkpointing, and a larger one with it where that fits, are timed,
+and the faster per sample wins. Fits means: the probe's peak plus the optimizer's state (AdamW keeps two
+moments of every trainable weight, not yet allocated when the probe runs) within the memory this
+process can use, less MARGIN (fragmentation, the DataLoader's pinned copies, what the probe did not see).
+
+Generation (`fit_generation_rows`): a memory model calibrated by one probe. The static decoder's
+cache grows linearly with the rows (keys/values or linear-attention states, latexocr/decoding.py),
+computed from the config; what does not grow with them, the prefill of one chunk of the largest
+images, is measured.
+
+A value the user gives wins; on the CPU nothing is probed (host memory is not what runs out).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.10           # of the usable memory, kept free
+MAX_GENERATION_ROWS = 512  # the largest generation batch "auto" picks (docs/BENCHMARKS.md: no gain above)
+ADAM_STATE_BYTES = 8    # exp_avg + exp_avg_sq, fp32, per trainable weight (trainable weights are fp32)
+
+AUTO = "auto"
+
+
+def parse_auto(value, name: str, kind=int):
+    """None for "auto", else the value as `kind` (an int setting, or on/off/true/false for a bool one);
+    a wrong value stops with one line naming the setting."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("on", "true", "1", "yes"):
+            return True
+        if text in ("off", "false", "0", "no"):
+            return False
+    else:
+        try:
+            number = int(value)
+            if number >= 1:
+                return number
+        except (TypeError, ValueError):
+            pass
+    flag = "--" + name.lower().replace("_", "-")
+    allowed = "auto, on or off" if kind is bool else "auto or a whole number >= 1"
+    raise SystemExit(f"{name} ({flag}) must be {allowed}, not {value!r}")
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def usable_bytes(device=None) -> int:
+    """The memory this process can allocate: what the card has free plus what torch already holds,
+    within the per-process cap (torch.cuda.set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    return int(min(free + held, total * fraction))
+
+
+def release() -> None:
+    """Give back what a probe (or a failed step) left in torch's cache."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def divisors_descending(n: int) -> list[int]:
+    return [m for m in range(n, 0, -1) if n % m == 0]
+
+
+# ---- training ------------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    """One probe step: its micro-batch, checkpointing, peak bytes (optimizer state added), seconds."""
+
+    micro: int
+    checkpointing: bool
+    peak: int | None          # None: ran out of memory
+    seconds: float = 0.0
+
+    @property
+    def per_sample(self) -> float:
+        return self.seconds / self.micro
+
+
+@dataclass
+class Choice:
+    micro: int
+    checkpointing: bool
+    reason: str
+
+
+class DoesNotFit(SystemExit):
+    """Nothing fits: the message names what to change."""
+
+
+def choose_training_batch(candidates: list[int], probe, budget: int, checkpointing: bool | None = None) -> Choice:
+    """The fastest (micro-batch, checkpointing) whose probe fits `budget` bytes.
+
+    candidates: micro-batch sizes, largest first; probe(micro, checkpointing) -> Probe.
+    checkpointing: None (auto) or the user's choice. Without checkpointing the largest fitting
+    micro-batch is taken; with auto, checkpointing at a larger micro-batch is probed too (it
+    recomputes the forward, ~1/3 more work, but a larger batch keeps the GPU busier) and the
+    faster per sample wins, measured.
+    """
+    tried: list[Probe] = []
+
+    def largest_fitting(with_checkpointing: bool, above: int = 0) -> Probe | None:
+        for micro in candidates:
+            if micro <= above:
+                return None
+            result = probe(micro, with_checkpointing)
+            tried.append(result)
+            if result.peak is not None and result.peak <= budget:
+                return result
+        return None
+
+    plain = None if checkpointing else largest_fitting(False)
+    recompute = None
+    if checkpointing or (checkpointing is None and (plain is None or plain.micro < candidates[0])):
+        recompute = largest_fitting(True, above=plain.micro if plain else 0)
+    fitting = [p for p in (plain, recompute) if p is not None]
+    if not fitting:
+        smallest = min(tried, key=lambda p: p.peak or float("inf"), default=None)
+        seen = (f"the smallest probe (micro-batch {smallest.micro}{', checkpointing' if smallest.checkpointing else ''}) "
+                f"needs {gib(smallest.peak)}" if smallest and smallest.peak else "every probe ran out of memory")
+        raise DoesNotFit(f"out of GPU memory: {seen} of the {gib(budget)} this GPU can give training; "
+                         f"use --quantization 4bit (QLoRA), a shorter --max-length, smaller images "
+                         f"(--image-max-pixels), or a GPU with more memory")
+    best = min(fitting, key=lambda p: p.per_sample)
+    timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
+                        f"{gib(p.peak)}, {p.micro / p.seconds:.1f} samples/s" for p in fitting)
+    return Choice(best.micro, best.checkpointing,
+                  f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}")
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing on or off (the non-reentrant kind: works with packing and LoRA)."""
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # a frozen embedding's output must carry grad through the blocks
+    elif model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()
+
+
+def worst_case_samples(lengths: list[int], micro: int) -> list[int]:
+    """Indices of the `micro` longest samples: the largest batch (tokens and image patches) the data can produce."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])[:micro]
+
+
+def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int):
+    """probe(micro, checkpointing) for choose_training_batch: one warm-up and one timed forward +
+    backward of `step_loss(model, batch) -> (summed loss, count)` on the worst-case batch."""
+    device = next(model.parameters()).device
+
+    def probe(micro: int, checkpointing: bool) -> Probe:
+        set_checkpointing(model, checkpointing)
+        batch = collator([dataset[i] for i in worst_case_samples(dataset.lengths, micro)])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        release()
+        torch.cuda.reset_peak_memory_stats(device)
+        seconds = 0.0
+        try:
+            for _ in range(2):  # the first pays for kernel selection and workspaces
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                loss, count = step_loss(model, dict(batch))
+                (loss / max(count, 1)).backward()
+                torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) + extra_bytes
+        except torch.OutOfMemoryError:
+            peak = None
+        finally:
+            model.zero_grad(set_to_none=True)
+            loss = None
+            release()
+        return Probe(micro, checkpointing, peak, seconds)
+
+    return probe
+
+
+def fit_training_batch(model, dataset, collator, step_loss, per_process_batch: int,
+                       checkpointing: bool | None = None) -> Choice:
+    """The micro-batch (and checkpointing, unless given) for this GPU; see the module docstring."""
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    probe = training_step_probe(model, dataset, collator, step_loss, extra_bytes=trainable * ADAM_STATE_BYTES)
+    budget = int(usable_bytes() * (1 - MARGIN))
+    choice = choose_training_batch(divisors_descending(per_process_batch), probe, budget, checkpointing)
+    set_checkpointing(model, choice.checkpointing)
+    return choice
+
+
+# ---- generation ----------------------------------------------------------------------------------
+def choose_generation_rows(fixed_bytes: int, per_row_bytes: int, budget: int, largest: int) -> int:
+    """The most rows (a multiple of 8 up to `largest`, or fewer below 8) whose memory model fits."""
+    rows = max(0, (budget - fixed_bytes) // max(per_row_bytes, 1))
+    rows = min(int(rows), largest)
+    return rows if rows < 8 else rows - rows % 8
+
+
+def out_of_memory_message(setting: str, value: int, what: str) -> str:
+    """One line for an out-of-memory that still happened: the setting to lower and a value that would fit."""
+    flag = "--" + setting.lower().replace("_", "-")
+    lower = max(1, value // 2)
+    if value > 1:
+        return f"out of GPU memory {what} at {setting}={value}: run again with {flag} {lower}"
+    return (f"out of GPU memory {what} at {setting}=1: use --quantization 4bit (QLoRA), a shorter "
+            f"--max-length or smaller images (--image-max-pixels)")
