@@ -49,7 +49,7 @@ MICRO_BATCH_SIZE: int = "auto"  # samples per forward pass on one GPU (gradient 
                          # longest samples (latexocr/memory.py); the whole batch on a CPU
 GRADIENT_CHECKPOINTING: bool = "auto"  # recompute activations in the backward pass: less memory, ~1/3 more
                          # work; auto: on only where it measured faster than the micro-batch that fits
-                         # without it | --gradient-checkpointing | --no-gradient-checkpointing
+                         # without it | on | off
 EVAL_BATCH_SIZE: int = "auto"  # images per generation batch in evaluation; auto: as many as fit (<= 512)
 # ---- hardware
 DTYPE = "auto"           # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32

@@ -16,6 +16,7 @@ ENV = "LATEXOCR_SPEED"
 
 @dataclass(frozen=True)
 class SpeedChoices:
+    """Each field: the default the code takes, and what it switches."""
     fast: bool = True                     # off: plain transformers + peft, none of latexocr/fast/ (the
                                           # reference tests/test_fast.py compares the fast path with)
     attention: str = "sdpa"               # transformers' attn_implementation: sdpa | flash_attention_2 | eager
@@ -36,7 +37,7 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
         name, _, value = item.lower().partition("=")
         allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name == "compile" else None
         if name not in kinds or (allowed and value not in allowed):
-            raise SystemExit(f"{ENV}: {item!r}: choose from {', '.join(kinds)}; "
-                             f"compile must be auto, on or off, the others bar attention on or off")
+            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile must be auto, "
+                             f"on or off, attention an attn_implementation, the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else value
     return SpeedChoices(**changes)
