@@ -136,7 +136,7 @@ def rescore(args) -> None:
     """infer.py --score: the metrics summary (and --report) of a predictions file, as the live run
     that wrote it printed them; no model, no torch."""
     from latexocr.metrics import worst_first
-    from latexocr.scoring import PredictionsFileError, Scorer, default_workers, read_predictions, summarize_rows
+    from latexocr.scoring import PredictionsFileError, Scorer, default_workers, read_predictions, scored_summary
 
     try:
         rows = read_predictions(args.score)
@@ -146,15 +146,48 @@ def rescore(args) -> None:
         rows = rows[: args.limit]
     with Scorer(default_workers(rows=len(rows), keep_one=False)) as scorer:  # no GPU to feed: every core scores
         scorer.submit(range(len(rows)), [(r["prediction"], r["label"], r.get("truncated", False)) for r in rows])
-        scores, bleu_stats = scorer.results()
-    summary = summarize_rows(scores, bleu_stats, truncated=all("truncated" in r for r in rows))
-    summary["errors"] = sum(bool(r["error"]) for r in rows)
+        rows, summary = scored_summary(scorer, rows, truncated=all("truncated" in r for r in rows))
     print(json.dumps({"predictions": args.score, **summary}, indent=2))
     if args.report:
         from latexocr.report import write_report
-        scored = [{**row, **columns} for row, columns in zip(rows, scores)]
-        page = write_report(worst_first(scored), args.report, summary, title=f"{Path(args.score).name}: re-scored")
+        page = write_report(worst_first(rows), args.report, summary, title=f"{Path(args.score).name}: re-scored")
         print(f"report: {page}")
+
+
+def load_with_sample(args):
+    """(model, processor, adapter, sample encoder, sample definition): the model, and its samples
+    shown as it was trained: the sizing and prompt saved with the adapter (else with a local model
+    folder: a merged model), unless settings say otherwise."""
+    from latexocr.sample import setup_sample
+
+    model, processor, adapter = load_for_inference(args)
+    trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
+    encoder, definition = setup_sample(processor, args, model.config.model_type, trained,
+                                       note_if_missing=adapter is not None)
+    return model, processor, adapter, encoder, definition
+
+
+def merge(args) -> None:
+    """infer.py --merge-to: base + adapter written as one plain model folder."""
+    from latexocr.sample import SAMPLE_FILE, write_sample_definition
+
+    if args.adapter in ("none", ""):  # before any model is loaded or downloaded
+        raise SystemExit("--merge-to needs an adapter (got --adapter none)")
+    if args.quantization != "none":
+        raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
+    model, processor, _, encoder, definition = load_with_sample(args)
+    # a fully fine-tuned model is already one plain model: it is written as it is
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged.save_pretrained(args.merge_to)
+    processor.save_pretrained(args.merge_to)  # resizes as training did (setup_sample set its bounds)
+    write_sample_definition(args.merge_to, definition)
+    if encoder.sizing.fixed:
+        w, h = encoder.sizing.target_size(1, 1)
+        print(f"warning: trained at a fixed {args.image_size} (sent as {w}x{h}), which a plain AutoProcessor "
+              f"cannot express: resize images to {w}x{h} before its processor, or use infer.py "
+              f"(it reads {Path(args.merge_to) / SAMPLE_FILE})", file=sys.stderr)
+    print(f"merged model written to {args.merge_to}; load it with AutoModelForImageTextToText / "
+          f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
 
 
 def main(argv=None):
@@ -171,8 +204,7 @@ def main(argv=None):
     from latexocr.generation import predict
     from latexocr.memory import parse_auto
     from latexocr.metrics import worst_first
-    from latexocr.sample import SAMPLE_FILE, setup_sample, write_sample_definition
-    from latexocr.scoring import Scorer, default_workers, summarize_rows
+    from latexocr.scoring import Scorer, default_workers, scored_summary
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
         images, labels, labelled = collect_inputs(args.input)
@@ -184,35 +216,14 @@ def main(argv=None):
             if problem:
                 raise SystemExit(f"error: {problem}")
     parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
-    if args.merge_to and args.adapter in ("none", ""):  # before any model is loaded or downloaded
-        raise SystemExit("--merge-to needs an adapter (got --adapter none)")
-    if args.merge_to and args.quantization != "none":
-        raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
-    model, processor, adapter = load_for_inference(args)
-    # Show the model its samples as it was trained: the sizing and prompt saved with the adapter (else
-    # with a local model folder: a merged model), unless settings say otherwise.
-    trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
-    encoder, definition = setup_sample(processor, args, model.config.model_type, trained,
-                                       note_if_missing=adapter is not None)
-    sizing = encoder.sizing
+    if args.merge_to:
+        return merge(args)
 
-    if args.merge_to:  # its settings were checked above, before the model loaded
-        # a fully fine-tuned model is already one plain model: it is written as it is
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(args.merge_to)
-        processor.save_pretrained(args.merge_to)  # resizes as training did (setup_sample set its bounds)
-        write_sample_definition(args.merge_to, definition)
-        if sizing.fixed:
-            w, h = sizing.target_size(1, 1)
-            print(f"warning: trained at a fixed {args.image_size} (sent as {w}x{h}), which a plain AutoProcessor "
-                  f"cannot express: resize images to {w}x{h} before its processor, or use infer.py "
-                  f"(it reads {Path(args.merge_to) / SAMPLE_FILE})", file=sys.stderr)
-        print(f"merged model written to {args.merge_to}; load it with AutoModelForImageTextToText / "
-              f"AutoProcessor.from_pretrained, or pass it as --model-id with --adapter none")
-        return
-
-    # Labelled: each batch's rows are scored in worker processes while the next batch generates.
+    # Labelled: the scoring workers start before the model loads (their start-up overlaps the loading),
+    # then score each batch's rows while the next batch generates.
     with Scorer(default_workers(rows=len(images)) if labelled else 0) as scorer:
+        model, _, adapter, encoder, _ = load_with_sample(args)
+
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
@@ -220,17 +231,13 @@ def main(argv=None):
                           max_new_tokens=args.max_new_tokens,
                           num_workers=args.num_workers, progress=len(images) > 1,
                           on_batch=score_batch if labelled else None)
-        scores, bleu_stats = scorer.results()
-
-    rows = []
-    for i, (image, label, result) in enumerate(zip(images, labels, results)):
-        row = {"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
+        rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
+                for image, result in zip(images, results)]
+        summary = None
         if labelled:
-            row["label"] = label
-            row.update(scores[i])
+            rows, summary = scored_summary(scorer, [{**row, "label": label} for row, label in zip(rows, labels)])
         else:
-            row["truncated"] = result["truncated"]
-        rows.append(row)
+            rows = [{**row, "truncated": result["truncated"]} for row, result in zip(rows, results)]
     errors = [r for r in rows if r["error"]]
     for r in errors:
         print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
@@ -245,10 +252,7 @@ def main(argv=None):
                                                     if Path(args.input).is_file() else "predictions.csv")
     write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
-    summary = None
     if labelled:
-        summary = summarize_rows(scores, bleu_stats)
-        summary["errors"] = len(errors)
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
         if args.swanlab_mode != "disabled":
             from latexocr.tracking import Tracker, run_name

@@ -140,6 +140,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
     checkpointing = parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
     share = max(1, args.batch_size // processes)
     if (micro is None or checkpointing is None) and torch.cuda.is_available() and not args.deepspeed:
+        model.to(torch.device("cuda", torch.cuda.current_device()))  # where the Trainer would put it
         # the plain step and batches (the fast path's compiled step needs less memory, not more)
         boundaries = sample_boundaries if packed and has_linear_attention(model) else None
         collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)

@@ -1,20 +1,26 @@
-"""Time scoring 9,443 realistic predictions (CPU): the old single-process path vs `infer.py --score`.
+"""Time `infer.py --score` on 9,443 pairs built from distinct real labels (CPU), and where it goes.
 
-    python bench/bench_score.py                  # 9,443 pairs, old path from git commit c2454c7
-    python bench/bench_score.py --rows 2048 --old-commit none
+    python bench/bench_score.py                 # 9,443 pairs, infer.py --score 3 times, then the phases
+    python bench/bench_score.py --repeat 1 --no-phases
 
-Pairs: the real labels of ../shared/latex_ocr/small, cycled; 60 % of predictions are the label,
-the rest have one token replaced by another token of the labels (seeded). They are written as
-infer.py's predictions CSV. (a) scores them with the scoring code of --old-commit (metrics.py
-and latex.py read with `git show`; its score_row + summarize_rows copied below), in this process;
-(b) runs `infer.py --score` as a subprocess, start to printed summary. Both summaries are
-printed, and must agree. The CPU may be shared: the load average is printed with the times.
+Pairs: a string-keyed cache must not be what is measured, so the labels are distinct real ones:
+all 8,475 of ../shared/latex_ocr/full_val (8,470 distinct strings), then the 50 distinct labels of
+../shared/latex_ocr/small (none of them in full_val), then the first 918 of full_val a second time
+to reach 9,443 (the `full` test split's size): 8,520 distinct labels, 918 rows (10 %) repeating one.
+60 % of predictions equal their label; the rest are one token off (changed to another token of the
+labels, deleted, or one inserted; seeded), so nearly every prediction is a distinct string too.
+They are written as infer.py's predictions CSV, then:
+(a) `infer.py --score` as a subprocess, from the command to the printed summary: the user's wait;
+    wall and CPU seconds (its workers included), ``--repeat`` times, as the CPU may be shared;
+(b) the phases in this process, one core: reading the file, tokenising, score_pair (tokens,
+    Levenshtein, BLEU statistics), KaTeX's render check of the distinct predictions (equal to their
+    label, or not): the floor of the work, as no string's verdict implies another's. The load
+    average is printed with the times.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import os
 import random
@@ -26,27 +32,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "latex_ocr" / "small"
+sys.path.insert(0, str(ROOT))
+LATEX_OCR = ROOT.parent / "shared" / "latex_ocr"
+FULL_VAL = LATEX_OCR / "full_val" / "formulas" / "val.formulas.norm.txt"
+SMALL = LATEX_OCR / "small" / "formulas"
+ROWS = 9443
 
 
-def real_labels() -> list[str]:
-    files = sorted((SHARED / "formulas").glob("*.formulas.norm.txt"))
-    return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+def lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def realistic_pairs(labels: list[str], rows: int, exact: float = 0.6, seed: int = 0) -> list[tuple[str, str]]:
-    """(prediction, label): labels cycled; a share ``exact`` predicted exactly, the rest one token off."""
+def real_labels(rows: int = ROWS) -> list[str]:
+    """``rows`` labels: full_val's, small's distinct ones, then full_val's again from the start."""
+    full = lines(FULL_VAL)
+    small = list(dict.fromkeys(line for f in sorted(SMALL.glob("*.formulas.norm.txt")) for line in lines(f)))
+    labels = full + [s for s in small if s not in set(full)]
+    return (labels + full * (rows // len(full) + 1))[:rows]
+
+
+def one_token_off(tokens: list[str], vocab: list[str], rng: random.Random) -> list[str]:
+    """The tokens with one changed, deleted or inserted (a two-thirds majority of changes)."""
+    tokens, at, how = list(tokens), rng.randrange(len(tokens)), rng.random()
+    if how < 2 / 3:
+        old = tokens[at]
+        while tokens[at] == old:
+            tokens[at] = rng.choice(vocab)
+    elif how < 5 / 6 and len(tokens) > 1:
+        del tokens[at]
+    else:
+        tokens.insert(at, rng.choice(vocab))
+    return tokens
+
+
+def realistic_pairs(labels: list[str], exact: float = 0.6, seed: int = 0) -> list[tuple[str, str]]:
+    """(prediction, label): a share ``exact`` predicted exactly, the rest one token off."""
     rng = random.Random(seed)
     vocab = sorted({tok for label in labels for tok in label.split()})
-    pairs = []
-    for i in range(rows):
-        label = labels[i % len(labels)]
-        tokens = label.split()
-        if rng.random() >= exact:
-            at = rng.randrange(len(tokens))
-            tokens[at] = rng.choice([t for t in vocab if t != tokens[at]])
-        pairs.append((" ".join(tokens), label))
-    return pairs
+    return [(label if rng.random() < exact else " ".join(one_token_off(label.split(), vocab, rng)), label)
+            for label in labels]
 
 
 def write_predictions(pairs: list[tuple[str, str]], path: Path) -> None:
@@ -59,78 +83,74 @@ def write_predictions(pairs: list[tuple[str, str]], path: Path) -> None:
                              "truncated": False})
 
 
-def old_scoring(commit: str, folder: Path):
-    """(score_row, summarize_rows) of the scoring code at ``commit``, or None when git cannot show it."""
-    package = folder / "old_latexocr"
-    package.mkdir(exist_ok=True)
-    (package / "__init__.py").write_text("")
-    for name in ("metrics.py", "latex.py"):
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:latexocr/{name}"],
-                               capture_output=True, text=True)
-        if shown.returncode != 0:
-            return None
-        (package / name).write_text(shown.stdout, encoding="utf-8")
-    sys.path.insert(0, str(folder))
-    old = importlib.import_module("old_latexocr.metrics")
-
-    def score_row(prediction, label, truncated=False):  # latexocr/evaluation.py at that commit
-        return {**old.sample_scores(prediction, label), "render_ok": old.render_ok(prediction),
-                "truncated": bool(truncated)}
-
-    def summarize_rows(rows):
-        return old.summarize([r["prediction"] for r in rows], [r["label"] for r in rows],
-                             truncated=[r["truncated"] for r in rows], rendered=[r["render_ok"] for r in rows])
-
-    return score_row, summarize_rows
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def time_infer_score(csv_path: Path) -> tuple[float, float, dict]:
+    """(wall s, CPU s, printed summary) of `infer.py --score` in a process of its own."""
+    start, cpu_before = time.perf_counter(), _children_cpu()
+    done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--score", str(csv_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    took, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
+    if done.returncode != 0:
+        raise SystemExit(f"infer.py --score failed:\n{done.stderr}")
+    if done.stderr.strip():
+        print(f"    stderr: {done.stderr.strip()}")
+    return took, cpu, json.loads(done.stdout)
+
+
+def phase(name: str, work, rows: int) -> None:
+    start, cpu = time.perf_counter(), time.process_time()
+    work()
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"    {name:<52} {took:6.2f} s wall, {cpu:6.2f} CPU s ({rows} rows)")
+
+
+def phases(csv_path: Path, pairs: list[tuple[str, str]]) -> None:
+    """The work of --score, piece by piece, in this process (no cache: each string once)."""
+    from latexocr import metrics
+    from latexocr.latex import render_error
+    from latexocr.scoring import read_predictions
+
+    exact = list(dict.fromkeys(pred for pred, label in pairs if pred == label))
+    wrong = list(dict.fromkeys(pred for pred, label in pairs if pred != label))
+    phase("read_predictions", lambda: read_predictions(csv_path), len(pairs))
+    phase("tokenize both sides", lambda: [(metrics.tokenize(p), metrics.tokenize(r)) for p, r in pairs], len(pairs))
+    phase("score_pair (tokens, Levenshtein, BLEU)", lambda: [metrics.score_pair(p, r) for p, r in pairs],
+          len(pairs))
+    # every distinct prediction must be parsed once: no verdict implies another's
+    phase("KaTeX render check, distinct exact predictions", lambda: [render_error(t) for t in exact], len(exact))
+    phase("KaTeX render check, distinct wrong predictions", lambda: [render_error(t) for t in wrong], len(wrong))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=9443)
-    parser.add_argument("--old-commit", default="c2454c7", help="the scoring code to compare with; 'none' skips (a)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of infer.py --score")
+    parser.add_argument("--no-phases", action="store_true", help="skip (b), the in-process phases")
     args = parser.parse_args()
-    labels = real_labels()
-    if not labels:
-        raise SystemExit(f"no labels under {SHARED}")
-    pairs = realistic_pairs(labels, args.rows)
-    print(f"{len(pairs)} pairs from {len(labels)} real label lines ({len(set(labels))} distinct); {sum(p == r for p, r in pairs)} exact; "
-          f"{len(set(p for p, _ in pairs))} distinct predictions; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    if not FULL_VAL.is_file() or not SMALL.is_dir():
+        raise SystemExit(f"skipped: the real labels are not here ({FULL_VAL}, {SMALL}): "
+                         "this benchmark needs the project's ../shared folder")
+    pairs = realistic_pairs(real_labels())
+    print(f"{len(pairs)} pairs, {len({r for _, r in pairs})} distinct labels, {sum(p == r for p, r in pairs)} exact, "
+          f"{len({p for p, _ in pairs})} distinct predictions; {os.cpu_count()} CPUs, load average {_load()}")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "predictions.csv"
         write_predictions(pairs, csv_path)
-        old = old_scoring(args.old_commit, Path(tmp)) if args.old_commit != "none" else None
-        if old is None:
-            print("(a) old single-process path: skipped (--old-commit none or not in this git history)")
-        else:
-            score_row, summarize_rows = old
-            start, cpu_start = time.perf_counter(), time.process_time()
-            rows = [{"prediction": p, "label": r, **score_row(p, r, False)} for p, r in pairs]
-            summary = summarize_rows(rows)
-            took, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            print(f"(a) old single-process score_row + summarize_rows ({args.old_commit}): {took:.2f} s "
-                  f"({len(pairs) / took:.0f} rows/s), {cpu:.2f} CPU s; load average now {os.getloadavg()[0]:.2f}")
-            print("    " + json.dumps(summary))
-        start, cpu_before = time.perf_counter(), _children_cpu()
-        done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--score", str(csv_path)],
-                              capture_output=True, text=True, cwd=ROOT)
-        took, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
-        if done.returncode != 0:
-            raise SystemExit(f"infer.py --score failed:\n{done.stderr}")
-        print(f"(b) infer.py --score, end to end (a subprocess): {took:.2f} s ({len(pairs) / took:.0f} rows/s), "
-              f"{cpu:.2f} CPU s (its workers included); load average now {os.getloadavg()[0]:.2f}")
-        new = json.loads(done.stdout)
-        print("    " + json.dumps(new))
-        if done.stderr.strip():
-            print(f"    stderr: {done.stderr.strip()}")
-        if old is not None:
-            differ = {k: (summary[k], new[k]) for k in summary if abs(summary[k] - new[k]) > 1e-9}
-            print("    same metrics as (a)" if not differ else f"    DIFFERENT from (a): {differ}")
+        print("(a) infer.py --score, end to end (a subprocess):")
+        for _ in range(args.repeat):
+            took, cpu, summary = time_infer_score(csv_path)
+            print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included); load average now {_load()}")
+        print("    " + json.dumps(summary))
+        if not args.no_phases:
+            print("(b) the phases, in this process:")
+            phases(csv_path, pairs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .batching import SampleEncoder
 from .generation import predict
-from .scoring import Scorer, default_workers, summarize_rows
+from .scoring import Scorer, default_workers, scored_summary
 
 
 def comparison_table(base: dict | None, tuned: dict) -> tuple[list[str], list[list]]:
@@ -41,17 +41,16 @@ def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_
         results = predict(model, encoder, [pairs[i][0] for i in mine], batch_size=batch_size,
                           max_new_tokens=max_new_tokens, num_workers=num_workers, progress=progress and rank == 0,
                           on_batch=score_batch, batch_setting=batch_setting)
-        scores, bleu_stats = scorer.results()
-    rows = []
-    for i, result, columns, stats in zip(mine, results, scores, bleu_stats):
-        image, label = pairs[i]
-        rows.append(({"index": i, "image": image, "prediction": result["prediction"], "label": label,
-                      "error": result["error"], **columns}, stats))
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r[0]["index"])
-    rows, bleu_stats = [row for row, _ in rows], [stats for _, stats in rows]
-    summary = summarize_rows(rows, bleu_stats)
-    summary["errors"] = sum(r["error"] is not None for r in rows)
+        rows = [{"index": i, "image": pairs[i][0], "prediction": result["prediction"], "label": pairs[i][1],
+                 "error": result["error"]} for i, result in zip(mine, results)]
+        rows, summary = scored_summary(scorer, rows, gather=_gather_rows if world > 1 else None)
     return summary, rows
+
+
+def _gather_rows(rows: list) -> list:
+    """Every process's [(row, BLEU statistics)], in input order (torch.distributed)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return sorted((r for part in gathered for r in part), key=lambda r: r[0]["index"])

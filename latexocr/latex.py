@@ -4,11 +4,18 @@ LaTeX_OCR's labels were normalised by KaTeX's parser and written with one space 
 (``\\frac { 1 } { 2 }``). :func:`tokenize` reproduces that tokenisation for labels exactly and
 splits compact LaTeX (``\\frac{1}{2}``) into the same tokens, so scores judge the formula and not
 its spacing. :func:`render` / :func:`render_error` ask KaTeX itself (through ``pykatex``, which
-embeds KaTeX in QuickJS: no node, no browser), the parser that normalised the labels.
+embeds KaTeX in QuickJS: no node, no browser), the parser that normalised the labels, in a child
+process of its own (below: why).
 """
 from __future__ import annotations
 
+import atexit
+import json
 import re
+import select
+import subprocess
+import sys
+import threading
 
 __all__ = ["strip_math", "tokenize", "render", "render_error"]
 
@@ -64,12 +71,78 @@ def tokenize(text: str | None) -> list[str]:
     return [t if len(t) == 1 else _SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
 
 
-def _katex(latex: str) -> str:
-    import pykatex  # imported here: the metrics module stays importable where no wheel exists
+# KaTeX runs in a child process of its own. pykatex 0.1.1 (its only release) frees a JavaScript value
+# twice whenever KaTeX throws an internal error (a plain Error, e.g. "Expected node of type ... but got
+# node of type cr" for `\begin{array} \\ x \end{array}`) rather than a ParseError; after a few such
+# errors the process aborts (malloc_consolidate) or hangs. A formula never takes the scoring process
+# with it: the child is replaced after an internal error, a crash or a hang.
+_SERVER = r"""
+import json, sys
+try:
+    import pykatex
+except ImportError as exc:
+    pykatex, missing = None, str(exc)
+for line in sys.stdin:
+    if pykatex is None:
+        print(json.dumps({"missing": missing}), flush=True)
+        continue
+    try:
+        answer = {"mathml": pykatex.renderToString(json.loads(line), output="mathml", displayMode=True,
+                                                   throwOnError=True, strict="ignore")}
+    except Exception as exc:
+        answer = {"error": str(exc)}
+    print(json.dumps(answer), flush=True)
+"""
+# KaTeX's own ParseError names where parsing stopped; an internal error does not (its text may be garbled).
+_PARSE_ERROR = re.compile(r" at position \d+|at end of input|^KaTeX parse error")
+KATEX_TIMEOUT = 30.0  # seconds for one formula before the child counts as hung (KaTeX takes ~1-12 ms)
 
-    # strict="ignore": KaTeX's default ("warn") prints a console line for every non-LaTeX character
-    # (a random or looping model writes thousands); the verdict is the same, only errors count.
-    return pykatex.renderToString(latex, output="mathml", displayMode=True, throwOnError=True, strict="ignore")
+
+class _Katex:
+    """One child process running KaTeX (see above), replaced when its state may be corrupt."""
+
+    def __init__(self):
+        self.child, self.lock = None, threading.Lock()
+
+    def _stop(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+            self.child.wait()
+            self.child = None
+
+    def __call__(self, latex: str) -> str:
+        with self.lock:
+            if self.child is None or self.child.poll() is not None:
+                # strict="ignore" in the server: KaTeX's default ("warn") prints a console line for every
+                # non-LaTeX character (a looping model writes thousands); only errors count
+                self.child = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                              text=True, encoding="utf-8", bufsize=1)
+            try:
+                self.child.stdin.write(json.dumps(latex) + "\n")
+                self.child.stdin.flush()
+                ready, _, _ = select.select([self.child.stdout], [], [], KATEX_TIMEOUT)
+                line = self.child.stdout.readline() if ready else ""
+            except OSError:  # the child died between two formulas
+                line = ""
+            if not line:  # crashed or hung on this formula: its verdict, and a new child for the next
+                self._stop()
+                raise RuntimeError("KaTeX crashed on this formula" if ready else
+                                   f"KaTeX took more than {KATEX_TIMEOUT:.0f} s on this formula")
+            answer = json.loads(line)
+            if "missing" in answer:
+                self._stop()
+                raise ImportError(answer["missing"])
+            if "error" in answer:
+                if not _PARSE_ERROR.search(answer["error"]):
+                    self._stop()  # an internal error: pykatex's state is not to be trusted after it
+                    raise RuntimeError(f"KaTeX internal error: {answer['error']}")
+                raise ValueError(answer["error"])
+            return answer["mathml"]
+
+
+_katex = _Katex()
+atexit.register(_katex._stop)
 
 
 def render(text: str | None) -> tuple[str | None, str | None]:

@@ -12,15 +12,15 @@ import csv
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from .io import jsonl_records, read_text
 from .metrics import aggregate, render_ok, score_pair
 
-__all__ = ["score_row", "score_items", "summarize_rows", "default_workers", "Scorer", "read_predictions",
-           "PredictionsFileError"]
+__all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "Scorer",
+           "read_predictions", "PredictionsFileError"]
 
 CHUNK_ROWS = 128  # rows per task sent to a worker: small enough that a batch spreads over the workers
 
@@ -31,13 +31,26 @@ def score_row(prediction: str | None, label: str, truncated: bool = False) -> di
 
 
 def score_items(items: Sequence[tuple[str | None, str, bool]]) -> list[tuple[dict, tuple[int, ...]]]:
-    """[(score_row's columns, BLEU statistics)] for (prediction, label, truncated) triples: the
-    task a worker runs. Each row is tokenised once and each distinct prediction parsed once."""
-    out = []
-    for prediction, label, truncated in items:
-        scores, stats = score_pair(prediction, label)
-        out.append(({**scores, "render_ok": render_ok(prediction), "truncated": bool(truncated)}, stats))
-    return out
+    """[(score_row's columns, BLEU statistics)] for (prediction, label, truncated) triples. Each
+    row is tokenised once and each distinct prediction parsed once."""
+    strings = _distinct_predictions(items)
+    scored, verdicts = _score_chunk(items, strings)
+    return _with_columns(items, scored, dict(zip(strings, verdicts)))
+
+
+def _distinct_predictions(items: Sequence[tuple[str | None, str, bool]]) -> list[str]:
+    return list(dict.fromkeys(prediction for prediction, _, _ in items if prediction is not None))
+
+
+def _score_chunk(items: Sequence[tuple[str | None, str, bool]], strings: Sequence[str]) -> tuple[list, list[bool]]:
+    """The task a worker runs: (score_pair of every row, KaTeX's verdict on each of ``strings``)."""
+    return [score_pair(prediction, label) for prediction, label, _ in items], [render_ok(s) for s in strings]
+
+
+def _with_columns(items: Sequence[tuple[str | None, str, bool]], scored: Sequence[tuple[dict, tuple]],
+                  verdicts: dict[str, bool]) -> list[tuple[dict, tuple[int, ...]]]:
+    return [({**scores, "render_ok": prediction is not None and verdicts[prediction], "truncated": bool(truncated)},
+             stats) for (prediction, _, truncated), (scores, stats) in zip(items, scored)]
 
 
 def summarize_rows(rows: Sequence[dict], bleu_stats: Sequence[Sequence[int]], truncated: bool = True) -> dict:
@@ -45,6 +58,23 @@ def summarize_rows(rows: Sequence[dict], bleu_stats: Sequence[Sequence[int]], tr
     score_items / Scorer.results give them): aggregated, nothing re-scored. ``truncated``: report
     truncated_rate (False for a predictions file that has no truncated column)."""
     return aggregate(rows, bleu_stats, truncated=truncated)
+
+
+def scored_summary(scorer: Scorer, rows: Sequence[dict], truncated: bool = True,
+                   gather: Callable[[list], list] | None = None) -> tuple[list[dict], dict]:
+    """The one ending of every scoring run (infer.py, infer.py --score, evaluation): ``rows`` (one
+    per key submitted to ``scorer``, in key order, each with its ``error``: None or "" when the
+    image gave a prediction) with score_row's columns added, and the summary: the metrics
+    (summarize_rows) and ``errors``, the rows without a prediction. ``gather``: a function that
+    combines every process's [(row, BLEU statistics)] (torch.distributed) before summarizing."""
+    scores, bleu_stats = scorer.results()
+    pairs = [({**row, **columns}, stats) for row, columns, stats in zip(rows, scores, bleu_stats, strict=True)]
+    if gather is not None:
+        pairs = gather(pairs)
+    rows = [row for row, _ in pairs]
+    summary = summarize_rows(rows, [stats for _, stats in pairs], truncated=truncated)
+    summary["errors"] = sum(bool(row["error"]) for row in rows)
+    return rows, summary
 
 
 def default_workers(rows: int | None = None, processes_per_host: int = 1, keep_one: bool = True) -> int:
@@ -61,11 +91,17 @@ def _worker_init() -> None:
     # Ctrl-C reaches the whole process group: the main process handles it (and shuts the pool down);
     # a worker finishing its chunk must not print a KeyboardInterrupt traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    render_ok("x")  # KaTeX's engine loaded before the first chunk arrives
 
 
 class Scorer:
     """Scores (prediction, label, truncated) rows in ``workers`` processes (0: in this process)
     as they are submitted; ``results()`` waits for all and returns them in key order.
+
+    The workers start at once: created before a model loads, their start-up overlaps the loading.
+    KaTeX's render check is most of the cost (~1 ms a formula, against ~0.1 ms for the rest of a
+    row), so each distinct prediction is parsed once per Scorer, in one worker: a string repeated
+    across rows (a looping model, or one label predicted exactly for several images) costs one parse.
 
     A context manager: leaving it (also on Ctrl-C or an error) cancels pending chunks and joins
     the workers, so none is left behind.
@@ -73,24 +109,34 @@ class Scorer:
 
     def __init__(self, workers: int | None = None):
         workers = default_workers() if workers is None else int(workers)
-        # spawn, not fork: the caller holds CUDA and torch's threads, which a forked child must not inherit
+        # spawn, not fork: the caller holds (or is about to hold) CUDA and torch's threads, which a
+        # forked child must not inherit
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=_worker_init) if workers > 0 else None)
-        self._chunks: list[tuple[list, Future | list]] = []
+        for _ in range(workers):  # the pool starts processes on demand: one no-op task each starts them all now
+            self._pool.submit(int)
+        self._chunks: list[tuple[list, list, list[str], Future | tuple]] = []
+        self._asked: set[str] = set()
 
     def submit(self, keys: Sequence, items: Sequence[tuple[str | None, str, bool]]) -> None:
         """Queue rows for scoring; ``keys`` (e.g. row indices) order the results."""
         keys, items = list(keys), list(items)
         for start in range(0, len(items), CHUNK_ROWS):
             chunk = items[start:start + CHUNK_ROWS]
-            work = self._pool.submit(score_items, chunk) if self._pool else score_items(chunk)
-            self._chunks.append((keys[start:start + CHUNK_ROWS], work))
+            strings = [s for s in _distinct_predictions(chunk) if s not in self._asked]
+            self._asked.update(strings)
+            work = self._pool.submit(_score_chunk, chunk, strings) if self._pool else _score_chunk(chunk, strings)
+            self._chunks.append((keys[start:start + CHUNK_ROWS], chunk, strings, work))
 
     def results(self) -> tuple[list[dict], list[tuple[int, ...]]]:
         """(score_row's columns, BLEU statistics) of every submitted row, sorted by key."""
+        outcomes = [work.result() if isinstance(work, Future) else work for *_, work in self._chunks]
+        verdicts = {}  # every chunk's first: a chunk's prediction may have been rendered by an earlier one
+        for (_, _, strings, _), (_, flags) in zip(self._chunks, outcomes):
+            verdicts.update(zip(strings, flags))
         scored = []
-        for keys, work in self._chunks:
-            scored += zip(keys, work.result() if isinstance(work, Future) else work)
+        for (keys, chunk, _, _), (rows, _) in zip(self._chunks, outcomes):
+            scored += zip(keys, _with_columns(chunk, rows, verdicts))
         scored.sort(key=lambda pair: pair[0])
         return [columns for _, (columns, _) in scored], [stats for _, (_, stats) in scored]
 

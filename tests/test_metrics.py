@@ -219,3 +219,13 @@ def test_each_distinct_prediction_is_parsed_once(monkeypatch):
     flags = [M.render_ok(p) for p in preds]
     assert flags == [True, True, False, False, False] * 3
     assert sorted(calls) == sorted([r"\frac { 7 } { 9 } + \omega", r"\frac { 7 } { 9 ", ""])
+
+
+def test_katex_internal_errors_cannot_take_the_process_down():
+    """pykatex 0.1.1 corrupts its heap on each KaTeX internal error (not a ParseError): a few of them in one
+    process aborted it. KaTeX runs in a child that is replaced after one, so every verdict still comes."""
+    internal = r"\begin{array} \\ x \end{array}"  # KaTeX: "Expected node of symbol group type ..."
+    for _ in range(6):
+        assert render_error(internal).startswith("KaTeX internal error")
+        assert render_error(r"\frac { 1 } { 2 }") is None
+        assert render_error(r"\frac { 1 } {").startswith("Unexpected end of input")

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -147,10 +148,12 @@ def test_no_detokenize_warning(caplog):
 
 
 def workers_left() -> list:
-    """Child processes still there (zombies included), but for multiprocessing's resource tracker:
-    one long-lived helper per parent that spawn starts once."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
+    """Child processes still there (zombies included), but for the long-lived helpers a process starts
+    once: multiprocessing's resource tracker (spawn's) and this process's own KaTeX child (latex.py)."""
+    def helper(p):
+        command = " ".join(p.cmdline())
+        return "resource_tracker" in command or (p.ppid() == os.getpid() and "import pykatex" in command)
+    return [p for p in psutil.Process().children(recursive=True) if not helper(p)]
 
 
 def test_worker_processes_give_the_same_rows_and_leave_no_process():
@@ -184,6 +187,97 @@ def test_default_workers():
     assert scoring.default_workers(rows=10) == 0  # one chunk: scored in the process
     assert 1 <= scoring.default_workers() <= 4
     assert scoring.default_workers(processes_per_host=1000) == 1
+
+
+# ------------------------------------------------------------------------------ distinct real labels
+FULL_VAL = ROOT.parent / "shared" / "latex_ocr" / "full_val" / "formulas" / "val.formulas.norm.txt"
+
+
+def real_rows(n: int = 300, seed: int = 0) -> list[tuple[str | None, str, bool]]:
+    """(prediction, label, truncated) from ``n`` distinct real labels, as bench/bench_score.py
+    builds them: 60 % exact, the rest one token changed, deleted or inserted; then a few rows
+    repeating earlier ones (a label predicted exactly twice, a repeated wrong prediction) and a
+    failed one (None), so that parsing each distinct prediction once is exercised."""
+    if not FULL_VAL.is_file():
+        pytest.skip(f"no real labels at {FULL_VAL} (../shared/ is only on the project's machines); "
+                    "the hand-written rows above cover the same code")
+    rng = random.Random(seed)
+    labels = list(dict.fromkeys(FULL_VAL.read_text(encoding="utf-8").splitlines()))[:n]
+    vocab = sorted({t for label in labels for t in label.split()})
+    rows = []
+    for label in labels:
+        tokens = label.split()
+        if rng.random() >= 0.6:
+            at, how = rng.randrange(len(tokens)), rng.randrange(3)
+            if how == 0:
+                tokens[at] = rng.choice(vocab)
+            elif how == 1:
+                del tokens[at]
+            else:
+                tokens.insert(at, rng.choice(vocab))
+        rows.append((" ".join(tokens), label, rng.random() < 0.05))
+    return rows + rows[:40:3] + [(None, labels[0], False)]
+
+
+def failed(prediction: str | None) -> str:
+    return "boom" if prediction is None else ""
+
+
+def test_real_labels_score_as_the_old_code_row_by_row(monkeypatch):
+    """Distinct real labels: the Scorer's rows (workers, chunks, each distinct prediction parsed
+    once) and scored_summary's summary equal the old code's, which renders every row."""
+    rows = real_rows()
+    monkeypatch.setattr(scoring, "CHUNK_ROWS", 16)  # many chunks, over both workers: repeats cross chunks
+    with scoring.Scorer(2) as scorer:
+        scorer.submit(range(len(rows)), rows)
+        scored, summary = scoring.scored_summary(scorer, [{"prediction": p, "label": r, "error": failed(p)}
+                                                          for p, r, _ in rows])
+    for (pred, label, cut), row in zip(rows, scored):
+        assert row == pytest.approx({"prediction": pred, "label": label, "error": failed(pred),
+                                     **old_score_row(pred, label, cut)}, abs=TOL), (pred, label)
+    preds, labels, cuts = zip(*rows)
+    reference = old_summary(preds, labels, cuts)
+    assert summary.pop("errors") == 1
+    assert list(summary) == list(reference) and summary == pytest.approx(reference, abs=TOL)
+    assert 0 < reference["render_rate"] < 1 and 0.5 < reference["exact_match"] < 0.7  # the rows really vary
+
+
+def test_each_distinct_prediction_is_parsed_once_per_scorer(monkeypatch):
+    """KaTeX is most of the cost: a prediction equal to its label, or to an earlier prediction,
+    costs no second parse, across chunks too; the verdicts are still every row's."""
+    rows = real_rows(120)
+    calls = []
+
+    def counting(text):
+        calls.append(text)
+        return metrics.render_error(text) is None
+
+    monkeypatch.setattr(scoring, "render_ok", counting)
+    monkeypatch.setattr(scoring, "CHUNK_ROWS", 16)
+    with scoring.Scorer(0) as scorer:
+        scorer.submit(range(len(rows)), rows)
+        columns, _ = scorer.results()
+    assert sorted(calls) == sorted({p for p, _, _ in rows if p is not None})
+    assert [c["render_ok"] for c in columns] == [p is not None and render_error(p) is None for p, _, _ in rows]
+
+
+def test_score_on_real_labels_prints_the_old_summary(tmp_path, capsys):
+    """infer.py --score on a predictions file of distinct real labels: the old code's metrics."""
+    import infer
+
+    rows = real_rows()
+    path = tmp_path / "preds.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "prediction", "error", "label", "truncated"])
+        writer.writeheader()
+        writer.writerows({"image": f"{i}.png", "prediction": p or "", "error": failed(p), "label": r,
+                          "truncated": cut} for i, (p, r, cut) in enumerate(rows))
+    infer.main(["--score", str(path)])
+    printed = printed_summary(capsys.readouterr().out)
+    preds, labels, cuts = zip(*[(p or "", r, cut) for p, r, cut in rows])  # CSV: a failed row reads back as ""
+    reference = old_summary(preds, labels, cuts)
+    assert printed.pop("predictions") == str(path) and printed.pop("errors") == 1
+    assert printed == pytest.approx(reference, abs=TOL)
 
 
 # ------------------------------------------------------------------------------ infer.py --score

@@ -1,0 +1,174 @@
+"""Memory-aware defaults (latexocr/memory.py): what "auto" chooses, the line it prints, explicit values
+winning, and an out-of-memory that still happens ending in one line with a checkpoint to --resume from.
+
+The choice itself runs on a GPU (probe steps); here it runs on a fake probe whose peaks and times are
+those of a 2B model on a 16 GiB card, so the rule can be checked on the CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import LABELS, TINY, make_dataset, run_main
+from latexocr.memory import (DoesNotFit, Probe, choose_generation_rows, choose_training_batch, divisors_descending,
+                             out_of_memory_message, parse_auto, worst_case_samples)
+
+GIB = 2**30
+
+
+def fake_probe(weights_gib: float, per_sample_gib: float, seconds_per_sample: float, checkpointing_saves: float = 0.6,
+               calls: list | None = None):
+    """A probe of a model whose peak is weights + micro x per-sample activations (checkpointing keeps
+    40 % of them and costs a third more time); per-sample time falls with the batch as on a GPU."""
+    def probe(micro, checkpointing):
+        if calls is not None:
+            calls.append((micro, checkpointing))
+        activations = micro * per_sample_gib * ((1 - checkpointing_saves) if checkpointing else 1)
+        efficiency = min(1.0, 0.4 + 0.15 * micro)  # small batches leave the GPU idle
+        seconds = micro * seconds_per_sample / efficiency * (4 / 3 if checkpointing else 1)
+        return Probe(micro, checkpointing, int((weights_gib + activations) * GIB), seconds, tokens=100 * micro)
+    return probe
+
+
+def test_auto_takes_the_largest_micro_batch_that_fits_without_checkpointing_when_the_batch_fits_whole():
+    calls = []
+    choice = choose_training_batch(divisors_descending(16), fake_probe(5, 0.8, 0.01, calls=calls), 60 * GIB)
+    assert (choice.micro, choice.checkpointing) == (16, False)
+    assert calls == [(16, False)]  # nothing else probed: the whole batch fits
+    assert "60.0 GiB usable" in choice.reason and "micro-batch 16: 17.8 GiB" in choice.reason
+
+
+def test_auto_weighs_checkpointing_at_a_larger_batch_against_the_smaller_batch_that_fits_without_it():
+    calls = []
+    # 14 GiB: without checkpointing 8 samples fit (11.4 GiB), with it 16 (10.1 GiB)
+    choice = choose_training_batch(divisors_descending(16), fake_probe(5, 0.8, 0.01, calls=calls), 14 * GIB)
+    assert calls == [(16, False), (8, False), (16, True)]
+    # per sample: micro 8 plain = 0.01 / 1.0; micro 16 checkpointed = 0.01 / 1.0 * 4/3: plain wins
+    assert (choice.micro, choice.checkpointing) == (8, False)
+    assert "micro-batch 16 + checkpointing" in choice.reason  # both timings are in the log line
+    # a card where only a micro-batch of 1 fits plainly (8 GiB) and 4 with checkpointing (9.8 GiB): the
+    # batch of 4 keeps the GPU busier, which outweighs the recomputation
+    choice = choose_training_batch(divisors_descending(16), fake_probe(5, 3.0, 0.01), 10 * GIB)
+    assert (choice.micro, choice.checkpointing) == (4, True)
+
+
+def test_explicit_values_win():
+    calls = []
+    probe = fake_probe(5, 0.8, 0.01, calls=calls)
+    assert choose_training_batch([16], probe, 14 * GIB).checkpointing is True  # MICRO_BATCH_SIZE=16 given
+    calls.clear()
+    choice = choose_training_batch(divisors_descending(16), probe, 14 * GIB, checkpointing=False)
+    assert (choice.micro, choice.checkpointing) == (8, False) and all(not c for _, c in calls)
+    choice = choose_training_batch(divisors_descending(16), probe, 14 * GIB, checkpointing=True)
+    assert (choice.micro, choice.checkpointing) == (16, True)
+
+
+def test_nothing_fits_stops_with_one_line_naming_what_to_change():
+    with pytest.raises(SystemExit) as stop:
+        choose_training_batch(divisors_descending(16), fake_probe(7.5, 0.8, 0.01), 7 * GIB)
+    message = str(stop.value.code)
+    assert isinstance(stop.value, DoesNotFit) and "\n" not in message
+    assert "--quantization 4bit" in message and "7.0 GiB" in message
+
+
+def test_an_out_of_memory_probe_counts_as_not_fitting():
+    def probe(micro, checkpointing):
+        return Probe(micro, checkpointing, None if micro > 4 else int(3 * GIB), 0.1)
+    assert choose_training_batch(divisors_descending(16), probe, 10 * GIB).micro == 4
+
+
+def test_the_worst_case_batch_is_the_longest_samples():
+    assert worst_case_samples([10, 50, 20, 40, 30], 2) == [1, 3]
+
+
+def test_generation_rows_follow_the_memory_model():
+    # 2 GiB of prefill, 10 MiB a row: 8 GiB free -> 614 rows -> capped at 512; 3 GiB -> 102 -> 96 (x8)
+    assert choose_generation_rows(2 * GIB, 10 * 2**20, 8 * GIB, 512) == 512
+    assert choose_generation_rows(2 * GIB, 10 * 2**20, 3 * GIB, 512) == 96
+    assert choose_generation_rows(2 * GIB, 300 * 2**20, 3 * GIB, 512) == 3
+    assert choose_generation_rows(3 * GIB, 10 * 2**20, 2 * GIB, 512) == 0
+
+
+@pytest.mark.parametrize("value,kind,expected", [("auto", int, None), ("8", int, 8), (4, int, 4), ("auto", bool, None),
+                                                  (True, bool, True), ("off", bool, False)])
+def test_auto_settings_parse(value, kind, expected):
+    assert parse_auto(value, "MICRO_BATCH_SIZE", kind) == expected
+
+
+@pytest.mark.parametrize("flag,value", [("--micro-batch-size", "lots"), ("--eval-batch-size", "0"),
+                                        ("--gradient-checkpointing", "maybe")])
+def test_a_wrong_auto_setting_stops_before_the_model_loads(flag, value, tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path, LABELS[:2])
+    if flag == "--gradient-checkpointing":  # a flag without a value; the settings block's value is checked
+        import train
+        args = ["--model-id", tiny_model_dir, "--train-json", data, *TINY]
+        original = train.SETTINGS["GRADIENT_CHECKPOINTING"]
+        train.SETTINGS["GRADIENT_CHECKPOINTING"] = value
+        try:
+            proc = run_main("train.py", *args, check=False)
+        finally:
+            train.SETTINGS["GRADIENT_CHECKPOINTING"] = original
+    else:
+        proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, *TINY, flag, value, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(("MICRO_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_CHECKPOINTING"))
+    assert "Traceback" not in proc.stderr and "trainable params" not in proc.stdout
+
+
+def test_the_out_of_memory_message_names_the_setting_and_a_value_that_fits():
+    assert out_of_memory_message("MICRO_BATCH_SIZE", 16, "in training") == \
+        "out of GPU memory in training at MICRO_BATCH_SIZE=16: run again with --micro-batch-size 8"
+    assert "--quantization 4bit" in out_of_memory_message("BATCH_SIZE", 1, "while generating")
+
+
+def test_an_out_of_memory_mid_run_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model_dir, monkeypatch):
+    """A step that runs out of memory (simulated: transformers' training_step raises torch.OutOfMemoryError
+    at the 7th micro-batch) ends train.py with one line naming the setting and a value that fits, after the
+    Trainer saved a checkpoint; --resume with that value finishes the run."""
+    from transformers import Trainer
+
+    data = make_dataset(tmp_path, LABELS)
+    out = tmp_path / "out"
+    real_step, calls = Trainer.training_step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_step(self, *args, **kwargs)
+
+    # BATCH_SIZE 8 in micro-batches of 4 (accumulation 2): the 7th micro-batch is the 4th step's first half
+    common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--output-dir", out,
+              "--max-steps", 6, "--batch-size", 8, "--save-steps", 1000, *TINY]
+    monkeypatch.setattr(Trainer, "training_step", step)
+    proc = run_main("train.py", *common, "--micro-batch-size", 4, check=False)
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("out of GPU memory in training (a micro-batch of ") and "Traceback" not in proc.stderr
+    assert "MICRO_BATCH_SIZE=4: run again with --micro-batch-size 2" in last
+    assert f"{out}/checkpoint-4 saved, add --resume" in last
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file() and not (out / "final").exists()
+
+    resumed = run_main("train.py", *common, "--micro-batch-size", 2, "--resume")
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert "[eval @ step 6]" in resumed.stdout
+
+
+def test_gradient_checkpointing_with_packing_trains_the_same(tmp_path, tiny_model_dir):
+    """GRADIENT_CHECKPOINTING (what auto turns on for small cards) with packed rows, the default: the same
+    losses as without it (the recomputed forward is the same computation), and infer.py loads the result."""
+    from test_modes import logged_losses
+
+    data = make_dataset(tmp_path, LABELS)
+    losses = {}
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        out = tmp_path / flag
+        # 6 steps of 4 samples, logged each step: enough to compare, short on a CPU
+        proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--output-dir", out,
+                        "--max-steps", 6, "--batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
+                        "--learning-rate", 3e-3, *TINY, flag)
+        losses[flag] = logged_losses(proc.stdout)
+        assert (out / "final" / "adapter_config.json").is_file()
+    assert len(losses["--gradient-checkpointing"]) >= 6
+    assert losses["--gradient-checkpointing"] == pytest.approx(losses["--no-gradient-checkpointing"], rel=1e-4)
