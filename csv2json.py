@@ -27,7 +27,7 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 
 import csv
 import hashlib
-import json
+import io
 import os
 import random
 import sys
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from latexocr.cli import parse_settings
 from latexocr.images import image_problem
-from latexocr.io import atomic_write_json, file_sha256
+from latexocr.io import atomic_write_json, completion_record, read_text
 from latexocr.sample import is_valid_label, make_record
 
 
@@ -69,12 +69,8 @@ def check_done(path: Path) -> None:
     """
     if not path.is_file():
         raise DataError(f"CSV not found: {path}")
-    marker = path.with_name(path.name + ".done.json")
-    try:
-        done = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        done = None
-    if not isinstance(done, dict) or done.get("csv_sha256") != file_sha256(path):
+    marker, done, finished = completion_record(path)
+    if not finished:
         state = "does not match it (changed since)" if done is not None else "is missing"
         raise DataError(f"{path}: not a finished data2csv.py export (its completion record {marker.name} "
                         f"{state}); re-run data2csv.py, or pass --no-require-done to use it as it is")
@@ -90,45 +86,34 @@ def read_csv(path: Path) -> tuple[list[tuple[int, str, str]], Counter, list[str]
     """
     if not path.is_file():
         raise DataError(f"CSV not found: {path}")
-    _check_utf8(path)
     rows, skipped, missing = [], Counter(), []
     base = path.resolve().parent
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not all(c in header for c in COLUMNS):
-            raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
-                            f"{','.join(header) if header else 'nothing (empty file)'}")
-        ip, tx = header.index("image_path"), header.index("text")
-        for n, fields in enumerate(reader, 1):  # numbered from 1, as the tutorial's ids
-            if len(fields) <= max(ip, tx):
-                skipped["short line"] += 1
-                continue
-            image, text = fields[ip], fields[tx]
-            if not is_valid_label(text):
-                skipped["empty or NaN label"] += 1
-                continue
-            p = Path(image.strip())
-            if not p.is_absolute():
-                p = base / p if (base / p).exists() or not p.exists() else p.resolve()
-            problem = image_problem(p)  # the same check train.py and infer.py make
-            if problem:
-                skipped[problem] += 1
-                missing.append(image)
-                continue
-            rows.append((n, os.path.normpath(p), text))
+    # a CSV that is not UTF-8 stops with the first bad line's number (the csv module would fail
+    # later, naming neither file nor line)
+    reader = csv.reader(io.StringIO(read_text(path, DataError), newline=""))
+    header = next(reader, None)
+    if header is None or not all(c in header for c in COLUMNS):
+        raise DataError(f"{path}: expected columns {','.join(COLUMNS)}; found "
+                        f"{','.join(header) if header else 'nothing (empty file)'}")
+    ip, tx = header.index("image_path"), header.index("text")
+    for n, fields in enumerate(reader, 1):  # numbered from 1, as the tutorial's ids
+        if len(fields) <= max(ip, tx):
+            skipped["short line"] += 1
+            continue
+        image, text = fields[ip], fields[tx]
+        if not is_valid_label(text):
+            skipped["empty or NaN label"] += 1
+            continue
+        p = Path(image.strip())
+        if not p.is_absolute():
+            p = base / p if (base / p).exists() or not p.exists() else p.resolve()
+        problem = image_problem(p)  # the same check train.py and infer.py make
+        if problem:
+            skipped[problem] += 1
+            missing.append(image)
+            continue
+        rows.append((n, os.path.normpath(p), text))
     return rows, skipped, missing
-
-
-def _check_utf8(path: Path) -> None:
-    """A CSV that is not UTF-8 stops with the first bad line's number (the csv module would
-    fail later, naming neither file nor line)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} is not UTF-8 text (save the CSV as UTF-8)") from None
 
 
 def dedupe(rows):

@@ -30,7 +30,6 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper()}
 # ---------------------------------------------------------------------------------------------
 
 import csv
-import json
 import os
 import signal
 import sys
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from latexocr.cli import parse_settings
 from latexocr.images import save_images_batch, worker_init
-from latexocr.io import atomic_open, atomic_write_json, check_writable, file_sha256
+from latexocr.io import atomic_open, atomic_write_json, check_writable, completion_record, file_sha256
 from latexocr.sample import label_problem
 from latexocr.sources import SourceError, open_source, source_fingerprint
 
@@ -74,13 +73,6 @@ def run_params(args) -> dict:
             "image_dir": str(Path(args.image_dir).resolve())}
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def prepare_image_dir(image_dir: Path, prefix: str) -> None:
     """Remove temp files a killed run of this source left (never a finished PNG, never
     another source's files: their names carry another fingerprint)."""
@@ -107,13 +99,11 @@ def main(argv=None) -> int:
         return 2
     csv_path = Path(args.csv_path)
     image_dir = Path(args.image_dir)
-    marker = csv_path.with_name(csv_path.name + ".done.json")
     report_path = csv_path.with_name(csv_path.name + ".skipped.csv")
     params = run_params(args)
 
-    done = _read_json(marker)
-    if (not args.force and isinstance(done, dict) and done.get("params") == params and csv_path.is_file()
-            and done.get("csv_sha256") == file_sha256(csv_path)):
+    marker, done, finished = completion_record(csv_path)
+    if not args.force and finished and done.get("params") == params:
         print(f"{csv_path} is already complete for these settings ({done.get('rows')} rows); "
               f"--force to redo it")
         return 0

@@ -10,36 +10,38 @@
 The adapter is train.py's OUTPUT_DIR/final by default; its own saved LoRA config is used, and its
 sample definition (latexocr_sample.json: image sizing, prompt), so no training flag needs repeating.
 """
-# ---- settings: edit here, or pass as flags ------------------------------------------------------
+# ---- settings: edit here, or pass as flags (MAX_NEW_TOKENS -> --max-new-tokens) ---------------
 from latexocr.sample import DEFAULT_MAX_NEW_TOKENS
 
 INPUT = "latex_ocr_val.json"  # an image, a folder, a glob ("imgs/*.png"), a .json/.jsonl (csv2json) or a .csv
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # the base model: hub id or local folder (or a merged model)
-MODEL_SOURCE = "modelscope"   # modelscope | huggingface | local
+MODEL_SOURCE = "modelscope"   # where MODEL_ID downloads from: modelscope | huggingface | local
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # train.py's output folder
 ADAPTER = "final"             # final (OUTPUT_DIR/final) | last (newest checkpoint) | a folder | none;
                               # a full model folder (train.py TUNE=full) is loaded in place of MODEL_ID
 OUTPUT = ""                   # predictions file (.csv or .jsonl); default: print / <input>.predictions.csv
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit in tokens; the longest LaTeX_OCR label is ~223
+LIMIT = 0                     # > 0: only the first N images
+# ---- image sizing; None: the one saved with the model (latexocr_sample.json), else the default in brackets;
+# a value given here or as a flag wins over the saved one, with a warning
+IMAGE_MIN_PIXELS: int = None  # lower image area bound in pixels, aspect ratio kept [32*28*28]
+IMAGE_MAX_PIXELS: int = None  # upper area bound in pixels [512*28*28]
+IMAGE_SIZE: str = None        # "500x100": one fixed size in pixels for every image, "" keeps aspect [""]
+# ---- memory and hardware
 BATCH_SIZE: int = "auto"      # images per generation batch; auto: as many as fit the GPU's free memory
                               # (at most 512; measured, latexocr/memory.py), 512 on a CPU
-MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # the longest LaTeX_OCR label is ~223 tokens
-# image sizing; None: the one saved with the model (latexocr_sample.json), else the default in brackets;
-# a value given here or as a flag wins over the saved one, with a warning
-IMAGE_MIN_PIXELS: int = None  # lower image area bound, aspect ratio kept [32*28*28]
-IMAGE_MAX_PIXELS: int = None  # upper area bound [512*28*28]
-IMAGE_SIZE: str = None        # "500x100": one fixed size for every image, "" keeps aspect [""]
-LIMIT = 0                     # > 0: only the first N images
 NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
-DTYPE = "auto"                # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
-REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
+DTYPE = "auto"                # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
+# ---- other jobs and outputs
+REPORT = ""                   # also write one self-contained HTML page (images, rendered formulas, scores)
 MERGE_TO = ""                 # write base+adapter merged (with processor files) to this folder and stop
 SCORE = ""                    # re-score this predictions file (--output's CSV/JSONL: image, prediction, label)
                               # and stop: the metrics summary (and --report) without loading any model
-SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled
+SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled;
+                              # local and offline runs go to $SWANLAB_LOG_DIR, else ./swanlog
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
-SWANLAB_LOGDIR = "swanlog"    # where SwanLab keeps local/offline runs
+# The attention implementation and other speed choices are the code's: latexocr/fast/choices.py.
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
 
@@ -102,17 +104,18 @@ def load_for_inference(args):
     import torch
     from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
                                    quantization_config, resolve_model)
-    from latexocr.speed import prepare_model
+    from latexocr.fast import prepare_model, speed_choices
 
     adapter = find_adapter(args.adapter, args.output_dir)
     full = adapter is not None and is_full_model(adapter)  # train.py TUNE=full: the model itself, no adapter
     base = adapter if full else resolve_model(args.model_id, args.model_source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(args.dtype)
-    model = load_model(base, dtype, args.attn_implementation, device_map=device,
+    speed = speed_choices()  # the attention implementation and packed vision attention: latexocr/fast/choices.py
+    model = load_model(base, dtype, speed.attention, device_map=device,
                        quantization=quantization_config(args.quantization, dtype))
     # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
-    prepare_model(model, args.attn_implementation)
+    prepare_model(model, speed)
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
@@ -254,7 +257,7 @@ def main(argv=None):
         if args.swanlab_mode != "disabled":
             from latexocr.tracking import Tracker, run_name
             tracker = Tracker(args.swanlab_mode, args.swanlab_project, run_name(adapter, args.input),
-                              config=vars(args), logdir=args.swanlab_logdir)
+                              config=vars(args))
             tracker.log({f"infer/{k}": v for k, v in summary.items()})
             tracker.log_predictions([r for r in rows if not r["error"]], key="infer/predictions")
             tracker.log_worst(rows, key="infer/worst")

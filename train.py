@@ -8,75 +8,62 @@ Reads latex_ocr_train.json / latex_ocr_val.json (csv2json.py), writes checkpoint
 and the final adapter (TUNE=full: the whole model) to OUTPUT_DIR/final (where infer.py looks by
 default), then scores the validation set with the same generation code infer.py uses.
 """
-# ---- settings: edit here, or pass as flags (MICRO_BATCH_SIZE -> --micro-batch-size) ----------
+# ---- settings: edit here, or pass as flags (LEARNING_RATE -> --learning-rate) -----------------
 from latexocr.sample import DEFAULT_MAX_NEW_TOKENS
 
+# the tutorial's own knobs
 MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (Qwen2/2.5/3-VL, Qwen3.5) or a local model folder
-MODEL_SOURCE = "modelscope"             # modelscope | huggingface | local
+MODEL_SOURCE = "modelscope"             # where MODEL_ID downloads from: modelscope | huggingface | local
 TRAIN_JSON = "latex_ocr_train.json"     # training conversations (csv2json.py)
 VAL_JSON = "latex_ocr_val.json"         # validation conversations, scored during/after training; skipped if absent
 OUTPUT_DIR = "output/Qwen2-VL-2B-LatexOCR"  # checkpoints; the final adapter goes to OUTPUT_DIR/final
-# what is trained (README "Training modes")
+LORA_R = 64              # LoRA rank: the width of each adapter's low-rank update
+LORA_ALPHA = 16          # LoRA scaling numerator: updates are scaled by alpha / r
+LORA_DROPOUT = 0.05      # dropout probability on the LoRA input (0-1)
+EPOCHS = 2.0             # passes over the training set (fractions allowed)
+LEARNING_RATE = 1e-4     # peak learning rate, decayed linearly to 0
+BATCH_SIZE = 16          # samples per optimizer step, all GPUs together
+SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
+SWANLAB_MODE = "auto"    # auto (cloud if logged in, else local) | cloud | local | offline | disabled;
+                         # local and offline runs go to $SWANLAB_LOG_DIR, else ./swanlog
+# ---- what is trained (README "Training modes")
 TUNE = "lora"            # lora (the tutorial: LoRA on the LLM) | lora_vision (LoRA on the vision tower
                          # and merger too) | full (every LLM weight; the vision tower frozen)
 UNFREEZE_MERGER = False  # also train the merger's (vision -> LLM projector's) own weights
 UNFREEZE_VISION = False  # TUNE=full: train the whole vision tower too
 VISION_LEARNING_RATE = 0.0  # > 0: the learning rate of the vision side's trainable weights (else LEARNING_RATE)
 QUANTIZATION = "none"    # none | 4bit (QLoRA: NF4 LLM weights via bitsandbytes; LoRA modes only)
-# LoRA, as the tutorial
-LORA_R = 64              # LoRA rank
-LORA_ALPHA = 16          # LoRA scaling numerator (scale = alpha / r)
-LORA_DROPOUT = 0.05      # dropout on the LoRA input
-# optimisation, as the tutorial: 2 epochs, lr 1e-4, 16 samples per optimizer step
-EPOCHS = 2.0             # passes over the training set (fractions allowed)
-LEARNING_RATE = 1e-4     # peak learning rate, linear decay
-BATCH_SIZE = 16          # samples per optimizer step, all GPUs together
+# ---- optimisation
+MAX_STEPS = -1           # > 0 stops after this many optimizer steps (EPOCHS is then ignored)
+SEED = 42                # seeds the LoRA init, data order and dropout
+# ---- samples (latexocr/sample.py); None: with --resume the checkpoint's, else the default in brackets
+MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
+IMAGE_MIN_PIXELS: int = None  # lower image area bound in pixels, aspect ratio kept [32*28*28]
+IMAGE_MAX_PIXELS: int = None  # upper area bound in pixels: caps large handwritten photos at 512 visual tokens [512*28*28]
+IMAGE_SIZE: str = None   # "500x100" forces one size in pixels for every image (the tutorial's), "" keeps aspect [""]
+# ---- memory: what one GPU holds
 MICRO_BATCH_SIZE: int = "auto"  # samples per forward pass on one GPU (gradient accumulation makes up the
                          # rest); auto: the fastest that fits the GPU's free memory, measured on the
                          # longest samples (latexocr/memory.py); the whole batch on a CPU
-MAX_STEPS = -1           # > 0 stops after this many optimizer steps
-WARMUP_STEPS = 0         # optimizer steps of linear warm-up
-MAX_LENGTH = 1024        # tokens per sample; longer samples are skipped and counted, never cut
-PACKING = True           # padding-free batches: samples concatenated, per-sample positions
-SUPERVISED_LOGITS_ONLY = True  # vocabulary projection only where a label is supervised (~1/3 of tokens)
 GRADIENT_CHECKPOINTING: bool = "auto"  # recompute activations in the backward pass: less memory, ~1/3 more
                          # work; auto: on only where it measured faster than the micro-batch that fits
-                         # without it | --gradient-checkpointing | --no-gradient-checkpointing
-# image sizing (latexocr/sample.py); None: with --resume the checkpoint's, else the default in brackets
-IMAGE_MIN_PIXELS: int = None  # lower image area bound, aspect ratio kept [32*28*28]
-IMAGE_MAX_PIXELS: int = None  # upper area bound: caps large handwritten photos at 512 visual tokens [512*28*28]
-IMAGE_SIZE: str = None   # "500x100" forces one size for every image (the tutorial's), "" keeps aspect [""]
-NUM_WORKERS = 4          # DataLoader processes that load images and build batches
-DTYPE = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-ATTN_IMPLEMENTATION = "sdpa"  # sdpa | flash_attention_2 | eager
-PACKED_VISION_ATTENTION = True  # one attention call over all images of a batch (sdpa only)
-PACKED_TEXT_ATTENTION = True    # with PACKING: per-sample flash varlen attention on GPU (sdpa only)
-COMPILE_LAYERS = "auto"  # torch.compile each block: ~1 min (less once torch's cache is warm), then 4-5x
-                         # faster steps; auto = on a GPU, for runs of >= 300 optimizer steps,
-                         # without DeepSpeed or gradient checkpointing,
-                         # where it was measured (not Qwen3.5, TUNE=full, a training vision tower,
-                         # 4-bit or fp16) | on | off
-CUDA_GRAPHS = True       # with compiled blocks on one GPU, without gradient accumulation: replay the
-                         # LLM's blocks and the vision tower as CUDA graphs (rows padded to x256 tokens
-                         # and x256 patches so that few shapes occur)
-SEED = 42                # seeds the LoRA init, data order and dropout
-DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
-# evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
-EVAL_STEPS = 0           # > 0 also evaluates every N steps; 0 = only at the end
-EVAL_SAMPLES = 0         # 0 = the whole validation file
+                         # without it | on | off
 EVAL_BATCH_SIZE: int = "auto"  # images per generation batch in evaluation; auto: as many as fit (<= 512)
+# ---- hardware
+DTYPE = "auto"           # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+NUM_WORKERS = 4          # DataLoader processes that load images and build batches
+DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
+# ---- evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
+EVAL_STEPS = 0           # > 0 also evaluates every N optimizer steps; 0 = only at the end
+EVAL_SAMPLES = 0         # validation samples scored; 0 = the whole validation file
 EVAL_BASE_MODEL = True   # score the base model (adapter off) first: step 0 of eval/*; --no-eval-base-model skips
-MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit; the longest LaTeX_OCR label is ~223 tokens
-# checkpoints
-SAVE_STEPS = 100         # a checkpoint every N optimizer steps
-SAVE_TOTAL_LIMIT = 3     # older checkpoints beyond this many are deleted
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # generation limit in tokens; the longest LaTeX_OCR label is ~223
+# ---- checkpoints and logging
+SAVE_STEPS = 100         # a checkpoint every N optimizer steps (the newest 3 are kept)
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
-# tracking
-SWANLAB_MODE = "auto"    # auto (cloud if logged in, else local) | cloud | local | offline | disabled
-SWANLAB_PROJECT = "Qwen2-VL-LatexOCR" # SwanLab project name
-EXPERIMENT_NAME = ""     # SwanLab run name; empty = SwanLab picks one
-SWANLAB_LOGDIR = "swanlog" # where SwanLab keeps local/offline runs
 LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
+# Speed choices (packing, packed attention, torch.compile...): latexocr/fast/choices.py, $LATEXOCR_SPEED.
 # reinforcement (METHOD=grpo): README "Reinforcement after fine-tuning (GRPO)", latexocr/grpo.py
 METHOD = "sft"           # sft (supervised fine-tuning, the tutorial) | grpo (reinforcement of INIT_ADAPTER,
                          # written to OUTPUT_DIR-grpo; BATCH_SIZE and MICRO_BATCH_SIZE then count images)
@@ -86,8 +73,8 @@ NUM_GENERATIONS = 8      # completions sampled per image, compared with each oth
 TEMPERATURE = 1.0        # sampling temperature of the completions (evaluation and infer.py stay greedy)
 TOP_P = 1.0              # nucleus sampling: only the most likely tokens making up this probability mass
 REWARD_WEIGHTS = "edit=1,exact=1,render=0.5"  # reward = weighted 1 - token edit distance, exact match, KaTeX
-                         # renders (no credit when truncated); unnamed ones weigh 0; function=W weighs yours
-REWARD_FUNCTION = ""     # your reward, module:function or file.py:function: fn(predictions, labels) -> floats
+                         # renders (no credit when truncated); unnamed ones weigh 0; add your own as
+                         # module:function=W or file.py:function=W, fn(predictions, labels) -> floats
 KL_BETA = 0.0            # weight of the per-token KL to the base model (adapter off); 0 skips that forward
 STEPS_PER_ROLLOUT = 1    # optimizer steps on each rollout's completions (> 1: generation paid once for them)
 CLIP_EPSILON = 0.2       # with STEPS_PER_ROLLOUT > 1: the most a token's probability ratio to the rollout's
@@ -96,6 +83,7 @@ SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.st
 # -----------------------------------------------------------------------------------------------
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -123,11 +111,11 @@ def check_settings(args) -> None:
     """Settings no run can take stop here with one line, before any model loads."""
     import torch
 
+    from latexocr.fast import speed_choices
     from latexocr.memory import parse_auto
     from latexocr.modeling import check_training_mode, list_checkpoints, quantization_config
-    from latexocr.speed import check_settings as check_fast_path_settings
 
-    check_fast_path_settings(args)  # COMPILE_LAYERS
+    speed_choices()  # a wrong $LATEXOCR_SPEED
     parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")  # auto or a number, else one line
     parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
     parse_auto(args.eval_batch_size, "EVAL_BATCH_SIZE")
@@ -151,7 +139,7 @@ def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple
     return micro, accumulation
 
 
-def fit_micro_batch(args, model, train_set, encoder, processes: int, say) -> tuple[int, bool]:
+def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say) -> tuple[int, bool]:
     """(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING): the values given, else on a GPU the fastest pair
     that fits its free memory, measured by probe steps on the longest samples (latexocr/memory.py);
     on a CPU or under DeepSpeed (whose sharding the probe does not model) the whole per-process batch."""
@@ -168,8 +156,8 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, say) -> tup
     if (micro is None or checkpointing is None) and torch.cuda.is_available() and not args.deepspeed:
         model.to(torch.device("cuda", torch.cuda.current_device()))  # where the Trainer would put it
         # the plain step and batches (the fast path's compiled step needs less memory, not more)
-        boundaries = sample_boundaries if args.packing and has_linear_attention(model) else None
-        collator = TrainCollator(encoder, packed=args.packing, packed_extras=boundaries)
+        boundaries = sample_boundaries if packed and has_linear_attention(model) else None
+        collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
         choice = fit_training_batch(model, train_set, collator, supervised_loss,
                                     min(micro or share, share), checkpointing)
         if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
@@ -187,7 +175,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, say) -> tup
     return micro or share, checkpointing
 
 
-def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool):
+def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool, packed: bool):
     """transformers' TrainingArguments for these settings (the loop, logging, checkpoints, DataLoader)."""
     import torch
     from transformers import TrainingArguments
@@ -200,7 +188,6 @@ def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
         lr_scheduler_type="linear",
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
@@ -208,7 +195,7 @@ def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
+        save_total_limit=3,            # older checkpoints are deleted
         seed=args.seed,
         dataloader_num_workers=args.num_workers,
         dataloader_persistent_workers=args.num_workers > 0,
@@ -217,7 +204,7 @@ def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool,
         remove_unused_columns=False,   # the collator needs the raw (path, label) pairs
         label_names=["labels"],
         # packed rows: the fast path counts their real tokens on the host (the CUDA-graph padding excluded)
-        include_num_input_tokens_seen="all" if args.packing else "non_padding",
+        include_num_input_tokens_seen="all" if packed else "non_padding",
         # transformers checks every step's loss for NaN/inf with a GPU->CPU sync (only to keep such
         # a step out of the logged average): the host then cannot queue the next step in advance
         logging_nan_inf_filter=False,
@@ -266,14 +253,14 @@ def main(argv=None):
     from accelerate import PartialState
     from transformers import AutoConfig, set_seed
 
-    from latexocr.batching import TrainCollator
     from latexocr.evaluation import comparison_table
+    from latexocr.fast import prepare_model, speed_choices
+    from latexocr.fast.trainer import build_trainer
     from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
     from latexocr.memory import out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import setup_sample, write_sample_definition
-    from latexocr.speed import plan_training, prepare_model
     from latexocr.tracking import SwanLabCallback, Tracker
     from latexocr.training import (EvaluateEvery, Fp16OverflowStop, OcrDataset, SaveOnInterrupt,
                                    SaveSampleDefinition, ThroughputCallback)
@@ -309,12 +296,13 @@ def main(argv=None):
     say(f"validation: {len(val_pairs)} samples from {args.val_json}")
 
     # ---- the model: loaded, prepared for the fast path, with the weights of TUNE trainable ----
+    speed = speed_choices()  # packing, packed attention, compiled blocks...: latexocr/fast/choices.py
     dtype = pick_dtype(args.dtype)
     quantization = quantization_config(args.quantization, dtype)
-    model = load_model(model_path, dtype, args.attn_implementation, quantization=quantization,
+    model = load_model(model_path, dtype, speed.attention, quantization=quantization,
                        device_map={"": state.device} if quantization else None)  # bnb quantises on load
     # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
-    prepare_model(model, args.attn_implementation, args.packed_vision_attention)
+    prepare_model(model, speed)
     model.config.use_cache = False
     if grpo:  # GRPO trains the adapter it starts from
         from latexocr.grpo import load_trainable_adapter
@@ -322,7 +310,7 @@ def main(argv=None):
     else:
         model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
                                     unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
-    if args.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+    if speed.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
     counts = parameter_counts(model)
     say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
@@ -334,7 +322,7 @@ def main(argv=None):
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
     # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    micro, args.gradient_checkpointing = fit_micro_batch(args, model, train_set, encoder, world, say)
+    micro, args.gradient_checkpointing = fit_micro_batch(args, model, train_set, encoder, world, speed.packing, say)
     if grpo and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None and torch.cuda.is_available() \
             and not args.deepspeed:
         # GRPO: the probe measured SFT samples; a micro-batch's image is NUM_GENERATIONS of them
@@ -343,39 +331,32 @@ def main(argv=None):
     micro, accumulation = batch_split(args.batch_size, micro, world)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    # ---- the fast path (latexocr/fast/): packed attention, compiled blocks, CUDA graphs where they pay ----
-    if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
-        from latexocr.grpo import grpo_plan
-        plan = grpo_plan(args, grpo)
-    else:
-        plan = plan_training(model, args, processes=world, accumulation=accumulation, planned_steps=planned_steps)
-    say(plan.summary)
 
-    training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process)
+    training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process, speed.packing)
     tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
                       config={**vars(args), "model_path": model_path, "world_size": world,
                               "micro_batch_size": micro, "gradient_accumulation": accumulation,
                               "gradient_checkpointing": args.gradient_checkpointing,
                               "train_samples": len(train_set), "val_samples": len(val_pairs),
-                              "image_factor": encoder.sizing.factor},
-                      logdir=args.swanlab_logdir, enabled=state.is_main_process)
+                              "image_factor": encoder.sizing.factor, "speed": dataclasses.asdict(speed)},
+                      enabled=state.is_main_process)
     throughput, interrupt = ThroughputCallback(args.batch_size), SaveOnInterrupt()
     evaluate = functools.partial(evaluate_and_log, model, encoder, val_pairs, args, tracker, throughput, say)
-    trainer_class = plan.trainer_class  # latexocr/fast/trainer.py FastTrainer, or training.OcrTrainer
-    trainer = trainer_class(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        data_collator=TrainCollator(encoder, packed=args.packing, **plan.collator_options),
-        processing_class=processor,
-        callbacks=[throughput, SwanLabCallback(tracker), EvaluateEvery(args.eval_steps, evaluate),
-                   Fp16OverflowStop(), SaveSampleDefinition(out_dir, definition), interrupt],
-        supervised_logits_only=args.supervised_logits_only,
-        vision_learning_rate=args.vision_learning_rate,
-        **plan.trainer_options,
-    )
+    # ---- the trainer and its step: FastTrainer's (packed attention, compiled blocks, CUDA graphs
+    # where they pay) unless $LATEXOCR_SPEED says fast=off; latexocr/fast/trainer.py ----
+    loop = dict(args=training_args, train_dataset=train_set, processing_class=processor,
+                callbacks=[throughput, SwanLabCallback(tracker), EvaluateEvery(args.eval_steps, evaluate),
+                           Fp16OverflowStop(), SaveSampleDefinition(out_dir, definition), interrupt],
+                vision_learning_rate=args.vision_learning_rate)
+    if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
+        from latexocr.grpo import build_grpo_trainer
+        trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packing, **loop)
+    else:
+        trainer, summary = build_trainer(model, args, encoder, speed, processes=world, accumulation=accumulation,
+                                         planned_steps=planned_steps, **loop)
+    say(summary)
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
-        f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={args.packing}")
+        f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={speed.packing}")
 
     outcome = {"state": "crashed", "error": None}  # what the dashboard shows if we leave early
     try:

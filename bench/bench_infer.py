@@ -78,7 +78,7 @@ def main():
     from latexocr.generation import predict
     from latexocr.metrics import summarize
     from latexocr.modeling import load_model, load_processor, pick_dtype
-    from latexocr.speed import prepare_model
+    from latexocr.fast import prepare_model
     from latexocr.sample import sizing_for
 
     model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")

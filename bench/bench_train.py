@@ -36,42 +36,42 @@ from pathlib import Path
 
 from common import DEFAULT_SHARED, ROOT, build_random_model, build_random_qwen3_5, real_samples, write_json
 
-TUTORIAL = ["--micro-batch-size", "4", "--gradient-checkpointing", "--image-size", "500x100", "--no-packing",
-            "--no-supervised-logits-only", "--num-workers", "0"]
+TUTORIAL = ["--micro-batch-size", "4", "--gradient-checkpointing", "--image-size", "500x100", "--num-workers", "0"]
+TUTORIAL_SPEED = "packing=off,supervised_logits_only=off"  # $LATEXOCR_SPEED: latexocr/fast/choices.py
 CONFIGS = {
-    # name: (train.py flags, what it shows)
-    "tutorial": (TUTORIAL, "tutorial-equivalent: micro-batch 4 x 4, gradient checkpointing, 500x100, padded, "
-                           "full logits, no workers"),
-    "default": ([], "train.py defaults"),
-    # the tutorial's job as a user runs it twice on one machine (COMPILE_LAYERS=auto compiles it):
+    # name: (train.py flags, $LATEXOCR_SPEED, what it shows)
+    "tutorial": (TUTORIAL, TUTORIAL_SPEED, "tutorial-equivalent: micro-batch 4 x 4, gradient checkpointing, "
+                                           "500x100, padded, full logits, no workers"),
+    "default": ([], "", "train.py defaults"),
+    # the tutorial's job as a user runs it twice on one machine (compile=auto compiles it):
     # the first run with the compile cache emptied, the second finding it warm; eager beside them
-    "eager": (["--compile-layers", "off"], "train.py defaults, eager (COMPILE_LAYERS=off)"),
-    "default_cold": ([], "train.py defaults, first run on the machine (compile cache emptied first)"),
-    "default_warm": ([], "train.py defaults, second run (compile cache warm from default_cold)"),
-    "default_500x100": (["--image-size", "500x100"], "defaults at the tutorial's fixed 500x100 size"),
-    "compiled": (["--compile-layers", "on"], "defaults + torch.compile of each LLM and vision block, LLM blocks "
-                                            "and vision tower as CUDA graphs (COMPILE_LAYERS=auto: runs of >= 300 "
-                                            "steps)"),
-    "compiled_no_graphs": (["--compile-layers", "on", "--no-cuda-graphs"], "compiled, without CUDA graphs"),
-    "compiled_500x100": (["--compile-layers", "on", "--image-size", "500x100"], "compiled, at fixed 500x100"),
-    "sdpa_text": (["--no-packed-text-attention"], "defaults, LLM attention through sdpa with a block mask"),
-    "compiled_sdpa_text": (["--compile-layers", "on", "--no-packed-text-attention"], "compiled, sdpa text attention"),
-    "no_packing": (["--no-packing"], "defaults, padded batches instead of packed"),
-    "full_logits": (["--no-supervised-logits-only"], "defaults, logits at every position"),
-    "grad_ckpt": (["--gradient-checkpointing"], "defaults + gradient checkpointing"),
-    "micro4": (["--micro-batch-size", "4"], "defaults, micro-batch 4 x accumulation 4"),
-    "workers0": (["--num-workers", "0"], "defaults, batches built in the main process"),
+    "eager": ([], "compile=off", "train.py defaults, eager (compile=off)"),
+    "default_cold": ([], "", "train.py defaults, first run on the machine (compile cache emptied first)"),
+    "default_warm": ([], "", "train.py defaults, second run (compile cache warm from default_cold)"),
+    "default_500x100": (["--image-size", "500x100"], "", "defaults at the tutorial's fixed 500x100 size"),
+    "compiled": ([], "compile=on", "defaults + torch.compile of each LLM and vision block, LLM blocks and vision "
+                                   "tower as CUDA graphs (compile=auto: runs of >= 300 steps)"),
+    "compiled_no_graphs": ([], "compile=on,cuda_graphs=off", "compiled, without CUDA graphs"),
+    "compiled_500x100": (["--image-size", "500x100"], "compile=on", "compiled, at fixed 500x100"),
+    "sdpa_text": ([], "packed_text_attention=off", "defaults, LLM attention through sdpa with a block mask"),
+    "compiled_sdpa_text": ([], "compile=on,packed_text_attention=off", "compiled, sdpa text attention"),
+    "no_packing": ([], "packing=off", "defaults, padded batches instead of packed"),
+    "full_logits": ([], "supervised_logits_only=off", "defaults, logits at every position"),
+    "plain": ([], "fast=off", "plain transformers + peft training (none of latexocr/fast/)"),
+    "grad_ckpt": (["--gradient-checkpointing"], "", "defaults + gradient checkpointing"),
+    "micro4": (["--micro-batch-size", "4"], "", "defaults, micro-batch 4 x accumulation 4"),
+    "workers0": (["--num-workers", "0"], "", "defaults, batches built in the main process"),
     # training modes (README "Training modes"); MFU below counts a frozen vision tower for all of them
-    "lora_vision": (["--tune", "lora_vision"], "defaults, LoRA on the vision tower and merger too"),
-    "lora_merger": (["--unfreeze-merger"], "defaults + the merger trained in full"),
-    "full": (["--tune", "full", "--learning-rate", "1e-5"], "full fine-tuning of the LLM (fp32 master weights)"),
-    "qlora": (["--quantization", "4bit"], "defaults on a 4-bit NF4 language model (bitsandbytes)"),
-    "fp16": (["--dtype", "fp16"], "defaults in fp16 with loss scaling (GPUs without bf16)"),
+    "lora_vision": (["--tune", "lora_vision"], "", "defaults, LoRA on the vision tower and merger too"),
+    "lora_merger": (["--unfreeze-merger"], "", "defaults + the merger trained in full"),
+    "full": (["--tune", "full", "--learning-rate", "1e-5"], "", "full fine-tuning of the LLM (fp32 master weights)"),
+    "qlora": (["--quantization", "4bit"], "", "defaults on a 4-bit NF4 language model (bitsandbytes)"),
+    "fp16": (["--dtype", "fp16"], "", "defaults in fp16 with loss scaling (GPUs without bf16)"),
     # Qwen3.5-2B (the qwen3_5 prefix picks the model): without flash-linear-attention + causal-conv1d its
     # Gated DeltaNet layers run the reference PyTorch kernels, a packed row as one padded batch of its samples
-    "qwen3_5": ([], "Qwen3.5-2B, train.py defaults (packed)"),
-    "qwen3_5_no_packing": (["--no-packing"], "Qwen3.5-2B, defaults, padded batches instead of packed"),
-    "qwen3_5_compiled": (["--compile-layers", "on"], "Qwen3.5-2B, defaults + torch.compile of each block"),
+    "qwen3_5": ([], "", "Qwen3.5-2B, train.py defaults (packed)"),
+    "qwen3_5_no_packing": ([], "packing=off", "Qwen3.5-2B, defaults, padded batches instead of packed"),
+    "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
 QWEN3_5_PREFIX = "qwen3_5"
 PEAK_TFLOPS = 989.0
@@ -124,7 +124,7 @@ def parse_logs(text: str) -> list[dict]:
     return logs
 
 
-def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1, warmup_half=False):
+def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, nproc=1, warmup_half=False):
     out_dir = work / f"out_{name}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
         else [sys.executable]
@@ -136,7 +136,7 @@ def run_config(name, flags, model_dir, json_path, work, steps, epochs, nproc=1, 
     if name.endswith("_cold"):
         shutil.rmtree(cache, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env.update(PYTHONUNBUFFERED="1", LATEXOCR_COMPILE_CACHE=str(cache))
+    env.update(PYTHONUNBUFFERED="1", LATEXOCR_COMPILE_CACHE=str(cache), LATEXOCR_SPEED=speed)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -218,11 +218,11 @@ def main():
     print(env, flush=True)
     results = []
     for name in names:
-        flags, model_dir = CONFIGS[name][0], model_for(name)
+        (flags, speed, what), model_dir = CONFIGS[name], model_for(name)
         full = name in a.full.split(",")
-        compiles = "on" in flags or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
+        compiles = "compile=on" in speed or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
         steps = 0 if full else (a.compiled_steps if compiles else a.steps)
-        r = run_config(name, flags, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles)
+        r = run_config(name, flags, speed, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles)
         r["gpus"] = a.nproc
         if "error" not in r:
             flops, tokens = model_flops_per_sample(model_dir, json_path, flags)
@@ -230,7 +230,7 @@ def main():
             r["tflop_per_sample"] = flops / 1e12
             r["mfu"] = r["samples_per_s"] * flops / (PEAK_TFLOPS * 1e12)
             r["tutorial_workload_s"] = r["train_runtime_s"] if full else 2 * 996 / r["samples_per_s"]
-        r["what"] = CONFIGS[name][1]
+        r["what"] = what
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
         a.out.write_text(json.dumps({"env": env, "results": results}, indent=1))

@@ -39,7 +39,7 @@ def main():
     from latexocr.batching import SampleEncoder
     from latexocr.modeling import load_model, load_processor, pick_dtype
     from latexocr.sample import sizing_for
-    from latexocr.speed import prepare_model
+    from latexocr.fast import prepare_model
 
     model_dir = a.model or build_random_model(a.shared.resolve(), a.work / "qwen2vl-2b-random")
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map="cuda")).eval()

@@ -48,7 +48,7 @@ def main():
 
     from latexocr.batching import SampleEncoder, TrainCollator
     from latexocr.modeling import add_lora, load_model, load_processor
-    from latexocr.speed import prepare_model
+    from latexocr.fast import prepare_model
     from latexocr.sample import sizing_for
     from latexocr.fast.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
     from latexocr.fast.compile import CUDA_GRAPH_ROW_MULTIPLE
@@ -179,7 +179,7 @@ def main():
             if variant == "blocks":  # every LLM and vision block compiled on its own, no CUDA graphs
                 recompile()
             elif "cuda_graphs" in variant:
-                # LLM blocks replayed as CUDA graphs (train.py's COMPILE_LAYERS on a GPU), rows padded to
+                # LLM blocks replayed as CUDA graphs (train.py's compiled blocks on a GPU), rows padded to
                 # few shapes (--bucket); "legacy" uses inductor's older cudagraphify, not CUDA graph trees
                 inductor_config.triton.cudagraph_trees = "legacy" not in variant
                 if "nopartition" in variant:  # no splitting of graphs around cudagraph-unsafe ops

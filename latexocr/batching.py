@@ -25,10 +25,27 @@ from .sample import END_OF_TURN, IGNORE_INDEX, SampleEncoder  # noqa: F401
 # appended (one JSON list per line) to FOLDER/rank{RANK}-pid{pid}.jsonl.
 TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
 
-# The sample boundaries of a packed row, for the layers that keep samples apart by them: the fast
-# path's packed text attention (latexocr/fast/attention.py) and, always, linear attention
-# (latexocr/linear_attention.py: Qwen3.5 has no mask to do it).
-CU_SEQLENS_KEY, MAX_LENGTH_KEY = "packed_cu_seqlens", "packed_max_length"
+# ---- the keys a packed batch carries beyond the model's own inputs: all of them, in one place ----
+# Added by TrainCollator's packed_extras (sample_boundaries below, or the fast path's
+# latexocr/fast/vision.py PackedExtras), computed on the CPU in the DataLoader workers.
+# The sample boundaries of a packed row, passed to the model as attention kwargs and read by the layers
+# that keep samples apart by them: the fast path's packed text attention (latexocr/fast/attention.py
+# _packed_causal) and, always, linear attention (latexocr/linear_attention.py: Qwen3.5 has no mask to do it).
+CU_SEQLENS_KEY = "packed_cu_seqlens"               # int32 [0, l1, l1+l2, ..., L]: where each sample starts
+MAX_LENGTH_KEY = "packed_max_length"               # int: tokens of the longest sample (a bound)
+# The sync-free Qwen2-VL step's inputs (latexocr/fast/vision.py precompute_packed adds them,
+# fast/trainer.py fast_supervised_loss pops them, vision.py supervised_step_loss reads them).
+VISION_POSITIONS_KEY = "vision_position_ids"       # (patches, 2) row/column of every patch
+VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"        # int32 image boundaries [0, p1, p1+p2, ...]
+VISION_MAX_LENGTH_KEY = "vision_max_seqlen"        # int: patches of the longest image (a bound)
+IMAGE_POSITIONS_KEY = "image_token_positions"      # long: where the image tokens sit in the row
+SUPERVISED_POSITIONS_KEY = "supervised_positions"  # long: positions whose next token is supervised
+SUPERVISED_TARGETS_KEY = "supervised_targets"      # long: those next tokens
+VISION_PADDING_KEY = "vision_padding"              # int: all-zero patches appended to pixel_values
+# Every packed batch of the fast path: read on the host by FastTrainer._track_num_input_tokens.
+REAL_TOKENS_KEY = "real_tokens"                    # int: tokens of the row without its padding
+PRECOMPUTED_KEYS = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, IMAGE_POSITIONS_KEY,
+                    SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_PADDING_KEY, REAL_TOKENS_KEY)
 
 
 def sample_boundaries(batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:

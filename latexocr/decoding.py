@@ -32,12 +32,11 @@ temperature-scaled, nucleus-truncated distribution.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
-from .modeling import vision_language_core as _vision_language_core
+from .modeling import unwrap, vision_language_core
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # config.layer_types the loop handles
@@ -48,18 +47,12 @@ MIN_BUCKET = 8            # compaction never goes below this many rows
 SUPPORTED_OPTIONS = {"min_new_tokens"}
 
 
-def _unwrap(model):
-    """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def static_decode_supported(model, options: dict | None = None) -> bool:
     """True where this loop computes exactly what greedy `generate` computes: a Qwen2/2.5/3-VL or
     Qwen3.5 model whose text layers are full attention (one KV pair per layer) or Qwen3.5's linear
     attention (a conv and a recurrent state), sdpa attention, and no generate() option the loop does
     not implement (repetition penalty etc. in the generation config)."""
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     if core is None or getattr(core.config, "model_type", "") not in SUPPORTED_FAMILIES:
         return False
     text = core.config.text_config
@@ -69,7 +62,7 @@ def static_decode_supported(model, options: dict | None = None) -> bool:
         return False
     if set(options or {}) - SUPPORTED_OPTIONS:
         return False
-    gen = getattr(_unwrap(model), "generation_config", None)
+    gen = getattr(unwrap(model), "generation_config", None)
     return gen is None or ((gen.repetition_penalty in (None, 1.0)) and not gen.no_repeat_ngram_size
                            and not gen.bad_words_ids and not gen.suppress_tokens and not gen.begin_suppress_tokens
                            and not gen.sequence_bias)
@@ -82,8 +75,6 @@ def _layer_types(text_config) -> list[str]:
 def _layer_states(cache, types: list[str]):
     """Per layer of a transformers cache returned by a prefill forward: (keys, values) of a
     full-attention layer, (conv state, recurrent state) of a linear-attention layer."""
-    if not hasattr(cache, "layers"):
-        return list(zip(cache.key_cache, cache.value_cache))
     return [(layer.keys, layer.values) if kind == ATTENTION else (layer.conv_states[0], layer.recurrent_states[0])
             for kind, layer in zip(types, cache.layers)]
 
@@ -109,7 +100,7 @@ def bytes_per_row(model, length: int) -> int:
     half of them) out; a linear-attention layer's one-token update (transformers' reference delta rule
     makes ~4 temporaries of one layer's fp32 state); and its logits of one step (the model's dtype,
     then the fp32 copy the choice reads)."""
-    core = _vision_language_core(model)
+    core = vision_language_core(model)
     text = core.config.text_config
     types, (heads, dim), conv, recurrent = _row_shapes(text)
     size = core.get_input_embeddings().weight.element_size()
@@ -204,8 +195,8 @@ class StaticDecoder:
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
                  min_new_tokens: int = 0, use_graphs: bool | None = None, temperature: float = 0.0,
                  top_p: float = 1.0):
-        self.model = _unwrap(model)
-        self.core = _vision_language_core(model)
+        self.model = unwrap(model)
+        self.core = vision_language_core(model)
         text = self.core.config.text_config
         self.types, self.kv_shape, self.conv_shape, self.recurrent_shape = _row_shapes(text)
         embed = self.core.get_input_embeddings().weight
@@ -214,9 +205,6 @@ class StaticDecoder:
         self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        # transformers 5.24 renamed forward's past_key_values to cache (the old name still works there)
-        params = inspect.signature(self.core.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
@@ -270,7 +258,7 @@ class StaticDecoder:
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
         out = self.model(input_ids=s.token[:, None], position_ids=position,
                          attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: s.cache})
+                         use_cache=True, logits_to_keep=1, cache=s.cache)
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
         s.finished |= torch.isin(token, self.stop_ids)
@@ -331,8 +319,7 @@ class StaticDecoder:
             rope = chunk["position_ids"][1:]
             out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            for layer, (first_state, second_state) in enumerate(_layer_states(cache, self.types)):
+            for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):
                 if self.types[layer] == ATTENTION:
                     s.keys[layer][row:row + n, :, start:prompt].copy_(first_state)
                     s.values[layer][row:row + n, :, start:prompt].copy_(second_state)

@@ -12,7 +12,7 @@ from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
 from .images import load_image
 from .memory import MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release, usable_bytes
 from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
-from .speed import plain_text_attention
+from .fast import plain_text_attention
 
 # The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is
 # sorted by area), each padded to its own longest prompt: less padding, and prefill activations
@@ -161,7 +161,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     model.eval()
     results: list[dict] = [{"prediction": None, "error": None, "truncated": False} for _ in image_paths]
     try:
-        # Blocks compiled for training (COMPILE_LAYERS) would recompile for eval mode, the KV cache
+        # Blocks compiled for training (latexocr/fast/compile.py) would recompile for eval mode, the KV cache
         # and every new length: generation runs them eagerly.
         with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
             supported = static_decode_supported(model, generate_kwargs)

@@ -56,8 +56,8 @@ from .images import load_image
 from .modeling import is_full_model, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
-from .speed import plain_text_attention
-from .training import OcrTrainer, Plan, supervised_logits
+from .fast import plain_text_attention
+from .training import OcrTrainer, supervised_logits
 
 ADVANTAGES_KEY = "completion_advantages"  # one advantage per supervised (completion) token of an update batch
 OLD_LOGPROBS_KEY = "completion_old_logprobs"  # with STEPS_PER_ROLLOUT > 1: their log-probabilities at rollout
@@ -133,8 +133,8 @@ class GrpoSettings:
 def setup_grpo(args, labels: list[str]) -> GrpoSettings:
     """Check train.py's GRPO settings before any model loads and point the run at its own folder:
     args.init_adapter becomes the adapter to start from (default OUTPUT_DIR/final) and args.output_dir
-    OUTPUT_DIR-grpo. `labels`: a few training labels, to call a REWARD_FUNCTION once."""
-    rewards = Rewards(args.reward_weights, args.reward_function)  # a bad reward stops first: no folder needed
+    OUTPUT_DIR-grpo. `labels`: a few training labels, to call a user reward once."""
+    rewards = Rewards(args.reward_weights)  # a bad reward stops first: no folder needed
     rewards.check(labels[:4])
     init = Path(args.init_adapter or Path(args.output_dir) / "final")
     out = Path(str(args.output_dir).rstrip("/\\") + GRPO_SUFFIX)  # next to the SFT run's folder
@@ -160,14 +160,15 @@ def load_trainable_adapter(model, folder: str):
     return trainable_in_fp32(PeftModel.from_pretrained(model, folder, is_trainable=True))
 
 
-def grpo_plan(args, settings: GrpoSettings) -> Plan:
-    """The training.Plan of a GRPO run: GrpoTrainer on plain transformers (the fast path's compiled
-    blocks and precomputed vision step are SFT's; packed batches carry their sample boundaries, which
-    linear attention needs)."""
-    return Plan(collator_options={"packed_extras": sample_boundaries} if args.packing else {},
-                trainer_class=GrpoTrainer, trainer_options={"grpo": settings},
-                summary=f"GRPO: {settings.num_generations} completions per image at temperature "
-                        f"{settings.temperature}, top-p {settings.top_p}; rewards {settings.rewards.weights}")
+def build_grpo_trainer(model, encoder: SampleEncoder, settings: GrpoSettings, packing: bool,
+                       **trainer_kwargs) -> tuple["GrpoTrainer", str]:
+    """train.py's Trainer for METHOD=grpo and a one-line summary: GrpoTrainer on plain transformers (the
+    fast path's compiled blocks and precomputed vision step are SFT's) with SFT's TrainCollator for the
+    update batches; packed rows carry their sample boundaries, which linear attention needs."""
+    collator = TrainCollator(encoder, packed=packing, packed_extras=sample_boundaries if packing else None)
+    trainer = GrpoTrainer(model=model, data_collator=collator, grpo=settings, **trainer_kwargs)
+    return trainer, (f"GRPO: {settings.num_generations} completions per image at temperature "
+                     f"{settings.temperature}, top-p {settings.top_p}; rewards {settings.rewards.weights}")
 
 
 # ---- rollouts --------------------------------------------------------------------------------------

@@ -74,6 +74,19 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def completion_record(csv_path: Path) -> tuple[Path, object, bool]:
+    """data2csv.py's completion record of a CSV: (its path CSV.done.json, its JSON or None when absent
+    or unreadable, whether it is a record holding the CSV's current SHA-256). data2csv writes it last
+    and skips a finished run by it; csv2json reads only a CSV it vouches for."""
+    marker = csv_path.with_name(csv_path.name + ".done.json")
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        done = None
+    finished = isinstance(done, dict) and csv_path.is_file() and done.get("csv_sha256") == file_sha256(csv_path)
+    return marker, done, finished
+
+
 def read_text(path: Path, error: type[Exception]) -> str:
     """A UTF-8 text file's contents (a BOM allowed), else `error` naming the first line that is not UTF-8."""
     try:

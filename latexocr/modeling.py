@@ -50,7 +50,7 @@ def load_processor(path: str):
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", device_map=None, quantization=None):
     """The model in `dtype`, as transformers loads it. quantization: a quantization_config() (4-bit
-    language model), or None. (The scripts then call latexocr.speed.prepare_model.)"""
+    language model), or None. (The scripts then call latexocr.fast.prepare_model.)"""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
@@ -195,6 +195,12 @@ def trainable_in_fp32(model):
     return model
 
 
+def unwrap(model):
+    """The transformers model under DistributedDataParallel / peft (LoRA layers stay injected)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def keep_4bit_layout_trainable(model) -> None:
     """QLoRA on a CPU with AVX512-BF16: bitsandbytes (checked on 0.50.2) repacks a Linear4bit's weight
     for its inference kernel the first time the layer runs in eval mode without gradients (train.py's
@@ -210,8 +216,7 @@ def keep_4bit_layout_trainable(model) -> None:
 
 def vision_language_core(model):
     """The Qwen2VLModel-like module (has .visual and .language_model) under DDP / peft / the LM head, or None."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap(model)
     core = getattr(core, "model", core)
     return core if hasattr(core, "visual") and hasattr(core, "language_model") else None
 

@@ -10,8 +10,8 @@ Three built-in components, each in [0, 1], each computed as latexocr/metrics.py 
   credit, whatever its first part parses to.
 
 The reward of a completion is the weighted sum of the components (REWARD_WEIGHTS, e.g.
-"edit=1,exact=1,render=0.5"; a component left out weighs 0), plus, with REWARD_FUNCTION, the user's
-own reward (weight 1 unless REWARD_WEIGHTS names ``function``). A user reward is one Python function::
+"edit=1,exact=1,render=0.5"; a component left out weighs 0), plus the user's own reward where
+REWARD_WEIGHTS names one with its weight ("edit=1,my_rewards:fn=2"). A user reward is one Python function::
 
     def my_reward(predictions: list[str], labels: list[str]) -> list[float]:
         '''One finite number per prediction; predictions[i] is the decoded completion (special
@@ -35,24 +35,27 @@ FUNCTION = "function"  # the REWARD_WEIGHTS key of the user's reward
 RewardFunction = Callable[[list, list], list]
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """"edit=1,exact=1,render=0.5" -> {"edit": 1.0, "exact": 1.0, "render": 0.5, "function": 1.0}:
-    every component and the user function, unnamed ones at their default (0, the function 1).
-    Stops with one line on anything else."""
-    weights = {**dict.fromkeys(COMPONENTS, 0.0), FUNCTION: 1.0}
+def parse_weights(text: str) -> tuple[dict[str, float], str]:
+    """"edit=1,render=0.5,my_rewards:fn=2" -> ({"edit": 1.0, "exact": 0.0, "render": 0.5, "function": 2.0},
+    "my_rewards:fn"): every component's weight (0 where unnamed) and the user function's spec ("" for
+    none; its weight under "function"). Stops with one line on anything else."""
+    weights, spec = dict.fromkeys(COMPONENTS, 0.0), ""
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
+        name, _, value = item.rpartition("=")
         name = name.strip()
         try:
-            if name not in weights:
+            if ":" in name and not spec:  # module:function or path/to/file.py:function
+                name, spec = FUNCTION, name
+            elif name not in COMPONENTS:
                 raise ValueError
             weights[name] = float(value)
             if not math.isfinite(weights[name]):
                 raise ValueError
         except ValueError:
             raise SystemExit(f"REWARD_WEIGHTS: {item!r} is not NAME=NUMBER with NAME one of "
-                             f"{', '.join(COMPONENTS)}, {FUNCTION} (e.g. \"edit=1,exact=1,render=0.5\")") from None
-    return weights
+                             f"{', '.join(COMPONENTS)} or one module:function (e.g. \"edit=1,exact=1,render=0.5\")"
+                             ) from None
+    return weights, spec
 
 
 def formula_scores(predictions: list[str], labels: list[str], truncated: list[bool]) -> dict[str, list[float]]:
@@ -67,10 +70,10 @@ def formula_scores(predictions: list[str], labels: list[str], truncated: list[bo
 
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """The function named by REWARD_FUNCTION ("module:function" or "file.py:function"); one line if absent."""
+    """The function REWARD_WEIGHTS names ("module:function" or "file.py:function"); one line if absent."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise SystemExit(f"REWARD_FUNCTION={spec!r}: expected module:function or path/to/file.py:function")
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r}: expected module:function or path/to/file.py:function")
     try:
         if where.endswith(".py"):
             path = Path(where)
@@ -82,27 +85,27 @@ def load_reward_function(spec: str) -> RewardFunction:
         else:
             module = importlib.import_module(where)
     except Exception as exc:  # ImportError, or whatever the module raises while it loads
-        raise SystemExit(f"REWARD_FUNCTION={spec!r}: cannot load {where} ({type(exc).__name__}: {exc})") from None
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r}: cannot load {where} ({type(exc).__name__}: {exc})") from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise SystemExit(f"REWARD_FUNCTION={spec!r}: {where} has no function {name!r}")
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r}: {where} has no function {name!r}")
     return function
 
 
 def call_reward_function(function: RewardFunction, predictions: list[str], labels: list[str],
-                         spec: str = "REWARD_FUNCTION") -> list[float]:
+                         spec: str = "your reward") -> list[float]:
     """The user's rewards for these predictions, checked: one finite number each, else one line."""
     try:
         values = [float(v) for v in function(list(predictions), list(labels))]
     except SystemExit:
         raise
     except Exception as exc:
-        raise SystemExit(f"REWARD_FUNCTION={spec!r} failed: {type(exc).__name__}: {exc}") from None
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r} failed: {type(exc).__name__}: {exc}") from None
     if len(values) != len(predictions):
-        raise SystemExit(f"REWARD_FUNCTION={spec!r} returned {len(values)} rewards for {len(predictions)} "
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r} returned {len(values)} rewards for {len(predictions)} "
                          f"predictions; it must return one number per prediction")
     if not all(math.isfinite(v) for v in values):
-        raise SystemExit(f"REWARD_FUNCTION={spec!r} returned a reward that is not a finite number")
+        raise SystemExit(f"REWARD_WEIGHTS' {spec!r} returned a reward that is not a finite number")
     return values
 
 
@@ -110,15 +113,11 @@ class Rewards:
     """The reward of each completion and its components: rewards(predictions, labels, truncated) ->
     (total per completion, {component: values}), components with weight 0 left out."""
 
-    def __init__(self, weights: str, function: str = ""):
-        self.weights = parse_weights(weights)
-        self.spec = function
-        self.function = load_reward_function(function) if function else None
-        if self.function is None:
-            del self.weights[FUNCTION]
+    def __init__(self, weights: str):
+        self.weights, self.spec = parse_weights(weights)
+        self.function = load_reward_function(self.spec) if self.spec else None
         if not any(self.weights.values()):
-            raise SystemExit("REWARD_WEIGHTS gives every reward weight 0 and there is no REWARD_FUNCTION: "
-                             "nothing to learn from")
+            raise SystemExit("REWARD_WEIGHTS gives every reward weight 0: nothing to learn from")
 
     def check(self, labels: list[str]) -> None:
         """Call the user's function once on a few labels (as predictions), before the model loads:

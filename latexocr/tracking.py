@@ -106,8 +106,9 @@ class Tracker:
     """One SwanLab run: ``Tracker("auto", "project", "lora-r8", config={"lr": 1e-4})``."""
 
     def __init__(self, mode: str, project: str, experiment_name: str | None = None, config: dict | None = None,
-                 logdir: str | os.PathLike = "swanlog", enabled: bool = True):
-        self.logdir, self.run = Path(logdir), None
+                 logdir: str | os.PathLike | None = None, enabled: bool = True):
+        # local and offline runs: where SwanLab itself keeps them ($SWANLAB_LOG_DIR, else ./swanlog)
+        self.logdir, self.run = Path(logdir or os.environ.get("SWANLAB_LOG_DIR") or "swanlog"), None
         self.mode = resolve_mode(mode) if enabled else "disabled"
         if self.mode == "disabled":
             if enabled:

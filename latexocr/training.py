@@ -1,4 +1,7 @@
-"""The training pieces train.py puts together: the dataset, the loss, the Trainer and its plan, the callbacks."""
+"""The training pieces train.py puts together: the dataset, the loss, the plain Trainer, the callbacks.
+
+Which trainer and step a run takes is decided in one place: latexocr/fast/trainer.py build_trainer.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +10,6 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,20 +95,13 @@ def supervised_logits(model, batch: dict, supervised_logits_only: bool = True) -
 
 def supervised_loss(model, batch: dict, supervised_logits_only: bool = True) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens (supervised_logits), and their count."""
-    logits, targets = supervised_logits(model, batch, supervised_logits_only)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss, targets.numel()
+    return summed_cross_entropy(*supervised_logits(model, batch, supervised_logits_only))
 
 
-@dataclass
-class Plan:
-    """How train.py runs (latexocr.speed.plan_training): TrainCollator keyword arguments, the trainer
-    class and its extra keyword arguments, a one-line summary."""
-
-    collator_options: dict = field(default_factory=dict)
-    trainer_class: type | None = None
-    trainer_options: dict = field(default_factory=dict)
-    summary: str = ""
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cross-entropy summed over the supervised tokens (in fp32), and their count: the loss of one
+    forward pass, plain or fast (latexocr/fast/vision.py); OcrTrainer.compute_loss divides it by the step's count."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
 
 
 class OcrTrainer(Trainer):

@@ -8,7 +8,6 @@ import importlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -165,14 +164,6 @@ def losses(stdout: str) -> list[float]:
     """The loss of every logged step of a train.py run."""
     import ast
     return [float(ast.literal_eval(line)["loss"]) for line in stdout.splitlines() if line.startswith("{'loss'")]
-
-
-def repo_without_fast_path(folder: Path, *scripts: str) -> Path:
-    """A copy of the project without latexocr/fast/ (the fast path deleted), with the given scripts."""
-    shutil.copytree(ROOT / "latexocr", folder / "latexocr", ignore=shutil.ignore_patterns("fast", "__pycache__"))
-    for script in scripts:
-        shutil.copy(ROOT / script, folder / script)
-    return folder
 
 
 # ---- a local SwanLab dashboard's HTTP API -------------------------------------------------------

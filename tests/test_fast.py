@@ -14,7 +14,7 @@ from latexocr.training import supervised_loss as plain_supervised_loss
 
 
 def fast_collator(encoder, pad_to_multiple_of=None, pad_patches_to_multiple_of=None):
-    """TrainCollator with the fast path's keys, as plan_training sets it up for a Qwen2-VL model."""
+    """TrainCollator with the fast path's keys, as fast/trainer.py plan sets it up for a Qwen2-VL model."""
     return TrainCollator(encoder, packed=True, pad_to_multiple_of=pad_to_multiple_of,
                          packed_extras=PackedExtras(pad_patches_to_multiple_of=pad_patches_to_multiple_of))
 
@@ -285,28 +285,27 @@ def test_upstream_drift_names_what_to_recheck(monkeypatch):
     assert "no longer calls self._a_hook_never_called()" in problems
 
 
-# ---------------------------------------------------------------- one door: the plan, and training without it
-def test_train_py_without_the_fast_package_trains_the_same(tmp_path, tiny_model_dir):
-    """Deleting latexocr/fast/ leaves plain transformers training working, with the fast path's losses."""
+# ---------------------------------------------------------------- the plan, and training without the fast path
+def test_train_py_without_the_fast_path_trains_the_same(tmp_path, tiny_model_dir):
+    """$LATEXOCR_SPEED fast=off: plain transformers training, with the fast path's losses."""
     import subprocess
     import sys
 
-    from helpers import ROOT as root, TINY, losses as _losses, make_dataset, repo_without_fast_path, script_env
+    from helpers import ROOT as root, TINY, losses as _losses, make_dataset, script_env
 
-    plain_repo = repo_without_fast_path(tmp_path / "repo", "train.py")
     data = make_dataset(tmp_path, ["x ^ 2", "a + b = c", "\\pi", "y _ 1", "e ^ x", "1 / 2", "\\beta", "f ( x )"])
     common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
               "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000,
               "--eval-samples", 2, *TINY]
 
-    def train(repo, out):
-        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out)],
-                              env=script_env(), capture_output=True, text=True, timeout=300)
+    def train(out, speed=""):
+        proc = subprocess.run([sys.executable, str(root / "train.py"), *map(str, common), "--output-dir", str(out)],
+                              env=script_env(LATEXOCR_SPEED=speed), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
-    plain, fast = train(plain_repo, tmp_path / "plain"), train(root, tmp_path / "fast")
-    assert "fast path: not installed" in plain
+    plain, fast = train(tmp_path / "plain", "fast=off"), train(tmp_path / "fast")
+    assert "fast path: off" in plain
     assert "fast path: packed text attention; sync-free Qwen2-VL step" in fast
     assert (tmp_path / "plain" / "final" / "adapter_model.safetensors").exists()
     # CPU trains in fp32: the same numbers. A CUDA GPU trains in bf16, where packing (another summation
@@ -324,21 +323,34 @@ def _settings(**changes):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_images, family):
     """The collator emits the precomputed step's keys only for Qwen2-VL (others would throw them away)."""
-    from latexocr.fast.plan import plan_training
-    from latexocr.fast.trainer import FastTrainer
+    from latexocr.fast import SpeedChoices
+    from latexocr.fast.trainer import plan
     from latexocr.modeling import add_lora
     processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
     model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa"),
                      8, 16, 0.0)
-    plan = plan_training(model, _settings(), processes=1, accumulation=1, planned_steps=125)
-    assert plan.trainer_class is FastTrainer and plan.trainer_options == {"cuda_graphs": False, "vision_graphs": None}
-    assert "compiling" not in plan.summary  # CPU: COMPILE_LAYERS=auto stays eager
-    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **plan.collator_options)(formula_images[:3])
+    collator_options, trainer_options, summary = plan(model, _settings(), SpeedChoices(), processes=1,
+                                                      accumulation=1, planned_steps=125)
+    assert trainer_options == {"cuda_graphs": False, "vision_graphs": None}
+    assert "compiling" not in summary  # CPU: compile=auto stays eager
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **collator_options)(formula_images[:3])
     assert CU_SEQLENS_KEY in batch
     step_keys = set(PRECOMPUTED_KEYS) - {REAL_TOKENS_KEY}  # the real token count serves every family
     assert (step_keys <= set(batch)) if family == "qwen2_vl" else not (step_keys & set(batch))
     with pytest.raises(SystemExit, match="auto, on or off"):
-        plan_training(model, _settings(compile_layers="yes"), processes=1, accumulation=1, planned_steps=1)
+        plan(model, _settings(), SpeedChoices(compile="yes"), processes=1, accumulation=1, planned_steps=1)
+
+
+def test_speed_choices_come_from_the_environment(monkeypatch):
+    from latexocr.fast import SpeedChoices, speed_choices
+    monkeypatch.delenv("LATEXOCR_SPEED", raising=False)
+    assert speed_choices() == SpeedChoices()
+    monkeypatch.setenv("LATEXOCR_SPEED", "packing=off, compile=on")
+    assert speed_choices() == SpeedChoices(packing=False, compile="on")
+    for wrong, message in (("pack=off", "'pack=off': the choices are fast"), ("packing=no", "on or off"),
+                           ("compile=yes", "auto, on or off")):
+        with pytest.raises(SystemExit, match=message):
+            speed_choices(wrong)
 
 
 def test_compile_cache_folder_is_ours_unless_the_user_chose_one(tmp_path, monkeypatch):
@@ -368,22 +380,21 @@ def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
     import subprocess
     import sys
 
-    from helpers import LABELS, ROOT as root, TINY, losses as _losses, make_dataset, repo_without_fast_path, script_env
+    from helpers import LABELS, ROOT as root, TINY, losses as _losses, make_dataset, script_env
 
-    plain_repo = repo_without_fast_path(tmp_path / "repo", "train.py")
     data = make_dataset(tmp_path, LABELS)
     common = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--max-steps", 6,
               "--batch-size", 8, "--micro-batch-size", 8, "--logging-steps", 1, "--save-steps", 1000,
               "--eval-samples", 2, "--dtype", "bf16", *TINY]
 
-    def train(repo, out, *flags):
-        proc = subprocess.run([sys.executable, str(repo / "train.py"), *map(str, common), "--output-dir", str(out),
-                               *flags], env=script_env(LATEXOCR_COMPILE_CACHE=str(tmp_path / "cache")),
+    def train(out, speed):
+        proc = subprocess.run([sys.executable, str(root / "train.py"), *map(str, common), "--output-dir", str(out)],
+                              env=script_env(LATEXOCR_COMPILE_CACHE=str(tmp_path / "cache"), LATEXOCR_SPEED=speed),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
-    plain = train(plain_repo, tmp_path / "plain")
-    fast = train(root, tmp_path / "fast", "--compile-layers", "on")
+    plain = train(tmp_path / "plain", "fast=off")
+    fast = train(tmp_path / "fast", "compile=on")
     assert "LLM blocks and vision tower as CUDA graphs" in fast
     assert len(_losses(plain)) == 6 and _losses(fast) == pytest.approx(_losses(plain), rel=2e-2)

@@ -28,7 +28,9 @@ def test_formula_scores_and_no_render_credit_when_truncated():
 
 
 def test_reward_weights():
-    assert parse_weights("edit=1,exact=2") == {"edit": 1.0, "exact": 2.0, "render": 0.0, "function": 1.0}
+    assert parse_weights("edit=1,exact=2") == ({"edit": 1.0, "exact": 2.0, "render": 0.0}, "")
+    assert parse_weights("edit=1,my_rewards:fn=2") == ({"edit": 1.0, "exact": 0.0, "render": 0.0, "function": 2.0},
+                                                      "my_rewards:fn")
     for bad in ("edit", "speed=1", "edit=x", "edit=nan"):
         with pytest.raises(SystemExit, match="REWARD_WEIGHTS"):
             parse_weights(bad)
@@ -206,7 +208,7 @@ def test_a_bad_reward_function_stops_with_one_line_before_the_model_loads(tmp_pa
     spec = spec.replace("FILE", str(tmp_path / "reward.py"))
     # no model folder and no adapter exist: the reward is judged before either is looked at
     proc = run_main("train.py", "--method", "grpo", "--model-id", tmp_path / "no-model", "--train-json", data,
-                    "--output-dir", tmp_path / "out", "--reward-function", spec, *TINY, check=False)
+                    "--output-dir", tmp_path / "out", "--reward-weights", f"edit=1,{spec}=1", *TINY, check=False)
     assert proc.returncode == 1, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -221,8 +223,7 @@ def test_grpo_raises_a_learnable_reward_and_not_without_advantages(sft, tiny_mod
     def rewards(*extra):
         proc = run_main("train.py", *grpo_args(tiny_model_dir, work, data, "--max-steps", 6, "--batch-size", 8,
                                                "--micro-batch-size", 8, "--num-generations", 4, "--learning-rate", 1e-2,
-                                               "--save-steps", 1000, "--reward-weights", "edit=0",
-                                               "--reward-function", f"{work / 'xreward.py'}:share_x",
+                                               "--save-steps", 1000, "--reward-weights", f"{work / 'xreward.py'}:share_x=1",
                                                "--output-dir", work / "learn", "--init-adapter", work / "sft" / "final",
                                                *extra))
         return [float(line["reward"]) for line in logged(proc.stdout)]

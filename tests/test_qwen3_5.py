@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions, sample_boundaries  # what plan_training adds for Qwen3.5
+from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions, sample_boundaries  # what the trainer plan adds for Qwen3.5
 from latexocr.linear_attention import keep_packed_samples_apart
 from latexocr.sample import sizing_for
 from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention

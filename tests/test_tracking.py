@@ -434,12 +434,13 @@ def _train(iso, model_dir, data, name, *extra):
     """train.py with its defaults (tracking local), sized for the tiny model; returns the run as the
     local dashboard stores it: {tag: (type, [(step, value), ...])} read from swanlog/runs.swanlab."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
-    env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), HF_HUB_OFFLINE="1")
     logdir = iso.tmp / "swanlog"
+    env.update(HOME=str(iso.home), SWANLAB_ROOT=str(iso.home / ".swanlab"), HF_HUB_OFFLINE="1",
+               SWANLAB_LOG_DIR=str(logdir))
     run_main("train.py", "--model-id", model_dir, "--model-source", "local", "--train-json", data,
              "--val-json", data, "--output-dir", iso.tmp / name, "--max-steps", 3, "--batch-size", 2,
              "--micro-batch-size", 2, "--logging-steps", 1, "--num-workers", 0, "--max-new-tokens", 6,
-             "--swanlab-mode", "local", "--swanlab-logdir", logdir, "--experiment-name", name, *extra,
+             "--swanlab-mode", "local", "--experiment-name", name, *extra,
              cwd=iso.work, env=env)
     db = sqlite3.connect(logdir / "runs.swanlab")  # the local dashboard's database
     try:

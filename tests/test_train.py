@@ -238,8 +238,8 @@ def test_compiled_training_matches_eager_and_generation_does_not_recompile(tmp_p
               "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000, *TINY]
     eager = run_main("train.py", *common, "--output-dir", tmp_path / "eager")  # auto: no GPU -> eager
     # a process of its own: torch reads TORCH_LOGS when it is imported
-    compiled = run_script("train.py", *common, "--output-dir", tmp_path / "compiled", "--compile-layers", "on",
-                          env=script_env(TORCH_LOGS="recompiles"), timeout=3600)
+    compiled = run_script("train.py", *common, "--output-dir", tmp_path / "compiled",
+                          env=script_env(TORCH_LOGS="recompiles", LATEXOCR_SPEED="compile=on"), timeout=3600)
     assert "compiling" not in eager.stdout and "compiling" in compiled.stdout
     assert len(losses(eager.stdout)) == 3
     assert losses(compiled.stdout) == pytest.approx(losses(eager.stdout), rel=1e-3)

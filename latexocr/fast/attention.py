@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
+# looked up once, at import: compiled blocks see a plain function (a custom op with its own backward)
+from torch.nn.attention.varlen import varlen_attn
+
+from ..modeling import unwrap
+from .choices import SpeedChoices, speed_choices
 
 # transformers sends a vision tower to one variable-length attention call per layer when the
 # implementation's name contains "flash"; any other name loops over the images of a batch
@@ -16,37 +20,19 @@ PACKED_VISION_ATTENTION = "sdpa_packed_flash_varlen"
 MAX_MASKED_TOKENS = 8192  # above this many patches a dense mask costs too much: loop per image
 
 
-def _find_varlen_attn():
-    """(torch's varlen_attn, whether it takes is_causal) or None. Looked up once at import, so
-    compiled blocks see a plain function (torch registers it as a custom op with its own backward)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "is_causal" in inspect.signature(varlen_attn).parameters
-
-
-_VARLEN_ATTN = _find_varlen_attn()
-
-
 def _varlen_flash(query, key, value, cu, max_len: int, scale, causal: bool):
-    """PyTorch's own variable-length flash attention (torch >= 2.9, CUDA) on (1, heads, T, dim) inputs."""
-    varlen_attn, takes_is_causal = _VARLEN_ATTN
+    """PyTorch's own variable-length flash attention (torch >= 2.11, CUDA) on (1, heads, T, dim) inputs."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if takes_is_causal:  # torch 2.9-2.10; later releases take a window instead
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, is_causal=causal, scale=scale)
-    else:
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale,
-                          window_size=(-1, 0) if causal else (-1, -1))
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0) if causal else (-1, -1))
     return out[None]  # (1, T, heads, dim)
 
 
 def _varlen_available(t) -> bool:
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _VARLEN_ATTN is not None
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _block_mask(bounds, n: int, device, causal: bool):
@@ -84,9 +70,9 @@ def _packed_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sc
 # Flash varlen attention skips them. Generation (left padding, KV cache) switches back to sdpa.
 PACKED_TEXT_ATTENTION = "sdpa_packed_flash_causal"
 # The packed collator computes the sample boundaries on the CPU and passes them to the model under
-# these names (not transformers' cu_seq_lens_q: the vision tower receives the same kwargs and
-# has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
-from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY  # noqa: E402 (the collator emits them)
+# its own names (latexocr/batching.py; not transformers' cu_seq_lens_q: the vision tower receives the
+# same kwargs and has its own); the attention then needs no GPU->CPU sync and compiled blocks trace it whole.
+from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY  # noqa: E402
 
 
 @torch.compiler.disable  # data-dependent (nonzero, .max()): only when the batch did not bring boundaries
@@ -116,21 +102,15 @@ def _packed_causal(module, query, key, value, attention_mask=None, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _transformers_model(model):
-    """The transformers model under DistributedDataParallel / peft."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _text_config(model):
-    return getattr(getattr(_transformers_model(model), "config", None), "text_config", None)
+    return getattr(getattr(unwrap(model), "config", None), "text_config", None)
 
 
 def _route_attention(model, sub_config: str, name: str, function) -> bool:
     """Register `function` as attention `name` and make the model's `sub_config` part use it."""
     from transformers import AttentionInterface
 
-    model = _transformers_model(model)
+    model = unwrap(model)
     if getattr(getattr(model, "config", None), sub_config, None) is None:
         return False
     AttentionInterface.register(name, function)
@@ -155,19 +135,22 @@ def plain_text_attention(model):
     if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
         yield
         return
-    _transformers_model(model).set_attn_implementation({"text_config": "sdpa"})
+    unwrap(model).set_attn_implementation({"text_config": "sdpa"})
     try:
         yield
     finally:
-        _transformers_model(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+        unwrap(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
 
 
-def prepare_model(model, attn_implementation: str = "sdpa", packed_vision_attention: bool = True):
+def prepare_model(model, speed: SpeedChoices | None = None):
     """What the fast path does to a loaded model, in training and inference alike: the process-wide
     CUDA settings of configure_cuda(), and with sdpa the vision tower's attention over all images of
-    a batch in one call."""
+    a batch in one call. speed: the choices (default: speed_choices())."""
+    speed = speed or speed_choices()
+    if not speed.fast:
+        return model
     configure_cuda()
-    if packed_vision_attention and attn_implementation == "sdpa":
+    if speed.packed_vision_attention and speed.attention == "sdpa":
         use_packed_vision_attention(model)
     return model
 

@@ -68,12 +68,12 @@ CACHE_ENV = "LATEXOCR_COMPILE_CACHE"
 
 
 def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
-    """COMPILE_LAYERS: "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
+    """The compile choice (latexocr/fast/choices.py): "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
     compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
     gradient checkpointing)."""
     setting = setting.lower()
     if setting not in ("auto", "on", "off"):
-        raise SystemExit(f"COMPILE_LAYERS must be auto, on or off, not {setting!r}")
+        raise SystemExit(f"compile must be auto, on or off, not {setting!r}")
     if setting == "auto":
         return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_FROM_STEPS
     return setting == "on"
@@ -113,7 +113,7 @@ class CompileCache:
 
 def should_use_cuda_graphs(enabled: bool, compiled: bool, processes: int, accumulation: int,
                            on_cuda: bool | None = None) -> bool:
-    """CUDA_GRAPHS applies only where it was measured: compiled blocks on one CUDA GPU, without
+    """The cuda_graphs choice applies only where it was measured: compiled blocks on one CUDA GPU, without
     gradient accumulation. A replay reuses the previous replay's output memory, so the gradients of
     one pass must be consumed by the optimizer step before the next pass runs."""
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda

@@ -1,7 +1,8 @@
-"""The Trainer of the fast path: private-method overrides and instance patches that keep the host ahead of the GPU.
+"""The training step train.py runs: `build_trainer` picks the trainer, its step and its batches.
 
-Each hook here replaces transformers' or peft's per-step bookkeeping by a host-side equivalent: the
-original made the host wait for the GPU, or walk the whole model, at every step, so the host could
+FastTrainer is the fast path's: its step (`fast_supervised_loss`) and private-method overrides and
+instance patches that keep the host ahead of the GPU. Each hook replaces transformers' or peft's
+per-step bookkeeping by a host-side equivalent: the original made the host wait for the GPU, or walk the whole model, at every step, so the host could
 not queue the next step while the GPU worked (docs/BENCHMARKS.md). Every hook is private or
 patched API: latexocr/fast/upstream.py names the versions it was checked against, and
 tests/test_fast.py fails when upstream renames, re-signs or stops calling it.
@@ -12,9 +13,17 @@ import contextlib
 
 import torch
 
+from ..batching import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, TrainCollator,
+                        sample_boundaries)
+from ..linear_attention import has_linear_attention
+from ..modeling import vision_language_core
 from ..training import OcrTrainer, supervised_loss
-from .vision import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, VisionGraphs,
-                     supervised_step_loss, takes_precomputed_vision)
+from .attention import use_packed_text_attention
+from .choices import ENV, SpeedChoices
+from .compile import (COMPILE_FROM_STEPS, CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, CompileCache,
+                      compile_decoder_layers, should_compile, should_use_cuda_graphs)
+from .upstream import drift
+from .vision import PackedExtras, VisionGraphs, graph_vision_tower, supervised_step_loss, takes_precomputed_vision
 
 
 def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
@@ -22,7 +31,7 @@ def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True
     """training.supervised_loss, except that packed batches of a Qwen2-VL model take the sync-free
     step of latexocr/fast/vision.py (its vision tower replayed by `vision_graphs`)."""
     precomputed = {k: batch.pop(k) for k in PRECOMPUTED_KEYS if k in batch}
-    # the collator precomputes the vision inputs only where the sync-free step applies (plan_training:
+    # the collator precomputes the vision inputs only where the sync-free step applies (fast/trainer.py plan:
     # not when the vision tower trains); the token count alone (REAL_TOKENS_KEY) comes with every packed batch
     if VISION_POSITIONS_KEY in precomputed and supervised_logits_only and takes_precomputed_vision(model):
         return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs)
@@ -147,3 +156,78 @@ class FastTrainer(OcrTrainer):
         return 6 * inputs["input_ids"].numel() * self._parameter_count if "input_ids" in inputs else 0
 
 
+
+
+def build_trainer(model, settings, encoder, speed: SpeedChoices, *, processes: int, accumulation: int,
+                  planned_steps: int, **trainer_kwargs) -> tuple[OcrTrainer, str]:
+    """The Trainer train.py runs (LoRA already added; `settings`: its settings block) with its collator,
+    and a one-line summary. By default FastTrainer (step: `fast_supervised_loss` above) on the batches
+    `plan` below asks for; with `speed.fast` off (tests, bench/) training.OcrTrainer's plain step
+    (training.supervised_loss) on packed batches that carry only the sample boundaries."""
+    trainer_class, collator_options, trainer_options = OcrTrainer, {}, {}
+    summary = f"fast path: off (${ENV}), plain transformers training"
+    if speed.fast:
+        trainer_class, (collator_options, trainer_options, summary) = FastTrainer, plan(
+            model, settings, speed, processes=processes, accumulation=accumulation, planned_steps=planned_steps)
+    elif speed.packing and has_linear_attention(model):  # Qwen3.5 keeps packed samples apart only by these
+        collator_options = {"packed_extras": sample_boundaries}
+    collator = TrainCollator(encoder, packed=speed.packing, **collator_options)
+    trainer = trainer_class(model=model, data_collator=collator, supervised_logits_only=speed.supervised_logits_only,
+                            **trainer_options, **trainer_kwargs)
+    return trainer, summary
+
+
+def _vision_trains(model) -> bool:
+    core = vision_language_core(model)
+    return core is not None and any(p.requires_grad for p in core.visual.parameters())
+
+
+def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: int,
+         planned_steps: int) -> tuple[dict, dict, str]:
+    """Switch the fast path on for `model` as `speed` and train.py's `settings` allow: packed
+    text attention, compiled blocks and CUDA graphs where they pay. Returns TrainCollator's and
+    FastTrainer's keyword arguments, and a one-line summary to print."""
+    packed = speed.packing
+    linear_attention = has_linear_attention(model)  # Qwen3.5: keeps packed samples apart by the boundaries
+    # a vision tower that trains (TUNE=lora_vision, UNFREEZE_MERGER/VISION) takes the model's own
+    # forward: the sync-free step was checked with a frozen tower, and a CUDA graph records no backward
+    vision_trains = _vision_trains(model)
+    text_attention = (packed and speed.packed_text_attention and speed.attention == "sdpa"
+                      and use_packed_text_attention(model))  # flash varlen on GPU: no work on masked-out scores
+    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
+    # Qwen3.5, nor the training modes whose compiled step was never timed (a training vision tower,
+    # TUNE=full, 4-bit, fp16)
+    measured_setup = not (settings.deepspeed or settings.gradient_checkpointing or linear_attention or vision_trains
+                          or settings.tune == "full" or settings.quantization != "none" or settings.dtype == "fp16")
+    compiled = should_compile(speed.compile, planned_steps, measured_setup)
+    cuda_graphs = should_use_cuda_graphs(speed.cuda_graphs, compiled, processes, accumulation)
+    precomputed = packed and speed.supervised_logits_only and takes_precomputed_vision(model) and not vision_trains
+    vision_graphs, parts = None, []
+    if text_attention:
+        parts.append("packed text attention")
+    if precomputed:
+        parts.append("sync-free Qwen2-VL step")
+    if compiled:
+        cache = CompileCache()
+        cache.use()
+        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
+        # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
+        vision_graphs = graph_vision_tower(model) if cuda_graphs and precomputed else None
+        graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
+        parts.append(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}: ~1 min in the "
+                     f"first steps, less once torch's cache {cache.folder} is warm ({ENV}=compile=off skips it)")
+    elif speed.compile == "auto" and torch.cuda.is_available():
+        parts.append(f"eager ({ENV} compile=auto compiles from {COMPILE_FROM_STEPS} steps"
+                     f"{' and without DeepSpeed / gradient checkpointing / linear attention' if not measured_setup else ''})")
+    collator_options = {}
+    if packed:
+        collator_options["packed_extras"] = PackedExtras(
+            text_attention=bool(text_attention) or linear_attention, precomputed_vision=precomputed,
+            pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None)
+    if cuda_graphs:
+        collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE
+    problems = drift()
+    summary = "fast path: " + ("; ".join(parts) or "host-side bookkeeping only") + (
+        f". WARNING: {len(problems) - 1} upstream hooks changed ({problems[0]} run "
+        f"`pytest tests/test_fast.py -k upstream`)" if problems else "")
+    return collator_options, {"cuda_graphs": cuda_graphs, "vision_graphs": vision_graphs}, summary

@@ -5,7 +5,7 @@ from `image_grid_thw` with per-image loops on the GPU and `.tolist()` / `.item()
 features per image (another `.tolist()`), checks the image-token count (another sync) and scatters
 the features by a boolean mask; a boolean `logits_to_keep` and label mask add two more. Each sync
 empties the GPU's queue while the host is the slower side (docs/BENCHMARKS.md). The packed collator
-knows all of it on the CPU already, so it passes (keys below):
+knows all of it on the CPU already, so it passes (keys declared in latexocr/batching.py):
 
 * the vision tower's inputs, which transformers' `vision_utils` pops from the kwargs instead of
   computing them: patch positions, attention boundaries, the longest image;
@@ -24,26 +24,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..batching import sample_boundaries
+from ..batching import (CU_SEQLENS_KEY, IMAGE_POSITIONS_KEY, MAX_LENGTH_KEY, PRECOMPUTED_KEYS,  # noqa: F401
+                        REAL_TOKENS_KEY, SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_CU_SEQLENS_KEY,
+                        VISION_MAX_LENGTH_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, sample_boundaries)
 from ..modeling import vision_language_core
-from .attention import CU_SEQLENS_KEY, MAX_LENGTH_KEY, PACKED_VISION_ATTENTION
-
-VISION_POSITIONS_KEY = "vision_position_ids"    # (patches, 2) row/column of every patch
-VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"     # int32 image boundaries [0, p1, p1+p2, ...]
-VISION_MAX_LENGTH_KEY = "vision_max_seqlen"     # int: patches of the longest image (a bound)
-IMAGE_POSITIONS_KEY = "image_token_positions"   # long: where the image tokens sit in the row
-SUPERVISED_POSITIONS_KEY = "supervised_positions"  # long: positions whose next token is supervised
-SUPERVISED_TARGETS_KEY = "supervised_targets"   # long: those next tokens
-VISION_PADDING_KEY = "vision_padding"           # int: all-zero patches appended to pixel_values
-REAL_TOKENS_KEY = "real_tokens"                 # int: tokens of the row without its padding
-PRECOMPUTED_KEYS = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, IMAGE_POSITIONS_KEY,
-                    SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_PADDING_KEY, REAL_TOKENS_KEY)
+from ..training import summed_cross_entropy
+from .attention import PACKED_VISION_ATTENTION
 
 
 def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor,
                       grid_thw: torch.Tensor, merge_size: int, image_token_id: int, real_tokens: int,
                       pad_patches_to_multiple_of: int | None = None, ignore_index: int = -100) -> dict:
-    """The keys above for one packed row (CPU tensors), and `pixel_values` padded if asked.
+    """The precomputed step's keys (latexocr/batching.py) for one packed row (CPU tensors), and
+    `pixel_values` padded if asked.
 
     pad_patches_to_multiple_of adds 4..N all-zero patches as one extra image segment (its own
     attention block, never scattered into the text), so that few distinct patch counts occur
@@ -156,7 +149,7 @@ class VisionGraphs:
 
 
 def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the supervised tokens of a packed batch with the keys above, and
+    """Summed cross-entropy over the supervised tokens of a packed batch with the keys of precompute_packed, and
     their count (a host int): the same value as the model's own forward (tests/test_fast.py).
     Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0
     (latexocr/fast/upstream.py SOURCES)."""
@@ -176,16 +169,14 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/fast/attention.py
     logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False,
                    logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **text_attention).logits
-    targets = batch[SUPERVISED_TARGETS_KEY]
-    loss = F.cross_entropy(logits[0].float(), targets, reduction="sum")
-    return loss, targets.shape[0]
+    return summed_cross_entropy(logits[0], batch[SUPERVISED_TARGETS_KEY])
 
 
 @dataclass
 class PackedExtras:
     """What the fast path adds to a packed batch (TrainCollator's packed_extras), computed on the CPU in
     the DataLoader workers: the sample boundaries for the packed text attention, the real token
-    count, and for a Qwen2-VL model the precomputed step's keys above (other families would only
+    count, and for a Qwen2-VL model the precomputed step's keys (other families would only
     throw them away)."""
 
     text_attention: bool = True

@@ -1,0 +1,43 @@
+"""The speed choices the code makes, and the one way to change them: $LATEXOCR_SPEED.
+
+Each was measured (docs/BENCHMARKS.md) and is decided here, not in a script's settings block: a user
+who changes the learning rate never meets them. bench/ measures the alternatives by setting, e.g.,
+
+    LATEXOCR_SPEED="packing=off,supervised_logits_only=off" python train.py   # the tutorial's step
+    LATEXOCR_SPEED="compile=on" python train.py                                # compile a short run too
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV = "LATEXOCR_SPEED"
+
+
+@dataclass(frozen=True)
+class SpeedChoices:
+    """Each field: the default the code takes, and what it switches."""
+    fast: bool = True                     # off: plain transformers + peft, none of latexocr/fast/ (the
+                                          # reference tests/test_fast.py compares the fast path with)
+    attention: str = "sdpa"               # transformers' attn_implementation: sdpa | flash_attention_2 | eager
+    packing: bool = True                  # padding-free training batches (off: right-padded, as the tutorial)
+    supervised_logits_only: bool = True   # vocabulary projection only where a label is supervised (~1/3 of tokens)
+    packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
+    packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
+    compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
+    cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
+
+
+def speed_choices(text: str | None = None) -> SpeedChoices:
+    """The choices with $LATEXOCR_SPEED's changes ("name=value,..."; booleans on/off); stops with one
+    line on an unknown name or value."""
+    kinds = {f.name: type(f.default) for f in fields(SpeedChoices)}
+    changes = {}
+    for item in filter(None, (os.environ.get(ENV, "") if text is None else text).replace(" ", "").split(",")):
+        name, _, value = item.lower().partition("=")
+        allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name == "compile" else None
+        if name not in kinds or (allowed and value not in allowed):
+            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile must be auto, "
+                             f"on or off, attention an attn_implementation, the others on or off")
+        changes[name] = value == "on" if kinds[name] is bool else value
+    return SpeedChoices(**changes)
