@@ -104,7 +104,7 @@ class _Katex:
     def __init__(self):
         self.child, self.lock = None, threading.Lock()
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         if self.child is not None:
             self.child.kill()
             self.child.wait()
@@ -126,23 +126,23 @@ class _Katex:
             except OSError:  # the child died between two formulas
                 line = ""
             if not line:  # crashed or hung on this formula: its verdict, and a new child for the next
-                self._stop()
+                self.stop()
                 raise RuntimeError("KaTeX crashed on this formula" if ready else
                                    f"KaTeX took more than {KATEX_TIMEOUT:.0f} s on this formula")
             answer = json.loads(line)
             if "missing" in answer:
-                self._stop()
+                self.stop()
                 raise ImportError(answer["missing"])
             if "error" in answer:
                 if not _PARSE_ERROR.search(answer["error"]):
-                    self._stop()  # an internal error: pykatex's state is not to be trusted after it
+                    self.stop()  # an internal error: pykatex's state is not to be trusted after it
                     raise RuntimeError(f"KaTeX internal error: {answer['error']}")
                 raise ValueError(answer["error"])
             return answer["mathml"]
 
 
 _katex = _Katex()
-atexit.register(_katex._stop)
+atexit.register(_katex.stop)
 
 
 def render(text: str | None) -> tuple[str | None, str | None]:

@@ -11,7 +11,7 @@ import torch
 
 import latexocr.generation as generation
 import latexocr.grpo as grpo
-from helpers import LABELS, TINY, make_dataset, printed_metrics, run_main, trainer_state
+from helpers import LABELS, TINY, make_dataset, printed_metrics, run_main, script_env, trainer_state
 from latexocr.grpo import group_advantages, grpo_token_loss, split_completions
 from latexocr.rewards import Rewards, formula_scores, parse_weights
 from latexocr.sample import SAMPLE_FILE
@@ -238,8 +238,9 @@ def test_grpo_raises_a_learnable_reward_and_not_without_advantages(sft, tiny_mod
 
 def test_models_the_static_decoder_does_not_take_roll_out_with_generate(sft, tiny_model_dir):
     work, data = sft
+    # eager attention ($LATEXOCR_SPEED, latexocr/fast/choices.py): a model the static decoder refuses
     proc = run_main("train.py", *grpo_args(tiny_model_dir, work, data, "--max-steps", 1, "--save-steps", 1000,
-                                           "--attn-implementation", "eager", "--output-dir", work / "eager",
-                                           "--init-adapter", work / "sft" / "final"))
+                                           "--output-dir", work / "eager", "--init-adapter", work / "sft" / "final"),
+                    env=script_env(LATEXOCR_SPEED="attention=eager"))
     line, = logged(proc.stdout)
     assert 0 < float(line["completion_length"]) <= 12 and "reward" in line
