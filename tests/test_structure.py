@@ -157,9 +157,9 @@ def private_uses(path: Path) -> set[str]:
         elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
               and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", *other_modules))):
             reads.add(node)
-    # attributes this project sets itself (`module._unpacked_forward = ...`) are its own
-    own = {t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign) for target in n.targets
-           for t in getattr(target, "elts", [target]) if isinstance(t, ast.Attribute)}
+    # attributes this module sets (`module._unpacked_forward = ...`) or methods it defines are its own
+    own = functions | {t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign) for target in n.targets
+                       for t in getattr(target, "elts", [target]) if isinstance(t, ast.Attribute)}
     return found | {ast.unparse(node) for node in reads if node.attr not in own}
 
 
