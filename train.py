@@ -64,7 +64,7 @@ SAVE_STEPS = 100         # a checkpoint every N optimizer steps (the newest 3 ar
 RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 # Speed choices (packing, packed attention, torch.compile...): latexocr/fast/choices.py, $LATEXOCR_SPEED.
-# reinforcement (METHOD=grpo): README "Reinforcement after fine-tuning (GRPO)", latexocr/grpo.py
+# ---- reinforcement (METHOD=grpo): README "Reinforcement after fine-tuning (GRPO)", latexocr/grpo.py
 METHOD = "sft"           # sft (supervised fine-tuning, the tutorial) | grpo (reinforcement of INIT_ADAPTER,
                          # written to OUTPUT_DIR-grpo; BATCH_SIZE and MICRO_BATCH_SIZE then count images)
 INIT_ADAPTER = ""        # the LoRA adapter GRPO starts from (its own rank, targets and sample definition);
