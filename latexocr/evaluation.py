@@ -23,8 +23,9 @@ def evaluate(model, encoder: SampleEncoder, pairs: list[tuple[str, str]], batch_
              score_workers: int | None = None, batch_setting: str = "BATCH_SIZE") -> tuple[dict, list[dict]]:
     """(summary metrics, one row per sample) for (image_path, label) pairs.
 
-    batch_size None: as many images as fit the GPU (generation.predict). Each batch's rows are scored in ``score_workers`` processes (default: scoring.default_workers;
-    0: in this process) while the next batch generates. Under torch.distributed every process
+    batch_size None: as many images as fit the GPU (generation.predict). Each batch's rows are scored
+    in ``score_workers`` processes (default: scoring.default_workers; 0: in this process) while the
+    next batch generates. Under torch.distributed every process
     generates and scores its own share of the pairs and the rows are gathered, so every process
     returns the same full result.
     """
