@@ -65,8 +65,9 @@ RESUME = False           # continue from the last checkpoint in OUTPUT_DIR
 LOGGING_STEPS = 10       # log loss, lr and throughput every N optimizer steps
 # Speed choices (packing, packed attention, torch.compile...): latexocr/fast/choices.py, $LATEXOCR_SPEED.
 # ---- reinforcement (METHOD=grpo): README "Reinforcement after fine-tuning (GRPO)", latexocr/grpo.py
-METHOD = "sft"           # sft (supervised fine-tuning, the tutorial) | grpo (reinforcement of INIT_ADAPTER,
-                         # written to OUTPUT_DIR-grpo; BATCH_SIZE and MICRO_BATCH_SIZE then count images)
+METHOD = "sft"           # sft (supervised training on the labels, the tutorial) | grpo (reinforcement of
+                         # INIT_ADAPTER, written to the folder OUTPUT_DIR + "-grpo"; BATCH_SIZE and
+                         # MICRO_BATCH_SIZE then count images)
 INIT_ADAPTER = ""        # the LoRA adapter GRPO starts from (its own rank, targets and sample definition);
                          # "" = OUTPUT_DIR/final, the SFT run's
 NUM_GENERATIONS = 8      # completions sampled per image, compared with each other
@@ -75,7 +76,7 @@ TOP_P = 1.0              # nucleus sampling: only the most likely tokens making 
 REWARD_WEIGHTS = "edit=1,exact=1,render=0.5"  # reward = weighted 1 - token edit distance, exact match, KaTeX
                          # renders (no credit when truncated); unnamed ones weigh 0; add your own as
                          # module:function=W or file.py:function=W, fn(predictions, labels) -> floats
-KL_BETA = 0.0            # weight of the per-token KL to the base model (adapter off); 0 skips that forward
+KL_BETA = 0.0            # weight of each token's KL to the base model (adapter off); 0 skips that forward
 STEPS_PER_ROLLOUT = 1    # optimizer steps on each rollout's completions (> 1: generation paid once for them)
 CLIP_EPSILON = 0.2       # with STEPS_PER_ROLLOUT > 1: the most a token's probability ratio to the rollout's
                          # may move before its gradient stops (the objective's clip)
