@@ -148,7 +148,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
 
     from latexocr.batching import TrainCollator, sample_boundaries
     from latexocr.linear_attention import has_linear_attention
-    from latexocr.memory import fit_training_batch, parse_auto, set_checkpointing
+    from latexocr.memory import divisors_descending, fit_training_batch, parse_auto, set_checkpointing
     from latexocr.training import supervised_loss
 
     micro = parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")
@@ -159,8 +159,9 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
         # the plain step and batches (the fast path's compiled step needs less memory, not more)
         boundaries = sample_boundaries if packed and has_linear_attention(model) else None
         collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
-        choice = fit_training_batch(model, train_set, collator, supervised_loss,
-                                    min(micro or share, share), checkpointing)
+        # the micro-batch given, or every one that divides this process's share of BATCH_SIZE
+        candidates = [min(micro, share)] if micro else divisors_descending(share)
+        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing)
         if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
             import torch.distributed as dist
             agreed = torch.tensor([choice.micro, -int(choice.checkpointing)], device=next(model.parameters()).device)

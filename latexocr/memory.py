@@ -195,14 +195,15 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int):
     return probe
 
 
-def fit_training_batch(model, dataset, collator, step_loss, per_process_batch: int,
+def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int],
                        checkpointing: bool | None = None) -> Choice:
-    """The micro-batch (and checkpointing, unless given) for this GPU; see the module docstring."""
+    """The micro-batch among `candidates` (largest first) and checkpointing (unless given) for this GPU;
+    see the module docstring."""
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe = training_step_probe(model, dataset, collator, step_loss, extra_bytes=trainable * ADAM_STATE_BYTES)
     budget = int(usable_bytes() * (1 - MARGIN))
-    choice = choose_training_batch(divisors_descending(per_process_batch), probe, budget, checkpointing)
+    choice = choose_training_batch(candidates, probe, budget, checkpointing)
     set_checkpointing(model, choice.checkpointing)
     return choice
 
