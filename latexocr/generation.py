@@ -9,10 +9,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
 from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
-from .images import load_image
-from .memory import MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release, usable_bytes
-from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 from .fast import plain_text_attention
+from .images import load_image
+from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
+                     usable_bytes)
+from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 
 # The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is
 # sorted by area), each padded to its own longest prompt: less padding, and prefill activations
