@@ -4,14 +4,14 @@ generation batch, chosen from a measurement on the card (never from its name).
 Training (`fit_training_batch`): a probe step (forward + backward, the plain step) on the worst batch
 the data can produce, the longest samples, at each candidate micro-batch from the largest down; the
 first that fits without gradient checkpointing, and a larger one with it where that fits, are timed,
-and the faster per sample wins. Fits means: the probe's peak plus the optimizer's state (AdamW keeps two
+and the faster per token wins. Fits means: the probe's peak plus the optimizer's state (AdamW keeps two
 moments of every trainable weight, not yet allocated when the probe runs) within the memory this
 process can use, less MARGIN (fragmentation, the DataLoader's pinned copies, what the probe did not see).
 
-Generation (`fit_generation_rows`): a memory model calibrated by one probe. The static decoder's
-cache grows linearly with the rows (keys/values or linear-attention states, latexocr/decoding.py),
-computed from the config; what does not grow with them, the prefill of one chunk of the largest
-images, is measured.
+Generation (`generation.fit_rows`, with `choose_generation_rows` here): a memory model calibrated by
+one probe. The static decoder's cache grows linearly with the rows (keys/values or linear-attention
+states, decoding.bytes_per_row), computed from the config; what does not grow with them, the prefill
+of one chunk of the largest images, is measured.
 
 A value the user gives wins; on the CPU nothing is probed (host memory is not what runs out).
 """
