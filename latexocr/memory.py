@@ -166,10 +166,11 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int):
     """probe(micro, checkpointing) for choose_training_batch: one warm-up and one timed forward +
     backward of `step_loss(model, batch) -> (summed loss, count)` on the worst-case batch."""
     device = next(model.parameters()).device
+    longest_first = worst_case_samples(dataset.lengths, len(dataset.lengths))  # sorted once for every probe
 
     def probe(micro: int, checkpointing: bool) -> Probe:
         set_checkpointing(model, checkpointing)
-        batch = collator([dataset[i] for i in worst_case_samples(dataset.lengths, micro)])
+        batch = collator([dataset[i] for i in longest_first[:micro]])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         release()
         torch.cuda.reset_peak_memory_stats(device)
