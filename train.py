@@ -172,6 +172,10 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
             f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
             f"{choice.reason}")
         return choice.micro, choice.checkpointing
+    if micro is None or checkpointing is None:  # auto without a probe: the line says so, as on a GPU
+        say(f"micro-batch {micro or share}, gradient checkpointing {'on' if checkpointing else 'off'} "
+            f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
+            f"{'DeepSpeed' if args.deepspeed else 'no GPU'}: nothing probed, the whole per-process batch")
     checkpointing = bool(checkpointing)
     set_checkpointing(model, checkpointing)
     return micro or share, checkpointing

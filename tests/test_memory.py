@@ -172,3 +172,14 @@ def test_gradient_checkpointing_with_packing_trains_the_same(tmp_path, tiny_mode
         assert (out / "final" / "adapter_config.json").is_file()
     assert len(losses["--gradient-checkpointing"]) >= 6
     assert losses["--gradient-checkpointing"] == pytest.approx(losses["--no-gradient-checkpointing"], rel=1e-4)
+
+
+def test_auto_says_what_it_chose_on_a_cpu(tmp_path, tiny_model_dir):
+    """train.py's defaults (MICRO_BATCH_SIZE and GRADIENT_CHECKPOINTING auto) print the one line of the choice
+    on a CPU too, where nothing is probed."""
+    data = make_dataset(tmp_path, LABELS[:4])
+    # 1 step of 4 samples: the line comes before training, nothing more is needed
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--output-dir", tmp_path / "out",
+                    "--max-steps", 1, "--batch-size", 4, *TINY)
+    assert ("micro-batch 4, gradient checkpointing off (MICRO_BATCH_SIZE=auto, GRADIENT_CHECKPOINTING=auto): "
+            "no GPU: nothing probed, the whole per-process batch") in proc.stdout
