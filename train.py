@@ -44,8 +44,9 @@ IMAGE_MAX_PIXELS: int = None  # upper area bound in pixels: caps large handwritt
 IMAGE_SIZE: str = None   # "500x100" forces one size in pixels for every image (the tutorial's), "" keeps aspect [""]
 # ---- memory: what one GPU holds
 MICRO_BATCH_SIZE: int = "auto"  # samples per forward pass on one GPU (gradient accumulation makes up the
-                         # rest); auto: the fastest that fits the GPU's free memory, measured on the
-                         # longest samples (latexocr/memory.py); the whole batch on a CPU
+                         # rest); auto: the fastest that fits the GPU's free memory, measured on a large
+                         # batch of the data (the rare larger one runs in halves: latexocr/memory.py);
+                         # the whole batch on a CPU
 GRADIENT_CHECKPOINTING: bool = "auto"  # recompute activations in the backward pass: less memory, ~1/3 more
                          # work; auto: on only where it measured faster than the micro-batch that fits
                          # without it | on | off
@@ -140,10 +141,11 @@ def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple
     return micro, accumulation
 
 
-def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say) -> tuple[int, bool]:
-    """(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING): the values given, else on a GPU the fastest pair
-    that fits its free memory, measured by probe steps on the longest samples (latexocr/memory.py);
-    on a CPU or under DeepSpeed (whose sharding the probe does not model) the whole per-process batch."""
+def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say) -> tuple[int, bool, int | None]:
+    """(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, the size over which a micro-batch runs in halves or None):
+    the values given, else on a GPU the fastest pair that fits its free memory, measured by probe steps
+    on a large batch of the run and checked on the longest samples (latexocr/memory.py); on a CPU or
+    under DeepSpeed (whose sharding the probe does not model) the whole per-process batch."""
     import torch
 
     from latexocr.batching import TrainCollator, sample_boundaries
@@ -161,7 +163,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
         collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
         # the micro-batch given, or every one that divides this process's share of BATCH_SIZE
         candidates = [min(micro, share)] if micro else divisors_descending(share)
-        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing)
+        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing, processes)
         if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
             import torch.distributed as dist
             agreed = torch.tensor([choice.micro, -int(choice.checkpointing)], device=next(model.parameters()).device)
@@ -171,14 +173,14 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
         say(f"micro-batch {choice.micro}, gradient checkpointing {'on' if choice.checkpointing else 'off'} "
             f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
             f"{choice.reason}")
-        return choice.micro, choice.checkpointing
+        return choice.micro, choice.checkpointing, choice.split_over
     if micro is None or checkpointing is None:  # auto without a probe: the line says so, as on a GPU
         say(f"micro-batch {micro or share}, gradient checkpointing {'on' if checkpointing else 'off'} "
             f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
             f"{'DeepSpeed' if args.deepspeed else 'no GPU'}: nothing probed, the whole per-process batch")
     checkpointing = bool(checkpointing)
     set_checkpointing(model, checkpointing)
-    return micro or share, checkpointing
+    return micro or share, checkpointing, None
 
 
 def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool, packed: bool):
@@ -328,7 +330,8 @@ def main(argv=None):
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
     # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    micro, args.gradient_checkpointing = fit_micro_batch(args, model, train_set, encoder, world, speed.packing, say)
+    micro, args.gradient_checkpointing, split_over = fit_micro_batch(args, model, train_set, encoder, world,
+                                                                     speed.packing, say)
     if grpo and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None and torch.cuda.is_available() \
             and not args.deepspeed:
         # GRPO: the probe measured SFT samples; a micro-batch's image is NUM_GENERATIONS of them
@@ -359,7 +362,7 @@ def main(argv=None):
         trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packing, **loop)
     else:
         trainer, summary = build_trainer(model, args, encoder, speed, processes=world, accumulation=accumulation,
-                                         planned_steps=planned_steps, **loop)
+                                         planned_steps=planned_steps, split_over=split_over, **loop)
     say(summary)
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
         f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={speed.packing}")
@@ -382,6 +385,9 @@ def main(argv=None):
             if trainer.out_of_memory.hit:  # one GPU: the Trainer saved a checkpoint and stopped
                 raise SystemExit(out_of_memory_message("MICRO_BATCH_SIZE", micro, f"in training ({trainer.out_of_memory.hit})")
                                  + f"; {out_dir}/checkpoint-{trainer.state.global_step} saved, add --resume")
+            if trainer.out_of_memory.split or trainer.out_of_memory.retried:
+                say(f"memory: {trainer.out_of_memory.split} micro-batches over {split_over} tokens ran in parts, "
+                    f"{trainer.out_of_memory.retried} passes ran again in halves after running out of memory")
         except SystemExit as stop:  # a verdict (out of memory, fp16 overflow): the dashboard shows why the run ended
             outcome["error"] = str(stop.code)
             raise

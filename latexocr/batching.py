@@ -46,6 +46,17 @@ VISION_PADDING_KEY = "vision_padding"              # int: all-zero patches appen
 REAL_TOKENS_KEY = "real_tokens"                    # int: tokens of the row without its padding
 PRECOMPUTED_KEYS = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, IMAGE_POSITIONS_KEY,
                     SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_PADDING_KEY, REAL_TOKENS_KEY)
+# A micro-batch over the probed size (TrainCollator split_over, latexocr/memory.py) comes as its parts,
+# each a whole batch, run one after the other by training.OcrTrainer.training_step; each batch may carry
+# its (image path, label) samples, so that a pass that runs out of memory can be rebuilt in halves.
+PARTS_KEY = "micro_batch_parts"
+SAMPLES_KEY = "samples"
+
+
+def micro_batch_tokens(lengths: list[int], packed: bool) -> int:
+    """The tokens a micro-batch of samples of these lengths puts through the model: their sum when packed,
+    rows x the longest when padded. What its activation memory grows with (latexocr/memory.py)."""
+    return sum(lengths) if packed else len(lengths) * max(lengths, default=0)
 
 
 def sample_boundaries(batch: dict, lengths: list[int], max_length: int, real_tokens: int, encoder) -> dict:
@@ -108,25 +119,42 @@ class TrainCollator:
     token count and the encoder; returns the keys to add.
     Samples whose image cannot be read are dropped from the batch with a warning (OcrDataset
     already dropped and counted those whose header cannot be read).
+    split_over: a micro-batch of more tokens than this (micro_batch_tokens) comes as two halves (again
+    split while over), under PARTS_KEY: the rare batch larger than the one the memory probe measured.
+    keep_samples: every batch also carries its samples (SAMPLES_KEY), to be rebuilt in halves after an
+    out-of-memory. Both for the one-process SFT step (training.OcrTrainer.training_step), set by train.py.
     """
 
     encoder: SampleEncoder
     packed: bool = True
     pad_to_multiple_of: int | None = None
     packed_extras: Callable | None = None
+    split_over: int | None = None
+    keep_samples: bool = False
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
-        encoded = []
-        for image_path, answer in samples:
+        encoded, kept = [], []
+        for sample in samples:
+            image_path, answer = sample
             try:
                 image = load_image(image_path, self.encoder.sizing)
             except OSError as exc:  # includes FileNotFoundError
                 print(f"warning: skipped sample, {exc}", flush=True)
                 continue
             encoded.append(self.encoder.encode_train(image, answer))
+            kept.append(tuple(sample))
         if not encoded:
             raise RuntimeError("every image of a batch failed to load; see the warnings above")
+        return self._collate(encoded, kept)
+
+    def _collate(self, encoded: list[dict], samples: list[tuple]) -> dict:
+        if (self.split_over is not None and len(encoded) > 1
+                and micro_batch_tokens([len(e["input_ids"]) for e in encoded], self.packed) > self.split_over):
+            half = len(encoded) // 2
+            parts = [self._collate(encoded[:half], samples[:half]), self._collate(encoded[half:], samples[half:])]
+            parts = [p for part in parts for p in part.get(PARTS_KEY, [part])]  # flat: one pass each
+            return split_batch(parts)
         batch = {
             "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
             "image_grid_thw": torch.cat([e["image_grid_thw"] for e in encoded]),
@@ -171,7 +199,23 @@ class TrainCollator:
             batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
             batch["attention_mask"] = torch.tensor(
                 [[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in encoded])
+        if self.keep_samples:
+            batch[SAMPLES_KEY] = samples
         return batch
+
+
+def split_batch(parts: list[dict]) -> dict:
+    """One micro-batch made of `parts` (whole batches, each one forward + backward pass). Beside them, what
+    the Trainer reads from a batch before the step: the labels (it counts the step's supervised tokens,
+    the loss's denominator, from them: the parts' together count the same), the input ids and mask
+    (tokens seen) and the real token count (the fast path's), each the parts' flattened into one row."""
+    batch = {PARTS_KEY: parts}
+    for key in ("labels", "input_ids", "attention_mask"):
+        if key in parts[0]:
+            batch[key] = torch.cat([p[key].flatten() for p in parts])[None]
+    if REAL_TOKENS_KEY in parts[0]:
+        batch[REAL_TOKENS_KEY] = sum(p[REAL_TOKENS_KEY] for p in parts)
+    return batch
 
 
 def generation_batch(encoder: SampleEncoder, images) -> dict:

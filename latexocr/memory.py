@@ -1,12 +1,21 @@
 """What fits on the card: the micro-batch and gradient checkpointing of training, and the rows of a
 generation batch, chosen from a measurement on the card (never from its name).
 
-Training (`fit_training_batch`): a probe step (forward + backward, the plain step) on the worst batch
-the data can produce, the longest samples, at each candidate micro-batch from the largest down; the
-first that fits without gradient checkpointing, and a larger one with it where that fits, are timed,
-and the faster per token wins. Fits means: the probe's peak plus the optimizer's state (AdamW keeps two
-moments of every trainable weight, not yet allocated when the probe runs) within the memory this
-process can use, less MARGIN (fragmentation, the DataLoader's pinned copies, what the probe did not see).
+Training (`fit_training_batch`): a probe step (forward + backward, the plain step) on a large batch
+of the run, real samples holding the tokens of the PERCENTILE-th of the run's random micro-batches
+(memory grows with a micro-batch's tokens: batching.micro_batch_tokens), at each candidate micro-batch
+from the largest down; the first that fits without gradient checkpointing, and a larger one with it
+where that fits, are timed, and the faster per token wins. Fits means: the probe's peak plus the
+optimizer's state (AdamW keeps two moments of every trainable weight, not yet allocated when the probe
+runs) within the memory this process can use, less MARGIN (fragmentation, what the probe did not see).
+Requiring the worst batch the data can produce (its longest samples) to fit would cost speed on every
+step for a batch the run may never meet (docs/BENCHMARKS.md, run M: the 8 longest samples hold twice
+the tokens of a typical 8): instead the chosen setting is probed once more on that worst batch, and
+where it does not fit, a micro-batch of more tokens than the probed one runs in halves (one in ten;
+batching.TrainCollator split_over, the loss and gradients unchanged: training.OcrTrainer.training_step),
+and a pass that still runs out of memory runs again in halves before the run stops with a checkpoint.
+With several processes (whose gradient exchange needs one pass per micro-batch everywhere) the worst
+batch itself is probed, as the rule for all.
 
 Generation (`generation.fit_rows`, with `choose_generation_rows` here): a memory model calibrated by
 one probe. The static decoder's cache grows linearly with the rows (keys/values or linear-attention
@@ -18,12 +27,14 @@ A value the user gives wins; on the CPU nothing is probed (host memory is not wh
 from __future__ import annotations
 
 import gc
+import random
 import time
 from dataclasses import dataclass
 
 import torch
 
 MARGIN = 0.10           # of the usable memory, kept free
+PERCENTILE = 0.90       # the probed micro-batch holds the tokens of this quantile of the run's random ones
 MAX_GENERATION_ROWS = 512  # the largest generation batch "auto" picks (docs/BENCHMARKS.md: no gain above)
 ADAM_STATE_BYTES = 8    # exp_avg + exp_avg_sq, fp32, per trainable weight (trainable weights are fp32)
 
@@ -88,7 +99,8 @@ class Probe:
     checkpointing: bool
     peak: int | None          # None: ran out of memory
     seconds: float = 0.0
-    tokens: int = 0
+    tokens: int = 0           # real tokens (what the cost divides by)
+    size: int = 0             # batching.micro_batch_tokens of the batch (padding included): a larger one is split
 
     @property
     def cost(self) -> float:
@@ -101,16 +113,21 @@ class Choice:
     micro: int
     checkpointing: bool
     reason: str
+    split_over: int | None = None  # micro-batches of more tokens than this run in halves (TrainCollator)
 
 
 class DoesNotFit(SystemExit):
     """Nothing fits: the message names what to change."""
 
 
-def choose_training_batch(candidates: list[int], probe, budget: int, checkpointing: bool | None = None) -> Choice:
+def choose_training_batch(candidates: list[int], probe, budget: int, checkpointing: bool | None = None,
+                          worst_probe=None) -> Choice:
     """The fastest (micro-batch, checkpointing) whose probe fits `budget` bytes.
 
-    candidates: micro-batch sizes, largest first; probe(micro, checkpointing) -> Probe.
+    candidates: micro-batch sizes, largest first; probe(micro, checkpointing) -> Probe, on a large
+    batch of the run. worst_probe(micro, checkpointing) -> Probe on the worst batch of the data: run
+    once for the choice; where that does not fit, Choice.split_over is the probed batch's size (None:
+    `probe` itself is the worst batch).
     checkpointing: None (auto) or the user's choice. Without checkpointing the largest fitting
     micro-batch is taken; with auto, checkpointing at a larger micro-batch is probed too (it
     recomputes the forward, ~1/3 more work, but a larger batch keeps the GPU busier) and the
@@ -143,8 +160,17 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
     best = min(fitting, key=lambda p: p.cost)
     timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
                         f"{gib(p.peak)}, {p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
+    if worst_probe is None:
+        return Choice(best.micro, best.checkpointing,
+                      f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}")
+    reason = f"{gib(budget)} usable (after a {MARGIN:.0%} margin); a {PERCENTILE:.0%}-percentile batch probed: {timings}"
+    worst = worst_probe(best.micro, best.checkpointing)
+    if worst.peak is not None and worst.peak <= budget:
+        return Choice(best.micro, best.checkpointing, f"{reason}; the longest samples fit too ({gib(worst.peak)})")
+    needs = f"needs {gib(worst.peak)}" if worst.peak else "runs out of memory"
     return Choice(best.micro, best.checkpointing,
-                  f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}")
+                  f"{reason}; the longest samples' batch {needs}: micro-batches over {best.size} tokens "
+                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -162,15 +188,45 @@ def worst_case_samples(lengths: list[int], micro: int) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])[:micro]
 
 
-def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int):
+def percentile_samples(lengths: list[int], micro: int, packed: bool, percentile: float = PERCENTILE,
+                       draws: int = 2000, seed: int = 0) -> list[int]:
+    """Indices of `micro` real samples whose batch holds the `percentile`-th quantile of the tokens
+    (micro_batch_tokens) of the run's micro-batches, uniform random draws of `micro` samples as the
+    shuffled DataLoader makes them, and at least the longest sample's (a single sample cannot be split).
+    Of the windows of `micro` consecutive samples in length order, whose sizes grow with the window's
+    start, the first that holds that many tokens."""
+    from .batching import micro_batch_tokens
+
+    micro = min(micro, len(lengths))
+    if percentile >= 1:
+        return worst_case_samples(lengths, micro)
+    rng = random.Random(seed)
+    picks = range(len(lengths))
+    sizes = sorted(micro_batch_tokens([lengths[i] for i in rng.sample(picks, micro)], packed) for _ in range(draws))
+    target = max(sizes[min(draws - 1, int(percentile * draws))], max(lengths))
+    order = sorted(picks, key=lengths.__getitem__)
+    lo, hi = 0, len(order) - micro  # the last window (the longest samples) holds at least the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if micro_batch_tokens([lengths[i] for i in order[mid:mid + micro]], packed) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return order[lo:lo + micro]
+
+
+def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, percentile: float = PERCENTILE):
     """probe(micro, checkpointing) for choose_training_batch: one warm-up and one timed forward +
-    backward of `step_loss(model, batch) -> (summed loss, count)` on the worst-case batch."""
+    backward of `step_loss(model, batch) -> (summed loss, count)` on a `percentile` batch of the run
+    (percentile_samples; 1: the worst batch, the longest samples)."""
+    from .batching import micro_batch_tokens
+
     device = next(model.parameters()).device
-    longest_first = worst_case_samples(dataset.lengths, len(dataset.lengths))  # sorted once for every probe
 
     def probe(micro: int, checkpointing: bool) -> Probe:
         set_checkpointing(model, checkpointing)
-        batch = collator([dataset[i] for i in longest_first[:micro]])
+        picked = percentile_samples(dataset.lengths, micro, collator.packed, percentile)
+        batch = collator([dataset[i] for i in picked])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         release()
         torch.cuda.reset_peak_memory_stats(device)
@@ -191,20 +247,27 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int):
             loss = None
             release()
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        return Probe(micro, checkpointing, peak, seconds, tokens)
+        return Probe(micro, checkpointing, peak, seconds, tokens,
+                     size=micro_batch_tokens([dataset.lengths[i] for i in picked], collator.packed))
 
     return probe
 
 
 def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int],
-                       checkpointing: bool | None = None) -> Choice:
+                       checkpointing: bool | None = None, processes: int = 1) -> Choice:
     """The micro-batch among `candidates` (largest first) and checkpointing (unless given) for this GPU;
-    see the module docstring."""
+    see the module docstring. processes > 1: the worst batch must fit (no pass is split)."""
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    probe = training_step_probe(model, dataset, collator, step_loss, extra_bytes=trainable * ADAM_STATE_BYTES)
+    extra = trainable * ADAM_STATE_BYTES
     budget = int(usable_bytes() * (1 - MARGIN))
-    choice = choose_training_batch(candidates, probe, budget, checkpointing)
+    if processes > 1:
+        probe = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0)
+        choice = choose_training_batch(candidates, probe, budget, checkpointing)
+    else:
+        probe = training_step_probe(model, dataset, collator, step_loss, extra)
+        worst = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0)
+        choice = choose_training_batch(candidates, probe, budget, checkpointing, worst_probe=worst)
     set_checkpointing(model, choice.checkpointing)
     return choice
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
-from .batching import IGNORE_INDEX, SampleEncoder
+from .batching import IGNORE_INDEX, PARTS_KEY, SAMPLES_KEY, SampleEncoder
 from .records import read_labelled
 from .images import image_problem
 from .sample import is_valid_label, write_sample_definition
@@ -116,29 +116,67 @@ class OcrTrainer(Trainer):
     vision_learning_rate > 0: the vision tower's (and merger's) trainable weights learn at this rate.
     """
 
-    def __init__(self, *args, supervised_logits_only: bool = True, vision_learning_rate: float = 0.0, **kwargs):
+    def __init__(self, *args, supervised_logits_only: bool = True, vision_learning_rate: float = 0.0,
+                 split_on_out_of_memory: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.supervised_logits_only = supervised_logits_only
         self.vision_learning_rate = vision_learning_rate
+        # one process, batches that carry their samples (TrainCollator keep_samples): see training_step
+        self.split_on_out_of_memory = split_on_out_of_memory
         self.out_of_memory = StopOnOutOfMemory()
         self.add_callback(self.out_of_memory)
+        self._forward_done = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """transformers' step; on one GPU, a step that runs out of memory (another process took memory,
-        fragmentation) ends training with a checkpoint instead of a traceback (StopOnOutOfMemory)."""
+        """transformers' step, once per pass of the micro-batch (a micro-batch over the probed size comes
+        in parts: TrainCollator split_over). On one GPU, a pass that runs out of memory (the rare batch
+        larger than any probed, another process took memory, fragmentation) is run again once as two
+        halves where none of its gradient was added yet (it failed in the forward, or it was the step's
+        first pass); else training ends with a checkpoint instead of a traceback (StopOnOutOfMemory).
+        Every pass's loss is divided by the whole step's supervised-token count (`num_items_in_batch`,
+        counted from the micro-batch's labels before the step), so the parts' gradients and losses add
+        up to the unsplit micro-batch's."""
         if self.out_of_memory.hit:  # the rest of that optimizer step's micro-batches
             return torch.zeros((), device=self.args.device)
+        if PARTS_KEY in inputs:
+            self.out_of_memory.split += 1
+            if num_items_in_batch is None:  # each part's own mean would weigh them wrongly: the step's count
+                num_items_in_batch = int((inputs["labels"] != IGNORE_INDEX).sum()) * self.current_gradient_accumulation_steps
+        return self._passes(model, inputs, num_items_in_batch, retry=self.split_on_out_of_memory)
+
+    def _passes(self, model, inputs, num_items_in_batch, retry: bool):
+        parts = inputs.pop(PARTS_KEY, None)
+        if parts is not None:
+            losses = [self._passes(model, part, num_items_in_batch, retry) for part in parts]
+            return torch.stack(losses).sum()
+        samples = inputs.pop(SAMPLES_KEY, None)
+        if self.out_of_memory.hit:
+            return torch.zeros((), device=self.args.device)
+        self._forward_done = False
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.out_of_memory.pending = True  # this step's gradients now hold a pass's
+            return loss
         except torch.OutOfMemoryError:
             if self.accelerator.num_processes > 1:  # the other processes wait in a collective: no way back
                 raise
-            tokens = inputs["input_ids"].numel() if "input_ids" in inputs else 0
-            self.out_of_memory.hit = f"a micro-batch of {tokens} tokens"
-            # no update from a partial step: AdamW skips weights without a gradient
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            return torch.zeros((), device=self.args.device)
+            clean = not self._forward_done or not self.out_of_memory.pending  # no gradient of this pass added
+            if not (retry and clean and samples and len(samples) > 1):
+                tokens = inputs["input_ids"].numel() if "input_ids" in inputs else 0
+                self.out_of_memory.hit = f"a micro-batch of {tokens} tokens"
+                # no update from a partial step: AdamW skips weights without a gradient
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                return torch.zeros((), device=self.args.device)
+        # out of the except block: the failed pass's activations, held by the traceback, are freed
+        del inputs
+        if not self.out_of_memory.pending:
+            model.zero_grad(set_to_none=True)  # what the failed backward added, if it got that far
+        torch.cuda.empty_cache()
+        self.out_of_memory.retried += 1
+        half = len(samples) // 2
+        return torch.stack([self._passes(model, self.data_collator(part), num_items_in_batch, retry=False)
+                            for part in (samples[:half], samples[half:])]).sum()
 
     def step_loss(self, model, inputs: dict) -> tuple[torch.Tensor, int]:
         """The summed loss of one forward pass and its supervised-token count."""
@@ -146,6 +184,7 @@ class OcrTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, n = self.step_loss(model, dict(inputs))
+        self._forward_done = True  # an out-of-memory from here on may have added part of a gradient
         if num_items_in_batch is None:
             self.loss_is_scaled_for_ga = False
             loss = loss / max(n, 1)
@@ -234,8 +273,12 @@ class StopOnOutOfMemory(TrainerCallback):
 
     def __init__(self):
         self.hit: str | None = None
+        self.pending = False  # a pass of the current optimizer step has added its gradient
+        self.split = 0        # micro-batches over the probed size, run in parts (TrainCollator split_over)
+        self.retried = 0      # passes that ran out of memory and ran again in halves
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.pending = False  # the optimizer step consumed the gradients and zeroed them
         if self.hit:
             control.should_save = True
             control.should_training_stop = True

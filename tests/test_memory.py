@@ -6,12 +6,14 @@ those of a 2B model on a 16 GiB card, so the rule can be checked on the CPU.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from helpers import LABELS, TINY, make_dataset, run_main
 from latexocr.memory import (DoesNotFit, Probe, choose_generation_rows, choose_training_batch, divisors_descending,
-                             out_of_memory_message, parse_auto, worst_case_samples)
+                             out_of_memory_message, parse_auto, percentile_samples, worst_case_samples)
 
 GIB = 2**30
 
@@ -79,6 +81,71 @@ def test_an_out_of_memory_probe_counts_as_not_fitting():
 
 def test_the_worst_case_batch_is_the_longest_samples():
     assert worst_case_samples([10, 50, 20, 40, 30], 2) == [1, 3]
+
+
+def run_m_probe(tokens: dict, calls: list | None = None):
+    """Probes of Qwen2-VL-2B as run M measured them (docs/BENCHMARKS.md): 4.5 GiB that do not grow with the
+    batch, 6.4 MiB per token without checkpointing (the 4 longest samples, 1,238 tokens: 12.2 GiB) and
+    30 % of that with it; per token a batch of 8 runs twice as fast as one of 4 (the GPU is busier), and
+    checkpointing costs 60 % more time (run M's grid: micro-batch 8 plain 36.8 samples/s, 16 with
+    checkpointing 24.6). tokens: {micro: tokens of the probed batch}."""
+    speed = {4: 1.0, 8: 2.0, 16: 2.2}  # tokens per ms
+
+    def probe(micro, checkpointing):
+        if calls is not None:
+            calls.append((micro, checkpointing, tokens[micro]))
+        mib = tokens[micro] * 6.4 * (0.3 if checkpointing else 1)
+        seconds = tokens[micro] / speed[micro] / 1000 * (1.6 if checkpointing else 1)
+        return Probe(micro, checkpointing, int(4.5 * GIB + mib * 2**20), seconds, tokens[micro], size=tokens[micro])
+    return probe
+
+
+# the tokens of micro-batches of the 2,048 training samples of run M (shared/latex_ocr/full_val, Qwen2-VL's
+# processor): the 90th percentile of random ones, and the longest samples'
+RUN_M_P90 = {4: 712, 8: 1371, 16: 2650}
+RUN_M_WORST = {4: 1238, 8: 2389, 16: 4599}
+
+
+def test_auto_picks_the_fast_setting_on_a_16_gib_card_and_splits_the_rare_larger_batch():
+    """Run M at 16 GiB (13.5 GiB usable after the margin): the 8 longest samples do not fit without
+    checkpointing (19.4 GiB), a 90th-percentile batch of 8 does (13.1 GiB). Auto takes micro-batch 8
+    plain, the hand grid's best (the worst-case rule took 16 + checkpointing: 67 % of it), and a
+    micro-batch over the probed 1,371 tokens runs in halves."""
+    calls = []
+    choice = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_P90, calls), int(13.5 * GIB),
+                                   worst_probe=run_m_probe(RUN_M_WORST, calls))
+    assert (choice.micro, choice.checkpointing, choice.split_over) == (8, False, 1371)
+    assert calls == [(16, False, 2650), (8, False, 1371), (16, True, 2650), (8, False, 2389)]
+    assert "micro-batches over 1371 tokens (~10%) run in two halves" in choice.reason
+    assert "micro-batch 8: 13.1 GiB" in choice.reason and "micro-batch 16 + checkpointing" in choice.reason
+    # the worst-case rule (the longest samples must fit) on the same card: micro-batch 4, or 16 checkpointed
+    worst_rule = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_WORST), int(13.5 * GIB))
+    assert (worst_rule.micro, worst_rule.checkpointing) == (16, True)  # what run M's auto chose
+
+
+def test_where_the_longest_samples_fit_too_nothing_is_split():
+    # a whole H200 (125 GiB usable): micro-batch 16 plain, its worst batch 33 GiB
+    choice = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_P90), 125 * GIB,
+                                   worst_probe=run_m_probe(RUN_M_WORST))
+    assert (choice.micro, choice.checkpointing, choice.split_over) == (16, False, None)
+    assert "the longest samples fit too" in choice.reason
+
+
+def test_the_probed_batch_is_real_samples_at_the_percentile_of_random_micro_batches():
+    import random
+    lengths = [random.Random(i).randint(80, 320) for i in range(2000)]
+    for packed in (True, False):
+        picked = percentile_samples(lengths, 8, packed)
+        size = sum(lengths[i] for i in picked) if packed else 8 * max(lengths[i] for i in picked)
+        rng = random.Random(1)
+        draws = [[lengths[i] for i in rng.sample(range(2000), 8)] for _ in range(2000)]
+        sizes = [sum(d) if packed else 8 * max(d) for d in draws]
+        share_over = sum(s > size for s in sizes) / len(sizes)
+        assert len(set(picked)) == 8 and 0.05 < share_over <= 0.12  # ~1 in 10 micro-batches holds more
+    assert sorted(percentile_samples(lengths, 8, True, percentile=1.0)) == sorted(worst_case_samples(lengths, 8))
+    # a single sample longer than the percentile batch: the probe holds at least as many tokens
+    lengths = [100] * 50 + [2000]
+    assert sum(lengths[i] for i in percentile_samples(lengths, 2, True)) >= 2000
 
 
 def test_generation_rows_follow_the_memory_model():
@@ -183,3 +250,88 @@ def test_auto_says_what_it_chose_on_a_cpu(tmp_path, tiny_model_dir):
                     "--max-steps", 1, "--batch-size", 4, *TINY)
     assert ("micro-batch 4, gradient checkpointing off (MICRO_BATCH_SIZE=auto, GRADIENT_CHECKPOINTING=auto): "
             "no GPU: nothing probed, the whole per-process batch") in proc.stdout
+
+
+def lora_trainer(model_dir, tmp_path, accumulation: int, **collator_options):
+    """train.py's plain OcrTrainer on the tiny model (LoRA, CPU), its collator packing as the default does."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.modeling import setup_training_mode
+    from latexocr.sample import sizing_for
+    from latexocr.training import OcrTrainer
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = setup_training_mode(AutoModelForImageTextToText.from_pretrained(model_dir), "lora", 8, 16, 0.0)
+    collator = TrainCollator(SampleEncoder(processor, sizing_for(processor)), packed=True, **collator_options)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True,
+                             gradient_accumulation_steps=accumulation, report_to="none", remove_unused_columns=False,
+                             label_names=["labels"])
+    trainer = OcrTrainer(model=model, args=args, data_collator=collator, split_on_out_of_memory=True)
+    return trainer, collator
+
+
+def one_step(trainer, batches) -> tuple[float, dict]:
+    """The micro-batches of one optimizer step as the Trainer runs them: the step's supervised-token count
+    from their labels, then training_step on each. Returns the summed loss and the LoRA gradients."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer.out_of_memory.pending = False
+    num_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = len(batches)
+    loss = sum(float(trainer.training_step(model, dict(b), num_items)) for b in batches)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_micro_batch_over_the_probed_size_runs_in_halves_with_the_same_loss_and_gradients(
+        tiny_model_dir, formula_images, tmp_path):
+    """A micro-batch of more tokens than the probe measured comes in halves (TrainCollator split_over): its
+    loss and every LoRA gradient are those of the whole micro-batch (each pass divided by the step's
+    supervised-token count), also as the second micro-batch of an accumulated step."""
+    from latexocr.batching import PARTS_KEY
+
+    trainer, whole = lora_trainer(tiny_model_dir, tmp_path, accumulation=2)
+    first, second = formula_images[:3], formula_images[3:8]
+    reference = one_step(trainer, [whole(first), whole(second)])
+    size = whole(second)["input_ids"].shape[1]
+    split = dataclasses.replace(whole, split_over=size - 1)  # only the second micro-batch is over the size
+    batches = [split(first), split(second)]
+    assert PARTS_KEY not in batches[0] and len(batches[1][PARTS_KEY]) == 2
+    assert sum(p["input_ids"].shape[1] for p in batches[1][PARTS_KEY]) == size
+    loss, grads = one_step(trainer, batches)
+    assert trainer.out_of_memory.split == 1
+    assert loss == pytest.approx(reference[0], rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_pass_that_runs_out_of_memory_runs_again_in_halves(tiny_model_dir, formula_images, tmp_path, monkeypatch):
+    """A simulated torch.OutOfMemoryError in a micro-batch's forward (another process took memory):
+    the pass runs again once as two halves, rebuilt from its samples, and the step's loss and gradients
+    are the whole micro-batch's; a half that runs out too stops training (checkpoint path) instead."""
+    trainer, collator = lora_trainer(tiny_model_dir, tmp_path, accumulation=1, keep_samples=True)
+    samples = formula_images[:4]
+    reference = one_step(trainer, [collator(samples)])
+    real_forward, calls = type(trainer).step_loss, []
+
+    def step_loss(self, model, inputs):
+        calls.append(inputs["input_ids"].shape[1])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, model, inputs)
+
+    monkeypatch.setattr(type(trainer), "step_loss", step_loss)
+    loss, grads = one_step(trainer, [collator(samples)])
+    assert len(calls) == 3 and calls[1] + calls[2] == calls[0]  # the whole, then its two halves
+    assert trainer.out_of_memory.retried == 1 and trainer.out_of_memory.hit is None
+    assert loss == pytest.approx(reference[0], rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[1][name], rtol=1e-4, atol=1e-6)
+
+    calls.clear()
+    monkeypatch.setattr(type(trainer), "step_loss", lambda self, model, inputs: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory (simulated)")))
+    trainer.model.zero_grad(set_to_none=True)
+    assert float(trainer.training_step(trainer.model, collator(samples), 10)) == 0.0
+    assert trainer.out_of_memory.hit and trainer.out_of_memory.retried == 2

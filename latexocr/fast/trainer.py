@@ -159,21 +159,28 @@ class FastTrainer(OcrTrainer):
 
 
 def build_trainer(model, settings, encoder, speed: SpeedChoices, *, processes: int, accumulation: int,
-                  planned_steps: int, **trainer_kwargs) -> tuple[OcrTrainer, str]:
+                  planned_steps: int, split_over: int | None = None, **trainer_kwargs) -> tuple[OcrTrainer, str]:
     """The Trainer train.py runs (LoRA already added; `settings`: its settings block) with its collator,
     and a one-line summary. By default FastTrainer (step: `fast_supervised_loss` above) on the batches
     `plan` below asks for; with `speed.fast` off (tests, bench/) training.OcrTrainer's plain step
-    (training.supervised_loss) on packed batches that carry only the sample boundaries."""
+    (training.supervised_loss) on packed batches that carry only the sample boundaries.
+
+    split_over (latexocr/memory.py): micro-batches of more tokens run in halves. One process on a GPU
+    without CUDA graphs (which need one pass per step) also runs a pass that ran out of memory again in
+    halves (training.OcrTrainer.training_step)."""
     trainer_class, collator_options, trainer_options = OcrTrainer, {}, {}
     summary = f"fast path: off (${ENV}), plain transformers training"
     if speed.fast:
         trainer_class, (collator_options, trainer_options, summary) = FastTrainer, plan(
-            model, settings, speed, processes=processes, accumulation=accumulation, planned_steps=planned_steps)
+            model, settings, speed, processes=processes, accumulation=accumulation, planned_steps=planned_steps,
+            split=split_over is not None)
     elif speed.packing and has_linear_attention(model):  # Qwen3.5 keeps packed samples apart only by these
         collator_options = {"packed_extras": sample_boundaries}
-    collator = TrainCollator(encoder, packed=speed.packing, **collator_options)
+    splits = processes == 1 and torch.cuda.is_available() and not trainer_options.get("cuda_graphs")
+    collator = TrainCollator(encoder, packed=speed.packing, split_over=split_over if splits else None,
+                             keep_samples=splits, **collator_options)
     trainer = trainer_class(model=model, data_collator=collator, supervised_logits_only=speed.supervised_logits_only,
-                            **trainer_options, **trainer_kwargs)
+                            split_on_out_of_memory=splits, **trainer_options, **trainer_kwargs)
     return trainer, summary
 
 
@@ -183,10 +190,11 @@ def _vision_trains(model) -> bool:
 
 
 def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: int,
-         planned_steps: int) -> tuple[dict, dict, str]:
+         planned_steps: int, split: bool = False) -> tuple[dict, dict, str]:
     """Switch the fast path on for `model` as `speed` and train.py's `settings` allow: packed
-    text attention, compiled blocks and CUDA graphs where they pay. Returns TrainCollator's and
-    FastTrainer's keyword arguments, and a one-line summary to print."""
+    text attention, compiled blocks and CUDA graphs where they pay (not when some micro-batches
+    run in parts, `split`: a graph replay reuses the previous pass's memory). Returns TrainCollator's
+    and FastTrainer's keyword arguments, and a one-line summary to print."""
     packed = speed.packing
     linear_attention = has_linear_attention(model)  # Qwen3.5: keeps packed samples apart by the boundaries
     # a vision tower that trains (TUNE=lora_vision, UNFREEZE_MERGER/VISION) takes the model's own
@@ -200,7 +208,7 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     measured_setup = not (settings.deepspeed or settings.gradient_checkpointing or linear_attention or vision_trains
                           or settings.tune == "full" or settings.quantization != "none" or settings.dtype == "fp16")
     compiled = should_compile(speed.compile, planned_steps, measured_setup)
-    cuda_graphs = should_use_cuda_graphs(speed.cuda_graphs, compiled, processes, accumulation)
+    cuda_graphs = should_use_cuda_graphs(speed.cuda_graphs, compiled, processes, accumulation) and not split
     precomputed = packed and speed.supervised_logits_only and takes_precomputed_vision(model) and not vision_trains
     vision_graphs, parts = None, []
     if text_attention:
