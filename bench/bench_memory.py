@@ -1,20 +1,28 @@
 """train.py and infer.py with their defaults on a card of 8-80 GiB, simulated on one large GPU (issue 28).
 
-    python bench/bench_memory.py --families qwen2_vl_2b --caps 0,24,16,12 --hand 16
-    python bench/bench_memory.py --families qwen3_5_2b --caps 0,24,16 --hand 24
+    python bench/bench_memory.py --families qwen2vl-2b,qwen3_5-2b --caps 16,24 --grid   # auto vs the hand grid
+    python bench/bench_memory.py --families qwen2_5vl-3b,qwen3vl-2b --caps 12,16,24,40  # auto only
+    python bench/bench_memory.py --families qwen2vl-2b,qwen3_5-2b --caps 8 --quantization 4bit
+    python bench/bench_memory.py --families all --caps 12,16,24,40,none --dry-run       # the plan and its time
 
-Each run is a separate process of the real script. A sitecustomize put on PYTHONPATH caps the process
+Each cell is a separate process of the real script. A sitecustomize put on PYTHONPATH caps the process
 (torch.cuda.set_per_process_memory_fraction, before the script allocates anything) at the card's size
 less 1 GiB (what a card of that size leaves torch after the driver's context): cap 16 stands in for a
-16 GiB card. Cap 0: the whole GPU. It also prints the process's peak allocated memory at exit.
+16 GiB card; "none": the whole GPU. It also prints the process's peak allocated memory at exit.
 
 Per (family, cap): `python train.py` (20 optimizer steps, its defaults: MICRO_BATCH_SIZE and
 GRADIENT_CHECKPOINTING auto, the base-model and final evaluation on 256 validation images) and
 `python infer.py` on 2,048 labelled images (BATCH_SIZE auto), each from the command to its exit.
---hand: at these caps, also the micro-batch x checkpointing grid by hand (the best of which auto is
-compared with). Models: random-init of the published architectures (bench/common.py), data: the real
-images and distinct labels of ../shared/latex_ocr/full_val. Generation capped at 64 new tokens (a random
-model never stops; the full test set's median label is 64 Qwen2 tokens). Results: $OUT/bench_memory.json.
+--grid: at the same cap, also the hand grid, train.py at micro-batch 16/8/4 x checkpointing off/on and
+infer.py at batch 512/256/128 (auto is compared with the best of it). Families (bench/common.py FAMILIES;
+architectures: bench/families/SOURCES.md): random-init models of the published architectures; data: the
+real images and distinct labels of ../shared/latex_ocr/full_val. Generation capped at 64 new tokens (a
+random model never stops; the full test set's median label is 64 Qwen2 tokens).
+
+One JSON line per cell is printed as it ends and appended to $OUT/bench_memory.jsonl, so a run cut at a time
+limit keeps what it finished: the choice auto made, samples/s (train) or images/s (infer), the peak GiB,
+or the one-line message it stopped with. Before each cell, its estimated duration (one device call may run
+600 s: split the matrix by --families / --caps / --only).
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, ROOT, build_random_model, build_random_qwen3_5
+from common import DEFAULT_SHARED, FAMILIES, ROOT, build_random, family_name
 from bench_train import parse_logs
 
 SITECUSTOMIZE = '''
@@ -46,8 +54,11 @@ def _peak():  # the script's own process, not a forked DataLoader worker
         print(f"bench: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
 atexit.register(_peak)
 '''
-BUILDERS = {"qwen2_vl_2b": build_random_model, "qwen3_5_2b": build_random_qwen3_5}
-HAND_GRID = [(16, False), (8, False), (4, False), (16, True), (8, True)]
+HAND_GRID = [(micro, ckpt) for micro in (16, 8, 4) for ckpt in (False, True)]
+HAND_ROWS = (512, 256, 128)
+# seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
+# infer.py: 2,048 images); larger models scale with their weights
+ESTIMATE_S = {"train": 110, "train_hand": 70, "infer": 50, "build": 20}
 
 
 def full_val_pairs(shared: Path) -> list[tuple[str, str]]:
@@ -113,18 +124,54 @@ def infer(model, work, cap, name, flags=()):
             "auto_rows": rows[0][0] if rows else None, "auto_reason": rows[0][1] if rows else ""}
 
 
+def estimate(kind: str, family: str) -> int:
+    return int(ESTIMATE_S[kind] * max(1.0, FAMILIES[family][1] / 2.2))
+
+
+def plan(families, caps, grid: bool, only: set, quantization: str) -> list[tuple]:
+    """(family, cap, kind, name, flags, estimated seconds) of every cell, in the order they run."""
+    quant = ["--quantization", quantization] if quantization else []
+    cells = []
+    for family in families:
+        for cap in caps:
+            tag = f"{family}_{'whole' if cap == 0 else f'{cap:g}gib'}{'_' + quantization if quantization else ''}"
+            if "train" in only:
+                cells.append((family, cap, "train", f"train_{tag}", quant, estimate("train", family)))
+                for micro, ckpt in HAND_GRID if grid else []:
+                    flags = ["--micro-batch-size", str(micro), "--gradient-checkpointing" if ckpt else
+                             "--no-gradient-checkpointing", "--eval-batch-size", "128", "--no-eval-base-model", *quant]
+                    cells.append((family, cap, "train", f"train_{tag}_m{micro}{'_ckpt' if ckpt else ''}", flags,
+                                  estimate("train_hand", family)))
+            if "infer" in only:
+                cells.append((family, cap, "infer", f"infer_{tag}", quant, estimate("infer", family)))
+                for rows in HAND_ROWS if grid else ():
+                    cells.append((family, cap, "infer", f"infer_{tag}_b{rows}", ["--batch-size", str(rows), *quant],
+                                  estimate("infer", family)))
+    return cells
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench_memory"))
-    ap.add_argument("--families", default="qwen2_vl_2b")
-    ap.add_argument("--caps", default="0,24,16,12", help="card sizes in GiB (0: the whole GPU)")
-    ap.add_argument("--hand", default="", help="caps at which the hand grid runs too")
-    ap.add_argument("--infer-hand", default="", help="caps at which infer.py runs at batch 512/256/128 too")
+    ap.add_argument("--families", default="qwen2vl-2b", help=f"comma-separated, or all: {', '.join(FAMILIES)}")
+    ap.add_argument("--caps", default="16,24", help="card sizes in GiB (8, 12, 16, 24, 40 ...), none: the whole GPU")
+    ap.add_argument("--grid", action="store_true", help="also the hand grid at each cap (micro-batch x checkpointing, "
+                                                         "generation batch)")
+    ap.add_argument("--quantization", default="", help="e.g. 4bit: train.py and infer.py with --quantization 4bit")
     ap.add_argument("--only", default="train,infer")
-    ap.add_argument("--extra", default="", help="extra train.py flags, e.g. '--quantization 4bit'")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
+    families = list(FAMILIES) if args.families == "all" else [family_name(f) for f in args.families.split(",") if f]
+    caps = [0.0 if c.strip().lower() in ("none", "0") else float(c) for c in args.caps.split(",") if c]
+    cells = plan(families, caps, args.grid, set(args.only.split(",")), args.quantization)
+    total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
+    print(f"bench_memory: {len(cells)} cells, ~{total} s estimated (one device call: at most 600 s)", flush=True)
+    for family, cap, kind, name, flags, seconds in cells:
+        print(f"  {name}: ~{seconds} s {' '.join(flags)}", flush=True)
+    if args.dry_run:
+        return
     work = args.work
     (work / "site").mkdir(parents=True, exist_ok=True)
     (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -133,31 +180,17 @@ def main():
     write_json(pairs[:2048], work / "train.json")
     write_json(pairs[2048:2304], work / "val.json")
     write_json(pairs[2048:4096], work / "infer.json")
-    results = json.loads(args.out.read_text()) if args.out.exists() else []
-    caps = [float(c) for c in args.caps.split(",") if c]
-    hand = {float(c) for c in args.hand.split(",") if c}
-    infer_hand = {float(c) for c in args.infer_hand.split(",") if c}
-    extra = args.extra.split()
-    for family in args.families.split(","):
-        model = BUILDERS[family](args.shared, work / f"model_{family}")
-        for cap in caps:
-            tag = f"{family}_{int(cap)}gib{'_' + '_'.join(e.strip('-') for e in extra) if extra else ''}"
-            todo = []
-            if "train" in args.only:
-                todo.append(lambda: train(model, work, cap, f"train_{tag}", extra))
-                for micro, ckpt in HAND_GRID if cap in hand else []:
-                    flags = ["--micro-batch-size", str(micro), "--gradient-checkpointing" if ckpt else
-                             "--no-gradient-checkpointing", "--eval-batch-size", "128", "--no-eval-base-model", *extra]
-                    todo.append(lambda f=flags, m=micro, c=ckpt: train(model, work, cap, f"train_{tag}_m{m}{'_ckpt' if c else ''}", f))
-            if "infer" in args.only:
-                todo.append(lambda: infer(model, work, cap, f"infer_{tag}", extra[:2] if "--quantization" in extra else ()))
-                for rows in (512, 256, 128) if cap in infer_hand else ():
-                    todo.append(lambda r=rows: infer(model, work, cap, f"infer_{tag}_b{r}", ["--batch-size", str(r)]))
-            for job in todo:
-                result = {"family": family, **job()}
-                results.append(result)
-                args.out.write_text(json.dumps(results, indent=1))
-                print(json.dumps(result), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for family, cap, kind, name, flags, seconds in cells:
+        if family not in models:
+            models[family] = build_random(family, args.shared, work / f"model_{family}")
+        print(f"bench_memory: {name} (~{seconds} s)", flush=True)
+        job = train if kind == "train" else infer
+        result = {"family": family, "estimate_s": seconds, **job(models[family], work, cap, name, flags)}
+        with args.out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,78 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_SHARED = ROOT.parent / "shared"
 PROCESSOR_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json",
                    "preprocessor_config.json"]
+FAMILY_DIR = Path(__file__).resolve().parent / "families"  # published architectures: families/SOURCES.md
+# name: (where its config.json + preprocessor_config.json are: "shared/" or "families/", billions of weights)
+FAMILIES = {"qwen2vl-2b": ("shared/qwen2vl-2b", 2.2), "qwen2_5vl-3b": ("families/qwen2_5vl-3b", 3.8),
+            "qwen3vl-2b": ("families/qwen3vl-2b", 2.1), "qwen3vl-4b": ("families/qwen3vl-4b", 4.4),
+            "qwen3_5-0.8b": ("families/qwen3_5-0.8b", 0.9), "qwen3_5-2b": ("shared/qwen3_5-2b", 2.3),
+            "qwen3_5-4b": ("families/qwen3_5-4b", 4.5)}
+
+
+def family_name(name: str) -> str:
+    """The FAMILIES key for a spelling of it (qwen2vl-2b, qwen2_vl_2b, Qwen3.5-2B ...); one line if unknown."""
+    def key(text):
+        return "".join(ch for ch in text.lower().replace("3.5", "3_5") if ch.isalnum())
+    found = {key(k): k for k in FAMILIES}.get(key(name))
+    if found is None:
+        raise SystemExit(f"unknown family {name!r}: one of {', '.join(FAMILIES)}")
+    return found
+
+
+def family_folder(name: str, shared: Path) -> Path:
+    where = FAMILIES[family_name(name)][0]
+    return shared / where.split("/", 1)[1] if where.startswith("shared/") else FAMILY_DIR / where.split("/", 1)[1]
+
+
+def family_config(name: str, shared: Path):
+    """The transformers config of a family's published architecture."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(family_folder(name, shared))
+
+
+def build_random(name: str, shared: Path, out: Path) -> Path:
+    """A random-init bf16 model of family `name`'s published architecture, saved like a real checkpoint with a
+    processor train.py and infer.py load (the tokenizer: Qwen2's BPE of shared/qwen2vl-2b, see below)."""
+    name = family_name(name)
+    folder = family_folder(name, shared)
+    model_type = family_config(name, shared).model_type
+    if model_type == "qwen2_vl":
+        return build_random_model(shared, out)
+    if model_type == "qwen3_5":
+        return build_random_qwen3_5(shared, out, folder)
+    return build_random_qwen_vl(shared, out, folder)
+
+
+def build_random_qwen_vl(shared: Path, out: Path, src: Path) -> Path:
+    """Qwen2.5-VL or Qwen3-VL (config in `src`) with random bf16 weights. Both use Qwen2's tokenizer (the same
+    151,643 BPE entries and special-token ids as shared/qwen2vl-2b, vocabulary 151,936) and the Qwen2-VL chat
+    template for a single image and text turn; the image processor is the family's (`src`)."""
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
+        return out
+    bpe = shared / "qwen2vl-2b"
+    tok = AutoTokenizer.from_pretrained(bpe)
+    config = AutoConfig.from_pretrained(src)
+    for token, key in (("<|image_pad|>", "image_token_id"), ("<|vision_start|>", "vision_start_token_id")):
+        assert tok.convert_tokens_to_ids(token) == getattr(config, key), (token, key)
+    image_processor = AutoImageProcessor.from_pretrained(src)
+    template = json.loads((bpe / "chat_template.json").read_text())["chat_template"]
+    if config.model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor
+        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template)
+    else:
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                     video_processor=Qwen3VLVideoProcessor(patch_size=16))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    processor.save_pretrained(out)
+    return out
 
 
 def build_random_model(shared: Path, out: Path) -> Path:
@@ -35,8 +107,9 @@ def build_random_model(shared: Path, out: Path) -> Path:
     return out
 
 
-def build_random_qwen3_5(shared: Path, out: Path) -> Path:
-    """Qwen3.5-2B's exact architecture (shared/qwen3_5-2b/config.json) with random bf16 weights.
+def build_random_qwen3_5(shared: Path, out: Path, src: Path | None = None) -> Path:
+    """Qwen3.5's exact architecture (`src`, default shared/qwen3_5-2b: its config.json and
+    preprocessor_config.json; bench/families/ has the 0.8B and 4B) with random bf16 weights.
 
     Its 248k tokenizer is not in shared/: Qwen2's BPE (shared/qwen2vl-2b) in a Qwen3_5Tokenizer with
     Qwen3.5's chat template (latexocr/testing.py's, thinking switch included) gives LaTeX token counts
@@ -49,7 +122,7 @@ def build_random_qwen3_5(shared: Path, out: Path) -> Path:
 
     from latexocr.testing import QWEN3_5_CHAT_TEMPLATE, THINK_TOKENS
 
-    src, bpe = shared / "qwen3_5-2b", shared / "qwen2vl-2b"
+    src, bpe = src or shared / "qwen3_5-2b", shared / "qwen2vl-2b"
     if (out / "model.safetensors.index.json").exists() or (out / "model.safetensors").exists():
         return out
     vocab = json.loads((bpe / "vocab.json").read_text(encoding="utf-8"))
