@@ -70,8 +70,9 @@ def build_random_qwen_vl(shared: Path, out: Path, src: Path) -> Path:
     image_processor = AutoImageProcessor.from_pretrained(src)
     template = json.loads((bpe / "chat_template.json").read_text())["chat_template"]
     if config.model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor
-        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template)
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                        video_processor=Qwen2VLVideoProcessor())
     else:
         from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
         processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=template,
