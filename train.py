@@ -141,16 +141,16 @@ def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple
     return micro, accumulation
 
 
-def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say) -> tuple[int, bool, int | None]:
-    """(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, the size over which a micro-batch runs in halves or None):
-    the values given, else on a GPU the fastest pair that fits its free memory, measured by probe steps
+def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say):
+    """A memory.Choice: MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING (the size over which a micro-batch runs in
+    halves, the probed batch's tokens): the values given, else on a GPU the fastest pair that fits its free memory, measured by probe steps
     on a large batch of the run and checked on the longest samples (latexocr/memory.py); on a CPU or
     under DeepSpeed (whose sharding the probe does not model) the whole per-process batch."""
     import torch
 
     from latexocr.batching import TrainCollator, sample_boundaries
     from latexocr.linear_attention import has_linear_attention
-    from latexocr.memory import divisors_descending, fit_training_batch, parse_auto, set_checkpointing
+    from latexocr.memory import Choice, divisors_descending, fit_training_batch, parse_auto, set_checkpointing
     from latexocr.training import supervised_loss
 
     micro = parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")
@@ -173,14 +173,14 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
         say(f"micro-batch {choice.micro}, gradient checkpointing {'on' if choice.checkpointing else 'off'} "
             f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
             f"{choice.reason}")
-        return choice.micro, choice.checkpointing, choice.split_over
+        return choice
     if micro is None or checkpointing is None:  # auto without a probe: the line says so, as on a GPU
         say(f"micro-batch {micro or share}, gradient checkpointing {'on' if checkpointing else 'off'} "
             f"(MICRO_BATCH_SIZE={args.micro_batch_size}, GRADIENT_CHECKPOINTING={args.gradient_checkpointing}): "
             f"{'DeepSpeed' if args.deepspeed else 'no GPU'}: nothing probed, the whole per-process batch")
     checkpointing = bool(checkpointing)
     set_checkpointing(model, checkpointing)
-    return micro or share, checkpointing, None
+    return Choice(micro or share, checkpointing, "given")
 
 
 def trainer_arguments(args, micro: int, accumulation: int, dtype, cpu_ddp: bool, main_process: bool, packed: bool):
@@ -265,7 +265,7 @@ def main(argv=None):
     from latexocr.fast import prepare_model, speed_choices
     from latexocr.fast.trainer import build_trainer
     from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
-    from latexocr.memory import out_of_memory_message, parse_auto
+    from latexocr.memory import grpo_images_per_pass, out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
     from latexocr.sample import setup_sample, write_sample_definition
@@ -330,13 +330,15 @@ def main(argv=None):
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
     # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    micro, args.gradient_checkpointing, split_over = fit_micro_batch(args, model, train_set, encoder, world,
-                                                                     speed.packing, say)
-    if grpo and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None and torch.cuda.is_available() \
-            and not args.deepspeed:
-        # GRPO: the probe measured SFT samples; a micro-batch's image is NUM_GENERATIONS of them
-        micro = max(1, micro // args.num_generations)
-        say(f"GRPO: {micro} images per pass ({micro * args.num_generations} completions)")
+    fit = fit_micro_batch(args, model, train_set, encoder, world, speed.packing, say)
+    micro, args.gradient_checkpointing, split_over = fit.micro, fit.checkpointing, fit.split_over
+    if grpo and fit.tokens and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None:  # auto, probed: the probe measured SFT samples, but a GRPO
+        # pass holds NUM_GENERATIONS completions of up to MAX_NEW_TOKENS per image: as many images as
+        # the probed batch's tokens allow
+        micro = grpo_images_per_pass(fit.tokens, max(1, args.batch_size // world), args.num_generations,
+                                     max(train_set.lengths), args.max_new_tokens)
+        say(f"GRPO: {micro} images per pass ({micro * args.num_generations} completions of up to "
+            f"{max(train_set.lengths)} + {args.max_new_tokens} tokens; the probe fitted {fit.tokens} tokens)")
     micro, accumulation = batch_split(args.batch_size, micro, world)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)

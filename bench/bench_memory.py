@@ -22,7 +22,7 @@ random model never stops; the full test set's median label is 64 Qwen2 tokens).
 One JSON line per cell is printed as it ends and appended to $OUT/bench_memory.jsonl, so a run cut at a time
 limit keeps what it finished: the choice auto made, samples/s (train) or images/s (infer), the peak GiB,
 or the one-line message it stopped with. Before each cell, its estimated duration (one device call may run
-600 s: split the matrix by --families / --caps / --only).
+600 s: split the matrix by --families / --caps / --only / --cells).
 """
 from __future__ import annotations
 
@@ -160,12 +160,15 @@ def main():
                                                          "generation batch)")
     ap.add_argument("--quantization", default="", help="e.g. 4bit: train.py and infer.py with --quantization 4bit")
     ap.add_argument("--only", default="train,infer")
+    ap.add_argument("--cells", default="", help="comma-separated cell names (as --dry-run prints them): only these")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
     families = list(FAMILIES) if args.families == "all" else [family_name(f) for f in args.families.split(",") if f]
     caps = [0.0 if c.strip().lower() in ("none", "0") else float(c) for c in args.caps.split(",") if c]
     cells = plan(families, caps, args.grid, set(args.only.split(",")), args.quantization)
+    if args.cells:  # e.g. auto against the best hand setting of an earlier run, to fit one device call
+        cells = [c for c in cells if c[3] in args.cells.split(",")]
     total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
     print(f"bench_memory: {len(cells)} cells, ~{total} s estimated (one device call: at most 600 s)", flush=True)
     for family, cap, kind, name, flags, seconds in cells:

@@ -114,6 +114,7 @@ class Choice:
     checkpointing: bool
     reason: str
     split_over: int | None = None  # micro-batches of more tokens than this run in halves (TrainCollator)
+    tokens: int = 0                # the probed batch's size (micro_batch_tokens) that fitted
 
 
 class DoesNotFit(SystemExit):
@@ -162,15 +163,17 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
                         f"{gib(p.peak)}, {p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
     if worst_probe is None:
         return Choice(best.micro, best.checkpointing,
-                      f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}")
+                      f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}",
+                      tokens=best.size)
     reason = f"{gib(budget)} usable (after a {MARGIN:.0%} margin); a {PERCENTILE:.0%}-percentile batch probed: {timings}"
     worst = worst_probe(best.micro, best.checkpointing)
     if worst.peak is not None and worst.peak <= budget:
-        return Choice(best.micro, best.checkpointing, f"{reason}; the longest samples fit too ({gib(worst.peak)})")
+        return Choice(best.micro, best.checkpointing, f"{reason}; the longest samples fit too ({gib(worst.peak)})",
+                      tokens=max(best.size, worst.size))
     needs = f"needs {gib(worst.peak)}" if worst.peak else "runs out of memory"
     return Choice(best.micro, best.checkpointing,
                   f"{reason}; the longest samples' batch {needs}: micro-batches over {best.size} tokens "
-                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size)
+                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size, tokens=best.size)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -270,6 +273,17 @@ def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int
         choice = choose_training_batch(candidates, probe, budget, checkpointing, worst_probe=worst)
     set_checkpointing(model, choice.checkpointing)
     return choice
+
+
+def grpo_images_per_pass(probed_tokens: int, share: int, generations: int, longest_sample: int,
+                         max_new_tokens: int) -> int:
+    """Images per GRPO update pass: a pass holds `generations` completions per image, each a prompt (at
+    most the longest SFT sample) plus up to `max_new_tokens`; the SFT probe measured batches of
+    `probed_tokens`, so a pass may hold that many. The largest divisor of this process's `share` of the
+    images per step that stays within it (1 at least: the OOM path names the setting if even that fails)."""
+    per_image = generations * (longest_sample + max_new_tokens)
+    fits = max(1, probed_tokens // per_image)
+    return next(m for m in divisors_descending(share) if m <= fits)
 
 
 # ---- generation ----------------------------------------------------------------------------------

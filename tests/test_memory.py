@@ -335,3 +335,14 @@ def test_a_pass_that_runs_out_of_memory_runs_again_in_halves(tiny_model_dir, for
     trainer.model.zero_grad(set_to_none=True)
     assert float(trainer.training_step(trainer.model, collator(samples), 10)) == 0.0
     assert trainer.out_of_memory.hit and trainer.out_of_memory.retried == 2
+
+
+def test_grpo_passes_hold_the_tokens_the_sft_probe_fitted():
+    # run on an H200: the SFT probe fitted 64 samples (~13k tokens) and GRPO took 64 / 8 = 8 images per
+    # pass, 64 completions of 256 new tokens (21k tokens): out of memory. Passes are sized by tokens now.
+    from latexocr.memory import grpo_images_per_pass
+
+    assert grpo_images_per_pass(13_000, share=64, generations=8, longest_sample=300, max_new_tokens=256) == 2
+    assert grpo_images_per_pass(200_000, share=64, generations=8, longest_sample=300, max_new_tokens=256) == 32
+    assert grpo_images_per_pass(100, share=64, generations=8, longest_sample=300, max_new_tokens=256) == 1
+    assert grpo_images_per_pass(20_000, share=12, generations=8, longest_sample=300, max_new_tokens=256) == 4
