@@ -126,6 +126,9 @@ def main():
                                                        "--tiny: 128): every real label of full_val ends before it")
     ap.add_argument("--runs", default=",".join(RUNS), help="which measurements (the @cap ones first)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="CompileConfig.mode for the library path")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="compile the library's decode step: auto = on a GPU (generate's own rule); on = on a CPU "
+                         "too (mode default: checks the compiled path's tokens, slowly)")
     ap.add_argument("--workers", type=int, default=8, help="DataLoader workers encoding the batches beforehand")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_decoder.jsonl")
     a = ap.parse_args()
@@ -244,6 +247,12 @@ def main():
             out.append(tokens)
         return out
 
+    # static shapes: one graph per (batch, cache length), the fastest kernels
+    compile_config = None
+    if a.compile == "on" or (a.compile == "auto" and device == "cuda"):
+        compile_config = CompileConfig(mode=a.compile_mode if device == "cuda" else "default", dynamic=False)
+        compile_config._compile_all_devices = device != "cuda"  # generate compiles on a GPU only, unless told
+
     def library(batches, limit: int, at_cap: bool):
         out = []
         for (batch,), stops in batches:
@@ -255,8 +264,10 @@ def main():
             if not at_cap:
                 stops = [t if t < limit else -1 for t in stops]
                 extra["logits_processor"] = LogitsProcessorList([make_force_stops(width, stops, eot, vocab, device)])
-            if device == "cuda":  # static shapes: one graph per (batch, cache length), the fastest kernels
-                extra["compile_config"] = CompileConfig(mode=a.compile_mode, dynamic=False)
+            if compile_config is not None:
+                extra["compile_config"] = compile_config
+            else:
+                extra["disable_compile"] = True
             sequences = model.generate(**batch, max_new_tokens=limit, min_new_tokens=limit if at_cap else 0,
                                        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                                        eos_token_id=stop_ids, pad_token_id=pad, use_cache=True,

@@ -64,6 +64,8 @@ def test_static_loop_equals_one_at_a_time_generate(family_dirs, formula_images, 
     monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
     static = predict(model, encoder, paths, batch_size=10, engine="static", **kw)
     assert static == reference
+    monkeypatch.setenv("LATEXOCR_SPEED", "compaction=off")  # the speed switch changes no text
+    assert predict(model, encoder, paths, batch_size=10, engine="static", **kw) == reference
     assert len({r["prediction"] for r in reference}) > 1
     assert decoding.static_decode_supported(model)  # engine="auto" takes the loop
 
