@@ -34,6 +34,7 @@ within 1.3x of ours -> delete ours; compaction stays only if it measures faster.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 from common import DEFAULT_SHARED, build_random_model
 
 RULE = 1.3  # ours must be faster than the library by more than this to keep its lines
+LIBRARY_RUN_S, OUR_RUN_S = 150, 40  # what one run may take on an H200 at 2,048 images, compile included
 RUNS = ("ours@cap", "library@cap", "ours@labels", "ours@labels/no-compaction", "library@labels")
 
 
@@ -129,11 +131,16 @@ def main():
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="compile the library's decode step: auto = on a GPU (generate's own rule); on = on a CPU "
                          "too (mode default: checks the compiled path's tokens, slowly)")
+    ap.add_argument("--time-limit-s", type=float,
+                    help="skip a run that could end past this many seconds from the start (a library run is "
+                         f"counted as {LIBRARY_RUN_S} s, ours as {OUR_RUN_S} s), so the table still prints (default 570; "
+                         "--tiny: none)")
     ap.add_argument("--workers", type=int, default=8, help="DataLoader workers encoding the batches beforehand")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_decoder.jsonl")
     a = ap.parse_args()
-    defaults = dict(images=12, new_tokens=8, labels_cap=128, batch_sizes="4,card") if a.tiny else \
-        dict(images=2048, new_tokens=64, labels_cap=256, batch_sizes="512,auto,card")
+    started = time.perf_counter()
+    defaults = dict(images=12, new_tokens=8, labels_cap=128, batch_sizes="4,card", time_limit_s=float("inf")) \
+        if a.tiny else dict(images=2048, new_tokens=64, labels_cap=256, batch_sizes="512,auto,card", time_limit_s=570)
     for name, value in defaults.items():
         if getattr(a, name) is None:
             setattr(a, name, value)
@@ -152,7 +159,7 @@ def main():
     from latexocr.decoding import StaticDecoder
     from latexocr.fast import plain_text_attention, prepare_model
     from latexocr.modeling import load_model, load_processor, pick_dtype
-    from latexocr.sample import END_OF_TURN, sizing_for
+    from latexocr.sample import sizing_for
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     if a.tiny:
@@ -297,27 +304,37 @@ def main():
             total, rows = total + int(first.sum()), rows + t.shape[0]
         return total / rows
 
-    # Two phases, each over every batch size: the cap (the decoder decision), then the label stops.
-    # The library's static cache only grows within a process (generate keeps the longest length it
-    # has used, so as not to recompile), so its shorter @cap cache comes first.
+    # Order: our runs first (seconds each), then the library's (a compile each): its @cap runs before
+    # its @labels ones, because generate's static cache only grows within a process (it keeps the
+    # longest length used, so as not to recompile) and @labels needs the longer one. A run that
+    # would pass --time-limit-s is skipped, so the decision table still prints inside the lead's call.
     runs = a.runs.split(",")
     for run in runs:
         engine, _, mode = run.partition("@")
         if engine not in ("ours", "library") or mode not in ("cap", "labels", "labels/no-compaction"):
             raise SystemExit(f"--runs: unknown run {run!r}; the runs are {RUNS}")
-    plan = [(rows, run) for phase in ("cap", "labels") for rows in sizes for run in runs
-            if (run.endswith("@cap")) == (phase == "cap")]
-    encodings = {}  # (rows, ours?) -> batches, kept for the second phase
+    plan = ([(rows, run) for rows in sizes for run in runs if run.startswith("ours")]
+            + [(rows, run) for mode in ("cap", "labels") for rows in sizes for run in runs
+               if run == f"library@{mode}"])
+    encodings = {}  # (rows, ours?) -> batches, encoded once
     results, outputs = {}, {}  # (run, rows) -> images/s, tokens
     disagreements = []
     for rows, run in plan:
         engine, _, mode = run.partition("@")
+        elapsed = time.perf_counter() - started
+        if elapsed + (LIBRARY_RUN_S if engine == "library" else OUR_RUN_S) > a.time_limit_s:
+            emit({"run": run, "rows": rows, "skipped": f"{elapsed:.0f} s elapsed, --time-limit-s {a.time_limit_s}"})
+            continue
         static, at_cap = engine == "ours", mode == "cap"
         limit = cap if at_cap else a.labels_cap
         n = rows * max(1, round(a.images / rows))
         if (rows, static) not in encodings:
             encodings[(rows, static)] = encoded(n, rows, static)
         batches = encodings[(rows, static)]
+        gc.collect()  # the last run's decoder, its buffers and graphs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             with torch.inference_mode(), plain_text_attention(model):
                 if static:
@@ -336,7 +353,8 @@ def main():
             emit({"run": run, "rows": rows, "error": f"out of memory: {str(exc)[:200]}"})
             continue
         record = {"run": run, "rows": rows, "images": n, "max_new_tokens": limit, "images_per_s": round(n / dt, 1),
-                  "seconds": round(dt, 2), "warmup_s": round(warm, 1), "mean_new_tokens": round(made(tokens), 1)}
+                  "seconds": round(dt, 2), "warmup_s": round(warm, 1), "mean_new_tokens": round(made(tokens), 1),
+                  "elapsed_s": round(time.perf_counter() - started)}
         if not at_cap:
             lengths = [t for _, stops in batches for t in stops]
             record["rows_stopping_before_the_cap"] = round(sum(t < limit for t in lengths) / len(lengths), 3)
@@ -344,7 +362,6 @@ def main():
             record["compile_s"] = round(warm - dt / len(batches), 1)
         if device == "cuda":
             record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-            torch.cuda.reset_peak_memory_stats()
         results[(run, rows)] = n / dt
         outputs[(run, rows)] = tokens
         emit(record)
