@@ -8,8 +8,8 @@ batch sizes; and the loop's compaction on and off with rows that stop where real
 Every measurement decodes the same --images real images (../shared/latex_ocr/full_val, cycled), sorted
 by image area as infer.py sorts them, in batches of one size, from batches encoded beforehand on the
 host: prefill + decode + the copy to the GPU are timed, the DataLoader and detokenising are not (engine
-speed alone). A warm-up batch first (CUDA-graph capture; the library's torch.compile, its seconds given
-as compile_s = warm-up batch - a timed batch).
+speed alone). Warm-up first: ours one pass over every batch (each (rows, cache length) CUDA graph
+captured), the library one batch (its torch.compile; compile_s = that batch - a timed batch).
 
   ours      latexocr.decoding.StaticDecoder, infer.py's engine (CUDA-graph decode step)
   library   model.generate(cache_implementation="static", compile_config=CompileConfig(...)): transformers
@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--batch-sizes", help="comma-separated numbers, auto, card (default 512,auto,card; --tiny: 4,card)")
     ap.add_argument("--labels-cap", type=int, help="max new tokens of the @labels runs (default 256, infer.py's; "
                                                        "--tiny: 128): every real label of full_val ends before it")
-    ap.add_argument("--runs", default=",".join(RUNS), help="which measurements (the @cap ones first)")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which measurements (run in this order: ours, then the library's @cap, then its @labels)")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="CompileConfig.mode for the library path")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="compile the library's decode step: auto = on a GPU (generate's own rule); on = on a CPU "
