@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from .fast import speed_choices
 from .modeling import unwrap, vision_language_core
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
@@ -190,11 +191,12 @@ class StaticDecoder:
     """Greedy decoding of left-padded prompt chunks; see the module docstring.
 
     use_graphs: None = on CUDA; the step runs eagerly otherwise (CPU, or a capture that failed).
+    compaction: None = $LATEXOCR_SPEED's choice (latexocr/fast/choices.py, on by default).
     """
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
                  min_new_tokens: int = 0, use_graphs: bool | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, compaction: bool | None = None):
         self.model = unwrap(model)
         self.core = vision_language_core(model)
         text = self.core.config.text_config
@@ -205,6 +207,7 @@ class StaticDecoder:
         self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.compaction = speed_choices().compaction if compaction is None else compaction
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
@@ -391,7 +394,7 @@ class StaticDecoder:
             running = int(alive.sum())  # the stop check: one sync every STOP_CHECK_EVERY tokens
             if running == 0:
                 break
-            if max(MIN_BUCKET, 1 << (running - 1).bit_length()) <= s.rows // 2:
+            if self.compaction and max(MIN_BUCKET, 1 << (running - 1).bit_length()) <= s.rows // 2:
                 s = self._compact(s, alive, done_tokens, done_finished)
         done_tokens.index_copy_(0, s.origin, s.history)
         done_finished.index_copy_(0, s.origin, s.finished)

@@ -64,8 +64,27 @@ def test_static_loop_equals_one_at_a_time_generate(family_dirs, formula_images, 
     monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
     static = predict(model, encoder, paths, batch_size=10, engine="static", **kw)
     assert static == reference
+    monkeypatch.setenv("LATEXOCR_SPEED", "compaction=off")  # the speed switch changes no text
+    assert predict(model, encoder, paths, batch_size=10, engine="static", **kw) == reference
     assert len({r["prediction"] for r in reference}) > 1
     assert decoding.static_decode_supported(model)  # engine="auto" takes the loop
+
+
+def test_transformers_static_cache_generate_gives_the_loops_texts(family_dirs, formula_images):
+    """transformers' own static-cache generate, the decoder that would replace the loop (issue 32,
+    bench/bench_decoder.py), gives infer.py's greedy texts: one left-padded batch, M-RoPE, rows
+    stopping at different lengths."""
+    model, encoder = load(family_dirs["qwen2_vl"])
+    paths = [p for p, _ in formula_images[:10]]
+    reference = stop_at_different_lengths(model, encoder, paths, max_new_tokens=NEW_TOKENS, num_workers=0,
+                                          progress=False)  # = the loop's texts (the test above)
+    batch = generation_batch(encoder, [load_image(p, encoder.sizing) for p in paths])
+    tok = encoder.tokenizer
+    out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+                         eos_token_id=[encoder.end_of_turn_id, tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [t.strip() for t in texts] == [r["prediction"] for r in reference]
 
 
 def test_left_padding_leaves_the_linear_attention_state_alone(family_dirs, formula_images):
