@@ -300,6 +300,13 @@ def test_upstream_drift_accepts_each_checked_version_and_nothing_else(monkeypatc
     assert "a_function_added_later is gone" in problems
 
 
+def test_load_model_swaps_no_layer_for_a_hub_kernel(tiny_model_dir):
+    """transformers 5.25 kernelizes a model at load by default (layers swapped for kernels downloaded
+    from the Hub); load_model keeps the layers that docs/BENCHMARKS.md measured, on 5.24 and 5.25 alike."""
+    from latexocr.modeling import load_model
+    assert not load_model(str(tiny_model_dir), torch.float32).use_kernels
+
+
 # ---------------------------------------------------------------- the plan, and training without the fast path
 def test_train_py_without_the_fast_path_trains_the_same(tmp_path, tiny_model_dir):
     """$LATEXOCR_SPEED fast=off: plain transformers training, with the fast path's losses."""
