@@ -50,7 +50,8 @@ def main():
     from latexocr.modeling import add_lora, load_model, load_processor
     from latexocr.fast import prepare_model
     from latexocr.sample import sizing_for
-    from latexocr.fast.attention import PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, use_packed_text_attention
+    from latexocr.fast.attention import (PACKED_TEXT_ATTENTION, PACKED_VISION_ATTENTION, set_attention,
+                                         use_packed_text_attention)
     from latexocr.fast.compile import CUDA_GRAPH_ROW_MULTIPLE
     from latexocr.fast.trainer import NoLoraInputCast, fast_supervised_loss as supervised_loss
     from latexocr.fast.vision import PackedExtras
@@ -97,9 +98,8 @@ def main():
 
     def measure(name, cudnn, packed_vision, cast, packed_text=False):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        model.base_model.model.set_attn_implementation(
-            {"vision_config": PACKED_VISION_ATTENTION if packed_vision else "sdpa",
-             "text_config": PACKED_TEXT_ATTENTION if packed_text else "sdpa"})
+        set_attention(model, "vision_config", PACKED_VISION_ATTENTION if packed_vision else "sdpa")
+        set_attention(model, "text_config", PACKED_TEXT_ATTENTION if packed_text else "sdpa")
         for b in fresh_batches(2):
             step(b, cast)
         batches = timing_batches(a.steps, cast)

@@ -128,8 +128,10 @@ class _SlotCache:
     """The cache object handed to the model in a decode step: writes the new key/value at slot
     `write_at` (a 1-element device tensor, so a CUDA graph replays it at a moving slot) and returns
     the whole fixed-length buffers; the key mask hides the slots not yet written and the padding.
-    Linear-attention layers (transformers 5.24's Cache methods they call in a one-token step) get
-    their fixed conv buffer, updated in place by the layer, and their recurrent buffer, copied into."""
+    Linear-attention layers get their fixed conv buffer, updated in place by the layer, and their
+    recurrent buffer, copied into: the Cache methods their one-token step calls in transformers 5.24
+    and 5.25 (5.25 adds increase_count and get_recurrent_states_to_keep), answered by name and
+    signature as the library's own Cache answers them, so both versions run the same code here."""
 
     def __init__(self, keys, values, conv, recurrent, write_at):
         self.keys, self.values, self.write_at = keys, values, write_at
@@ -152,9 +154,18 @@ class _SlotCache:
     def is_recording_past(self, layer_idx: int) -> bool:  # no rollback: the conv buffer stays 4 wide
         return False
 
+    def increase_count(self, layer_idx: int, state_idx: int) -> None:
+        # transformers 5.25 counts tokens per linear-attention layer (its get_seq_length); the decode
+        # step keeps its own positions and slot (`write_at`), so there is nothing to count here
+        pass
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        # transformers 5.25: intermediate states kept for a rollback (speculative decoding); none here
+        return 0
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        # transformers 5.24's Qwen-VL forward reads the cache length only when no position_ids or
-        # 4-D mask are given; the decode step always passes both. Fail clearly if that changes.
+        # transformers 5.24's and 5.25's Qwen-VL forwards read the cache length only when no position_ids
+        # or 4-D mask are given; the decode step always passes both. Fail clearly if that changes.
         raise NotImplementedError("the static decode step passes position_ids and a 4-D mask itself")
 
 

@@ -3,7 +3,7 @@
 A full-attention layer keeps packed samples apart with its block-diagonal mask (latexocr/fast/attention.py, or transformers' mask from the positions).
 A Gated DeltaNet layer has no mask: a short causal convolution (4 tokens) and a recurrent state run
 along the whole row, so without boundaries every sample would start from the previous sample's
-state. transformers 5.24's layer forwards `cu_seq_lens_q` to its delta-rule kernel and any `seq_idx`
+state. transformers 5.24's and 5.25's layer forwards `cu_seq_lens_q` to its delta-rule kernel and any `seq_idx`
 to its convolution kernel, but its reference PyTorch kernels (used when flash-linear-attention and
 causal-conv1d are not installed: on a CPU, and on a GPU where they do not build) refuse them ("can't
 keep packed sequences apart"), and without them they would silently leak state. So, on a packed row (the collator's boundaries in the kwargs, one row,

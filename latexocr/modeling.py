@@ -53,8 +53,13 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     language model), or None. (The scripts then call latexocr.fast.prepare_model.)"""
     from transformers import AutoModelForImageTextToText
 
+    # use_kernels=False: transformers 5.25 (which requires the `kernels` package) swaps layers (RMSNorm,
+    # activations, the linear-attention convolution) for kernels downloaded from the Hub at every load
+    # unless told not to; 5.24 did not. Off keeps what is measured in docs/BENCHMARKS.md, the same on
+    # both versions, and no download at load (GPU machines may have no network).
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                        device_map=device_map, quantization_config=quantization)
+                                                        device_map=device_map, quantization_config=quantization,
+                                                        use_kernels=False)
     if quantization is not None:
         keep_4bit_layout_trainable(model)
     return model

@@ -278,11 +278,33 @@ def test_upstream_drift_names_what_to_recheck(monkeypatch):
     monkeypatch.setitem(upstream.OVERRIDDEN, ("transformers.Trainer", "_clip_grad_norm"), ["self", "model", "old"])
     monkeypatch.setattr(upstream, "CALLED_BY_TRAINER", upstream.CALLED_BY_TRAINER + ("self._a_hook_never_called()",))
     problems = "\n".join(upstream.drift())
-    assert "checked against transformers 5.24.0" in problems
+    assert "checked against transformers 5.24.0 / 5.25.0" in problems
     assert "Qwen2VLModel.forward changed" in problems and "re-check fast/vision.py supervised_step_loss" in problems
     assert "a_function_that_was_removed is gone" in problems
     assert "_clip_grad_norm now takes ['self', 'model']" in problems
     assert "no longer calls self._a_hook_never_called()" in problems
+
+
+def test_upstream_drift_accepts_each_checked_version_and_nothing_else(monkeypatch):
+    """A source passes with the text of any version checked (or absent where a checked version lacks
+    it); any other text, or absence not listed, fails."""
+    from latexocr.fast import upstream
+    key = ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.forward")
+    added_later = ("transformers.vision_utils", "a_function_added_later")
+    installed = upstream.source_hash(*key)
+    monkeypatch.setattr(upstream, "SOURCES", {key: ("X", ("0" * 16, installed)), added_later: ("Y", (upstream.ABSENT, "1" * 16))})
+    assert upstream.drift() == []
+    monkeypatch.setattr(upstream, "SOURCES", {key: ("X", ("0" * 16, upstream.ABSENT)), added_later: ("Y", ("1" * 16,))})
+    problems = "\n".join(upstream.drift())
+    assert f"Qwen2VLModel.forward changed (source hash {installed}, checked {'0' * 16}, absent)" in problems
+    assert "a_function_added_later is gone" in problems
+
+
+def test_load_model_swaps_no_layer_for_a_hub_kernel(tiny_model_dir):
+    """transformers 5.25 kernelizes a model at load by default (layers swapped for kernels downloaded
+    from the Hub); load_model keeps the layers that docs/BENCHMARKS.md measured, on 5.24 and 5.25 alike."""
+    from latexocr.modeling import load_model
+    assert not load_model(str(tiny_model_dir), torch.float32).use_kernels
 
 
 # ---------------------------------------------------------------- the plan, and training without the fast path

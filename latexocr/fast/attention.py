@@ -106,16 +106,29 @@ def _text_config(model):
     return getattr(getattr(unwrap(model), "config", None), "text_config", None)
 
 
+def set_attention(model, sub_config: str, name: str) -> bool:
+    """Make the model's `sub_config` part (text_config, vision_config) use the registered attention `name`.
+
+    Written on the sub-config itself: the language model's and the vision tower's modules hold that very
+    config object and read its implementation at every call (checked for the four families with
+    transformers 5.24 and 5.25). Not through set_attn_implementation: from 5.25 on it also preloads
+    flash-attention kernels for any name containing "flash", and fails on one that is not a hub kernel,
+    while our names need "flash" in them (see PACKED_VISION_ATTENTION)."""
+    config = getattr(getattr(unwrap(model), "config", None), sub_config, None)
+    if config is None:
+        return False
+    config._attn_implementation = name  # the config's setter (also sets any nested sub-config)
+    return True
+
+
 def _route_attention(model, sub_config: str, name: str, function) -> bool:
     """Register `function` as attention `name` and make the model's `sub_config` part use it."""
     from transformers import AttentionInterface
 
-    model = unwrap(model)
-    if getattr(getattr(model, "config", None), sub_config, None) is None:
+    if getattr(getattr(unwrap(model), "config", None), sub_config, None) is None:
         return False
     AttentionInterface.register(name, function)
-    model.set_attn_implementation({sub_config: name})
-    return True
+    return set_attention(model, sub_config, name)
 
 
 def use_packed_text_attention(model) -> bool:
@@ -135,11 +148,11 @@ def plain_text_attention(model):
     if config is None or config._attn_implementation != PACKED_TEXT_ATTENTION:
         yield
         return
-    unwrap(model).set_attn_implementation({"text_config": "sdpa"})
+    set_attention(model, "text_config", "sdpa")
     try:
         yield
     finally:
-        unwrap(model).set_attn_implementation({"text_config": PACKED_TEXT_ATTENTION})
+        set_attention(model, "text_config", PACKED_TEXT_ATTENTION)
 
 
 def prepare_model(model, speed: SpeedChoices | None = None):

@@ -77,7 +77,7 @@ def skip_redundant_module_walks(model) -> list:
     every module in training mode (eval() and the train() after it still switch every module;
     switching a submodule alone is not seen), and zero_grad() clears the trainable parameters
     only. Returns those parameters (for clipping). Patches torch.nn.Module methods on the instance,
-    checked against torch 2.14.1 / transformers 5.24.0 (upstream.PATCHED, CALLED_BY_TRAINER).
+    checked against torch 2.14.1 / transformers 5.24.0 and 5.25.0 (upstream.PATCHED, CALLED_BY_TRAINER).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     module_train = type(model).train
@@ -130,7 +130,7 @@ class FastTrainer(OcrTrainer):
         with self._no_lora_input_cast(active=self.args.bf16 or self.args.fp16):
             return fast_supervised_loss(model, inputs, self.supervised_logits_only, self.vision_graphs)
 
-    # private Trainer methods, checked against transformers 5.24.0 (upstream.OVERRIDDEN, CALLED_BY_TRAINER)
+    # private Trainer methods, checked against transformers 5.24.0 and 5.25.0 (upstream.OVERRIDDEN, CALLED_BY_TRAINER)
     def _clip_grad_norm(self, model):
         # the norm over the LoRA tensors only (the only ones with gradients), without walking the
         # whole model; DeepSpeed, FSDP and fp16 loss scaling keep accelerate's own clipping

@@ -8,7 +8,8 @@ the installed libraries. tests/test_fast.py fails on any drift, with the message
 to re-check; build_trainer prints it in its summary line.
 
 To accept a new version: re-read each changed source against the code named in `used_by`, fix
-that code if needed, then run `python -m latexocr.fast.upstream` and add its hashes here.
+that code if needed, then run `python -m latexocr.fast.upstream` and add its hashes here (next to
+the older ones, so every version in CHECKED_AGAINST passes), and the version to CHECKED_AGAINST.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import importlib.util
 import inspect
 from functools import lru_cache
 
-CHECKED_AGAINST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1", "swanlab": "0.10.3"}
+CHECKED_AGAINST = {"transformers": ("5.24.0", "5.25.0"), "peft": ("0.21.2",), "torch": ("2.14.1",),
+                   "swanlab": ("0.10.3",)}
+ABSENT = None  # in a hash tuple: a checked version that has no such source (it was added later)
 
 # Sources whose behaviour the project copies or depends on: (module, qualified name) ->
-# (what of ours depends on it, the sha256[:16] of its source text in the versions checked: an
-# unchanged source passes whatever the version).
+# (what of ours depends on it, the sha256[:16] of its source text in each version checked, or
+# ABSENT: an unchanged source passes whatever the version; any other text fails).
 SOURCES = {
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.forward"):
         ("fast/vision.py supervised_step_loss re-implements its image path (features scattered into the "
@@ -52,10 +55,15 @@ SOURCES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"):
         ("linear_attention.py sets each such layer's module.forward, which hands it packed rows as one "
          "right-padded batch (or cu_seq_lens_q / seq_idx), and "
-         "decoding.py _SlotCache answers the cache calls of its one-token path (get_conv_state, "
-         "get_recurrent_state, update_recurrent_state, is_recording_past)", ("92cffc53f026e24e",)),
+         "decoding.py _SlotCache answers the cache calls of its one-token path (get_recurrent_state, "
+         "update_recurrent_state; get_recurrent_states_to_keep when more than one token)",
+         ("92cffc53f026e24e", "5e2cca71e0338396")),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_forward"):
+        ("decoding.py _SlotCache answers the cache calls of the one-token convolution (get_conv_state, "
+         "is_recording_past, increase_count; 5.24 made them in Qwen3_5GatedDeltaNet.forward), and "
+         "linear_attention.py's seq_idx reaches the kernel through its kwargs", (ABSENT, "00508074eb0425eb")),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
-        ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("a5373048a75f39d8",)),
+        ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("91af84e1fa8af626",)),
     # ---- outside latexocr/fast/: tests/test_structure.py finds each private import, method patch and
     # private read there and fails on one whose file and name no entry's text names
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention.forward"):
@@ -68,9 +76,10 @@ SOURCES = {
         ("decoding.py _layer_states reads a full-attention layer's cache as .keys / .values", ("64886715e6c0d2da",)),
     ("transformers.cache_utils", "LinearAttentionLayer"):
         ("decoding.py _layer_states reads a linear-attention layer's cache as .conv_states[0] / "
-         ".recurrent_states[0]", ("a376279f411e079c",)),
+         ".recurrent_states[0]", ("a376279f411e079c", "fbc41e661e6211e9")),
     ("transformers.configuration_utils", "PreTrainedConfig._attn_implementation"):
-        ("decoding.py static_decode_supported reads the text config's _attn_implementation", ("1ea6087f30b26301",)),
+        ("decoding.py static_decode_supported reads the text config's _attn_implementation; fast/attention.py "
+         "set_attention writes it (getter and setter: the setter also sets nested sub-configs)", ("be7be45af1d52295",)),
     ("transformers.models.qwen2_vl.image_processing_qwen2_vl", "smart_resize"):
         ("sample.py imports smart_resize from inside the Qwen2-VL image processor's module: the processor's own "
          "rounding rule", ("149e5137bc02253c",)),
@@ -122,15 +131,16 @@ def _module_tree(module: str) -> tuple[str, ast.Module]:
 
 def source_of(module: str, qualname: str) -> str | None:
     """The source text of a function or method, read from the installed file without importing it
-    (None if it no longer exists)."""
+    (None if it no longer exists); every definition of that name together: a property's getter and setter,
+    a method's @overload signatures."""
     text, node = _module_tree(module)
+    nodes = [node]
     for part in qualname.split("."):
-        node = next((n for n in ast.iter_child_nodes(node)
-                     if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == part),
-                    None)
-        if node is None:
+        nodes = [n for n in ast.iter_child_nodes(nodes[0])
+                 if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == part]
+        if not nodes:
             return None
-    return ast.get_source_segment(text, node)
+    return "\n".join(ast.get_source_segment(text, n) for n in nodes)
 
 
 def source_hash(module: str, qualname: str) -> str | None:
@@ -153,10 +163,11 @@ def drift() -> list[str]:
             found = source_hash(module, qualname)
         except ModuleNotFoundError:
             found = None
-        if found is None:
+        if found is None and ABSENT not in expected:
             problems.append(f"{module}.{qualname} is gone; re-check {used_by}")
         elif found not in expected:
-            problems.append(f"{module}.{qualname} changed (source hash {found}, checked {', '.join(expected)}); "
+            checked = ", ".join("absent" if h is ABSENT else h for h in expected)
+            problems.append(f"{module}.{qualname} changed (source hash {found}, checked {checked}); "
                             f"re-check {used_by}")
     for (owner, method), params in OVERRIDDEN.items():
         module, cls = owner.rsplit(".", 1)
@@ -182,7 +193,7 @@ def drift() -> list[str]:
                             f"skip_redundant_module_walks in latexocr/fast/trainer.py")
     if problems:
         versions = ", ".join(f"{k} {v}" for k, v in _installed_versions().items())
-        checked = ", ".join(f"{k} {v}" for k, v in CHECKED_AGAINST.items())
+        checked = ", ".join(f"{k} {' / '.join(v)}" for k, v in CHECKED_AGAINST.items())
         problems.insert(0, f"installed {versions}; the fast path was checked against {checked}:")
     return problems
 

@@ -151,7 +151,7 @@ class VisionGraphs:
 def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of a packed batch with the keys of precompute_packed, and
     their count (a host int): the same value as the model's own forward (tests/test_fast.py).
-    Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0
+    Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0 and 5.25.0
     (latexocr/fast/upstream.py SOURCES)."""
     core = vision_language_core(model)
     pixel_values = batch["pixel_values"].type(core.visual.dtype)
