@@ -13,11 +13,11 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from .io import jsonl_records, read_text
-from .metrics import aggregate, render_ok, score_pair
+from .metrics import aggregate, render_flags, render_ok, score_pair
 
 __all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "Scorer",
            "read_predictions", "PredictionsFileError"]
@@ -43,8 +43,11 @@ def _distinct_predictions(items: Sequence[tuple[str | None, str, bool]]) -> list
 
 
 def _score_chunk(items: Sequence[tuple[str | None, str, bool]], strings: Sequence[str]) -> tuple[list, list[bool]]:
-    """The task a worker runs: (score_pair of every row, KaTeX's verdict on each of ``strings``)."""
-    return [score_pair(prediction, label) for prediction, label, _ in items], [render_ok(s) for s in strings]
+    """The task a worker runs: (score_pair of every row, KaTeX's verdict on each of ``strings``).
+    KaTeX (a child process, latex.py) parses all of them in one request while this thread scores the rows."""
+    with ThreadPoolExecutor(1) as katex:
+        flags = katex.submit(render_flags, strings)
+        return [score_pair(prediction, label) for prediction, label, _ in items], flags.result()
 
 
 def _with_columns(items: Sequence[tuple[str | None, str, bool]], scored: Sequence[tuple[dict, tuple]],
