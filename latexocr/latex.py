@@ -82,60 +82,102 @@ _SERVER = Path(__file__).resolve().parent / "fast" / "katex.py"
 KATEX_TIMEOUT = 30.0  # seconds for one request before the child counts as hung (KaTeX takes ~1-12 ms a formula)
 
 
-class _Katex:
+class _Child:
     """One child process running KaTeX (see above), replaced when it crashes or hangs."""
 
     def __init__(self):
-        self.child, self.lock = None, threading.Lock()
+        self.process = None
 
     def stop(self) -> None:
-        if self.child is not None:
-            self.child.kill()
-            self.child.wait()
-            self.child = None
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
 
-    def _ask(self, request: dict) -> dict:
-        """The child's answer, or RuntimeError when it crashed or hung on this request (it is then stopped)."""
+    def send(self, request: dict) -> bool:
+        """False when the child died (it is then stopped)."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, str(_SERVER)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                            text=True, encoding="utf-8", bufsize=1)
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            return True
+        except OSError:  # the child died between two requests
+            self.stop()
+            return False
+
+    def receive(self) -> dict:
+        """The answer to the request sent, or RuntimeError when the child crashed or hung on it (then stopped)."""
+        ready, _, _ = select.select([self.process.stdout], [], [], KATEX_TIMEOUT)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.stop()
+            raise RuntimeError("KaTeX crashed on this formula" if ready else
+                               f"KaTeX took more than {KATEX_TIMEOUT:.0f} s on this formula")
+        answer = json.loads(line)
+        if "missing" in answer:
+            self.stop()
+            raise ImportError(answer["missing"])
+        return answer
+
+
+class _Katex:
+    """KaTeX's child processes: one, or one per part of a long list of formulas (``processes``)."""
+
+    def __init__(self):
+        self.children, self.lock = [], threading.Lock()
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.stop()
+
+    def _ask(self, requests: list[dict]) -> list[dict | RuntimeError]:
+        """Each request to a child of its own, all at once; an answer, or the RuntimeError of a child that died."""
         with self.lock:
-            if self.child is None or self.child.poll() is not None:
-                self.child = subprocess.Popen([sys.executable, str(_SERVER)], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                              text=True, encoding="utf-8", bufsize=1)
-            ready = False
-            try:
-                self.child.stdin.write(json.dumps(request) + "\n")
-                self.child.stdin.flush()
-                ready, _, _ = select.select([self.child.stdout], [], [], KATEX_TIMEOUT)
-                line = self.child.stdout.readline() if ready else ""
-            except OSError:  # the child died between two requests
-                line = ""
-            if not line:
-                self.stop()
-                raise RuntimeError("KaTeX crashed on this formula" if ready else
-                                   f"KaTeX took more than {KATEX_TIMEOUT:.0f} s on this formula")
-            answer = json.loads(line)
-            if "missing" in answer:
-                self.stop()
-                raise ImportError(answer["missing"])
-            return answer
+            self.children += [_Child() for _ in range(len(requests) - len(self.children))]
+            sent = [child.send(request) for child, request in zip(self.children, requests)]
+            answers = []
+            for child, ok in zip(self.children, sent):
+                try:
+                    answers.append(child.receive() if ok else RuntimeError("KaTeX crashed on this formula"))
+                except RuntimeError as exc:
+                    answers.append(exc)
+            return answers
 
-    def check(self, formulas: list[str]) -> list[str | None]:
-        """KaTeX's error for each formula, None where it parses (one request for all of them)."""
+    def check(self, formulas: list[str], processes: int = 1) -> list[str | None]:
+        """KaTeX's error for each formula, None where it parses: one request per process, each with a
+        contiguous part of about equal length (KaTeX's time grows with it)."""
         if not formulas:
             return []
-        try:
-            return self._ask({"check": formulas})["verdicts"]
-        except RuntimeError as exc:
-            if len(formulas) == 1:
-                return [str(exc)]
-        return [verdict for formula in formulas for verdict in self.check([formula])]
+        parts = _split(formulas, processes)
+        verdicts = []
+        for part, answer in zip(parts, self._ask([{"check": part} for part in parts])):
+            if not isinstance(answer, RuntimeError):
+                verdicts += answer["verdicts"]
+            elif len(part) == 1:
+                verdicts.append(str(answer))
+            else:  # a crash or hang: each formula again on its own, so that only the culprit gets it
+                verdicts += [verdict for formula in part for verdict in self.check([formula])]
+        return verdicts
 
     def render(self, formula: str) -> tuple[str | None, str | None]:
-        try:
-            answer = self._ask({"render": formula})
-        except RuntimeError as exc:
-            return None, str(exc)
+        answer = self._ask([{"render": formula}])[0]
+        if isinstance(answer, RuntimeError):
+            return None, str(answer)
         return answer["mathml"], answer["error"]
+
+
+def _split(formulas: list[str], parts: int) -> list[list[str]]:
+    """At most ``parts`` contiguous, non-empty parts of about equal total length."""
+    total, bounds, run = sum(map(len, formulas)) or 1, [0], 0
+    for i, formula in enumerate(formulas):
+        run += len(formula)
+        if run * parts >= total * len(bounds) and len(bounds) < parts and i + 1 < len(formulas):
+            bounds.append(i + 1)
+    bounds.append(len(formulas))
+    return [formulas[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 _katex = _Katex()
@@ -155,12 +197,13 @@ def render(text: str | None) -> tuple[str | None, str | None]:
     return mathml, _one_line(error)
 
 
-def render_errors(texts: Sequence[str | None]) -> list[str | None]:
-    """render_error of each text, all asked of KaTeX in one request. KaTeX's parser alone decides:
+def render_errors(texts: Sequence[str | None], processes: int = 1) -> list[str | None]:
+    """render_error of each text, KaTeX asked once for all of them (split over ``processes`` child
+    processes that parse in parallel). KaTeX's parser alone decides:
     every error renderToString raises is raised while parsing (checked on every shared label and
     perturbations of them, tests/test_metrics.py), and parsing is 2/3 of its cost."""
     latex = [strip_math(text) for text in texts]
-    verdicts = iter(_katex.check([formula for formula in latex if formula]))
+    verdicts = iter(_katex.check([formula for formula in latex if formula], processes))
     return [_one_line(next(verdicts)) if formula else "empty formula" for formula in latex]
 
 

@@ -104,10 +104,10 @@ def render_ok(pred: str | None) -> bool:
     return pred is not None and _renders(str(pred))
 
 
-def render_flags(texts: Sequence[str]) -> list[bool]:
-    """render_ok of each text, KaTeX asked once for all of them (scoring's chunks: ~0.1 s of parsing
-    that a worker overlaps with score_pair)."""
-    return [error is None for error in render_errors(texts)]
+def render_flags(texts: Sequence[str], processes: int = 1) -> list[bool]:
+    """render_ok of each text, KaTeX asked once for all of them, split over ``processes`` (scoring's
+    chunks: ~0.1 s of parsing that the scoring process overlaps with score_pair)."""
+    return [error is None for error in render_errors(texts, processes)]
 
 
 def score_pair(pred: str | None, ref: str | None) -> tuple[dict[str, float], tuple[int, ...]]:

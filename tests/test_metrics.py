@@ -1,6 +1,8 @@
 """Hand-computed checks of latexocr.metrics (expected values derived by hand, not by the code)."""
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,20 +235,26 @@ def test_katex_internal_errors_cannot_take_the_process_down():
 
 
 def test_a_crashing_katex_costs_only_its_formula(monkeypatch):
-    """A child that dies on a request is replaced, and the request's formulas are asked one by one."""
+    """A child that dies on a request is replaced, and the request's formulas are asked one by one:
+    only the culprit gets the crash as its verdict, in either of two parallel children."""
     from latexocr import latex
 
-    real_ask = latex._katex._ask
+    real_send = latex._Child.send
 
-    def dying(request):
-        if any("CRASH" in f for f in request.get("check", [])):
-            latex._katex.stop()
-            raise RuntimeError("KaTeX crashed on this formula")
-        return real_ask(request)
+    def dying(child, request):
+        if "CRASH" not in str(request):
+            return real_send(child, request)
+        child.stop()  # a child that dies on this request (as pykatex's double free made it), unanswered
+        child.process = subprocess.Popen([sys.executable, "-c", ""], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return True
 
-    monkeypatch.setattr(latex._katex, "_ask", dying)
-    assert latex.render_errors(["x", "CRASH", r"\frac { 1 } {", None]) == [
-        None, "KaTeX crashed on this formula", latex.render_error(r"\frac { 1 } {"), "empty formula"]
+    monkeypatch.setattr(latex._Child, "send", dying)
+    texts = ["x", "CRASH", r"\frac { 1 } {", None, "y ^ 2", "z"]
+    expected = [None, "KaTeX crashed on this formula", "Unexpected end of input in a macro argument, expected '}' "
+                "at end of input: \\frac { 1 } {", "empty formula", None, None]
+    assert latex.render_errors(texts) == expected
+    assert latex.render_errors(texts, processes=2) == expected
+    assert latex.render_error("x") is None
 
 
 # KaTeX's verdict comes from its parser alone (fast/katex.py): every error renderToString raises must be

@@ -248,9 +248,9 @@ def test_each_distinct_prediction_is_parsed_once_per_scorer(monkeypatch):
     rows = real_rows(120)
     calls = []
 
-    def counting(texts):
+    def counting(texts, processes):
         calls.extend(texts)
-        return metrics.render_flags(texts)
+        return metrics.render_flags(texts, processes)
 
     monkeypatch.setattr(scoring, "render_flags", counting)
     monkeypatch.setattr(scoring, "CHUNK_ROWS", 16)
