@@ -177,10 +177,11 @@ def main() -> None:
         csv_path = Path(tmp) / "predictions.csv"
         write_predictions(pairs, csv_path)
         print("(a) infer.py --score, end to end (a subprocess):")
-        for _ in range(args.repeat):
+        for run in range(args.repeat):
             took, cpu, summary = time_infer_score(csv_path)
             print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included); load average now {_load()}")
-        print("    " + json.dumps(summary))
+            if run == args.repeat - 1:
+                print("    " + json.dumps(summary))
         if not args.no_phases:
             print("(b) the phases, in this process:")
             phases(csv_path, pairs)

@@ -79,7 +79,8 @@ def tokenize(text: str | None) -> list[str]:
 # the scoring process with it: a child that crashes or hangs is replaced, and the formulas of that
 # request are asked again one by one, so only the culprit gets the crash as its verdict.
 _SERVER = Path(__file__).resolve().parent / "fast" / "katex.py"
-KATEX_TIMEOUT = 30.0  # seconds for one request before the child counts as hung (KaTeX takes ~1-12 ms a formula)
+KATEX_TIMEOUT = 30.0  # seconds for one formula before the child counts as hung (KaTeX takes ~1-12 ms a formula)
+KATEX_TIMEOUT_EACH = 0.05  # and for each formula of a request (~4x a long looping output's time)
 
 
 class _Child:
@@ -108,14 +109,15 @@ class _Child:
             self.stop()
             return False
 
-    def receive(self) -> dict:
+    def receive(self, formulas: int = 1) -> dict:
         """The answer to the request sent, or RuntimeError when the child crashed or hung on it (then stopped)."""
-        ready, _, _ = select.select([self.process.stdout], [], [], KATEX_TIMEOUT)
+        timeout = KATEX_TIMEOUT + KATEX_TIMEOUT_EACH * formulas
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         line = self.process.stdout.readline() if ready else ""
         if not line:
             self.stop()
             raise RuntimeError("KaTeX crashed on this formula" if ready else
-                               f"KaTeX took more than {KATEX_TIMEOUT:.0f} s on this formula")
+                               f"KaTeX took more than {timeout:.0f} s on this formula")
         answer = json.loads(line)
         if "missing" in answer:
             self.stop()
@@ -139,9 +141,10 @@ class _Katex:
             self.children += [_Child() for _ in range(len(requests) - len(self.children))]
             sent = [child.send(request) for child, request in zip(self.children, requests)]
             answers = []
-            for child, ok in zip(self.children, sent):
+            for child, request, ok in zip(self.children, requests, sent):
                 try:
-                    answers.append(child.receive() if ok else RuntimeError("KaTeX crashed on this formula"))
+                    answers.append(child.receive(len(request.get("check", [None]))) if ok else
+                                   RuntimeError("KaTeX crashed on this formula"))
                 except RuntimeError as exc:
                     answers.append(exc)
             return answers

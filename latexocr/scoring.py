@@ -135,13 +135,15 @@ class Scorer:
     def submit(self, keys: Sequence, items: Sequence[tuple[str | None, str, bool]]) -> None:
         """Queue rows for scoring; ``keys`` (e.g. row indices) order the results."""
         keys, items = list(keys), list(items)
-        for start in range(0, len(items), CHUNK_ROWS):
-            chunk = items[start:start + CHUNK_ROWS]
+        # in this process, one chunk: KaTeX's children parse all of its strings in one request each, no gaps
+        size = CHUNK_ROWS if self._pool else max(1, len(items))
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
             strings = [s for s in _distinct_predictions(chunk) if s not in self._asked]
             self._asked.update(strings)
             work = (self._pool.submit(_score_chunk, chunk, strings, self._katex_processes) if self._pool
                     else _score_chunk(chunk, strings, self._katex_processes))
-            self._chunks.append((keys[start:start + CHUNK_ROWS], chunk, strings, work))
+            self._chunks.append((keys[start:start + size], chunk, strings, work))
 
     def results(self) -> tuple[list[dict], list[tuple[int, ...]]]:
         """(score_row's columns, BLEU statistics) of every submitted row, sorted by key."""

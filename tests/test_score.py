@@ -253,9 +253,9 @@ def test_each_distinct_prediction_is_parsed_once_per_scorer(monkeypatch):
         return metrics.render_flags(texts, processes)
 
     monkeypatch.setattr(scoring, "render_flags", counting)
-    monkeypatch.setattr(scoring, "CHUNK_ROWS", 16)
     with scoring.Scorer(0) as scorer:
-        scorer.submit(range(len(rows)), rows)
+        for start in range(0, len(rows), 16):  # in this process, one chunk per submit: 16 rows each
+            scorer.submit(range(start, min(start + 16, len(rows))), rows[start:start + 16])
         columns, _ = scorer.results()
     assert sorted(calls) == sorted({p for p, _, _ in rows if p is not None})
     assert [c["render_ok"] for c in columns] == [p is not None and render_error(p) is None for p, _, _ in rows]
