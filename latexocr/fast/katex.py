@@ -24,9 +24,10 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import re
 import sys
 
-__all__ = ["Engine", "serve", "PYKATEX_CHECKED"]
+__all__ = ["Engine", "serve", "PYKATEX_CHECKED"]  # serve falls back on pykatex's renderToString
 
 PYKATEX_CHECKED = "0.1.1"
 KATEX_OPTIONS = '{output: "mathml", displayMode: true, throwOnError: true, strict: "ignore"}'  # latex.py's
@@ -45,6 +46,7 @@ globalThis.latexocr = {
 };
 """ % KATEX_OPTIONS
 _PARSE_PREFIX = "KaTeX parse error: "  # pykatex drops it from a ParseError's message; so does this
+_POSITION = re.compile(r" at position \d+|at end of input|^KaTeX parse error")  # a ParseError names where it stopped
 _JS_TAG_EXCEPTION, _JS_TAG_UNDEFINED, _JS_EVAL_TYPE_MODULE = 6, 3, 1
 
 
@@ -137,13 +139,44 @@ def _message(error: str | None) -> str | None:
     return f"KaTeX internal error: {error[1:]}"
 
 
+class _PublicApi:
+    """pykatex's own renderToString, where the engine above cannot be set up (another pykatex build, a
+    32-bit Python, a platform whose extension exports no symbols): slower, the same verdicts. After a
+    KaTeX internal error pykatex's heap is not to be trusted (its double free): the child then exits
+    once it has answered, and latex.py starts a fresh one for the next request."""
+
+    def __init__(self):
+        import pykatex
+        self.pykatex, self.corrupt, self.version = pykatex, False, None
+
+    def _verdict(self, formula: str) -> tuple[str | None, str | None]:
+        try:
+            return None, self.pykatex.renderToString(formula, output="mathml", displayMode=True,
+                                                     throwOnError=True, strict="ignore")
+        except Exception as exc:  # pykatex raises its ParseError for every JavaScript exception
+            if _POSITION.search(str(exc)):
+                return "P" + _PARSE_PREFIX + str(exc), None
+            self.corrupt = True  # an internal error (a plain Error; pykatex drops its first 19 characters)
+            return "I" + str(exc), None
+
+    def check(self, formulas: list[str]) -> list[str | None]:
+        return [_message(self._verdict(formula)[0]) for formula in formulas]
+
+    def render(self, formula: str) -> tuple[str | None, str | None]:
+        error, mathml = self._verdict(formula)
+        return mathml, _message(error)
+
+
 def serve() -> None:
     """latex.py's child: a line {"check": [formulas]} -> {"verdicts": [...]}, {"render": formula} ->
-    {"mathml", "error"}; {"missing": ...} for every line when pykatex is not installed (or not usable)."""
+    {"mathml", "error"}; {"missing": ...} for every line when pykatex is not installed."""
+    engine, missing = None, None
     try:
-        engine, missing = Engine(), None
-    except (ImportError, RuntimeError) as exc:
-        engine, missing = None, str(exc)
+        engine = Engine() if ctypes.sizeof(ctypes.c_void_p) == 8 else _PublicApi()
+    except ImportError as exc:
+        missing = str(exc)
+    except (OSError, RuntimeError):
+        engine = _PublicApi()
     for line in sys.stdin:
         request = json.loads(line)
         if engine is None:
@@ -154,6 +187,8 @@ def serve() -> None:
             mathml, error = engine.render(request["render"])
             answer = {"mathml": mathml, "error": error}
         print(json.dumps(answer), flush=True)
+        if getattr(engine, "corrupt", False):
+            return
 
 
 if __name__ == "__main__":
