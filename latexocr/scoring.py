@@ -20,8 +20,7 @@ from .io import jsonl_records, read_text
 from .metrics import aggregate, render_flags, render_ok, score_pair
 
 __all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "available_cores",
-           "Scorer",
-           "read_predictions", "PredictionsFileError"]
+           "Scorer", "read_predictions", "PredictionsFileError"]
 
 CHUNK_ROWS = 128  # rows per task sent to a worker: small enough that a batch spreads over the workers
 

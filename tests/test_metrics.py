@@ -1,4 +1,5 @@
 """Hand-computed checks of latexocr.metrics (expected values derived by hand, not by the code)."""
+import json
 import math
 import random
 import subprocess
@@ -298,10 +299,6 @@ def test_pykatex_public_api_fallback_gives_the_same_verdicts():
     """Where the engine cannot be set up (another pykatex build, a platform without exported symbols), the
     child serves with pykatex's renderToString: the same verdicts (run in a process of its own, as pykatex
     may corrupt its heap on an internal error; the child then exits after answering)."""
-    import json
-    import subprocess
-    import sys
-
     formulas = list(HAND_LABELS) + PERTURBATIONS
     script = ("import json, runpy, sys; k = runpy.run_path(sys.argv[1]); f = json.loads(sys.stdin.read()); "
               "print(json.dumps([k['Engine']().check(f), k['_PublicApi']().check(f)]))")
