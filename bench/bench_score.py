@@ -2,6 +2,8 @@
 
     python bench/bench_score.py                 # 9,443 pairs, infer.py --score 3 times, then the phases
     python bench/bench_score.py --repeat 1 --no-phases
+    python bench/bench_score.py --check-parse     # KaTeX's parse-only verdict = renderToString's, on
+                                                  # every shared label and every prediction here
 
 Pairs: a string-keyed cache must not be what is measured, so the labels are distinct real ones:
 all 8,475 of ../shared/latex_ocr/full_val (8,470 distinct strings), then the 50 distinct labels of
@@ -14,8 +16,8 @@ They are written as infer.py's predictions CSV, then:
     wall and CPU seconds (its workers included), ``--repeat`` times, as the CPU may be shared;
 (b) the phases in this process, one core: reading the file, tokenising, score_pair (tokens,
     Levenshtein, BLEU statistics), KaTeX's render check of the distinct predictions (equal to their
-    label, or not): the floor of the work, as no string's verdict implies another's. The load
-    average is printed with the times.
+    label, or not; one KaTeX child, 128 formulas a request, its CPU counted): the floor of the work,
+    as no string's verdict implies another's. The load average is printed with the times.
 """
 from __future__ import annotations
 
@@ -106,17 +108,22 @@ def time_infer_score(csv_path: Path) -> tuple[float, float, dict]:
 
 
 def phase(name: str, work, rows: int) -> None:
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), time.process_time() + _children_cpu()
     work()
-    took, cpu = time.perf_counter() - start, time.process_time() - cpu
+    took, cpu = time.perf_counter() - start, time.process_time() + _children_cpu() - cpu
     print(f"    {name:<52} {took:6.2f} s wall, {cpu:6.2f} CPU s ({rows} rows)")
 
 
 def phases(csv_path: Path, pairs: list[tuple[str, str]]) -> None:
     """The work of --score, piece by piece, in this process (no cache: each string once)."""
     from latexocr import metrics
-    from latexocr.latex import render_error
-    from latexocr.scoring import read_predictions
+    from latexocr.latex import _katex, render_errors
+    from latexocr.scoring import CHUNK_ROWS, read_predictions
+
+    def katex(strings):
+        for start in range(0, len(strings), CHUNK_ROWS):
+            render_errors(strings[start:start + CHUNK_ROWS])
+        _katex.stop()  # its CPU time counted (a child's is, once it has exited)
 
     exact = list(dict.fromkeys(pred for pred, label in pairs if pred == label))
     wrong = list(dict.fromkeys(pred for pred, label in pairs if pred != label))
@@ -125,29 +132,56 @@ def phases(csv_path: Path, pairs: list[tuple[str, str]]) -> None:
     phase("score_pair (tokens, Levenshtein, BLEU)", lambda: [metrics.score_pair(p, r) for p, r in pairs],
           len(pairs))
     # every distinct prediction must be parsed once: no verdict implies another's
-    phase("KaTeX render check, distinct exact predictions", lambda: [render_error(t) for t in exact], len(exact))
-    phase("KaTeX render check, distinct wrong predictions", lambda: [render_error(t) for t in wrong], len(wrong))
+    phase("KaTeX render check, distinct exact predictions", lambda: katex(exact), len(exact))
+    phase("KaTeX render check, distinct wrong predictions", lambda: katex(wrong), len(wrong))
+
+
+def check_parse(pairs: list[tuple[str, str]]) -> None:
+    """KaTeX's parse-only verdict (what scoring asks) against renderToString's, error text included."""
+    from latexocr.fast.katex import Engine
+    from latexocr.latex import strip_math
+
+    labels = list(dict.fromkeys(line for f in sorted(LATEX_OCR.glob("*/formulas/*.formulas.norm.txt"))
+                                for line in lines(f)))
+    strings = list(dict.fromkeys(labels + [strip_math(p) for p, _ in pairs]))
+    engine = Engine()
+    start = time.process_time()
+    parsed = [v for i in range(0, len(strings), 256) for v in engine.check(strings[i:i + 256])]
+    parse_s, start = time.process_time() - start, time.process_time()
+    rendered = [engine.render(s)[1] for s in strings]
+    render_s = time.process_time() - start
+    differ = [(s, a, b) for s, a, b in zip(strings, parsed, rendered) if a != b]
+    print(f"{len(strings)} distinct strings ({len(labels)} shared labels, then the predictions): "
+          f"{sum(v is None for v in parsed)} parse; parse-only verdicts {parse_s:.2f} CPU s, renderToString "
+          f"{render_s:.2f} CPU s; KaTeX {engine.version}; verdicts or errors that differ: {len(differ)}")
+    for s, a, b in differ[:10]:
+        print(f"    {s!r}: parse {a!r}, render {b!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs of infer.py --score")
     parser.add_argument("--no-phases", action="store_true", help="skip (b), the in-process phases")
+    parser.add_argument("--check-parse", action="store_true",
+                        help="only compare KaTeX's parse-only verdicts with renderToString's")
     args = parser.parse_args()
     if not FULL_VAL.is_file() or not SMALL.is_dir():
         raise SystemExit(f"skipped: the real labels are not here ({FULL_VAL}, {SMALL}): "
                          "this benchmark needs the project's ../shared folder")
     pairs = realistic_pairs(real_labels())
+    if args.check_parse:
+        return check_parse(pairs)
     print(f"{len(pairs)} pairs, {len({r for _, r in pairs})} distinct labels, {sum(p == r for p, r in pairs)} exact, "
           f"{len({p for p, _ in pairs})} distinct predictions; {os.cpu_count()} CPUs, load average {_load()}")
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "predictions.csv"
         write_predictions(pairs, csv_path)
         print("(a) infer.py --score, end to end (a subprocess):")
-        for _ in range(args.repeat):
+        for run in range(args.repeat):
             took, cpu, summary = time_infer_score(csv_path)
             print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included); load average now {_load()}")
-        print("    " + json.dumps(summary))
+            if run == args.repeat - 1:
+                print("    " + json.dumps(summary))
         if not args.no_phases:
             print("(b) the phases, in this process:")
             phases(csv_path, pairs)

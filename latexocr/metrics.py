@@ -32,7 +32,7 @@ from rapidfuzz.distance import Levenshtein
 from sacrebleu.metrics import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 
-from .latex import render_error
+from .latex import render_error, render_errors
 from .latex import tokenize as latex_tokens
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "corpus_bleu_from_stats",
     "sentence_bleu",
     "render_ok",
+    "render_flags",
     "score_pair",
     "sample_scores",
     "aggregate",
@@ -101,6 +102,12 @@ def _renders(text: str) -> bool:
 def render_ok(pred: str | None) -> bool:
     """True when KaTeX parses the prediction (an empty or failed one does not render)."""
     return pred is not None and _renders(str(pred))
+
+
+def render_flags(texts: Sequence[str], processes: int = 1) -> list[bool]:
+    """render_ok of each text, KaTeX asked once for all of them, split over ``processes`` (scoring's
+    chunks: ~0.1 s of parsing that the scoring process overlaps with score_pair)."""
+    return [error is None for error in render_errors(texts, processes)]
 
 
 def score_pair(pred: str | None, ref: str | None) -> tuple[dict[str, float], tuple[int, ...]]:

@@ -13,14 +13,14 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from .io import jsonl_records, read_text
-from .metrics import aggregate, render_ok, score_pair
+from .metrics import aggregate, render_flags, render_ok, score_pair
 
-__all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "Scorer",
-           "read_predictions", "PredictionsFileError"]
+__all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "available_cores",
+           "Scorer", "read_predictions", "PredictionsFileError"]
 
 CHUNK_ROWS = 128  # rows per task sent to a worker: small enough that a batch spreads over the workers
 
@@ -42,9 +42,13 @@ def _distinct_predictions(items: Sequence[tuple[str | None, str, bool]]) -> list
     return list(dict.fromkeys(prediction for prediction, _, _ in items if prediction is not None))
 
 
-def _score_chunk(items: Sequence[tuple[str | None, str, bool]], strings: Sequence[str]) -> tuple[list, list[bool]]:
-    """The task a worker runs: (score_pair of every row, KaTeX's verdict on each of ``strings``)."""
-    return [score_pair(prediction, label) for prediction, label, _ in items], [render_ok(s) for s in strings]
+def _score_chunk(items: Sequence[tuple[str | None, str, bool]], strings: Sequence[str],
+                 katex_processes: int = 1) -> tuple[list, list[bool]]:
+    """The task a worker runs: (score_pair of every row, KaTeX's verdict on each of ``strings``).
+    KaTeX (``katex_processes`` child processes, latex.py) parses them while this thread scores the rows."""
+    with ThreadPoolExecutor(1) as katex:
+        flags = katex.submit(render_flags, strings, katex_processes)
+        return [score_pair(prediction, label) for prediction, label, _ in items], flags.result()
 
 
 def _with_columns(items: Sequence[tuple[str | None, str, bool]], scored: Sequence[tuple[dict, tuple]],
@@ -77,14 +81,18 @@ def scored_summary(scorer: Scorer, rows: Sequence[dict], truncated: bool = True,
     return rows, summary
 
 
-def default_workers(rows: int | None = None, processes_per_host: int = 1, keep_one: bool = True) -> int:
+def default_workers(rows: int | None = None, processes_per_host: int = 1) -> int:
     """Scoring processes for this machine: up to 4, leaving one core to the process that feeds the
-    GPU (``keep_one``), shared among ``processes_per_host`` (torch.distributed ranks); at least 1.
+    GPU, shared among ``processes_per_host`` (torch.distributed ranks); at least 1.
     0 (score in this process) when the ``rows`` fit in one chunk: a worker would cost more to start."""
     if rows is not None and rows <= CHUNK_ROWS:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // max(1, processes_per_host) - (1 if keep_one else 0)))
+    return max(1, min(4, available_cores() // max(1, processes_per_host) - 1))
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _worker_init() -> None:
@@ -103,11 +111,15 @@ class Scorer:
     row), so each distinct prediction is parsed once per Scorer, in one worker: a string repeated
     across rows (a looping model, or one label predicted exactly for several images) costs one parse.
 
+    ``katex_processes``: KaTeX child processes of each worker (or of this process, with no workers).
+    ``infer.py --score`` scores in this process with one KaTeX child per core: KaTeX is ~7/8 of the
+    CPU time, and worker processes would cost their start-up and a KaTeX child each on top.
+
     A context manager: leaving it (also on Ctrl-C or an error) cancels pending chunks and joins
     the workers, so none is left behind.
     """
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, katex_processes: int = 1):
         workers = default_workers() if workers is None else int(workers)
         # spawn, not fork: the caller holds (or is about to hold) CUDA and torch's threads, which a
         # forked child must not inherit
@@ -117,16 +129,20 @@ class Scorer:
             self._pool.submit(int)
         self._chunks: list[tuple[list, list, list[str], Future | tuple]] = []
         self._asked: set[str] = set()
+        self._katex_processes = katex_processes
 
     def submit(self, keys: Sequence, items: Sequence[tuple[str | None, str, bool]]) -> None:
         """Queue rows for scoring; ``keys`` (e.g. row indices) order the results."""
         keys, items = list(keys), list(items)
-        for start in range(0, len(items), CHUNK_ROWS):
-            chunk = items[start:start + CHUNK_ROWS]
+        # in this process, one chunk: KaTeX's children parse all of its strings in one request each, no gaps
+        size = CHUNK_ROWS if self._pool else max(1, len(items))
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
             strings = [s for s in _distinct_predictions(chunk) if s not in self._asked]
             self._asked.update(strings)
-            work = self._pool.submit(_score_chunk, chunk, strings) if self._pool else _score_chunk(chunk, strings)
-            self._chunks.append((keys[start:start + CHUNK_ROWS], chunk, strings, work))
+            work = (self._pool.submit(_score_chunk, chunk, strings, self._katex_processes) if self._pool
+                    else _score_chunk(chunk, strings, self._katex_processes))
+            self._chunks.append((keys[start:start + size], chunk, strings, work))
 
     def results(self) -> tuple[list[dict], list[tuple[int, ...]]]:
         """(score_row's columns, BLEU statistics) of every submitted row, sorted by key."""

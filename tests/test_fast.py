@@ -277,12 +277,14 @@ def test_upstream_drift_names_what_to_recheck(monkeypatch):
     monkeypatch.setitem(upstream.SOURCES, ("transformers.vision_utils", "a_function_that_was_removed"), ("X", ("",)))
     monkeypatch.setitem(upstream.OVERRIDDEN, ("transformers.Trainer", "_clip_grad_norm"), ["self", "model", "old"])
     monkeypatch.setattr(upstream, "CALLED_BY_TRAINER", upstream.CALLED_BY_TRAINER + ("self._a_hook_never_called()",))
+    monkeypatch.setitem(upstream.COMPILED, "pykatex", ("0.0.9", upstream.COMPILED["pykatex"][1]))
     problems = "\n".join(upstream.drift())
     assert "checked against transformers 5.24.0 / 5.25.0" in problems
     assert "Qwen2VLModel.forward changed" in problems and "re-check fast/vision.py supervised_step_loss" in problems
     assert "a_function_that_was_removed is gone" in problems
     assert "_clip_grad_norm now takes ['self', 'model']" in problems
     assert "no longer calls self._a_hook_never_called()" in problems
+    assert "pykatex 0.1.1 is installed (checked: 0.0.9); re-check fast/katex.py" in problems
 
 
 def test_upstream_drift_accepts_each_checked_version_and_nothing_else(monkeypatch):

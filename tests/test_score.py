@@ -152,7 +152,7 @@ def workers_left() -> list:
     once: multiprocessing's resource tracker (spawn's) and this process's own KaTeX child (latex.py)."""
     def helper(p):
         command = " ".join(p.cmdline())
-        return "resource_tracker" in command or (p.ppid() == os.getpid() and "import pykatex" in command)
+        return "resource_tracker" in command or (p.ppid() == os.getpid() and "fast/katex.py" in command)
     return [p for p in psutil.Process().children(recursive=True) if not helper(p)]
 
 
@@ -248,14 +248,14 @@ def test_each_distinct_prediction_is_parsed_once_per_scorer(monkeypatch):
     rows = real_rows(120)
     calls = []
 
-    def counting(text):
-        calls.append(text)
-        return metrics.render_error(text) is None
+    def counting(texts, processes):
+        calls.extend(texts)
+        return metrics.render_flags(texts, processes)
 
-    monkeypatch.setattr(scoring, "render_ok", counting)
-    monkeypatch.setattr(scoring, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(scoring, "render_flags", counting)
     with scoring.Scorer(0) as scorer:
-        scorer.submit(range(len(rows)), rows)
+        for start in range(0, len(rows), 16):  # in this process, one chunk per submit: 16 rows each
+            scorer.submit(range(start, min(start + 16, len(rows))), rows[start:start + 16])
         columns, _ = scorer.results()
     assert sorted(calls) == sorted({p for p, _, _ in rows if p is not None})
     assert [c["render_ok"] for c in columns] == [p is not None and render_error(p) is None for p, _, _ in rows]

@@ -8,6 +8,8 @@
     compile.py    torch.compile of the blocks, CUDA graphs, the compile cache, when they pay
     trainer.py    build_trainer: the trainer and step train.py runs (FastTrainer: the step above and
                   host-side replacements of per-step bookkeeping), and which parts of the fast path it takes
+    katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by
+                  latex.py as a child process's script, so it imports no torch)
     upstream.py   every private / patched transformers, peft, swanlab and torch hook the project relies on,
                   checked against versions
 

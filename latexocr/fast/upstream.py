@@ -1,4 +1,4 @@
-"""What the project relies on in transformers, peft, swanlab and torch that is not public API, and a check of it.
+"""What the project relies on in transformers, peft, swanlab, torch and pykatex that is not public API, and a check of it.
 
 A private method the Trainer stops calling, a renamed peft attribute, or a change in the Qwen2-VL
 forward that latexocr/fast/vision.py re-implements would not break training: it would silently
@@ -96,6 +96,12 @@ SOURCES = {
         ("modeling.py keep_4bit_layout_trainable clears support_avx512bf16_for_cpu, which this reads before "
          "repacking the weight for CPU inference (bitsandbytes 0.50.2)", ("6d41f286252b9797",)),
 }
+# Compiled libraries driven below their public API (no Python source to hash): name -> (the version
+# checked, what of ours depends on it). Another version may lay out its extension differently.
+COMPILED = {
+    "pykatex": ("0.1.1", "fast/katex.py drives the QuickJS-ng 0.10.1 C API its extension exports and the KaTeX "
+                "0.16.22 bytecode in it (qjsc_katex, module katex/katex.mjs, katex.__parse)"),
+}
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
 OVERRIDDEN = {
     ("transformers.Trainer", "_clip_grad_norm"): ["self", "model"],
@@ -169,6 +175,14 @@ def drift() -> list[str]:
             checked = ", ".join("absent" if h is ABSENT else h for h in expected)
             problems.append(f"{module}.{qualname} changed (source hash {found}, checked {checked}); "
                             f"re-check {used_by}")
+    for name, (checked, used_by) in COMPILED.items():
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            continue  # not installed: latex.py says so in one line when a verdict is asked
+        if found != checked:
+            problems.append(f"{name} {found} is installed (checked: {checked}); re-check {used_by}")
     for (owner, method), params in OVERRIDDEN.items():
         module, cls = owner.rsplit(".", 1)
         function = getattr(getattr(importlib.import_module(module), cls), method, None)
