@@ -11,7 +11,7 @@ host: prefill + decode + the copy to the GPU are timed, the DataLoader and detok
 speed alone). Warm-up first: ours one pass over every batch (each (rows, cache length) CUDA graph
 captured), the library one batch (its torch.compile; compile_s = that batch - a timed batch).
 
-  ours      latexocr.decoding.StaticDecoder, infer.py's engine (CUDA-graph decode step)
+  ours      latexocr.fast.decoding.StaticDecoder, infer.py's engine (CUDA-graph decode step)
   library   model.generate(cache_implementation="static", compile_config=CompileConfig(...)): transformers
             compiles the one-token forward (mode reduce-overhead: CUDA graphs) when the cache is static;
             its static cache is sized once per cap (max_cache_len = longest prompt of the data + cap),
@@ -156,7 +156,7 @@ def main():
 
     from latexocr import generation
     from latexocr.batching import SampleEncoder
-    from latexocr.decoding import StaticDecoder
+    from latexocr.fast import StaticDecoder
     from latexocr.fast import plain_text_attention, prepare_model
     from latexocr.modeling import load_model, load_processor, pick_dtype
     from latexocr.sample import sizing_for

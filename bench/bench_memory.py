@@ -107,9 +107,14 @@ def train(model, work, cap, name, flags, steps=20):
     logs = [entry for entry in parse_logs(proc.stdout + proc.stderr) if "samples_per_second" in entry]
     choice = next((ln for ln in proc.stdout.splitlines() if ln.startswith("micro-batch ")), "")
     evals = re.findall(r"EVAL_BATCH_SIZE=auto: (\d+) images", proc.stderr)
-    return {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
-            "samples_per_s": logs[-1]["samples_per_second"] if logs else None,  # steps 10-20: after warm-up
-            "auto_choice": choice, "eval_rows": evals}
+    split = next((ln for ln in proc.stdout.splitlines() if ln.startswith("memory: ")), "")  # passes run in parts
+    result = {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
+              "samples_per_s": logs[-1]["samples_per_second"] if logs else None,  # steps 10-20: after warm-up
+              "auto_choice": choice, "split": split, "eval_rows": evals}
+    peaks = [float(entry["gpu_mem_peak_gib"]) for entry in logs if "gpu_mem_peak_gib" in entry]
+    if peaks:  # the training steps' own peak (the exit hook's can miss it: the Trainer resets the counter)
+        result["train_peak_gib"] = max(peaks)
+    return result
 
 
 def infer(model, work, cap, name, flags=()):

@@ -35,7 +35,8 @@ def main():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from latexocr import decoding, generation
+    from latexocr import generation
+    from latexocr.fast import decoding
     from latexocr.batching import SampleEncoder
     from latexocr.modeling import load_model, load_processor, pick_dtype
     from latexocr.sample import sizing_for

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
-from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
+from .fast import StaticDecoder, bytes_per_row, static_decode_supported
 from .fast import plain_text_attention
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
@@ -143,7 +143,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     Batches are left-padded so every prompt ends where generation starts; generation stops at
     <|im_end|> (end of turn), the token the model was trained to emit after the formula;
     "truncated" marks a row that hit max_new_tokens without it (usually a repetition loop).
-    engine: "static" = latexocr/decoding.py's static-cache loop (CUDA graphs on GPU), "generate" =
+    engine: "static" = latexocr/fast/decoding.py's static-cache loop (CUDA graphs on GPU), "generate" =
     transformers' generate (the reference), "auto" = static where `static_decode_supported`.
     batch_size None: as many images as fit the GPU (fit_rows), said in one line on stderr; an
     out-of-memory that still happens stops with one line naming `batch_setting` and a value that fits.

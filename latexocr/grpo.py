@@ -9,7 +9,7 @@ owns the pieces this project has already made exact and fast, and makes them dif
   packs samples into one row with
   per-sample M-RoPE positions (latexocr/batching.py TrainCollator), which the update below reuses as is;
 - generation: TRL calls `generate` (or a vLLM server, a second copy of the weights); here rollouts go
-  through the static-cache decoder of infer.py (latexocr/decoding.py), extended with sampling;
+  through the static-cache decoder of infer.py (latexocr/fast/decoding.py), extended with sampling;
 - the loop: TRL brings its own Trainer subclass, with its own checkpoints, logging and a reference model
   copy unless peft is detected; the SFT run's loop, checkpoints, --resume, SwanLab and callbacks here are
   transformers' Trainer through training.OcrTrainer.
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import IGNORE_INDEX, SampleEncoder, TrainCollator, sample_boundaries
-from .decoding import StaticDecoder, static_decode_supported
+from .fast import StaticDecoder, static_decode_supported
 from .generation import PREFILL_CHUNK_ROWS, _Collate
 from .images import load_image
 from .modeling import is_full_model, trainable_in_fp32
@@ -238,7 +238,7 @@ class GrpoTrainer(OcrTrainer):
         self.grpo = grpo
         encoder = data_collator.encoder
         self.update_collator = dataclasses.replace(data_collator, encoder=CompletionEncoder(encoder))
-        # the static decoder where it applies (latexocr/decoding.py), else transformers' generate
+        # the static decoder where it applies (latexocr/fast/decoding.py), else transformers' generate
         self.static = static_decode_supported(kwargs["model"])
         super().__init__(*args, data_collator=RolloutCollator(encoder, grpo.num_generations, self.static), **kwargs)
         tok = self.text_tokenizer = encoder.tokenizer

@@ -1,4 +1,4 @@
-"""latexocr/decoding.py: the static-cache loop gives generate's greedy results. CPU, tiny models, fp32."""
+"""latexocr/fast/decoding.py: the static-cache loop gives generate's greedy results. CPU, tiny models, fp32."""
 from __future__ import annotations
 
 import string
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import latexocr.decoding as decoding
+import latexocr.fast.decoding as decoding
 import latexocr.generation as generation
 from latexocr.batching import SampleEncoder, generation_batch
 from latexocr.generation import predict, prompt_positions

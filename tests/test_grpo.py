@@ -96,7 +96,7 @@ def test_split_completions():
 
 
 def test_sampling_decoder_draws_from_the_nucleus():
-    from latexocr.decoding import sample_tokens
+    from latexocr.fast.decoding import sample_tokens
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     counts = torch.bincount(sample_tokens(logits, 1.0), minlength=4) / 4000

@@ -8,6 +8,9 @@
     compile.py    torch.compile of the blocks, CUDA graphs, the compile cache, when they pay
     trainer.py    build_trainer: the trainer and step train.py runs (FastTrainer: the step above and
                   host-side replacements of per-step bookkeeping), and which parts of the fast path it takes
+    decoding.py   StaticDecoder: infer.py's batched greedy / sampling decoder (static cache, CUDA-graph
+                  decode step, compaction of stopped rows); kept over transformers' static-cache generate
+                  by measurement (docs/BENCHMARKS.md, bench/bench_decoder.py: 2.0x at batch 512)
     katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by
                   latex.py as a child process's script, so it imports no torch)
     upstream.py   every private / patched transformers, peft, swanlab and torch hook the project relies on,
@@ -18,5 +21,7 @@ trainer.build_trainer. Nothing here loads training code (trainer.py), so inferen
 """
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
+from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
 
-__all__ = ["SpeedChoices", "plain_text_attention", "prepare_model", "speed_choices"]
+__all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "plain_text_attention", "prepare_model",
+           "speed_choices", "static_decode_supported"]

@@ -27,7 +27,7 @@ class SpeedChoices:
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
-                                          # most half still run (latexocr/decoding.py; bench/bench_decoder.py)
+                                          # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:

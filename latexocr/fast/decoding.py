@@ -36,8 +36,8 @@ import math
 
 import torch
 
-from .fast import speed_choices
-from .modeling import unwrap, vision_language_core
+from ..modeling import unwrap, vision_language_core
+from .choices import speed_choices
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # config.layer_types the loop handles
