@@ -114,6 +114,7 @@ def train(model, work, cap, name, flags, steps=20):
     peaks = [float(entry["gpu_mem_peak_gib"]) for entry in logs if "gpu_mem_peak_gib" in entry]
     if peaks:  # the training steps' own peak (the exit hook's can miss it: the Trainer resets the counter)
         result["train_peak_gib"] = max(peaks)
+        result["alloc_retries"] = int(logs[-1].get("gpu_alloc_retries", 0))  # the allocator's flush-and-retry count
     return result
 
 

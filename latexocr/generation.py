@@ -209,4 +209,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 raise SystemExit(out_of_memory_message(batch_setting, batch_size, "while generating")) from None
     finally:
         model.train(was_training)
+        if device.type == "cuda":  # the cache and the decode graphs' private pool: training (an evaluation's
+            decoder = None           # caller) cannot reuse a graph pool's blocks until they are given back
+            release()
     return results

@@ -242,6 +242,9 @@ class ThroughputCallback(TrainerCallback):
                 logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
             if torch.cuda.is_available():
                 logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                # cudaMalloc failures the allocator answered by freeing its whole cache and retrying (a
+                # sync each): near a card's limit they cost speed without any error
+                logs["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if logs is not None and "loss" in logs:
             self.last, self.paused = now, 0.0
 
