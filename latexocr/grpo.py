@@ -328,9 +328,10 @@ class GrpoTrainer(OcrTrainer):
         rows, why = fit_rows(model, self.data_collator.encoder, largest[:chunk_rows], self.grpo.max_new_tokens,
                              static=True, batch_setting="MICRO_BATCH_SIZE", reserved_bytes=optimizer_state)
         if self.is_world_process_zero():
-            step_rows = sum(c["input_ids"].shape[0] for batch in batches for c in batch["prompts"])
-            print(f"GRPO rollouts: up to {rows} completions per decoder call, a step's {step_rows} in "
-                  f"{-(-step_rows // rows)} ({why})", flush=True)
+            chunks = [chunk for batch in batches for chunk in batch["prompts"]]
+            print(f"GRPO rollouts: up to {rows} completions per decoder call, a step's "
+                  f"{sum(c['input_ids'].shape[0] for c in chunks)} in {len(group_chunks(chunks, rows))} "
+                  f"({why})", flush=True)
         return rows
 
     def build_update(self, batch: dict, tokens: torch.Tensor, stopped: torch.Tensor) -> dict:

@@ -95,6 +95,13 @@ def test_split_completions():
     assert truncated == [False, True, True]  # no end token; a placeholder ends it as truncated
 
 
+def test_a_step_s_prompt_chunks_are_grouped_in_order_within_the_rows_per_call():
+    chunks = [{"input_ids": torch.zeros(n, 3)} for n in (16, 16, 16, 40, 8)]
+    sizes = [[c["input_ids"].shape[0] for c in group] for group in grpo.group_chunks(chunks, 32)]
+    assert sizes == [[16, 16], [16], [40], [8]]  # order kept; a chunk above the rows goes alone
+    assert len(grpo.group_chunks(chunks, 512)) == 1
+
+
 def test_sampling_decoder_draws_from_the_nucleus():
     from latexocr.decoding import sample_tokens
     torch.manual_seed(0)
