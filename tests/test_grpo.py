@@ -254,16 +254,16 @@ def test_models_the_static_decoder_does_not_take_roll_out_with_generate(sft, tin
 
 
 def test_a_step_is_rolled_out_in_as_few_decoder_calls_as_fit(sft, tiny_model_dir, monkeypatch):
-    """The prompts of all a step's micro-batches go through the decoder together: one call where they
-    fit, else calls of the rows that fit; either way each micro-batch gets the update batch (completions,
-    advantages) that sampling it alone gives. Sampling is made deterministic by a tiny temperature, and
-    the reward tells a group's rows apart by position so that the advantages are not all 0."""
+    """The prompts of all a step's micro-batches go through the decoder together, in one call where they
+    fit, and each micro-batch gets the update batch (completions, advantages) that sampling it alone
+    gives. Sampling is made deterministic by a tiny temperature, and the reward tells a group's rows
+    apart by position so that the advantages are not all 0."""
     from latexocr.decoding import StaticDecoder
     work, data = sft
     (work / "position.py").write_text("def by_position(predictions, labels):\n"
                                       "    return [len(p) + 0.1 * (i % 3) for i, p in enumerate(predictions)]\n")
     calls, updates = [], []  # rows per decoder call; each step's update batches
-    generate, get_batch_samples = StaticDecoder.generate, grpo.GrpoTrainer.get_batch_samples
+    generate, get_batch_samples, sample = StaticDecoder.generate, grpo.GrpoTrainer.get_batch_samples, grpo.GrpoTrainer.sample
 
     def counted(self, chunks):
         calls.append(sum(c["input_ids"].shape[0] for c in chunks))
@@ -288,7 +288,8 @@ def test_a_step_is_rolled_out_in_as_few_decoder_calls_as_fit(sft, tiny_model_dir
     assert "GRPO rollouts: up to 512 completions per decoder call, a step's 12 in 1" in proc.stdout
     together, = updates
     calls.clear(), updates.clear()
-    monkeypatch.setattr(grpo, "fit_rows", lambda *args, **kwargs: (6, "one micro-batch fits"))
+    # the reference: each micro-batch sampled on its own, as before the step was rolled out at once
+    monkeypatch.setattr(grpo.GrpoTrainer, "sample", lambda self, batches: [out for b in batches for out in sample(self, [b])])
     run("apart")
     assert calls == [6, 6]
     apart, = updates
