@@ -85,12 +85,14 @@ def _size_order(paths) -> list[int]:
 
 
 def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
-             batch_setting: str = "BATCH_SIZE") -> tuple[int, str]:
+             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0) -> tuple[int, str]:
     """(rows per generation batch, why) for BATCH_SIZE=auto: a memory model calibrated by one probe.
 
     The probe prefills one chunk of the largest images (what the decoder's prefill holds at once); each
     row then adds its cache and logits (decoding.bytes_per_row, from the config; twice that for
     generate, whose growing cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
+    reserved_bytes: memory the caller will need later that is not allocated yet (GRPO: the optimizer's
+    state before the first step), kept out of the budget.
     """
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -118,7 +120,7 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     length = chunk["input_ids"].shape[1] + max_new_tokens
     per_row = bytes_per_row(model, length)
     fixed, per_row = (prefill, per_row) if static else (0, 2 * per_row + prefill // len(images))
-    budget = int(usable_bytes(device) * (1 - MARGIN)) - base
+    budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
     rows = choose_generation_rows(fixed, per_row, budget, MAX_GENERATION_ROWS)
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))

@@ -17,10 +17,16 @@ Building on TRL would have meant overriding most of it (dataset format, prompt, 
 rewards' signature) and adding a dependency. So GrpoTrainer is an OcrTrainer with two hooks:
 
 1. `get_batch_samples` (transformers' public hook that fetches the micro-batches of one optimizer step):
-   for each micro-batch of (image, label) pairs, NUM_GENERATIONS completions per image are sampled in
-   one batch (temperature / top-p), rewarded (latexocr/rewards.py), and turned into the update batch:
-   prompt + completion through SFT's own TrainCollator (the completion's sampled token ids are the
-   "answer", supervised exactly as sampled) with each completion token's group-normalised advantage.
+   NUM_GENERATIONS completions per image (temperature / top-p) are sampled for all the step's
+   micro-batches of (image, label) pairs together, in as few decoder calls as memory allows (the rows
+   per call fitted once, at the first rollout, as infer.py fits BATCH_SIZE=auto): the update passes are
+   sized by what a backward pass holds (train.py: a few images each), while the decoder costs about the
+   same per token at 16 rows as at hundreds, so one call per micro-batch would multiply the rollout
+   time by the accumulation steps. Each micro-batch's completions are then rewarded
+   (latexocr/rewards.py) and turned into its update batch: prompt + completion through SFT's own
+   TrainCollator (the completion's sampled token ids are the "answer", supervised exactly as sampled)
+   with each completion token's group-normalised advantage (a group, one image's completions, lies
+   within one micro-batch).
    transformers then counts the step's supervised tokens, i.e. its completion tokens: the loss is
    normalised per token over the whole optimizer step (DAPO), accumulation and processes included,
    by OcrTrainer.compute_loss as for SFT.
@@ -51,8 +57,9 @@ import torch.nn.functional as F
 
 from .batching import IGNORE_INDEX, SampleEncoder, TrainCollator, sample_boundaries
 from .fast import StaticDecoder, static_decode_supported
-from .generation import PREFILL_CHUNK_ROWS, _Collate
+from .generation import PREFILL_CHUNK_ROWS, _Collate, _size_order, fit_rows
 from .images import load_image
+from .memory import ADAM_STATE_BYTES
 from .modeling import is_full_model, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
@@ -227,6 +234,20 @@ def split_completions(tokens: torch.Tensor, stopped: torch.Tensor, stop_ids: lis
     return completions, truncated
 
 
+def group_chunks(chunks: list[dict], rows: int) -> list[list[dict]]:
+    """Consecutive prompt chunks, in order, in groups of at most `rows` rows (one decoder call each);
+    a chunk of more rows than that makes a group alone."""
+    groups, size = [], 0
+    for chunk in chunks:
+        n = chunk["input_ids"].shape[0]
+        if not groups or size + n > rows:
+            groups.append([])
+            size = 0
+        groups[-1].append(chunk)
+        size += n
+    return groups
+
+
 class GrpoTrainer(OcrTrainer):
     """OcrTrainer whose micro-batches are rollouts and whose loss is GRPO's (see the module docstring).
 
@@ -245,7 +266,7 @@ class GrpoTrainer(OcrTrainer):
         self.stop_ids = [tok.convert_tokens_to_ids(END_OF_TURN)] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
         config = self._policy().config
         self.placeholder_ids = {getattr(config, name, None) for name in PLACEHOLDERS} - {None}
-        self.decoder = None  # built at the first rollout (the model is placed on its device by then)
+        self.rollout_rows = None  # rows per decoder call, fitted at the first rollout (the model is on its device)
         self.rollout_stats = defaultdict(list)  # the rewards etc. of the rollout the current step trains on
         self.reused, self.reuse_left = None, 0  # the last rollout's update batches, and steps it still feeds
         self.metrics = defaultdict(list)  # per rollout / update, averaged into the next log line
@@ -256,39 +277,69 @@ class GrpoTrainer(OcrTrainer):
         return self.accelerator.unwrap_model(self.model)
 
     @torch.no_grad()
-    def sample(self, chunks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens: rows x max_new_tokens, stopped: rows) sampled by the current policy (eval mode: no dropout)."""
+    def sample(self, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tokens: rows x max_new_tokens, stopped: rows) of each micro-batch of prompts, sampled by the
+        current policy (eval mode: no dropout). The static decoder takes the prompt chunks of all the
+        batches in as few calls as `rollout_rows` allows (its rows come back in chunk order, split here
+        by batch); `generate` takes one batch per call."""
         model = self._policy()
         device = next(model.parameters()).device
-        chunks = [c.to(device) for c in chunks]
         was_training = model.training
         model.eval()
         try:
             # as generation.predict: plain attention for the KV-cache path, compiled blocks run eagerly
             with plain_text_attention(model), torch.compiler.set_stance("force_eager"):
-                if self.static:
-                    if self.decoder is None:
-                        self.decoder = StaticDecoder(model, self.stop_ids, self.text_tokenizer.pad_token_id,
-                                                     self.grpo.max_new_tokens, temperature=self.grpo.temperature,
-                                                     top_p=self.grpo.top_p)
-                    return self.decoder.generate(chunks)
-                batch = chunks[0]
-                out = model.generate(**batch, do_sample=True, temperature=self.grpo.temperature, top_p=self.grpo.top_p,
-                                     top_k=0, max_new_tokens=self.grpo.max_new_tokens, eos_token_id=self.stop_ids,
-                                     pad_token_id=self.text_tokenizer.pad_token_id, use_cache=True)
-                tokens = out[:, batch["input_ids"].shape[1]:].cpu()
-                tokens = F.pad(tokens, (0, self.grpo.max_new_tokens - tokens.shape[1]), value=self.text_tokenizer.pad_token_id)
-                return tokens, torch.isin(tokens, torch.tensor(self.stop_ids)).any(1)
+                if not self.static:
+                    return [self._generate(model, batch["prompts"][0].to(device)) for batch in batches]
+                if self.rollout_rows is None:
+                    self.rollout_rows = self._fit_rollout_rows(model, batches)
+                # a new decoder each step: its cache and CUDA graphs, sized for rollout_rows, would
+                # otherwise hold memory through the update passes, which were sized without it
+                decoder = StaticDecoder(model, self.stop_ids, self.text_tokenizer.pad_token_id, self.grpo.max_new_tokens,
+                                        temperature=self.grpo.temperature, top_p=self.grpo.top_p)
+                chunks = [chunk for batch in batches for chunk in batch["prompts"]]
+                sampled = [decoder.generate([c.to(device) for c in group])
+                           for group in group_chunks(chunks, self.rollout_rows)]
+                del decoder
         finally:
             model.train(was_training)
+        tokens, stopped = torch.cat([t for t, _ in sampled]), torch.cat([s for _, s in sampled])
+        rows = [sum(c["input_ids"].shape[0] for c in batch["prompts"]) for batch in batches]
+        return list(zip(tokens.split(rows), stopped.split(rows)))
 
-    def rollout(self, batch: dict) -> dict:
-        """One micro-batch of prompts -> the update batch: prompt + completion of every sample, packed as
-        SFT packs, with ADVANTAGES_KEY. Records the step's reward metrics."""
+    def _generate(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample() through transformers' generate, for models the static decoder does not take."""
+        out = model.generate(**batch, do_sample=True, temperature=self.grpo.temperature, top_p=self.grpo.top_p,
+                             top_k=0, max_new_tokens=self.grpo.max_new_tokens, eos_token_id=self.stop_ids,
+                             pad_token_id=self.text_tokenizer.pad_token_id, use_cache=True)
+        tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+        tokens = F.pad(tokens, (0, self.grpo.max_new_tokens - tokens.shape[1]), value=self.text_tokenizer.pad_token_id)
+        return tokens, torch.isin(tokens, torch.tensor(self.stop_ids)).any(1)
+
+    def _fit_rollout_rows(self, model, batches: list[dict]) -> int:
+        """Rows per decoder call: infer.py's memory model (generation.fit_rows, capped at its maximum
+        rows) probed on this step's largest images, each NUM_GENERATIONS times up to one prefill chunk
+        as the rollout prompts hold them, beside AdamW's moments that the first step has not allocated
+        yet. Said in one line."""
+        paths = [path for batch in batches for path, _ in batch["pairs"]]
+        chunk_rows = max(c["input_ids"].shape[0] for batch in batches for c in batch["prompts"])
+        largest = [paths[i] for i in reversed(_size_order(paths)) for _ in range(self.grpo.num_generations)]
+        optimizer_state = ADAM_STATE_BYTES * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows, why = fit_rows(model, self.data_collator.encoder, largest[:chunk_rows], self.grpo.max_new_tokens,
+                             static=True, batch_setting="MICRO_BATCH_SIZE", reserved_bytes=optimizer_state)
+        if self.is_world_process_zero():
+            chunks = [chunk for batch in batches for chunk in batch["prompts"]]
+            print(f"GRPO rollouts: up to {rows} completions per decoder call, a step's "
+                  f"{sum(c['input_ids'].shape[0] for c in chunks)} in {len(group_chunks(chunks, rows))} "
+                  f"({why})", flush=True)
+        return rows
+
+    def build_update(self, batch: dict, tokens: torch.Tensor, stopped: torch.Tensor) -> dict:
+        """One micro-batch's sampled rows -> its update batch: prompt + completion of every sample, packed
+        as SFT packs, with ADVANTAGES_KEY. Records the step's reward metrics and seconds."""
         g = self.grpo.num_generations
         pairs = [pair for pair in batch["pairs"] for _ in range(g)]
         start = time.perf_counter()
-        tokens, stopped = self.sample(batch["prompts"])
         completions, truncated = split_completions(tokens, stopped, self.stop_ids, self.placeholder_ids)
         texts = [t.strip() for t in self.text_tokenizer.batch_decode(completions, skip_special_tokens=True)]
         rolled = time.perf_counter()
@@ -315,7 +366,10 @@ class GrpoTrainer(OcrTrainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.step_seconds = dict.fromkeys(self.step_seconds, 0.0)
         self.rollout_stats = defaultdict(list)
-        updates = [self.rollout(batch) for batch in batches]
+        start = time.perf_counter()
+        sampled = self.sample(batches)  # the whole step's completions at once
+        self.step_seconds["rollout"] += time.perf_counter() - start
+        updates = [self.build_update(batch, tokens, stopped) for batch, (tokens, stopped) in zip(batches, sampled)]
         self.log_step(self.step_seconds)
         if self.grpo.steps_per_rollout > 1:
             for update in updates:

@@ -95,6 +95,13 @@ def test_split_completions():
     assert truncated == [False, True, True]  # no end token; a placeholder ends it as truncated
 
 
+def test_a_step_s_prompt_chunks_are_grouped_in_order_within_the_rows_per_call():
+    chunks = [{"input_ids": torch.zeros(n, 3)} for n in (16, 16, 16, 40, 8)]
+    sizes = [[c["input_ids"].shape[0] for c in group] for group in grpo.group_chunks(chunks, 32)]
+    assert sizes == [[16, 16], [16], [40], [8]]  # order kept; a chunk above the rows goes alone
+    assert len(grpo.group_chunks(chunks, 512)) == 1
+
+
 def test_sampling_decoder_draws_from_the_nucleus():
     from latexocr.fast.decoding import sample_tokens
     torch.manual_seed(0)
@@ -244,3 +251,51 @@ def test_models_the_static_decoder_does_not_take_roll_out_with_generate(sft, tin
                     env=script_env(LATEXOCR_SPEED="attention=eager"))
     line, = logged(proc.stdout)
     assert 0 < float(line["completion_length"]) <= 12 and "reward" in line
+
+
+def test_a_step_is_rolled_out_in_as_few_decoder_calls_as_fit(sft, tiny_model_dir, monkeypatch):
+    """The prompts of all a step's micro-batches go through the decoder together, in one call where they
+    fit, and each micro-batch gets the update batch (completions, advantages) that sampling it alone
+    gives. Sampling is made deterministic by a tiny temperature, and the reward tells a group's rows
+    apart by position so that the advantages are not all 0."""
+    from latexocr.decoding import StaticDecoder
+    work, data = sft
+    (work / "position.py").write_text("def by_position(predictions, labels):\n"
+                                      "    return [len(p) + 0.1 * (i % 3) for i, p in enumerate(predictions)]\n")
+    calls, updates = [], []  # rows per decoder call; each step's update batches
+    generate, get_batch_samples, sample = StaticDecoder.generate, grpo.GrpoTrainer.get_batch_samples, grpo.GrpoTrainer.sample
+
+    def counted(self, chunks):
+        calls.append(sum(c["input_ids"].shape[0] for c in chunks))
+        return generate(self, chunks)
+
+    def kept(self, *args):
+        batches, count = get_batch_samples(self, *args)
+        updates.append([dict(b) for b in batches])  # the loss pops the advantages from the batch itself
+        return batches, count
+
+    monkeypatch.setattr(StaticDecoder, "generate", counted)
+    monkeypatch.setattr(grpo.GrpoTrainer, "get_batch_samples", kept)
+
+    def run(name):  # one step of 2 micro-batches of 2 images x 3 completions
+        return run_main("train.py", *grpo_args(tiny_model_dir, work, data, "--max-steps", 1, "--save-steps", 1000,
+                                               "--temperature", 1e-5, "--output-dir", work / name,
+                                               "--init-adapter", work / "sft" / "final",
+                                               "--reward-weights", f"{work / 'position.py'}:by_position=1"))
+
+    proc = run("together")
+    assert calls == [12]  # 512 rows fit on a CPU: the step's 12 in one call
+    assert "GRPO rollouts: up to 512 completions per decoder call, a step's 12 in 1" in proc.stdout
+    together, = updates
+    calls.clear(), updates.clear()
+    # the reference: each micro-batch sampled on its own, as before the step was rolled out at once
+    monkeypatch.setattr(grpo.GrpoTrainer, "sample", lambda self, batches: [out for b in batches for out in sample(self, [b])])
+    run("apart")
+    assert calls == [6, 6]
+    apart, = updates
+    assert len(together) == len(apart) == 2
+    for a, b in zip(together, apart):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+    assert any(b[grpo.ADVANTAGES_KEY].abs().sum() > 0 for b in together)
