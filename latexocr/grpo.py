@@ -59,7 +59,7 @@ from .batching import IGNORE_INDEX, SampleEncoder, TrainCollator, sample_boundar
 from .fast import StaticDecoder, static_decode_supported
 from .generation import PREFILL_CHUNK_ROWS, _Collate, _size_order, fit_rows
 from .images import load_image
-from .memory import ADAM_STATE_BYTES
+from .memory import ADAM_STATE_BYTES, release
 from .modeling import is_full_model, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
@@ -301,6 +301,7 @@ class GrpoTrainer(OcrTrainer):
                 sampled = [decoder.generate([c.to(device) for c in group])
                            for group in group_chunks(chunks, self.rollout_rows)]
                 del decoder
+                release()  # the graphs' private pool: the update passes cannot reuse it until given back
         finally:
             model.train(was_training)
         tokens, stopped = torch.cat([t for t, _ in sampled]), torch.cat([s for _, s in sampled])
