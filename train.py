@@ -149,7 +149,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
     import torch
 
     from latexocr.batching import TrainCollator, sample_boundaries
-    from latexocr.linear_attention import has_linear_attention
+    from latexocr.fast import has_linear_attention
     from latexocr.memory import Choice, divisors_descending, fit_training_batch, parse_auto, set_checkpointing
     from latexocr.training import supervised_loss
 
@@ -264,7 +264,7 @@ def main(argv=None):
     from latexocr.evaluation import comparison_table
     from latexocr.fast import prepare_model, speed_choices
     from latexocr.fast.trainer import build_trainer
-    from latexocr.linear_attention import describe as describe_linear_attention, keep_packed_samples_apart
+    from latexocr.fast import describe_linear_attention, keep_packed_samples_apart
     from latexocr.memory import grpo_images_per_pass, out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)

@@ -5,7 +5,7 @@
 
 The number that matters is Qwen3.5's against Qwen3-VL's: without flash-linear-attention and
 causal-conv1d (no CPU build), Qwen3.5's Gated DeltaNet layers run transformers' reference PyTorch
-kernels, and a packed row passes them as one right-padded batch of its samples (latexocr/linear_attention.py). The tiny
+kernels, and a packed row passes them as one right-padded batch of its samples (latexocr/fast/linear_attention.py). The tiny
 models have the same width (64); Qwen3.5's has 4 layers (3 linear-attention), the others 2.
 Median of --steps steps after one warm-up step; torch threads as the machine gives them.
 """
@@ -24,7 +24,7 @@ def step_seconds(family: str, pairs, packed: bool, steps: int) -> float:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from latexocr.batching import SampleEncoder, TrainCollator, sample_boundaries
-    from latexocr.linear_attention import keep_packed_samples_apart
+    from latexocr.fast import keep_packed_samples_apart
     from latexocr.modeling import add_lora
     from latexocr.sample import sizing_for
     from latexocr.fast.attention import use_packed_text_attention

@@ -30,7 +30,7 @@ TRACE_ENV = "LATEXOCR_TRACE_BATCHES"
 # latexocr/fast/vision.py PackedExtras), computed on the CPU in the DataLoader workers.
 # The sample boundaries of a packed row, passed to the model as attention kwargs and read by the layers
 # that keep samples apart by them: the fast path's packed text attention (latexocr/fast/attention.py
-# _packed_causal) and, always, linear attention (latexocr/linear_attention.py: Qwen3.5 has no mask to do it).
+# _packed_causal) and, always, linear attention (latexocr/fast/linear_attention.py: Qwen3.5 has no mask to do it).
 CU_SEQLENS_KEY = "packed_cu_seqlens"               # int32 [0, l1, l1+l2, ..., L]: where each sample starts
 MAX_LENGTH_KEY = "packed_max_length"               # int: tokens of the longest sample (a bound)
 # The sync-free Qwen2-VL step's inputs (latexocr/fast/vision.py precompute_packed adds them,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import IGNORE_INDEX, SampleEncoder, TrainCollator, mrope_positions, sample_boundaries  # what the trainer plan adds for Qwen3.5
-from latexocr.linear_attention import keep_packed_samples_apart
+from latexocr.fast import linear_attention as la
+from latexocr.fast.linear_attention import keep_packed_samples_apart
 from latexocr.sample import sizing_for
 from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
 from latexocr.fast.vision import PRECOMPUTED_KEYS
@@ -188,7 +189,7 @@ def test_a_packed_row_leaks_no_state_between_samples(model_dir, encoder, formula
 
 
 def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, monkeypatch):
-    """With flash-linear-attention + causal-conv1d (GPU), the row goes through each layer in one call
+    """With flash-linear-attention + causal-conv1d (GPU, the FLA_CAUSAL_CONV1D path), the row goes through each layer in one call
     and the kernels get the boundaries: `cu_seqlens` for the delta rule, `seq_idx` for the
     convolution. Stand-ins with those kernels' signatures (reference math per segment) check the
     wiring on the CPU."""
@@ -217,7 +218,7 @@ def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, m
     packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     use_packed_text_attention(model)
-    assert keep_packed_samples_apart(model, fast=True) == 3
+    assert keep_packed_samples_apart(model, path=la.FLA_CAUSAL_CONV1D) == 3
     losses = per_sample_losses(model, packed)
     assert len(seen["conv"]) == len(seen["rule"]) == 3  # one call per layer, not per sample
     assert seen["rule"][0].tolist() == packed[CU_SEQLENS_KEY].tolist()
@@ -226,6 +227,217 @@ def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, m
     monkeypatch.undo()
     reference = per_sample_losses(load(model_dir, packed=False), TrainCollator(encoder, packed=False)(batch))
     assert losses == pytest.approx(reference, abs=1e-4, rel=1e-5)
+
+
+# --------------------------------------------------- the path packed rows take (fast/linear_attention.py)
+def _available(monkeypatch, fla: bool, conv: bool = False, refusal: str | None = None):
+    """The libraries choose_path looks for, as on a machine that has them (or not)."""
+    from transformers.utils import import_utils
+    monkeypatch.setattr(import_utils, "is_flash_linear_attention_available", lambda: fla)
+    monkeypatch.setattr(import_utils, "is_causal_conv1d_available", lambda: conv)
+    monkeypatch.setattr(la, "fla_refusal", lambda: refusal)
+    monkeypatch.setattr(la, "_fla_version", lambda: "0.6.0")
+    monkeypatch.setattr(la, "conv_tunes_per_length", lambda: False)
+
+
+def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    swapped = []
+    monkeypatch.setattr(la, "use_reference_delta_rule", lambda: swapped.append(True))
+
+    _available(monkeypatch, fla=False)  # a CPU, or no package: today's padded batch
+    assert la.choose_path()[0] == la.PADDED
+    assert "flash-linear-attention not installed" in la.describe(model)
+    assert "right-padded batch" in la.describe(model)
+    keep_packed_samples_apart(model)
+    assert not swapped and model.model.language_model.layers[0].linear_attn.forward.__name__ == "packed_forward"
+
+    refusal = "flash-linear-attention 0.6.0 refuses to train on a Hopper GPU with Triton 3.6.0 (...)"
+    _available(monkeypatch, fla=True, refusal=refusal)  # installed, refusing: padded, and the reference rule
+    assert la.choose_path() == (la.PADDED, refusal)
+    assert refusal in la.describe(model) and "right-padded batch" in la.describe(model)
+    keep_packed_samples_apart(model)
+    assert swapped == [True]  # else transformers' fla chunk rule would raise in the first backward
+
+    _available(monkeypatch, fla=True)
+    assert la.choose_path() == (la.FLA, "fla 0.6.0 chunk + fla conv, packed")
+    assert la.describe(model).startswith("linear-attention layers: fla 0.6.0 chunk + fla conv, packed:")
+    monkeypatch.setattr(la, "conv_tunes_per_length", lambda: True)
+    assert "bucketed" in la.choose_path()[1]
+    _available(monkeypatch, fla=True, conv=True)
+    assert la.choose_path() == (la.FLA_CAUSAL_CONV1D, "fla 0.6.0 chunk + causal-conv1d, packed")
+
+
+def _fake_fla(monkeypatch, hopper: bool, triton: str, tilelang: bool):
+    """fla's own flags (fla.utils) and tilelang backend as fla 0.6.0 sets them on such a machine."""
+    import sys
+    import types
+    from packaging.version import Version
+    utils = types.ModuleType("fla.utils")
+    utils.IS_NVIDIA_HOPPER = hopper
+    utils.TRITON_ABOVE_3_4_0, utils.TRITON_ABOVE_3_7_1 = Version(triton) >= Version("3.4.0"), Version(triton) >= Version("3.7.1")
+    backend = types.ModuleType("fla.ops.common.backends.tilelang")
+    backend.CommonTileLangBackend = type("CommonTileLangBackend", (), {
+        "is_available": classmethod(lambda cls: tilelang), "is_enabled": lambda self: True})
+    for name, module in {"fla": types.ModuleType("fla"), "fla.utils": utils, "fla.ops": types.ModuleType("fla.ops"),
+                         "fla.ops.common": types.ModuleType("fla.ops.common"),
+                         "fla.ops.common.backends": types.ModuleType("fla.ops.common.backends"),
+                         "fla.ops.common.backends.tilelang": backend,
+                         "triton": types.SimpleNamespace(__version__=triton)}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("hopper, triton, tilelang, refused", [
+    (True, "3.6.0", False, True),    # the H200 with torch 2.11's Triton: fla raises in the backward pass
+    (True, "3.6.0", True, False),    # ... unless tilelang takes that kernel
+    (True, "3.7.1", False, False),   # a fixed Triton
+    (False, "3.6.0", False, False),  # not Hopper
+])
+def test_fla_refusal_is_read_from_fla_before_any_kernel_runs(monkeypatch, hopper, triton, tilelang, refused):
+    _fake_fla(monkeypatch, hopper, triton, tilelang)
+    reason = la.fla_refusal()
+    assert (reason is not None) == refused
+    if refused:
+        assert "Triton 3.6.0" in reason and "tilelang" in reason
+
+
+def test_bucketed_lengths_are_few_and_cover_the_row():
+    assert [la.bucket_length(n) for n in (1, 256, 257, 1000, 1024, 1025, 2243, 4097)] == [
+        256, 256, 320, 1024, 1024, 1280, 2560, 5120]
+    lengths = {la.bucket_length(n) for n in range(1, 8193)}
+    assert len(lengths) == 21  # 256, then four per doubling up to 8192
+    assert all(la.bucket_length(n) >= n and la.bucket_length(n) <= max(256, 1.25 * n) for n in range(1, 8193))
+
+
+def test_conv_bucketing_only_where_fla_tunes_per_length(monkeypatch):
+    import sys
+    import types
+    kernels = types.ModuleType("fla.modules.causal_conv1d.ops")
+    kernels.causal_conv1d_fwd_kernel = types.SimpleNamespace(keys=["D", "W"])  # fla 0.6.0
+    kernels.causal_conv1d_bwd_kernel = types.SimpleNamespace(keys=["D", "W"])
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d.ops", kernels)
+    assert not la.conv_tunes_per_length()
+    kernels.causal_conv1d_fwd_kernel.keys = ["D", "W", "NB"]  # fla main before #1154 (fla #1147)
+    assert la.conv_tunes_per_length()
+
+
+def _install_stand_in_fla(monkeypatch, seen):
+    """fla's conv and chunk rule with their signatures, computed per segment with transformers' reference
+    kernels: the FLA path's own arithmetic (fla_forward) checked on the CPU."""
+    import sys
+    import types
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+
+    def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+        seen["conv"].append((x.shape[1], cu_seqlens_cpu.tolist()))
+        bounds = cu_seqlens.tolist()
+        parts = [q35.causal_conv1d_fn(x[:, s:e].transpose(1, 2), weight, bias, activation=activation).transpose(1, 2)
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1), None
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=False, cu_seqlens=None,
+                               cu_seqlens_cpu=None, **kwargs):
+        seen["rule"].append(cu_seqlens_cpu.tolist())
+        bounds = cu_seqlens.tolist()
+        parts = [q35.torch_chunk_gated_delta_rule(*(t[:, s:e] for t in (q, k, v, g, beta)),
+                                                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1), None
+
+    conv = types.ModuleType("fla.modules.causal_conv1d")
+    conv.causal_conv1d = causal_conv1d
+    rule = types.ModuleType("fla.ops.gated_delta_rule")
+    rule.chunk_gated_delta_rule = chunk_gated_delta_rule
+    for name in ("fla", "fla.modules", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", conv)
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", rule)
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_fla_path_keeps_samples_apart_with_the_layers_own_arithmetic(model_dir, encoder, formula_images,
+                                                                      monkeypatch, bucketed):
+    """The FLA path (fla_forward: fla's conv and chunk rule, each given the boundaries, one call per layer)
+    gives each sample's padded-batch loss; with bucketing the conv sees a longer row, the rule does not."""
+    seen = {"conv": [], "rule": []}
+    _install_stand_in_fla(monkeypatch, seen)
+    monkeypatch.setattr(la, "conv_tunes_per_length", lambda: bucketed)
+    batch = samples(formula_images, 4)
+    packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    use_packed_text_attention(model)
+    assert keep_packed_samples_apart(model, path=la.FLA) == 3
+    losses = per_sample_losses(model, packed)
+    bounds, length = packed[CU_SEQLENS_KEY].tolist(), packed["input_ids"].shape[1]
+    assert seen["rule"] == [bounds] * 3  # one call per layer, not per sample
+    padded_length = la.bucket_length(length) if bucketed else length
+    assert seen["conv"] == [(padded_length, bounds + [padded_length] if bucketed else bounds)] * 3
+    monkeypatch.undo()
+    reference = per_sample_losses(load(model_dir, packed=False), TrainCollator(encoder, packed=False)(batch))
+    assert losses == pytest.approx(reference, abs=1e-4, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with flash-linear-attention")
+def test_gpu_fla_path_packed_losses_and_gradients_equal_each_sample_alone(model_dir, encoder, formula_images):
+    """On a GPU where fla runs (flash-linear-attention; tilelang too on Hopper with Triton < 3.7.1), the FLA
+    path is the one chosen, and a packed row's per-sample losses and gradients equal each sample's alone.
+
+    fp32 model: packed and alone run the same fla kernels on the same per-sample chunks (fla's varlen
+    chunks start at each sample's start), so they differ only by summation order (fp32: ~1e-6), hence
+    1e-4 relative. Against transformers' reference PyTorch kernels (padded batch, fp32) fla's dots run in
+    TF32 (~1e-3 relative per product, measured 0.15-0.55 % on a whole layer), hence 2e-2 there: a
+    wiring error (a state across samples, a wrong gate) moves the loss by far more."""
+    path, why = la.choose_path()
+    if path == la.PADDED:
+        pytest.skip(f"the fla path does not run here: {why}")
+    assert path in (la.FLA, la.FLA_CAUSAL_CONV1D) and why.startswith("fla ")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def loaded():
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").to(device)
+        use_packed_text_attention(model)
+        assert keep_packed_samples_apart(model) == 3
+        return model.train()
+
+    def loss_and_grads(model, batch):
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()
+                  if k not in PRECOMPUTED_KEYS and k != "labels"}
+        logits = model(**inputs, use_cache=False).logits.float()
+        labels = batch["labels"].to(device)
+        bounds = batch[CU_SEQLENS_KEY].tolist()
+        losses = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            keep = labels[0, s + 1:e] != IGNORE_INDEX
+            losses.append(F.cross_entropy(logits[0, s:e - 1][keep], labels[0, s + 1:e][keep], reduction="sum"))
+        model.zero_grad()
+        torch.stack(losses).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return [float(x) for x in losses], grads
+
+    batch = samples(formula_images, 4)
+    model = loaded()
+    fla_calls = []
+    forward = la.fla_forward
+    la.fla_forward = lambda *a, **kw: fla_calls.append(1) or forward(*a, **kw)
+    try:
+        packed_losses, packed_grads = loss_and_grads(model, TrainCollator(encoder, packed=True,
+                                                                          packed_extras=sample_boundaries)(batch))
+        alone = [loss_and_grads(model, TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)([s]))
+                 for s in batch]
+    finally:
+        la.fla_forward = forward
+    assert (len(fla_calls) > 0) == (path == la.FLA)  # the path said is the path taken
+    assert packed_losses == pytest.approx([losses[0] for losses, _ in alone], rel=1e-4)
+    linear = [n for n in packed_grads if "linear_attn" in n]
+    assert len(linear) >= 3 * 5
+    for name, grad in packed_grads.items():
+        expected = sum(grads[name] for _, grads in alone)
+        assert float((grad - expected).norm()) <= 1e-4 * float(expected.norm()) + 1e-7, name
+    # and the same numbers as transformers' reference kernels on a padded batch (TF32 inside fla)
+    reference = per_sample_losses(load(model_dir, packed=False), TrainCollator(encoder, packed=False)(batch))
+    assert packed_losses == pytest.approx(reference, rel=2e-2)
 
 
 # ------------------------------------------------------------------ train.py -> infer.py -> merge

@@ -15,7 +15,7 @@ import torch
 
 from ..batching import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, TrainCollator,
                         sample_boundaries)
-from ..linear_attention import has_linear_attention
+from .linear_attention import has_linear_attention
 from ..modeling import vision_language_core
 from ..training import OcrTrainer, supervised_loss
 from .attention import use_packed_text_attention

@@ -20,7 +20,8 @@ import inspect
 from functools import lru_cache
 
 CHECKED_AGAINST = {"transformers": ("5.24.0", "5.25.0"), "peft": ("0.21.2",), "torch": ("2.14.1",),
-                   "swanlab": ("0.10.3",)}
+                   "swanlab": ("0.10.3",), "fla-core": ("0.6.0",)}  # fla-core: flash-linear-attention's kernels
+# (optional: its entries below are checked only where it is installed)
 ABSENT = None  # in a hash tuple: a checked version that has no such source (it was added later)
 
 # Sources whose behaviour the project copies or depends on: (module, qualified name) ->
@@ -53,15 +54,31 @@ SOURCES = {
     ("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"):
         ("fast/compile.py CompileCache tells torch's default from a folder the user chose", ("0167e10c543c3e2b", "2373431b645f0805")),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet.forward"):
-        ("linear_attention.py sets each such layer's module.forward, which hands it packed rows as one "
-         "right-padded batch (or cu_seq_lens_q / seq_idx), and "
+        ("fast/linear_attention.py sets each such layer's module.forward, which hands it packed rows as one "
+         "right-padded batch (or cu_seq_lens_q / seq_idx), or re-does it with fla's kernels (fla_forward), and "
          "decoding.py _SlotCache answers the cache calls of its one-token path (get_recurrent_state, "
          "update_recurrent_state; get_recurrent_states_to_keep when more than one token)",
          ("92cffc53f026e24e", "5e2cca71e0338396")),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_forward"):
         ("decoding.py _SlotCache answers the cache calls of the one-token convolution (get_conv_state, "
          "is_recording_past, increase_count; 5.24 made them in Qwen3_5GatedDeltaNet.forward), and "
-         "linear_attention.py's seq_idx reaches the kernel through its kwargs", (ABSENT, "00508074eb0425eb")),
+         "fast/linear_attention.py's seq_idx reaches the kernel through its kwargs", (ABSENT, "00508074eb0425eb")),
+    ("transformers.integrations.hub_kernels", "use_kernel_func_from_hub_with_fallback"):
+        ("fast/linear_attention.py use_reference_delta_rule: the wrapped function (__wrapped__) is the reference "
+         "PyTorch kernel; fla's kernel, when importable, is chosen once, at the model module's import",
+         ("a35dbcf06772cc69", "846809cf54a02648")),
+    ("fla.ops.common.chunk_o", "chunk_bwd_dqkwg"):
+        ("fast/linear_attention.py fla_refusal mirrors the condition under which this raises (Hopper, "
+         "Triton >= 3.4, < 3.7.1) unless tilelang takes the call", ("68829e5783ca47b0",)),
+    ("fla.ops.common.backends.tilelang", "CommonTileLangBackend"):
+        ("fast/linear_attention.py fla_refusal: is_available / is_enabled say whether tilelang takes "
+         "chunk_bwd_dqkwg", ("99f0ceb69111e9dd",)),
+    ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule"):
+        ("fast/linear_attention.py fla_forward calls it (q, k, v, g, beta, use_qk_l2norm_in_kernel, cu_seqlens, "
+         "cu_seqlens_cpu)", ("cedafdb7ed0a2d1c",)),
+    ("fla.modules.causal_conv1d.ops", "causal_conv1d"):
+        ("fast/linear_attention.py fla_forward calls it ([1, T, D] input, [D, W] weight, cu_seqlens, "
+         "cu_seqlens_cpu); conv_tunes_per_length reads its kernels' autotune keys", ("d3254a7938d64720",)),
     ("peft.tuners.tuners_utils", "BaseTunerLayer._cast_input_dtype"):
         ("fast/trainer.py NoLoraInputCast sets cast_input_dtype_enabled, which this reads", ("91af84e1fa8af626",)),
     # ---- outside latexocr/fast/: tests/test_structure.py finds each private import, method patch and
@@ -114,6 +131,8 @@ CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_token
                      "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()")
 # Private attributes and settings set directly: (module, attribute path) -> what of ours sets it.
 PRIVATE_ATTRIBUTES = {
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
+        "fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference kernel",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
@@ -155,8 +174,14 @@ def source_hash(module: str, qualname: str) -> str | None:
 
 
 def _installed_versions() -> dict:
-    from importlib.metadata import version
-    return {name: version(name) for name in CHECKED_AGAINST}
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in CHECKED_AGAINST:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:  # an optional library (fla-core) that is not installed
+            versions[name] = "not installed"
+    return versions
 
 
 def drift() -> list[str]:
@@ -215,4 +240,6 @@ def drift() -> list[str]:
 if __name__ == "__main__":  # the hashes of the installed versions, to paste into SOURCES after re-checking
     print(_installed_versions())
     for (module, qualname), (used_by, _) in SOURCES.items():
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            continue  # an optional library that is not installed
         print(f"{module}:{qualname}  {source_hash(module, qualname)}")
