@@ -264,7 +264,7 @@ def main(argv=None):
     from latexocr.evaluation import comparison_table
     from latexocr.fast import prepare_model, speed_choices
     from latexocr.fast.trainer import build_trainer
-    from latexocr.fast import describe_linear_attention, keep_packed_samples_apart
+    from latexocr.fast import avoid_refused_kernels, describe_linear_attention, keep_packed_samples_apart
     from latexocr.memory import grpo_images_per_pass, out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
@@ -320,6 +320,8 @@ def main(argv=None):
                                     unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
     if speed.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
+    elif not speed.packing:
+        avoid_refused_kernels(model)  # Qwen3.5 where fla imports but refuses to train: its reference kernels
     counts = parameter_counts(model)
     say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
         f"vision tower) of {counts['total']:,}")

@@ -258,6 +258,8 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     assert refusal in la.describe(model) and "right-padded batch" in la.describe(model)
     keep_packed_samples_apart(model)
     assert swapped == [True]  # else transformers' fla chunk rule would raise in the first backward
+    la.avoid_refused_kernels(model)  # what train.py calls without packing (--no-packing): the same guard
+    assert swapped == [True, True]
 
     _available(monkeypatch, fla=True)
     assert la.choose_path() == (la.FLA, "fla 0.6.0 chunk + fla conv, packed")

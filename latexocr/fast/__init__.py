@@ -24,8 +24,9 @@ trainer.build_trainer. Nothing here loads training code (trainer.py), so inferen
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
 from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
-from .linear_attention import describe as describe_linear_attention, has_linear_attention, keep_packed_samples_apart
+from .linear_attention import (avoid_refused_kernels, describe as describe_linear_attention, has_linear_attention,
+                               keep_packed_samples_apart)
 
 __all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention", "has_linear_attention",
-           "keep_packed_samples_apart", "plain_text_attention", "prepare_model", "speed_choices",
+           "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prepare_model", "speed_choices",
            "static_decode_supported"]

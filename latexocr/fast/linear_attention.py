@@ -234,6 +234,19 @@ def _one_call_padded(forward, hidden_states, cu_seqlens, max_length, indices, **
     return out.reshape(-1, out.shape[-1]).index_select(0, to_row)[None]
 
 
+def avoid_refused_kernels(model) -> str | None:
+    """The path choose_path() picks for a model with linear attention (None without); where fla imports but
+    refuses to train, the reference delta rule takes its place (use_reference_delta_rule): with packing
+    or without, the first backward pass would raise otherwise."""
+    if not has_linear_attention(model):
+        return None
+    from transformers.utils.import_utils import is_flash_linear_attention_available
+    path, _ = choose_path()
+    if path == PADDED and is_flash_linear_attention_available():
+        use_reference_delta_rule()
+    return path
+
+
 def keep_packed_samples_apart(model, path: str | None = None) -> int:
     """Make every linear-attention layer of `model` honour packed-row boundaries; returns how many.
 
@@ -243,10 +256,7 @@ def keep_packed_samples_apart(model, path: str | None = None) -> int:
     if not has_linear_attention(model):
         return 0
     if path is None:
-        from transformers.utils.import_utils import is_flash_linear_attention_available
-        path, _ = choose_path()
-        if path == PADDED and is_flash_linear_attention_available():  # fla there, but refusing to train
-            use_reference_delta_rule()
+        path = avoid_refused_kernels(model)
     bucketed = path == FLA and conv_tunes_per_length()
     indices, boundaries = _IndicesOfLastRow(), _FlaBoundaries()
     count = 0
