@@ -41,6 +41,8 @@ SCORE = ""                    # re-score this predictions file (--output's CSV/J
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled;
                               # local and offline runs go to $SWANLAB_LOG_DIR, else ./swanlog
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+PROFILE = False               # print one line on stderr at the end: seconds per phase, start-up to metrics
+                              # (latexocr/timing.py; docs/BENCHMARKS.md "infer.py end to end")
 # The attention implementation and other speed choices are the code's: latexocr/fast/choices.py.
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
@@ -202,13 +204,17 @@ def main(argv=None):
     if args.score:  # before anything imports torch
         return rescore(args)
 
-    from latexocr.generation import predict
-    from latexocr.memory import parse_auto
-    from latexocr.metrics import worst_first
-    from latexocr.scoring import Scorer, default_workers, scored_summary
+    from latexocr.timing import Stopwatch
+    clock = Stopwatch()
+    with clock.phase("imports"):
+        from latexocr.generation import predict
+        from latexocr.memory import parse_auto
+        from latexocr.metrics import worst_first
+        from latexocr.scoring import Scorer, default_workers, scored_summary
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
-        images, labels, labelled = collect_inputs(args.input)
+        with clock.phase("read inputs"):
+            images, labels, labelled = collect_inputs(args.input)
         if args.limit > 0:
             images, labels = images[: args.limit], labels[: args.limit]
         if args.output:
@@ -222,8 +228,11 @@ def main(argv=None):
 
     # Labelled: the scoring workers start before the model loads (their start-up overlaps the loading),
     # then score each batch's rows while the next batch generates.
-    with Scorer(default_workers(rows=len(images)) if labelled else 0) as scorer:
-        model, _, adapter, encoder, _ = load_with_sample(args)
+    with clock.phase("scoring start"):
+        scorer = Scorer(default_workers(rows=len(images)) if labelled else 0)
+    with scorer:
+        with clock.phase("model load"):
+            model, _, adapter, encoder, _ = load_with_sample(args)
 
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
@@ -231,12 +240,14 @@ def main(argv=None):
         results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
                           max_new_tokens=args.max_new_tokens,
                           num_workers=args.num_workers, progress=len(images) > 1,
-                          on_batch=score_batch if labelled else None)
+                          on_batch=score_batch if labelled else None, stopwatch=clock)
         rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
                 for image, result in zip(images, results)]
         summary = None
         if labelled:
-            rows, summary = scored_summary(scorer, [{**row, "label": label} for row, label in zip(rows, labels)])
+            with clock.phase("scoring wait"):  # the rows still being scored after the last batch
+                rows, summary = scored_summary(scorer, [{**row, "label": label} for row, label in zip(rows, labels)])
+                scorer.close()  # its workers' shut-down too
         else:
             rows = [{**row, "truncated": result["truncated"]} for row, result in zip(rows, results)]
     errors = [r for r in rows if r["error"]]
@@ -251,7 +262,8 @@ def main(argv=None):
 
     out = Path(args.output) if args.output else Path(f"{Path(args.input).with_suffix('')}.predictions.csv"
                                                     if Path(args.input).is_file() else "predictions.csv")
-    write_rows(rows, out)
+    with clock.phase("write"):
+        write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
     if labelled:
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
@@ -265,9 +277,12 @@ def main(argv=None):
             tracker.finish()
     if args.report:
         from latexocr.report import write_report
-        page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
-                            title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
+        with clock.phase("report"):
+            page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
+                                title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
         print(f"report: {page}")
+    if args.profile:
+        print(clock.line(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
