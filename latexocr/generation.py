@@ -74,27 +74,53 @@ def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: in
     return pos
 
 
-def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool):
-    """(indices into paths, failed [(index, error)], chunks or None) per generation batch of `batch_size`
-    paths, in order, built by `num_workers` DataLoader processes (0: in this one).
+def default_loader_workers() -> int:
+    """DataLoader workers for infer.py's NUM_WORKERS=auto: half the cores this process may use, 2 to 8.
 
-    With the static loop, the workers' unit is one prefill chunk (PREFILL_CHUNK_ROWS images), not the
-    whole batch, wherever the batch is a whole number of chunks: the batch is the same chunks as
-    before, but its chunks are built by several workers at once, so the first batch (which the GPU
-    waits for) is ready in a fraction of the time one worker takes to build it all, and the work spreads
-    over the workers evenly. Otherwise one DataLoader batch is one generation batch (chunked inside)."""
-    unit = PREFILL_CHUNK_ROWS if static and batch_size % PREFILL_CHUNK_ROWS == 0 else batch_size
+    A worker core turns ~340 real LaTeX_OCR images a second into prefill chunks (bench/bench_host.py),
+    one H200's decode loop takes ~450 (docs/BENCHMARKS.md); the other half of the cores is left to the
+    main process (it feeds the GPU) and to the scoring workers and their KaTeX children."""
+    from .scoring import available_cores
+    return max(2, min(8, available_cores() // 2))
+
+
+def loader_unit(batch_size: int | None, static: bool) -> int | None:
+    """Images per DataLoader batch: with the static loop one prefill chunk (PREFILL_CHUNK_ROWS) wherever the
+    generation batch is a whole number of chunks (or not yet known: BATCH_SIZE=auto before its probe), so
+    a batch's chunks are built by several workers at once and the first batch (which the GPU waits for)
+    is ready in a fraction of the time one worker takes to build it all; the batch is the same chunks as
+    before. Otherwise (None: not yet known) one DataLoader batch is one generation batch, chunked inside."""
+    if static and (batch_size is None or batch_size % PREFILL_CHUNK_ROWS == 0):
+        return PREFILL_CHUNK_ROWS
+    return batch_size
+
+
+def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool):
+    """An iterator over (indices into paths, failed [(index, error)], chunks or None) of `unit` paths each, in
+    order, built by `num_workers` DataLoader processes (0: in this one, on demand); the workers start now."""
     loader = DataLoader(_Images(paths, encoder.sizing), batch_size=unit, shuffle=False, num_workers=num_workers,
                         collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
                         persistent_workers=False)
+    return iter(loader)
+
+
+def joined_batches(units, unit: int, batch_size: int):
+    """Generation batches of `batch_size` paths from consecutive loader units of `unit` paths (a divisor)."""
     per_batch, group = batch_size // unit, []
-    for part in loader:
+    for part in units:
         group.append(part)
         if len(group) == per_batch:
             yield _joined(group)
             group = []
     if group:
         yield _joined(group)
+
+
+def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool):
+    """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
+    builds them (see loader_unit)."""
+    unit = loader_unit(batch_size, static)
+    return joined_batches(start_loader(encoder, paths, unit, num_workers, static), unit, batch_size)
 
 
 def _joined(parts):
@@ -207,12 +233,23 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
             with clock.phase("sort by size"):
                 order = _size_order(image_paths)
+                paths = [image_paths[i] for i in order]
+            # the workers start before the memory probe where their unit does not depend on its answer:
+            # the first chunks are built while the GPU probes
+            unit = loader_unit(batch_size, static)
+            with clock.phase("data wait"):
+                units = start_loader(encoder, paths, unit, num_workers, static) if unit is not None else None
             if batch_size is None:
-                largest = [image_paths[i] for i in order[-PREFILL_CHUNK_ROWS:]]
+                largest = paths[-PREFILL_CHUNK_ROWS:]
                 with clock.phase("memory probe"):
                     batch_size, why = fit_rows(model, encoder, largest, max_new_tokens, static, batch_setting)
                 print(f"{batch_setting}=auto: {batch_size} images per batch ({why})", file=sys.stderr, flush=True)
-            batches = image_batches(encoder, [image_paths[i] for i in order], batch_size, num_workers, static)
+            if unit is None or batch_size % unit:  # a batch that is not whole chunks (a small card's auto)
+                units = None  # its workers stop
+                unit = batch_size
+                with clock.phase("data wait"):
+                    units = start_loader(encoder, paths, unit, num_workers, static)
+            batches = joined_batches(units, unit, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
             try:

@@ -120,6 +120,11 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
                       progress=False)
     assert chunked[5]["prediction"] is None and "broken.png" in chunked[5]["error"]
     assert [r["prediction"] for r in chunked[:5] + chunked[6:]] == [r["prediction"] for r in one]
+    # BATCH_SIZE=auto: the workers start on chunks before the memory probe; a probed batch that is not whole
+    # chunks (here 3 rows) has its loader started again with batches of its size, the same texts
+    monkeypatch.setattr(generation, "fit_rows", lambda *args, **kwargs: (3, "monkeypatched"))
+    probed = predict(model, encoder, paths, batch_size=None, max_new_tokens=8, num_workers=2, progress=False)
+    assert [r["prediction"] for r in probed] == [r["prediction"] for r in one]
 
 
 # --------------------------------------------------------------------------- 8. inputs, outputs
