@@ -288,13 +288,20 @@ def main(argv=None):
         print(clock.line(), file=sys.stderr, flush=True)
 
 
+def started_as_command() -> bool:
+    """True in `python infer.py ...` (interpreter options allowed), not where other code runs this file
+    (runpy, tests): only a process of its own may end without the interpreter's teardown."""
+    words = [w for w in getattr(sys, "orig_argv", [])[1:] if not w.startswith("-")]
+    return bool(words) and Path(words[0]).resolve() == Path(__file__).resolve()
+
+
 if __name__ == "__main__":
     main()
     # Everything is printed and written by now (files closed, loader and scoring processes joined); what is
     # left is the interpreter tearing torch and transformers down, ~1.5 s a user waits for after the
     # metrics (docs/BENCHMARKS.md, "infer.py end to end"): skipped. Not after a SwanLab run, whose client
     # may still have work for its exit hooks.
-    if "swanlab" not in sys.modules:
+    if started_as_command() and "swanlab" not in sys.modules:
         import os
         sys.stdout.flush()
         sys.stderr.flush()
