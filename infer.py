@@ -30,7 +30,8 @@ IMAGE_SIZE: str = None        # "500x100": one fixed size in pixels for every im
 # ---- memory and hardware
 BATCH_SIZE: int = "auto"      # images per generation batch; auto: as many as fit the GPU's free memory
                               # (at most 512; measured, latexocr/memory.py), 512 on a CPU
-NUM_WORKERS = 4               # processes loading and encoding images ahead of generation
+NUM_WORKERS: int = "auto"     # processes loading and encoding images ahead of generation; auto: half the CPU
+                              # cores, 2 to 8 (one H200's loop takes ~450 images/s, a worker core makes ~340)
 DTYPE = "auto"                # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
 QUANTIZATION = "none"         # none | 4bit: the base as a QLoRA adapter was trained on (train.py QUANTIZATION)
 # ---- other jobs and outputs
@@ -41,6 +42,8 @@ SCORE = ""                    # re-score this predictions file (--output's CSV/J
 SWANLAB_MODE = "disabled"     # log this evaluation to SwanLab: auto | cloud | local | offline | disabled;
                               # local and offline runs go to $SWANLAB_LOG_DIR, else ./swanlog
 SWANLAB_PROJECT = "Qwen2-VL-LatexOCR"  # SwanLab project name
+PROFILE = False               # print one line on stderr at the end: seconds per phase, start-up to metrics
+                              # (latexocr/timing.py; docs/BENCHMARKS.md "infer.py end to end")
 # The attention implementation and other speed choices are the code's: latexocr/fast/choices.py.
 SETTINGS = {k: v for k, v in dict(globals()).items() if k.isupper() and not k.startswith("DEFAULT_")}
 # -----------------------------------------------------------------------------------------------
@@ -202,13 +205,17 @@ def main(argv=None):
     if args.score:  # before anything imports torch
         return rescore(args)
 
-    from latexocr.generation import predict
-    from latexocr.memory import parse_auto
-    from latexocr.metrics import worst_first
-    from latexocr.scoring import Scorer, default_workers, scored_summary
+    from latexocr.timing import Stopwatch
+    clock = Stopwatch()
+    with clock.phase("imports"):
+        from latexocr.generation import default_loader_workers, predict
+        from latexocr.memory import parse_auto
+        from latexocr.metrics import worst_first
+        from latexocr.scoring import Scorer, default_workers, scored_summary
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
-        images, labels, labelled = collect_inputs(args.input)
+        with clock.phase("read inputs"):
+            images, labels, labelled = collect_inputs(args.input)
         if args.limit > 0:
             images, labels = images[: args.limit], labels[: args.limit]
         if args.output:
@@ -217,26 +224,33 @@ def main(argv=None):
             if problem:
                 raise SystemExit(f"error: {problem}")
     parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
+    workers = parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)  # 0: images loaded in this process
     if args.merge_to:
         return merge(args)
 
     # Labelled: the scoring workers start before the model loads (their start-up overlaps the loading),
     # then score each batch's rows while the next batch generates.
-    with Scorer(default_workers(rows=len(images)) if labelled else 0) as scorer:
-        model, _, adapter, encoder, _ = load_with_sample(args)
+    with clock.phase("scoring start"):
+        scorer = Scorer(default_workers(rows=len(images)) if labelled else 0)
+    with scorer:
+        with clock.phase("model load"):
+            model, _, adapter, encoder, _ = load_with_sample(args)
 
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
         results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
                           max_new_tokens=args.max_new_tokens,
-                          num_workers=args.num_workers, progress=len(images) > 1,
-                          on_batch=score_batch if labelled else None)
+                          num_workers=default_loader_workers() if workers is None else workers,
+                          progress=len(images) > 1,
+                          on_batch=score_batch if labelled else None, stopwatch=clock)
         rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
                 for image, result in zip(images, results)]
         summary = None
         if labelled:
-            rows, summary = scored_summary(scorer, [{**row, "label": label} for row, label in zip(rows, labels)])
+            with clock.phase("scoring wait"):  # the rows still being scored after the last batch
+                rows, summary = scored_summary(scorer, [{**row, "label": label} for row, label in zip(rows, labels)])
+                scorer.close()  # its workers' shut-down too
         else:
             rows = [{**row, "truncated": result["truncated"]} for row, result in zip(rows, results)]
     errors = [r for r in rows if r["error"]]
@@ -251,7 +265,8 @@ def main(argv=None):
 
     out = Path(args.output) if args.output else Path(f"{Path(args.input).with_suffix('')}.predictions.csv"
                                                     if Path(args.input).is_file() else "predictions.csv")
-    write_rows(rows, out)
+    with clock.phase("write"):
+        write_rows(rows, out)
     print(f"{len(rows)} predictions ({len(errors)} errors) written to {out}")
     if labelled:
         print(json.dumps({"adapter": adapter or "none", **summary}, indent=2))
@@ -265,10 +280,29 @@ def main(argv=None):
             tracker.finish()
     if args.report:
         from latexocr.report import write_report
-        page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
-                            title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
+        with clock.phase("report"):
+            page = write_report(worst_first(rows) if labelled else rows, args.report, summary,
+                                title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
         print(f"report: {page}")
+    if args.profile:
+        print(clock.line(), file=sys.stderr, flush=True)
+
+
+def started_as_command() -> bool:
+    """True in `python infer.py ...` (interpreter options allowed), not where other code runs this file
+    (runpy, tests): only a process of its own may end without the interpreter's teardown."""
+    words = [w for w in getattr(sys, "orig_argv", [])[1:] if not w.startswith("-")]
+    return bool(words) and Path(words[0]).resolve() == Path(__file__).resolve()
 
 
 if __name__ == "__main__":
     main()
+    # Everything is printed and written by now (files closed, loader and scoring processes joined); what is
+    # left is the interpreter tearing torch and transformers down, ~1.5 s a user waits for after the
+    # metrics (docs/BENCHMARKS.md, "infer.py end to end"): skipped. Not after a SwanLab run, whose client
+    # may still have work for its exit hooks.
+    if started_as_command() and "swanlab" not in sys.modules:
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

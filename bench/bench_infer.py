@@ -31,7 +31,7 @@ def infer_py(a, model_dir, pairs) -> dict:
     labelled = write_json(pairs, len(pairs), a.work / f"labelled_{len(pairs)}.json")
     cmd = [sys.executable, str(ROOT / "infer.py"), str(labelled), "--model-id", str(model_dir), "--model-source",
            "local", "--adapter", "none", "--max-new-tokens", str(a.infer_py_max_new_tokens),
-           "--output", str(a.work / "infer_py_predictions.csv")]
+           "--output", str(a.work / "infer_py_predictions.csv"), "--profile", *a.infer_py_args.split()]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -39,10 +39,13 @@ def infer_py(a, model_dir, pairs) -> dict:
         print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
         return {"error": proc.returncode}
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    # infer.py --profile's line: seconds per phase (start-up, imports, model load, memory probe, data wait, engine, ...)
+    profile = next((x for x in reversed(proc.stderr.splitlines()) if x.startswith("time: ")), "")
     print(f"infer.py on {len(pairs)} labelled images (max {a.infer_py_max_new_tokens} new tokens): "
-          f"{wall:.1f} s from the command to the printed metrics ({len(pairs) / wall:.0f} images/s); {summary}",
-          flush=True)
-    return {"images": len(pairs), "max_new_tokens": a.infer_py_max_new_tokens, "wall_s": wall, "summary": summary}
+          f"{wall:.1f} s from the command to the printed metrics ({len(pairs) / wall:.0f} images/s); {summary}\n"
+          f"{profile}", flush=True)
+    return {"images": len(pairs), "max_new_tokens": a.infer_py_max_new_tokens, "wall_s": wall, "summary": summary,
+            "samples": a.samples, "args": a.infer_py_args, "profile": profile}
 
 
 def main():
@@ -66,6 +69,10 @@ def main():
     ap.add_argument("--infer-py-max-new-tokens", type=int, default=64,
                     help="its cap (random weights rarely stop before it; 64 ids ~ a median label and a half)")
     ap.add_argument("--only-infer-py", action="store_true", help="run only the infer.py measurement")
+    ap.add_argument("--infer-py-args", default="", help="more infer.py flags, e.g. '--num-workers 4' (the old default)")
+    ap.add_argument("--samples", choices=("small", "full_val"), default="small",
+                    help="the real images cycled: ../shared/latex_ocr/small's 110 (runs J-N) or full_val's 4,096 "
+                         "(distinct labels: scoring's caches do not answer for it)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
@@ -86,7 +93,11 @@ def main():
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device)).eval()
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
-    samples = real_samples(a.shared)
+    if a.samples == "full_val":
+        from bench_host import full_val
+        samples = full_val(a.shared)
+    else:
+        samples = real_samples(a.shared)
     cycled = [samples[i % len(samples)] for i in range(max(a.images, a.reference_images, a.full_test, a.infer_py))]
     fixed = dict(min_new_tokens=a.new_tokens)  # random weights: force the same length for every image
 

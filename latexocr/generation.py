@@ -14,6 +14,7 @@ from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
                      usable_bytes)
 from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
+from .timing import Stopwatch
 
 # The static-cache loop prefills a batch in chunks of this many images of similar size (the batch is
 # sorted by area), each padded to its own longest prompt: less padding, and prefill activations
@@ -71,6 +72,63 @@ def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: in
         n = int(attention_mask[r].sum())
         pos[1:, r, length - n:] = mrope_positions(mm_token_type_ids[r, length - n:].tolist(), grid_thw[r], merge_size)
     return pos
+
+
+def default_loader_workers() -> int:
+    """DataLoader workers for infer.py's NUM_WORKERS=auto: half the cores this process may use, 2 to 8.
+
+    A worker core turns ~340 real LaTeX_OCR images a second into prefill chunks (bench/bench_host.py),
+    one H200's decode loop takes ~450 (docs/BENCHMARKS.md); the other half of the cores is left to the
+    main process (it feeds the GPU) and to the scoring workers and their KaTeX children."""
+    from .scoring import available_cores
+    return max(2, min(8, available_cores() // 2))
+
+
+def loader_unit(batch_size: int | None, static: bool) -> int | None:
+    """Images per DataLoader batch: with the static loop one prefill chunk (PREFILL_CHUNK_ROWS) wherever the
+    generation batch is a whole number of chunks (or not yet known: BATCH_SIZE=auto before its probe), so
+    a batch's chunks are built by several workers at once and the first batch (which the GPU waits for)
+    is ready in a fraction of the time one worker takes to build it all; the batch is the same chunks as
+    before. Otherwise (None: not yet known) one DataLoader batch is one generation batch, chunked inside."""
+    if static and (batch_size is None or batch_size % PREFILL_CHUNK_ROWS == 0):
+        return PREFILL_CHUNK_ROWS
+    return batch_size
+
+
+def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool):
+    """An iterator over (indices into paths, failed [(index, error)], chunks or None) of `unit` paths each, in
+    order, built by `num_workers` DataLoader processes (0: in this one, on demand); the workers start now."""
+    loader = DataLoader(_Images(paths, encoder.sizing), batch_size=unit, shuffle=False, num_workers=num_workers,
+                        collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
+                        persistent_workers=False)
+    return iter(loader)
+
+
+def joined_batches(units, unit: int, batch_size: int):
+    """Generation batches of `batch_size` paths from consecutive loader units of `unit` paths (a divisor)."""
+    per_batch, group = batch_size // unit, []
+    for part in units:
+        group.append(part)
+        if len(group) == per_batch:
+            yield _joined(group)
+            group = []
+    if group:
+        yield _joined(group)
+
+
+def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool):
+    """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
+    builds them (see loader_unit)."""
+    unit = loader_unit(batch_size, static)
+    return joined_batches(start_loader(encoder, paths, unit, num_workers, static), unit, batch_size)
+
+
+def _joined(parts):
+    """One generation batch of consecutive loader units."""
+    if len(parts) == 1:
+        return parts[0]
+    chunks = [c for _, _, cs in parts for c in cs or ()]
+    return [i for p in parts for i in p[0]], [f for p in parts for f in p[1]], chunks or None
 
 
 def _size_order(paths) -> list[int]:
@@ -137,7 +195,7 @@ def _hand_over(on_batch, results: list[dict], done: list[int]) -> None:
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int | None = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
             progress: bool = True, engine: str = "auto", on_batch=None, batch_setting: str = "BATCH_SIZE",
-            **generate_kwargs) -> list[dict]:
+            stopwatch: Stopwatch | None = None, **generate_kwargs) -> list[dict]:
     """Greedy LaTeX for each image, in input order:
     [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
@@ -152,8 +210,11 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     on_batch(indices, results): called after each batch with its rows' positions in image_paths
     and their result dicts (every row once, unreadable images included), so a caller can score
     them while the next batch generates.
+    stopwatch: where the seconds of each phase are added (infer.py --profile), see latexocr/timing.py.
     """
     from tqdm.auto import tqdm
+
+    clock = stopwatch or Stopwatch()
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -172,40 +233,58 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             if engine == "static" and not supported:
                 raise ValueError("engine='static' does not support this model or these generate options "
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
-            order = _size_order(image_paths)
+            with clock.phase("sort by size"):
+                order = _size_order(image_paths)
+                paths = [image_paths[i] for i in order]
+            # the workers start before the memory probe where their unit does not depend on its answer:
+            # the first chunks are built while the GPU probes
+            unit = loader_unit(batch_size, static)
+            with clock.phase("data wait"):
+                units = start_loader(encoder, paths, unit, num_workers, static) if unit is not None else None
             if batch_size is None:
-                largest = [image_paths[i] for i in order[-PREFILL_CHUNK_ROWS:]]
-                batch_size, why = fit_rows(model, encoder, largest, max_new_tokens, static, batch_setting)
+                largest = paths[-PREFILL_CHUNK_ROWS:]
+                with clock.phase("memory probe"):
+                    batch_size, why = fit_rows(model, encoder, largest, max_new_tokens, static, batch_setting)
                 print(f"{batch_setting}=auto: {batch_size} images per batch ({why})", file=sys.stderr, flush=True)
-            dataset = _Images([image_paths[i] for i in order], encoder.sizing)
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
-                                persistent_workers=False)
+            if unit is None or batch_size % unit:  # a batch that is not whole chunks (a small card's auto)
+                units = None  # its workers stop
+                unit = batch_size
+                with clock.phase("data wait"):
+                    units = start_loader(encoder, paths, unit, num_workers, static)
+            batches = joined_batches(units, unit, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
             try:
-                for indices, failed, chunks in tqdm(loader, desc="generate", disable=not progress, unit="batch"):
+                batches = tqdm(batches, desc="generate", disable=not progress, unit="batch",
+                               total=-(-len(image_paths) // batch_size))
+                for indices, failed, chunks in clock.waited(batches, "data wait"):
                     for i, err in failed:
                         results[order[i]]["error"] = err
                     if chunks is None:
                         _hand_over(on_batch, results, [order[i] for i, _ in failed])
                         continue
-                    chunks = [c.to(device) for c in chunks]
+                    with clock.phase("to device"):
+                        chunks = [c.to(device) for c in chunks]
                     if static:
-                        new_tokens, stopped = decoder.generate(chunks)
+                        with clock.phase("engine"):
+                            new_tokens, stopped = decoder.generate(chunks)  # ends with a copy to the CPU
                         truncated = (~stopped).tolist()
                     else:
                         batch = chunks[0]
-                        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                             eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                             temperature=None, top_p=None, top_k=None, **generate_kwargs)
-                        new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+                        with clock.phase("engine"):
+                            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                                                 use_cache=True, temperature=None, top_p=None, top_k=None,
+                                                 **generate_kwargs)
+                            new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
                         stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
                         truncated = (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist()
-                    texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+                    with clock.phase("detokenise"):
+                        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
                     for i, text, cut in zip(indices, texts, truncated):
                         results[order[i]].update(prediction=text.strip(), truncated=cut)
-                    _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
+                    with clock.phase("scoring hand-over"):
+                        _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
             except torch.OutOfMemoryError:  # another process took memory, or fragmentation: one line, no traceback
                 release()
                 raise SystemExit(out_of_memory_message(batch_setting, batch_size, "while generating")) from None

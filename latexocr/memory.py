@@ -41,9 +41,9 @@ ADAM_STATE_BYTES = 8    # exp_avg + exp_avg_sq, fp32, per trainable weight (trai
 AUTO = "auto"
 
 
-def parse_auto(value, name: str, kind=int):
-    """None for "auto", else the value as `kind` (an int setting, or on/off/true/false for a bool one);
-    a wrong value stops with one line naming the setting."""
+def parse_auto(value, name: str, kind=int, minimum: int = 1):
+    """None for "auto", else the value as `kind` (an int setting of at least `minimum`, or on/off/true/false
+    for a bool one); a wrong value stops with one line naming the setting."""
     if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
         return None
     if kind is bool:
@@ -57,12 +57,12 @@ def parse_auto(value, name: str, kind=int):
     else:
         try:
             number = int(value)
-            if number >= 1:
+            if number >= minimum:
                 return number
         except (TypeError, ValueError):
             pass
     flag = "--" + name.lower().replace("_", "-")
-    allowed = "auto, on or off" if kind is bool else "auto or a whole number >= 1"
+    allowed = "auto, on or off" if kind is bool else f"auto or a whole number >= {minimum}"
     raise SystemExit(f"{name} ({flag}) must be {allowed}, not {value!r}")
 
 

@@ -89,7 +89,8 @@ def printed_metrics(stdout: str) -> dict:
 
 
 # ---------------------------------------------------------------------- 7. batched == unbatched
-def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_images):
+def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_images, monkeypatch, tmp_path):
+    from latexocr import generation
     from latexocr.batching import SampleEncoder
     from latexocr.cli import parse_settings
     from latexocr.generation import predict
@@ -110,6 +111,20 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
     assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
     # not a degenerate model that says the same thing for every image
     assert len({r["prediction"] for r in one}) > 1, one
+    # the workers build one prefill chunk each (here 2 images), a batch is its chunks joined again: the
+    # same texts, in input order, with an unreadable image's row an error in its place
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 2)
+    bad = str(tmp_path / "broken.png")
+    Path(bad).write_bytes(b"not an image")
+    chunked = predict(model, encoder, paths[:5] + [bad] + paths[5:], batch_size=4, max_new_tokens=8, num_workers=2,
+                      progress=False)
+    assert chunked[5]["prediction"] is None and "broken.png" in chunked[5]["error"]
+    assert [r["prediction"] for r in chunked[:5] + chunked[6:]] == [r["prediction"] for r in one]
+    # BATCH_SIZE=auto: the workers start on chunks before the memory probe; a probed batch that is not whole
+    # chunks (here 3 rows) has its loader started again with batches of its size, the same texts
+    monkeypatch.setattr(generation, "fit_rows", lambda *args, **kwargs: (3, "monkeypatched"))
+    probed = predict(model, encoder, paths, batch_size=None, max_new_tokens=8, num_workers=2, progress=False)
+    assert [r["prediction"] for r in probed] == [r["prediction"] for r in one]
 
 
 # --------------------------------------------------------------------------- 8. inputs, outputs
@@ -132,10 +147,17 @@ def test_inputs_and_outputs(trained, tiny_model_dir, data, tmp_path, capsys):
     assert [r["image"] for r in glob_rows] == images[:4]
     assert [r["prediction"] for r in glob_rows] == [by_image[p] for p in images[:4]]
 
-    # the conversation JSON -> CSV with labels and per-row scores, metrics printed
+    # the conversation JSON -> CSV with labels and per-row scores, metrics printed; --profile: one line of
+    # seconds per phase on stderr, adding up to the total a user waited
     capsys.readouterr()
-    infer.main([str(data / "data.json"), "--output", str(tmp_path / "json.csv"), *base])
-    out = capsys.readouterr().out
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "json.csv"), "--profile", *base])
+    captured = capsys.readouterr()
+    out = captured.out
+    profile = [line for line in captured.err.splitlines() if line.startswith("time: ")]
+    assert len(profile) == 1, captured.err
+    phases = {name: float(value) for name, value in re.findall(r"([a-z][a-z -]*?) ([0-9.]+) s", profile[0])}
+    assert {"model load", "data wait", "engine", "scoring wait", "write", "total"} <= set(phases), phases
+    assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"], abs=0.05)
     metrics = printed_metrics(out)
     assert metrics["adapter"] == str(trained / "final") and metrics["n"] == 8 and metrics["errors"] == 0
     json_rows = read_csv(tmp_path / "json.csv")
