@@ -258,7 +258,7 @@ def test_a_step_is_rolled_out_in_as_few_decoder_calls_as_fit(sft, tiny_model_dir
     fit, and each micro-batch gets the update batch (completions, advantages) that sampling it alone
     gives. Sampling is made deterministic by a tiny temperature, and the reward tells a group's rows
     apart by position so that the advantages are not all 0."""
-    from latexocr.decoding import StaticDecoder
+    from latexocr.fast import StaticDecoder
     work, data = sft
     (work / "position.py").write_text("def by_position(predictions, labels):\n"
                                       "    return [len(p) + 0.1 * (i % 3) for i, p in enumerate(predictions)]\n")
