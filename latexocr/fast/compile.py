@@ -16,6 +16,28 @@ CUDA_GRAPH_ROW_MULTIPLE = 256
 CUDA_GRAPH_PATCH_MULTIPLE = 256
 
 
+def warm_up_off_capture(run, times: int = 1) -> None:
+    """Run `run()` for real on a side stream before it is recorded: cuBLAS handles, kernel choices,
+    compiles and first allocations then happen outside the capture, which must not contain them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def record_graph(run, pool):
+    """(graph, output) of `run()` recorded as a CUDA graph in memory `pool` (nothing runs until a replay).
+    thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread) must not invalidate
+    the capture, as they do in the default "global" mode. The decoder (fast/decoding.py) and the vision
+    tower (fast/vision.py) record through here."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = run()
+    return graph, output
+
+
 def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 

@@ -38,6 +38,7 @@ import torch
 
 from ..modeling import unwrap, vision_language_core
 from .choices import speed_choices
+from .compile import record_graph, warm_up_off_capture
 
 SUPPORTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # config.layer_types the loop handles
@@ -292,18 +293,11 @@ class StaticDecoder:
     def _capture(self, s: _State) -> None:
         """Run one real step on a side stream (cuBLAS handles, kernel choice, allocations happen off
         the capture), then record the step; if recording fails, later steps run eagerly."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(s)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up_off_capture(lambda: self._step(s))  # the one real step of this call
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: the DataLoader's pin-memory thread must not invalidate the capture
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self._step(s)
+            graph, _ = record_graph(lambda: self._step(s), self.pool)
         except Exception as exc:  # capture errors surface as several types
             print(f"warning: the decode step could not be captured as a CUDA graph ({exc}); running it eagerly",
                   flush=True)

@@ -30,6 +30,7 @@ from ..batching import (CU_SEQLENS_KEY, IMAGE_POSITIONS_KEY, MAX_LENGTH_KEY, PRE
 from ..modeling import vision_language_core
 from ..training import summed_cross_entropy
 from .attention import PACKED_VISION_ATTENTION
+from .compile import record_graph, warm_up_off_capture
 
 
 def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor,
@@ -132,19 +133,13 @@ class VisionGraphs:
     @torch.no_grad()
     def _capture(self, pixel_values, grid_thw, positions, cu_seqlens, max_seqlen):
         inputs = tuple(t.clone() for t in (pixel_values, positions, cu_seqlens))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: compiles, autotunes, sets up cuBLAS
-            for _ in range(2):
-                self._run(inputs[0], grid_thw, *inputs[1:], max_seqlen)
-        torch.cuda.current_stream().wait_stream(side)
+        def run():
+            return self._run(inputs[0], grid_thw, *inputs[1:], max_seqlen)
+
+        warm_up_off_capture(run, times=2)  # compiled blocks compile and autotune here
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread) must not
-        # invalidate the capture, as they do in the default "global" mode
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            output = self._run(inputs[0], grid_thw, *inputs[1:], max_seqlen)
+        graph, output = record_graph(run, self.pool)
         return inputs, graph, output
 
 
