@@ -8,8 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
-from .fast import StaticDecoder, bytes_per_row, static_decode_supported
-from .fast import plain_text_attention
+from .fast import StaticDecoder, bytes_per_row, plain_text_attention, static_decode_supported
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
                      usable_bytes)
