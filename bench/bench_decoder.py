@@ -40,24 +40,11 @@ import os
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, build_random_model
+from common import DEFAULT_SHARED, build_random_model, full_val_samples
 
 RULE = 1.3  # ours must be faster than the library by more than this to keep its lines
 LIBRARY_RUN_S, OUR_RUN_S = 150, 40  # what one run may take on an H200 at 2,048 images, compile included
 RUNS = ("ours@cap", "library@cap", "ours@labels", "ours@labels/no-compaction", "library@labels")
-
-
-def full_val(shared: Path) -> list[tuple[str, str]]:
-    """(image path, label) of the real images in shared/latex_ocr/full_val (4,096)."""
-    root = shared / "latex_ocr" / "full_val"
-    formulas = (root / "formulas" / "val.formulas.norm.txt").read_text(encoding="utf-8").splitlines()
-    pairs = []
-    for line in (root / "matching" / "val.matching.txt").read_text().splitlines():
-        name, idx = line.split()
-        pairs.append((str(root / "images" / "images_val" / name), formulas[int(idx)]))
-    if not pairs:
-        raise SystemExit(f"no images under {root}")
-    return pairs
 
 
 def make_label_stops(decoder_cls):
@@ -192,7 +179,7 @@ def main():
                    "new_tokens": cap, "images": a.images, "load_s": round(time.perf_counter() - t0, 1)}}
     emit(env)
 
-    pairs = full_val(a.shared)
+    pairs = full_val_samples(a.shared)
     order = generation._size_order([p for p, _ in pairs])
     pairs = [pairs[i] for i in order]  # by area, as predict() sorts; cycling keeps whole batches similar
 

@@ -31,14 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, ROOT, write_json
-
-
-def full_val(shared: Path) -> list[tuple[str, str]]:
-    root = shared / "latex_ocr" / "full_val"
-    formulas = (root / "formulas" / "val.formulas.norm.txt").read_text(encoding="utf-8").splitlines()
-    return [(str(root / "images" / "images_val" / name), formulas[int(idx)])
-            for name, idx in (line.split() for line in (root / "matching" / "val.matching.txt").read_text().splitlines())]
+from common import DEFAULT_SHARED, ROOT, full_val_samples, write_json
 
 
 def emit(a, record: dict) -> None:
@@ -163,7 +156,7 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     parts = set(a.parts.split(","))
-    pairs = full_val(a.shared.resolve())
+    pairs = full_val_samples(a.shared.resolve())
     paths = [p for p, _ in pairs]
     if parts & {"1", "2"}:
         encoder = encoder_for(a.shared.resolve())

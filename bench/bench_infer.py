@@ -94,8 +94,8 @@ def main():
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
     if a.samples == "full_val":
-        from bench_host import full_val
-        samples = full_val(a.shared)
+        from common import full_val_samples
+        samples = full_val_samples(a.shared)
     else:
         samples = real_samples(a.shared)
     cycled = [samples[i % len(samples)] for i in range(max(a.images, a.reference_images, a.full_test, a.infer_py))]

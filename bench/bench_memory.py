@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, FAMILIES, ROOT, build_random, family_name
+from common import DEFAULT_SHARED, FAMILIES, ROOT, build_random, family_name, full_val_samples, write_json
 from bench_train import parse_logs
 
 SITECUSTOMIZE = '''
@@ -59,23 +59,6 @@ HAND_ROWS = (512, 256, 128)
 # seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
 # infer.py: 2,048 images); larger models scale with their weights
 ESTIMATE_S = {"train": 110, "train_hand": 70, "infer": 50, "build": 20}
-
-
-def full_val_pairs(shared: Path) -> list[tuple[str, str]]:
-    root = shared / "latex_ocr" / "full_val"
-    formulas = (root / "formulas" / "val.formulas.norm.txt").read_text(encoding="utf-8").splitlines()
-    pairs = []
-    for line in (root / "matching" / "val.matching.txt").read_text().splitlines():
-        name, idx = line.split()
-        pairs.append((str(root / "images" / "images_val" / name), formulas[int(idx)]))
-    return pairs
-
-
-def write_json(pairs, path: Path) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from latexocr.sample import make_record
-    path.write_text(json.dumps([make_record(i, p, t) for i, (p, t) in enumerate(pairs)], ensure_ascii=False))
-    return path
 
 
 def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -185,10 +168,10 @@ def main():
     (work / "site").mkdir(parents=True, exist_ok=True)
     (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     args.shared = args.shared.resolve()  # the JSON files hold absolute image paths
-    pairs = full_val_pairs(args.shared)
-    write_json(pairs[:2048], work / "train.json")
-    write_json(pairs[2048:2304], work / "val.json")
-    write_json(pairs[2048:4096], work / "infer.json")
+    pairs = full_val_samples(args.shared)
+    write_json(pairs[:2048], 2048, work / "train.json")
+    write_json(pairs[2048:2304], 256, work / "val.json")
+    write_json(pairs[2048:4096], 2048, work / "infer.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
     for family, cap, kind, name, flags, seconds in cells:

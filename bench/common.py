@@ -156,17 +156,29 @@ def build_random_qwen3_5(shared: Path, out: Path, src: Path | None = None) -> Pa
     return out
 
 
+def _matched(root: Path, split: str) -> list[tuple[str, str]]:
+    """(image path, label) of one split of a LaTeX_OCR folder: its matching file pairs each image with a
+    line of its formulas file."""
+    formulas = (root / "formulas" / f"{split}.formulas.norm.txt").read_text(encoding="utf-8").splitlines()
+    return [(str(root / "images" / f"images_{split}" / name), formulas[int(idx)])
+            for name, idx in (line.split() for line in (root / "matching" / f"{split}.matching.txt").read_text().splitlines())]
+
+
 def real_samples(shared: Path) -> list[tuple[str, str]]:
     """(image path, label) of the real printed LaTeX_OCR images in shared/latex_ocr/small."""
     root = shared / "latex_ocr" / "small"
-    pairs = []
-    for split, folder in (("train", "images_train"), ("val", "images_val"), ("test", "images_test")):
-        formulas = (root / "formulas" / f"{split}.formulas.norm.txt").read_text(encoding="utf-8").splitlines()
-        for line in (root / "matching" / f"{split}.matching.txt").read_text().splitlines():
-            name, idx = line.split()
-            pairs.append((str(root / "images" / folder / name), formulas[int(idx)]))
+    pairs = [pair for split in ("train", "val", "test") for pair in _matched(root, split)]
     if not pairs:
         raise SystemExit(f"no samples under {root}")
+    return pairs
+
+
+def full_val_samples(shared: Path) -> list[tuple[str, str]]:
+    """(image path, label) of the real images in shared/latex_ocr/full_val (4,096, distinct labels)."""
+    root = shared / "latex_ocr" / "full_val"
+    pairs = _matched(root, "val")
+    if not pairs:
+        raise SystemExit(f"no images under {root}")
     return pairs
 
 
