@@ -74,7 +74,6 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
 def outcome(proc) -> dict:
     text = proc.stdout + proc.stderr
     peak = re.findall(r"bench: peak allocated ([\d.]+) GiB", text)
-    last = proc.stderr.strip().splitlines()[-2:] if proc.returncode else []
     return {"exit": proc.returncode, "peak_gib": float(peak[-1]) if peak else None,
             "traceback": "Traceback" in proc.stderr,
             "last_line": next((ln for ln in reversed(proc.stderr.strip().splitlines()) if not ln.startswith("bench:")), "")
