@@ -188,6 +188,17 @@ def test_a_packed_row_leaks_no_state_between_samples(model_dir, encoder, formula
     assert difference > 1e-2, "the leak this guards against did not show: the test would prove nothing"
 
 
+def _rule_per_sample(reference):
+    """A stand-in for a varlen chunked delta rule: `reference` (transformers' PyTorch rule) run on each
+    sample of the packed row alone (cu_seqlens), the outputs joined again."""
+    def rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+        bounds = cu_seqlens.tolist()
+        parts = [reference(*(t[:, s:e] for t in (q, k, v, g, beta)), use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1), None
+    return rule
+
+
 def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, monkeypatch):
     """With flash-linear-attention + causal-conv1d (GPU, the FLA_CAUSAL_CONV1D path), the row goes through each layer in one call
     and the kernels get the boundaries: `cu_seqlens` for the delta rule, `seq_idx` for the
@@ -203,14 +214,11 @@ def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, m
                  for i in range(int(seq_idx.max()) + 1)]
         return torch.cat(parts, dim=2)
 
-    def rule(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-             cu_seqlens=None, **kwargs):
+    each_sample = _rule_per_sample(reference_rule)
+
+    def rule(*args, cu_seqlens=None, **kwargs):
         seen["rule"].append(cu_seqlens)
-        bounds = cu_seqlens.tolist()
-        parts = [reference_rule(*(t[:, s:e] for t in (q, k, v, g, beta)),
-                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
-                 for s, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(parts, dim=1), None
+        return each_sample(*args, cu_seqlens=cu_seqlens, **kwargs)
 
     monkeypatch.setattr(q35, "causal_conv1d_fn", conv)
     monkeypatch.setattr(q35, "torch_chunk_gated_delta_rule", rule)
@@ -337,14 +345,11 @@ def _install_stand_in_fla(monkeypatch, seen):
                  for s, e in zip(bounds[:-1], bounds[1:])]
         return torch.cat(parts, dim=1), None
 
-    def chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=False, cu_seqlens=None,
-                               cu_seqlens_cpu=None, **kwargs):
+    each_sample = _rule_per_sample(q35.torch_chunk_gated_delta_rule)
+
+    def chunk_gated_delta_rule(*args, cu_seqlens_cpu=None, **kwargs):
         seen["rule"].append(cu_seqlens_cpu.tolist())
-        bounds = cu_seqlens.tolist()
-        parts = [q35.torch_chunk_gated_delta_rule(*(t[:, s:e] for t in (q, k, v, g, beta)),
-                                                  use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
-                 for s, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(parts, dim=1), None
+        return each_sample(*args, **kwargs)
 
     conv = types.ModuleType("fla.modules.causal_conv1d")
     conv.causal_conv1d = causal_conv1d
