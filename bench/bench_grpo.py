@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import statistics
 import subprocess
@@ -24,14 +25,24 @@ from pathlib import Path
 from common import DEFAULT_SHARED, ROOT, build_random_model, real_samples, write_json
 
 
-def run(flags: list[str], work: Path) -> str:
-    env = {**os.environ, "SWANLAB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+def run(flags: list[str], work: Path, log: Path | None = None) -> str:
+    """train.py with `flags`; its output streamed to this process's stdout and to `log` as it comes (a
+    run cut at a time limit keeps its step lines), and returned."""
+    env = {**os.environ, "SWANLAB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+    lines = []
+    with subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc, \
+            (open(log, "a") if log else contextlib.nullcontext()) as sink:
+        for line in proc.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+            if sink:
+                sink.write(line)
+                sink.flush()
     if proc.returncode:
-        raise SystemExit(f"train.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise SystemExit(f"train.py exited {proc.returncode} (its output is above)")
+    return "".join(lines)
 
 
 def main():
@@ -45,6 +56,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sft-steps", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--log", type=Path, default=Path(os.environ["OUT"]) / "bench_grpo.log" if os.environ.get("OUT") else None,
+                        help="train.py's output appended here as it comes (default: $OUT/bench_grpo.log where $OUT is set)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or build_random_model(args.shared, args.work / "qwen2vl-2b-random")
@@ -53,9 +66,9 @@ def main():
               "--output-dir", args.work / "run", "--swanlab-mode", "disabled", "--no-eval-base-model",
               "--save-steps", 100000, "--logging-steps", 1, "--max-new-tokens", args.max_new_tokens]
     if not (args.work / "run" / "final" / "adapter_config.json").is_file():
-        run([*common, "--max-steps", args.sft_steps, "--batch-size", 16], args.work)
+        run([*common, "--max-steps", args.sft_steps, "--batch-size", 16], args.work, args.log)
     out = run([*common, "--method", "grpo", "--max-steps", args.steps, "--batch-size", args.images,
-               "--micro-batch-size", args.micro, "--num-generations", args.generations], args.work)
+               "--micro-batch-size", args.micro, "--num-generations", args.generations], args.work, args.log)
     lines = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'loss'")][1:]
     if not lines:
         raise SystemExit("no steady-state log lines: raise --steps")
