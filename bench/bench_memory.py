@@ -48,16 +48,30 @@ if _cap > 0:
 
 _pid = os.getpid()
 
+_checkpointed = [0]  # torch.utils.checkpoint calls: what really recomputes (transformers binds it at import, after this)
+if "torch" in sys.modules:
+    import torch.utils.checkpoint as _ckpt
+    _plain = _ckpt.checkpoint
+    def _counted(*args, **kwargs):
+        _checkpointed[0] += 1
+        return _plain(*args, **kwargs)
+    _ckpt.checkpoint = _counted
+
 def _peak():  # the script's own process, not a forked DataLoader worker
     torch = sys.modules.get("torch")
     if os.getpid() == _pid and torch is not None and torch.cuda.is_initialized():
+        stats = torch.cuda.memory_stats()
         print(f"bench: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
+        print(f"bench: allocator cudaMalloc {stats.get('num_device_alloc', 0)} cudaFree {stats.get('num_device_free', 0)} "
+              f"retries {stats.get('num_alloc_retries', 0)} ooms {stats.get('num_ooms', 0)}; "
+              f"checkpointed calls {_checkpointed[0]}", file=sys.stderr)
 atexit.register(_peak)
 '''
 HAND_GRID = [(micro, ckpt) for micro in (16, 8, 4) for ckpt in (False, True)]
 HAND_ROWS = (512, 256, 128)
 # seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
 # infer.py: 2,048 images); larger models scale with their weights
+EXTRA: list[str] = []  # --extra: more flags for every cell's script (the last of a flag given twice wins)
 ESTIMATE_S = {"train": 110, "train_hand": 70, "infer": 50, "build": 20}
 
 
@@ -74,7 +88,9 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
 def outcome(proc) -> dict:
     text = proc.stdout + proc.stderr
     peak = re.findall(r"bench: peak allocated ([\d.]+) GiB", text)
+    allocator = re.findall(r"bench: (allocator .*)", text)
     return {"exit": proc.returncode, "peak_gib": float(peak[-1]) if peak else None,
+            "allocator": allocator[-1] if allocator else "",
             "traceback": "Traceback" in proc.stderr,
             "last_line": next((ln for ln in reversed(proc.stderr.strip().splitlines()) if not ln.startswith("bench:")), "")
             if proc.returncode else ""}
@@ -84,7 +100,7 @@ def train(model, work, cap, name, flags, steps=20):
     cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(model), "--model-source", "local",
            "--train-json", str(work / "train.json"), "--val-json", str(work / "val.json"),
            "--output-dir", str(work / f"out_{name}"), "--max-steps", str(steps), "--save-steps", "100000",
-           "--swanlab-mode", "disabled", "--max-new-tokens", "64", *flags]
+           "--swanlab-mode", "disabled", "--max-new-tokens", "64", *flags, *EXTRA]
     proc, wall = run(cmd, work, cap, name)
     logs = [entry for entry in parse_logs(proc.stdout + proc.stderr) if "samples_per_second" in entry]
     choice = next((ln for ln in proc.stdout.splitlines() if ln.startswith("micro-batch ")), "")
@@ -104,7 +120,7 @@ def infer(model, work, cap, name, flags=()):
     out = work / f"out_{name}"
     cmd = [sys.executable, str(ROOT / "infer.py"), str(work / "infer.json"), "--model-id", str(model),
            "--model-source", "local", "--adapter", "none", "--output", str(out) + ".csv", "--max-new-tokens", "64",
-           *flags]
+           *flags, *EXTRA]
     proc, wall = run(cmd, work, cap, name)
     rows = re.findall(r"BATCH_SIZE=auto: (\d+) images per batch \(([^)]*)\)", proc.stderr)
     return {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
@@ -149,9 +165,12 @@ def main():
     ap.add_argument("--quantization", default="", help="e.g. 4bit: train.py and infer.py with --quantization 4bit")
     ap.add_argument("--only", default="train,infer")
     ap.add_argument("--cells", default="", help="comma-separated cell names (as --dry-run prints them): only these")
+    ap.add_argument("--extra", default="", help="more flags for every cell's train.py / infer.py, e.g. "
+                                                 "'--eval-base-model' (they come last: they win)")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
+    EXTRA.extend(args.extra.split())
     families = list(FAMILIES) if args.families == "all" else [family_name(f) for f in args.families.split(",") if f]
     caps = [0.0 if c.strip().lower() in ("none", "0") else float(c) for c in args.caps.split(",") if c]
     cells = plan(families, caps, args.grid, set(args.only.split(",")), args.quantization)
