@@ -113,6 +113,7 @@ def train(model, work, cap, name, flags, steps=20):
     if peaks:  # the training steps' own peak (the exit hook's can miss it: the Trainer resets the counter)
         result["train_peak_gib"] = max(peaks)
         result["alloc_retries"] = int(logs[-1].get("gpu_alloc_retries", 0))  # the allocator's flush-and-retry count
+        result["reserved_gib"] = [float(entry.get("gpu_mem_reserved_gib", "nan")) for entry in logs]
     return result
 
 

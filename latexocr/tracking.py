@@ -31,7 +31,7 @@ DEFAULT_PORT = 5092
 #: Last parts of metric keys that are totals or counts, not curves (``train/epoch``, ``eval/n``).
 NOT_CHARTED = {"epoch", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second", "train_samples_per_second",
                "train_steps_per_second", "total_flos", "train_loss", "n", "errors", "gpu_mem_peak_gib",
-               "gpu_alloc_retries"}
+               "gpu_mem_reserved_gib", "gpu_alloc_retries"}
 CAPTION_CHARS = 48  #: what a caption keeps of a label and of a prediction: the image grid shows the start
 
 

@@ -242,6 +242,9 @@ class ThroughputCallback(TrainerCallback):
                 logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
             if torch.cuda.is_available():
                 logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                # what the allocator holds from the card now (in use + cached): near the card's limit, memory held
+                # by something other than training (a leftover cache or graph pool) shows here
+                logs["gpu_mem_reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
                 # cudaMalloc failures the allocator answered by freeing its whole cache and retrying (a
                 # sync each): near a card's limit they cost speed without any error
                 logs["gpu_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
