@@ -5,7 +5,8 @@ Training (`fit_training_batch`): a probe step (forward + backward, the plain ste
 of the run, real samples holding the tokens of the PERCENTILE-th of the run's random micro-batches
 (memory grows with a micro-batch's tokens: batching.micro_batch_tokens), at each candidate micro-batch
 from the largest down; the first that fits without gradient checkpointing, and a larger one with it
-where that fits, are timed, and the faster per token wins. Fits means: the probe's peak plus the
+where that fits, are timed, and checkpointing wins only where it measured clearly faster per token
+(CHECKPOINTING_MARGIN). Fits means: the probe's peak plus the
 optimizer's state (AdamW keeps two moments of every trainable weight, not yet allocated when the probe
 runs) within the memory this process can use, less MARGIN (fragmentation, what the probe did not see).
 Requiring the worst batch the data can produce (its longest samples) to fit would cost speed on every
@@ -34,6 +35,11 @@ from dataclasses import dataclass
 import torch
 
 MARGIN = 0.10           # of the usable memory, kept free
+TIMED_PASSES = 3        # timed probe passes after the warm-up one; the fastest counts (interference only adds time)
+# Checkpointing must measure this much faster per token before it is chosen: one probe's timing varies by
+# ~15 % between runs (docs/BENCHMARKS.md run O: on a 16 GiB card the plain micro-batch 8 trained 25 % faster
+# than 16 + checkpointing, while single probes ranked them anywhere from 0.92x to 1.24x)
+CHECKPOINTING_MARGIN = 0.15
 PERCENTILE = 0.90       # the probed micro-batch holds the tokens of this quantile of the run's random ones
 MAX_GENERATION_ROWS = 512  # the largest generation batch "auto" picks (docs/BENCHMARKS.md: no gain above)
 ADAM_STATE_BYTES = 8    # exp_avg + exp_avg_sq, fp32, per trainable weight (trainable weights are fp32)
@@ -131,8 +137,9 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
     `probe` itself is the worst batch).
     checkpointing: None (auto) or the user's choice. Without checkpointing the largest fitting
     micro-batch is taken; with auto, checkpointing at a larger micro-batch is probed too (it
-    recomputes the forward, ~1/3 more work, but a larger batch keeps the GPU busier) and the
-    faster per token wins, measured (per token: the worst-case batches differ in tokens per sample).
+    recomputes the forward, ~1/3 more work, but a larger batch keeps the GPU busier) and wins where it
+    measured faster per token by more than CHECKPOINTING_MARGIN (per token: the probed batches differ
+    in tokens per sample; the margin: a probe's timing noise).
     """
     tried: list[Probe] = []
 
@@ -158,7 +165,7 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
         raise DoesNotFit(f"out of GPU memory: {seen} of the {gib(budget)} this GPU can give training; "
                          f"use --quantization 4bit (QLoRA), a shorter --max-length, smaller images "
                          f"(--image-max-pixels), or a GPU with more memory")
-    best = min(fitting, key=lambda p: p.cost)
+    best = recompute if recompute and (plain is None or recompute.cost < plain.cost * (1 - CHECKPOINTING_MARGIN)) else plain
     timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
                         f"{gib(p.peak)}, {p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
     if worst_probe is None:
@@ -218,10 +225,12 @@ def percentile_samples(lengths: list[int], micro: int, packed: bool, percentile:
     return order[lo:lo + micro]
 
 
-def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, percentile: float = PERCENTILE):
-    """probe(micro, checkpointing) for choose_training_batch: one warm-up and one timed forward +
-    backward of `step_loss(model, batch) -> (summed loss, count)` on a `percentile` batch of the run
-    (percentile_samples; 1: the worst batch, the longest samples)."""
+def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, percentile: float = PERCENTILE,
+                        timed_passes: int = TIMED_PASSES):
+    """probe(micro, checkpointing) for choose_training_batch: one warm-up and `timed_passes` timed forward +
+    backward passes (the fastest counts) of `step_loss(model, batch) -> (summed loss, count)` on a
+    `percentile` batch of the run (percentile_samples; 1: the worst batch, the longest samples). The peak
+    is the passes' highest (from the second on, the gradients are held too)."""
     from .batching import micro_batch_tokens
 
     device = next(model.parameters()).device
@@ -233,15 +242,16 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         release()
         torch.cuda.reset_peak_memory_stats(device)
-        seconds = 0.0
+        times = []
         try:
-            for _ in range(2):  # the first pays for kernel selection and workspaces
+            for _ in range(1 + timed_passes):  # the first pays for kernel selection and workspaces
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 loss, count = step_loss(model, dict(batch))
                 (loss / max(count, 1)).backward()
                 torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - start
+                times.append(time.perf_counter() - start)
+                loss = None
             peak = torch.cuda.max_memory_allocated(device) + extra_bytes
         except torch.OutOfMemoryError:
             peak = None
@@ -250,6 +260,7 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
             loss = None
             release()
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        seconds = min(times[1:]) if len(times) > 1 else 0.0
         return Probe(micro, checkpointing, peak, seconds, tokens,
                      size=micro_batch_tokens([dataset.lengths[i] for i in picked], collator.packed))
 
@@ -269,7 +280,7 @@ def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int
         choice = choose_training_batch(candidates, probe, budget, checkpointing)
     else:
         probe = training_step_probe(model, dataset, collator, step_loss, extra)
-        worst = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0)
+        worst = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0, timed_passes=1)  # its peak only
         choice = choose_training_batch(candidates, probe, budget, checkpointing, worst_probe=worst)
     set_checkpointing(model, choice.checkpointing)
     return choice

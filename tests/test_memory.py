@@ -123,6 +123,27 @@ def test_auto_picks_the_fast_setting_on_a_16_gib_card_and_splits_the_rare_larger
     assert (worst_rule.micro, worst_rule.checkpointing) == (16, True)  # what run M's auto chose
 
 
+def test_checkpointing_needs_a_clear_win_not_a_probe_that_ran_fast_by_chance():
+    """Run O at 16 GiB: single probes ranked micro-batch 8 plain against 16 + checkpointing anywhere from
+    0.92x to 1.24x per token, while training the plain 8 ran 25 % faster (30.9 against 23.5 samples/s;
+    one run's auto took checkpointing on a probe that had it 9 % ahead). Within the margin plain stays;
+    a clear win (a card where only a small batch fits plainly) still takes checkpointing."""
+    def probes(plain_ms_per_k, checkpointed_ms_per_k):
+        def probe(micro, checkpointing):
+            tokens = RUN_M_P90[micro]
+            mib = tokens * 6.4 * (0.3 if checkpointing else 1)
+            ms = checkpointed_ms_per_k if checkpointing else plain_ms_per_k
+            return Probe(micro, checkpointing, int(4.5 * GIB + mib * 2**20), tokens * ms / 1e6, tokens, size=tokens)
+        return probe
+    budget = int(13.5 * GIB)
+    # run O's first call: 6.6k tokens/s plain, 7.2k with checkpointing (152 vs 139 ms per 1k tokens)
+    choice = choose_training_batch(divisors_descending(16), probes(152, 139), budget)
+    assert (choice.micro, choice.checkpointing) == (8, False)
+    # checkpointing 30 % faster per token: a clear win
+    choice = choose_training_batch(divisors_descending(16), probes(152, 106), budget)
+    assert (choice.micro, choice.checkpointing) == (16, True)
+
+
 def test_where_the_longest_samples_fit_too_nothing_is_split():
     # a whole H200 (125 GiB usable): micro-batch 16 plain, its worst batch 33 GiB
     choice = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_P90), 125 * GIB,
