@@ -269,11 +269,17 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     la.avoid_refused_kernels(model)  # what train.py calls without packing (--no-packing): the same guard
     assert swapped == [True, True]
 
-    _available(monkeypatch, fla=True)
+    _available(monkeypatch, fla=True)  # fla runs: its chunk rule on right-padded samples (run O: its varlen path was slower)
+    assert la.choose_path() == (la.FLA_PADDED, "fla 0.6.0 chunk, right-padded samples (its varlen path measured slower)")
+    assert "pass fla's kernels as one right-padded batch" in la.describe(model)
+    keep_packed_samples_apart(model)
+    assert swapped == [True, True]  # fla's rule stays (it runs here)
+    monkeypatch.setenv("LATEXOCR_SPEED", "fla_varlen=on")  # fla's varlen kernels, where a bench asks for them
     assert la.choose_path() == (la.FLA, "fla 0.6.0 chunk + fla conv, packed")
     assert la.describe(model).startswith("linear-attention layers: fla 0.6.0 chunk + fla conv, packed:")
     monkeypatch.setattr(la, "conv_tunes_per_length", lambda: True)
     assert "bucketed" in la.choose_path()[1]
+    monkeypatch.delenv("LATEXOCR_SPEED")
     _available(monkeypatch, fla=True, conv=True)
     assert la.choose_path() == (la.FLA_CAUSAL_CONV1D, "fla 0.6.0 chunk + causal-conv1d, packed")
 
@@ -386,26 +392,28 @@ def test_fla_path_keeps_samples_apart_with_the_layers_own_arithmetic(model_dir, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with flash-linear-attention")
-def test_gpu_fla_path_packed_losses_and_gradients_equal_each_sample_alone(model_dir, encoder, formula_images):
-    """On a GPU where fla runs (flash-linear-attention; tilelang too on Hopper with Triton < 3.7.1), the FLA
-    path is the one chosen, and a packed row's per-sample losses and gradients equal each sample's alone.
+@pytest.mark.parametrize("varlen", [False, True], ids=["default", "fla_varlen"])
+def test_gpu_fla_path_packed_losses_and_gradients_equal_each_sample_alone(model_dir, encoder, formula_images, varlen):
+    """On a GPU where fla runs (flash-linear-attention; tilelang too on Hopper with Triton < 3.7.1), an fla
+    path is the one chosen (the default FLA_PADDED, or FLA with fla_varlen), and a packed row's per-sample
+    losses and gradients equal each sample's alone.
 
     fp32 model: packed and alone run the same fla kernels on the same per-sample chunks (fla's varlen
     chunks start at each sample's start), so they differ only by summation order (fp32: ~1e-6), hence
     1e-4 relative. Against transformers' reference PyTorch kernels (padded batch, fp32) fla's dots run in
     TF32 (~1e-3 relative per product, measured 0.15-0.55 % on a whole layer), hence 2e-2 there: a
     wiring error (a state across samples, a wrong gate) moves the loss by far more."""
-    path, why = la.choose_path()
+    path, why = la.choose_path(varlen=varlen)
     if path == la.PADDED:
         pytest.skip(f"the fla path does not run here: {why}")
-    assert path in (la.FLA, la.FLA_CAUSAL_CONV1D) and why.startswith("fla ")
+    assert path in (la.FLA, la.FLA_CAUSAL_CONV1D, la.FLA_PADDED) and why.startswith("fla ")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
 
     def loaded():
         model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").to(device)
         use_packed_text_attention(model)
-        assert keep_packed_samples_apart(model) == 3
+        assert keep_packed_samples_apart(model, path=path) == 3
         return model.train()
 
     def loss_and_grads(model, batch):

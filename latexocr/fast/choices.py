@@ -26,6 +26,8 @@ class SpeedChoices:
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
+    fla_varlen: bool = False              # packed Qwen3.5 rows through fla's varlen kernels (cu_seqlens, fla's own conv)
+                                          # instead of right-padded samples through fla's chunk rule (run O: slower)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
 

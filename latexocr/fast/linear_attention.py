@@ -7,12 +7,17 @@ start from the previous sample's state. On a packed row (the collator's boundari
 row, no attention mask), one call of each layer per row, by the first path that runs here (choose_path,
 named in train.py's log line):
 
-* FLA: flash-linear-attention's Triton kernels, both given the row's boundaries (`cu_seqlens`): its
-  causal convolution and its chunked delta rule, called by fla_forward below (the layer's own forward
-  re-done for a packed row, as ms-swift / LLaMA-Factory / axolotl do: transformers' layer hands its
-  convolution to causal-conv1d only). Needs only flash-linear-attention, which refuses Hopper GPUs
-  with Triton >= 3.4, < 3.7.1 unless tilelang is installed (wrong gradients, fla #640): fla_refusal
-  reads that condition from fla itself, before any kernel runs.
+* FLA_PADDED (flash-linear-attention runs here, causal-conv1d absent; the default there): the row's
+  samples as a right-padded batch (as PADDED below) through the layer's own forward, which runs fla's
+  chunked delta rule (transformers picked it) and PyTorch's convolution. flash-linear-attention refuses
+  Hopper GPUs with Triton >= 3.4, < 3.7.1 unless tilelang is installed (wrong gradients, fla #640):
+  fla_refusal reads that condition from fla itself, before any kernel runs.
+* FLA (LATEXOCR_SPEED=fla_varlen=on): flash-linear-attention's Triton kernels, both given the row's
+  boundaries (`cu_seqlens`): its causal convolution and its chunked delta rule, called by fla_forward
+  below (the layer's own forward re-done for a packed row, as ms-swift / LLaMA-Factory / axolotl do:
+  transformers' layer hands its convolution to causal-conv1d only). No padding work, yet on an H200
+  (torch 2.11, Triton 3.6, tilelang) it trained Qwen3.5-2B at 32.8-37.9 samples/s against 42.7 for
+  padded batches (docs/BENCHMARKS.md run O), so it is not the default.
 * FLA_CAUSAL_CONV1D: fla's delta rule and causal-conv1d's convolution, through transformers' own
   forward (`cu_seq_lens_q` for the delta rule, `seq_idx` for the convolution).
 * PADDED (no usable fla: a CPU, no package, or the refusal above): transformers' reference PyTorch
@@ -36,7 +41,7 @@ import torch
 from ..batching import CU_SEQLENS_KEY, MAX_LENGTH_KEY
 
 LINEAR_ATTENTION_CLASS_SUFFIX = "GatedDeltaNet"
-FLA, FLA_CAUSAL_CONV1D, PADDED = "fla", "fla+causal-conv1d", "padded"  # choose_path's answers
+FLA, FLA_CAUSAL_CONV1D, FLA_PADDED, PADDED = "fla", "fla+causal-conv1d", "fla-padded", "padded"  # choose_path's
 # fla's causal-convolution kernels, where each version keeps them (0.6.0; its later layout)
 FLA_CONV_KERNEL_MODULES = ("fla.modules.causal_conv1d.ops", "fla.modules.conv.triton.kernels")
 # autotune keys of those kernels that do not grow with the row's length; any other (fla main's NB before
@@ -78,8 +83,9 @@ def fla_refusal() -> str | None:
             "`pip install tilelang` (and an nvcc) or Triton >= 3.7.1 enables it")
 
 
-def choose_path() -> tuple[str, str]:
-    """(FLA | FLA_CAUSAL_CONV1D | PADDED, why): the path packed rows take through the linear-attention layers."""
+def choose_path(varlen: bool | None = None) -> tuple[str, str]:
+    """(FLA | FLA_CAUSAL_CONV1D | FLA_PADDED | PADDED, why): the path packed rows take through the
+    linear-attention layers. varlen: fla's own varlen kernels where they run (default: $LATEXOCR_SPEED fla_varlen)."""
     from transformers.utils.import_utils import is_causal_conv1d_available, is_flash_linear_attention_available
     if not is_flash_linear_attention_available():
         return PADDED, "flash-linear-attention not installed" + ("" if torch.cuda.is_available() else " / no GPU")
@@ -88,6 +94,11 @@ def choose_path() -> tuple[str, str]:
     version = _fla_version()
     if is_causal_conv1d_available():
         return FLA_CAUSAL_CONV1D, f"fla {version} chunk + causal-conv1d, packed"
+    if varlen is None:
+        from .choices import speed_choices
+        varlen = speed_choices().fla_varlen
+    if not varlen:
+        return FLA_PADDED, f"fla {version} chunk, right-padded samples (its varlen path measured slower)"
     bucketed = ", rows bucketed for its conv autotune (fla #1147)" if conv_tunes_per_length() else ""
     return FLA, f"fla {version} chunk + fla conv, packed{bucketed}"
 
@@ -250,7 +261,7 @@ def avoid_refused_kernels(model) -> str | None:
 def keep_packed_samples_apart(model, path: str | None = None) -> int:
     """Make every linear-attention layer of `model` honour packed-row boundaries; returns how many.
 
-    path: FLA, FLA_CAUSAL_CONV1D or PADDED (default: choose_path()). Models without such layers
+    path: FLA, FLA_CAUSAL_CONV1D, FLA_PADDED or PADDED (default: choose_path()). Models without such layers
     (Qwen2/2.5/3-VL) are left as they are (returns 0).
     """
     if not has_linear_attention(model):
@@ -304,7 +315,10 @@ def describe(model, path: str | None = None, why: str | None = None) -> str | No
     if path == FLA_CAUSAL_CONV1D:
         return (f"linear-attention layers: {why}: the flash-linear-attention and causal-conv1d kernels keep "
                 "packed samples apart (per-sample boundaries, one call per layer)")
+    if path == FLA_PADDED:
+        return (f"linear-attention layers: {why}: each packed row's samples pass fla's kernels as one "
+                "right-padded batch (one call per layer, zero state at each sample's start)")
     return (f"linear-attention layers: {why}, so transformers' reference PyTorch kernels run them, which take "
             "no sample boundaries: each packed row's samples pass as one right-padded batch (one call per "
             "layer, zero state at each sample's start); install flash-linear-attention (requirements.txt, its optional line) "
-            "to skip the padding")
+            "for its faster kernels")
