@@ -43,8 +43,10 @@ class _Collate:
     generate builds them), computed here in the worker: the model's get_rope_index loops over the
     rows on the GPU with a few syncs each."""
 
-    def __init__(self, encoder, chunk_rows: int | None = None, with_positions: bool = False):
+    def __init__(self, encoder, chunk_rows: int | None = None, with_positions: bool = False,
+                 pixel_dtype: torch.dtype | None = None):
         self.encoder, self.chunk_rows, self.with_positions = encoder, chunk_rows, with_positions
+        self.pixel_dtype = pixel_dtype  # vision_dtype(model): the cast the model's forward would make, made here
 
     def __call__(self, items):
         ok = [(i, im) for i, im, err in items if im is not None]
@@ -52,6 +54,9 @@ class _Collate:
         images = [im for _, im in ok]
         step = self.chunk_rows or max(len(images), 1)
         chunks = [generation_batch(self.encoder, images[j:j + step]) for j in range(0, len(images), step)]
+        if self.pixel_dtype is not None:
+            for chunk in chunks:
+                chunk["pixel_values"] = chunk["pixel_values"].to(self.pixel_dtype)
         if self.with_positions:
             merge = self.encoder.processor.image_processor.merge_size
             for chunk in chunks:
@@ -94,11 +99,24 @@ def loader_unit(batch_size: int | None, static: bool) -> int | None:
     return batch_size
 
 
-def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool):
+def vision_dtype(model) -> torch.dtype | None:
+    """The dtype the model's forward casts pixel values to before its vision tower (every family's forward
+    starts with `pixel_values.type(self.visual.dtype)`, transformers 5.24 / 5.25; tests/test_infer.py checks
+    that a batch cast beforehand gives the same tokens). None where the model has no `visual` module."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "visual":
+            return getattr(module, "dtype", None)
+    return None
+
+
+def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool,
+                 pixel_dtype: torch.dtype | None = None):
     """An iterator over (indices into paths, failed [(index, error)], chunks or None) of `unit` paths each, in
-    order, built by `num_workers` DataLoader processes (0: in this one, on demand); the workers start now."""
+    order, built by `num_workers` DataLoader processes (0: in this one, on demand); the workers start now.
+    pixel_dtype: the pixel values leave the workers in it (vision_dtype): bf16 halves the bytes through
+    shared memory and to the GPU (the fp32 frames of 512 images are 390 MB; run O: 2.4 s of copies)."""
     loader = DataLoader(_Images(paths, encoder.sizing), batch_size=unit, shuffle=False, num_workers=num_workers,
-                        collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static),
+                        collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static, pixel_dtype),
                         persistent_workers=False)
     return iter(loader)
 
@@ -115,11 +133,12 @@ def joined_batches(units, unit: int, batch_size: int):
         yield _joined(group)
 
 
-def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool):
+def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool,
+                  pixel_dtype: torch.dtype | None = None):
     """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
     builds them (see loader_unit)."""
     unit = loader_unit(batch_size, static)
-    return joined_batches(start_loader(encoder, paths, unit, num_workers, static), unit, batch_size)
+    return joined_batches(start_loader(encoder, paths, unit, num_workers, static, pixel_dtype), unit, batch_size)
 
 
 def _joined(parts):
@@ -238,8 +257,9 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             # the workers start before the memory probe where their unit does not depend on its answer:
             # the first chunks are built while the GPU probes
             unit = loader_unit(batch_size, static)
+            pixels = vision_dtype(model)
             with clock.phase("data wait"):
-                units = start_loader(encoder, paths, unit, num_workers, static) if unit is not None else None
+                units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
             if batch_size is None:
                 largest = paths[-PREFILL_CHUNK_ROWS:]
                 with clock.phase("memory probe"):
@@ -249,7 +269,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 units = None  # its workers stop
                 unit = batch_size
                 with clock.phase("data wait"):
-                    units = start_loader(encoder, paths, unit, num_workers, static)
+                    units = start_loader(encoder, paths, unit, num_workers, static, pixels)
             batches = joined_batches(units, unit, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None

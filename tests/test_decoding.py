@@ -147,3 +147,24 @@ def test_prompt_positions_match_the_model(family_dirs, formula_images, family):
     real = batch["attention_mask"].bool()
     assert torch.equal(ours[1:][:, real], rope[:, real])
     assert torch.equal(ours[0][real], (batch["attention_mask"].cumsum(-1) - 1)[real])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pixels_cast_in_the_workers_change_nothing(family_dirs, formula_images, family):
+    """infer.py's loader workers cast the pixel values to the vision tower's dtype (generation.vision_dtype):
+    half the bytes to move in bf16. Every family's forward makes that same cast first, so a bf16 model's
+    logits are bit-identical either way; and predict's rows are what they were. Fails when a family's
+    forward starts treating pixel values otherwise (e.g. normalising in fp32 before the cast)."""
+    model = AutoModelForImageTextToText.from_pretrained(family_dirs[family], dtype=torch.bfloat16,
+                                                        attn_implementation="sdpa").eval()
+    encoder = load(family_dirs[family])[1]
+    assert generation.vision_dtype(model) == torch.bfloat16
+    batch = generation_batch(encoder, [load_image(p, encoder.sizing) for p, _ in formula_images[:3]])
+    assert batch["pixel_values"].dtype == torch.float32  # what the processor gives
+    with torch.no_grad():
+        plain = model(**batch).logits
+        cast = model(**{**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)}).logits
+    assert torch.equal(plain, cast)
+    collate = generation._Collate(encoder, 2, with_positions=True, pixel_dtype=generation.vision_dtype(model))
+    _, _, chunks = collate([(i, load_image(p, encoder.sizing), None) for i, (p, _) in enumerate(formula_images[:3])])
+    assert [c["pixel_values"].dtype for c in chunks] == [torch.bfloat16] * 2
