@@ -88,9 +88,11 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
 def outcome(proc) -> dict:
     text = proc.stdout + proc.stderr
     peak = re.findall(r"bench: peak allocated ([\d.]+) GiB", text)
-    allocator = re.findall(r"bench: (allocator .*)", text)
-    return {"exit": proc.returncode, "peak_gib": float(peak[-1]) if peak else None,
-            "allocator": allocator[-1] if allocator else "",
+    # every process the script spawns (the scoring pool) runs the sitecustomize and prints its own lines, most
+    # of them zeros: the script's own process is the one that allocated most
+    allocator = max(re.findall(r"bench: (allocator cudaMalloc (\d+).*)", text), key=lambda m: int(m[1]), default=("", 0))[0]
+    return {"exit": proc.returncode, "peak_gib": max(map(float, peak)) if peak else None,
+            "allocator": allocator,
             "traceback": "Traceback" in proc.stderr,
             "last_line": next((ln for ln in reversed(proc.stderr.strip().splitlines()) if not ln.startswith("bench:")), "")
             if proc.returncode else ""}
