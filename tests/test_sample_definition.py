@@ -130,10 +130,15 @@ def test_fixed_size_travels_with_every_checkpoint_and_the_adapter(fixed_run, dat
     assert plain == flagged
     same_as_train_eval(metrics, train.stdout)
 
-    # a flag that contradicts the saved size wins, with one warning naming both
+
+def test_a_flag_that_contradicts_the_saved_size_wins_with_one_warning(fixed_run, data, tiny_model_dir, tmp_path,
+                                                                       capsys):
+    out, _, (plain, _, _) = fixed_run
     other, err = predict_here(capsys, tmp_path, "other", data, *infer_args(tiny_model_dir, out),
                               "--image-size", "100x500")
     assert "warning: --image-size 100x500 contradicts the 500x100 saved in" in err
+    if not real_images(1):  # two steps on 6 drawn formulas leave the tiny model answering alike for every image
+        pytest.skip(f"{SHARED_VAL} absent: no real images whose predictions show the sizing")
     assert other != plain  # the sizing decides the predictions: the checks above can fail
 
 
