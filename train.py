@@ -53,7 +53,8 @@ GRADIENT_CHECKPOINTING: bool = "auto"  # recompute activations in the backward p
 EVAL_BATCH_SIZE: int = "auto"  # images per generation batch in evaluation; auto: as many as fit (<= 512)
 # ---- hardware
 DTYPE = "auto"           # weights and compute: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-NUM_WORKERS = 4          # DataLoader processes that load images and build batches
+NUM_WORKERS: int = "auto"  # DataLoader processes per training process that load images and build batches;
+                         # auto: half the machine's cores shared by its training processes, 2 to 8 each
 DEEPSPEED = ""           # path to a DeepSpeed config (configs/ds_zero2.json, configs/ds_zero3.json)
 # ---- evaluation (generation + exact match / edit distance / BLEU-4 on VAL_JSON)
 EVAL_STEPS = 0           # > 0 also evaluates every N optimizer steps; 0 = only at the end
@@ -121,6 +122,7 @@ def check_settings(args) -> None:
     parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")  # auto or a number, else one line
     parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
     parse_auto(args.eval_batch_size, "EVAL_BATCH_SIZE")
+    parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)
     check_training_mode(args.tune, args.unfreeze_vision, args.quantization)
     quantization_config(args.quantization, torch.bfloat16)  # a wrong value or missing bitsandbytes
     if args.resume and not list_checkpoints(args.output_dir):
@@ -272,6 +274,12 @@ def main(argv=None):
     from latexocr.tracking import SwanLabCallback, Tracker
     from latexocr.training import (EvaluateEvery, Fp16OverflowStop, OcrDataset, SaveOnInterrupt,
                                    SaveSampleDefinition, ThroughputCallback)
+    from latexocr.generation import default_loader_workers
+
+    if (workers := parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)) is None:  # auto
+        args.num_workers = default_loader_workers(processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    else:
+        args.num_workers = workers
 
     # one process per GPU under torchrun / accelerate launch; without CUDA, accelerate needs cpu=True
     # to see a multi-process launch (gloo), else every process would train alone

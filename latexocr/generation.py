@@ -78,14 +78,15 @@ def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: in
     return pos
 
 
-def default_loader_workers() -> int:
-    """DataLoader workers for infer.py's NUM_WORKERS=auto: half the cores this process may use, 2 to 8.
+def default_loader_workers(processes: int = 1) -> int:
+    """DataLoader workers for NUM_WORKERS=auto (infer.py; train.py per training process): half the cores
+    this process may use, shared by `processes` such processes on the machine, 2 to 8 each.
 
     A worker core turns ~340 real LaTeX_OCR images a second into prefill chunks (bench/bench_host.py),
     one H200's decode loop takes ~450 (docs/BENCHMARKS.md); the other half of the cores is left to the
     main process (it feeds the GPU) and to the scoring workers and their KaTeX children."""
     from .scoring import available_cores
-    return max(2, min(8, available_cores() // 2))
+    return max(2, min(8, available_cores() // 2 // max(1, processes)))
 
 
 def loader_unit(batch_size: int | None, static: bool) -> int | None:
