@@ -110,6 +110,9 @@ def train(model, work, cap, name, flags, steps=20):
     split = next((ln for ln in proc.stdout.splitlines() if ln.startswith("memory: ")), "")  # passes run in parts
     result = {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
               "samples_per_s": logs[-1]["samples_per_second"] if logs else None,  # steps 10-20: after warm-up
+              # all 20 steps (the Trainer's own figure, the first step included): where splits fall matters less
+              "samples_per_s_all": next((float(e["train_samples_per_second"]) for e in parse_logs(proc.stdout)
+                                         if "train_samples_per_second" in e), None),
               "auto_choice": choice, "split": split, "eval_rows": evals}
     peaks = [float(entry["gpu_mem_peak_gib"]) for entry in logs if "gpu_mem_peak_gib" in entry]
     if peaks:  # the training steps' own peak (the exit hook's can miss it: the Trainer resets the counter)
@@ -170,6 +173,8 @@ def main():
     ap.add_argument("--cells", default="", help="comma-separated cell names (as --dry-run prints them): only these")
     ap.add_argument("--extra", default="", help="more flags for every cell's train.py / infer.py, e.g. "
                                                  "'--eval-base-model' (they come last: they win)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the cells this many times, interleaved: the "
+                                                             "spread between runs of one setting")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
@@ -179,6 +184,8 @@ def main():
     cells = plan(families, caps, args.grid, set(args.only.split(",")), args.quantization)
     if args.cells:  # e.g. auto against the best hand setting of an earlier run, to fit one device call
         cells = [c for c in cells if c[3] in args.cells.split(",")]
+    if args.repeat > 1:  # interleaved (a, b, a, b): drift of the box over the call falls on both alike
+        cells = [(*c[:3], f"{c[3]}_r{r + 1}", *c[4:]) for r in range(args.repeat) for c in cells]
     total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
     print(f"bench_memory: {len(cells)} cells, ~{total} s estimated (one device call: at most 600 s)", flush=True)
     for family, cap, kind, name, flags, seconds in cells:
