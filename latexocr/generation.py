@@ -102,8 +102,8 @@ def loader_unit(batch_size: int | None, static: bool) -> int | None:
 
 def vision_dtype(model) -> torch.dtype | None:
     """The dtype the model's forward casts pixel values to before its vision tower (every family's forward
-    starts with `pixel_values.type(self.visual.dtype)`, transformers 5.24 / 5.25; tests/test_infer.py checks
-    that a batch cast beforehand gives the same tokens). None where the model has no `visual` module."""
+    starts with `pixel_values.type(self.visual.dtype)`, transformers 5.24 / 5.25; tests/test_decoding.py checks
+    that a batch cast beforehand gives bit-identical logits). None where the model has no `visual` module."""
     for name, module in model.named_modules():
         if name.rpartition(".")[2] == "visual":
             return getattr(module, "dtype", None)

@@ -165,7 +165,8 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
         raise DoesNotFit(f"out of GPU memory: {seen} of the {gib(budget)} this GPU can give training; "
                          f"use --quantization 4bit (QLoRA), a shorter --max-length, smaller images "
                          f"(--image-max-pixels), or a GPU with more memory")
-    best = recompute if recompute and (plain is None or recompute.cost < plain.cost * (1 - CHECKPOINTING_MARGIN)) else plain
+    clear_win = recompute is not None and (plain is None or recompute.cost < plain.cost * (1 - CHECKPOINTING_MARGIN))
+    best = recompute if clear_win else plain
     timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
                         f"{gib(p.peak)}, {p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
     if worst_probe is None:
