@@ -345,10 +345,12 @@ def main(argv=None):
     if grpo and fit.tokens and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None:  # auto, probed: the probe measured SFT samples, but a GRPO
         # pass holds NUM_GENERATIONS completions of up to MAX_NEW_TOKENS per image: as many images as
         # the probed batch's tokens allow
-        micro = grpo_images_per_pass(fit.tokens, max(1, args.batch_size // world), args.num_generations,
+        tokens = fit.tokens_within_budget()  # the probe's batch, scaled to the memory left beside it
+        micro = grpo_images_per_pass(tokens, max(1, args.batch_size // world), args.num_generations,
                                      max(train_set.lengths), args.max_new_tokens)
         say(f"GRPO: {micro} images per pass ({micro * args.num_generations} completions of up to "
-            f"{max(train_set.lengths)} + {args.max_new_tokens} tokens; the probe fitted {fit.tokens} tokens)")
+            f"{max(train_set.lengths)} + {args.max_new_tokens} tokens; the probe fitted {fit.tokens} tokens in "
+            f"{fit.peak / 2**30:.1f} GiB, {tokens} within the budget)")
     micro, accumulation = batch_split(args.batch_size, micro, world)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)

@@ -107,6 +107,7 @@ class Probe:
     seconds: float = 0.0
     tokens: int = 0           # real tokens (what the cost divides by)
     size: int = 0             # batching.micro_batch_tokens of the batch (padding included): a larger one is split
+    base: int = 0             # bytes held before the probe's batch (weights, optimizer state added): what does not grow
 
     @property
     def cost(self) -> float:
@@ -121,6 +122,18 @@ class Choice:
     reason: str
     split_over: int | None = None  # micro-batches of more tokens than this run in halves (TrainCollator)
     tokens: int = 0                # the probed batch's size (micro_batch_tokens) that fitted
+    peak: int = 0                  # the bytes that batch needed (optimizer state added); 0: not probed
+    base: int = 0                  # of which held before it (Probe.base)
+    budget: int = 0                # the bytes training may use (after MARGIN)
+
+    def tokens_within_budget(self) -> int:
+        """The tokens a batch may hold within the budget, the memory growing linearly with a batch's tokens
+        from the probed one (base + tokens x its measured bytes per token); never fewer than were probed.
+        Where the candidates stopped below what the card holds (BATCH_SIZE), this is more: GRPO's update
+        passes are sized by it (run O2: the probe's 14.9k tokens took 99 GiB of 125 usable)."""
+        if not (self.tokens and self.budget) or self.peak <= self.base:
+            return self.tokens
+        return max(self.tokens, int(self.tokens * (self.budget - self.base) / (self.peak - self.base)))
 
 
 class DoesNotFit(SystemExit):
@@ -169,19 +182,22 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
     best = recompute if clear_win else plain
     timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
                         f"{gib(p.peak)}, {p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
+    measured = dict(budget=budget, base=best.base)
     if worst_probe is None:
         return Choice(best.micro, best.checkpointing,
                       f"{gib(budget)} usable (after a {MARGIN:.0%} margin); worst-case batch probed: {timings}",
-                      tokens=best.size)
+                      tokens=best.size, peak=best.peak, **measured)
     reason = f"{gib(budget)} usable (after a {MARGIN:.0%} margin); a {PERCENTILE:.0%}-percentile batch probed: {timings}"
     worst = worst_probe(best.micro, best.checkpointing)
     if worst.peak is not None and worst.peak <= budget:
+        larger = max((best, worst), key=lambda p: p.size)
         return Choice(best.micro, best.checkpointing, f"{reason}; the longest samples fit too ({gib(worst.peak)})",
-                      tokens=max(best.size, worst.size))
+                      tokens=larger.size, peak=larger.peak, budget=budget, base=larger.base)
     needs = f"needs {gib(worst.peak)}" if worst.peak else "runs out of memory"
     return Choice(best.micro, best.checkpointing,
                   f"{reason}; the longest samples' batch {needs}: micro-batches over {best.size} tokens "
-                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size, tokens=best.size)
+                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size, tokens=best.size, peak=best.peak,
+                  **measured)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -242,6 +258,7 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
         batch = collator([dataset[i] for i in picked])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         release()
+        base = torch.cuda.memory_allocated(device) + extra_bytes  # the weights (and this batch's inputs)
         torch.cuda.reset_peak_memory_stats(device)
         times = []
         try:
@@ -263,7 +280,7 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         seconds = min(times[1:]) if len(times) > 1 else 0.0
         return Probe(micro, checkpointing, peak, seconds, tokens,
-                     size=micro_batch_tokens([dataset.lengths[i] for i in picked], collator.packed))
+                     size=micro_batch_tokens([dataset.lengths[i] for i in picked], collator.packed), base=base)
 
     return probe
 
@@ -290,9 +307,10 @@ def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int
 def grpo_images_per_pass(probed_tokens: int, share: int, generations: int, longest_sample: int,
                          max_new_tokens: int) -> int:
     """Images per GRPO update pass: a pass holds `generations` completions per image, each a prompt (at
-    most the longest SFT sample) plus up to `max_new_tokens`; the SFT probe measured batches of
-    `probed_tokens`, so a pass may hold that many. The largest divisor of this process's `share` of the
-    images per step that stays within it (1 at least: the OOM path names the setting if even that fails)."""
+    most the longest SFT sample) plus up to `max_new_tokens`; a pass may hold `probed_tokens` (the SFT
+    probe's Choice.tokens_within_budget: a GRPO pass measured fewer bytes per token than SFT's batch,
+    run O2). The largest divisor of this process's `share` of the images per step that stays within it
+    (1 at least: the OOM path names the setting if even that fails)."""
     per_image = generations * (longest_sample + max_new_tokens)
     fits = max(1, probed_tokens // per_image)
     return next(m for m in divisors_descending(share) if m <= fits)

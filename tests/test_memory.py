@@ -367,3 +367,33 @@ def test_grpo_passes_hold_the_tokens_the_sft_probe_fitted():
     assert grpo_images_per_pass(200_000, share=64, generations=8, longest_sample=300, max_new_tokens=256) == 32
     assert grpo_images_per_pass(100, share=64, generations=8, longest_sample=300, max_new_tokens=256) == 1
     assert grpo_images_per_pass(20_000, share=12, generations=8, longest_sample=300, max_new_tokens=256) == 4
+
+
+def test_grpo_passes_grow_into_the_memory_the_sft_probe_left_free():
+    """Run O2 on an H200: SFT's probe stopped at its largest candidate (BATCH_SIZE 64: 14,906 tokens in
+    98.9 GiB of 125.4 usable, ~5 GiB of it weights and optimizer state), and GRPO's passes, sized by those
+    tokens, held 2 images (16 completions) and peaked at 35 GiB. Scaled by the measured bytes per token to
+    the budget, a pass holds 4 images; a probe that filled the card leaves the passes as they were."""
+    from latexocr.memory import Choice, grpo_images_per_pass
+
+    o2 = Choice(64, False, "", tokens=14_906, peak=int(98.9 * GIB), base=5 * GIB, budget=int(125.4 * GIB))
+    assert 19_000 < o2.tokens_within_budget() < 20_500
+    images = dict(share=64, generations=8, longest_sample=274, max_new_tokens=256)
+    assert grpo_images_per_pass(o2.tokens, **images) == 2  # before: the probed tokens only
+    assert grpo_images_per_pass(o2.tokens_within_budget(), **images) == 4
+    full = dataclasses.replace(o2, peak=int(125 * GIB))  # the probe used the card: nothing more
+    assert 14_906 <= full.tokens_within_budget() < 15_000
+    assert grpo_images_per_pass(full.tokens_within_budget(), **images) == 2
+    assert Choice(16, False, "", tokens=1_000).tokens_within_budget() == 1_000  # not probed (a CPU, a given size)
+
+
+def test_the_choice_carries_the_probe_that_measured_its_tokens():
+    budget = 125 * GIB
+    choice = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_P90), budget,
+                                   worst_probe=run_m_probe(RUN_M_WORST))
+    assert choice.tokens == RUN_M_WORST[16]  # the longest samples fitted: theirs is the larger batch
+    assert choice.peak == run_m_probe(RUN_M_WORST)(16, False).peak and choice.budget == budget
+    split = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_P90), int(13.5 * GIB),
+                                  worst_probe=run_m_probe(RUN_M_WORST))
+    assert (split.tokens, split.peak) == (RUN_M_P90[8], run_m_probe(RUN_M_P90)(8, False).peak)
+    assert split.tokens_within_budget() >= split.tokens
