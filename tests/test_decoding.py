@@ -168,3 +168,54 @@ def test_pixels_cast_in_the_workers_change_nothing(family_dirs, formula_images, 
     collate = generation._Collate(encoder, 2, with_positions=True, pixel_dtype=generation.vision_dtype(model))
     _, _, chunks = collate([(i, load_image(p, encoder.sizing), None) for i, (p, _) in enumerate(formula_images[:3])])
     assert [c["pixel_values"].dtype for c in chunks] == [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("heads_k", [4, 2])  # 2: grouped value heads (Qwen3.5 has 16 key heads, 16 or 32 value heads)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_place(heads_k, dtype):
+    """decoding.one_token_delta_rule against transformers' reference one-token rule (what runs without
+    flash-linear-attention): the same output and new state (fp32 state; regrouped sums, hence 1e-5),
+    the state written into the buffer it was given; anything but one token goes to the reference."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+
+    torch.manual_seed(0)
+    rows, heads_v, dk, dv = 3, 4, 16, 8
+    query, key = (torch.randn(rows, 1, heads_k, dk).to(dtype) for _ in range(2))
+    value = torch.randn(rows, 1, heads_v, dv).to(dtype)
+    g = -torch.rand(rows, 1, heads_v)  # log decay, fp32 as the layer makes it
+    beta = torch.rand(rows, 1, heads_v).to(dtype)
+    state = torch.randn(rows, heads_v, dk, dv)
+    kw = dict(g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    expected_out, expected_state = q35.torch_recurrent_gated_delta_rule(query, key, value, initial_state=state.clone(), **kw)
+    decoding._REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
+    buffer = state.clone()
+    out, new_state = decoding.one_token_delta_rule(query, key, value, initial_state=buffer, **kw)
+    assert new_state is buffer and out.dtype == dtype and out.shape == expected_out.shape
+    assert torch.allclose(new_state, expected_state, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the output is rounded to the inputs' dtype
+    assert torch.allclose(out.float(), expected_out.float(), rtol=tolerance, atol=tolerance)
+    two = [torch.cat([x, x], dim=1) for x in (query, key, value, g, beta)]  # two tokens: the reference's
+    out2, _ = decoding.one_token_delta_rule(*two[:3], g=two[3], beta=two[4], initial_state=state.clone(),
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ref2, _ = q35.torch_recurrent_gated_delta_rule(*two[:3], g=two[3], beta=two[4], initial_state=state.clone(),
+                                                   output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert torch.equal(out2, ref2)
+
+
+def test_the_decoder_takes_the_one_token_delta_rule_for_qwen3_5_only(family_dirs, formula_images, monkeypatch):
+    from latexocr.modeling import vision_language_core
+    model, encoder = load(family_dirs["qwen3_5"])
+    assert decoding.uses_one_token_delta_rule(vision_language_core(model))  # no fla on this machine
+    assert not decoding.uses_one_token_delta_rule(vision_language_core(load(family_dirs["qwen2_vl"])[0]))
+    monkeypatch.setenv("LATEXOCR_SPEED", "delta_step=off")
+    assert not decoding.uses_one_token_delta_rule(vision_language_core(model))
+    monkeypatch.delenv("LATEXOCR_SPEED")
+    calls = []
+    rule = decoding.one_token_delta_rule
+    monkeypatch.setattr(decoding, "one_token_delta_rule", lambda *a, **k: calls.append(1) or rule(*a, **k))
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    before = q35.torch_recurrent_gated_delta_rule
+    paths = [p for p, _ in formula_images[:3]]
+    predict(model, encoder, paths, batch_size=3, engine="static", max_new_tokens=4, num_workers=0, progress=False)
+    assert len(calls) == 3 * 3  # 3 decode steps (the prefill makes the first token) x 3 linear-attention layers
+    assert q35.torch_recurrent_gated_delta_rule is before  # restored after each step

@@ -16,7 +16,8 @@ model's own forward does the same greedy search with:
   (text tokens advance all three axes alike: last prompt position + 1 + t, as generate does; taken
   from the prompt's positions, not from `rope_deltas`, which count from a row's unpadded length), the
   cache slot, the key mask, the linear-attention states (updated in place by transformers' own
-  one-token path), the stop flags and the token history. On CUDA it is captured once per
+  one-token path; its recurrent rule, where flash-linear-attention is absent, by one_token_delta_rule
+  below), the stop flags and the token history. On CUDA it is captured once per
   (rows, cache length) as a CUDA graph and replayed: one launch per token, no host work;
 * a stop check every STOP_CHECK_EVERY tokens (the only GPU->CPU sync), where the batch is also
   compacted to the next smaller bucket once at most half of its rows are still running.
@@ -32,6 +33,7 @@ temperature-scaled, nucleus-truncated distribution.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -150,7 +152,10 @@ class _SlotCache:
         return self.recurrent[layer_idx]
 
     def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
-        return self.recurrent[layer_idx].copy_(recurrent_states)
+        buffer = self.recurrent[layer_idx]
+        if recurrent_states is not buffer:  # one_token_delta_rule updated the buffer itself
+            buffer.copy_(recurrent_states)
+        return buffer
 
     def is_recording_past(self, layer_idx: int) -> bool:  # no rollback: the conv buffer stays 4 wide
         return False
@@ -168,6 +173,74 @@ class _SlotCache:
         # transformers 5.24's and 5.25's Qwen-VL forwards read the cache length only when no position_ids
         # or 4-D mask are given; the decode step always passes both. Fail clearly if that changes.
         raise NotImplementedError("the static decode step passes position_ids and a 4-D mask itself")
+
+
+def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                         use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' torch_recurrent_gated_delta_rule (5.24, 5.25: the reference PyTorch kernel of Qwen3.5's
+    one-token decode step, used where flash-linear-attention is not installed) for one token, with the
+    layer's fp32 state (rows x heads x dk x dv: 512 MiB per layer at 512 rows for Qwen3.5-2B) read once
+    and updated once, in place, instead of being copied about ten times over (run L: 38 % of a decode
+    step was that copying). The same arithmetic, regrouped with the decay g as a per-head scalar:
+
+        k.S1 = e^g (k.S0)     delta = beta (v - k.S1)     S2 = e^g S0 + k (x) delta
+        q.S2 = e^g (q.S0) + (q.k) delta
+
+    so one batched matmul reads S0 for k.S0 and q.S0, and S2 is written in place (mul_, then a rank-1
+    baddbmm_). Anything else (several tokens, no state to update) goes to the function it stands in for."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+
+    if (query.shape[1] != 1 or initial_state is None or not output_final_state
+            or initial_state.dtype != torch.float32 or not initial_state.is_contiguous()
+            or kwargs.get("cu_seqlens") is not None):
+        return _REPLACED_DELTA_RULE[0](query, key, value, g=g, beta=beta, initial_state=initial_state,
+                                       output_final_state=output_final_state,
+                                       use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+    heads_k, heads_v = key.shape[2], value.shape[2]
+    q, k = query[:, 0].float(), key[:, 0].float()  # rows x heads x dk
+    if heads_k != heads_v:  # grouped value heads, as the reference repeats them
+        q = q.repeat_interleave(heads_v // heads_k, dim=1)
+        k = k.repeat_interleave(heads_v // heads_k, dim=1)
+    if use_qk_l2norm_in_kernel:
+        q, k = q35.l2norm(q, dim=-1, eps=1e-6), q35.l2norm(k, dim=-1, eps=1e-6)
+    q = q / (q.shape[-1] ** 0.5)
+    v, b, decay = value[:, 0].float(), beta[:, 0].float().unsqueeze(-1), g[:, 0].float().exp().unsqueeze(-1)
+    state = initial_state
+    k_state, q_state = torch.matmul(torch.stack((k, q), dim=2), state).unbind(2)  # rows x heads x dv each
+    delta = (v - decay * k_state) * b
+    out = decay * q_state + (q * k).sum(-1, keepdim=True) * delta
+    rows, heads, dk, dv = state.shape
+    flat = state.view(rows * heads, dk, dv)
+    flat.mul_(decay.reshape(-1, 1, 1)).baddbmm_(k.reshape(-1, dk, 1), delta.reshape(-1, 1, dv))
+    return out[:, None].to(query.dtype), state
+
+
+_REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
+
+
+@contextlib.contextmanager
+def _one_token_delta_rule(on: bool):
+    """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
+    one-token rule is one_token_delta_rule; restored after. Off: nothing changes."""
+    if not on:
+        yield
+        return
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    _REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
+    q35.torch_recurrent_gated_delta_rule = one_token_delta_rule
+    try:
+        yield
+    finally:
+        q35.torch_recurrent_gated_delta_rule = _REPLACED_DELTA_RULE[0]
+
+
+def uses_one_token_delta_rule(core) -> bool:
+    """Qwen3.5 (linear-attention layers) without flash-linear-attention, whose fused recurrent kernel
+    transformers takes for the one-token step where it is installed, and not switched off."""
+    from transformers.utils.import_utils import is_flash_linear_attention_available
+    text = core.config.text_config
+    return (LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ()) and speed_choices().delta_step
+            and not is_flash_linear_attention_available())
 
 
 class _State:
@@ -220,6 +293,7 @@ class StaticDecoder:
         self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compaction = speed_choices().compaction if compaction is None else compaction
+        self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None
@@ -271,9 +345,10 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.valid.index_fill_(1, s.write_at, True)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        out = self.model(input_ids=s.token[:, None], position_ids=position,
-                         attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
-                         use_cache=True, logits_to_keep=1, cache=s.cache)
+        with _one_token_delta_rule(self.delta_rule):
+            out = self.model(input_ids=s.token[:, None], position_ids=position,
+                             attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
+                             use_cache=True, logits_to_keep=1, cache=s.cache)
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
         s.finished |= torch.isin(token, self.stop_ids)

@@ -73,6 +73,12 @@ SOURCES = {
     ("fla.ops.common.backends.tilelang", "CommonTileLangBackend"):
         ("fast/linear_attention.py fla_refusal: is_available / is_enabled say whether tilelang takes "
          "chunk_bwd_dqkwg", ("99f0ceb69111e9dd",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
+        ("fast/decoding.py one_token_delta_rule computes what this computes for one token (regrouped), and stands "
+         "in for it (the module attribute) while a decode step runs", ("cbbbdaff2ca53496",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
+        ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
+         ("3f6ba696c2827c7e",)),
     ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule"):
         ("fast/linear_attention.py fla_forward calls it (q, k, v, g, beta, use_qk_l2norm_in_kernel, cu_seqlens, "
          "cu_seqlens_cpu)", ("cedafdb7ed0a2d1c",)),
@@ -133,6 +139,8 @@ CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_token
 PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
         "fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference kernel",
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
+        "fast/decoding.py _one_token_delta_rule: one_token_delta_rule while a decode step runs, then restored",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
