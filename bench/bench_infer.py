@@ -136,35 +136,46 @@ def main():
     if a.only_infer_py:
         return
 
-    single, _, _ = timed(a.single_images, 1, "generate")
-    out["single_images_per_s"] = single
-    print(f"one at a time (generate, batch 1): {single:.2f} images/s", flush=True)
-    save()
-    ref_rate, ref_peak, ref = timed(a.reference_images, a.batch_size, "generate")
-    out["generate"] = {"images_per_s": ref_rate, "speedup": ref_rate / single, "peak_gib": ref_peak}
-    print(f"generate, batch {a.batch_size}: {ref_rate:.1f} images/s = {ref_rate / single:.1f}x one-at-a-time, "
-          f"peak {ref_peak:.1f} GiB", flush=True)
-    save()
+    # --single-images 0 / --reference-images 0 skip those runs (the static loop alone: its rate, no ratios)
+    single = ref_rate = None
+    ref = []
+    if a.single_images:
+        single, _, _ = timed(a.single_images, 1, "generate")
+        out["single_images_per_s"] = single
+        print(f"one at a time (generate, batch 1): {single:.2f} images/s", flush=True)
+        save()
+    if a.reference_images:
+        ref_rate, ref_peak, ref = timed(a.reference_images, a.batch_size, "generate")
+        out["generate"] = {"images_per_s": ref_rate, "speedup": ref_rate / single if single else None,
+                           "peak_gib": ref_peak}
+        print(f"generate, batch {a.batch_size}: {ref_rate:.1f} images/s"
+              + (f" = {ref_rate / single:.1f}x one-at-a-time" if single else "") + f", peak {ref_peak:.1f} GiB",
+              flush=True)
+        save()
     rate, peak, new = timed(a.images, a.batch_size, "static")
-    out["static"] = {"images_per_s": rate, "speedup": rate / single, "vs_generate": rate / ref_rate, "peak_gib": peak}
-    print(f"static loop, batch {a.batch_size}: {rate:.1f} images/s = {rate / single:.1f}x one-at-a-time "
-          f"({rate / ref_rate:.1f}x batched generate), peak {peak:.1f} GiB", flush=True)
+    out["static"] = {"images_per_s": rate, "speedup": rate / single if single else None,
+                     "vs_generate": rate / ref_rate if ref_rate else None, "peak_gib": peak}
+    print(f"static loop, batch {a.batch_size}: {rate:.1f} images/s"
+          + (f" = {rate / single:.1f}x one-at-a-time" if single else "")
+          + (f" ({rate / ref_rate:.1f}x batched generate)" if ref_rate else "") + f", peak {peak:.1f} GiB", flush=True)
+    save()
 
     n = a.reference_images
-    if a.noise_batch_size:  # bf16 noise floor: the reference against itself at another batch size
+    if n and a.noise_batch_size:  # bf16 noise floor: the reference against itself at another batch size
         _, _, other = timed(n, a.noise_batch_size, "generate")
         floor = sum(r["prediction"] == o["prediction"] for r, o in zip(ref, other)) / n
         out["generate_vs_itself"] = {"batch_size": a.noise_batch_size, "identical_texts": floor}
         print(f"generate at batch {a.noise_batch_size} vs {a.batch_size}: {100 * floor:.2f} % identical texts",
               flush=True)
-    labels = [t for _, t in cycled[:n]]
-    same = sum(r["prediction"] == s["prediction"] for r, s in zip(ref, new[:n])) / n
-    m_ref = summarize([r["prediction"] for r in ref], labels)
-    m_new = summarize([s["prediction"] for s in new[:n]], labels)
-    out["agreement"] = {"identical_texts": same, "metrics_generate": m_ref, "metrics_static": m_new}
-    print(f"agreement on {n} images: {100 * same:.2f} % identical texts; metrics generate {m_ref} / static {m_new}",
-          flush=True)
-    save()
+    if n:
+        labels = [t for _, t in cycled[:n]]
+        same = sum(r["prediction"] == s["prediction"] for r, s in zip(ref, new[:n])) / n
+        m_ref = summarize([r["prediction"] for r in ref], labels)
+        m_new = summarize([s["prediction"] for s in new[:n]], labels)
+        out["agreement"] = {"identical_texts": same, "metrics_generate": m_ref, "metrics_static": m_new}
+        print(f"agreement on {n} images: {100 * same:.2f} % identical texts; metrics generate {m_ref} / static {m_new}",
+              flush=True)
+        save()
 
     for cap in (int(x) for x in a.full_max_new_tokens.split(",")) if a.full_test else ():
         sync()
