@@ -219,3 +219,15 @@ def test_the_decoder_takes_the_one_token_delta_rule_for_qwen3_5_only(family_dirs
     predict(model, encoder, paths, batch_size=3, engine="static", max_new_tokens=4, num_workers=0, progress=False)
     assert len(calls) == 3 * 3  # 3 decode steps (the prefill makes the first token) x 3 linear-attention layers
     assert q35.torch_recurrent_gated_delta_rule is before  # restored after each step
+
+
+def test_the_row_memory_model_counts_no_update_temporaries_where_the_state_is_updated_in_place(family_dirs,
+                                                                                              monkeypatch):
+    """infer.py's BATCH_SIZE=auto sizes rows by decoding.bytes_per_row: with one_token_delta_rule (no fla)
+    the one-token update makes no state-sized temporaries, so each row costs 4 layers' states less."""
+    model, _ = load(family_dirs["qwen3_5"])
+    text = model.config.text_config
+    state = text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim * 4  # fp32
+    in_place = decoding.bytes_per_row(model, 256)
+    monkeypatch.setenv("LATEXOCR_SPEED", "delta_step=off")
+    assert decoding.bytes_per_row(model, 256) - in_place == 4 * state

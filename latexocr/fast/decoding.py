@@ -102,15 +102,16 @@ def bytes_per_row(model, length: int) -> int:
     slots (keys and values; a linear-attention layer's conv state and fp32 recurrent state), as
     StaticDecoder allocates them; half of that again while `_compact` copies the running rows (at most
     half of them) out; a linear-attention layer's one-token update (transformers' reference delta rule
-    makes ~4 temporaries of one layer's fp32 state); and its logits of one step (the model's dtype,
-    then the fp32 copy the choice reads)."""
+    makes ~4 temporaries of one layer's fp32 state, fla's kernel a new state; one_token_delta_rule none:
+    it updates the state in place); and its logits of one step (the model's dtype, then the fp32 copy
+    the choice reads)."""
     core = vision_language_core(model)
     text = core.config.text_config
     types, (heads, dim), conv, recurrent = _row_shapes(text)
     size = core.get_input_embeddings().weight.element_size()
     cache = sum(2 * heads * length * dim * size if kind == ATTENTION else math.prod(conv) * size + math.prod(recurrent) * 4
                 for kind in types)
-    update = 4 * math.prod(recurrent) * 4 if recurrent else 0
+    update = 4 * math.prod(recurrent) * 4 if recurrent and not uses_one_token_delta_rule(core) else 0
     return cache + cache // 2 + update + text.vocab_size * (size + 4)
 
 
