@@ -171,8 +171,8 @@ def main():
     ap.add_argument("--quantization", default="", help="e.g. 4bit: train.py and infer.py with --quantization 4bit")
     ap.add_argument("--only", default="train,infer")
     ap.add_argument("--cells", default="", help="comma-separated cell names (as --dry-run prints them): only these")
-    ap.add_argument("--extra", default="", help="more flags for every cell's train.py / infer.py, e.g. "
-                                                 "'--eval-base-model' (they come last: they win)")
+    ap.add_argument("--extra", default="", help="more flags for every cell's train.py / infer.py, given with '=' "
+                                                 "(--extra=--eval-base-model); they come last, so they win")
     ap.add_argument("--repeat", type=int, default=1, help="run the cells this many times, interleaved: the "
                                                              "spread between runs of one setting")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
