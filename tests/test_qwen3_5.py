@@ -39,13 +39,14 @@ def encoder(model_dir):
     return SampleEncoder(processor, sizing_for(processor))
 
 
-def load(model_dir, packed: bool = True):
-    """The model as train.py sets it up for packed batches (or untouched, packed=False)."""
+def load(model_dir, packed: bool = True, path: str | None = None):
+    """The model as train.py sets it up for packed batches (or untouched, packed=False); path: the way
+    packed rows take through the linear-attention layers (default: choose_path's)."""
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa")
     if packed:
         use_packed_text_attention(model)
         use_packed_vision_attention(model)
-        assert keep_packed_samples_apart(model) == 3  # the three linear-attention layers
+        assert keep_packed_samples_apart(model, path=path) == 3  # the three linear-attention layers
     return model.eval()
 
 
@@ -224,10 +225,7 @@ def test_boundaries_reach_the_fast_kernels(model_dir, encoder, formula_images, m
     monkeypatch.setattr(q35, "torch_chunk_gated_delta_rule", rule)
     batch = samples(formula_images, 3)
     packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
-    use_packed_text_attention(model)
-    assert keep_packed_samples_apart(model, path=la.FLA_CAUSAL_CONV1D) == 3
-    losses = per_sample_losses(model, packed)
+    losses = per_sample_losses(load(model_dir, path=la.FLA_CAUSAL_CONV1D), packed)
     assert len(seen["conv"]) == len(seen["rule"]) == 3  # one call per layer, not per sample
     assert seen["rule"][0].tolist() == packed[CU_SEQLENS_KEY].tolist()
     lengths = packed[CU_SEQLENS_KEY].diff().tolist()
@@ -377,10 +375,7 @@ def test_fla_path_keeps_samples_apart_with_the_layers_own_arithmetic(model_dir, 
     monkeypatch.setattr(la, "conv_tunes_per_length", lambda: bucketed)
     batch = samples(formula_images, 4)
     packed = TrainCollator(encoder, packed=True, packed_extras=sample_boundaries)(batch)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
-    use_packed_text_attention(model)
-    assert keep_packed_samples_apart(model, path=la.FLA) == 3
-    losses = per_sample_losses(model, packed)
+    losses = per_sample_losses(load(model_dir, path=la.FLA), packed)
     bounds, length = packed[CU_SEQLENS_KEY].tolist(), packed["input_ids"].shape[1]
     assert seen["rule"] == [bounds] * 3  # one call per layer, not per sample
     padded_length = la.bucket_length(length) if bucketed else length
