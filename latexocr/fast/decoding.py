@@ -181,8 +181,9 @@ def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_
     """transformers' torch_recurrent_gated_delta_rule (5.24, 5.25: the reference PyTorch kernel of Qwen3.5's
     one-token decode step, used where flash-linear-attention is not installed) for one token, with the
     layer's fp32 state (rows x heads x dk x dv: 512 MiB per layer at 512 rows for Qwen3.5-2B) read once
-    and updated once, in place, instead of being copied about ten times over (run L: 38 % of a decode
-    step was that copying). The same arithmetic, regrouped with the decay g as a per-head scalar:
+    and updated once, in place, instead of passing through about ten state-sized reads and writes (counted
+    from its code; run L: 38 % of a decode step was that work). The same arithmetic, regrouped with the
+    decay g as a per-head scalar:
 
         k.S1 = e^g (k.S0)     delta = beta (v - k.S1)     S2 = e^g S0 + k (x) delta
         q.S2 = e^g (q.S0) + (q.k) delta
