@@ -66,6 +66,31 @@ def _peak():  # the script's own process, not a forked DataLoader worker
               f"retries {stats.get('num_alloc_retries', 0)} ooms {stats.get('num_ooms', 0)}; "
               f"checkpointed calls {_checkpointed[0]}", file=sys.stderr)
 atexit.register(_peak)
+
+# BENCH_TIMELINE=1: what the script's process holds over time (sampled every 20 ms by a thread: the lowest
+# and highest allocated and the reserved GiB of each second), to see what stays allocated between passes
+if os.environ.get("BENCH_TIMELINE") == "1" and "torch" in sys.modules:
+    import threading, time
+    _samples = []
+    def _sample():
+        torch = sys.modules["torch"]
+        start = time.perf_counter()
+        while True:
+            time.sleep(0.02)
+            if torch.cuda.is_initialized():
+                _samples.append((time.perf_counter() - start, torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
+    threading.Thread(target=_sample, daemon=True).start()
+    def _timeline():
+        if os.getpid() != _pid or not _samples:
+            return
+        seconds = {}
+        for t, allocated, reserved in _samples:
+            low, high, held = seconds.get(int(t), (allocated, allocated, reserved))
+            seconds[int(t)] = (min(low, allocated), max(high, allocated), max(held, reserved))
+        print("bench: timeline (s: min-max allocated / reserved GiB) " + " ".join(
+            f"{t}:{low / 2**30:.2f}-{high / 2**30:.2f}/{held / 2**30:.2f}" for t, (low, high, held) in sorted(seconds.items())),
+            file=sys.stderr)
+    atexit.register(_timeline)
 '''
 HAND_GRID = [(micro, ckpt) for micro in (16, 8, 4) for ckpt in (False, True)]
 HAND_ROWS = (512, 256, 128)

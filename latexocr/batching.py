@@ -46,7 +46,7 @@ VISION_PADDING_KEY = "vision_padding"              # int: all-zero patches appen
 REAL_TOKENS_KEY = "real_tokens"                    # int: tokens of the row without its padding
 PRECOMPUTED_KEYS = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, IMAGE_POSITIONS_KEY,
                     SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_PADDING_KEY, REAL_TOKENS_KEY)
-# A micro-batch over the probed size (TrainCollator split_over, latexocr/memory.py) comes as its parts,
+# A micro-batch over the split size (TrainCollator split_over, latexocr/memory.py) comes as its parts,
 # each a whole batch, run one after the other by training.OcrTrainer.training_step; each batch may carry
 # its (image path, label) samples, so that a pass that runs out of memory can be rebuilt in halves.
 PARTS_KEY = "micro_batch_parts"

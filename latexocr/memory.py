@@ -12,7 +12,8 @@ runs) within the memory this process can use, less MARGIN (fragmentation, what t
 Requiring the worst batch the data can produce (its longest samples) to fit would cost speed on every
 step for a batch the run may never meet (docs/BENCHMARKS.md, run M: the 8 longest samples hold twice
 the tokens of a typical 8): instead the chosen setting is probed once more on that worst batch, and
-where it does not fit, a micro-batch of more tokens than the probed one runs in halves (one in ten;
+where it does not fit, a micro-batch of more tokens than the budget holds at the probed batch's bytes per
+token runs in halves (the rare batch;
 batching.TrainCollator split_over, the loss and gradients unchanged: training.OcrTrainer.training_step),
 and a pass that still runs out of memory runs again in halves before the run stops with a checkpoint.
 With several processes (whose gradient exchange needs one pass per micro-batch everywhere) the worst
@@ -146,7 +147,8 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
 
     candidates: micro-batch sizes, largest first; probe(micro, checkpointing) -> Probe, on a large
     batch of the run. worst_probe(micro, checkpointing) -> Probe on the worst batch of the data: run
-    once for the choice; where that does not fit, Choice.split_over is the probed batch's size (None:
+    once for the choice; where that does not fit, Choice.split_over is the tokens the budget holds at the
+    probed batch's bytes per token (Choice.tokens_within_budget; None:
     `probe` itself is the worst batch).
     checkpointing: None (auto) or the user's choice. Without checkpointing the largest fitting
     micro-batch is taken; with auto, checkpointing at a larger micro-batch is probed too (it
@@ -194,17 +196,25 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
         return Choice(best.micro, best.checkpointing, f"{reason}; the longest samples fit too ({gib(worst.peak)})",
                       tokens=larger.size, peak=larger.peak, budget=budget, base=larger.base)
     needs = f"needs {gib(worst.peak)}" if worst.peak else "runs out of memory"
-    return Choice(best.micro, best.checkpointing,
-                  f"{reason}; the longest samples' batch {needs}: micro-batches over {best.size} tokens "
-                  f"(~{1 - PERCENTILE:.0%}) run in two halves", split_over=best.size, tokens=best.size, peak=best.peak,
-                  **measured)
+    choice = Choice(best.micro, best.checkpointing, "", tokens=best.size, peak=best.peak, **measured)
+    # the split line: the tokens the budget holds at the probed batch's bytes per token, not the probed batch
+    # itself (run P: 7 of 40 micro-batches over the probed 1367 tokens ran in halves at a 16 GiB cap, while
+    # the hand setting ran them whole); a pass that still runs out of memory runs again in halves
+    choice.split_over = choice.tokens_within_budget()
+    choice.reason = (f"{reason}; the longest samples' batch {needs}: micro-batches over {choice.split_over} tokens "
+                     f"run in two halves")
+    return choice
 
 
 def set_checkpointing(model, on: bool) -> None:
     """Gradient checkpointing on or off (the non-reentrant kind: works with packing and LoRA)."""
     if on:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # a frozen embedding's output must carry grad through the blocks
+        # a frozen embedding's output must carry grad through the blocks. transformers 5.24/5.25 registers that
+        # hook itself, and a second enable would orphan it (its handle overwritten, never removed): training
+        # after a checkpointing probe kept grad flowing into the embeddings (tests/test_memory.py). Exactly one.
+        model.disable_input_require_grads()
+        model.enable_input_require_grads()
     elif model.is_activation_checkpointing:
         model.activation_checkpointing_disable()
         model.disable_input_require_grads()

@@ -128,7 +128,7 @@ class OcrTrainer(Trainer):
         self._forward_done = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """transformers' step, once per pass of the micro-batch (a micro-batch over the probed size comes
+        """transformers' step, once per pass of the micro-batch (a micro-batch over the split size comes
         in parts: TrainCollator split_over). On one GPU, a pass that runs out of memory (the rare batch
         larger than any probed, another process took memory, fragmentation) is run again once as two
         halves where none of its gradient was added yet (it failed in the forward, or it was the step's
@@ -280,7 +280,7 @@ class StopOnOutOfMemory(TrainerCallback):
     def __init__(self):
         self.hit: str | None = None
         self.pending = False  # a pass of the current optimizer step has added its gradient
-        self.split = 0        # micro-batches over the probed size, run in parts (TrainCollator split_over)
+        self.split = 0        # micro-batches over the split size, run in parts (TrainCollator split_over)
         self.retried = 0      # passes that ran out of memory and ran again in halves
 
     def on_step_end(self, args, state, control, **kwargs):
