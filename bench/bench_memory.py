@@ -19,6 +19,9 @@ architectures: bench/families/SOURCES.md): random-init models of the published a
 real images and distinct labels of ../shared/latex_ocr/full_val. Generation capped at 64 new tokens (a
 random model never stops; the full test set's median label is 64 Qwen2 tokens).
 
+BENCH_TIMELINE=1 also prints, per second of each script's run, the lowest and highest memory allocated and what
+the allocator reserved (what stays allocated between passes; docs/BENCHMARKS.md run P).
+
 One JSON line per cell is printed as it ends and appended to $OUT/bench_memory.jsonl, so a run cut at a time
 limit keeps what it finished: the choice auto made, samples/s (train) or images/s (infer), the peak GiB,
 or the one-line message it stopped with. Before each cell, its estimated duration (one device call may run
