@@ -2,6 +2,7 @@
 
     python bench/bench_grpo.py                                   # 64 images x 8 completions per step
     python bench/bench_grpo.py --images 64 --generations 8 --steps 6 --micro 16
+    python bench/bench_grpo.py --micro auto,2                    # auto's pass size against 2 images, one call
 
 Builds a random-init Qwen2-VL-2B from ../shared/qwen2vl-2b (bench/common.py; or --model), trains an SFT
 adapter on the real LaTeX_OCR images of ../shared/latex_ocr for --sft-steps steps with train.py, then runs
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--model", type=Path, default=None, help="a model folder (default: random-init Qwen2-VL-2B)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_grpo"))
     parser.add_argument("--images", type=int, default=64, help="images per optimizer step (BATCH_SIZE)")
-    parser.add_argument("--micro", default="auto", help="images per pass (MICRO_BATCH_SIZE)")
+    parser.add_argument("--micro", default="auto", help="images per pass (MICRO_BATCH_SIZE); comma-separated: each in turn")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sft-steps", type=int, default=20)
@@ -67,23 +68,31 @@ def main():
               "--save-steps", 100000, "--logging-steps", 1, "--max-new-tokens", args.max_new_tokens]
     if not (args.work / "run" / "final" / "adapter_config.json").is_file():
         run([*common, "--max-steps", args.sft_steps, "--batch-size", 16], args.work, args.log)
-    out = run([*common, "--method", "grpo", "--max-steps", args.steps, "--batch-size", args.images,
-               "--micro-batch-size", args.micro, "--num-generations", args.generations], args.work, args.log)
+    rows = []
+    for micro in args.micro.split(","):  # several: each from the same SFT adapter, one after the other
+        grpo = [*common, "--output-dir", args.work / f"run_m{micro}", "--init-adapter", args.work / "run" / "final"]
+        out = run([*grpo, "--method", "grpo", "--max-steps", args.steps, "--batch-size", args.images,
+                   "--micro-batch-size", micro, "--num-generations", args.generations], args.work, args.log)
+        rows.append(table_row(out, micro, args.images, args.generations))
+    print(f"\n| images x completions | MICRO_BATCH_SIZE (images per pass) | step s | rollout s | reward s | update s | "
+          f"completions/s | completion length | peak GiB |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def table_row(out: str, micro: str, images: int, generations: int) -> str:
     lines = [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{'loss'")][1:]
     if not lines:
         raise SystemExit("no steady-state log lines: raise --steps")
+    passes = next((ln.split("GRPO: ", 1)[1].split(" images per pass")[0] for ln in out.splitlines()
+                   if ln.startswith("GRPO: ") and "images per pass" in ln), micro)
 
     def median(key):
         return statistics.median(float(line[key]) for line in lines)
 
-    step = args.images / median("samples_per_second")
+    step = images / median("samples_per_second")
     rollout, reward = median("rollout_seconds"), median("reward_seconds")
-    completions = args.images * args.generations
-    print(f"\n| images x completions | step s | rollout s | reward s | update s | completions/s | "
-          f"completion length | peak GiB |\n|---|---|---|---|---|---|---|---|\n"
-          f"| {args.images} x {args.generations} | {step:.2f} | {rollout:.2f} | {reward:.2f} | "
-          f"{step - rollout - reward:.2f} | {completions / step:.1f} | {median('completion_length'):.0f} | "
-          f"{max(float(line.get('gpu_mem_peak_gib', 'nan')) for line in lines):.1f} |")
+    return (f"| {images} x {generations} | {micro} ({passes}) | {step:.2f} | {rollout:.2f} | {reward:.2f} | "
+            f"{step - rollout - reward:.2f} | {images * generations / step:.1f} | {median('completion_length'):.0f} | "
+            f"{max(float(line.get('gpu_mem_peak_gib', 'nan')) for line in lines):.1f} |")
 
 
 if __name__ == "__main__":
