@@ -241,6 +241,8 @@ class ThroughputCallback(TrainerCallback):
             if now[2]:
                 logs["tokens_per_second"] = round((now[2] - self.last[2]) / dt, 1)
             if torch.cuda.is_available():
+                # the highest since training began (reset then: before, without an evaluation first, it reported
+                # MICRO_BATCH_SIZE=auto's probe of the longest samples, docs/BENCHMARKS.md run P)
                 logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 # what the allocator holds from the card now (in use + cached): near the card's limit, memory held
                 # by something other than training (a leftover cache or graph pool) shows here
@@ -254,6 +256,8 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen)
         self.paused = 0.0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
 
 class Fp16OverflowStop(TrainerCallback):

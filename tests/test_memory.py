@@ -418,3 +418,27 @@ def test_checkpointing_switched_off_after_a_probe_leaves_no_gradient_flowing_int
     assert embeddings(ids).requires_grad and len(embeddings._forward_hooks) == 1
     set_checkpointing(model, False)
     assert (embeddings(ids).requires_grad, len(embeddings._forward_hooks)) == before == (False, 0)
+
+
+def test_the_logged_peak_counts_training_not_the_probe_before_it(monkeypatch):
+    """gpu_mem_peak_gib on the log lines is training's own peak: the counter is reset when training begins,
+    so MICRO_BATCH_SIZE=auto's probe of the longest samples (near the card's limit) does not show as
+    training's (run P: 14.39 GiB reported, the probe's, above what its passes reached)."""
+    from types import SimpleNamespace
+
+    from latexocr.training import ThroughputCallback
+
+    peak = {"bytes": int(14.39 * GIB)}  # what the probe left in the counter
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: peak.update(bytes=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: peak["bytes"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: {})
+    callback = ThroughputCallback(16)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    callback.on_train_begin(None, state, None)
+    peak["bytes"] = max(peak["bytes"], int(11.44 * GIB))  # training's passes
+    state.global_step, state.num_input_tokens_seen = 10, 1000
+    logs = {"loss": 1.0}
+    callback.on_log(None, state, None, logs=logs)
+    assert logs["gpu_mem_peak_gib"] == 11.44
