@@ -109,7 +109,9 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
-    (work / f"log_{name}.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    # cells run with --extra get its flags in the log's name: a later call's same cell keeps its own log
+    suffix = re.sub(r"[^A-Za-z0-9]+", "_", " ".join(EXTRA)).strip("_")
+    (work / f"log_{name}{'_' + suffix if suffix else ''}.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return proc, wall
 
 
