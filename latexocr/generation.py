@@ -12,6 +12,7 @@ from .fast import StaticDecoder, bytes_per_row, plain_text_attention, static_dec
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
                      usable_bytes)
+from .modeling import vision_tower_of
 from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 from .timing import Stopwatch
 
@@ -103,11 +104,12 @@ def loader_unit(batch_size: int | None, static: bool) -> int | None:
 def vision_dtype(model) -> torch.dtype | None:
     """The dtype the model's forward casts pixel values to before its vision tower (every family's forward
     starts with `pixel_values.type(self.visual.dtype)`, transformers 5.24 / 5.25; tests/test_decoding.py checks
-    that a batch cast beforehand gives bit-identical logits). None where the model has no `visual` module."""
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] == "visual":
-            return getattr(module, "dtype", None)
-    return None
+    that a batch cast beforehand gives bit-identical logits). None where the model has no vision tower."""
+    try:
+        _, tower = vision_tower_of(model)
+    except ValueError:
+        return None
+    return getattr(tower, "dtype", None)
 
 
 def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool,
