@@ -1,6 +1,7 @@
 """Batched greedy generation over many images: the one code path of infer.py and train.py's evaluation."""
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -10,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from .batching import SampleEncoder, generation_batch, mrope_positions
 from .fast import StaticDecoder, bytes_per_row, plain_text_attention, static_decode_supported
 from .images import load_image
-from .memory import (MARGIN, MAX_GENERATION_ROWS, choose_generation_rows, gib, out_of_memory_message, release,
-                     usable_bytes)
+from .memory import (MARGIN, MAX_GENERATION_ROWS, balanced_rows, choose_generation_rows, gib, out_of_memory_message,
+                     release, usable_bytes)
 from .modeling import vision_tower_of
 from .sample import DEFAULT_MAX_NEW_TOKENS, END_OF_TURN
 from .timing import Stopwatch
@@ -164,27 +165,34 @@ def _size_order(paths) -> list[int]:
 
 
 def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
-             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0) -> tuple[int, str]:
+             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None) -> tuple[int, str]:
     """(rows per generation batch, why) for BATCH_SIZE=auto: a memory model calibrated by one probe.
 
-    The probe prefills one chunk of the largest images (what the decoder's prefill holds at once); each
-    row then adds its cache and logits (decoding.bytes_per_row, from the config; twice that for
-    generate, whose growing cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
-    reserved_bytes: memory the caller will need later that is not allocated yet (GRPO: the optimizer's
-    state before the first step), kept out of the budget.
+    The probe prefills one chunk of the largest images (what the decoder's prefill holds at once) as the
+    decoder does, with the position ids computed on the CPU (the model's own get_rope_index loops over the
+    rows with GPU syncs: 4-7 s for 128 rows on an H200, docs/BENCHMARKS.md run Q); each row then adds its
+    cache and logits (decoding.bytes_per_row, from the config; twice that for generate, whose growing
+    cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
+    chunk: that chunk already built (predict: the loader's first, which it then decodes), else built here
+    from `largest_paths`. reserved_bytes: memory the caller will need later that is not allocated yet
+    (GRPO: the optimizer's state before the first step), kept out of the budget.
     """
     device = next(model.parameters()).device
     if device.type != "cuda":
         return MAX_GENERATION_ROWS, "no GPU: no memory probe"
-    images = []
-    for path in largest_paths:
-        try:
-            images.append(load_image(path, encoder.sizing))
-        except OSError:
-            pass  # predict() reports it with its row
-    if not images:
-        return MAX_GENERATION_ROWS, "no readable image to probe"
-    chunk = generation_batch(encoder, images).to(device)
+    if chunk is None:
+        items = []
+        for i, path in enumerate(largest_paths):
+            try:
+                items.append((i, load_image(path, encoder.sizing), None))
+            except OSError as exc:
+                items.append((i, None, str(exc)))  # predict() reports it with its row
+        _, _, chunks = _Collate(encoder, None, with_positions=True, pixel_dtype=vision_dtype(model))(items)
+        if chunks is None:
+            return MAX_GENERATION_ROWS, "no readable image to probe"
+        chunk = chunks[0]
+    chunk = {k: v.to(device) for k, v in chunk.items()}
+    rows_probed = chunk["input_ids"].shape[0]
     release()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -192,18 +200,19 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         model(**chunk, use_cache=True, logits_to_keep=1)
     except torch.OutOfMemoryError:
         release()
-        raise SystemExit(f"out of GPU memory reading the {len(images)} largest images at once: use smaller images "
+        raise SystemExit(f"out of GPU memory reading the {rows_probed} largest images at once: use smaller images "
                          f"(--image-max-pixels) or --quantization 4bit") from None
     prefill = torch.cuda.max_memory_allocated(device) - base
-    release()
     length = chunk["input_ids"].shape[1] + max_new_tokens
+    chunk = None
+    release()
     per_row = bytes_per_row(model, length)
-    fixed, per_row = (prefill, per_row) if static else (0, 2 * per_row + prefill // len(images))
+    fixed, per_row = (prefill, per_row) if static else (0, 2 * per_row + prefill // rows_probed)
     budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
     rows = choose_generation_rows(fixed, per_row, budget, MAX_GENERATION_ROWS)
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
-    return rows, (f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {len(images)} "
+    return rows, (f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {rows_probed} "
                   f"largest images {gib(prefill)}, {per_row / 2**20:.1f} MiB per row at {length} tokens")
 
 
@@ -255,19 +264,29 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 raise ValueError("engine='static' does not support this model or these generate options "
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
             with clock.phase("sort by size"):
-                order = _size_order(image_paths)
+                order = _size_order(image_paths)[::-1]  # the largest first: the first chunk is the probe's
                 paths = [image_paths[i] for i in order]
-            # the workers start before the memory probe where their unit does not depend on its answer:
-            # the first chunks are built while the GPU probes
+            # the workers start before the memory probe where their unit does not depend on its answer; the
+            # probe prefills their first chunk (the largest images, built in a worker), decoded with its batch
             unit = loader_unit(batch_size, static)
             pixels = vision_dtype(model)
             with clock.phase("data wait"):
                 units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
             if batch_size is None:
-                largest = paths[-PREFILL_CHUNK_ROWS:]
+                first = None
+                if units is not None:
+                    with clock.phase("data wait"):
+                        first = next(units, None)
+                    units = itertools.chain([first] if first is not None else [], units)
+                chunk = first[2][0] if first is not None and first[2] else None
                 with clock.phase("memory probe"):
-                    batch_size, why = fit_rows(model, encoder, largest, max_new_tokens, static, batch_setting)
-                print(f"{batch_setting}=auto: {batch_size} images per batch ({why})", file=sys.stderr, flush=True)
+                    most, why = fit_rows(model, encoder, paths[:PREFILL_CHUNK_ROWS], max_new_tokens, static,
+                                         batch_setting, chunk=chunk)
+                    first = chunk = None  # the loader's chain holds the unit until its batch is decoded
+                batch_size = balanced_rows(len(image_paths), most)
+                even = f"; {batch_size} make {-(-len(image_paths) // batch_size)} even batches" if batch_size != most else ""
+                print(f"{batch_setting}=auto: {batch_size} images per batch ({most} fit: {why}{even})",
+                      file=sys.stderr, flush=True)
             if unit is None or batch_size % unit:  # a batch that is not whole chunks (a small card's auto)
                 units = None  # its workers stop
                 unit = batch_size

@@ -334,6 +334,18 @@ def choose_generation_rows(fixed_bytes: int, per_row_bytes: int, budget: int, la
     return rows if rows < 8 else rows - rows % 8
 
 
+def balanced_rows(count: int, most: int) -> int:
+    """Rows per generation batch for `count` images when `most` fit: as few batches as `most` allows, made
+    even (a multiple of 8 above 8). A last batch of a few rows costs a whole decode loop (run Q, Qwen3.5-2B
+    at 16 GiB: 15 batches of 136 rows and one of 8, where 16 of 128 fit). Where one batch holds them all,
+    `most` itself (a batch of whole prefill chunks: the loader's chunks built before the probe are used)."""
+    if count <= most or most < 1:
+        return most
+    batches = -(-count // most)
+    rows = -(-count // batches)
+    return min(most, -(-rows // 8) * 8) if rows > 8 else rows
+
+
 def out_of_memory_message(setting: str, value: int, what: str) -> str:
     """One line for an out-of-memory that still happened: the setting to lower and a value that would fit."""
     flag = "--" + setting.lower().replace("_", "-")

@@ -120,11 +120,27 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
                       progress=False)
     assert chunked[5]["prediction"] is None and "broken.png" in chunked[5]["error"]
     assert [r["prediction"] for r in chunked[:5] + chunked[6:]] == [r["prediction"] for r in one]
-    # BATCH_SIZE=auto: the workers start on chunks before the memory probe; a probed batch that is not whole
-    # chunks (here 3 rows) has its loader started again with batches of its size, the same texts
-    monkeypatch.setattr(generation, "fit_rows", lambda *args, **kwargs: (3, "monkeypatched"))
+    # BATCH_SIZE=auto: the workers start on chunks before the memory probe, which prefills the loader's first
+    # chunk (the largest images, with the position ids the decoder uses) instead of building its own; the
+    # batches are made even (6 fit, 10 images: two of 5, not 6 + 4); a batch that is not whole chunks has
+    # its loader started again with batches of its size; the same texts
+    probes = []
+
+    def fake_fit_rows(model, encoder, largest_paths, max_new_tokens, static, batch_setting, chunk=None, **kwargs):
+        probes.append(chunk)
+        return 6, "monkeypatched"
+
+    monkeypatch.setattr(generation, "fit_rows", fake_fit_rows)
+    seen = []
+    monkeypatch.setattr(generation, "_hand_over", lambda on_batch, results, done: seen.append(len(done)))
     probed = predict(model, encoder, paths, batch_size=None, max_new_tokens=8, num_workers=2, progress=False)
     assert [r["prediction"] for r in probed] == [r["prediction"] for r in one]
+    assert seen == [5, 5]
+    (chunk,) = probes
+    assert "position_ids" in chunk and chunk["input_ids"].shape[0] == 2
+    largest = [encoder.sizing.target_size(*Image.open(paths[i]).size) for i in generation._size_order(paths)[-2:]]
+    patches = encoder.processor.image_processor.patch_size ** 2
+    assert sorted(chunk["image_grid_thw"].prod(-1).tolist()) == sorted(w * h // patches for w, h in largest)
 
 
 # --------------------------------------------------------------------------- 8. inputs, outputs

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import LABELS, TINY, make_dataset, run_main
-from latexocr.memory import (DoesNotFit, Probe, choose_generation_rows, choose_training_batch, divisors_descending,
+from latexocr.memory import (DoesNotFit, Probe, balanced_rows, choose_generation_rows, choose_training_batch, divisors_descending,
                              out_of_memory_message, parse_auto, percentile_samples, worst_case_samples)
 
 GIB = 2**30
@@ -178,6 +178,18 @@ def test_generation_rows_follow_the_memory_model():
     assert choose_generation_rows(2 * GIB, 10 * 2**20, 3 * GIB, 512) == 96
     assert choose_generation_rows(2 * GIB, 300 * 2**20, 3 * GIB, 512) == 3
     assert choose_generation_rows(3 * GIB, 10 * 2**20, 2 * GIB, 512) == 0
+
+
+def test_generation_batches_are_even():
+    # run Q (Qwen3.5-2B, 16 GiB card): 136 rows fit; 2,048 images as 15 x 136 + one batch of 8 rows (a whole
+    # decode loop for 8 images) -> 16 x 128, which is also a whole number of prefill chunks
+    assert balanced_rows(2048, 136) == 128
+    assert balanced_rows(2048, 512) == 512 and balanced_rows(300, 512) == 512  # one batch: as it was
+    assert balanced_rows(256, 120) == 88     # the validation set: 3 x 88 (not 120 + 120 + 16)
+    assert balanced_rows(10, 6) == 5 and balanced_rows(3, 512) == 512
+    for count, most in [(2048, 136), (9443, 296), (1000, 64), (7, 3)]:
+        rows = balanced_rows(count, most)
+        assert rows <= most and -(-count // rows) == -(-count // most)  # never more batches than `most` makes
 
 
 @pytest.mark.parametrize("value,kind,expected", [("auto", int, None), ("8", int, 8), (4, int, 4), ("auto", bool, None),
