@@ -13,8 +13,9 @@ less 1 GiB (what a card of that size leaves torch after the driver's context): c
 Per (family, cap): `python train.py` (20 optimizer steps, its defaults: MICRO_BATCH_SIZE and
 GRADIENT_CHECKPOINTING auto, the base-model and final evaluation on 256 validation images) and
 `python infer.py` on 2,048 labelled images (BATCH_SIZE auto), each from the command to its exit.
---grid: at the same cap, also the hand grid, train.py at micro-batch 16/8/4 x checkpointing off/on and
-infer.py at batch 512/256/128 (auto is compared with the best of it). Families (bench/common.py FAMILIES;
+--grid: at the same cap, also the hand grid, train.py at micro-batch 16/8/4 x checkpointing off/on (every
+other setting its default, the evaluations included) and infer.py at batch 512/256/128 (auto is compared
+with the best of it). Families (bench/common.py FAMILIES;
 architectures: bench/families/SOURCES.md): random-init models of the published architectures; data: the
 real images and distinct labels of ../shared/latex_ocr/full_val. Generation capped at 64 new tokens (a
 random model never stops; the full test set's median label is 64 Qwen2 tokens).
@@ -100,7 +101,7 @@ HAND_ROWS = (512, 256, 128)
 # seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
 # infer.py: 2,048 images); larger models scale with their weights
 EXTRA: list[str] = []  # --extra: more flags for every cell's script (the last of a flag given twice wins)
-ESTIMATE_S = {"train": 110, "train_hand": 70, "infer": 50, "build": 20}
+ESTIMATE_S = {"train": 110, "train_hand": 80, "infer": 50, "build": 20}
 
 
 def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -178,8 +179,10 @@ def plan(families, caps, grid: bool, only: set, quantization: str) -> list[tuple
             if "train" in only:
                 cells.append((family, cap, "train", f"train_{tag}", quant, estimate("train", family)))
                 for micro, ckpt in HAND_GRID if grid else []:
+                    # only the two settings differ from auto's cell: the base-model evaluation before training
+                    # (a default) slowed the training after it in run Q, so the grid keeps it too
                     flags = ["--micro-batch-size", str(micro), "--gradient-checkpointing" if ckpt else
-                             "--no-gradient-checkpointing", "--eval-batch-size", "128", "--no-eval-base-model", *quant]
+                             "--no-gradient-checkpointing", *quant]
                     cells.append((family, cap, "train", f"train_{tag}_m{micro}{'_ckpt' if ckpt else ''}", flags,
                                   estimate("train_hand", family)))
             if "infer" in only:
