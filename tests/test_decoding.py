@@ -231,3 +231,23 @@ def test_the_row_memory_model_counts_no_update_temporaries_where_the_state_is_up
     in_place = decoding.bytes_per_row(model, 256)
     monkeypatch.setenv("LATEXOCR_SPEED", "delta_step=off")
     assert decoding.bytes_per_row(model, 256) - in_place == 4 * state
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])  # full attention; linear attention beside it
+def test_compiled_decode_step_gives_the_same_texts(family_dirs, formula_images, family, monkeypatch):
+    """LATEXOCR_SPEED=decode_compile=on: the step through torch.compile (one compile with dynamic shapes for
+    every batch the compaction makes, inside predict's force_eager stance) gives the eager step's texts.
+    Not the default until measured on a GPU; the CPU proves the compiled graph is the same computation."""
+    model, encoder = load(family_dirs[family])
+    paths = [p for p, _ in formula_images[:10]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False, batch_size=10, engine="static")
+    reference = stop_at_different_lengths(model, encoder, paths, **{k: kw[k] for k in ("max_new_tokens", "num_workers", "progress")})
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
+    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
+    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)  # several batch shapes through one compiled step
+    monkeypatch.setenv("LATEXOCR_SPEED", "decode_compile=on")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert predict(model, encoder, paths, **kw) == reference
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
+    assert not torch._dynamo.utils.counters["graph_break"]  # the whole step is one graph

@@ -32,6 +32,9 @@ class SpeedChoices:
                                           # and one in-place update of each layer's state (fast/decoding.py)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
+    decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
+                                          # fused) before the step is recorded as a CUDA graph; off until measured on
+                                          # a GPU (bench/bench_decoder.py with LATEXOCR_SPEED=decode_compile=on)
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:

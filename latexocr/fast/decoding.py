@@ -279,11 +279,15 @@ class StaticDecoder:
 
     use_graphs: None = on CUDA; the step runs eagerly otherwise (CPU, or a capture that failed).
     compaction: None = $LATEXOCR_SPEED's choice (latexocr/fast/choices.py, on by default).
+    compiled: the step through torch.compile (None = $LATEXOCR_SPEED's decode_compile, off by default): one
+    compile with dynamic shapes serves every (rows, cache length), whose CUDA graphs then record the
+    compiled kernels; it runs even inside predict's force_eager stance (which keeps training's compiled
+    blocks from recompiling for generation).
     """
 
     def __init__(self, model, stop_ids: list[int], pad_id: int, max_new_tokens: int,
                  min_new_tokens: int = 0, use_graphs: bool | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, compaction: bool | None = None):
+                 top_p: float = 1.0, compaction: bool | None = None, compiled: bool | None = None):
         self.model = unwrap(model)
         self.core = vision_language_core(model)
         text = self.core.config.text_config
@@ -295,6 +299,8 @@ class StaticDecoder:
         self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compaction = speed_choices().compaction if compaction is None else compaction
+        self.compiled = speed_choices().decode_compile if compiled is None else compiled
+        self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
@@ -359,9 +365,18 @@ class StaticDecoder:
         s.write_at += 1
         s.step += 1
 
+    def _one_step(self, s: _State) -> None:
+        """The step as it runs: `_step`, or its compiled form (`compiled`)."""
+        if not self.compiled:
+            return self._step(s)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._step, dynamic=True)
+        with torch.compiler.set_stance("default"):
+            return self._compiled_step(s)
+
     def _run_step(self, s: _State) -> None:
         if not self.use_graphs:
-            return self._step(s)
+            return self._one_step(s)
         if s.graph is None:
             self._capture(s)  # runs one real step, then records the graph
             return
@@ -370,11 +385,11 @@ class StaticDecoder:
     def _capture(self, s: _State) -> None:
         """Run one real step on a side stream (cuBLAS handles, kernel choice, allocations happen off
         the capture), then record the step; if recording fails, later steps run eagerly."""
-        warm_up_off_capture(lambda: self._step(s))  # the one real step of this call
+        warm_up_off_capture(lambda: self._one_step(s))  # the one real step of this call (and the compile)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            graph, _ = record_graph(lambda: self._step(s), self.pool)
+            graph, _ = record_graph(lambda: self._one_step(s), self.pool)
         except Exception as exc:  # capture errors surface as several types
             print(f"warning: the decode step could not be captured as a CUDA graph ({exc}); running it eagerly",
                   flush=True)
