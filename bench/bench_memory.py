@@ -179,8 +179,8 @@ def plan(families, caps, grid: bool, only: set, quantization: str) -> list[tuple
             if "train" in only:
                 cells.append((family, cap, "train", f"train_{tag}", quant, estimate("train", family)))
                 for micro, ckpt in HAND_GRID if grid else []:
-                    # only the two settings differ from auto's cell: the base-model evaluation before training
-                    # (a default) slowed the training after it in run Q, so the grid keeps it too
+                    # only the two settings differ from auto's cell, which runs the base-model evaluation (a
+                    # default) before training: the grid does too (run Q compared them with it skipped)
                     flags = ["--micro-batch-size", str(micro), "--gradient-checkpointing" if ckpt else
                              "--no-gradient-checkpointing", *quant]
                     cells.append((family, cap, "train", f"train_{tag}_m{micro}{'_ckpt' if ckpt else ''}", flags,

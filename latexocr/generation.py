@@ -169,8 +169,9 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     """(rows per generation batch, why) for BATCH_SIZE=auto: a memory model calibrated by one probe.
 
     The probe prefills one chunk of the largest images (what the decoder's prefill holds at once) as the
-    decoder does, with the position ids computed on the CPU (the model's own get_rope_index loops over the
-    rows with GPU syncs: 4-7 s for 128 rows on an H200, docs/BENCHMARKS.md run Q); each row then adds its
+    engine does: for the static decoder with the position ids computed on the CPU (the model's own
+    get_rope_index loops over the rows with GPU syncs; with the images loaded in this process, 4-7 s for 128
+    rows on an H200, docs/BENCHMARKS.md run Q); each row then adds its
     cache and logits (decoding.bytes_per_row, from the config; twice that for generate, whose growing
     cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
     chunk: that chunk already built (predict: the loader's first, which it then decodes), else built here
@@ -187,7 +188,7 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
                 items.append((i, load_image(path, encoder.sizing), None))
             except OSError as exc:
                 items.append((i, None, str(exc)))  # predict() reports it with its row
-        _, _, chunks = _Collate(encoder, None, with_positions=True, pixel_dtype=vision_dtype(model))(items)
+        _, _, chunks = _Collate(encoder, None, with_positions=static, pixel_dtype=vision_dtype(model))(items)
         if chunks is None:
             return MAX_GENERATION_ROWS, "no readable image to probe"
         chunk = chunks[0]
