@@ -285,9 +285,9 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                                          batch_setting, chunk=chunk)
                     first = chunk = None  # the loader's chain holds the unit until its batch is decoded
                 batch_size = balanced_rows(len(image_paths), most)
-                even = f"; {batch_size} make {-(-len(image_paths) // batch_size)} even batches" if batch_size != most else ""
-                print(f"{batch_setting}=auto: {batch_size} images per batch ({most} fit: {why}{even})",
-                      file=sys.stderr, flush=True)
+                even = (f"; {most} fit, {batch_size} make {-(-len(image_paths) // batch_size)} even batches"
+                        if batch_size != most else "")
+                print(f"{batch_setting}=auto: {batch_size} images per batch ({why}{even})", file=sys.stderr, flush=True)
             if unit is None or batch_size % unit:  # a batch that is not whole chunks (a small card's auto)
                 units = None  # its workers stop
                 unit = batch_size
