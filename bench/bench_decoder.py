@@ -24,6 +24,10 @@ captured), the library one batch (its torch.compile; compile_s = that batch - a 
             through each engine's own stop handling (ours: the stop check every 8 tokens and, with
             compaction on, the move to a smaller batch; generate: its stopping criteria)
 
+  /compiled ours@cap/compiled, ours@labels/compiled (not in the default --runs): ours with its step
+            through torch.compile (LATEXOCR_SPEED=decode_compile=on), the compile in its warm-up; the decision
+            table gives compiled / eager, and how many rows' tokens the two agree on
+
 Batch sizes: 512 (infer.py's default), auto (what infer.py's BATCH_SIZE=auto picks: fit_rows, capped at
 MAX_GENERATION_ROWS) and card (the same memory fit uncapped, at most --images); duplicates measured once.
 
@@ -45,6 +49,9 @@ from common import DEFAULT_SHARED, build_random_model, full_val_samples
 RULE = 1.3  # ours must be faster than the library by more than this to keep its lines
 LIBRARY_RUN_S, OUR_RUN_S = 150, 40  # what one run may take on an H200 at 2,048 images, compile included
 RUNS = ("ours@cap", "library@cap", "ours@labels", "ours@labels/no-compaction", "library@labels")
+# ours with its step through torch.compile (LATEXOCR_SPEED=decode_compile=on; the warm-up holds the compile)
+COMPILED_RUNS = ("ours@cap/compiled", "ours@labels/compiled")
+MODES = ("cap", "labels", "labels/no-compaction", "cap/compiled", "labels/compiled")
 
 
 def make_label_stops(decoder_cls):
@@ -298,8 +305,8 @@ def main():
     runs = a.runs.split(",")
     for run in runs:
         engine, _, mode = run.partition("@")
-        if engine not in ("ours", "library") or mode not in ("cap", "labels", "labels/no-compaction"):
-            raise SystemExit(f"--runs: unknown run {run!r}; the runs are {RUNS}")
+        if engine not in ("ours", "library") or mode not in MODES or (engine == "library" and "/" in mode):
+            raise SystemExit(f"--runs: unknown run {run!r}; the runs are {RUNS + COMPILED_RUNS}")
     plan = ([(rows, run) for rows in sizes for run in runs if run.startswith("ours")]
             + [(rows, run) for mode in ("cap", "labels") for rows in sizes for run in runs
                if run == f"library@{mode}"])
@@ -312,7 +319,7 @@ def main():
         if elapsed + (LIBRARY_RUN_S if engine == "library" else OUR_RUN_S) > a.time_limit_s:
             emit({"run": run, "rows": rows, "skipped": f"{elapsed:.0f} s elapsed, --time-limit-s {a.time_limit_s}"})
             continue
-        static, at_cap = engine == "ours", mode == "cap"
+        static, at_cap = engine == "ours", mode.startswith("cap")
         limit = cap if at_cap else a.labels_cap
         n = rows * max(1, round(a.images / rows))
         if (rows, static) not in encodings:
@@ -329,10 +336,9 @@ def main():
                 if static:
                     # warm-up: every batch once, so each (rows, cache length) graph is captured,
                     # compaction's smaller ones included
-                    compaction = "no-compaction" not in mode
-                    decoder = (StaticDecoder(model, stop_ids, pad, limit, limit, compaction=compaction) if at_cap else
-                               make_label_stops(StaticDecoder)(model, stop_ids, pad, limit, compaction=compaction,
-                                                               max_rows=rows))
+                    options = dict(compaction="no-compaction" not in mode, compiled=mode.endswith("/compiled"))
+                    decoder = (StaticDecoder(model, stop_ids, pad, limit, limit, **options) if at_cap else
+                               make_label_stops(StaticDecoder)(model, stop_ids, pad, limit, max_rows=rows, **options))
                     warm, dt, tokens = timed(ours, batches, len(batches), decoder, None if at_cap else limit)
                     del decoder
                 else:  # warm-up: one batch (the compile); the cache's shape is the same in every call
@@ -362,6 +368,11 @@ def main():
             emit({"agreement": mode, "rows": rows, "identical_rows": sum(same), "of": len(same)})
             if dtype == torch.float32 and not all(same):
                 disagreements.append(f"{mode} at {rows} rows: {len(same) - sum(same)} of {len(same)}")
+        eager = outputs.get((run.removesuffix("/compiled"), rows)) if run.endswith("/compiled") else None
+        if eager is not None:  # the compiled step's tokens against the eager step's (bf16: fused rounding may differ)
+            same = [row_tokens(m, stop_ids) == row_tokens(t, stop_ids)
+                    for mb, tb in zip(tokens, eager) for m, t in zip(mb, tb)]
+            emit({"agreement": f"{mode} vs eager", "rows": rows, "identical_rows": sum(same), "of": len(same)})
 
     table = decision(results, sizes)
     emit({"decision": table})
@@ -397,6 +408,9 @@ def decision(results: dict, sizes: list[int]) -> list[dict]:
             entry["decoder"] = "delete ours" if ratio * RULE >= 1 else "keep ours"
         if get("ours@labels") and get("library@labels"):
             entry["library/ours @labels"] = round(get("library@labels") / get("ours@labels"), 3)
+        for mode in ("cap", "labels"):
+            if get(f"ours@{mode}") and get(f"ours@{mode}/compiled"):
+                entry[f"decode_compile on/off @{mode}"] = round(get(f"ours@{mode}/compiled") / get(f"ours@{mode}"), 3)
         if get("ours@labels") and get("ours@labels/no-compaction"):
             gain = get("ours@labels") / get("ours@labels/no-compaction")
             entry["compaction on/off"] = round(gain, 3)
