@@ -251,3 +251,20 @@ def test_compiled_decode_step_gives_the_same_texts(family_dirs, formula_images, 
     assert predict(model, encoder, paths, **kw) == reference
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
     assert not torch._dynamo.utils.counters["graph_break"]  # the whole step is one graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled step recorded as a CUDA graph)")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])
+def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dirs, formula_images, family, monkeypatch):
+    """On a GPU the compiled step is what the CUDA graphs record (warm-up and compile off the capture, then
+    one graph per batch shape): the same texts as the eager step's graphs, fp32."""
+    model, encoder = load(family_dirs[family])
+    model = model.cuda()
+    paths = [p for p, _ in formula_images[:10]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False, batch_size=10, engine="static")
+    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)  # compaction's smaller batches: more graphs of the one compile
+    eager = predict(model, encoder, paths, **kw)
+    monkeypatch.setenv("LATEXOCR_SPEED", "decode_compile=on")
+    torch._dynamo.reset()
+    assert predict(model, encoder, paths, **kw) == eager
