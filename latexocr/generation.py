@@ -137,6 +137,49 @@ def joined_batches(units, unit: int, batch_size: int):
         yield _joined(group)
 
 
+def chunk_rows(chunk: dict, start: int, stop: int) -> dict:
+    """Rows start:stop of a left-padded prefill chunk, their images' patches with them and the columns that
+    are padding in all of them dropped: the chunk the processor would build from those images alone."""
+    patches = chunk["image_grid_thw"].prod(-1)
+    offsets = [0, *patches.cumsum(0).tolist()]
+    used = chunk["attention_mask"][start:stop].any(0).nonzero()
+    first = int(used[0]) if len(used) else 0  # left padding: the first column any of these rows uses
+    out = {}
+    for key, value in chunk.items():
+        if key == "pixel_values":
+            out[key] = value[offsets[start]:offsets[stop]]
+        elif key == "image_grid_thw":
+            out[key] = value[start:stop]
+        elif key == "position_ids":  # 4 x rows x length
+            out[key] = value[:, start:stop, first:]
+        else:  # rows x length: input_ids, attention_mask, mm_token_type_ids
+            out[key] = value[start:stop, first:]
+    return type(chunk)(out)  # the processor's BatchFeature (its .to() moves every tensor)
+
+
+def rebatched(units, rows: int):
+    """Generation batches of `rows` readable images from loader units of any size (a BATCH_SIZE=auto that
+    is not whole prefill chunks): the units' chunks, cut where a batch ends (chunk_rows). The loader's
+    chunks, built before the probe, are used as they are instead of being built again."""
+    indices, failed, parts, have = [], [], [], 0
+    for unit_indices, unit_failed, chunks in units:
+        failed += unit_failed
+        position = 0
+        for chunk in chunks or ():
+            n, start = chunk["input_ids"].shape[0], 0
+            while start < n:
+                take = min(n - start, rows - have)
+                parts.append(chunk if take == n else chunk_rows(chunk, start, start + take))
+                indices += unit_indices[position + start:position + start + take]
+                start, have = start + take, have + take
+                if have == rows:
+                    yield indices, failed, parts
+                    indices, failed, parts, have = [], [], [], 0
+            position += n
+    if indices or failed:
+        yield indices, failed, parts or None
+
+
 def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool,
                   pixel_dtype: torch.dtype | None = None):
     """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
@@ -288,12 +331,12 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 even = (f"; {most} fit, {batch_size} make {-(-len(image_paths) // batch_size)} even batches"
                         if batch_size != most else "")
                 print(f"{batch_setting}=auto: {batch_size} images per batch ({why}{even})", file=sys.stderr, flush=True)
-            if unit is None or batch_size % unit:  # a batch that is not whole chunks (a small card's auto)
-                units = None  # its workers stop
+            if unit is None:  # generate's auto: one loader batch per generation batch, now that its size is known
                 unit = batch_size
                 with clock.phase("data wait"):
                     units = start_loader(encoder, paths, unit, num_workers, static, pixels)
-            batches = joined_batches(units, unit, batch_size)
+            # a batch that is not whole chunks (a small card's auto) is cut from the chunks already on their way
+            batches = joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
             try:

@@ -268,3 +268,23 @@ def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dir
     monkeypatch.setenv("LATEXOCR_SPEED", "decode_compile=on")
     torch._dynamo.reset()
     assert predict(model, encoder, paths, **kw) == eager
+
+
+def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, formula_images):
+    """generation.chunk_rows (BATCH_SIZE=auto cutting the loader's chunks into batches of another size): rows
+    a:b of a left-padded chunk, with their patches and positions, equal the chunk built from those images
+    alone, the columns that are padding for all of them dropped."""
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    paths = [p for p, _ in formula_images[:6]]
+    items = [(i, load_image(p, encoder.sizing), None) for i, p in enumerate(paths)]
+    collate = generation._Collate(encoder, None, with_positions=True)
+    (_, _, (whole,)) = collate(items)
+    widths = whole["attention_mask"].sum(1).tolist()
+    assert len(set(widths)) > 2  # rows of different lengths: some columns are padding for a subset only
+    for start, stop in [(0, 6), (1, 4), (4, 6), (2, 3)]:
+        (_, _, (alone,)) = collate(items[start:stop])
+        cut = generation.chunk_rows(whole, start, stop)
+        assert cut.keys() == alone.keys()
+        for key in alone:
+            assert torch.equal(cut[key], alone[key]), (start, stop, key)

@@ -122,8 +122,8 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
     assert [r["prediction"] for r in chunked[:5] + chunked[6:]] == [r["prediction"] for r in one]
     # BATCH_SIZE=auto: the workers start on chunks before the memory probe, which prefills the loader's first
     # chunk (the largest images, with the position ids the decoder uses) instead of building its own; the
-    # batches are made even (6 fit, 10 images: two of 5, not 6 + 4); a batch that is not whole chunks has
-    # its loader started again with batches of its size; the same texts
+    # batches are made even (6 fit, 10 images: two of 5, not 6 + 4); a batch that is not whole chunks (here
+    # chunks of 2) is cut from the chunks already built (generation.rebatched); the same texts
     probes = []
 
     def fake_fit_rows(model, encoder, largest_paths, max_new_tokens, static, batch_setting, chunk=None, **kwargs):
