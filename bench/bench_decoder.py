@@ -363,15 +363,13 @@ def main():
         # the same inputs give the same greedy tokens? (fp32: all rows; bf16: batch shapes differ, a few may not)
         other = outputs.get((f"{'library' if static else 'ours'}@{'cap' if at_cap else 'labels'}", rows))
         if run in ("library@cap", "library@labels", "ours@cap", "ours@labels") and other is not None:
-            same = [row_tokens(m, stop_ids) == row_tokens(t, stop_ids)
-                    for mb, tb in zip(tokens, other) for m, t in zip(mb, tb)]
+            same = identical_rows(tokens, other, stop_ids)
             emit({"agreement": mode, "rows": rows, "identical_rows": sum(same), "of": len(same)})
             if dtype == torch.float32 and not all(same):
                 disagreements.append(f"{mode} at {rows} rows: {len(same) - sum(same)} of {len(same)}")
         eager = outputs.get((run.removesuffix("/compiled"), rows)) if run.endswith("/compiled") else None
         if eager is not None:  # the compiled step's tokens against the eager step's (bf16: fused rounding may differ)
-            same = [row_tokens(m, stop_ids) == row_tokens(t, stop_ids)
-                    for mb, tb in zip(tokens, eager) for m, t in zip(mb, tb)]
+            same = identical_rows(tokens, eager, stop_ids)
             emit({"agreement": f"{mode} vs eager", "rows": rows, "identical_rows": sum(same), "of": len(same)})
 
     table = decision(results, sizes)
@@ -385,6 +383,11 @@ def image_size(path: str) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as im:
         return im.size
+
+
+def identical_rows(tokens, other, stop_ids) -> list[bool]:
+    """Per row of two runs' batches of tokens: the same tokens up to the first stop?"""
+    return [row_tokens(m, stop_ids) == row_tokens(t, stop_ids) for mb, tb in zip(tokens, other) for m, t in zip(mb, tb)]
 
 
 def row_tokens(row, stop_ids) -> list[int]:

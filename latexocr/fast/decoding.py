@@ -298,8 +298,9 @@ class StaticDecoder:
         self.pad_id, self.max_new, self.min_new = pad_id, max_new_tokens, min_new_tokens
         self.temperature, self.top_p = temperature, top_p  # temperature 0: greedy
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.compaction = speed_choices().compaction if compaction is None else compaction
-        self.compiled = speed_choices().decode_compile if compiled is None else compiled
+        speed = speed_choices()
+        self.compaction = speed.compaction if compaction is None else compaction
+        self.compiled = speed.decode_compile if compiled is None else compiled
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
         self.states: dict[tuple, _State] = {}
