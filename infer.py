@@ -225,6 +225,10 @@ def main(argv=None):
                 raise SystemExit(f"error: {problem}")
     parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
     workers = parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)  # 0: images loaded in this process
+    if not args.merge_to:  # a wrong value or missing bitsandbytes: said now, not after the model has loaded
+        import torch
+        from latexocr.modeling import quantization_config
+        quantization_config(args.quantization, torch.bfloat16)
     if args.merge_to:
         return merge(args)
 

@@ -202,7 +202,7 @@ def main():
         if spec == "card":  # the same memory fit, without infer.py's cap (at most --images: one batch)
             generation.MAX_GENERATION_ROWS = a.images
         try:
-            rows, why = generation.fit_rows(model, encoder, largest, cap, static=True)
+            rows, why, _ = generation.fit_rows(model, encoder, largest, cap, static=True)
         finally:
             generation.MAX_GENERATION_ROWS = limit
         emit({"batch": spec, "rows": rows, "why": why})

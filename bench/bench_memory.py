@@ -70,6 +70,12 @@ def _peak():  # the script's own process, not a forked DataLoader worker
               f"retries {stats.get('num_alloc_retries', 0)} ooms {stats.get('num_ooms', 0)}; "
               f"checkpointed calls {_checkpointed[0]}", file=sys.stderr)
 atexit.register(_peak)
+# infer.py ends with os._exit (no interpreter teardown), which skips atexit: the peak is printed first
+_plain_exit = os._exit
+def _exit(code):
+    _peak()
+    _plain_exit(code)
+os._exit = _exit
 
 # BENCH_TIMELINE=1: what the script's process holds over time (sampled every 20 ms by a thread: the lowest
 # and highest allocated and the reserved GiB of each second), to see what stays allocated between passes

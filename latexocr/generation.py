@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -207,23 +208,63 @@ def _size_order(paths) -> list[int]:
     return sorted(range(len(paths)), key=lambda i: area(paths[i]))
 
 
+class Fit(NamedTuple):
+    """BATCH_SIZE=auto's answer: rows per generation batch, why (for the log line), and the rows one prefill
+    call takes (PREFILL_CHUNK_ROWS, or fewer where the largest images' chunk did not fit at once)."""
+    rows: int
+    why: str
+    prefill_rows: int
+
+
+def prefill_pieces(chunks: list[dict], rows: int) -> list[dict]:
+    """The chunks cut into consecutive pieces of at most `rows` rows (chunk_rows): the prefill calls a card
+    that cannot take a whole chunk at once makes; the same rows in the same order."""
+    pieces = []
+    for chunk in chunks:
+        n = chunk["input_ids"].shape[0]
+        pieces += [chunk] if n <= rows else [chunk_rows(chunk, start, min(start + rows, n))
+                                             for start in range(0, n, rows)]
+    return pieces
+
+
+def largest_fitting_prefill(chunk: dict, run) -> tuple[dict | None, int]:
+    """(the largest leading rows of `chunk` that `run` (a prefill on the GPU) takes without running out of
+    memory, and the peak it reported): the chunk, else its first half, quarter ... one row; (None, 0) when
+    not even one row fits. The rows are the largest images first (predict's order), so what fits here fits
+    every later chunk cut to as many rows. The retry runs outside the `except`: its frames (and the tensors
+    the failed pass held) are freed first."""
+    while True:
+        try:
+            return chunk, run(chunk)
+        except torch.OutOfMemoryError:
+            pass
+        release()
+        rows = chunk["input_ids"].shape[0]
+        if rows == 1:
+            return None, 0
+        chunk = chunk_rows(chunk, 0, rows // 2)
+
+
 def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
-             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None) -> tuple[int, str]:
-    """(rows per generation batch, why) for BATCH_SIZE=auto: a memory model calibrated by one probe.
+             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None) -> Fit:
+    """Rows per generation batch for BATCH_SIZE=auto, why, and the rows per prefill call: a memory model
+    calibrated by one probe.
 
     The probe prefills one chunk of the largest images (what the decoder's prefill holds at once) as the
     engine does: for the static decoder with the position ids computed on the CPU (the model's own
     get_rope_index loops over the rows with GPU syncs; with the images loaded in this process, 4-7 s for 128
     rows on an H200, docs/BENCHMARKS.md run Q); each row then adds its
     cache and logits (decoding.bytes_per_row, from the config; twice that for generate, whose growing
-    cache is copied). On a CPU: MAX_GENERATION_ROWS, nothing probed.
+    cache is copied). A card too small for the whole chunk (a 4B model on 16 GiB, a QLoRA 2B on 8 GiB,
+    docs/BENCHMARKS.md run R) is probed with half of it, a quarter ...: the engine then prefills in pieces
+    of that many rows (prefill_pieces). On a CPU: MAX_GENERATION_ROWS, nothing probed.
     chunk: that chunk already built (predict: the loader's first, which it then decodes), else built here
     from `largest_paths`. reserved_bytes: memory the caller will need later that is not allocated yet
     (GRPO: the optimizer's state before the first step), kept out of the budget.
     """
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return MAX_GENERATION_ROWS, "no GPU: no memory probe"
+        return Fit(MAX_GENERATION_ROWS, "no GPU: no memory probe", PREFILL_CHUNK_ROWS)
     if chunk is None:
         items = []
         for i, path in enumerate(largest_paths):
@@ -233,31 +274,37 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
                 items.append((i, None, str(exc)))  # predict() reports it with its row
         _, _, chunks = _Collate(encoder, None, with_positions=static, pixel_dtype=vision_dtype(model))(items)
         if chunks is None:
-            return MAX_GENERATION_ROWS, "no readable image to probe"
+            return Fit(MAX_GENERATION_ROWS, "no readable image to probe", PREFILL_CHUNK_ROWS)
         chunk = chunks[0]
-    chunk = {k: v.to(device) for k, v in chunk.items()}
-    rows_probed = chunk["input_ids"].shape[0]
     release()
     base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        model(**chunk, use_cache=True, logits_to_keep=1)
-    except torch.OutOfMemoryError:
-        release()
-        raise SystemExit(f"out of GPU memory reading the {rows_probed} largest images at once: use smaller images "
-                         f"(--image-max-pixels) or --quantization 4bit") from None
-    prefill = torch.cuda.max_memory_allocated(device) - base
-    length = chunk["input_ids"].shape[1] + max_new_tokens
-    chunk = None
+
+    def prefill(piece: dict) -> int:
+        torch.cuda.reset_peak_memory_stats(device)
+        model(**{k: v.to(device) for k, v in piece.items()}, use_cache=True, logits_to_keep=1)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    rows_offered = chunk["input_ids"].shape[0]
+    probed, prefill_bytes = largest_fitting_prefill(chunk, prefill)
+    if probed is None:
+        quantized = getattr(model, "hf_quantizer", None) is not None
+        raise SystemExit(f"out of GPU memory reading the largest image alone: use smaller images "
+                         f"(--image-max-pixels){'' if quantized else ' or --quantization 4bit'}")
+    rows_probed = probed["input_ids"].shape[0]
+    length = probed["input_ids"].shape[1] + max_new_tokens
+    chunk = probed = None
     release()
     per_row = bytes_per_row(model, length)
-    fixed, per_row = (prefill, per_row) if static else (0, 2 * per_row + prefill // rows_probed)
+    fixed, per_row = (prefill_bytes, per_row) if static else (0, 2 * per_row + prefill_bytes // rows_probed)
     budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
     rows = choose_generation_rows(fixed, per_row, budget, MAX_GENERATION_ROWS)
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
-    return rows, (f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {rows_probed} "
-                  f"largest images {gib(prefill)}, {per_row / 2**20:.1f} MiB per row at {length} tokens")
+    pieces = (f"; {rows_offered} at once ran out of memory: prefill in pieces of {rows_probed}"
+              if rows_probed < rows_offered else "")
+    return Fit(rows, f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {rows_probed} "
+                     f"largest images {gib(prefill_bytes)}, {per_row / 2**20:.1f} MiB per row at {length} tokens"
+                     f"{pieces}", rows_probed if rows_probed < rows_offered else PREFILL_CHUNK_ROWS)
 
 
 def _hand_over(on_batch, results: list[dict], done: list[int]) -> None:
@@ -316,6 +363,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             pixels = vision_dtype(model)
             with clock.phase("data wait"):
                 units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
+            prefill_rows = PREFILL_CHUNK_ROWS  # rows per prefill call: fewer where auto's probe found them too many
             if batch_size is None:
                 first = None
                 if units is not None:
@@ -324,8 +372,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                     units = itertools.chain([first] if first is not None else [], units)
                 chunk = first[2][0] if first is not None and first[2] else None
                 with clock.phase("memory probe"):
-                    most, why = fit_rows(model, encoder, paths[:PREFILL_CHUNK_ROWS], max_new_tokens, static,
-                                         batch_setting, chunk=chunk)
+                    most, why, prefill_rows = fit_rows(model, encoder, paths[:PREFILL_CHUNK_ROWS], max_new_tokens,
+                                                       static, batch_setting, chunk=chunk)
                     first = chunk = None  # the loader's chain holds the unit until its batch is decoded
                 batch_size = balanced_rows(len(image_paths), most)
                 even = (f"; {most} fit, {batch_size} make {-(-len(image_paths) // batch_size)} even batches"
@@ -349,6 +397,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                         _hand_over(on_batch, results, [order[i] for i, _ in failed])
                         continue
                     with clock.phase("to device"):
+                        if static and prefill_rows < PREFILL_CHUNK_ROWS:
+                            chunks = prefill_pieces(chunks, prefill_rows)
                         chunks = [c.to(device) for c in chunks]
                     if static:
                         with clock.phase("engine"):

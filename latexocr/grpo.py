@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from .batching import IGNORE_INDEX, SampleEncoder, TrainCollator, sample_boundaries
 from .fast import StaticDecoder, static_decode_supported
-from .generation import PREFILL_CHUNK_ROWS, _Collate, _size_order, fit_rows
+from .generation import PREFILL_CHUNK_ROWS, _Collate, _size_order, fit_rows, prefill_pieces
 from .images import load_image
 from .memory import ADAM_STATE_BYTES, release
 from .modeling import is_full_model, trainable_in_fp32
@@ -267,6 +267,7 @@ class GrpoTrainer(OcrTrainer):
         config = self._policy().config
         self.placeholder_ids = {getattr(config, name, None) for name in PLACEHOLDERS} - {None}
         self.rollout_rows = None  # rows per decoder call, fitted at the first rollout (the model is on its device)
+        self.prefill_rows = PREFILL_CHUNK_ROWS  # rows per prefill call: fewer where that fit found them too many
         self.rollout_stats = defaultdict(list)  # the rewards etc. of the rollout the current step trains on
         self.reused, self.reuse_left = None, 0  # the last rollout's update batches, and steps it still feeds
         self.metrics = defaultdict(list)  # per rollout / update, averaged into the next log line
@@ -297,7 +298,7 @@ class GrpoTrainer(OcrTrainer):
                 # otherwise hold memory through the update passes, which were sized without it
                 decoder = StaticDecoder(model, self.stop_ids, self.text_tokenizer.pad_token_id, self.grpo.max_new_tokens,
                                         temperature=self.grpo.temperature, top_p=self.grpo.top_p)
-                chunks = [chunk for batch in batches for chunk in batch["prompts"]]
+                chunks = prefill_pieces([chunk for batch in batches for chunk in batch["prompts"]], self.prefill_rows)
                 sampled = [decoder.generate([c.to(device) for c in group])
                            for group in group_chunks(chunks, self.rollout_rows)]
                 del decoder
@@ -326,8 +327,9 @@ class GrpoTrainer(OcrTrainer):
         chunk_rows = max(c["input_ids"].shape[0] for batch in batches for c in batch["prompts"])
         largest = [paths[i] for i in reversed(_size_order(paths)) for _ in range(self.grpo.num_generations)]
         optimizer_state = ADAM_STATE_BYTES * sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows, why = fit_rows(model, self.data_collator.encoder, largest[:chunk_rows], self.grpo.max_new_tokens,
-                             static=True, batch_setting="MICRO_BATCH_SIZE", reserved_bytes=optimizer_state)
+        rows, why, self.prefill_rows = fit_rows(model, self.data_collator.encoder, largest[:chunk_rows],
+                                                self.grpo.max_new_tokens, static=True,
+                                                batch_setting="MICRO_BATCH_SIZE", reserved_bytes=optimizer_state)
         if self.is_world_process_zero():
             chunks = [chunk for batch in batches for chunk in batch["prompts"]]
             print(f"GRPO rollouts: up to {rows} completions per decoder call, a step's "

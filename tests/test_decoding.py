@@ -288,3 +288,41 @@ def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, for
         assert cut.keys() == alone.keys()
         for key in alone:
             assert torch.equal(cut[key], alone[key]), (start, stop, key)
+
+
+def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs, formula_images, monkeypatch):
+    """BATCH_SIZE=auto on a small card (run R: Qwen3.5-4B at 16 GiB, QLoRA Qwen3.5-2B at 8 GiB ran out of
+    memory prefilling the 128 largest images at once): the probe tries half the chunk, a quarter ... and
+    the engine prefills every chunk in pieces of the rows that fit; the texts are unchanged."""
+    model, encoder = load(family_dirs["qwen2_vl"])
+    paths = [p for p, _ in formula_images[:10]]
+    items = [(i, load_image(p, encoder.sizing), None) for i, p in enumerate(paths[:8])]
+    (_, _, (chunk,)) = generation._Collate(encoder, None, with_positions=True)(items)
+    tried = []
+
+    def prefill(piece, most=3):  # a card that holds 3 rows of a prefill
+        tried.append(piece["input_ids"].shape[0])
+        if tried[-1] > most:
+            raise torch.OutOfMemoryError("simulated")
+        return 123
+
+    fitted, peak = generation.largest_fitting_prefill(chunk, prefill)
+    assert tried == [8, 4, 2] and peak == 123
+    assert all(torch.equal(fitted[k], v) for k, v in generation.chunk_rows(chunk, 0, 2).items())
+    tried.clear()
+    assert generation.largest_fitting_prefill(chunk, lambda piece: prefill(piece, most=0)) == (None, 0)
+    assert tried == [8, 4, 2, 1]  # not even one image: fit_rows stops with its one line
+
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
+    reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
+    monkeypatch.setattr(generation, "fit_rows", lambda *a, **k: generation.Fit(10, "monkeypatched", 3))
+    prefilled = []
+    plain = decoding.StaticDecoder._prefill
+
+    def spy(self, chunks, rows):
+        prefilled.append([c["input_ids"].shape[0] for c in chunks])
+        return plain(self, chunks, rows)
+
+    monkeypatch.setattr(decoding.StaticDecoder, "_prefill", spy)
+    assert predict(model, encoder, paths, batch_size=None, engine="static", **kw) == reference
+    assert prefilled == [[3, 3, 3, 1]]  # one batch of 10 rows, its chunk prefilled 3 rows at a time

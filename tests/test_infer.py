@@ -128,7 +128,7 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
 
     def fake_fit_rows(model, encoder, largest_paths, max_new_tokens, static, batch_setting, chunk=None, **kwargs):
         probes.append(chunk)
-        return 6, "monkeypatched"
+        return generation.Fit(6, "monkeypatched", generation.PREFILL_CHUNK_ROWS)
 
     monkeypatch.setattr(generation, "fit_rows", fake_fit_rows)
     seen = []
@@ -230,6 +230,14 @@ def test_no_images_is_a_clear_error(tiny_model_dir, tmp_path):
         infer.main([str(tmp_path / "empty.json"), *common(tiny_model_dir, adapter="none")])
     assert "no samples" in str(exc.value.code)
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_a_quantization_that_cannot_run_is_said_before_the_model_loads(tiny_model_dir, data, monkeypatch):
+    """Run R: infer.py --quantization 4bit without bitsandbytes said so only after loading (24 s on an H200)."""
+    monkeypatch.setattr(infer, "load_with_sample", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(SystemExit) as exc:
+        infer.main([str(data / "data.json"), "--quantization", "8bit", *common(tiny_model_dir, adapter="none")])
+    assert "QUANTIZATION must be one of" in str(exc.value.code)
 
 
 # ------------------------------------------------------------------------------ 9. bad input

@@ -33,8 +33,9 @@ class SpeedChoices:
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
-                                          # fused) before the step is recorded as a CUDA graph; off until measured on
-                                          # a GPU (bench/bench_decoder.py with LATEXOCR_SPEED=decode_compile=on)
+                                          # fused) before the step is recorded as a CUDA graph; off: Qwen2-VL-2B's
+                                          # loop ran 0.65x the eager graphed step after 1-2 min of compiling (run R);
+                                          # Qwen3.5's step still to measure (bench/bench_decoder.py)
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:
