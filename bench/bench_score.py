@@ -13,7 +13,9 @@ to reach 9,443 (the `full` test split's size): 8,520 distinct labels, 918 rows (
 labels, deleted, or one inserted; seeded), so nearly every prediction is a distinct string too.
 They are written as infer.py's predictions CSV, then:
 (a) `infer.py --score` as a subprocess, from the command to the printed summary: the user's wait;
-    wall and CPU seconds (its workers included), ``--repeat`` times, as the CPU may be shared;
+    wall and CPU seconds (its workers included), ``--repeat`` times, as the CPU may be shared; each time
+    first with no kept label verdicts (a fresh $LATEXOCR_VERDICT_CACHE: the first scoring of a data set),
+    then again with the verdicts that run kept (latexocr/verdicts.py: the same set scored again);
 (b) the phases in this process, one core: reading the file, tokenising, score_pair (tokens,
     Levenshtein, BLEU statistics), KaTeX's render check of the distinct predictions (equal to their
     label, or not; one KaTeX child, 128 formulas a request, its CPU counted): the floor of the work,
@@ -94,11 +96,13 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def time_infer_score(csv_path: Path) -> tuple[float, float, dict]:
-    """(wall s, CPU s, printed summary) of `infer.py --score` in a process of its own."""
+def time_infer_score(csv_path: Path, verdicts: Path) -> tuple[float, float, dict]:
+    """(wall s, CPU s, printed summary) of `infer.py --score` in a process of its own, keeping label
+    verdicts in the folder `verdicts`."""
     start, cpu_before = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--score", str(csv_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, LATEXOCR_VERDICT_CACHE=str(verdicts)))
     took, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
     if done.returncode != 0:
         raise SystemExit(f"infer.py --score failed:\n{done.stderr}")
@@ -178,10 +182,13 @@ def main() -> None:
         write_predictions(pairs, csv_path)
         print("(a) infer.py --score, end to end (a subprocess):")
         for run in range(args.repeat):
-            took, cpu, summary = time_infer_score(csv_path)
-            print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included); load average now {_load()}")
-            if run == args.repeat - 1:
-                print("    " + json.dumps(summary))
+            verdicts = Path(tmp) / f"verdicts{run}"
+            for kept in ("no kept verdicts", "the verdicts it kept"):
+                took, cpu, summary = time_infer_score(csv_path, verdicts)
+                print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included), {kept}; "
+                      f"load average now {_load()}")
+                if run == args.repeat - 1:
+                    print("    " + json.dumps(summary))
         if not args.no_phases:
             print("(b) the phases, in this process:")
             phases(csv_path, pairs)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .io import jsonl_records, read_text
 from .metrics import aggregate, render_flags, render_ok, score_pair
+from .verdicts import LabelVerdicts
 
 __all__ = ["score_row", "score_items", "summarize_rows", "scored_summary", "default_workers", "available_cores",
            "Scorer", "read_predictions", "PredictionsFileError"]
@@ -111,6 +112,9 @@ class Scorer:
     row), so each distinct prediction is parsed once per Scorer, in one worker: a string repeated
     across rows (a looping model, or one label predicted exactly for several images) costs one parse.
 
+    A label's verdict is kept on disk (latexocr/verdicts.py): the next run that predicts that label
+    exactly (the same validation set, scored again) takes it from there instead of parsing it again.
+
     ``katex_processes``: KaTeX child processes of each worker (or of this process, with no workers).
     ``infer.py --score`` scores in this process with one KaTeX child per core: KaTeX is ~7/8 of the
     CPU time, and worker processes would cost their start-up and a KaTeX child each on top.
@@ -119,7 +123,7 @@ class Scorer:
     the workers, so none is left behind.
     """
 
-    def __init__(self, workers: int | None = None, katex_processes: int = 1):
+    def __init__(self, workers: int | None = None, katex_processes: int = 1, kept: LabelVerdicts | None = None):
         workers = default_workers() if workers is None else int(workers)
         # spawn, not fork: the caller holds (or is about to hold) CUDA and torch's threads, which a
         # forked child must not inherit
@@ -130,6 +134,8 @@ class Scorer:
         self._chunks: list[tuple[list, list, list[str], Future | tuple]] = []
         self._asked: set[str] = set()
         self._katex_processes = katex_processes
+        self._kept = LabelVerdicts() if kept is None else kept
+        self._known: dict[str, bool] = {}  # verdicts taken from the kept file instead of a parse
 
     def submit(self, keys: Sequence, items: Sequence[tuple[str | None, str, bool]]) -> None:
         """Queue rows for scoring; ``keys`` (e.g. row indices) order the results."""
@@ -140,6 +146,9 @@ class Scorer:
             chunk = items[start:start + size]
             strings = [s for s in _distinct_predictions(chunk) if s not in self._asked]
             self._asked.update(strings)
+            known = {s: v for s in strings if (v := self._kept.get(s)) is not None}
+            self._known.update(known)
+            strings = [s for s in strings if s not in known]
             work = (self._pool.submit(_score_chunk, chunk, strings, self._katex_processes) if self._pool
                     else _score_chunk(chunk, strings, self._katex_processes))
             self._chunks.append((keys[start:start + size], chunk, strings, work))
@@ -147,9 +156,14 @@ class Scorer:
     def results(self) -> tuple[list[dict], list[tuple[int, ...]]]:
         """(score_row's columns, BLEU statistics) of every submitted row, sorted by key."""
         outcomes = [work.result() if isinstance(work, Future) else work for *_, work in self._chunks]
-        verdicts = {}  # every chunk's first: a chunk's prediction may have been rendered by an earlier one
+        verdicts = dict(self._known)  # every chunk's first: a chunk's prediction may have been rendered by an earlier one
         for (_, _, strings, _), (_, flags) in zip(self._chunks, outcomes):
             verdicts.update(zip(strings, flags))
+        for _, chunk, _, _ in self._chunks:  # exact predictions: their label's verdict, kept for the next run
+            for prediction, label, _ in chunk:
+                if prediction == label:
+                    self._kept.add(label, verdicts[label])
+        self._kept.save()
         scored = []
         for (keys, chunk, _, _), (rows, _) in zip(self._chunks, outcomes):
             scored += zip(keys, _with_columns(chunk, rows, verdicts))

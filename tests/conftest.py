@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # compiled runs keep torch's caches here, not in the user's ~/.cache/latexocr (latexocr/fast/compile.py)
 os.environ.setdefault("LATEXOCR_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "latexocr-tests-compile-cache"))
+# KaTeX's kept label verdicts (latexocr/verdicts.py): a folder of this session's own, not the user's ~/.cache
+os.environ.setdefault("LATEXOCR_VERDICT_CACHE", tempfile.mkdtemp(prefix="latexocr-tests-verdicts-"))
 
 
 def pytest_configure(config):

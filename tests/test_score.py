@@ -253,7 +253,8 @@ def test_each_distinct_prediction_is_parsed_once_per_scorer(monkeypatch):
         return metrics.render_flags(texts, processes)
 
     monkeypatch.setattr(scoring, "render_flags", counting)
-    with scoring.Scorer(0) as scorer:
+    from latexocr.verdicts import LabelVerdicts
+    with scoring.Scorer(0, kept=LabelVerdicts(None)) as scorer:  # no verdicts kept by earlier tests: all parsed here
         for start in range(0, len(rows), 16):  # in this process, one chunk per submit: 16 rows each
             scorer.submit(range(start, min(start + 16, len(rows))), rows[start:start + 16])
         columns, _ = scorer.results()
@@ -394,3 +395,37 @@ def test_evaluate_scores_in_workers_as_in_process(labelled, tiny_model_dir):
     assert [r["index"] for r in here_rows] == list(range(10)) and here["errors"] == 1
     preds, labels, cuts = zip(*[(r["prediction"], r["label"], r["truncated"]) for r in here_rows])
     assert {k: v for k, v in here.items() if k != "errors"} == pytest.approx(old_summary(preds, labels, cuts), abs=TOL)
+
+
+def test_label_verdicts_kept_for_the_next_run_give_the_same_scores(tmp_path, monkeypatch, capsys):
+    """latexocr/verdicts.py: a Scorer keeps the verdicts of labels predicted exactly; the next Scorer (the
+    same validation set scored again) takes them from the file instead of parsing them, with the same
+    rows and summary. A non-rendering label's False is kept too; a cut file is started again; off keeps
+    nothing."""
+    from latexocr.verdicts import LabelVerdicts
+    rows = varied_rows(200) + [("x } {", "x } {", False)]  # a label KaTeX rejects, predicted exactly
+    exact_labels = {label for pred, label, _ in rows if pred == label}
+    path = tmp_path / "kept.json"
+
+    def score(kept):
+        with scoring.Scorer(0, kept=kept) as scorer:
+            scorer.submit(range(len(rows)), rows)
+            return scorer.results()
+
+    first = score(LabelVerdicts(path))
+    assert len(LabelVerdicts(path)) == len(exact_labels)
+    asked = []
+    plain = scoring.render_flags
+    monkeypatch.setattr(scoring, "render_flags", lambda strings, processes=1: asked.extend(strings) or plain(strings, processes))
+    assert score(LabelVerdicts(path)) == first
+    assert asked and not exact_labels & set(asked)  # only the predictions that are no label were parsed
+    assert first[0][-1]["render_ok"] is False  # the kept False
+
+    path.write_text('{"cut in the mid')
+    assert score(LabelVerdicts(path)) == first and len(LabelVerdicts(path)) == len(exact_labels)
+    monkeypatch.setenv("LATEXOCR_VERDICT_CACHE", "off")
+    assert LabelVerdicts().path is None
+    monkeypatch.setenv("LATEXOCR_VERDICT_CACHE", str(tmp_path / "folder"))
+    score(None)  # the default: the file under $LATEXOCR_VERDICT_CACHE
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == [LabelVerdicts().path.name]
+    assert "warning" not in capsys.readouterr().err
