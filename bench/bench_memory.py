@@ -220,9 +220,16 @@ def main():
     EXTRA.extend(args.extra.split())
     families = list(FAMILIES) if args.families == "all" else [family_name(f) for f in args.families.split(",") if f]
     caps = [0.0 if c.strip().lower() in ("none", "0") else float(c) for c in args.caps.split(",") if c]
-    cells = plan(families, caps, args.grid, set(args.only.split(",")), args.quantization)
+    # --cells picks from the whole plan, hand grid included (run R lost a call's hand cells to a --cells
+    # without --grid); a name that is in no plan stops the bench before any device time is spent
+    cells = plan(families, caps, args.grid or bool(args.cells), set(args.only.split(",")), args.quantization)
     if args.cells:  # e.g. auto against the best hand setting of an earlier run, to fit one device call
-        cells = [c for c in cells if c[3] in args.cells.split(",")]
+        wanted = args.cells.split(",")
+        unknown = sorted(set(wanted) - {c[3] for c in cells})
+        if unknown:
+            raise SystemExit(f"bench_memory: no such cell {', '.join(unknown)} for these --families/--caps/--only "
+                             f"(--dry-run lists them)")
+        cells = [c for c in cells if c[3] in wanted]
     if args.repeat > 1:  # interleaved (a, b, a, b): drift of the box over the call falls on both alike
         cells = [(*c[:3], f"{c[3]}_r{r + 1}", *c[4:]) for r in range(args.repeat) for c in cells]
     total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
