@@ -245,6 +245,29 @@ def largest_fitting_prefill(chunk: dict, run) -> tuple[dict | None, int]:
         chunk = chunk_rows(chunk, 0, rows // 2)
 
 
+MIN_PREFILL_ROWS = 16  # pieces no smaller than this for more rows: below it the prefill's launches add up
+MORE_ROWS = 1.25  # smaller prefill pieces only for at least this many times the rows
+
+
+def pieces_for_more_rows(piece: dict, prefill_bytes: int, rows: int, per_row: int, budget: int, run,
+                         smallest: int = MIN_PREFILL_ROWS) -> tuple[dict, int, int]:
+    """(prefill piece, its prefill bytes, rows per batch): where the prefill's own memory keeps the batch small
+    (run R, 16 GiB: Qwen3-VL-4B got 56 rows beside a 3.0 GiB prefill of the 128 largest images, Qwen3.5-2B
+    128 beside 4.8 GiB), the piece halved while that lets at least MORE_ROWS times the rows fit: each half
+    probed by `run` (its peak measured, not assumed). A batch of more rows costs little more per decode
+    step, so it decodes more images a second."""
+    while rows < MAX_GENERATION_ROWS and piece["input_ids"].shape[0] // 2 >= smallest:
+        if choose_generation_rows(prefill_bytes // 2, per_row, budget, MAX_GENERATION_ROWS) < rows * MORE_ROWS:
+            break
+        half = chunk_rows(piece, 0, piece["input_ids"].shape[0] // 2)
+        half_bytes = run(half)
+        more = choose_generation_rows(half_bytes, per_row, budget, MAX_GENERATION_ROWS)
+        if more < rows * MORE_ROWS:
+            break
+        piece, prefill_bytes, rows = half, half_bytes, more
+    return piece, prefill_bytes, rows
+
+
 def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
              batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None) -> Fit:
     """Rows per generation batch for BATCH_SIZE=auto, why, and the rows per prefill call: a memory model
@@ -256,8 +279,9 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     rows on an H200, docs/BENCHMARKS.md run Q); each row then adds its
     cache and logits (decoding.bytes_per_row, from the config; twice that for generate, whose growing
     cache is copied). A card too small for the whole chunk (a 4B model on 16 GiB, a QLoRA 2B on 8 GiB,
-    docs/BENCHMARKS.md run R) is probed with half of it, a quarter ...: the engine then prefills in pieces
-    of that many rows (prefill_pieces). On a CPU: MAX_GENERATION_ROWS, nothing probed.
+    docs/BENCHMARKS.md run R) is probed with half of it, a quarter ...; and where smaller pieces let many
+    more rows fit (pieces_for_more_rows), the static decoder's are halved too: the engine then prefills in
+    pieces of that many rows (prefill_pieces). On a CPU: MAX_GENERATION_ROWS, nothing probed.
     chunk: that chunk already built (predict: the loader's first, which it then decodes), else built here
     from `largest_paths`. reserved_bytes: memory the caller will need later that is not allocated yet
     (GRPO: the optimizer's state before the first step), kept out of the budget.
@@ -290,18 +314,26 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         quantized = getattr(model, "hf_quantizer", None) is not None
         raise SystemExit(f"out of GPU memory reading the largest image alone: use smaller images "
                          f"(--image-max-pixels){'' if quantized else ' or --quantization 4bit'}")
-    rows_probed = probed["input_ids"].shape[0]
+    rows_fitting = probed["input_ids"].shape[0]
     length = probed["input_ids"].shape[1] + max_new_tokens
+    per_row = bytes_per_row(model, length)
+    budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
+    if static:
+        rows = choose_generation_rows(prefill_bytes, per_row, budget, MAX_GENERATION_ROWS)
+        probed, prefill_bytes, rows = pieces_for_more_rows(probed, prefill_bytes, rows, per_row, budget, prefill)
+        rows_probed = probed["input_ids"].shape[0]
+    else:  # generate prefills its whole batch: the prefill's bytes grow with the rows
+        rows_probed = rows_fitting
+        per_row = 2 * per_row + prefill_bytes // rows_probed
+        rows = choose_generation_rows(0, per_row, budget, MAX_GENERATION_ROWS)
     chunk = probed = None
     release()
-    per_row = bytes_per_row(model, length)
-    fixed, per_row = (prefill_bytes, per_row) if static else (0, 2 * per_row + prefill_bytes // rows_probed)
-    budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
-    rows = choose_generation_rows(fixed, per_row, budget, MAX_GENERATION_ROWS)
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
-    pieces = (f"; {rows_offered} at once ran out of memory: prefill in pieces of {rows_probed}"
-              if rows_probed < rows_offered else "")
+    pieces = ("" if rows_probed == rows_offered else
+              f"; {rows_offered} at once ran out of memory: prefill in pieces of {rows_probed}"
+              if rows_probed == rows_fitting else
+              f"; prefill in pieces of {rows_probed}, so that more rows fit")
     return Fit(rows, f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {rows_probed} "
                      f"largest images {gib(prefill_bytes)}, {per_row / 2**20:.1f} MiB per row at {length} tokens"
                      f"{pieces}", rows_probed if rows_probed < rows_offered else PREFILL_CHUNK_ROWS)

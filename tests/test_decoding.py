@@ -292,8 +292,9 @@ def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, for
 
 def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs, formula_images, monkeypatch):
     """BATCH_SIZE=auto on a small card (run R: Qwen3.5-4B at 16 GiB, QLoRA Qwen3.5-2B at 8 GiB ran out of
-    memory prefilling the 128 largest images at once): the probe tries half the chunk, a quarter ... and
-    the engine prefills every chunk in pieces of the rows that fit; the texts are unchanged."""
+    memory prefilling the 128 largest images at once; Qwen3-VL-4B got 56 rows beside its prefill): the probe
+    tries half the chunk, a quarter ..., smaller pieces where they let many more rows fit, and the engine
+    prefills every chunk in pieces of those rows; the texts are unchanged."""
     model, encoder = load(family_dirs["qwen2_vl"])
     paths = [p for p, _ in formula_images[:10]]
     items = [(i, load_image(p, encoder.sizing), None) for i, p in enumerate(paths[:8])]
@@ -312,6 +313,15 @@ def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs
     tried.clear()
     assert generation.largest_fitting_prefill(chunk, lambda piece: prefill(piece, most=0)) == (None, 0)
     assert tried == [8, 4, 2, 1]  # not even one image: fit_rows stops with its one line
+
+    # where the prefill's own memory keeps the batch small, its pieces are halved while that lets >= 1.25x
+    # the rows fit, each half measured: here 100 bytes a prefill row, 10 a decoded row, a budget of 1,000
+    tried.clear()
+    piece, used, rows = generation.pieces_for_more_rows(chunk, 800, 20, 10, 1000, lambda p: prefill(p, 8) and
+                                                        100 * p["input_ids"].shape[0], smallest=1)
+    assert tried == [4, 2] and piece["input_ids"].shape[0] == 2 and (used, rows) == (200, 80)  # 1 row: 90 < 100
+    tried.clear()
+    assert generation.pieces_for_more_rows(chunk, 800, 20, 10, 1000, prefill, smallest=8)[2] == 20 and not tried
 
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
