@@ -330,10 +330,11 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     release()
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
-    pieces = ("" if rows_probed == rows_offered else
-              f"; {rows_offered} at once ran out of memory: prefill in pieces of {rows_probed}"
-              if rows_probed == rows_fitting else
-              f"; prefill in pieces of {rows_probed}, so that more rows fit")
+    pieces = ""
+    if rows_probed < rows_fitting:
+        pieces = f"; prefill in pieces of {rows_probed}, so that more rows fit"
+    elif rows_probed < rows_offered:
+        pieces = f"; {rows_offered} at once ran out of memory: prefill in pieces of {rows_probed}"
     return Fit(rows, f"{gib(budget)} usable beside the weights ({MARGIN:.0%} margin); prefill of the {rows_probed} "
                      f"largest images {gib(prefill_bytes)}, {per_row / 2**20:.1f} MiB per row at {length} tokens"
                      f"{pieces}", rows_probed if rows_probed < rows_offered else PREFILL_CHUNK_ROWS)
