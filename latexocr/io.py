@@ -88,9 +88,12 @@ def completion_record(csv_path: Path) -> tuple[Path, object, bool]:
 
 
 def read_text(path: Path, error: type[Exception]) -> str:
-    """A UTF-8 text file's contents (a BOM allowed), else `error` naming the first line that is not UTF-8."""
+    """A UTF-8 text file's contents (a BOM allowed), else `error` naming the first line that is not UTF-8.
+    Line ends are kept as written (newline=""): a CSV field may hold a \r, which universal newlines would
+    turn into \n; JSON and JSONL (jsonl_records) parse the same either way."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise error(f"{path}: line {line} is not UTF-8 text") from None
@@ -99,7 +102,9 @@ def read_text(path: Path, error: type[Exception]) -> str:
 def jsonl_records(path: Path, text: str, error: type[Exception]) -> list[tuple[int, object]]:
     """(line number, value) of each non-empty line of a JSONL text, else `error` naming the line that is not JSON."""
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends a line at \n only: str.splitlines also splits at \x1c-\x1e, \x85 and \u2028/9, which a
+    # string may hold unescaped (json.dumps(ensure_ascii=False), as infer.py writes a model's output)
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 records.append((number, json.loads(line)))

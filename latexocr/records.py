@@ -6,6 +6,7 @@ Every way such a file can be wrong ends in one LabelledFileError whose message n
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str | None]]:
     base = path.resolve().parent
     text = read_text(path, LabelledFileError)
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
             missing = {"image_path", "text"} - set(reader.fieldnames or [])
             if missing:

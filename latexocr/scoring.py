@@ -9,6 +9,7 @@ scores them in ``spawn`` worker processes while the GPU decodes the next batch. 
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing
 import os
 import signal
@@ -211,7 +212,7 @@ def read_predictions(path: str | Path) -> list[dict]:
             records.append((f"line {number}", record))
     elif path.suffix.lower() == ".csv":
         try:
-            reader = csv.DictReader(text.splitlines(keepends=True))
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             records = [(f"line {reader.line_num}", record) for record in reader]
         except csv.Error as exc:
             raise PredictionsFileError(f"{path}: not a readable CSV ({exc})") from None

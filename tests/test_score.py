@@ -429,3 +429,25 @@ def test_label_verdicts_kept_for_the_next_run_give_the_same_scores(tmp_path, mon
     score(None)  # the default: the file under $LATEXOCR_VERDICT_CACHE
     assert [p.name for p in (tmp_path / "folder").iterdir()] == [LabelVerdicts().path.name]
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_predictions_holding_line_separators_read_back_as_written(tmp_path, suffix):
+    """A random model's output held \\x1d: `infer.py --score` on infer.py's own CSV stopped at "line 2: label and
+    prediction must be text", since str.splitlines also ends a line at \\x1c-\\x1e, \\x85, \\u2028/9 (and
+    universal newlines turned a \\r into \\n). Every such character, in predictions and labels, reads back as
+    infer.py wrote it; a labelled CSV (latexocr/records.py) too."""
+    import infer
+    from latexocr.records import read_labelled
+    odd = ["a\x1db", "c\x1cd\x1e", "e\x85f", "g\u2028h\u2029i", "j\rk", "l\r\nm", "n\x0bo\x0cp"]
+    rows = [{"image": f"{i}.png", "prediction": text, "error": "", "label": text[::-1], "truncated": False}
+            for i, text in enumerate(odd)]
+    infer.write_rows(rows, tmp_path / f"preds{suffix}")
+    back = scoring.read_predictions(tmp_path / f"preds{suffix}")
+    assert [(r["prediction"], r["label"]) for r in back] == [(t, t[::-1]) for t in odd]
+    if suffix == ".csv":
+        with open(tmp_path / "labelled.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image_path", "text"])
+            writer.writerows([[f"{i}.png", text] for i, text in enumerate(odd)])
+        assert [label for _, label in read_labelled(tmp_path / "labelled.csv")] == odd
