@@ -264,9 +264,9 @@ def main(argv=None):
     from transformers import AutoConfig, set_seed
 
     from latexocr.evaluation import comparison_table
-    from latexocr.fast import prepare_model, speed_choices
+    from latexocr.fast import (avoid_refused_kernels, describe_linear_attention, keep_packed_samples_apart,
+                               prepare_model, resolve_packing, speed_choices)
     from latexocr.fast.trainer import build_trainer
-    from latexocr.fast import avoid_refused_kernels, describe_linear_attention, keep_packed_samples_apart
     from latexocr.memory import grpo_images_per_pass, out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
                                    quantization_config, resolve_model, setup_training_mode)
@@ -326,9 +326,12 @@ def main(argv=None):
     else:
         model = setup_training_mode(model, args.tune, args.lora_r, args.lora_alpha, args.lora_dropout,
                                     unfreeze_merger=args.unfreeze_merger, unfreeze_vision=args.unfreeze_vision)
-    if speed.packing and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
+    speed, packing_note = resolve_packing(speed, model)  # auto: off where Qwen3.5's layers would pad packed rows again
+    if packing_note:
+        say(packing_note)
+    if speed.packed and keep_packed_samples_apart(model):  # Qwen3.5: no recurrent state across samples
         say(describe_linear_attention(model))
-    elif not speed.packing:
+    elif not speed.packed:
         avoid_refused_kernels(model)  # Qwen3.5 where fla imports but refuses to train: its reference kernels
     counts = parameter_counts(model)
     say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
@@ -340,7 +343,7 @@ def main(argv=None):
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
     # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    fit = fit_micro_batch(args, model, train_set, encoder, world, speed.packing, say)
+    fit = fit_micro_batch(args, model, train_set, encoder, world, speed.packed, say)
     micro, args.gradient_checkpointing, split_over = fit.micro, fit.checkpointing, fit.split_over
     if grpo and fit.tokens and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None:  # auto, probed: the probe measured SFT samples, but a GRPO
         # pass holds NUM_GENERATIONS completions of up to MAX_NEW_TOKENS per image: as many images as
@@ -355,7 +358,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     planned_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
 
-    training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process, speed.packing)
+    training_args = trainer_arguments(args, micro, accumulation, dtype, cpu_ddp, state.is_main_process, speed.packed)
     tracker = Tracker(args.swanlab_mode, args.swanlab_project, args.experiment_name or None,
                       config={**vars(args), "model_path": model_path, "world_size": world,
                               "micro_batch_size": micro, "gradient_accumulation": accumulation,
@@ -373,13 +376,13 @@ def main(argv=None):
                 vision_learning_rate=args.vision_learning_rate)
     if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
         from latexocr.grpo import build_grpo_trainer
-        trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packing, **loop)
+        trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packed, **loop)
     else:
         trainer, summary = build_trainer(model, args, encoder, speed, processes=world, accumulation=accumulation,
                                          planned_steps=planned_steps, split_over=split_over, **loop)
     say(summary)
     say(f"{len(train_set)} samples, {steps_per_epoch} steps/epoch, {args.batch_size} samples/step = "
-        f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={speed.packing}")
+        f"{micro} per pass x {accumulation} accumulation x {world} processes; packing={speed.packed}")
 
     outcome = {"state": "crashed", "error": None}  # what the dashboard shows if we leave early
     try:

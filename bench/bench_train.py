@@ -67,9 +67,10 @@ CONFIGS = {
     "full": (["--tune", "full", "--learning-rate", "1e-5"], "", "full fine-tuning of the LLM (fp32 master weights)"),
     "qlora": (["--quantization", "4bit"], "", "defaults on a 4-bit NF4 language model (bitsandbytes)"),
     "fp16": (["--dtype", "fp16"], "", "defaults in fp16 with loss scaling (GPUs without bf16)"),
-    # Qwen3.5-2B (the qwen3_5 prefix picks the model): without flash-linear-attention + causal-conv1d its
-    # Gated DeltaNet layers run the reference PyTorch kernels, a packed row as one padded batch of its samples
-    "qwen3_5": ([], "", "Qwen3.5-2B, train.py defaults (packed)"),
+    # Qwen3.5-2B (the qwen3_5 prefix picks the model): without fla's varlen path or causal-conv1d its Gated
+    # DeltaNet layers would take a packed row as one padded batch of its samples, so packing=auto pads (run S)
+    "qwen3_5": ([], "", "Qwen3.5-2B, train.py defaults (packing=auto)"),
+    "qwen3_5_packed": ([], "packing=on", "Qwen3.5-2B, defaults, packed batches whatever the path"),
     "qwen3_5_no_packing": ([], "packing=off", "Qwen3.5-2B, defaults, padded batches instead of packed"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
@@ -136,6 +137,8 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
     if name.endswith("_cold"):
         shutil.rmtree(cache, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    # the configuration's choices after the caller's own (e.g. LATEXOCR_SPEED=fla_varlen=on): later names win
+    speed = ",".join(filter(None, (os.environ.get("LATEXOCR_SPEED", ""), speed)))
     env.update(PYTHONUNBUFFERED="1", LATEXOCR_COMPILE_CACHE=str(cache), LATEXOCR_SPEED=speed)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)

@@ -370,7 +370,7 @@ def test_speed_choices_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("LATEXOCR_SPEED", raising=False)
     assert speed_choices() == SpeedChoices()
     monkeypatch.setenv("LATEXOCR_SPEED", "packing=off, compile=on")
-    assert speed_choices() == SpeedChoices(packing=False, compile="on")
+    assert speed_choices() == SpeedChoices(packing="off", compile="on")
     for wrong, message in (("pack=off", "'pack=off': the choices are fast"), ("packing=no", "on or off"),
                            ("compile=yes", "auto, on or off")):
         with pytest.raises(SystemExit, match=message):

@@ -282,6 +282,25 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     assert la.choose_path() == (la.FLA_CAUSAL_CONV1D, "fla 0.6.0 chunk + causal-conv1d, packed")
 
 
+def test_packing_auto_is_off_where_the_linear_attention_layers_would_pad_packed_rows(model_dir, tiny_model_dir,
+                                                                                      monkeypatch):
+    """LATEXOCR_SPEED packing=auto: padded batches where the Gated DeltaNet layers would pad the packed
+    samples again (they trained faster there: runs K and S), packed where fla or causal-conv1d keeps them
+    apart in one packed row; a choice given stays; a model without such layers packs."""
+    from latexocr.fast import SpeedChoices, resolve_packing
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    for fla, conv, varlen, packed in ((False, False, "off", False), (True, False, "off", False),
+                                      (True, False, "on", True), (True, True, "off", True)):
+        _available(monkeypatch, fla=fla, conv=conv)
+        monkeypatch.setenv("LATEXOCR_SPEED", f"fla_varlen={varlen}")
+        speed, note = resolve_packing(SpeedChoices(), model)
+        assert speed.packed is packed and speed.packing == ("on" if packed else "off")
+        assert ("packing off" in note) is (not packed) and (not note or "would pad packed samples again" in note)
+        assert resolve_packing(SpeedChoices(packing="on"), model) == (SpeedChoices(packing="on"), "")
+    qwen2_vl = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    assert resolve_packing(SpeedChoices(), qwen2_vl)[0].packing == "on"
+
+
 def _fake_fla(monkeypatch, hopper: bool, triton: str, tilelang: bool):
     """fla's own flags (fla.utils) and tilelang backend as fla 0.6.0 sets them on such a machine."""
     import sys
@@ -467,7 +486,8 @@ def test_overfit_then_infer_reproduces_every_label(overfit, model_dir):
     from safetensors import safe_open
     work, data, out, train = overfit
     assert "train: 16 samples" in train.stdout and "no samples skipped" in train.stdout
-    assert "linear-attention layers:" in train.stdout  # the run's log says how packed rows pass them
+    # the run's log says how its batches pass the linear-attention layers: padded on a CPU (packing=auto)
+    assert "packing off (LATEXOCR_SPEED packing=auto): linear-attention layers:" in train.stdout
     assert "[eval @ step 60] exact_match 1," in train.stdout, train.stdout[-3000:]
     assert trainer_state(out / "checkpoint-60")["global_step"] == 60
     with safe_open(out / "final" / "adapter_model.safetensors", "pt") as f:

@@ -25,8 +25,8 @@ from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
 from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
 from .linear_attention import (avoid_refused_kernels, describe as describe_linear_attention, has_linear_attention,
-                               keep_packed_samples_apart)
+                               keep_packed_samples_apart, resolve_packing)
 
 __all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention", "has_linear_attention",
-           "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prepare_model", "speed_choices",
+           "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prepare_model", "resolve_packing", "speed_choices",
            "static_decode_supported"]

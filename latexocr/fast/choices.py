@@ -20,7 +20,10 @@ class SpeedChoices:
     fast: bool = True                     # off: plain transformers + peft, none of latexocr/fast/ (the
                                           # reference tests/test_fast.py compares the fast path with)
     attention: str = "sdpa"               # transformers' attn_implementation: sdpa | flash_attention_2 | eager
-    packing: bool = True                  # padding-free training batches (off: right-padded, as the tutorial)
+    packing: str = "auto"                 # padding-free training batches: auto (on, except where a model's linear-
+                                          # attention layers would pad the packed samples again: slower than padded
+                                          # batches, runs K and S; fast/linear_attention.py resolve_packing) | on |
+                                          # off (right-padded, as the tutorial)
     supervised_logits_only: bool = True   # vocabulary projection only where a label is supervised (~1/3 of tokens)
     packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
@@ -37,6 +40,14 @@ class SpeedChoices:
                                           # loop ran 0.65x the eager graphed step after 1-2 min of compiling (run R);
                                           # Qwen3.5's step still to measure (bench/bench_decoder.py)
 
+    @property
+    def packed(self) -> bool:
+        """Training batches packed: packing on, or auto before resolve_packing decided it for the model."""
+        return self.packing != "off"
+
+
+TRI_STATE = ("compile", "packing")  # auto | on | off
+
 
 def speed_choices(text: str | None = None) -> SpeedChoices:
     """The choices with $LATEXOCR_SPEED's changes ("name=value,..."; booleans on/off); stops with one
@@ -45,9 +56,9 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
     changes = {}
     for item in filter(None, (os.environ.get(ENV, "") if text is None else text).replace(" ", "").split(",")):
         name, _, value = item.lower().partition("=")
-        allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name == "compile" else None
+        allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name in TRI_STATE else None
         if name not in kinds or (allowed and value not in allowed):
-            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile must be auto, "
-                             f"on or off, attention an attn_implementation, the others on or off")
+            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile and packing must be "
+                             f"auto, on or off, attention an attn_implementation, the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else value
     return SpeedChoices(**changes)

@@ -299,6 +299,24 @@ def keep_packed_samples_apart(model, path: str | None = None) -> int:
     return count
 
 
+def resolve_packing(speed, model):
+    """(speed with packing "on" or "off", a log line or ""): packing=auto decided for `model`. Packed rows
+    pay only where every layer takes them as they are; where a model's linear-attention layers would pad
+    the packed samples again (PADDED, FLA_PADDED), padded batches trained faster on an H200 (Qwen3.5-2B,
+    docs/BENCHMARKS.md runs K and S: 43.6 against 37.8 samples/s without fla, 47.4 against 43.5 with it)
+    and the memory probe sizes them as what they are (rows x the longest sample)."""
+    from dataclasses import replace
+    if speed.packing != "auto":
+        return speed, ""
+    if not has_linear_attention(model):
+        return replace(speed, packing="on"), ""
+    path, why = choose_path()
+    if path in (FLA, FLA_CAUSAL_CONV1D):
+        return replace(speed, packing="on"), ""
+    return replace(speed, packing="off"), (f"packing off (LATEXOCR_SPEED packing=auto): linear-attention layers: {why}, "
+                                           f"so they would pad packed samples again; padded batches train faster")
+
+
 def has_linear_attention(model) -> bool:
     return any(type(m).__name__.endswith(LINEAR_ATTENTION_CLASS_SUFFIX) for m in model.modules())
 

@@ -174,10 +174,10 @@ def build_trainer(model, settings, encoder, speed: SpeedChoices, *, processes: i
         trainer_class, (collator_options, trainer_options, summary) = FastTrainer, plan(
             model, settings, speed, processes=processes, accumulation=accumulation, planned_steps=planned_steps,
             split=split_over is not None)
-    elif speed.packing and has_linear_attention(model):  # Qwen3.5 keeps packed samples apart only by these
+    elif speed.packed and has_linear_attention(model):  # Qwen3.5 keeps packed samples apart only by these
         collator_options = {"packed_extras": sample_boundaries}
     splits = processes == 1 and torch.cuda.is_available() and not trainer_options.get("cuda_graphs")
-    collator = TrainCollator(encoder, packed=speed.packing, split_over=split_over if splits else None,
+    collator = TrainCollator(encoder, packed=speed.packed, split_over=split_over if splits else None,
                              keep_samples=splits, **collator_options)
     trainer = trainer_class(model=model, data_collator=collator, supervised_logits_only=speed.supervised_logits_only,
                             split_on_out_of_memory=splits, **trainer_options, **trainer_kwargs)
@@ -195,7 +195,7 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     text attention, compiled blocks and CUDA graphs where they pay (not when some micro-batches
     run in parts, `split`: a graph replay reuses the previous pass's memory). Returns TrainCollator's
     and FastTrainer's keyword arguments, and a one-line summary to print."""
-    packed = speed.packing
+    packed = speed.packed
     linear_attention = has_linear_attention(model)  # Qwen3.5: keeps packed samples apart by the boundaries
     # a vision tower that trains (TUNE=lora_vision, UNFREEZE_MERGER/VISION) takes the model's own
     # forward: the sync-free step was checked with a frozen tower, and a CUDA graph records no backward
