@@ -4,6 +4,8 @@
     python bench/bench_memory.py --families qwen2_5vl-3b,qwen3vl-2b --caps 12,16,24,40  # auto only
     python bench/bench_memory.py --families qwen2vl-2b,qwen3_5-2b --caps 8 --quantization 4bit
     python bench/bench_memory.py --families all --caps 12,16,24,40,none --dry-run       # the plan and its time
+    python bench/bench_memory.py --families all --caps 12,16,24,40 --parallel 4         # the matrix: completes or
+                                                     # stops, cells at once (their speeds then not comparable)
 
 Each cell is a separate process of the real script. A sitecustomize put on PYTHONPATH caps the process
 (torch.cuda.set_per_process_memory_fraction, before the script allocates anything) at the card's size
@@ -36,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,6 +217,9 @@ def main():
                                                  "(--extra=--eval-base-model); they come last, so they win")
     ap.add_argument("--repeat", type=int, default=1, help="run the cells this many times, interleaved: the "
                                                              "spread between runs of one setting")
+    ap.add_argument("--parallel", type=int, default=1, help="run up to this many cells at once, their caps together "
+                    "within the GPU: whether each completes or stops, in less device time; their speeds are not "
+                    "comparable (shared GPU and cores: each result says concurrent)")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
@@ -233,7 +239,9 @@ def main():
     if args.repeat > 1:  # interleaved (a, b, a, b): drift of the box over the call falls on both alike
         cells = [(*c[:3], f"{c[3]}_r{r + 1}", *c[4:]) for r in range(args.repeat) for c in cells]
     total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
-    print(f"bench_memory: {len(cells)} cells, ~{total} s estimated (one device call: at most 600 s)", flush=True)
+    at_once = f", {args.parallel} at a time: less wall, by how much the GPU's sharing decides" if args.parallel > 1 else ""
+    print(f"bench_memory: {len(cells)} cells, ~{total} s estimated one at a time{at_once} (one device call: at most "
+          f"600 s)", flush=True)
     for family, cap, kind, name, flags, seconds in cells:
         print(f"  {name}: ~{seconds} s {' '.join(flags)}", flush=True)
     if args.dry_run:
@@ -248,15 +256,68 @@ def main():
     write_json(pairs[2048:4096], 2048, work / "infer.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
-    for family, cap, kind, name, flags, seconds in cells:
-        if family not in models:
-            models[family] = build_random(family, args.shared, work / f"model_{family}")
+
+    def run_cell(cell, concurrent: int = 1) -> None:
+        family, cap, kind, name, flags, seconds = cell
         print(f"bench_memory: {name} (~{seconds} s)", flush=True)
         job = train if kind == "train" else infer
         result = {"family": family, "estimate_s": seconds, **job(models[family], work, cap, name, flags)}
-        with args.out.open("a") as f:
+        if concurrent > 1:
+            result["concurrent"] = concurrent
+        with WRITE_LOCK, args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
+            print(json.dumps(result), flush=True)
+
+    if args.parallel <= 1:
+        for cell in cells:
+            if cell[0] not in models:
+                models[cell[0]] = build_random(cell[0], args.shared, work / f"model_{cell[0]}")
+            run_cell(cell)
+        return
+    for family in dict.fromkeys(c[0] for c in cells):  # every model first: the cells start from threads
+        models[family] = build_random(family, args.shared, work / f"model_{family}")
+    run_in_parallel(cells, args.parallel, gpu_gib() - PARALLEL_RESERVE_GIB, run_cell)
+
+
+# --parallel: cells at once on one GPU, each within its cap, the caps together within the card (less what
+# each process's CUDA context and kernels hold outside torch's allocator). What completes and what stops is
+# the same as alone; speeds are not (the cells share the GPU's time and the host's cores)
+PARALLEL_RESERVE_GIB = 8.0
+WRITE_LOCK = threading.Lock()
+
+
+def gpu_gib() -> float:
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell) -> None:
+    """Run `cells` (cap at index 1; 0: the whole GPU) at most `most` at once and their caps within `gib`:
+    each time one ends, start the first waiting cell that fits (a larger one waits, the smaller go ahead)."""
+    waiting, running, lock = list(cells), {}, threading.Condition()
+
+    def need(cell) -> float:
+        return cell[1] or gib
+
+    def body(cell, index):
+        try:
+            run_cell(cell, concurrent=most)
+        finally:
+            with lock:
+                del running[index]
+                lock.notify()
+
+    with lock:
+        while waiting or running:
+            held = sum(need(c) for c in running.values())
+            fits = next((c for c in waiting if len(running) < most and held + need(c) <= gib), None)
+            if fits is None:
+                lock.wait()
+                continue
+            waiting.remove(fits)
+            index = id(fits)
+            running[index] = fits
+            threading.Thread(target=body, args=(fits, index), daemon=True).start()
 
 
 if __name__ == "__main__":

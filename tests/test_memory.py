@@ -454,3 +454,33 @@ def test_the_logged_peak_counts_training_not_the_probe_before_it(monkeypatch):
     logs = {"loss": 1.0}
     callback.on_log(None, state, None, logs=logs)
     assert logs["gpu_mem_peak_gib"] == 11.44
+
+
+def test_bench_memory_runs_cells_at_once_within_the_card():
+    """bench_memory --parallel: never more cells at once than asked, their caps together within the card
+    (a whole-GPU cell alone), every cell run once, and a larger cell waiting lets smaller ones go ahead."""
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_memory import run_in_parallel
+
+    cells = [("f", cap, "train", f"c{i}", (), 1) for i, cap in enumerate([40, 40, 24, 16, 12, 40, 0.0, 12, 16])]
+    lock, running, seen, started, ran = threading.Lock(), [], [], [], []
+
+    def run_cell(cell, concurrent):
+        with lock:
+            started.append(cell[3])
+            running.append(cell)
+            seen.append((len(running), sum(c[1] or 100 for c in running), any(c[1] == 0 for c in running)))
+        time.sleep(0.02)
+        with lock:
+            running.remove(cell)
+            ran.append(cell[3])
+
+    run_in_parallel(cells, most=3, gib=100, run_cell=run_cell)
+    assert sorted(ran) == sorted(c[3] for c in cells)
+    assert max(n for n, _, _ in seen) == 3 and all(n <= 3 and gib <= 100 for n, gib, _ in seen)
+    assert all(n == 1 for n, _, whole in seen if whole)  # "none" (the whole GPU) runs alone
+    assert started[:3] == ["c0", "c1", "c3"]  # 16 started beside 40 + 40 while 24 waited
