@@ -209,7 +209,13 @@ def test_the_decoder_takes_the_one_token_delta_rule_for_qwen3_5_only(family_dirs
     assert not decoding.uses_one_token_delta_rule(vision_language_core(load(family_dirs["qwen2_vl"])[0]))
     monkeypatch.setenv("LATEXOCR_SPEED", "delta_step=off")
     assert not decoding.uses_one_token_delta_rule(vision_language_core(model))
-    monkeypatch.delenv("LATEXOCR_SPEED")
+    from transformers.utils import import_utils
+    monkeypatch.setattr(import_utils, "is_flash_linear_attention_available", lambda: True)
+    monkeypatch.setenv("LATEXOCR_SPEED", "fla=on")  # fla installed: transformers takes its fused kernel
+    assert not decoding.uses_one_token_delta_rule(vision_language_core(model))
+    monkeypatch.setenv("LATEXOCR_SPEED", "fla=off")  # switched off (bench/: the fallback in the same run): ours
+    assert decoding.uses_one_token_delta_rule(vision_language_core(model))
+    monkeypatch.undo()
     calls = []
     rule = decoding.one_token_delta_rule
     monkeypatch.setattr(decoding, "one_token_delta_rule", lambda *a, **k: calls.append(1) or rule(*a, **k))

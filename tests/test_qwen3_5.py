@@ -280,6 +280,10 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     monkeypatch.delenv("LATEXOCR_SPEED")
     _available(monkeypatch, fla=True, conv=True)
     assert la.choose_path() == (la.FLA_CAUSAL_CONV1D, "fla 0.6.0 chunk + causal-conv1d, packed")
+    monkeypatch.setenv("LATEXOCR_SPEED", "fla=off")  # bench/: the reference kernels where fla runs, in the same run
+    assert la.choose_path() == (la.PADDED, "flash-linear-attention off ($LATEXOCR_SPEED fla=off)")
+    la.avoid_refused_kernels(model)
+    assert swapped == [True, True, True]
 
 
 def test_packing_auto_is_off_where_the_linear_attention_layers_would_pad_packed_rows(model_dir, tiny_model_dir,

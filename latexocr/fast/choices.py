@@ -31,6 +31,8 @@ class SpeedChoices:
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
     fla_varlen: bool = False              # packed Qwen3.5 rows through fla's varlen kernels (cu_seqlens, fla's own conv)
                                           # instead of right-padded samples through fla's chunk rule (run O: slower)
+    fla: bool = True                      # off: Qwen3.5's linear-attention layers on transformers' reference kernels
+                                          # even where flash-linear-attention runs (bench/: both paths in one run)
     delta_step: bool = True               # Qwen3.5 decoding without fla: the one-token delta rule as one batched matmul
                                           # and one in-place update of each layer's state (fast/decoding.py)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at

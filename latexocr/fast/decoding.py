@@ -239,10 +239,10 @@ def _one_token_delta_rule(on: bool):
 def uses_one_token_delta_rule(core) -> bool:
     """Qwen3.5 (linear-attention layers) without flash-linear-attention, whose fused recurrent kernel
     transformers takes for the one-token step where it is installed, and not switched off."""
-    from transformers.utils.import_utils import is_flash_linear_attention_available
+    from .linear_attention import fla_usable
     text = core.config.text_config
     return (LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ()) and speed_choices().delta_step
-            and not is_flash_linear_attention_available())
+            and not fla_usable())
 
 
 class _State:
@@ -303,6 +303,9 @@ class StaticDecoder:
         self.compiled = speed.decode_compile if compiled is None else compiled
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
+        if not speed.fla and LINEAR_ATTENTION in (getattr(self.core.config.text_config, "layer_types", None) or ()):
+            from .linear_attention import use_reference_delta_rule
+            use_reference_delta_rule(recurrent=True)  # fla switched off (bench/): the prefill's and the step's rules
         self.states: dict[tuple, _State] = {}
         self.storage, self.storage_rows, self.storage_slots = [], 0, 0
         self.pool = None

@@ -89,6 +89,8 @@ def choose_path(varlen: bool | None = None) -> tuple[str, str]:
     from transformers.utils.import_utils import is_causal_conv1d_available, is_flash_linear_attention_available
     if not is_flash_linear_attention_available():
         return PADDED, "flash-linear-attention not installed" + ("" if torch.cuda.is_available() else " / no GPU")
+    if not fla_usable():
+        return PADDED, "flash-linear-attention off ($LATEXOCR_SPEED fla=off)"
     if (refusal := fla_refusal()) is not None:
         return PADDED, refusal
     version = _fla_version()
@@ -178,15 +180,25 @@ def fla_forward(layer, hidden_states, cu_seqlens, cu_seqlens_cpu, padded_length=
     return layer.out_proj(out.reshape(1, length, -1))
 
 
-def use_reference_delta_rule() -> None:
+def fla_usable() -> bool:
+    """flash-linear-attention installed and not switched off ($LATEXOCR_SPEED fla=off: transformers' reference
+    kernels, for bench/). Whether it may train on this GPU is fla_refusal's question."""
+    from transformers.utils.import_utils import is_flash_linear_attention_available
+
+    from .choices import speed_choices
+    return is_flash_linear_attention_available() and speed_choices().fla
+
+
+def use_reference_delta_rule(recurrent: bool = False) -> None:
     """Where fla imports but refuses to train (fla_refusal), transformers has already taken fla's chunked
     delta rule for every Qwen3.5 layer (chosen when its module loaded), so the first backward pass would
-    raise. Its reference PyTorch rule (the function transformers wrapped) takes that place, process-wide."""
+    raise. Its reference PyTorch rule (the function transformers wrapped) takes that place, process-wide
+    (also where fla is switched off: fla_usable). recurrent: the one-token rule of a decode step too."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    current = q35.torch_chunk_gated_delta_rule
-    reference = getattr(current, "__wrapped__", None)
-    if reference is not None and getattr(reference, "__module__", None) == q35.__name__:
-        q35.torch_chunk_gated_delta_rule = reference  # noqa: the reference ignores cu_seqlens: PADDED gives none
+    for name in ("torch_chunk_gated_delta_rule",) + (("torch_recurrent_gated_delta_rule",) if recurrent else ()):
+        reference = getattr(getattr(q35, name), "__wrapped__", None)
+        if reference is not None and getattr(reference, "__module__", None) == q35.__name__:
+            setattr(q35, name, reference)  # the reference ignores cu_seqlens: PADDED gives none
 
 
 def padding_indices(cu_seqlens: torch.Tensor, max_length: int, row_length: int):

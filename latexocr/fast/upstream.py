@@ -140,7 +140,8 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
         "fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference kernel",
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
-        "fast/decoding.py _one_token_delta_rule: one_token_delta_rule while a decode step runs, then restored",
+        ("fast/decoding.py _one_token_delta_rule: one_token_delta_rule while a decode step runs, then restored; "
+         "fast/linear_attention.py use_reference_delta_rule(recurrent=True): the reference where fla is switched off"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
