@@ -28,5 +28,5 @@ from .linear_attention import (avoid_refused_kernels, describe as describe_linea
                                keep_packed_samples_apart, resolve_packing)
 
 __all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention", "has_linear_attention",
-           "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prepare_model", "resolve_packing", "speed_choices",
-           "static_decode_supported"]
+           "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prepare_model",
+           "resolve_packing", "speed_choices", "static_decode_supported"]
