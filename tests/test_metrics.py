@@ -295,6 +295,29 @@ def test_katex_parse_verdict_equals_render_verdict_and_pykatex():
     assert engine.check([r"\frac { 1 } {"]) == [str(error.value)]
 
 
+def test_katex_fast_paths_give_katex_own_verdicts_errors_and_mathml():
+    """fast/katex.py's lexer and macro-expander fast paths: the same verdict, error text (which names the
+    token and its position) and MathML as KaTeX's own methods, on real labels, perturbed ones, and random
+    strings of the characters each path tells apart (spaces, control words, \verb, comments, combining
+    marks, surrogates, control characters, macros)."""
+    from latexocr.fast.katex import Engine
+
+    fast, own = Engine(), Engine(fast=False)
+    assert fast.fast and not own.fast  # KaTeX's sources are the checked ones: the fast paths are on
+    labels = list(HAND_LABELS) + list(dict.fromkeys(_shared_labels()))[::40]
+    rng = random.Random(1)
+    pieces = list(" \t\n\r{}^_&#@%~$|*!.,;:'0123456789abxyzAZ[]()<>=+-/") + [
+        "\\", "\\\\", "\\ ", "\\\n", "\\frac", "\\verb", "\\verb*", "\\verbatim", "\\mathrm", "\\text", "\\left(",
+        "\\right)", "\\def", "\\gdef", "\\a", "\\@x", "\\begin{array}{c}", "\\end{array}", "\\ne", "\\neq", "\\tfrac",
+        "\u0301", "\u0308", "\u00e9", "\u2027", "\u2028", "\u202a", "\ud7ff", "\ue000", "\uf900", "\uffff", "\ud83d\ude00",
+        "\ud83d", "\x01", "\x7f", "\u4e2d"]
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 25))) for _ in range(3000)]
+    perturbed = [label.replace(" ", rng.choice(["", "  ", "\n", " % c\n"]), 3) for label in labels]
+    strings = labels + perturbed + fuzz + PERTURBATIONS
+    assert fast.check(strings) == own.check(strings)
+    assert [fast.render(s) for s in strings[::7]] == [own.render(s) for s in strings[::7]]
+
+
 def test_pykatex_public_api_fallback_gives_the_same_verdicts():
     """Where the engine cannot be set up (another pykatex build, a platform without exported symbols), the
     child serves with pykatex's renderToString: the same verdicts (run in a process of its own, as pykatex
