@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def tokenize(text: str | None) -> list[str]:
 _SERVER = Path(__file__).resolve().parent / "fast" / "katex.py"
 KATEX_TIMEOUT = 30.0  # seconds for one formula before the child counts as hung (KaTeX takes ~1-12 ms a formula)
 KATEX_TIMEOUT_EACH = 0.05  # and for each formula of a request (~4x a long looping output's time)
+MIN_PART = 16  # formulas: a request costs ~0.2 ms besides KaTeX's work (~1 ms a formula)
 
 
 class _Child:
@@ -109,10 +111,11 @@ class _Child:
             self.stop()
             return False
 
-    def receive(self, formulas: int = 1) -> dict:
-        """The answer to the request sent, or RuntimeError when the child crashed or hung on it (then stopped)."""
+    def receive(self, formulas: int = 1, wait: float | None = None) -> dict:
+        """The answer to the request sent, or RuntimeError when the child crashed or hung on it (then stopped).
+        ``wait``: seconds still to wait, where the caller has waited already (the timeout's name stays)."""
         timeout = KATEX_TIMEOUT + KATEX_TIMEOUT_EACH * formulas
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout if wait is None else wait)
         line = self.process.stdout.readline() if ready else ""
         if not line:
             self.stop()
@@ -126,7 +129,7 @@ class _Child:
 
 
 class _Katex:
-    """KaTeX's child processes: one, or one per part of a long list of formulas (``processes``)."""
+    """KaTeX's child processes: one, or ``processes`` sharing the parts of a long list of formulas."""
 
     def __init__(self):
         self.children, self.lock = [], threading.Lock()
@@ -135,28 +138,47 @@ class _Katex:
         for child in self.children:
             child.stop()
 
-    def _ask(self, requests: list[dict]) -> list[dict | RuntimeError]:
-        """Each request to a child of its own, all at once; an answer, or the RuntimeError of a child that died."""
+    def _ask(self, requests: list[dict], processes: int) -> list[dict | RuntimeError]:
+        """Every request answered by one of ``processes`` children, each handed the next request as soon as it
+        answers (parts of equal length still take unequal times: no child waits for another at the end);
+        an answer, or the RuntimeError of a child that died or hung on that request."""
         with self.lock:
-            self.children += [_Child() for _ in range(len(requests) - len(self.children))]
-            sent = [child.send(request) for child, request in zip(self.children, requests)]
-            answers = []
-            for child, request, ok in zip(self.children, requests, sent):
-                try:
-                    answers.append(child.receive(len(request.get("check", [None]))) if ok else
-                                   RuntimeError("KaTeX crashed on this formula"))
-                except RuntimeError as exc:
-                    answers.append(exc)
+            self.children += [_Child() for _ in range(processes - len(self.children))]
+            answers: list = [None] * len(requests)
+            waiting = iter(range(len(requests)))
+            busy: dict[_Child, tuple[int, float]] = {}  # child -> (its request, when it counts as hung)
+
+            def hand_next(child: _Child) -> None:
+                for i in waiting:
+                    if child.send(requests[i]):
+                        busy[child] = i, time.monotonic() + KATEX_TIMEOUT + KATEX_TIMEOUT_EACH * _size(requests[i])
+                        return
+                    answers[i] = RuntimeError("KaTeX crashed on this formula")
+
+            for child in self.children[:processes]:
+                hand_next(child)
+            while busy:
+                first_due = min(due for _, due in busy.values())
+                ready, _, _ = select.select([child.process.stdout for child in busy], [], [],
+                                            max(0.0, first_due - time.monotonic()))
+                now = time.monotonic()
+                for child in [c for c in busy if c.process.stdout in ready or busy[c][1] <= now]:
+                    i, _ = busy.pop(child)
+                    try:
+                        answers[i] = child.receive(_size(requests[i]), wait=0)
+                    except RuntimeError as exc:
+                        answers[i] = exc
+                    hand_next(child)
             return answers
 
     def check(self, formulas: list[str], processes: int = 1) -> list[str | None]:
-        """KaTeX's error for each formula, None where it parses: one request per process, each with a
-        contiguous part of about equal length (KaTeX's time grows with it)."""
+        """KaTeX's error for each formula, None where it parses: contiguous parts of about equal length
+        (KaTeX's time grows with it), shared among ``processes`` children."""
         if not formulas:
             return []
-        parts = _split(formulas, processes)
+        parts = [formulas] if processes == 1 else _shrinking_parts(formulas, processes)
         verdicts = []
-        for part, answer in zip(parts, self._ask([{"check": part} for part in parts])):
+        for part, answer in zip(parts, self._ask([{"check": part} for part in parts], processes)):
             if not isinstance(answer, RuntimeError):
                 verdicts += answer["verdicts"]
             elif len(part) == 1:
@@ -166,21 +188,28 @@ class _Katex:
         return verdicts
 
     def render(self, formula: str) -> tuple[str | None, str | None]:
-        answer = self._ask([{"render": formula}])[0]
+        answer = self._ask([{"render": formula}], 1)[0]
         if isinstance(answer, RuntimeError):
             return None, str(answer)
         return answer["mathml"], answer["error"]
 
 
-def _split(formulas: list[str], parts: int) -> list[list[str]]:
-    """At most ``parts`` contiguous, non-empty parts of about equal total length."""
-    total, bounds, run = sum(map(len, formulas)) or 1, [0], 0
-    for i, formula in enumerate(formulas):
-        run += len(formula)
-        if run * parts >= total * len(bounds) and len(bounds) < parts and i + 1 < len(formulas):
-            bounds.append(i + 1)
-    bounds.append(len(formulas))
-    return [formulas[a:b] for a, b in zip(bounds, bounds[1:])]
+def _size(request: dict) -> int:
+    return len(request.get("check", [None]))
+
+
+def _shrinking_parts(formulas: list[str], processes: int) -> list[list[str]]:
+    """Contiguous parts, each about 1/(2 ``processes``) of the length still left (at least MIN_PART formulas),
+    handed out in this order: the last parts are small, so that the children finish together."""
+    parts, start, left = [], 0, sum(map(len, formulas))
+    while start < len(formulas):
+        goal, run, end = left / (2 * processes), 0, start
+        while end < len(formulas) and (run < goal or end - start < MIN_PART):
+            run += len(formulas[end])
+            end += 1
+        parts.append(formulas[start:end])
+        start, left = end, left - run
+    return parts
 
 
 _katex = _Katex()

@@ -256,6 +256,35 @@ def test_a_crashing_katex_costs_only_its_formula(monkeypatch):
     assert latex.render_errors(texts) == expected
     assert latex.render_errors(texts, processes=2) == expected
     assert latex.render_error("x") is None
+    # a long list: shrinking parts handed to two children as each answers, the crash in one of them
+    many = [f"x ^ {{ {i} }}" for i in range(200)]
+    many[150] = "CRASH"
+    parts = latex._shrinking_parts([t for t in many], 2)
+    assert len(parts) > 4 and sum(parts, []) == many and len(parts[0]) > len(parts[-2]) >= latex.MIN_PART
+    assert latex.render_errors(many, processes=2) == [None] * 150 + ["KaTeX crashed on this formula"] + [None] * 49
+
+
+def test_a_hanging_katex_costs_only_its_formula(monkeypatch):
+    """A child that does not answer in time is stopped and replaced: only the formula it hung on gets the
+    timeout as its verdict, the other child's parts are answered meanwhile."""
+    from latexocr import latex
+
+    real_send = latex._Child.send
+
+    def hanging(child, request):
+        if "HANG" not in str(request):
+            return real_send(child, request)
+        child.stop()  # a child that never answers this request
+        child.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
+        return True
+
+    monkeypatch.setattr(latex._Child, "send", hanging)
+    monkeypatch.setattr(latex, "KATEX_TIMEOUT", 0.3)
+    texts = [f"x ^ {{ {i} }}" for i in range(40)]
+    texts[30] = "HANG"
+    expected = [None] * 30 + ["KaTeX took more than 0 s on this formula"] + [None] * 9
+    assert latex.render_errors(texts, processes=2) == expected
 
 
 # KaTeX's verdict comes from its parser alone (fast/katex.py): every error renderToString raises must be
