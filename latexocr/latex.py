@@ -36,6 +36,9 @@ _TOKEN = re.compile(
     re.DOTALL,
 )
 _SPACE = re.compile(r"\s+")
+# Where a token may hold a space (a fused token written with spaces, or a backslash before one): else
+# the tokens are findall's as they are (labels, and most predictions: no per-token pass)
+_MAY_HOLD_SPACE = re.compile(r"\\\s|\\(?:begin|end|left|right)(?![A-Za-z])\s|\\(?:begin|end)\s*\{[^}]*\s")
 
 # Wrappers models put around an answer: code fences and display/inline math delimiters.
 _FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
@@ -70,8 +73,12 @@ def tokenize(text: str | None) -> list[str]:
     For a label this equals ``label.split()``; ``\\frac{1}{2}`` and ``\\frac { 1 } { 2 }`` give
     the same tokens. Inside a fused token the spaces are dropped (``\\left (`` -> ``\\left(``).
     """
-    # a one-character token has no space to drop (most tokens: scoring tokenises every row)
-    return [t if len(t) == 1 else _SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))]
+    text = strip_math(text)
+    tokens = _TOKEN.findall(text)
+    if _MAY_HOLD_SPACE.search(text) is None:
+        return tokens
+    # a one-character token has no space to drop
+    return [t if len(t) == 1 else _SPACE.sub("", t) for t in tokens]
 
 
 # KaTeX runs in a child process of its own: latexocr/fast/katex.py run as a script, which drives the

@@ -30,7 +30,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
-from sacrebleu.metrics import BLEU
 
 from .latex import render_error, render_errors
 from .latex import tokenize as latex_tokens
@@ -169,6 +168,8 @@ def _middle_ngrams(tokens: list[str], n: int, prefix: int, suffix: int) -> Count
 def _bleu(stats: Sequence[int], effective_order: bool) -> float:
     """BLEU-4 (0-100) from (summed) statistics, sacrebleu's 'exp' smoothing: effective order for a
     sentence (sacrebleu's recommendation), the full order for a corpus (``corpus_score``'s)."""
+    from sacrebleu.metrics import BLEU  # here: infer.py --score imports it while KaTeX's children already parse
+
     n = MAX_NGRAM_ORDER
     return float(BLEU.compute_bleu(correct=list(stats[2:2 + n]), total=list(stats[2 + n:]), sys_len=stats[0],
                                    ref_len=stats[1], smooth_method="exp", effective_order=effective_order,

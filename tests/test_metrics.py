@@ -140,6 +140,20 @@ def test_tokenizer_reproduces_hand_written_labels(label):
     assert tokenize(label) == label.split()
 
 
+def test_tokenizer_skips_the_space_pass_only_where_no_token_holds_a_space():
+    """tokenize returns findall's tokens as they are unless a token may hold a space: the same tokens as
+    dropping the spaces of every token, on random strings of the fused constructs, with spaces of all kinds."""
+    from latexocr.latex import _SPACE, _TOKEN
+
+    rng = random.Random(2)
+    pieces = ["\\begin", "\\end", "\\left", "\\right", "\\", "{", "}", "array", "matrix*", "(", ".", "\\{",
+              "\\langle", "a", "--", "---", " ", "  ", "\t", "\n", "\u00a0", "\u2003", "\x1c", "x", "*", "^"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(20000)]
+    texts += list(HAND_LABELS) + [r"\begin {array} { l }", r"\left ( x \right )", r"\begin{ array }", "\\ x"]
+    for text in texts:
+        assert tokenize(text) == [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))], text
+
+
 def test_tokenizer_reproduces_every_shared_label():
     labels = _shared_labels()
     if not labels:
