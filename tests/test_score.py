@@ -163,6 +163,15 @@ def test_bleu_statistics_equal_sacrebleus_on_every_kind_of_difference():
     assert [list(metrics._bleu_statistics(p, r)) for p, r in pairs] == expected
 
 
+@pytest.mark.parametrize("base", [Path("/tmp/data"), Path("/")])
+def test_image_paths_resolve_as_pathlib_joins_them(base):
+    """read_predictions joins a relative image to the file's folder by hand where it can: pathlib's result."""
+    resolve = scoring._resolver(base)
+    for image in ["a.png", "images/0.png", "./a.png", "a/./b.png", "a//b.png", "../a.png", "a/../b.png", "a/", ".",
+                  "a/.", "/abs//x.png", "//x", "a/..", "\u00e9/\u00fc.png", "a\\b.png", " a.png", "a/ b", ""]:
+        assert resolve(image) == (image if not image or Path(image).is_absolute() else str(base / image)), image
+
+
 def test_no_detokenize_warning(caplog):
     """100+ predictions ending in ' .' made sacrebleu warn "you forgot to detokenize": the text
     is tokenised on purpose, so nothing is printed now."""
