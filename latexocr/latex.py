@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["strip_math", "tokenize", "render", "render_error", "render_errors"]
+__all__ = ["strip_math", "tokenize", "render", "render_error", "render_errors", "start_katex"]
 
 # The dataset fuses a few constructs into one token: \begin{array}, \end{array}, \left / \right
 # with their delimiter (\left(, \right., \left\{), and KaTeX's dash ligatures -- and --- (its lexer
@@ -43,6 +43,7 @@ _MAY_HOLD_SPACE = re.compile(r"\\\s|\\(?:begin|end|left|right)(?![A-Za-z])\s|\\(
 # Wrappers models put around an answer: code fences and display/inline math delimiters.
 _FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
 _WRAPPERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
+_OPENERS = ("```", "\\begin{", "$", "\\[", "\\(")  # how each wrapper above and below begins
 _ENVIRONMENT = re.compile(r"^\\begin\{(equation|displaymath|math)(\*?)\}(.*)\\end\{\1\2\}$", re.DOTALL)
 
 
@@ -53,6 +54,8 @@ def strip_math(text: str | None) -> str:
         return ""
     text = str(text).strip()
     while True:
+        if not text.startswith(_OPENERS):  # most texts: no wrapper can match (scoring strips every row)
+            return text
         fence = _FENCE.match(text)
         env = _ENVIRONMENT.match(text)
         if fence:
@@ -104,12 +107,16 @@ class _Child:
             self.process.wait()
             self.process = None
 
-    def send(self, request: dict) -> bool:
-        """False when the child died (it is then stopped)."""
+    def start(self) -> None:
+        """A process, unless one is running."""
         if self.process is None or self.process.poll() is not None:
             self.process = subprocess.Popen([sys.executable, str(_SERVER)], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                             text=True, encoding="utf-8", bufsize=1)
+
+    def send(self, request: dict) -> bool:
+        """False when the child died (it is then stopped)."""
+        self.start()
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
@@ -145,12 +152,18 @@ class _Katex:
         for child in self.children:
             child.stop()
 
+    def start(self, processes: int) -> None:
+        with self.lock:
+            self.children += [_Child() for _ in range(processes - len(self.children))]
+            for child in self.children[:processes]:
+                child.start()
+
     def _ask(self, requests: list[dict], processes: int) -> list[dict | RuntimeError]:
         """Every request answered by one of ``processes`` children, each handed the next request as soon as it
         answers (parts of equal length still take unequal times: no child waits for another at the end);
         an answer, or the RuntimeError of a child that died or hung on that request."""
+        self.start(processes)
         with self.lock:
-            self.children += [_Child() for _ in range(processes - len(self.children))]
             answers: list = [None] * len(requests)
             waiting = iter(range(len(requests)))
             busy: dict[_Child, tuple[int, float]] = {}  # child -> (its request, when it counts as hung)
@@ -221,6 +234,13 @@ def _shrinking_parts(formulas: list[str], processes: int) -> list[list[str]]:
 
 _katex = _Katex()
 atexit.register(_katex.stop)
+
+
+def start_katex(processes: int = 1) -> None:
+    """Start KaTeX's ``processes`` children now (~40 ms each: Python, then KaTeX loaded into QuickJS), so that
+    their start-up overlaps what the caller does before it asks for verdicts (infer.py --score: imports,
+    reading the file)."""
+    _katex.start(processes)
 
 
 def render(text: str | None) -> tuple[str | None, str | None]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
@@ -141,9 +140,8 @@ def _bleu_statistics(p: list[str], r: list[str]) -> tuple[int, ...]:
     prefix, suffix = _common_ends(p, r)
     correct, total = [], []
     for n in range(1, MAX_NGRAM_ORDER + 1):
-        hyp, ref = _middle_ngrams(p, n, prefix, suffix), _middle_ngrams(r, n, prefix, suffix)
         shared = max(0, prefix - n + 1) + max(0, suffix - n + 1)  # the n-grams inside the common ends
-        correct.append(shared + sum(min(count, ref[ngram]) for ngram, count in hyp.items()))
+        correct.append(shared + _matched(_middle_ngrams(p, n, prefix, suffix), _middle_ngrams(r, n, prefix, suffix)))
         total.append(max(0, len(p) - n + 1))
     return (len(p), len(r), *correct, *total)
 
@@ -159,10 +157,24 @@ def _common_ends(p: list[str], r: list[str]) -> tuple[int, int]:
     return prefix, suffix
 
 
-def _middle_ngrams(tokens: list[str], n: int, prefix: int, suffix: int) -> Counter:
+def _middle_ngrams(tokens: list[str], n: int, prefix: int, suffix: int) -> list[tuple[str, ...]]:
     """The n-grams of ``tokens`` not inside its first ``prefix`` or last ``suffix`` tokens."""
     first, last = max(0, prefix - n + 1), min(len(tokens) - n, len(tokens) - suffix - 1)
-    return Counter(tuple(tokens[i:i + n]) for i in range(first, last + 1))
+    return [tuple(tokens[i:i + n]) for i in range(first, last + 1)]
+
+
+def _matched(hyp: list[tuple[str, ...]], ref: list[tuple[str, ...]]) -> int:
+    """Hypothesis n-grams found in the reference, each reference n-gram used once: sum(min(counts)). The
+    lists are a few n-grams long: a dict of the reference's costs less than two Counters."""
+    left: dict[tuple[str, ...], int] = {}
+    for ngram in ref:
+        left[ngram] = left.get(ngram, 0) + 1
+    matched = 0
+    for ngram in hyp:
+        if left.get(ngram):
+            left[ngram] -= 1
+            matched += 1
+    return matched
 
 
 def _bleu(stats: Sequence[int], effective_order: bool) -> float:
