@@ -138,17 +138,21 @@ def load_for_inference(args):
 def rescore(args) -> None:
     """infer.py --score: the metrics summary (and --report) of a predictions file, as the live run
     that wrote it printed them; no model, no torch."""
+    from latexocr.latex import start_katex
     from latexocr.metrics import worst_first
     from latexocr.scoring import PredictionsFileError, Scorer, available_cores, read_predictions, scored_summary
 
+    # no GPU to feed: this process scores the rows while one KaTeX child per core parses (~7/8 of the work);
+    # the children start first, while this process reads the file
+    katex_processes = min(4, available_cores())
+    start_katex(katex_processes)
     try:
         rows = read_predictions(args.score)
     except PredictionsFileError as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.limit > 0:
         rows = rows[: args.limit]
-    # no GPU to feed: this process scores the rows while one KaTeX child per core parses (~7/8 of the work)
-    with Scorer(0, katex_processes=min(4, available_cores())) as scorer:
+    with Scorer(0, katex_processes=katex_processes) as scorer:
         scorer.submit(range(len(rows)), [(r["prediction"], r["label"], r.get("truncated", False)) for r in rows])
         rows, summary = scored_summary(scorer, rows, truncated=all("truncated" in r for r in rows))
     print(json.dumps({"predictions": args.score, **summary}, indent=2))

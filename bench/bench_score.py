@@ -2,6 +2,7 @@
 
     python bench/bench_score.py                 # 9,443 pairs, infer.py --score 3 times, then the phases
     python bench/bench_score.py --repeat 1 --no-phases
+    python bench/bench_score.py --repeat 3 --no-phases --before /tmp/before   # and an older checkout, alternately
     python bench/bench_score.py --check-parse     # KaTeX's parse-only verdict = renderToString's, on
                                                   # every shared label and every prediction here
 
@@ -116,11 +117,11 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def time_infer_score(csv_path: Path, verdicts: Path) -> tuple[float, float, dict]:
-    """(wall s, CPU s, printed summary) of `infer.py --score` in a process of its own, keeping label
-    verdicts in the folder `verdicts`."""
+def time_infer_score(csv_path: Path, verdicts: Path, root: Path = ROOT) -> tuple[float, float, dict]:
+    """(wall s, CPU s, printed summary) of `infer.py --score` (``root``'s) in a process of its own, keeping
+    label verdicts in the folder `verdicts`."""
     start = time.perf_counter()
-    done, cpu = run_counting_cpu([sys.executable, str(ROOT / "infer.py"), "--score", str(csv_path)], cwd=ROOT,
+    done, cpu = run_counting_cpu([sys.executable, str(root / "infer.py"), "--score", str(csv_path)], cwd=root,
                                  env=dict(os.environ, LATEXOCR_VERDICT_CACHE=str(verdicts)))
     took = time.perf_counter() - start
     if done.returncode != 0:
@@ -185,6 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs of infer.py --score")
     parser.add_argument("--no-phases", action="store_true", help="skip (b), the in-process phases")
+    parser.add_argument("--before", metavar="DIR", help="also time DIR's infer.py (an older checkout, e.g. "
+                        "`git archive COMMIT | tar -x -C DIR`), alternately with this one's")
     parser.add_argument("--check-parse", action="store_true",
                         help="only compare KaTeX's parse-only verdicts with renderToString's")
     args = parser.parse_args()
@@ -200,14 +203,16 @@ def main() -> None:
         csv_path = Path(tmp) / "predictions.csv"
         write_predictions(pairs, csv_path)
         print("(a) infer.py --score, end to end (a subprocess):")
+        roots = [("before: ", Path(args.before).resolve()), ("after: ", ROOT)] if args.before else [("", ROOT)]
         for run in range(args.repeat):
-            verdicts = Path(tmp) / f"verdicts{run}"
-            for kept in ("no kept verdicts", "the verdicts it kept"):
-                took, cpu, summary = time_infer_score(csv_path, verdicts)
-                print(f"    {took:.2f} s wall, {cpu:.2f} CPU s (its workers included), {kept}; "
-                      f"load average now {_load()}")
-                if run == args.repeat - 1:
-                    print("    " + json.dumps(summary))
+            for name, root in roots:  # before and after alternately: the same minutes' load for both
+                verdicts = Path(tmp) / f"verdicts{run}{name.strip(': ')}"
+                for kept in ("no kept verdicts", "the verdicts it kept"):
+                    took, cpu, summary = time_infer_score(csv_path, verdicts, root)
+                    print(f"    {name}{took:.2f} s wall, {cpu:.2f} CPU s (its workers included), {kept}; "
+                          f"load average now {_load()}")
+                    if run == args.repeat - 1:
+                        print("    " + json.dumps(summary))
         if not args.no_phases:
             print("(b) the phases, in this process:")
             phases(csv_path, pairs)

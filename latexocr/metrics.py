@@ -29,8 +29,6 @@ import math
 from collections.abc import Sequence
 
 from rapidfuzz.distance import Levenshtein
-from sacrebleu.metrics import BLEU
-from sacrebleu.metrics.helpers import extract_all_word_ngrams
 
 from .latex import render_error, render_errors
 from .latex import tokenize as latex_tokens
@@ -124,35 +122,76 @@ def score_pair(pred: str | None, ref: str | None) -> tuple[dict[str, float], tup
         "edit_distance": distance / max(len(p), len(r)) if p or r else 0.0,
         "edit_distance_ref": distance / max(len(r), 1),
         # sacrebleu gives an empty side 0; both empty is a perfect answer to an empty label
-        "bleu4": _bleu(stats, effective_order=True) if p and r else (100.0 if p == r else 0.0),
+        "bleu4": _sentence_bleu(stats) if p and r else (100.0 if p == r else 0.0),
     }
     return scores, stats
 
 
 def _bleu_statistics(p: list[str], r: list[str]) -> tuple[int, ...]:
     """sacrebleu's segment statistics for one reference (what ``BLEU(tokenize="none")`` extracts
-    from the tokens joined by spaces), counted with its own n-gram helper. Its public route,
-    ``sentence_score``, costs twice as much per row; tests/test_score.py checks the two agree."""
+    from the tokens joined by spaces: no token holds a space), counted here without its n-gram helper,
+    which built every n-gram of both sides (its public route, ``sentence_score``, cost twice that).
+    An n-gram inside the tokens both sides begin with, or inside those they end with, is on both
+    sides: only the n-grams touching the part between are compared (a wrong row of a good model
+    differs in a token or two). tests/test_score.py checks the two agree."""
     if p == r:  # 60 % of a good model's rows: every n-gram matches
         counts = [max(0, len(p) - k) for k in range(MAX_NGRAM_ORDER)]
         return (len(p), len(p), *counts, *counts)
-    hyp_ngrams, hyp_len = extract_all_word_ngrams(" ".join(p), 1, MAX_NGRAM_ORDER)
-    ref_ngrams, ref_len = extract_all_word_ngrams(" ".join(r), 1, MAX_NGRAM_ORDER)
-    correct, total = [0] * MAX_NGRAM_ORDER, [0] * MAX_NGRAM_ORDER
-    for ngram, count in hyp_ngrams.items():
-        total[len(ngram) - 1] += count
-        if ngram in ref_ngrams:
-            correct[len(ngram) - 1] += min(count, ref_ngrams[ngram])
-    return (hyp_len, ref_len, *correct, *total)
+    prefix, suffix = _common_ends(p, r)
+    correct, total = [], []
+    for n in range(1, MAX_NGRAM_ORDER + 1):
+        shared = max(0, prefix - n + 1) + max(0, suffix - n + 1)  # the n-grams inside the common ends
+        correct.append(shared + _matched(_middle_ngrams(p, n, prefix, suffix), _middle_ngrams(r, n, prefix, suffix)))
+        total.append(max(0, len(p) - n + 1))
+    return (len(p), len(r), *correct, *total)
+
+
+def _common_ends(p: list[str], r: list[str]) -> tuple[int, int]:
+    """(tokens both begin with, tokens both end with after those): the two never overlap."""
+    shortest, prefix = min(len(p), len(r)), 0
+    while prefix < shortest and p[prefix] == r[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < shortest - prefix and p[-1 - suffix] == r[-1 - suffix]:
+        suffix += 1
+    return prefix, suffix
+
+
+def _middle_ngrams(tokens: list[str], n: int, prefix: int, suffix: int) -> list[tuple[str, ...]]:
+    """The n-grams of ``tokens`` not inside its first ``prefix`` or last ``suffix`` tokens."""
+    first, last = max(0, prefix - n + 1), min(len(tokens) - n, len(tokens) - suffix - 1)
+    return [tuple(tokens[i:i + n]) for i in range(first, last + 1)]
+
+
+def _matched(hyp: list[tuple[str, ...]], ref: list[tuple[str, ...]]) -> int:
+    """Hypothesis n-grams found in the reference, each reference n-gram used once: sum(min(counts)). The
+    lists are a few n-grams long: a dict of the reference's costs less than two Counters."""
+    left: dict[tuple[str, ...], int] = {}
+    for ngram in ref:
+        left[ngram] = left.get(ngram, 0) + 1
+    matched = 0
+    for ngram in hyp:
+        if left.get(ngram):
+            left[ngram] -= 1
+            matched += 1
+    return matched
 
 
 def _bleu(stats: Sequence[int], effective_order: bool) -> float:
     """BLEU-4 (0-100) from (summed) statistics, sacrebleu's 'exp' smoothing: effective order for a
     sentence (sacrebleu's recommendation), the full order for a corpus (``corpus_score``'s)."""
+    from sacrebleu.metrics import BLEU  # here: infer.py --score imports it while KaTeX's children already parse
+
     n = MAX_NGRAM_ORDER
     return float(BLEU.compute_bleu(correct=list(stats[2:2 + n]), total=list(stats[2 + n:]), sys_len=stats[0],
                                    ref_len=stats[1], smooth_method="exp", effective_order=effective_order,
                                    max_ngram_order=n).score)
+
+
+# Rows with the same statistics have the same sentence BLEU: exact predictions of the same length (most rows)
+@functools.lru_cache(maxsize=1 << 16)
+def _sentence_bleu(stats: tuple[int, ...]) -> float:
+    return _bleu(stats, effective_order=True)
 
 
 def sample_scores(pred: str | None, ref: str | None) -> dict[str, float]:

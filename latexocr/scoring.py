@@ -220,7 +220,7 @@ def read_predictions(path: str | Path) -> list[dict]:
         raise PredictionsFileError(f"{path}: expected a .csv or .jsonl predictions file (infer.py --output)")
     if not records:
         raise PredictionsFileError(f"{path}: no rows")
-    base = path.resolve().parent
+    in_folder = _resolver(path.resolve().parent)
     rows = []
     for where, record in records:
         image = _column(record, _IMAGE, path, where)
@@ -232,12 +232,32 @@ def read_predictions(path: str | Path) -> list[dict]:
         if not isinstance(label, str) or (prediction is not None and not isinstance(prediction, str)):
             raise PredictionsFileError(f"{path}: {where}: label and prediction must be text")
         image = "" if image is None else str(image)
-        row = {"image": image if not image or Path(image).is_absolute() else str(base / image),
+        row = {"image": in_folder(image),
                "prediction": prediction, "error": record.get("error") or "", "label": label}
         if "truncated" in record:
             row["truncated"] = _flag(record["truncated"], path, where)
         rows.append(row)
     return rows
+
+
+def _resolver(base: Path) -> Callable[[str], str]:
+    """image -> the image as read_predictions gives it: str(base / image) for a relative path, else as it is.
+    pathlib parsed both per row (half of reading 9,443 rows): on POSIX, a file name (not "." or "")
+    after a folder part is joined by hand to that folder's path, each folder computed once."""
+    folders: dict[str, str] = {}
+
+    def slow(image: str) -> str:
+        return image if not image or Path(image).is_absolute() else str(base / image)
+
+    def resolve(image: str) -> str:
+        folder, _, name = image.rpartition("/")
+        if not image or image.startswith("/") or name in ("", "."):
+            return slow(image)
+        if folder not in folders:
+            folders[folder] = str(base / folder) if folder else str(base)
+        return f"{folders[folder].rstrip('/')}/{name}"
+
+    return resolve if os.sep == "/" and os.altsep is None else slow
 
 
 def _column(record: dict, names: tuple[str, ...], path: Path, where: str):

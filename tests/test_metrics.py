@@ -140,6 +140,20 @@ def test_tokenizer_reproduces_hand_written_labels(label):
     assert tokenize(label) == label.split()
 
 
+def test_tokenizer_skips_the_space_pass_only_where_no_token_holds_a_space():
+    """tokenize returns findall's tokens as they are unless a token may hold a space: the same tokens as
+    dropping the spaces of every token, on random strings of the fused constructs, with spaces of all kinds."""
+    from latexocr.latex import _SPACE, _TOKEN
+
+    rng = random.Random(2)
+    pieces = ["\\begin", "\\end", "\\left", "\\right", "\\", "{", "}", "array", "matrix*", "(", ".", "\\{",
+              "\\langle", "a", "--", "---", " ", "  ", "\t", "\n", "\u00a0", "\u2003", "\x1c", "x", "*", "^"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(20000)]
+    texts += list(HAND_LABELS) + [r"\begin {array} { l }", r"\left ( x \right )", r"\begin{ array }", "\\ x"]
+    for text in texts:
+        assert tokenize(text) == [_SPACE.sub("", t) for t in _TOKEN.findall(strip_math(text))], text
+
+
 def test_tokenizer_reproduces_every_shared_label():
     labels = _shared_labels()
     if not labels:
@@ -256,6 +270,35 @@ def test_a_crashing_katex_costs_only_its_formula(monkeypatch):
     assert latex.render_errors(texts) == expected
     assert latex.render_errors(texts, processes=2) == expected
     assert latex.render_error("x") is None
+    # a long list: shrinking parts handed to two children as each answers, the crash in one of them
+    many = [f"x ^ {{ {i} }}" for i in range(200)]
+    many[150] = "CRASH"
+    parts = latex._shrinking_parts([t for t in many], 2)
+    assert len(parts) > 4 and sum(parts, []) == many and len(parts[0]) > len(parts[-2]) >= latex.MIN_PART
+    assert latex.render_errors(many, processes=2) == [None] * 150 + ["KaTeX crashed on this formula"] + [None] * 49
+
+
+def test_a_hanging_katex_costs_only_its_formula(monkeypatch):
+    """A child that does not answer in time is stopped and replaced: only the formula it hung on gets the
+    timeout as its verdict, the other child's parts are answered meanwhile."""
+    from latexocr import latex
+
+    real_send = latex._Child.send
+
+    def hanging(child, request):
+        if "HANG" not in str(request):
+            return real_send(child, request)
+        child.stop()  # a child that never answers this request
+        child.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
+        return True
+
+    monkeypatch.setattr(latex._Child, "send", hanging)
+    monkeypatch.setattr(latex, "KATEX_TIMEOUT", 0.3)
+    texts = [f"x ^ {{ {i} }}" for i in range(40)]
+    texts[30] = "HANG"
+    expected = [None] * 30 + ["KaTeX took more than 0 s on this formula"] + [None] * 9
+    assert latex.render_errors(texts, processes=2) == expected
 
 
 # KaTeX's verdict comes from its parser alone (fast/katex.py): every error renderToString raises must be
@@ -293,6 +336,29 @@ def test_katex_parse_verdict_equals_render_verdict_and_pykatex():
     with pytest.raises(pykatex.ParseError) as error:
         pykatex.renderToString(r"\frac { 1 } {", **options)
     assert engine.check([r"\frac { 1 } {"]) == [str(error.value)]
+
+
+def test_katex_fast_paths_give_katex_own_verdicts_errors_and_mathml():
+    """fast/katex.py's lexer and macro-expander fast paths: the same verdict, error text (which names the
+    token and its position) and MathML as KaTeX's own methods, on real labels, perturbed ones, and random
+    strings of the characters each path tells apart (spaces, control words, \verb, comments, combining
+    marks, surrogates, control characters, macros)."""
+    from latexocr.fast.katex import Engine
+
+    fast, own = Engine(), Engine(fast=False)
+    assert fast.fast and not own.fast  # KaTeX's sources are the checked ones: the fast paths are on
+    labels = list(HAND_LABELS) + list(dict.fromkeys(_shared_labels()))[::40]
+    rng = random.Random(1)
+    pieces = list(" \t\n\r{}^_&#@%~$|*!.,;:'0123456789abxyzAZ[]()<>=+-/") + [
+        "\\", "\\\\", "\\ ", "\\\n", "\\frac", "\\verb", "\\verb*", "\\verbatim", "\\mathrm", "\\text", "\\left(",
+        "\\right)", "\\def", "\\gdef", "\\a", "\\@x", "\\begin{array}{c}", "\\end{array}", "\\ne", "\\neq", "\\tfrac",
+        "\u0301", "\u0308", "\u00e9", "\u2027", "\u2028", "\u202a", "\ud7ff", "\ue000", "\uf900", "\uffff", "\ud83d\ude00",
+        "\ud83d", "\x01", "\x7f", "\u4e2d"]
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 25))) for _ in range(3000)]
+    perturbed = [label.replace(" ", rng.choice(["", "  ", "\n", " % c\n"]), 3) for label in labels]
+    strings = labels + perturbed + fuzz + PERTURBATIONS
+    assert fast.check(strings) == own.check(strings)
+    assert [fast.render(s) for s in strings[::7]] == [own.render(s) for s in strings[::7]]
 
 
 def test_pykatex_public_api_fallback_gives_the_same_verdicts():

@@ -136,6 +136,42 @@ def test_corpus_bleu_from_row_statistics_equals_sacrebleu_on_subsets(seed):
     assert math.isnan(metrics.corpus_bleu_from_stats([]))
 
 
+def test_bleu_statistics_equal_sacrebleus_on_every_kind_of_difference():
+    """metrics._bleu_statistics counts only the n-grams between the tokens both sides begin and end with:
+    the same integers as sacrebleu's own extraction (BLEU(tokenize="none")), whatever the two sides share
+    (one token changed, deleted or inserted, repeated n-grams, one side inside the other, nothing)."""
+    rng = random.Random(0)
+    vocab = ["a", "b", "c", "\\frac", "{", "}", "^", "\u00e9"]
+    pairs = [([], ["a"]), (["a"], []), (["a", "a", "a"], ["a", "a"]), (["a", "b"], ["b", "a"])]
+    for _ in range(3000):
+        r = [rng.choice(vocab[:rng.randint(1, len(vocab))]) for _ in range(rng.randint(0, 12))]
+        p = list(r)
+        for _ in range(rng.randint(1, 3)):  # changes anywhere, also at the ends
+            at = rng.randint(0, len(p))
+            how = rng.random()
+            if how < 0.4 and at < len(p):
+                p[at] = rng.choice(vocab)
+            elif how < 0.7 and at < len(p):
+                del p[at]
+            elif how < 0.9:
+                p.insert(at, rng.choice(vocab))
+            else:
+                p = p[:at] * 2 + p[at:]  # a repetition
+        pairs.append((p, r))
+    pairs += [(tokenize(pred), tokenize(label)) for pred, label, _ in varied_rows()]
+    expected = _OLD_CORPUS._extract_corpus_statistics([" ".join(p) for p, _ in pairs], [[" ".join(r) for _, r in pairs]])
+    assert [list(metrics._bleu_statistics(p, r)) for p, r in pairs] == expected
+
+
+@pytest.mark.parametrize("base", [Path("/tmp/data"), Path("/")])
+def test_image_paths_resolve_as_pathlib_joins_them(base):
+    """read_predictions joins a relative image to the file's folder by hand where it can: pathlib's result."""
+    resolve = scoring._resolver(base)
+    for image in ["a.png", "images/0.png", "./a.png", "a/./b.png", "a//b.png", "../a.png", "a/../b.png", "a/", ".",
+                  "a/.", "/abs//x.png", "//x", "a/..", "\u00e9/\u00fc.png", "a\\b.png", " a.png", "a/ b", ""]:
+        assert resolve(image) == (image if not image or Path(image).is_absolute() else str(base / image)), image
+
+
 def test_no_detokenize_warning(caplog):
     """100+ predictions ending in ' .' made sacrebleu warn "you forgot to detokenize": the text
     is tokenised on purpose, so nothing is printed now."""

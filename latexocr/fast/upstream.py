@@ -123,7 +123,8 @@ SOURCES = {
 # checked, what of ours depends on it). Another version may lay out its extension differently.
 COMPILED = {
     "pykatex": ("0.1.1", "fast/katex.py drives the QuickJS-ng 0.10.1 C API its extension exports and the KaTeX "
-                "0.16.22 bytecode in it (qjsc_katex, module katex/katex.mjs, katex.__parse)"),
+                "0.16.22 bytecode in it (qjsc_katex, module katex/katex.mjs, katex.__parse; its Lexer.lex and "
+                "MacroExpander.expandNextToken get fast paths while their sources hash to FAST_PATH_SOURCES)"),
 }
 # Private methods FastTrainer overrides: (class path, method) -> its parameters.
 OVERRIDDEN = {
