@@ -294,30 +294,29 @@ def gpu_gib() -> float:
 def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell) -> None:
     """Run `cells` (cap at index 1; 0: the whole GPU) at most `most` at once and their caps within `gib`:
     each time one ends, start the first waiting cell that fits (a larger one waits, the smaller go ahead)."""
-    waiting, running, lock = list(cells), {}, threading.Condition()
+    waiting, running, lock = list(cells), [], threading.Condition()
 
     def need(cell) -> float:
         return cell[1] or gib
 
-    def body(cell, index):
+    def body(cell):
         try:
             run_cell(cell, concurrent=most)
         finally:
             with lock:
-                del running[index]
+                running.remove(cell)
                 lock.notify()
 
     with lock:
         while waiting or running:
-            held = sum(need(c) for c in running.values())
+            held = sum(map(need, running))
             fits = next((c for c in waiting if len(running) < most and held + need(c) <= gib), None)
             if fits is None:
                 lock.wait()
                 continue
             waiting.remove(fits)
-            index = id(fits)
-            running[index] = fits
-            threading.Thread(target=body, args=(fits, index), daemon=True).start()
+            running.append(fits)
+            threading.Thread(target=body, args=(fits,), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ class StaticDecoder:
         self.compiled = speed.decode_compile if compiled is None else compiled
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
-        if not speed.fla and LINEAR_ATTENTION in (getattr(self.core.config.text_config, "layer_types", None) or ()):
+        if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
             use_reference_delta_rule(recurrent=True)  # fla switched off (bench/): the prefill's and the step's rules
         self.states: dict[tuple, _State] = {}
