@@ -52,7 +52,7 @@ class LabelVerdicts:
     def __init__(self, path: Path | None | str = "default"):
         self.path = cache_file() if path == "default" else (Path(path) if path else None)
         self._kept = self._read() if self.path else {}
-        self._added: dict[str, bool] = {}
+        self._changed = False  # a verdict added since the file was read: save writes it
 
     def _read(self) -> dict[str, bool]:
         try:
@@ -71,10 +71,10 @@ class LabelVerdicts:
     def add(self, text: str, verdict: bool) -> None:
         key = _key(text)
         if self._kept.get(key) != verdict:
-            self._kept[key] = self._added[key] = bool(verdict)
+            self._kept[key], self._changed = bool(verdict), True
 
     def save(self) -> None:
-        if not self.path or not self._added:
+        if not self.path or not self._changed:
             return
         merged = {**self._read(), **self._kept}  # another process may have added labels since
         try:
@@ -82,4 +82,4 @@ class LabelVerdicts:
                 json.dump(merged, f, separators=(",", ":"))
         except OSError as exc:
             print(f"warning: KaTeX verdicts not kept ({exc}); set {CACHE_ENV}=off to skip this", file=sys.stderr)
-        self._kept, self._added = merged, {}
+        self._kept, self._changed = merged, False
