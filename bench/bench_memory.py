@@ -28,7 +28,9 @@ the allocator reserved (what stays allocated between passes; docs/BENCHMARKS.md 
 One JSON line per cell is printed as it ends and appended to $OUT/bench_memory.jsonl, so a run cut at a time
 limit keeps what it finished: the choice auto made, samples/s (train) or images/s (infer), the peak GiB,
 or the one-line message it stopped with. Before each cell, its estimated duration (one device call may run
-600 s: split the matrix by --families / --caps / --only / --cells).
+600 s: split the matrix by --families / --caps / --only / --cells, or run one command in several calls on a
+warm machine with --deadline 480 --resume: each call starts only the cells its estimates say end in time and
+skips those an earlier call finished).
 """
 from __future__ import annotations
 
@@ -220,6 +222,11 @@ def main():
     ap.add_argument("--parallel", type=int, default=1, help="run up to this many cells at once, their caps together "
                     "within the GPU: whether each completes or stops, in less device time; their speeds are not "
                     "comparable (shared GPU and cores: each result says concurrent)")
+    ap.add_argument("--resume", action="store_true", help="skip the cells an earlier call on this machine finished "
+                    "(their results in --work's bench_memory.jsonl): the matrix split over device calls by one command")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds: start no cell that its estimate says would "
+                    "end after this (a call cut at the device's limit loses the cells it was running); what is left "
+                    "is printed, for the next call's --resume")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
@@ -236,6 +243,13 @@ def main():
             raise SystemExit(f"bench_memory: no such cell {', '.join(unknown)} for these --families/--caps/--only "
                              f"(--dry-run lists them)")
         cells = [c for c in cells if c[3] in wanted]
+    done_file = args.work / "bench_memory.jsonl"
+    if args.resume and done_file.exists():
+        done = {json.loads(line)["name"] for line in done_file.read_text().splitlines() if line.strip()}
+        print(f"bench_memory: --resume: {sum(c[3] in done for c in cells)} cells done in an earlier call", flush=True)
+        cells = [c for c in cells if c[3] not in done]
+    if args.parallel > 1:  # the longest first: the call's tail is then short cells, not one long one alone
+        cells.sort(key=lambda c: -c[-1])
     if args.repeat > 1:  # interleaved (a, b, a, b): drift of the box over the call falls on both alike
         cells = [(*c[:3], f"{c[3]}_r{r + 1}", *c[4:]) for r in range(args.repeat) for c in cells]
     total = sum(c[-1] for c in cells) + ESTIMATE_S["build"] * len(families)
@@ -256,6 +270,7 @@ def main():
     write_json(pairs[2048:4096], 2048, work / "infer.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
+    slowdown = [1.0]  # the most a finished cell of this call ran over its estimate (cells at once run longer)
 
     def run_cell(cell, concurrent: int = 1) -> None:
         family, cap, kind, name, flags, seconds = cell
@@ -264,25 +279,61 @@ def main():
         result = {"family": family, "estimate_s": seconds, **job(models[family], work, cap, name, flags)}
         if concurrent > 1:
             result["concurrent"] = concurrent
-        with WRITE_LOCK, args.out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        slowdown[0] = max(slowdown[0], result["wall_s"] / seconds)
+        with WRITE_LOCK:
+            for path in (args.out, done_file):  # done_file: what --resume skips in the next call
+                with path.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
 
+    began = time.monotonic()
+
+    def starts(cell) -> bool:  # --deadline: a cell whose estimate ends past it is left for the next call
+        return not args.deadline or time.monotonic() - began + cell[-1] * slowdown[0] <= args.deadline
+
     if args.parallel <= 1:
+        left = []
         for cell in cells:
+            if not starts(cell):
+                left.append(cell)
+                continue
             if cell[0] not in models:
                 models[cell[0]] = build_random(cell[0], args.shared, work / f"model_{cell[0]}")
             run_cell(cell)
-        return
-    for family in dict.fromkeys(c[0] for c in cells):  # every model first: the cells start from threads
-        models[family] = build_random(family, args.shared, work / f"model_{family}")
-    run_in_parallel(cells, args.parallel, gpu_gib() - PARALLEL_RESERVE_GIB, run_cell)
+    else:
+        # the models are built one after another in the order the cells need them, while the first cells run
+        # (a cell waits for its own model only): seven families' builds one by one took minutes of a call
+        built = {family: threading.Event() for family in dict.fromkeys(c[0] for c in cells)}
+
+        def build_all():
+            import torch
+            for family, event in built.items():
+                try:
+                    models[family] = build_random(family, args.shared, work / f"model_{family}")
+                finally:  # a failed build: its cells say so instead of waiting for ever
+                    torch.cuda.empty_cache()  # this process's build memory back to the cells
+                    event.set()
+
+        threading.Thread(target=build_all, daemon=True).start()
+
+        def run_built(cell, concurrent):
+            built[cell[0]].wait()
+            if cell[0] not in models:
+                print(f"bench_memory: {cell[3]}: not run, the {cell[0]} model could not be built", flush=True)
+                return
+            run_cell(cell, concurrent)
+
+        left = run_in_parallel(cells, args.parallel, gpu_gib() - PARALLEL_RESERVE_GIB, run_built, starts)
+    if left:
+        print(f"bench_memory: --deadline {args.deadline:g} s: {len(left)} cells left for the next call (--resume): "
+              f"{','.join(c[3] for c in left)}", flush=True)
 
 
 # --parallel: cells at once on one GPU, each within its cap, the caps together within the card (less what
-# each process's CUDA context and kernels hold outside torch's allocator). What completes and what stops is
-# the same as alone; speeds are not (the cells share the GPU's time and the host's cores)
-PARALLEL_RESERVE_GIB = 8.0
+# each process's CUDA context and kernels hold outside torch's allocator, ~8 GiB, and what the bench's own
+# process holds while it builds the next model beside them, a 4B model in bf16: 8 GiB). What completes and
+# what stops is the same as alone; speeds are not (the cells share the GPU's time and the host's cores)
+PARALLEL_RESERVE_GIB = 16.0
 WRITE_LOCK = threading.Lock()
 
 
@@ -291,10 +342,11 @@ def gpu_gib() -> float:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
-def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell) -> None:
+def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell, starts=lambda cell: True) -> list[tuple]:
     """Run `cells` (cap at index 1; 0: the whole GPU) at most `most` at once and their caps within `gib`:
-    each time one ends, start the first waiting cell that fits (a larger one waits, the smaller go ahead)."""
-    waiting, running, lock = list(cells), [], threading.Condition()
+    each time one ends, start the first waiting cell that fits (a larger one waits, the smaller go ahead).
+    A cell for which `starts(cell)` is false when its turn comes is not run (a deadline); returns those."""
+    waiting, running, left, lock = list(cells), [], [], threading.Condition()
 
     def need(cell) -> float:
         return cell[1] or gib
@@ -309,6 +361,8 @@ def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell) -> None
 
     with lock:
         while waiting or running:
+            left += [c for c in waiting if not starts(c)]
+            waiting = [c for c in waiting if starts(c)]
             held = sum(map(need, running))
             fits = next((c for c in waiting if len(running) < most and held + need(c) <= gib), None)
             if fits is None:
@@ -317,6 +371,7 @@ def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell) -> None
             waiting.remove(fits)
             running.append(fits)
             threading.Thread(target=body, args=(fits,), daemon=True).start()
+    return left
 
 
 if __name__ == "__main__":

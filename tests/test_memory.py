@@ -484,3 +484,8 @@ def test_bench_memory_runs_cells_at_once_within_the_card():
     assert max(n for n, _, _ in seen) == 3 and all(n <= 3 and gib <= 100 for n, gib, _ in seen)
     assert all(n == 1 for n, _, whole in seen if whole)  # "none" (the whole GPU) runs alone
     assert started[:3] == ["c0", "c1", "c3"]  # 16 started beside 40 + 40 while 24 waited
+
+    # --deadline: a cell whose turn comes after the deadline is not started, and is returned for --resume
+    ran.clear()
+    left = run_in_parallel(cells, most=3, gib=100, run_cell=run_cell, starts=lambda cell: len(ran) < 4)
+    assert len(ran) >= 4 and sorted(ran + [c[3] for c in left]) == sorted(c[3] for c in cells) and left
