@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -112,6 +113,13 @@ HAND_ROWS = (512, 256, 128)
 # seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
 # infer.py: 2,048 images); larger models scale with their weights
 EXTRA: list[str] = []  # --extra: more flags for every cell's script (the last of a flag given twice wins)
+DEADLINE = [None]  # --deadline as a time.monotonic() value: a cell still running then is killed
+
+
+class CutAtDeadline(Exception):
+    """A cell killed at --deadline: not a result (the next call's --resume runs it again)."""
+
+
 ESTIMATE_S = {"train": 110, "train_hand": 80, "infer": 50, "build": 20}
 
 
@@ -119,7 +127,16 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
     env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_CARD_GIB=str(cap),
                PYTHONPATH=os.pathsep.join(filter(None, [str(work / "site"), os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+    # its own process group: a cell cut at --deadline goes with its DataLoader workers and scoring pool
+    child = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=None if DEADLINE[0] is None else max(1.0, DEADLINE[0] - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise CutAtDeadline(name) from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     wall = time.perf_counter() - start
     # cells run with --extra get its flags in the log's name: a later call's same cell keeps its own log
     suffix = re.sub(r"[^A-Za-z0-9]+", "_", " ".join(EXTRA)).strip("_")
@@ -225,8 +242,9 @@ def main():
     ap.add_argument("--resume", action="store_true", help="skip the cells an earlier call on this machine finished "
                     "(their results in --work's bench_memory.jsonl): the matrix split over device calls by one command")
     ap.add_argument("--deadline", type=float, default=0, help="seconds: start no cell that its estimate says would "
-                    "end after this (a call cut at the device's limit loses the cells it was running); what is left "
-                    "is printed, for the next call's --resume")
+                    "end after this, and kill one still running then, so the bench ends and prints before the device "
+                    "call's limit (a call cut there returns nothing); what is left is printed, for the next call's "
+                    "--resume")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and their estimated time, run nothing")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
@@ -270,13 +288,19 @@ def main():
     write_json(pairs[2048:4096], 2048, work / "infer.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
+    cut = []  # cells killed at the deadline
     slowdown = [1.0]  # the most a finished cell of this call ran over its estimate (cells at once run longer)
 
     def run_cell(cell, concurrent: int = 1) -> None:
         family, cap, kind, name, flags, seconds = cell
         print(f"bench_memory: {name} (~{seconds} s)", flush=True)
         job = train if kind == "train" else infer
-        result = {"family": family, "estimate_s": seconds, **job(models[family], work, cap, name, flags)}
+        try:
+            result = {"family": family, "estimate_s": seconds, **job(models[family], work, cap, name, flags)}
+        except CutAtDeadline:
+            cut.append(cell)
+            print(f"bench_memory: {name}: cut at --deadline {args.deadline:g} s, not a result", flush=True)
+            return
         if concurrent > 1:
             result["concurrent"] = concurrent
         slowdown[0] = max(slowdown[0], result["wall_s"] / seconds)
@@ -287,6 +311,8 @@ def main():
             print(json.dumps(result), flush=True)
 
     began = time.monotonic()
+    if args.deadline:
+        DEADLINE[0] = began + args.deadline
 
     def starts(cell) -> bool:  # --deadline: a cell whose estimate ends past it is left for the next call
         return not args.deadline or time.monotonic() - began + cell[-1] * slowdown[0] <= args.deadline
@@ -324,6 +350,7 @@ def main():
             run_cell(cell, concurrent)
 
         left = run_in_parallel(cells, args.parallel, gpu_gib() - PARALLEL_RESERVE_GIB, run_built, starts)
+    left = cut + left
     if left:
         print(f"bench_memory: --deadline {args.deadline:g} s: {len(left)} cells left for the next call (--resume): "
               f"{','.join(c[3] for c in left)}", flush=True)

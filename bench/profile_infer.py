@@ -1,6 +1,7 @@
 """Where one batch of inference spends its time: host vs device, prefill vs decode vs the rest.
 
     python bench/profile_infer.py --images 2048 --new-tokens 64        # random-init Qwen2-VL-2B, real images
+    python bench/profile_infer.py --family qwen3_5-2b                  # random-init Qwen3.5-2B
 
 Runs latexocr.generation.predict (infer.py's engine) on the real LaTeX_OCR images cycled, every row
 generating exactly --new-tokens tokens, and reports (1) wall time split into the phases of
@@ -16,13 +17,15 @@ import os
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, build_random_model, real_samples
+from common import DEFAULT_SHARED, build_random, real_samples
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     ap.add_argument("--model", type=Path)
+    ap.add_argument("--family", default="qwen2vl-2b", help="without --model: a random-init model of this family "
+                    "(bench/common.py FAMILIES), built into --work")
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
@@ -42,7 +45,7 @@ def main():
     from latexocr.sample import sizing_for
     from latexocr.fast import prepare_model
 
-    model_dir = a.model or build_random_model(a.shared.resolve(), a.work / "qwen2vl-2b-random")
+    model_dir = a.model or build_random(a.family, a.shared.resolve(), a.work / f"model_{a.family}")
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map="cuda")).eval()
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
