@@ -130,17 +130,20 @@ def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedPro
     # its own process group: a cell cut at --deadline goes with its DataLoader workers and scoring pool
     child = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True)
+    cut = False
     try:
         out, err = child.communicate(timeout=None if DEADLINE[0] is None else max(1.0, DEADLINE[0] - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
-        raise CutAtDeadline(name) from None
+        cut = True
     proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     wall = time.perf_counter() - start
     # cells run with --extra get its flags in the log's name: a later call's same cell keeps its own log
     suffix = re.sub(r"[^A-Za-z0-9]+", "_", " ".join(EXTRA)).strip("_")
     (work / f"log_{name}{'_' + suffix if suffix else ''}.txt").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if cut:  # its log kept: how far it got
+        raise CutAtDeadline(name)
     return proc, wall
 
 

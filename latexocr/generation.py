@@ -320,7 +320,11 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     budget = int(usable_bytes(device) * (1 - MARGIN)) - base - reserved_bytes
     if static:
         rows = choose_generation_rows(prefill_bytes, per_row, budget, MAX_GENERATION_ROWS)
-        probed, prefill_bytes, rows = pieces_for_more_rows(probed, prefill_bytes, rows, per_row, budget, prefill)
+        # not one row beside the prefill of the piece that fitted (Qwen3.5-4B at 12 GiB, docs/BENCHMARKS.md
+        # run T: 16 images' prefill left no room): pieces below MIN_PREFILL_ROWS, down to one image, before
+        # stopping; a slow prefill beats no inference
+        probed, prefill_bytes, rows = pieces_for_more_rows(probed, prefill_bytes, rows, per_row, budget, prefill,
+                                                           smallest=MIN_PREFILL_ROWS if rows else 1)
         rows_probed = probed["input_ids"].shape[0]
     else:  # generate prefills its whole batch: the prefill's bytes grow with the rows
         rows_probed = rows_fitting

@@ -328,6 +328,12 @@ def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs
     assert tried == [4, 2] and piece["input_ids"].shape[0] == 2 and (used, rows) == (200, 80)  # 1 row: 90 < 100
     tried.clear()
     assert generation.pieces_for_more_rows(chunk, 800, 20, 10, 1000, prefill, smallest=8)[2] == 20 and not tried
+    # not one row beside the fitted piece's prefill (fit_rows then allows pieces of one image): halved until
+    # rows fit, then on while that buys 1.25x the rows: a budget of 350, 100 bytes a prefill row
+    tried.clear()
+    piece, used, rows = generation.pieces_for_more_rows(chunk, 800, 0, 10, 350, lambda p: prefill(p, 8) and
+                                                        100 * p["input_ids"].shape[0], smallest=1)
+    assert tried == [4, 2, 1] and piece["input_ids"].shape[0] == 1 and (used, rows) == (100, 24)
 
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
