@@ -17,7 +17,8 @@ model's own forward does the same greedy search with:
   from the prompt's positions, not from `rope_deltas`, which count from a row's unpadded length), the
   cache slot, the key mask, the linear-attention states (updated in place by transformers' own
   one-token path; its recurrent rule, where flash-linear-attention is absent, by one_token_delta_rule
-  below), the stop flags and the token history. On CUDA it is captured once per
+  below, and its convolution update, where causal-conv1d is absent, by one_token_conv_update: on a GPU
+  each a Triton kernel of fast/kernels.py), the stop flags and the token history. On CUDA it is captured once per
   (rows, cache length) as a CUDA graph and replayed: one launch per token, no host work;
 * a stop check every STOP_CHECK_EVERY tokens (the only GPU->CPU sync), where the batch is also
   compacted to the next smaller bucket once at most half of its rows are still running.
@@ -39,6 +40,7 @@ import math
 import torch
 
 from ..modeling import unwrap, vision_language_core
+from . import kernels
 from .choices import speed_choices
 from .compile import record_graph, warm_up_off_capture
 
@@ -199,6 +201,10 @@ def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_
                                        output_final_state=output_final_state,
                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
     heads_k, heads_v = key.shape[2], value.shape[2]
+    if _KERNELS[0]:  # one kernel: the state read and written once, in place
+        out = kernels.delta_rule_step(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
+        if out is not None:
+            return out, initial_state
     q, k = query[:, 0].float(), key[:, 0].float()  # rows x heads x dk
     if heads_k != heads_v:  # grouped value heads, as the reference repeats them
         q = q.repeat_interleave(heads_v // heads_k, dim=1)
@@ -217,23 +223,57 @@ def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_
     return out[:, None].to(query.dtype), state
 
 
+def one_token_conv_update(hidden_states, conv_state, weight, bias=None, activation=None):
+    """transformers' causal_conv1d_update (5.24, 5.25: the PyTorch fallback of Qwen3.5's one-token
+    convolution where causal-conv1d is not installed) as one Triton kernel (fast/kernels.py conv_update)
+    where it runs; anything else goes to the function it stands in for."""
+    if _KERNELS[0]:
+        out = kernels.conv_update(hidden_states, conv_state, weight, bias, activation)
+        if out is not None:
+            return out
+    return _REPLACED_CONV_UPDATE[0](hidden_states, conv_state, weight, bias, activation)
+
+
 _REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
+_REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
+# whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
+_KERNELS = [False]
 
 
 @contextlib.contextmanager
-def _one_token_delta_rule(on: bool):
+def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False):
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
-    one-token rule is one_token_delta_rule; restored after. Off: nothing changes."""
-    if not on:
+    one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
+    (conv_update), each through its Triton kernel where `use_kernels`; restored after. Both off: nothing
+    changes."""
+    if not (delta_rule or conv_update):
         yield
         return
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    _REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
-    q35.torch_recurrent_gated_delta_rule = one_token_delta_rule
+    _KERNELS[0] = use_kernels
+    if delta_rule:
+        _REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
+        q35.torch_recurrent_gated_delta_rule = one_token_delta_rule
+    if conv_update:
+        _REPLACED_CONV_UPDATE[0] = q35.causal_conv1d_update
+        q35.causal_conv1d_update = one_token_conv_update
     try:
         yield
     finally:
-        q35.torch_recurrent_gated_delta_rule = _REPLACED_DELTA_RULE[0]
+        if delta_rule:
+            q35.torch_recurrent_gated_delta_rule = _REPLACED_DELTA_RULE[0]
+        if conv_update:
+            q35.causal_conv1d_update = _REPLACED_CONV_UPDATE[0]
+        _KERNELS[0] = False
+
+
+def uses_kernel_conv_update(core) -> bool:
+    """Qwen3.5 (linear-attention layers) without causal-conv1d, whose CUDA kernel transformers takes for the
+    one-token convolution where it is installed, and the decode kernels not switched off."""
+    import importlib.util
+    text = core.config.text_config
+    return (LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ()) and speed_choices().decode_kernels
+            and importlib.util.find_spec("causal_conv1d") is None)
 
 
 def uses_one_token_delta_rule(core) -> bool:
@@ -303,6 +343,8 @@ class StaticDecoder:
         self.compiled = speed.decode_compile if compiled is None else compiled
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
+        self.kernels = speed.decode_kernels and kernels.usable(embed)  # Triton kernels for both (a GPU)
+        self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
             use_reference_delta_rule(recurrent=True)  # fla switched off (bench/): the prefill's and the step's rules
@@ -357,7 +399,7 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.valid.index_fill_(1, s.write_at, True)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        with _one_token_delta_rule(self.delta_rule):
+        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels):
             out = self.model(input_ids=s.token[:, None], position_ids=position,
                              attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
                              use_cache=True, logits_to_keep=1, cache=s.cache)

@@ -74,8 +74,14 @@ SOURCES = {
         ("fast/linear_attention.py fla_refusal: is_available / is_enabled say whether tilelang takes "
          "chunk_bwd_dqkwg", ("99f0ceb69111e9dd",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
-        ("fast/decoding.py one_token_delta_rule computes what this computes for one token (regrouped), and stands "
-         "in for it (the module attribute) while a decode step runs", ("cbbbdaff2ca53496",)),
+        ("fast/decoding.py one_token_delta_rule and fast/kernels.py delta_rule_step compute what this computes "
+         "for one token (regrouped), and stand in for it (the module attribute) while a decode step runs",
+         ("cbbbdaff2ca53496",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
+        ("fast/kernels.py conv_update computes what this computes for one token, and fast/decoding.py "
+         "one_token_conv_update stands in for it (the module attribute) while a decode step runs; the layer "
+         "calls it by that module-level name, activation positional (5.24) or by keyword (5.25)",
+         ("87df0578144f0b82",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -141,8 +147,10 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
         "fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference kernel",
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
-        ("fast/decoding.py _one_token_delta_rule: one_token_delta_rule while a decode step runs, then restored; "
+        ("fast/decoding.py _one_token_functions: one_token_delta_rule while a decode step runs, then restored; "
          "fast/linear_attention.py use_reference_delta_rule(recurrent=True): the reference where fla is switched off"),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
+        "fast/decoding.py _one_token_functions: one_token_conv_update while a decode step runs, then restored",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):

@@ -1,0 +1,156 @@
+"""Triton kernels for Qwen3.5's one-token decode step, where the field's kernels are not installed (issue 31).
+
+Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer's decode step runs transformers'
+PyTorch fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
+
+- the recurrent delta rule: decoding.one_token_delta_rule already regroups it into one batched matmul and
+  one in-place update. That still reads the layer's fp32 state (512 MiB at 512 rows for Qwen3.5-2B) three
+  times and writes it twice; docs/BENCHMARKS.md run T: ~11.5 of a 27.8 ms step;
+- the convolution update `causal_conv1d_update`: a concatenation, a copy into the state, a grouped `conv1d`
+  and a SiLU, ~2.6 ms a step (run T).
+
+`delta_rule_step` and `conv_update` do the same arithmetic in one kernel each. The first reads each layer's
+state once and writes it once, in place. The second shifts the convolution window and applies the taps and
+the SiLU in one pass. Both launch inside the decode step's CUDA graph (their Triton compile happens in the
+warm-up step before the capture).
+
+`usable(tensor)`: on a CUDA tensor with Triton importable, or under TRITON_INTERPRET=1: Triton's interpreter
+runs the same kernels on CPU tensors, which is how tests/test_kernels.py checks them against the
+transformers functions they stand in for.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # not installed (CPU-only or non-Linux torch), or broken
+        return None
+    return _build()
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can run on `tensor`'s device: CUDA with Triton, or Triton's CPU interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (tensor.is_cuda or (interpreted and tensor.device.type == "cpu")) and _triton() is not None
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def delta_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr,
+                          q_row, k_row, v_row, heads_v, group, scale, eps,
+                          DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr):
+        # one program: one (row, value head) and BV of its DV state columns. Column j of the new state and
+        # of the output depend on column j of the old state only, so the columns split without any exchange.
+        block = tl.program_id(0)
+        row_head = tl.program_id(1)
+        row = row_head // heads_v
+        head = row_head % heads_v
+        key_head = head // group  # grouped value heads share a key head, as the reference's repeat_interleave
+        dk = tl.arange(0, DK)
+        dv = block * BV + tl.arange(0, BV)
+        q = tl.load(q_ptr + row * q_row + key_head * DK + dk).to(tl.float32)
+        k = tl.load(k_ptr + row * k_row + key_head * DK + dk).to(tl.float32)
+        if L2NORM:  # transformers' l2norm: x * rsqrt(sum(x^2) + eps)
+            q = q / tl.sqrt(tl.sum(q * q, 0) + eps)
+            k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
+        q = q * scale
+        v = tl.load(v_ptr + row * v_row + head * DV + dv).to(tl.float32)
+        decay = tl.exp(tl.load(g_ptr + row_head).to(tl.float32))
+        beta = tl.load(beta_ptr + row_head).to(tl.float32)
+        at = state_ptr + row_head.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
+        state = tl.load(at)  # DK x BV, fp32: read once
+        # S1 = e^g S0;  delta = beta (v - k.S1);  S2 = S1 + k (x) delta;  out = q.S2
+        state = state * decay
+        delta = (v - tl.sum(k[:, None] * state, 0)) * beta
+        state = state + k[:, None] * delta[None, :]
+        tl.store(at, state)  # written once, in place
+        out = tl.sum(q[:, None] * state, 0)
+        tl.store(out_ptr + row_head * DV + dv, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def conv_update_kernel(x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr, x_row, x_channel, channels,
+                           WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # one program: BLOCK channels of one row. The window is the state's last TAPS-1 columns then x; the
+        # state shifts left by one and takes x (what torch.cat + copy_ + conv1d + silu compute).
+        row = tl.program_id(1)
+        channel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = channel < channels
+        x = tl.load(x_ptr + row * x_row + channel * x_channel, mask=inside, other=0.0)
+        at = state_ptr + (row.to(tl.int64) * channels + channel) * WIDTH
+        # the window in the weight's dtype, as the reference casts it before its conv1d
+        acc = tl.load(weight_ptr + channel * TAPS + (TAPS - 1), mask=inside, other=0.0).to(tl.float32) * \
+            x.to(weight_ptr.dtype.element_ty).to(tl.float32)
+        for tap in tl.static_range(TAPS - 1):
+            column = tl.load(at + (WIDTH - TAPS + 1 + tap), mask=inside, other=0.0)
+            column = column.to(weight_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.load(weight_ptr + channel * TAPS + tap, mask=inside, other=0.0).to(tl.float32) * column
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + channel, mask=inside, other=0.0).to(tl.float32)
+        for i in tl.static_range(WIDTH - 1):  # left to right: each column read before it is overwritten
+            tl.store(at + i, tl.load(at + i + 1, mask=inside, other=0.0), mask=inside)
+        tl.store(at + (WIDTH - 1), x.to(state_ptr.dtype.element_ty), mask=inside)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(out_ptr + row * channels + channel, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return delta_rule_kernel, conv_update_kernel
+
+
+def delta_rule_step(query, key, value, g, beta, state, use_qk_l2norm: bool) -> torch.Tensor | None:
+    """One token of the gated delta rule for every row (the arguments as transformers' recurrent rule takes
+    them, one token: query/key rows x 1 x key heads x dk, value rows x 1 x value heads x dv, g and beta
+    rows x 1 x value heads; state rows x value heads x dk x dv, fp32, contiguous), the state updated in
+    place. Returns the output (rows x 1 x value heads x dv, in the query's dtype), or None where the kernel
+    does not apply (then the caller's torch form runs)."""
+    rows, _, heads_k, dk = query.shape
+    heads_v, dv = value.shape[2], value.shape[3]
+    if (not _power_of_two(dk) or not _power_of_two(dv) or heads_v % heads_k or state.dtype != torch.float32
+            or not state.is_contiguous() or tuple(state.shape) != (rows, heads_v, dk, dv)):
+        return None
+    q, k, v = (t[:, 0] if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t[:, 0].contiguous()
+               for t in (query, key, value))
+    g, beta = g[:, 0].contiguous(), beta[:, 0].contiguous()
+    out = torch.empty(rows, 1, heads_v, dv, dtype=query.dtype, device=query.device)
+    block = min(dv, 32)
+    delta_rule_kernel, _ = _triton()
+    delta_rule_kernel[(dv // block, rows * heads_v)](
+        q, k, v, g, beta, state, out, q.stride(0), k.stride(0), v.stride(0), heads_v, heads_v // heads_k,
+        dk ** -0.5, 1e-6, DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm))
+    return out
+
+
+def conv_update(hidden_states, conv_state, weight, bias=None, activation=None) -> torch.Tensor | None:
+    """transformers' causal_conv1d_update for one token (hidden_states rows x channels x 1, any strides;
+    conv_state rows x channels x width, contiguous; weight channels x taps; activation None or silu): the
+    state shifted in place and the output (rows x channels x 1, in hidden_states' dtype), or None where
+    the kernel does not apply."""
+    rows, channels, length = hidden_states.shape
+    width, taps = conv_state.shape[-1], weight.shape[-1]
+    if (length != 1 or activation not in (None, "silu", "swish") or not conv_state.is_contiguous()
+            or taps > width + 1 or tuple(conv_state.shape[:2]) != (rows, channels) or weight.dim() != 2):
+        return None
+    weight = weight.contiguous()
+    out = torch.empty(rows, channels, 1, dtype=hidden_states.dtype, device=hidden_states.device)
+    block = 256
+    _, conv_update_kernel = _triton()
+    conv_update_kernel[(-(-channels // block), rows)](
+        hidden_states, conv_state, weight, weight if bias is None else bias, out,
+        hidden_states.stride(0), hidden_states.stride(1), channels,
+        WIDTH=width, TAPS=taps, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=block)
+    return out

@@ -1,0 +1,129 @@
+"""latexocr/fast/kernels.py: Qwen3.5's one-token decode kernels against the transformers functions they stand
+in for. Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; it is read when the
+kernels are first built, so each check runs in a child process with it set. On a GPU: the compiled kernels."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton", reason="Triton is not installed: the decode kernels never run here")
+
+CHECK_KERNELS = '''
+import torch
+from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+from latexocr.fast import kernels
+
+device = "cuda" if torch.cuda.is_available() and "{device}" == "cuda" else "cpu"
+assert kernels.usable(torch.zeros(1, device=device))
+torch.manual_seed(0)
+reference_rule = q35.torch_recurrent_gated_delta_rule
+reference_conv = q35.causal_conv1d_update
+worst = {{}}
+for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads under 32 value heads
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, heads_v, dk, dv = 5, 4, 32, 64
+        # q, k, v as the layer makes them: views of one projection split along its last dimension
+        mixed = torch.randn(rows, 1, 2 * heads_k * dk + heads_v * dv, device=device).to(dtype)
+        query, key, value = torch.split(mixed, [heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
+        query, key = query.reshape(rows, 1, heads_k, dk), key.reshape(rows, 1, heads_k, dk)
+        value = value.reshape(rows, 1, heads_v, dv)
+        g = -torch.rand(rows, 1, heads_v, device=device)
+        beta = torch.rand(rows, 1, heads_v, device=device).to(dtype)
+        state = torch.randn(rows, heads_v, dk, dv, device=device)
+        want_out, want_state = reference_rule(query, key, value, g=g, beta=beta, initial_state=state.clone(),
+                                              output_final_state=True, use_qk_l2norm_in_kernel=True)
+        buffer = state.clone()
+        out = kernels.delta_rule_step(query, key, value, g, beta, buffer, True)
+        assert out.shape == want_out.shape and out.dtype == dtype, (out.shape, want_out.shape)
+        worst[("state", heads_k, str(dtype))] = (buffer - want_state).abs().max().item()
+        worst[("out", heads_k, str(dtype))] = ((out.float() - want_out.float()).abs().max()
+                                               / want_out.float().abs().max()).item()
+        # the convolution update: x strided as the layer's transpose makes it, with and without a bias
+        channels, taps = 300, 4  # not a multiple of the kernel's block of channels
+        x = torch.randn(rows, 1, channels, device=device).to(dtype).transpose(1, 2)
+        weight = torch.randn(channels, taps, device=device).to(dtype)
+        for bias in (None, torch.randn(channels, device=device).to(dtype)):
+            conv = torch.randn(rows, channels, taps, device=device).to(dtype)
+            expected = reference_conv(x, mine := conv.clone(), weight, bias, "silu")
+            got = kernels.conv_update(x, conv, weight, bias, "silu")
+            assert torch.equal(conv, mine), "the state shifted as the reference shifts it"
+            worst[("conv", bias is None, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                                         / expected.float().abs().max()).item()
+print("WORST", worst)
+for (what, _, dtype), err in worst.items():
+    # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
+    # few units in the last place (the reference rounds the convolution and then its SiLU in bf16, the
+    # kernel only its result; bf16 has 8 bits of mantissa: 2**-8 = 0.004)
+    assert err < (2e-5 if "float32" in dtype else 2e-2), (what, dtype, err)
+print("OK")
+'''
+
+
+def run_child(code: str, *args: str, **env) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_decode_kernels_compute_the_reference_step():
+    """delta_rule_step: transformers' one-token recurrent rule (output and new state, the state updated in
+    the buffer given) for shared and grouped key heads, fp32 and bf16, q/k/v strided as the layer splits
+    them; conv_update: causal_conv1d_update (output and the shifted state, bias or none, strided input)."""
+    assert "OK" in run_child(CHECK_KERNELS.format(device="cpu"), TRITON_INTERPRET="1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled Triton kernels")
+def test_gpu_decode_kernels_compute_the_reference_step():
+    assert "OK" in run_child(CHECK_KERNELS.format(device="cuda"))
+
+
+DECODE_WITH_KERNELS = '''
+import json, sys
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from latexocr.batching import SampleEncoder
+from latexocr.fast import decoding, kernels
+from latexocr.generation import predict
+from latexocr.modeling import vision_language_core
+from latexocr.sample import sizing_for
+
+folder, paths = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+processor = AutoProcessor.from_pretrained(folder)
+encoder = SampleEncoder(processor, sizing_for(processor))
+assert decoding.uses_kernel_conv_update(vision_language_core(model))
+calls = {"delta": 0, "conv": 0}
+step, update = kernels.delta_rule_step, kernels.conv_update
+def counted_step(*a, **k):
+    out = step(*a, **k); calls["delta"] += out is not None; return out
+def counted_update(*a, **k):
+    out = update(*a, **k); calls["conv"] += out is not None; return out
+kernels.delta_rule_step, kernels.conv_update = counted_step, counted_update
+kw = dict(max_new_tokens=8, num_workers=0, progress=False)
+reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
+static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
+assert static == reference, (static, reference)
+assert calls["delta"] > 0 and calls["conv"] > 0, calls
+print("OK", calls)
+'''
+
+
+def test_the_static_decoder_with_the_kernels_gives_generates_texts(formula_images, tmp_path):
+    """The decode step with both kernels in it (Triton's interpreter on the CPU, fp32): the same greedy
+    texts as one-at-a-time generate (which runs the reference functions), and the kernels did run."""
+    import json
+
+    from latexocr.testing import build_tiny_model
+    folder = build_tiny_model(tmp_path / "tiny_qwen3_5", "qwen3_5")
+    paths = [str(p) for p, _ in formula_images[:3]]
+    assert "OK" in run_child(DECODE_WITH_KERNELS, str(folder), json.dumps(paths), TRITON_INTERPRET="1")
