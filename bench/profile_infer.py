@@ -58,8 +58,9 @@ def main():
         def wrapper(*args, **kwargs):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            torch.cuda.synchronize()
+            with torch.profiler.record_function(f"phase: {name}"):  # the kernels' phase, in the profile below
+                out = fn(*args, **kwargs)
+                torch.cuda.synchronize()
             phases[name] += time.perf_counter() - t0
             return out
         return wrapper
@@ -92,10 +93,39 @@ def main():
         torch.cuda.synchronize()
     by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     by_cuda = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+    by_phase = kernels_by_phase(prof)
     (a.out / "profile_infer.txt").write_text(json.dumps(table, indent=1) + "\n\nby host time\n" + by_cpu
-                                             + "\n\nby device time\n" + by_cuda)
-    print(by_cpu[:6000], flush=True)
-    print(by_cuda[:4000], flush=True)
+                                             + "\n\nby device time\n" + by_cuda + "\n\n" + by_phase)
+    print(by_cpu[:4000], flush=True)
+    print(by_phase[:8000], flush=True)
+
+
+def kernels_by_phase(prof, top: int = 15) -> str:
+    """The device kernels of each phase (prefill, decode steps, ...): each kernel goes to the phase whose
+    host range holds its start (every phase ends with a CUDA sync, so its kernels run inside it, CUDA graph
+    replays' kernels included); per phase, the kernels with the most device time, their calls and mean."""
+    import collections
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in events
+                    if e.name.startswith("phase: ") and e.name != "phase: StaticDecoder.generate (all)")
+    totals = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        start = e.time_range.start
+        phase = next((name for lo, hi, name in ranges if lo <= start <= hi), "outside the phases")
+        entry = totals[phase][e.name[:90]]
+        entry[0] += e.time_range.elapsed_us()
+        entry[1] += 1
+    lines = ["device kernels by phase (one batch)"]
+    for phase, kernels in totals.items():
+        total = sum(t for t, _ in kernels.values())
+        lines.append(f"\n{phase}: {total / 1e3:.1f} ms of device time, {sum(n for _, n in kernels.values())} kernels")
+        for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+            lines.append(f"  {t / 1e3:9.2f} ms {n:7d} x {t / n:8.1f} us  {name}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
