@@ -265,8 +265,10 @@ def main():
                              f"(--dry-run lists them)")
         cells = [c for c in cells if c[3] in wanted]
     done_file = args.work / "bench_memory.jsonl"
-    if args.resume and done_file.exists():
-        done = {json.loads(line)["name"] for line in done_file.read_text().splitlines() if line.strip()}
+    earlier = [json.loads(line) for line in done_file.read_text().splitlines() if line.strip()] \
+        if args.resume and done_file.exists() else []
+    if earlier:
+        done = {r["name"] for r in earlier}
         print(f"bench_memory: --resume: {sum(c[3] in done for c in cells)} cells done in an earlier call", flush=True)
         cells = [c for c in cells if c[3] not in done]
     if args.parallel > 1:  # the longest first: the call's tail is then short cells, not one long one alone
@@ -292,7 +294,11 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     models = {}
     cut = []  # cells killed at the deadline
-    slowdown = [1.0]  # the most a finished cell of this call ran over its estimate (cells at once run longer)
+    # the most a finished cell ran over its estimate (cells at once run longer), from the first cell on:
+    # an earlier call's cells of the same --parallel (run T's second call overran: its first cells started
+    # with no such figure)
+    slowdown = [max([r["wall_s"] / r["estimate_s"] for r in earlier
+                     if r.get("concurrent", 1) == args.parallel and r.get("estimate_s")], default=1.0)]
 
     def run_cell(cell, concurrent: int = 1) -> None:
         family, cap, kind, name, flags, seconds = cell
