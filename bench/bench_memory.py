@@ -242,8 +242,10 @@ def main():
     ap.add_argument("--parallel", type=int, default=1, help="run up to this many cells at once, their caps together "
                     "within the GPU: whether each completes or stops, in less device time; their speeds are not "
                     "comparable (shared GPU and cores: each result says concurrent)")
-    ap.add_argument("--resume", action="store_true", help="skip the cells an earlier call on this machine finished "
-                    "(their results in --work's bench_memory.jsonl): the matrix split over device calls by one command")
+    ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="JSONL",
+                    help="skip the cells an earlier call finished: their results in --work's bench_memory.jsonl "
+                    "(a warm machine), or in JSONL (what an earlier call's $OUT brought back, carried to a fresh "
+                    "machine): the matrix split over device calls by one command")
     ap.add_argument("--deadline", type=float, default=0, help="seconds: start no cell that its estimate says would "
                     "end after this, and kill one still running then, so the bench ends and prints before the device "
                     "call's limit (a call cut there returns nothing); what is left is printed, for the next call's "
@@ -265,8 +267,12 @@ def main():
                              f"(--dry-run lists them)")
         cells = [c for c in cells if c[3] in wanted]
     done_file = args.work / "bench_memory.jsonl"
-    earlier = [json.loads(line) for line in done_file.read_text().splitlines() if line.strip()] \
-        if args.resume and done_file.exists() else []
+    earlier_file = done_file if args.resume is True else Path(args.resume) if args.resume else None
+    earlier = [json.loads(line) for line in earlier_file.read_text().splitlines() if line.strip()] \
+        if earlier_file and earlier_file.exists() else []
+    if earlier_file and earlier_file != done_file and earlier and not args.dry_run:  # this machine's file: them first
+        args.work.mkdir(parents=True, exist_ok=True)
+        done_file.write_text("".join(json.dumps(r) + "\n" for r in earlier))
     if earlier:
         done = {r["name"] for r in earlier}
         print(f"bench_memory: --resume: {sum(c[3] in done for c in cells)} cells done in an earlier call", flush=True)
