@@ -29,7 +29,7 @@ reference_conv = q35.causal_conv1d_update
 worst = {{}}
 for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads under 32 value heads
     for dtype in (torch.float32, torch.bfloat16):
-        rows, heads_v, dk, dv = 5, 4, 32, 64
+        rows, heads_v, dk, dv = 3, 4, 16, 64  # dv: two of the kernel's 32-column blocks
         # q, k, v as the layer makes them: views of one projection split along its last dimension
         mixed = torch.randn(rows, 1, 2 * heads_k * dk + heads_v * dv, device=device).to(dtype)
         query, key, value = torch.split(mixed, [heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
@@ -46,6 +46,25 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
         worst[("state", heads_k, str(dtype))] = (buffer - want_state).abs().max().item()
         worst[("out", heads_k, str(dtype))] = ((out.float() - want_out.float()).abs().max()
                                                / want_out.float().abs().max()).item()
+        # the prefill: several tokens (not a multiple of the reference's chunks: 4 tokens here, to keep
+        # Triton's interpreter quick), from zeros or a given state, against the chunked rule
+        tokens = 10
+        mixed = torch.randn(rows, tokens, 2 * heads_k * dk + heads_v * dv, device=device).to(dtype)
+        q_t, k_t, v_t = torch.split(mixed, [heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
+        q_t, k_t = q_t.reshape(rows, tokens, heads_k, dk), k_t.reshape(rows, tokens, heads_k, dk)
+        v_t = v_t.reshape(rows, tokens, heads_v, dv)
+        g_t = -torch.rand(rows, tokens, heads_v, device=device) * 0.1
+        beta_t = torch.rand(rows, tokens, heads_v, device=device).to(dtype)
+        for start in (None, state):
+            want_out, want_state = q35.torch_chunk_gated_delta_rule(
+                q_t, k_t, v_t, g=g_t, beta=beta_t, chunk_size=4, initial_state=start, output_final_state=True,
+                use_qk_l2norm_in_kernel=True)
+            final = torch.empty_like(state)
+            out = kernels.delta_rule(q_t, k_t, v_t, g_t, beta_t, start, True, state_out=final)
+            key_ = ("prefill", start is None, str(dtype))
+            worst[key_] = ((out.float() - want_out.float()).abs().max() / want_out.float().abs().max()).item()
+            worst[("prefill state", start is None, str(dtype))] = ((final - want_state).abs().max()
+                                                                  / want_state.abs().max()).item()
         # the convolution update: x strided as the layer's transpose makes it, with and without a bias
         channels, taps = 300, 4  # not a multiple of the kernel's block of channels
         x = torch.randn(rows, 1, channels, device=device).to(dtype).transpose(1, 2)
@@ -77,7 +96,8 @@ def run_child(code: str, *args: str, **env) -> str:
 def test_decode_kernels_compute_the_reference_step():
     """delta_rule_step: transformers' one-token recurrent rule (output and new state, the state updated in
     the buffer given) for shared and grouped key heads, fp32 and bf16, q/k/v strided as the layer splits
-    them; conv_update: causal_conv1d_update (output and the shifted state, bias or none, strided input)."""
+    them; delta_rule over a prompt: the chunked rule (from zeros and from a state); conv_update:
+    causal_conv1d_update (output and the shifted state, bias or none, strided input)."""
     assert "OK" in run_child(CHECK_KERNELS.format(device="cpu"), TRITON_INTERPRET="1")
 
 
@@ -102,28 +122,29 @@ model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
 processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 assert decoding.uses_kernel_conv_update(vision_language_core(model))
-calls = {"delta": 0, "conv": 0}
-step, update = kernels.delta_rule_step, kernels.conv_update
-def counted_step(*a, **k):
-    out = step(*a, **k); calls["delta"] += out is not None; return out
+calls = {"delta": 0, "conv": 0, "prefill": 0}
+rule, update = kernels.delta_rule, kernels.conv_update
+def counted_rule(query, *a, **k):
+    out = rule(query, *a, **k); calls["delta" if query.shape[1] == 1 else "prefill"] += out is not None; return out
 def counted_update(*a, **k):
     out = update(*a, **k); calls["conv"] += out is not None; return out
-kernels.delta_rule_step, kernels.conv_update = counted_step, counted_update
-kw = dict(max_new_tokens=8, num_workers=0, progress=False)
+kernels.delta_rule, kernels.conv_update = counted_rule, counted_update
+kw = dict(max_new_tokens=5, num_workers=0, progress=False)
 reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
-assert calls["delta"] > 0 and calls["conv"] > 0, calls
+assert calls["delta"] > 0 and calls["conv"] > 0 and calls["prefill"] > 0, calls
 print("OK", calls)
 '''
 
 
 def test_the_static_decoder_with_the_kernels_gives_generates_texts(formula_images, tmp_path):
-    """The decode step with both kernels in it (Triton's interpreter on the CPU, fp32): the same greedy
-    texts as one-at-a-time generate (which runs the reference functions), and the kernels did run."""
+    """The decoder's prefill and decode step with the kernels in them (Triton's interpreter on the CPU,
+    fp32): the same greedy texts as one-at-a-time generate (which runs the reference functions), and every
+    kernel did run (the prefill's rule, the step's rule, the convolution update)."""
     import json
 
     from latexocr.testing import build_tiny_model
     folder = build_tiny_model(tmp_path / "tiny_qwen3_5", "qwen3_5")
-    paths = [str(p) for p, _ in formula_images[:3]]
+    paths = [str(p) for p, _ in formula_images[:2]]  # two prompt lengths: left padding in the prefill
     assert "OK" in run_child(DECODE_WITH_KERNELS, str(folder), json.dumps(paths), TRITON_INTERPRET="1")

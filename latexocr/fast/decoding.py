@@ -234,6 +234,43 @@ def one_token_conv_update(hidden_states, conv_state, weight, bias=None, activati
     return _REPLACED_CONV_UPDATE[0](hidden_states, conv_state, weight, bias, activation)
 
 
+def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial_state=None,
+                       output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, **kwargs):
+    """transformers' torch_chunk_gated_delta_rule (5.24, 5.25: the prefill's rule where flash-linear-attention
+    is absent) as one Triton kernel (fast/kernels.py delta_rule) where it runs: each row's prompt token by
+    token with the state tile kept on chip, read and written once. The chunked form does the same sums
+    regrouped in fp32 through many state- and prompt-sized temporaries (docs/BENCHMARKS.md run T:
+    Qwen3.5-2B's prefill 5.7 s of 15.1 s for 2,048 images). Anything else (a gradient, packed boundaries)
+    goes to the function it stands in for."""
+    if _KERNELS[0] and kwargs.get("cu_seqlens") is None:
+        rows, _, _, dk = query.shape
+        final = torch.empty(rows, value.shape[2], dk, value.shape[3], dtype=torch.float32, device=query.device)
+        out = kernels.delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel, state_out=final)
+        if out is not None:
+            return out, final if output_final_state else None
+    return _REPLACED_CHUNK_RULE[0](query, key, value, g=g, beta=beta, chunk_size=chunk_size,
+                                   initial_state=initial_state, output_final_state=output_final_state,
+                                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+
+
+@contextlib.contextmanager
+def _prefill_functions(on: bool):
+    """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
+    its kernel; restored after. Off: nothing changes."""
+    if not on:
+        yield
+        return
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    _REPLACED_CHUNK_RULE[0], q35.torch_chunk_gated_delta_rule = q35.torch_chunk_gated_delta_rule, prefill_delta_rule
+    _KERNELS[0] = True
+    try:
+        yield
+    finally:
+        q35.torch_chunk_gated_delta_rule = _REPLACED_CHUNK_RULE[0]
+        _KERNELS[0] = False
+
+
+_REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
 _REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
 _REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
@@ -463,7 +500,8 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            out = self.model(**chunk, use_cache=True, logits_to_keep=1)
+            with _prefill_functions(self.delta_rule and self.kernels):  # Qwen3.5 without fla, on a GPU
+                out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):
                 if self.types[layer] == ATTENTION:

@@ -1,18 +1,22 @@
-"""Triton kernels for Qwen3.5's one-token decode step, where the field's kernels are not installed (issue 31).
+"""Triton kernels for Qwen3.5's inference, where the field's kernels are not installed (issue 31).
 
-Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer's decode step runs transformers'
-PyTorch fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
+Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer runs transformers' PyTorch
+fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
 
-- the recurrent delta rule: decoding.one_token_delta_rule already regroups it into one batched matmul and
-  one in-place update. That still reads the layer's fp32 state (512 MiB at 512 rows for Qwen3.5-2B) three
-  times and writes it twice; docs/BENCHMARKS.md run T: ~11.5 of a 27.8 ms step;
-- the convolution update `causal_conv1d_update`: a concatenation, a copy into the state, a grouped `conv1d`
-  and a SiLU, ~2.6 ms a step (run T).
+- the decode step's recurrent delta rule: decoding.one_token_delta_rule already regroups it into one
+  batched matmul and one in-place update. That still reads the layer's fp32 state (512 MiB at 512 rows for
+  Qwen3.5-2B) three times and writes it twice; docs/BENCHMARKS.md run T: ~11.5 of a 27.8 ms step;
+- the decode step's convolution update `causal_conv1d_update`: a concatenation, a copy into the state, a
+  grouped `conv1d` and a SiLU, ~2.6 ms a step (run T);
+- the prefill's chunked delta rule `torch_chunk_gated_delta_rule`: fp32 temporaries of the prompt's size
+  per chunk of 64 tokens; run T: Qwen3.5-2B's prefill took 5.7 of 15.1 s for 2,048 images.
 
-`delta_rule_step` and `conv_update` do the same arithmetic in one kernel each. The first reads each layer's
-state once and writes it once, in place. The second shifts the convolution window and applies the taps and
-the SiLU in one pass. Both launch inside the decode step's CUDA graph (their Triton compile happens in the
-warm-up step before the capture).
+`delta_rule` (a prompt token by token, or one token: `delta_rule_step`) and `conv_update` do the same
+arithmetic in one kernel each. The first keeps each (row, head) state tile on chip over the tokens, so it
+reads the state once and writes it once (in place for the step). The second shifts the convolution window
+and applies the taps and the SiLU in one pass. The step's kernels launch inside its CUDA graph (their
+Triton compile happens in the warm-up step before the capture). Neither has a backward: training keeps
+the torch rules (or fla's).
 
 `usable(tensor)`: on a CUDA tensor with Triton importable, or under TRITON_INTERPRET=1: Triton's interpreter
 runs the same kernels on CPU tensors, which is how tests/test_kernels.py checks them against the
@@ -51,11 +55,13 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def delta_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr,
-                          q_row, k_row, v_row, heads_v, group, scale, eps,
-                          DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr):
-        # one program: one (row, value head) and BV of its DV state columns. Column j of the new state and
-        # of the output depend on column j of the old state only, so the columns split without any exchange.
+    def delta_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, init_ptr, state_ptr, out_ptr,
+                          q_row, q_tok, k_row, k_tok, v_row, v_tok, g_row, g_tok, b_row, b_tok, tokens,
+                          heads_v, group, scale, eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                          L2NORM: tl.constexpr, HAS_INIT: tl.constexpr):
+        # one program: one (row, value head) and BV of its DV state columns, over all `tokens` tokens in
+        # order. Column j of the new state and of the output depend on column j of the old state only, so
+        # the columns split without any exchange; the state tile stays in registers between tokens.
         block = tl.program_id(0)
         row_head = tl.program_id(1)
         row = row_head // heads_v
@@ -63,24 +69,28 @@ def _build():
         key_head = head // group  # grouped value heads share a key head, as the reference's repeat_interleave
         dk = tl.arange(0, DK)
         dv = block * BV + tl.arange(0, BV)
-        q = tl.load(q_ptr + row * q_row + key_head * DK + dk).to(tl.float32)
-        k = tl.load(k_ptr + row * k_row + key_head * DK + dk).to(tl.float32)
-        if L2NORM:  # transformers' l2norm: x * rsqrt(sum(x^2) + eps)
-            q = q / tl.sqrt(tl.sum(q * q, 0) + eps)
-            k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
-        q = q * scale
-        v = tl.load(v_ptr + row * v_row + head * DV + dv).to(tl.float32)
-        decay = tl.exp(tl.load(g_ptr + row_head).to(tl.float32))
-        beta = tl.load(beta_ptr + row_head).to(tl.float32)
-        at = state_ptr + row_head.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
-        state = tl.load(at)  # DK x BV, fp32: read once
-        # S1 = e^g S0;  delta = beta (v - k.S1);  S2 = S1 + k (x) delta;  out = q.S2
-        state = state * decay
-        delta = (v - tl.sum(k[:, None] * state, 0)) * beta
-        state = state + k[:, None] * delta[None, :]
-        tl.store(at, state)  # written once, in place
-        out = tl.sum(q[:, None] * state, 0)
-        tl.store(out_ptr + row_head * DV + dv, out.to(out_ptr.dtype.element_ty))
+        tile = row_head.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
+        if HAS_INIT:
+            state = tl.load(init_ptr + tile)  # DK x BV, fp32: read once
+        else:
+            state = tl.zeros((DK, BV), dtype=tl.float32)
+        for t in range(tokens):
+            q = tl.load(q_ptr + row * q_row + t * q_tok + key_head * DK + dk).to(tl.float32)
+            k = tl.load(k_ptr + row * k_row + t * k_tok + key_head * DK + dk).to(tl.float32)
+            if L2NORM:  # transformers' l2norm: x * rsqrt(sum(x^2) + eps)
+                q = q / tl.sqrt(tl.sum(q * q, 0) + eps)
+                k = k / tl.sqrt(tl.sum(k * k, 0) + eps)
+            q = q * scale
+            v = tl.load(v_ptr + row * v_row + t * v_tok + head * DV + dv).to(tl.float32)
+            decay = tl.exp(tl.load(g_ptr + row * g_row + t * g_tok + head).to(tl.float32))
+            beta = tl.load(beta_ptr + row * b_row + t * b_tok + head).to(tl.float32)
+            # S1 = e^g S0;  delta = beta (v - k.S1);  S2 = S1 + k (x) delta;  out = q.S2
+            state = state * decay
+            delta = (v - tl.sum(k[:, None] * state, 0)) * beta
+            state = state + k[:, None] * delta[None, :]
+            out = tl.sum(q[:, None] * state, 0)
+            tl.store(out_ptr + ((row * tokens + t) * heads_v + head) * DV + dv, out.to(out_ptr.dtype.element_ty))
+        tl.store(state_ptr + tile, state)  # written once (in place where state_ptr is init_ptr)
 
     @triton.jit
     def conv_update_kernel(x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr, x_row, x_channel, channels,
@@ -112,27 +122,40 @@ def _build():
     return delta_rule_kernel, conv_update_kernel
 
 
-def delta_rule_step(query, key, value, g, beta, state, use_qk_l2norm: bool) -> torch.Tensor | None:
-    """One token of the gated delta rule for every row (the arguments as transformers' recurrent rule takes
-    them, one token: query/key rows x 1 x key heads x dk, value rows x 1 x value heads x dv, g and beta
-    rows x 1 x value heads; state rows x value heads x dk x dv, fp32, contiguous), the state updated in
-    place. Returns the output (rows x 1 x value heads x dv, in the query's dtype), or None where the kernel
-    does not apply (then the caller's torch form runs)."""
-    rows, _, heads_k, dk = query.shape
+def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
+               state_out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The gated delta rule over all tokens, in order, for every row (the arguments as transformers'
+    rules take them: query/key rows x tokens x key heads x dk, value rows x tokens x value heads x dv, g
+    and beta rows x tokens x value heads; initial_state rows x value heads x dk x dv, fp32, contiguous, or
+    None: zeros), the final state written to `state_out` (default: initial_state, in place). Returns the
+    output (rows x tokens x value heads x dv, in the query's dtype), or None where the kernel does not
+    apply (then the caller's torch form runs)."""
+    rows, tokens, heads_k, dk = query.shape
     heads_v, dv = value.shape[2], value.shape[3]
-    if (not _power_of_two(dk) or not _power_of_two(dv) or heads_v % heads_k or state.dtype != torch.float32
-            or not state.is_contiguous() or tuple(state.shape) != (rows, heads_v, dk, dv)):
-        return None
-    q, k, v = (t[:, 0] if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t[:, 0].contiguous()
-               for t in (query, key, value))
-    g, beta = g[:, 0].contiguous(), beta[:, 0].contiguous()
-    out = torch.empty(rows, 1, heads_v, dv, dtype=query.dtype, device=query.device)
+    state_out = initial_state if state_out is None else state_out
+    if (not _power_of_two(dk) or not _power_of_two(dv) or heads_v % heads_k or tokens < 1 or state_out is None
+            or any(s is not None and (s.dtype != torch.float32 or not s.is_contiguous()
+                                      or tuple(s.shape) != (rows, heads_v, dk, dv)) for s in (initial_state, state_out))
+            or torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, g, beta))):
+        return None  # the kernel has no backward: training keeps the torch rules
+    q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (query, key, value))
+    g, beta = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, beta))
+    out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
     block = min(dv, 32)
     delta_rule_kernel, _ = _triton()
     delta_rule_kernel[(dv // block, rows * heads_v)](
-        q, k, v, g, beta, state, out, q.stride(0), k.stride(0), v.stride(0), heads_v, heads_v // heads_k,
-        dk ** -0.5, 1e-6, DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm))
+        q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
+        beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6,
+        DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None)
     return out
+
+
+def delta_rule_step(query, key, value, g, beta, state, use_qk_l2norm: bool) -> torch.Tensor | None:
+    """One token (the decode step): `delta_rule` with the state updated in place."""
+    if query.shape[1] != 1:
+        return None
+    return delta_rule(query, key, value, g, beta, state, use_qk_l2norm)
 
 
 def conv_update(hidden_states, conv_state, weight, bias=None, activation=None) -> torch.Tensor | None:

@@ -77,6 +77,10 @@ SOURCES = {
         ("fast/decoding.py one_token_delta_rule and fast/kernels.py delta_rule_step compute what this computes "
          "for one token (regrouped), and stand in for it (the module attribute) while a decode step runs",
          ("cbbbdaff2ca53496",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
+        ("fast/kernels.py delta_rule (through fast/decoding.py prefill_delta_rule) computes what this computes, "
+         "token by token, and stands in for it (the module attribute) while the static decoder's prefill runs",
+         ("97b5ac0b26967658",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
         ("fast/kernels.py conv_update computes what this computes for one token, and fast/decoding.py "
          "one_token_conv_update stands in for it (the module attribute) while a decode step runs; the layer "
@@ -144,13 +148,14 @@ CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_token
                      "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()")
 # Private attributes and settings set directly: (module, attribute path) -> what of ours sets it.
 PRIVATE_ATTRIBUTES = {
-    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
-        "fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference kernel",
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
         ("fast/decoding.py _one_token_functions: one_token_delta_rule while a decode step runs, then restored; "
          "fast/linear_attention.py use_reference_delta_rule(recurrent=True): the reference where fla is switched off"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
         "fast/decoding.py _one_token_functions: one_token_conv_update while a decode step runs, then restored",
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
+        ("fast/decoding.py _prefill_functions: prefill_delta_rule while the static decoder's prefill runs, then "
+         "restored; fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
