@@ -35,10 +35,13 @@ class SpeedChoices:
                                           # even where flash-linear-attention runs (bench/: both paths in one run)
     delta_step: bool = True               # Qwen3.5 decoding without fla: the one-token delta rule as one batched matmul
                                           # and one in-place update of each layer's state (fast/decoding.py)
-    decode_kernels: bool = True           # Qwen3.5 decoding on a GPU: the delta rule of the prefill and of the step
-                                          # (without fla) and the step's convolution update (without causal-conv1d)
-                                          # as Triton kernels that read and write each layer's state once
-                                          # (fast/kernels.py); off: their torch forms. Not yet measured on a GPU
+    decode_kernels: bool = True           # Qwen3.5 decoding on a GPU: the step's delta rule (without fla) and
+                                          # convolution update (without causal-conv1d) as Triton kernels that read
+                                          # and write each layer's state once (fast/kernels.py); off: their torch
+                                          # forms. Not yet measured on a GPU
+    prefill_kernel: bool = True           # Qwen3.5 inference on a GPU without fla: the prefill's delta rule token by
+                                          # token in one Triton kernel (fast/kernels.py delta_rule) instead of the
+                                          # chunked torch rule; off: that rule. Not yet measured on a GPU
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels

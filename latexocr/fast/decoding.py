@@ -380,7 +380,8 @@ class StaticDecoder:
         self.compiled = speed.decode_compile if compiled is None else compiled
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
-        self.kernels = speed.decode_kernels and kernels.usable(embed)  # Triton kernels for both (a GPU)
+        self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
+        self.prefill_kernel = self.delta_rule and speed.prefill_kernel and kernels.usable(embed)
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
@@ -500,7 +501,7 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            with _prefill_functions(self.delta_rule and self.kernels):  # Qwen3.5 without fla, on a GPU
+            with _prefill_functions(self.prefill_kernel):  # Qwen3.5 without fla, on a GPU
                 out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):
