@@ -62,8 +62,8 @@ def _build():
         # one program: one (row, value head) and BV of its DV state columns, over all `tokens` tokens in
         # order. Column j of the new state and of the output depend on column j of the old state only, so
         # the columns split without any exchange; the state tile stays in registers between tokens.
-        block = tl.program_id(0)
-        row_head = tl.program_id(1)
+        row_head = tl.program_id(0)  # rows x heads on the grid's first axis: the others stop at 65,535
+        block = tl.program_id(1)
         row = row_head // heads_v
         head = row_head % heads_v
         key_head = head // group  # grouped value heads share a key head, as the reference's repeat_interleave
@@ -143,7 +143,7 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
     block = min(dv, 32)
     delta_rule_kernel, _ = _triton()
-    delta_rule_kernel[(dv // block, rows * heads_v)](
+    delta_rule_kernel[(rows * heads_v, dv // block)](
         q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6,
