@@ -320,7 +320,7 @@ def main():
             result["concurrent"] = concurrent
         slowdown[0] = max(slowdown[0], result["wall_s"] / seconds)
         with WRITE_LOCK:
-            for path in (args.out, done_file):  # done_file: what --resume skips in the next call
+            for path in {args.out.resolve(), done_file.resolve()}:  # done_file: what --resume skips next call
                 with path.open("a") as f:
                     f.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
