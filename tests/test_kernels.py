@@ -134,6 +134,11 @@ reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
 assert calls["delta"] > 0 and calls["conv"] > 0 and calls["prefill"] > 0, calls
+import os
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"  # the torch forms: no kernel runs
+before = dict(calls)
+assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
+assert calls == before, (calls, before)
 print("OK", calls)
 '''
 
@@ -141,7 +146,8 @@ print("OK", calls)
 def test_the_static_decoder_with_the_kernels_gives_generates_texts(formula_images, tmp_path):
     """The decoder's prefill and decode step with the kernels in them (Triton's interpreter on the CPU,
     fp32): the same greedy texts as one-at-a-time generate (which runs the reference functions), and every
-    kernel did run (the prefill's rule, the step's rule, the convolution update)."""
+    kernel did run (the prefill's rule, the step's rule, the convolution update); with LATEXOCR_SPEED's
+    decode_kernels=off,prefill_kernel=off none runs and the texts are the same."""
     import json
 
     from latexocr.testing import build_tiny_model
