@@ -1,6 +1,7 @@
 """Batched greedy generation over many images: the one code path of infer.py and train.py's evaluation."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from typing import NamedTuple
@@ -10,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import SampleEncoder, generation_batch, mrope_positions
-from .fast import StaticDecoder, bytes_per_row, plain_text_attention, static_decode_supported
+from .fast import StaticDecoder, bytes_per_row, plain_text_attention, prefill_as_decoded, static_decode_supported
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, balanced_rows, choose_generation_rows, gib, out_of_memory_message,
                      release, usable_bytes)
@@ -305,7 +306,8 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
 
     def prefill(piece: dict) -> int:
         torch.cuda.reset_peak_memory_stats(device)
-        model(**{k: v.to(device) for k, v in piece.items()}, use_cache=True, logits_to_keep=1)
+        with prefill_as_decoded(model) if static else contextlib.nullcontext():
+            model(**{k: v.to(device) for k, v in piece.items()}, use_cache=True, logits_to_keep=1)
         return torch.cuda.max_memory_allocated(device) - base
 
     rows_offered = chunk["input_ids"].shape[0]

@@ -134,8 +134,14 @@ reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
 assert calls["delta"] > 0 and calls["conv"] > 0 and calls["prefill"] > 0, calls
+from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
+    assert q35.torch_chunk_gated_delta_rule is decoding.prefill_delta_rule
+assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
 import os
 os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"  # the torch forms: no kernel runs
+with decoding.prefill_as_decoded(model):
+    assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)

@@ -270,6 +270,15 @@ def _prefill_functions(on: bool):
         _KERNELS[0] = False
 
 
+def prefill_as_decoded(model):
+    """A context in which the model's prefill runs as the static decoder's does (Qwen3.5 without fla on a
+    GPU: prefill_delta_rule's kernel): what BATCH_SIZE=auto's memory probe measures is what then runs."""
+    core = vision_language_core(unwrap(model))
+    weight = core.get_input_embeddings().weight
+    return _prefill_functions(uses_one_token_delta_rule(core) and speed_choices().prefill_kernel
+                              and kernels.usable(weight))
+
+
 _REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
 _REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
 _REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
