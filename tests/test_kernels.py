@@ -1,4 +1,4 @@
-"""latexocr/fast/kernels.py: Qwen3.5's one-token decode kernels against the transformers functions they stand
+"""latexocr/fast/kernels.py: Qwen3.5's inference kernels against the transformers functions they stand
 in for. Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors; it is read when the
 kernels are first built, so each check runs in a child process with it set. On a GPU: the compiled kernels."""
 from __future__ import annotations
@@ -160,3 +160,36 @@ def test_the_static_decoder_with_the_kernels_gives_generates_texts(formula_image
     folder = build_tiny_model(tmp_path / "tiny_qwen3_5", "qwen3_5")
     paths = [str(p) for p, _ in formula_images[:2]]  # two prompt lengths: left padding in the prefill
     assert "OK" in run_child(DECODE_WITH_KERNELS, str(folder), json.dumps(paths), TRITON_INTERPRET="1")
+
+
+GPU_DECODE = '''
+import json, os, sys
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from latexocr.batching import SampleEncoder
+from latexocr.generation import predict
+from latexocr.sample import sizing_for
+
+folder, paths = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+model = model.cuda().eval()
+processor = AutoProcessor.from_pretrained(folder)
+encoder = SampleEncoder(processor, sizing_for(processor))
+kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
+with_kernels = predict(model, encoder, paths, **kw)
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"
+assert predict(model, encoder, paths, **kw) == with_kernels
+print("OK")
+'''
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels in the CUDA graphs")
+def test_gpu_the_decoder_with_the_kernels_gives_the_torch_forms_texts(formula_images, tmp_path):
+    """On a GPU the step's kernels are recorded in its CUDA graphs: the same texts (fp32) as the torch forms."""
+    import json
+
+    from latexocr.testing import build_tiny_model
+    folder = build_tiny_model(tmp_path / "tiny_qwen3_5", "qwen3_5")
+    paths = [str(p) for p, _ in formula_images[:10]]
+    assert "OK" in run_child(GPU_DECODE, str(folder), json.dumps(paths))
