@@ -200,11 +200,11 @@ def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_
         return _REPLACED_DELTA_RULE[0](query, key, value, g=g, beta=beta, initial_state=initial_state,
                                        output_final_state=output_final_state,
                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
-    heads_k, heads_v = key.shape[2], value.shape[2]
     if _KERNELS[0]:  # one kernel: the state read and written once, in place
         out = kernels.delta_rule_step(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
         if out is not None:
             return out, initial_state
+    heads_k, heads_v = key.shape[2], value.shape[2]
     q, k = query[:, 0].float(), key[:, 0].float()  # rows x heads x dk
     if heads_k != heads_v:  # grouped value heads, as the reference repeats them
         q = q.repeat_interleave(heads_v // heads_k, dim=1)
@@ -270,13 +270,16 @@ def _prefill_functions(on: bool):
         _KERNELS[0] = False
 
 
+def uses_prefill_kernel(core) -> bool:
+    """Qwen3.5 without fla (one_token_delta_rule's case), on a GPU with Triton, the kernel not switched off."""
+    return (uses_one_token_delta_rule(core) and speed_choices().prefill_kernel
+            and kernels.usable(core.get_input_embeddings().weight))
+
+
 def prefill_as_decoded(model):
     """A context in which the model's prefill runs as the static decoder's does (Qwen3.5 without fla on a
     GPU: prefill_delta_rule's kernel): what BATCH_SIZE=auto's memory probe measures is what then runs."""
-    core = vision_language_core(unwrap(model))
-    weight = core.get_input_embeddings().weight
-    return _prefill_functions(uses_one_token_delta_rule(core) and speed_choices().prefill_kernel
-                              and kernels.usable(weight))
+    return _prefill_functions(uses_prefill_kernel(vision_language_core(unwrap(model))))
 
 
 _REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
@@ -315,10 +318,10 @@ def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool 
 
 def uses_kernel_conv_update(core) -> bool:
     """Qwen3.5 (linear-attention layers) without causal-conv1d, whose CUDA kernel transformers takes for the
-    one-token convolution where it is installed, and the decode kernels not switched off."""
+    one-token convolution where it is installed."""
     import importlib.util
     text = core.config.text_config
-    return (LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ()) and speed_choices().decode_kernels
+    return (LINEAR_ATTENTION in (getattr(text, "layer_types", None) or ())
             and importlib.util.find_spec("causal_conv1d") is None)
 
 
@@ -390,7 +393,7 @@ class StaticDecoder:
         self._compiled_step = None
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
-        self.prefill_kernel = self.delta_rule and speed.prefill_kernel and kernels.usable(embed)
+        self.prefill_kernel = uses_prefill_kernel(self.core)
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
