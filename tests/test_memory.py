@@ -489,3 +489,31 @@ def test_bench_memory_runs_cells_at_once_within_the_card():
     ran.clear()
     left = run_in_parallel(cells, most=3, gib=100, run_cell=run_cell, starts=lambda cell: len(ran) < 4)
     assert len(ran) >= 4 and sorted(ran + [c[3] for c in left]) == sorted(c[3] for c in cells) and left
+
+
+def test_matrix_table_shows_each_cells_choice_or_its_stop(tmp_path):
+    """bench/matrix_table.py (the README's family x card tables): a completed cell shows auto's choice, speed
+    and peak, a stopped one the memory its probe needed; a cell set by hand is not auto's; a traceback is
+    counted, never hidden."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    results = tmp_path / "bench_memory.jsonl"
+    cells = [
+        {"name": "train_qwen2vl-2b_16gib", "exit": 0, "traceback": False, "samples_per_s": 31.7, "train_peak_gib": 11.97,
+         "auto_choice": "micro-batch 8, gradient checkpointing off (MICRO_BATCH_SIZE=auto, ...): ...", "concurrent": 6},
+        {"name": "train_qwen2vl-2b_16gib_m16_ckpt", "exit": 0, "traceback": False, "samples_per_s": 99.0},
+        {"name": "train_qwen3_5-4b_12gib", "exit": 1, "traceback": False,
+         "last_line": "out of GPU memory: the smallest probe (micro-batch 1, checkpointing) needs 11.2 GiB of the 9.9 GiB"},
+        {"name": "infer_qwen3_5-2b_8gib_4bit", "exit": 0, "traceback": False, "images_per_s": 40.9, "peak_gib": 5.19,
+         "auto_rows": "96"},
+        {"name": "infer_qwen3_5-4b_12gib", "exit": 1, "traceback": True, "last_line": "Traceback"},
+    ]
+    results.write_text("".join(json.dumps(c) + "\n" for c in cells))
+    script = Path(__file__).resolve().parents[1] / "bench" / "matrix_table.py"
+    out = subprocess.run([sys.executable, str(script), str(results)], capture_output=True, text=True, check=True).stdout
+    assert "| Qwen2-VL-2B |" in out and "8: 31.7 samples/s, 12.0 GiB (6 at once)" in out and "99.0" not in out
+    assert "stops: needs 11.2 of 9.9 GiB" in out
+    assert "96 rows: 40.9 images/s, 5.2 GiB" in out and "8 GiB, 4-bit" in out
+    assert "**traceback**" in out and "1 tracebacks: infer_qwen3_5-4b_12gib" in out
