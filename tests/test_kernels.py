@@ -55,15 +55,20 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
         v_t = v_t.reshape(rows, tokens, heads_v, dv)
         g_t = -torch.rand(rows, tokens, heads_v, device=device) * 0.1
         beta_t = torch.rand(rows, tokens, heads_v, device=device).to(dtype)
-        for start in (None, state):
+        # each way a program may be cut (bench/bench_kernels.py's choices): the same arithmetic
+        launches = ({{}}, {{"block_v": 64, "warps": 8, "stages": 2}}, {{"block_v": 16, "warps": 2, "stages": 3}})
+        cases = [(None, launches[0]), (state, launches[0])]
+        if heads_k == 2 and dtype == torch.float32:  # once: Triton's interpreter is slow
+            cases += [(None, launches[1]), (state, launches[2])]
+        for start, launch in cases:
             want_out, want_state = q35.torch_chunk_gated_delta_rule(
                 q_t, k_t, v_t, g=g_t, beta=beta_t, chunk_size=4, initial_state=start, output_final_state=True,
                 use_qk_l2norm_in_kernel=True)
             final = torch.empty_like(state)
-            out = kernels.delta_rule(q_t, k_t, v_t, g_t, beta_t, start, True, state_out=final)
-            key_ = ("prefill", start is None, str(dtype))
+            out = kernels.delta_rule(q_t, k_t, v_t, g_t, beta_t, start, True, state_out=final, launch=launch)
+            key_ = ("prefill", start is None, str(dtype), str(launch))
             worst[key_] = ((out.float() - want_out.float()).abs().max() / want_out.float().abs().max()).item()
-            worst[("prefill state", start is None, str(dtype))] = ((final - want_state).abs().max()
+            worst[("prefill state", start is None, str(dtype), str(launch))] = ((final - want_state).abs().max()
                                                                   / want_state.abs().max()).item()
         # the convolution update: x strided as the layer's transpose makes it, with and without a bias
         channels, taps = 300, 4  # not a multiple of the kernel's block of channels
@@ -77,7 +82,7 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             worst[("conv", bias is None, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                          / expected.float().abs().max()).item()
 print("WORST", worst)
-for (what, _, dtype), err in worst.items():
+for (what, _, dtype, *_), err in worst.items():
     # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
     # few units in the last place (the reference rounds the convolution and then its SiLU in bf16, the
     # kernel only its result; bf16 has 8 bits of mantissa: 2**-8 = 0.004)
@@ -193,3 +198,23 @@ def test_gpu_the_decoder_with_the_kernels_gives_the_torch_forms_texts(formula_im
     folder = build_tiny_model(tmp_path / "tiny_qwen3_5", "qwen3_5")
     paths = [str(p) for p, _ in formula_images[:10]]
     assert "OK" in run_child(GPU_DECODE, str(folder), json.dumps(paths))
+
+
+def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
+    """bench/bench_kernels.py (which decides STEP_LAUNCH and PREFILL_LAUNCH on a GPU), run through Triton's
+    interpreter at tiny shapes (a GPU's would take minutes there): every launch of the grid timed and its
+    output equal to the default launch's, the torch forms timed beside them, the summary written."""
+    import json
+    out = tmp_path / "bench_kernels.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--rows", "2", "--tokens", "3",
+                           "--step-rows", "2", "--heads-k", "1", "--heads-v", "2", "--dk", "16", "--dv", "32",
+                           "--repeat", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+                               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    prefill = [r for r in report["results"] if r["what"] == "prefill" and "launch" in r]
+    assert len(prefill) == 2 * 3 * 3 and all(r["max_relative_error"] < 1e-5 for r in prefill)  # block 16, 32
+    assert report["summary"]["prefill"]["fastest"]["launch"] in [r["launch"] for r in prefill]
+    assert report["summary"]["step"]["torch"] > 0 and report["summary"]["prefill"]["torch"] > 0

@@ -58,7 +58,7 @@ def _build():
     def delta_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, init_ptr, state_ptr, out_ptr,
                           q_row, q_tok, k_row, k_tok, v_row, v_tok, g_row, g_tok, b_row, b_tok, tokens,
                           heads_v, group, scale, eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                          L2NORM: tl.constexpr, HAS_INIT: tl.constexpr):
+                          L2NORM: tl.constexpr, HAS_INIT: tl.constexpr, STAGES: tl.constexpr):
         # one program: one (row, value head) and BV of its DV state columns, over all `tokens` tokens in
         # order. Column j of the new state and of the output depend on column j of the old state only, so
         # the columns split without any exchange; the state tile stays in registers between tokens.
@@ -74,7 +74,9 @@ def _build():
             state = tl.load(init_ptr + tile)  # DK x BV, fp32: read once
         else:
             state = tl.zeros((DK, BV), dtype=tl.float32)
-        for t in range(tokens):
+        # STAGES > 1: the next tokens' q, k, v loads issued while this token's arithmetic runs (a prefill
+        # program waits on memory and on its reductions far more than it computes)
+        for t in tl.range(0, tokens, num_stages=STAGES):
             q = tl.load(q_ptr + row * q_row + t * q_tok + key_head * DK + dk).to(tl.float32)
             k = tl.load(k_ptr + row * k_row + t * k_tok + key_head * DK + dk).to(tl.float32)
             if L2NORM:  # transformers' l2norm: x * rsqrt(sum(x^2) + eps)
@@ -122,14 +124,23 @@ def _build():
     return delta_rule_kernel, conv_update_kernel
 
 
+# How a program of delta_rule_kernel is cut (bench/bench_kernels.py times the choices on a GPU): a decode
+# step (one token) reads and writes each state tile once and is bound by memory bandwidth (run U: 304 µs a
+# layer at 512 rows, ~3.5 TB/s), so its tiles stay small and many; a prefill walks its tokens in order, so
+# each program waits on latency, and fewer, wider programs wait fewer times.
+STEP_LAUNCH = {"block_v": 32, "warps": 4, "stages": 1}
+PREFILL_LAUNCH = {"block_v": 32, "warps": 4, "stages": 1}
+
+
 def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
-               state_out: torch.Tensor | None = None) -> torch.Tensor | None:
+               state_out: torch.Tensor | None = None, launch: dict | None = None) -> torch.Tensor | None:
     """The gated delta rule over all tokens, in order, for every row (the arguments as transformers'
     rules take them: query/key rows x tokens x key heads x dk, value rows x tokens x value heads x dv, g
     and beta rows x tokens x value heads; initial_state rows x value heads x dk x dv, fp32, contiguous, or
     None: zeros), the final state written to `state_out` (default: initial_state, in place). Returns the
     output (rows x tokens x value heads x dv, in the query's dtype), or None where the kernel does not
-    apply (then the caller's torch form runs)."""
+    apply (then the caller's torch form runs). launch: block_v (state columns a program keeps), warps and
+    stages (see STEP_LAUNCH); default STEP_LAUNCH for one token, PREFILL_LAUNCH for more."""
     rows, tokens, heads_k, dk = query.shape
     heads_v, dv = value.shape[2], value.shape[3]
     state_out = initial_state if state_out is None else state_out
@@ -141,13 +152,15 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (query, key, value))
     g, beta = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, beta))
     out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
-    block = min(dv, 32)
+    launch = {**(STEP_LAUNCH if tokens == 1 else PREFILL_LAUNCH), **(launch or {})}
+    block = min(dv, launch["block_v"])
     delta_rule_kernel, _ = _triton()
     delta_rule_kernel[(rows * heads_v, dv // block)](
         q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6,
-        DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None)
+        DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
+        STAGES=launch["stages"], num_warps=launch["warps"])
     return out
 
 

@@ -1,0 +1,140 @@
+"""How latexocr/fast/kernels.py's delta rule is best cut into programs, timed on a GPU (issue 31).
+
+    python bench/bench_kernels.py                       # Qwen3.5-2B's shapes (16 key and value heads of 128)
+    python bench/bench_kernels.py --heads-v 32          # Qwen3.5-4B's grouped value heads
+
+For a prefill (one chunk of --rows prompts of --tokens tokens, from a zero state) and a decode step (--step-rows
+rows, one token, the state updated in place), each launch of `delta_rule` (state columns per program, warps,
+pipelined loads) is timed with CUDA events (median of --repeat), its output checked against the default
+launch's, and beside them transformers' torch forms: the chunked rule the prefill kernel replaces, and the
+decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
+defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; writes them to $OUT/bench_kernels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, repeat: int) -> float:
+    """Median milliseconds of fn() over `repeat` runs, after one warm-up (the Triton compile); CUDA events
+    on a GPU, the wall clock under Triton's CPU interpreter (the test's smoke run)."""
+    import time
+    import torch
+    fn()
+    times = []
+    for _ in range(repeat):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def inputs(rows: int, tokens: int, heads_k: int, heads_v: int, dk: int, dv: int, device):
+    """q, k, v as the layer makes them (views of one bf16 projection), g, beta."""
+    import torch
+    mixed = torch.randn(rows, tokens, 2 * heads_k * dk + heads_v * dv, device=device, dtype=torch.bfloat16)
+    q, k, v = torch.split(mixed, [heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
+    q, k = q.reshape(rows, tokens, heads_k, dk), k.reshape(rows, tokens, heads_k, dk)
+    v = v.reshape(rows, tokens, heads_v, dv)
+    g = -torch.rand(rows, tokens, heads_v, device=device) * 0.1
+    beta = torch.rand(rows, tokens, heads_v, device=device, dtype=torch.bfloat16)
+    return q, k, v, g, beta
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=128, help="prompts in one prefill chunk (PREFILL_CHUNK_ROWS)")
+    ap.add_argument("--tokens", type=int, default=160, help="the chunk's prompt width (Qwen3.5-2B's largest: 159)")
+    ap.add_argument("--step-rows", type=int, default=512, help="rows of a decode step (infer.py's batch)")
+    ap.add_argument("--heads-k", type=int, default=16)
+    ap.add_argument("--heads-v", type=int, default=16)
+    ap.add_argument("--dk", type=int, default=128)
+    ap.add_argument("--dv", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_kernels.json")
+    a = ap.parse_args()
+
+    import torch
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    from latexocr.fast import kernels
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: TRITON_INTERPRET=1 only
+    if not kernels.usable(torch.zeros(1, device=device)):
+        raise SystemExit("bench_kernels: needs a CUDA GPU with Triton (or TRITON_INTERPRET=1, to check the script)")
+    torch.manual_seed(0)
+    shape = (a.heads_k, a.heads_v, a.dk, a.dv)
+    results = []
+
+    def report(**row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # the prefill: one chunk from a zero state, the final state kept
+    q, k, v, g, beta = inputs(a.rows, a.tokens, *shape, device)
+    final = torch.empty(a.rows, a.heads_v, a.dk, a.dv, device=device)
+    reference = kernels.delta_rule(q, k, v, g, beta, None, True, state_out=final).float()
+    with torch.no_grad():
+        report(what="prefill", path="torch chunked rule (transformers)", ms=round(timed(
+            lambda: q35.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+                                                     output_final_state=True, use_qk_l2norm_in_kernel=True), a.repeat), 3))
+    for block_v, warps, stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3)):
+        if block_v > a.dv:
+            continue
+        launch = {"block_v": block_v, "warps": warps, "stages": stages}
+        try:
+            run = lambda: kernels.delta_rule(q, k, v, g, beta, None, True, state_out=final, launch=launch)  # noqa: E731
+            ms = timed(run, a.repeat)
+            error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
+        except Exception as exc:  # a launch the compiler refuses (too many registers ...): said, skipped
+            report(what="prefill", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        report(what="prefill", launch=launch, ms=round(ms, 3), max_relative_error=error)
+
+    # the decode step: one token, the state updated in place
+    q, k, v, g, beta = inputs(a.step_rows, 1, *shape, device)
+    state = torch.randn(a.step_rows, a.heads_v, a.dk, a.dv, device=device)
+    with torch.no_grad():
+        report(what="step", path="torch one-token rule (transformers)", ms=round(timed(
+            lambda: q35.torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state,
+                                                         output_final_state=True, use_qk_l2norm_in_kernel=True), a.repeat), 3))
+    gib = 2 * state.numel() * 4 / 2**30  # one read and one write of the fp32 state
+    for block_v, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        launch = {"block_v": block_v, "warps": warps, "stages": 1}
+        try:
+            ms = timed(lambda: kernels.delta_rule(q, k, v, g, beta, state, True, launch=launch), a.repeat)
+        except Exception as exc:
+            report(what="step", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        report(what="step", launch=launch, ms=round(ms, 3), tb_per_s=round(gib * 2**30 / 1e12 / (ms / 1e3), 2))
+
+    summary = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter)",
+               "torch": torch.__version__, "shape": {k: v for k, v in vars(a).items() if k != "out"}}
+    for what, default in (("prefill", kernels.PREFILL_LAUNCH), ("step", kernels.STEP_LAUNCH)):
+        timed_launches = [r for r in results if r["what"] == what and "launch" in r and "ms" in r]
+        best = min(timed_launches, key=lambda r: r["ms"])
+        mine = next((r for r in timed_launches if r["launch"] == default), None)
+        summary[what] = {"fastest": best, "default": mine,
+                         "torch": next(r["ms"] for r in results if r["what"] == what and "path" in r)}
+    print(json.dumps(summary, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
