@@ -26,6 +26,7 @@ assert kernels.usable(torch.zeros(1, device=device))
 torch.manual_seed(0)
 reference_rule = q35.torch_recurrent_gated_delta_rule
 reference_conv = q35.causal_conv1d_update
+reference_conv_fn = q35.causal_conv1d_fn
 worst = {{}}
 for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads under 32 value heads
     for dtype in (torch.float32, torch.bfloat16):
@@ -81,6 +82,17 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             assert torch.equal(conv, mine), "the state shifted as the reference shifts it"
             worst[("conv", bias is None, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                          / expected.float().abs().max()).item()
+        # the prefill's convolution: x as the layer hands it (its projection transposed: channels x tokens
+        # with the channels adjacent), 21 tokens (not a multiple of the kernel's 16), with and without a bias
+        tokens = 21
+        x = torch.randn(rows, tokens, channels, device=device).to(dtype).transpose(1, 2)
+        for bias in (None, torch.randn(channels, device=device).to(dtype)):
+            expected = reference_conv_fn(x, weight, bias, activation="silu")
+            got = kernels.causal_conv(x, weight, bias, "silu")
+            assert got.shape == expected.shape and got.dtype == dtype
+            assert got.transpose(1, 2).is_contiguous(), "token-major: the split q, k, v need no copy"
+            worst[("prefill conv", bias is None, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                                                 / expected.float().abs().max()).item()
 print("WORST", worst)
 for (what, _, dtype, *_), err in worst.items():
     # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
@@ -127,26 +139,31 @@ model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
 processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 assert decoding.uses_kernel_conv_update(vision_language_core(model))
-calls = {"delta": 0, "conv": 0, "prefill": 0}
-rule, update = kernels.delta_rule, kernels.conv_update
+calls = {"delta": 0, "conv": 0, "prefill": 0, "prefill conv": 0}
+rule, update, prefill_conv = kernels.delta_rule, kernels.conv_update, kernels.causal_conv
 def counted_rule(query, *a, **k):
     out = rule(query, *a, **k); calls["delta" if query.shape[1] == 1 else "prefill"] += out is not None; return out
 def counted_update(*a, **k):
     out = update(*a, **k); calls["conv"] += out is not None; return out
-kernels.delta_rule, kernels.conv_update = counted_rule, counted_update
+def counted_prefill_conv(*a, **k):
+    out = prefill_conv(*a, **k); calls["prefill conv"] += out is not None; return out
+kernels.delta_rule, kernels.conv_update, kernels.causal_conv = counted_rule, counted_update, counted_prefill_conv
 kw = dict(max_new_tokens=5, num_workers=0, progress=False)
 reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
-assert calls["delta"] > 0 and calls["conv"] > 0 and calls["prefill"] > 0, calls
+assert all(calls.values()), calls
 from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
 with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
     assert q35.torch_chunk_gated_delta_rule is decoding.prefill_delta_rule
+    assert q35.causal_conv1d_fn is decoding.prefill_conv
 assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
+assert q35.causal_conv1d_fn is not decoding.prefill_conv
 import os
 os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"  # the torch forms: no kernel runs
 with decoding.prefill_as_decoded(model):
     assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
+    assert q35.causal_conv1d_fn is not decoding.prefill_conv
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)

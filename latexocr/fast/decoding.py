@@ -253,20 +253,40 @@ def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial
                                    use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
 
 
+def prefill_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """transformers' causal_conv1d_fn (5.24, 5.25: the prefill's depthwise causal convolution where
+    causal-conv1d is not installed) as one Triton kernel (fast/kernels.py causal_conv) where it runs; its
+    output comes token-major, so the q, k and v the layer splits from it need no copy before
+    prefill_delta_rule's kernel. Anything else (packed boundaries in kwargs, a gradient) goes to the function
+    it stands in for; other kwargs (use_cache) the reference ignores too."""
+    if _KERNELS[0] and all(kwargs.get(boundary) is None for boundary in ("seq_idx", "cu_seqlens", "cu_seq_lens_q")):
+        out = kernels.causal_conv(hidden_states, weight, bias, activation)
+        if out is not None:
+            return out
+    return _REPLACED_CONV_FN[0](hidden_states, weight, bias, activation=activation, **kwargs)
+
+
 @contextlib.contextmanager
-def _prefill_functions(on: bool):
+def _prefill_functions(delta_rule: bool, conv: bool = False):
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
-    its kernel; restored after. Off: nothing changes."""
-    if not on:
+    its kernel (delta_rule), and its convolution without a cache prefill_conv through its kernel (conv);
+    restored after. Both off: nothing changes."""
+    if not (delta_rule or conv):
         yield
         return
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    _REPLACED_CHUNK_RULE[0], q35.torch_chunk_gated_delta_rule = q35.torch_chunk_gated_delta_rule, prefill_delta_rule
+    if delta_rule:
+        _REPLACED_CHUNK_RULE[0], q35.torch_chunk_gated_delta_rule = q35.torch_chunk_gated_delta_rule, prefill_delta_rule
+    if conv:
+        _REPLACED_CONV_FN[0], q35.causal_conv1d_fn = q35.causal_conv1d_fn, prefill_conv
     _KERNELS[0] = True
     try:
         yield
     finally:
-        q35.torch_chunk_gated_delta_rule = _REPLACED_CHUNK_RULE[0]
+        if delta_rule:
+            q35.torch_chunk_gated_delta_rule = _REPLACED_CHUNK_RULE[0]
+        if conv:
+            q35.causal_conv1d_fn = _REPLACED_CONV_FN[0]
         _KERNELS[0] = False
 
 
@@ -276,13 +296,23 @@ def uses_prefill_kernel(core) -> bool:
             and kernels.usable(core.get_input_embeddings().weight))
 
 
+def uses_prefill_conv(core) -> bool:
+    """Qwen3.5 without causal-conv1d (uses_kernel_conv_update's case, fla or not: transformers takes no
+    convolution of fla's), on a GPU with Triton, the prefill's kernels not switched off."""
+    return (uses_kernel_conv_update(core) and speed_choices().prefill_kernel
+            and kernels.usable(core.get_input_embeddings().weight))
+
+
 def prefill_as_decoded(model):
-    """A context in which the model's prefill runs as the static decoder's does (Qwen3.5 without fla on a
-    GPU: prefill_delta_rule's kernel): what BATCH_SIZE=auto's memory probe measures is what then runs."""
-    return _prefill_functions(uses_prefill_kernel(vision_language_core(unwrap(model))))
+    """A context in which the model's prefill runs as the static decoder's does (Qwen3.5 on a GPU:
+    prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what BATCH_SIZE=auto's
+    memory probe measures is what then runs."""
+    core = vision_language_core(unwrap(model))
+    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core))
 
 
 _REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
+_REPLACED_CONV_FN = [None]  # what prefill_conv stands in for
 _REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
 _REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
@@ -394,6 +424,7 @@ class StaticDecoder:
         self.delta_rule = uses_one_token_delta_rule(self.core)  # Qwen3.5 without fla: one_token_delta_rule
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
+        self.prefill_conv = uses_prefill_conv(self.core)
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
@@ -513,7 +544,7 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            with _prefill_functions(self.prefill_kernel):  # Qwen3.5 without fla, on a GPU
+            with _prefill_functions(self.prefill_kernel, self.prefill_conv):  # Qwen3.5 on a GPU
                 out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):

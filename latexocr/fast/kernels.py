@@ -9,10 +9,13 @@ fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstrea
 - the decode step's convolution update `causal_conv1d_update`: a concatenation, a copy into the state, a
   grouped `conv1d` and a SiLU, ~2.6 ms a step (run T);
 - the prefill's chunked delta rule `torch_chunk_gated_delta_rule`: fp32 temporaries of the prompt's size
-  per chunk of 64 tokens; run T: Qwen3.5-2B's prefill took 5.7 of 15.1 s for 2,048 images.
+  per chunk of 64 tokens; run T: Qwen3.5-2B's prefill took 5.7 of 15.1 s for 2,048 images;
+- the prefill's convolution `causal_conv1d_fn`: a copy of the transposed input, a depthwise conv1d (run U:
+  1.1 ms a layer for 128 prompts) and a SiLU over a strided slice, whose channels-major output then makes
+  the delta rule copy q, k and v.
 
-`delta_rule` (a prompt token by token, or one token: `delta_rule_step`) and `conv_update` do the same
-arithmetic in one kernel each. The first keeps each (row, head) state tile on chip over the tokens, so it
+`delta_rule` (a prompt token by token, or one token: `delta_rule_step`), `conv_update` and `causal_conv`
+(its output token-major) do the same arithmetic in one kernel each. The first keeps each (row, head) state tile on chip over the tokens, so it
 reads the state once and writes it once (in place for the step). The second shifts the convolution window
 and applies the taps and the SiLU in one pass. The step's kernels launch inside its CUDA graph (their
 Triton compile happens in the warm-up step before the capture). Neither has a backward: training keeps
@@ -121,7 +124,34 @@ def _build():
             acc = acc * tl.sigmoid(acc)
         tl.store(out_ptr + row * channels + channel, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
-    return delta_rule_kernel, conv_update_kernel
+    @triton.jit
+    def causal_conv_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, x_row, x_channel, x_token, tokens, channels,
+                           TAPS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one program: BLOCK_T tokens x BLOCK_C channels of one row. out[t] = sum over taps of
+        # w[tap] x[t - TAPS + 1 + tap] (zeros before the first token: conv1d's left padding), + bias, SiLU;
+        # written token-major (rows x tokens x channels), the layout the layer turns it back into
+        channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        token = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row = tl.program_id(2).to(tl.int64)
+        inside = channel < channels
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for tap in tl.static_range(TAPS):
+            source = token - (TAPS - 1) + tap
+            present = (source >= 0) & (source < tokens)
+            x = tl.load(x_ptr + row * x_row + source[:, None] * x_token + channel[None, :] * x_channel,
+                        mask=present[:, None] & inside[None, :], other=0.0)
+            w = tl.load(weight_ptr + channel * TAPS + tap, mask=inside, other=0.0).to(tl.float32)
+            # x in the weight's dtype, as the reference casts it before its conv1d
+            acc += x.to(weight_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + channel, mask=inside, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(out_ptr + (row * tokens + token[:, None]) * channels + channel[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=(token < tokens)[:, None] & inside[None, :])
+
+    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel
 
 
 # How a program of delta_rule_kernel is cut (bench/bench_kernels.py times the choices on a GPU): a decode
@@ -154,7 +184,7 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
     launch = {**(STEP_LAUNCH if tokens == 1 else PREFILL_LAUNCH), **(launch or {})}
     block = min(dv, launch["block_v"])
-    delta_rule_kernel, _ = _triton()
+    delta_rule_kernel, _, _ = _triton()
     delta_rule_kernel[(rows * heads_v, dv // block)](
         q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
@@ -184,9 +214,31 @@ def conv_update(hidden_states, conv_state, weight, bias=None, activation=None) -
     weight = weight.contiguous()
     out = torch.empty(rows, channels, 1, dtype=hidden_states.dtype, device=hidden_states.device)
     block = 256
-    _, conv_update_kernel = _triton()
+    _, conv_update_kernel, _ = _triton()
     conv_update_kernel[(-(-channels // block), rows)](
         hidden_states, conv_state, weight, weight if bias is None else bias, out,
         hidden_states.stride(0), hidden_states.stride(1), channels,
         WIDTH=width, TAPS=taps, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=block)
     return out
+
+
+def causal_conv(hidden_states, weight, bias=None, activation=None) -> torch.Tensor | None:
+    """transformers' causal_conv1d_fn without a cache (the prefill's depthwise causal convolution:
+    hidden_states rows x channels x tokens, any strides; weight channels x taps; activation None or silu):
+    the output, rows x channels x tokens in hidden_states' dtype, as a view of a token-major buffer (so the
+    layer's transpose back gives q, k and v contiguous rows: delta_rule then copies nothing), or None where
+    the kernel does not apply. One pass, where the reference copies the transposed input, convolves, and
+    applies the SiLU to a strided slice (docs/BENCHMARKS.md run U: 1.1 ms a layer for 128 prompts)."""
+    rows, channels, tokens = hidden_states.shape
+    if (activation not in (None, "silu", "swish") or weight.dim() != 2 or weight.shape[0] != channels or tokens < 1
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, weight, bias))):
+        return None  # no backward: training keeps the torch convolution (or fla's)
+    weight = weight.contiguous()
+    out = torch.empty(rows, tokens, channels, dtype=hidden_states.dtype, device=hidden_states.device)
+    block_t, block_c = 16, 128
+    _, _, causal_conv_kernel = _triton()
+    causal_conv_kernel[(-(-channels // block_c), -(-tokens // block_t), rows)](
+        hidden_states, weight, weight if bias is None else bias, out,
+        hidden_states.stride(0), hidden_states.stride(1), hidden_states.stride(2), tokens, channels,
+        TAPS=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_T=block_t, BLOCK_C=block_c)
+    return out.transpose(1, 2)

@@ -86,6 +86,12 @@ SOURCES = {
          "one_token_conv_update stands in for it (the module attribute) while a decode step runs; the layer "
          "calls it by that module-level name, activation positional (5.24) or by keyword (5.25)",
          ("87df0578144f0b82",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
+        ("fast/kernels.py causal_conv computes what this computes (no cache: zeros before the first token), and "
+         "fast/decoding.py prefill_conv stands in for it (the module attribute) while the static decoder's "
+         "prefill runs; the layer (5.24) or causal_conv1d_forward (5.25) calls it by that module-level name and "
+         "transposes its output back to tokens x channels before splitting q, k and v",
+         ("4332465371f21918",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -156,6 +162,8 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
         ("fast/decoding.py _prefill_functions: prefill_delta_rule while the static decoder's prefill runs, then "
          "restored; fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference"),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
+        "fast/decoding.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
