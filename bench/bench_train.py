@@ -73,6 +73,8 @@ CONFIGS = {
     "qwen3_5_packed": ([], "packing=on", "Qwen3.5-2B, defaults, packed batches whatever the path"),
     "qwen3_5_no_packing": ([], "packing=off", "Qwen3.5-2B, defaults, padded batches instead of packed"),
     "qwen3_5_no_fla": ([], "fla=off", "Qwen3.5-2B, defaults on transformers' reference kernels even where fla runs"),
+    "qwen3_5_fla_varlen": ([], "fla_varlen=on", "Qwen3.5-2B, defaults, packed rows through fla's varlen kernels "
+                           "(its convolution and delta rule given the boundaries; where fla runs)"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
 QWEN3_5_PREFIX = "qwen3_5"

@@ -422,3 +422,18 @@ def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
     fast = train(tmp_path / "fast", "compile=on")
     assert "LLM blocks and vision tower as CUDA graphs" in fast
     assert len(_losses(plain)) == 6 and _losses(fast) == pytest.approx(_losses(plain), rel=2e-2)
+
+
+def test_every_bench_train_configuration_names_real_speed_choices():
+    """bench/bench_train.py's configurations set LATEXOCR_SPEED choices by name: each must parse (a typo
+    would otherwise surface as one line on a GPU machine, after the model's build)."""
+    import sys
+    from pathlib import Path
+
+    from latexocr.fast import speed_choices
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_train import CONFIGS
+    for name, (_, speed, _) in CONFIGS.items():
+        if speed:
+            speed_choices(speed)  # raises SystemExit with one line on an unknown name or value
+    assert CONFIGS["qwen3_5_fla_varlen"][1] == "fla_varlen=on"
