@@ -93,6 +93,19 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             assert got.transpose(1, 2).is_contiguous(), "token-major: the split q, k, v need no copy"
             worst[("prefill conv", bias is None, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                                  / expected.float().abs().max()).item()
+        # the RMSNorms: the text models' classes themselves, a width that is not a power of two, rows strided
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRMSNorm
+        for norm, offset in ((Qwen2VLRMSNorm(96, eps=1e-6), False), (q35.Qwen3_5RMSNorm(96, eps=1e-6), True)):
+            norm = norm.to(device=device, dtype=dtype)
+            with torch.no_grad():
+                norm.weight.normal_()
+            x = torch.randn(rows, 7, 2 * 96, device=device).to(dtype)[..., :96]
+            with torch.no_grad():
+                expected = norm(x)
+                got = kernels.rms_norm(x, norm.weight, norm.eps if offset else norm.variance_epsilon, offset)
+            assert got.shape == expected.shape and got.dtype == expected.dtype, (got.dtype, expected.dtype)
+            worst[("rms norm", offset, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                                       / expected.float().abs().max()).item()
 print("WORST", worst)
 for (what, _, dtype, *_), err in worst.items():
     # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
@@ -133,14 +146,19 @@ from latexocr.fast import decoding, kernels
 from latexocr.generation import predict
 from latexocr.modeling import vision_language_core
 from latexocr.sample import sizing_for
+from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
 
 folder, paths = sys.argv[1], json.loads(sys.argv[2])
 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 assert decoding.uses_kernel_conv_update(vision_language_core(model))
-calls = {"delta": 0, "conv": 0, "prefill": 0, "prefill conv": 0}
-rule, update, prefill_conv = kernels.delta_rule, kernels.conv_update, kernels.causal_conv
+assert decoding.norm_classes(model) == {q35.Qwen3_5RMSNorm: True}  # not the gated norm of the linear layers
+calls = {"delta": 0, "conv": 0, "prefill": 0, "prefill conv": 0, "norm": 0}
+rule, update, prefill_conv, norm = kernels.delta_rule, kernels.conv_update, kernels.causal_conv, kernels.rms_norm
+def counted_norm(*a, **k):
+    out = norm(*a, **k); calls["norm"] += out is not None; return out
+kernels.rms_norm = counted_norm
 def counted_rule(query, *a, **k):
     out = rule(query, *a, **k); calls["delta" if query.shape[1] == 1 else "prefill"] += out is not None; return out
 def counted_update(*a, **k):
@@ -153,17 +171,20 @@ reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
 assert all(calls.values()), calls
-from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+torch_norm = q35.Qwen3_5RMSNorm.forward
 with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
     assert q35.torch_chunk_gated_delta_rule is decoding.prefill_delta_rule
     assert q35.causal_conv1d_fn is decoding.prefill_conv
+    assert q35.Qwen3_5RMSNorm.forward is not torch_norm
 assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
 assert q35.causal_conv1d_fn is not decoding.prefill_conv
+assert q35.Qwen3_5RMSNorm.forward is torch_norm
 import os
-os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"  # the torch forms: no kernel runs
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off"  # the torch forms: no kernel
 with decoding.prefill_as_decoded(model):
     assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
     assert q35.causal_conv1d_fn is not decoding.prefill_conv
+    assert q35.Qwen3_5RMSNorm.forward is torch_norm
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)
@@ -199,7 +220,7 @@ processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
 with_kernels = predict(model, encoder, paths, **kw)
-os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off"
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off"
 assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
@@ -235,3 +256,43 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert len(prefill) == 2 * 3 * 3 and all(r["max_relative_error"] < 1e-5 for r in prefill)  # block 16, 32
     assert report["summary"]["prefill"]["fastest"]["launch"] in [r["launch"] for r in prefill]
     assert report["summary"]["step"]["torch"] > 0 and report["summary"]["prefill"]["torch"] > 0
+
+
+NORMS_EVERY_FAMILY = '''
+import json, sys
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from latexocr.batching import SampleEncoder
+from latexocr.fast import decoding, kernels
+from latexocr.generation import predict
+from latexocr.sample import sizing_for
+
+folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+calls = [0]
+norm = kernels.rms_norm
+def counted_norm(*a, **k):
+    out = norm(*a, **k); calls[0] += out is not None; return out
+kernels.rms_norm = counted_norm
+for family, folder in folders.items():
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    forms = decoding.norm_classes(model)
+    assert sorted(forms.values()) == [family == "qwen3_5"], (family, forms)  # one class, its form
+    kw = dict(max_new_tokens=4, num_workers=0, progress=False)
+    reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
+    before = calls[0]
+    assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
+    assert calls[0] > before, family
+print("OK")
+'''
+
+
+def test_the_norm_kernel_gives_generates_texts_in_every_family(tiny_family_dirs, formula_images):
+    """LATEXOCR_SPEED norm_kernel (on by default): each family's text RMSNorm class is found by its forward's
+    source (Qwen3.5's offset form apart), and the static decoder with kernels.rms_norm in its prefill and
+    step (Triton's interpreter, fp32) gives one-at-a-time generate's greedy texts."""
+    import json
+    folders = {family: str(folder) for family, folder in tiny_family_dirs.items()}
+    paths = [str(p) for p, _ in formula_images[:2]]
+    assert "OK" in run_child(NORMS_EVERY_FAMILY, json.dumps(folders), json.dumps(paths), TRITON_INTERPRET="1")

@@ -38,10 +38,14 @@ class SpeedChoices:
     decode_kernels: bool = True           # Qwen3.5 decoding on a GPU: the step's delta rule (without fla) and
                                           # convolution update (without causal-conv1d) as Triton kernels that read
                                           # and write each layer's state once (fast/kernels.py); off: their torch
-                                          # forms. Not yet measured on a GPU
-    prefill_kernel: bool = True           # Qwen3.5 inference on a GPU without fla: the prefill's delta rule token by
-                                          # token in one Triton kernel (fast/kernels.py delta_rule) instead of the
-                                          # chunked torch rule; off: that rule. Not yet measured on a GPU
+                                          # forms. Run U: the step's 1.26x
+    prefill_kernel: bool = True           # Qwen3.5 inference on a GPU: the prefill's delta rule token by token (without
+                                          # fla) and its convolution (without causal-conv1d) as Triton kernels
+                                          # (fast/kernels.py delta_rule, causal_conv); off: the torch forms. Run U:
+                                          # the delta rule's 1.01x and 1.4 GiB less; the convolution not yet measured
+    norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms of the static decoder's
+                                          # prefill and step in one Triton kernel each (fast/kernels.py rms_norm)
+                                          # instead of ~7 torch kernels; off: the torch form. Not yet measured
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels

@@ -267,27 +267,74 @@ def prefill_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
 
 
 @contextlib.contextmanager
-def _prefill_functions(delta_rule: bool, conv: bool = False):
+def _prefill_functions(delta_rule: bool, conv: bool = False, norms: dict | None = None):
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
-    its kernel (delta_rule), and its convolution without a cache prefill_conv through its kernel (conv);
-    restored after. Both off: nothing changes."""
-    if not (delta_rule or conv):
+    its kernel (delta_rule), its convolution without a cache prefill_conv through its kernel (conv), and
+    the RMSNorm classes in `norms` (norm_classes) compute through kernels.rms_norm; restored after. All off:
+    nothing changes."""
+    if not (delta_rule or conv or norms):
         yield
         return
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    if delta_rule or conv:
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
     if delta_rule:
         _REPLACED_CHUNK_RULE[0], q35.torch_chunk_gated_delta_rule = q35.torch_chunk_gated_delta_rule, prefill_delta_rule
     if conv:
         _REPLACED_CONV_FN[0], q35.causal_conv1d_fn = q35.causal_conv1d_fn, prefill_conv
-    _KERNELS[0] = True
+    _KERNELS[0] = delta_rule or conv
     try:
-        yield
+        with _norm_functions(norms):
+            yield
     finally:
         if delta_rule:
             q35.torch_chunk_gated_delta_rule = _REPLACED_CHUNK_RULE[0]
         if conv:
             q35.causal_conv1d_fn = _REPLACED_CONV_FN[0]
         _KERNELS[0] = False
+
+
+# The RMSNorm forwards kernels.rms_norm computes, by their source's hash (fast/upstream.py source_hash; the
+# same in transformers 5.24 and 5.25): Qwen2VLRMSNorm, Qwen2_5_VLRMSNorm and Qwen3VLTextRMSNorm share one
+# text (-> False: the weight times the normalised x in x's dtype); Qwen3_5RMSNorm (-> True: times 1 + weight
+# in fp32). A class whose forward hashes otherwise keeps its own (and the drift check names it).
+NORM_FORMS = {"0d702ef8d7d8a129": False, "6bc29e6eecca35b2": True}
+
+
+def norm_classes(model) -> dict:
+    """{RMSNorm class in the model: its form (NORM_FORMS)} for the classes whose forward kernels.rms_norm
+    computes; the vision towers' too where they share the class (Qwen2.5-VL)."""
+    from .upstream import source_hash
+    found, seen = {}, set()
+    for module in model.modules():
+        cls = type(module)
+        if cls in seen or not cls.__name__.endswith("RMSNorm"):
+            continue
+        seen.add(cls)
+        form = NORM_FORMS.get(source_hash(cls.__module__, f"{cls.__qualname__}.forward"))
+        if form is not None:
+            found[cls] = form
+    return found
+
+
+def _kernel_norm_forward(offset: bool):
+    def forward(self, hidden_states):
+        out = kernels.rms_norm(hidden_states, self.weight, self.eps if offset else self.variance_epsilon, offset)
+        return _REPLACED_NORMS[type(self)](self, hidden_states) if out is None else out
+    return forward
+
+
+@contextlib.contextmanager
+def _norm_functions(norms: dict | None):
+    """While a prefill or a decode step runs, each class in `norms` computes its forward through
+    kernels.rms_norm (the class attribute; restored after)."""
+    for cls, offset in (norms or {}).items():
+        _REPLACED_NORMS[cls] = cls.forward
+        cls.forward = _kernel_norm_forward(offset)
+    try:
+        yield
+    finally:
+        for cls in norms or {}:
+            cls.forward = _REPLACED_NORMS.pop(cls)
 
 
 def uses_prefill_kernel(core) -> bool:
@@ -303,16 +350,23 @@ def uses_prefill_conv(core) -> bool:
             and kernels.usable(core.get_input_embeddings().weight))
 
 
+def uses_norm_kernel(core) -> dict:
+    """norm_classes(core) on a GPU with Triton, the kernel not switched off; else none."""
+    on = speed_choices().norm_kernel and kernels.usable(core.get_input_embeddings().weight)
+    return norm_classes(core) if on else {}
+
+
 def prefill_as_decoded(model):
-    """A context in which the model's prefill runs as the static decoder's does (Qwen3.5 on a GPU:
-    prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what BATCH_SIZE=auto's
-    memory probe measures is what then runs."""
+    """A context in which the model's prefill runs as the static decoder's does (on a GPU: the RMSNorm
+    kernel; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
+    BATCH_SIZE=auto's memory probe measures is what then runs."""
     core = vision_language_core(unwrap(model))
-    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core))
+    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), uses_norm_kernel(core))
 
 
 _REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
 _REPLACED_CONV_FN = [None]  # what prefill_conv stands in for
+_REPLACED_NORMS = {}  # RMSNorm class -> the forward kernels.rms_norm stands in for while a prefill or step runs
 _REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
 _REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
@@ -320,15 +374,16 @@ _KERNELS = [False]
 
 
 @contextlib.contextmanager
-def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False):
+def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False, norms: dict | None = None):
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
     one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
-    (conv_update), each through its Triton kernel where `use_kernels`; restored after. Both off: nothing
-    changes."""
-    if not (delta_rule or conv_update):
+    (conv_update), each through its Triton kernel where `use_kernels`, and the RMSNorm classes in `norms`
+    compute through kernels.rms_norm; restored after. All off: nothing changes."""
+    if not (delta_rule or conv_update or norms):
         yield
         return
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    if delta_rule or conv_update:
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
     _KERNELS[0] = use_kernels
     if delta_rule:
         _REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
@@ -337,7 +392,8 @@ def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool 
         _REPLACED_CONV_UPDATE[0] = q35.causal_conv1d_update
         q35.causal_conv1d_update = one_token_conv_update
     try:
-        yield
+        with _norm_functions(norms):
+            yield
     finally:
         if delta_rule:
             q35.torch_recurrent_gated_delta_rule = _REPLACED_DELTA_RULE[0]
@@ -425,6 +481,7 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
+        self.norms = uses_norm_kernel(self.core)  # every family, on a GPU: {RMSNorm class: form}
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
@@ -480,7 +537,7 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.valid.index_fill_(1, s.write_at, True)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels):
+        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.norms):
             out = self.model(input_ids=s.token[:, None], position_ids=position,
                              attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
                              use_cache=True, logits_to_keep=1, cache=s.cache)
@@ -544,7 +601,7 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            with _prefill_functions(self.prefill_kernel, self.prefill_conv):  # Qwen3.5 on a GPU
+            with _prefill_functions(self.prefill_kernel, self.prefill_conv, self.norms):  # on a GPU
                 out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):

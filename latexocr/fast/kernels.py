@@ -151,7 +151,24 @@ def _build():
         tl.store(out_ptr + (row * tokens + token[:, None]) * channels + channel[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=(token < tokens)[:, None] & inside[None, :])
 
-    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel
+    @triton.jit
+    def rms_norm_kernel(x_ptr, weight_ptr, out_ptr, x_row, width, eps, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+        # one program: one row. LLAMA form (OFFSET False): w * (x / rms(x) rounded to x's dtype), the product
+        # rounded once more; OFFSET (Qwen3.5): (x / rms(x)) * (1 + w) in fp32, rounded once
+        row = tl.program_id(0).to(tl.int64)
+        column = tl.arange(0, BLOCK)
+        inside = column < width
+        x = tl.load(x_ptr + row * x_row + column, mask=inside, other=0.0)
+        x32 = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / width + eps)
+        w = tl.load(weight_ptr + column, mask=inside, other=0.0).to(tl.float32)
+        if OFFSET:
+            y = x32 * rstd * (1.0 + w)
+        else:
+            y = (x32 * rstd).to(x.dtype).to(tl.float32) * w
+        tl.store(out_ptr + row * width + column, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel
 
 
 # How a program of delta_rule_kernel is cut (bench/bench_kernels.py times the choices on a GPU): a decode
@@ -184,7 +201,7 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
     launch = {**(STEP_LAUNCH if tokens == 1 else PREFILL_LAUNCH), **(launch or {})}
     block = min(dv, launch["block_v"])
-    delta_rule_kernel, _, _ = _triton()
+    delta_rule_kernel = _triton()[0]
     delta_rule_kernel[(rows * heads_v, dv // block)](
         q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
@@ -214,7 +231,7 @@ def conv_update(hidden_states, conv_state, weight, bias=None, activation=None) -
     weight = weight.contiguous()
     out = torch.empty(rows, channels, 1, dtype=hidden_states.dtype, device=hidden_states.device)
     block = 256
-    _, conv_update_kernel, _ = _triton()
+    conv_update_kernel = _triton()[1]
     conv_update_kernel[(-(-channels // block), rows)](
         hidden_states, conv_state, weight, weight if bias is None else bias, out,
         hidden_states.stride(0), hidden_states.stride(1), channels,
@@ -236,9 +253,31 @@ def causal_conv(hidden_states, weight, bias=None, activation=None) -> torch.Tens
     weight = weight.contiguous()
     out = torch.empty(rows, tokens, channels, dtype=hidden_states.dtype, device=hidden_states.device)
     block_t, block_c = 16, 128
-    _, _, causal_conv_kernel = _triton()
+    causal_conv_kernel = _triton()[2]
     causal_conv_kernel[(-(-channels // block_c), -(-tokens // block_t), rows)](
         hidden_states, weight, weight if bias is None else bias, out,
         hidden_states.stride(0), hidden_states.stride(1), hidden_states.stride(2), tokens, channels,
         TAPS=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_T=block_t, BLOCK_C=block_c)
     return out.transpose(1, 2)
+
+
+def rms_norm(hidden_states, weight, eps: float, offset: bool) -> torch.Tensor | None:
+    """The text models' RMSNorm in one kernel, where the torch form is ~7 kernels over an fp32 copy (a
+    decode step at 512 rows holds ~57 of them for Qwen2-VL-2B). offset False: Qwen2-VL's, Qwen2.5-VL's and
+    Qwen3-VL's form (`weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`); True: Qwen3.5's (`(x * rsqrt(...) *
+    (1 + weight.float())).type_as(x)`). None where the kernel does not apply (a gradient, a row wider than
+    one block's 16,384 columns, a weight of another width)."""
+    width = hidden_states.shape[-1]
+    if (weight.dim() != 1 or weight.shape[0] != width or width > 16384 or hidden_states.numel() == 0
+            or torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)):
+        return None  # no backward: training keeps the torch form
+    x = hidden_states.reshape(-1, width)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dtype = hidden_states.dtype if offset else torch.promote_types(weight.dtype, hidden_states.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    block = 1 << (width - 1).bit_length()
+    rms_norm_kernel = _triton()[3]
+    rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), width, eps, OFFSET=offset, BLOCK=block,
+                                   num_warps=min(16, max(1, block // 256)))
+    return out.view(*hidden_states.shape[:-1], width)

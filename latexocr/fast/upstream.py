@@ -92,6 +92,17 @@ SOURCES = {
          "prefill runs; the layer (5.24) or causal_conv1d_forward (5.25) calls it by that module-level name and "
          "transposes its output back to tokens x channels before splitting q, k and v",
          ("4332465371f21918",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
+        ("fast/kernels.py rms_norm computes this (offset False) and fast/decoding.py _norm_functions stands in for "
+         "it (the class attribute) while the static decoder's prefill and step run; NORM_FORMS names its hash",
+         ("0d702ef8d7d8a129",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRMSNorm.forward"):
+        ("as Qwen2VLRMSNorm.forward (the same text)", ("0d702ef8d7d8a129",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRMSNorm.forward"):
+        ("as Qwen2VLRMSNorm.forward (the same text)", ("0d702ef8d7d8a129",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNorm.forward"):
+        ("fast/kernels.py rms_norm computes this (offset True: times 1 + weight in fp32) and fast/decoding.py "
+         "_norm_functions stands in for it while the static decoder's prefill and step run", ("6bc29e6eecca35b2",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -164,6 +175,9 @@ PRIVATE_ATTRIBUTES = {
          "restored; fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
         "fast/decoding.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
+        ("fast/decoding.py _norm_functions: kernels.rms_norm while the static decoder's prefill and step run, then "
+         "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm and Qwen3_5RMSNorm (found by norm_classes)"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
