@@ -128,7 +128,13 @@ def load_for_inference(args):
     elif adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
-        print(f"adapter: {adapter}", file=sys.stderr)
+        # merged in memory, as --merge-to does without writing: the adapted projections then cost one matmul
+        # each, not peft's four more kernels (a decode step is bound by its kernel count). A 4-bit model keeps
+        # the adapter beside it: merging into NF4 would round the adapter away.
+        merged = args.quantization == "none" and speed.merge_adapter
+        if merged:
+            model = model.merge_and_unload()
+        print(f"adapter: {adapter}{' (merged into the weights for inference)' if merged else ''}", file=sys.stderr)
     else:
         print("adapter: none (base model)", file=sys.stderr)
     model.eval()
@@ -184,7 +190,7 @@ def merge(args) -> None:
     if args.quantization != "none":
         raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
     model, processor, _, encoder, definition = load_with_sample(args)
-    # a fully fine-tuned model is already one plain model: it is written as it is
+    # a fully fine-tuned model (or an adapter load_for_inference merged) is already one plain model
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.save_pretrained(args.merge_to)
     processor.save_pretrained(args.merge_to)  # resizes as training did (setup_sample set its bounds)

@@ -312,6 +312,23 @@ def test_merged_model_loads_plainly_and_predicts_the_same(trained, tiny_model_di
     assert [r["prediction"] for r in read_csv(tmp_path / "base.csv")] != with_adapter  # the adapter matters
 
 
+def test_an_adapter_is_merged_for_inference_with_the_same_predictions(trained, tiny_model_dir, data, tmp_path,
+                                                                        capsys, monkeypatch):
+    """infer.py merges a LoRA adapter into the weights it loaded (a decode step then runs no peft layers)
+    and says so; LATEXOCR_SPEED merge_adapter=off keeps peft's layers: the same predictions (fp32)."""
+    args = common(tiny_model_dir, trained)
+    from latexocr.cli import parse_settings
+    model, _, _ = infer.load_for_inference(parse_settings(infer.SETTINGS, infer.__doc__, args))
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert "(merged into the weights for inference)" in capsys.readouterr().err
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "merged.csv"), *args])
+    monkeypatch.setenv("LATEXOCR_SPEED", "merge_adapter=off")
+    infer.main([str(data / "data.json"), "--output", str(tmp_path / "separate.csv"), *args])
+    assert "merged" not in capsys.readouterr().err.split("adapter: ")[-1].splitlines()[0]
+    merged, separate = (read_csv(tmp_path / f"{n}.csv") for n in ("merged", "separate"))
+    assert [r["prediction"] for r in merged] == [r["prediction"] for r in separate]
+
+
 def test_merge_needs_an_adapter(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         infer.main(["--merge-to", str(tmp_path / "m"), *common(tiny_model_dir, adapter="none")])

@@ -46,6 +46,10 @@ class SpeedChoices:
     norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms of the static decoder's
                                           # prefill and step in one Triton kernel each (fast/kernels.py rms_norm)
                                           # instead of ~7 torch kernels; off: the torch form. Not yet measured
+    merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
+                                          # not a 4-bit model), so a decode step runs the base model's kernels
+                                          # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);
+                                          # off: peft's layers beside the base ones (bench/bench_infer.py --adapter)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
