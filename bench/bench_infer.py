@@ -22,15 +22,17 @@ from common import DEFAULT_SHARED, build_random_model, real_samples
 
 
 def infer_py(a, model_dir, pairs) -> dict:
-    """`python infer.py <labelled json>` with infer.py's defaults (the base model, no adapter), in a process
-    of its own: the seconds from the command to the printed metrics, as a user waits for them."""
+    """`python infer.py <labelled json>` with infer.py's defaults, in a process of its own: the seconds from
+    the command to the printed metrics, as a user waits for them. --adapter random: with a LoRA adapter of
+    train.py's defaults (what a user's run leaves), else the base model alone."""
     import subprocess
     import sys
 
-    from common import ROOT, write_json
+    from common import ROOT, build_random_adapter, write_json
     labelled = write_json(pairs, len(pairs), a.work / f"labelled_{len(pairs)}.json")
+    adapter = str(build_random_adapter(model_dir, a.work / f"adapter_{model_dir.name}")) if a.adapter == "random" else "none"
     cmd = [sys.executable, str(ROOT / "infer.py"), str(labelled), "--model-id", str(model_dir), "--model-source",
-           "local", "--adapter", "none", "--max-new-tokens", str(a.infer_py_max_new_tokens),
+           "local", "--adapter", adapter, "--max-new-tokens", str(a.infer_py_max_new_tokens),
            "--output", str(a.work / "infer_py_predictions.csv"), "--profile", *a.infer_py_args.split()]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -69,6 +71,9 @@ def main():
     ap.add_argument("--infer-py-max-new-tokens", type=int, default=64,
                     help="its cap (random weights rarely stop before it; 64 ids ~ a median label and a half)")
     ap.add_argument("--only-infer-py", action="store_true", help="run only the infer.py measurement")
+    ap.add_argument("--adapter", choices=("none", "random"), default="none",
+                    help="infer.py's run: the base model (none), or with a random LoRA adapter of train.py's defaults "
+                         "(random: what a user's run leaves; LATEXOCR_SPEED=merge_adapter=off keeps it unmerged)")
     ap.add_argument("--infer-py-args", default="", help="more infer.py flags, e.g. '--num-workers 4' (the old default)")
     ap.add_argument("--samples", choices=("small", "full_val"), default="small",
                     help="the real images cycled: ../shared/latex_ocr/small's 110 (runs J-N) or full_val's 4,096 "

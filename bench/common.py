@@ -156,6 +156,27 @@ def build_random_qwen3_5(shared: Path, out: Path, src: Path | None = None) -> Pa
     return out
 
 
+def build_random_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter of train.py's defaults (rank LORA_R, LORA_ALPHA, on the language model's seven
+    projections) with random, non-zero B matrices, saved as train.py saves one: what infer.py loads after a
+    user's run. Built once per `out` (on the CPU: no GPU memory is held)."""
+    if (out / "adapter_config.json").exists():
+        return out
+    import torch
+
+    import train  # its LoRA settings (ROOT is on sys.path)
+    from latexocr.modeling import add_lora, load_model
+    model = load_model(str(model_dir), torch.bfloat16)
+    model = add_lora(model, r=train.LORA_R, alpha=train.LORA_ALPHA, dropout=train.LORA_DROPOUT)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1e-3)
+    model.save_pretrained(out)
+    return out
+
+
 def _matched(root: Path, split: str) -> list[tuple[str, str]]:
     """(image path, label) of one split of a LaTeX_OCR folder: its matching file pairs each image with a
     line of its formulas file."""

@@ -356,3 +356,21 @@ def test_processor_saved_with_the_adapter_is_preferred(trained, tiny_model_dir, 
     _, processor, loaded = infer.load_for_inference(args)
     assert loaded == str(adapter)
     assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+
+
+def test_the_benchmarks_random_adapter_is_what_train_py_saves(tiny_model_dir, tmp_path, capsys):
+    """bench/common.py build_random_adapter (bench_infer.py --adapter random: infer.py timed as a user runs
+    it after training): train.py's LoRA settings, non-zero updates, and infer.py loads and merges it."""
+    import train
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import build_random_adapter
+    from latexocr.cli import parse_settings
+    adapter = build_random_adapter(tiny_model_dir, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (train.LORA_R, train.LORA_ALPHA)
+    args = parse_settings(infer.SETTINGS, infer.__doc__, common(tiny_model_dir, adapter=str(adapter)))
+    model, _, _ = infer.load_for_inference(args)
+    assert "(merged into the weights for inference)" in capsys.readouterr().err
+    from transformers import AutoModelForImageTextToText
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in model.state_dict().items() if k in base)
