@@ -102,8 +102,10 @@ def write_rows(rows: list[dict], out: Path) -> None:
             writer.writerows(rows)
 
 
-def load_for_inference(args):
-    """(model, processor, trained folder or None) of base + adapter, or of a fully fine-tuned model folder."""
+def load_for_inference(args, before_model=None):
+    """(model, processor, trained folder or None) of base + adapter, or of a fully fine-tuned model folder.
+    before_model(processor, base folder, adapter): called once the processor is loaded, before the model
+    (load_with_sample sets up the samples there, and infer.py starts its image loader, overlapping the load)."""
     import torch
     from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
                                    quantization_config, resolve_model)
@@ -115,14 +117,16 @@ def load_for_inference(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(args.dtype)
     speed = speed_choices()  # the attention implementation and packed vision attention: latexocr/fast/choices.py
-    model = load_model(base, dtype, speed.attention, device_map=device,
-                       quantization=quantization_config(args.quantization, dtype))
-    # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
-    prepare_model(model, speed)
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter if saved else base)
+    if before_model is not None:
+        before_model(processor, base, adapter)
+    model = load_model(base, dtype, speed.attention, device_map=device,
+                       quantization=quantization_config(args.quantization, dtype))
+    # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
+    prepare_model(model, speed)
     if full:
         print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
     elif adapter:
@@ -168,17 +172,25 @@ def rescore(args) -> None:
         print(f"report: {page}")
 
 
-def load_with_sample(args):
-    """(model, processor, adapter, sample encoder, sample definition): the model, and its samples
-    shown as it was trained: the sizing and prompt saved with the adapter (else with a local model
-    folder: a merged model), unless settings say otherwise."""
-    from latexocr.sample import setup_sample
+def load_with_sample(args, prefetch=None):
+    """(model, processor, adapter, sample encoder, sample definition, prefetch's answer): the model, and its
+    samples shown as it was trained: the sizing and prompt saved with the adapter (else with a local model
+    folder: a merged model), unless settings say otherwise. prefetch(encoder): called with the sample
+    encoder before the model loads (main: the image loader's workers start there)."""
+    from transformers import AutoConfig
 
-    model, processor, adapter = load_for_inference(args)
-    trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
-    encoder, definition = setup_sample(processor, args, model.config.model_type, trained,
-                                       note_if_missing=adapter is not None)
-    return model, processor, adapter, encoder, definition
+    from latexocr.sample import setup_sample
+    sample = {}
+
+    def before_model(processor, base, adapter):
+        trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
+        model_type = AutoConfig.from_pretrained(base).model_type  # the model's config, read before its weights
+        sample["encoder"], sample["definition"] = setup_sample(processor, args, model_type, trained,
+                                                               note_if_missing=adapter is not None)
+        sample["prefetched"] = prefetch(sample["encoder"]) if prefetch is not None else None
+
+    model, processor, adapter = load_for_inference(args, before_model)
+    return model, processor, adapter, sample["encoder"], sample["definition"], sample["prefetched"]
 
 
 def merge(args) -> None:
@@ -189,7 +201,7 @@ def merge(args) -> None:
         raise SystemExit("--merge-to needs an adapter (got --adapter none)")
     if args.quantization != "none":
         raise SystemExit("--merge-to merges into the full-precision base: leave --quantization none")
-    model, processor, _, encoder, definition = load_with_sample(args)
+    model, processor, _, encoder, definition, _ = load_with_sample(args)
     # a fully fine-tuned model (or an adapter load_for_inference merged) is already one plain model
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.save_pretrained(args.merge_to)
@@ -247,8 +259,18 @@ def main(argv=None):
     with clock.phase("scoring start"):
         scorer = Scorer(default_workers(rows=len(images)) if labelled else 0)
     with scorer:
+        # the image loader's workers start once the sample encoder is known, before the model loads: the
+        # first prefill chunks are ready when the model is (run U: 0.85-1.24 s of waiting after it)
+        prefetch = None
+        if workers != 0:
+            from latexocr.generation import Prefetch
+            from latexocr.modeling import pick_dtype
+
+            def prefetch(encoder):
+                return Prefetch(encoder, images, parse_auto(args.batch_size, "BATCH_SIZE"),
+                                default_loader_workers() if workers is None else workers, pick_dtype(args.dtype))
         with clock.phase("model load"):
-            model, _, adapter, encoder, _ = load_with_sample(args)
+            model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch)
 
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
@@ -256,7 +278,7 @@ def main(argv=None):
         results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
                           max_new_tokens=args.max_new_tokens,
                           num_workers=default_loader_workers() if workers is None else workers,
-                          progress=len(images) > 1,
+                          progress=len(images) > 1, prefetched=prefetched,
                           on_batch=score_batch if labelled else None, stopwatch=clock)
         rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}
                 for image, result in zip(images, results)]

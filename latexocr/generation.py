@@ -127,6 +127,30 @@ def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_worker
     return iter(loader)
 
 
+class Prefetch:
+    """The static decoder's image loader started before the model exists (infer.py: while it loads): the
+    images in predict's order (largest first) and the workers building their first prefill chunks. predict
+    takes it over where it would have started the same loader (the static decoder, these images, the
+    vision tower's dtype), and otherwise starts its own (this one's workers stop with it)."""
+
+    def __init__(self, encoder: SampleEncoder, image_paths: list[str], batch_size: int | None, num_workers: int,
+                 pixel_dtype: torch.dtype | None):
+        self.image_paths, self.pixel_dtype = image_paths, pixel_dtype
+        self.unit = loader_unit(batch_size, static=True)
+        self.order = _size_order(image_paths)[::-1]
+        self.paths = [image_paths[i] for i in self.order]
+        self.units = start_loader(encoder, self.paths, self.unit, num_workers, True, pixel_dtype)
+
+    def take(self, image_paths: list[str], unit: int | None, static: bool, pixel_dtype):
+        """(order, paths, loader) where the loader is the one predict would start, else None; either way
+        this object lets go of it (an unused loader's workers stop once nothing holds it)."""
+        units, self.units = self.units, None
+        if units is None or not (static and image_paths is self.image_paths and unit == self.unit
+                                 and pixel_dtype == self.pixel_dtype):
+            return None
+        return self.order, self.paths, units
+
+
 def joined_batches(units, unit: int, batch_size: int):
     """Generation batches of `batch_size` paths from consecutive loader units of `unit` paths (a divisor)."""
     per_batch, group = batch_size // unit, []
@@ -355,7 +379,7 @@ def _hand_over(on_batch, results: list[dict], done: list[int]) -> None:
 def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: int | None = 64,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, num_workers: int = 2,
             progress: bool = True, engine: str = "auto", on_batch=None, batch_setting: str = "BATCH_SIZE",
-            stopwatch: Stopwatch | None = None, **generate_kwargs) -> list[dict]:
+            stopwatch: Stopwatch | None = None, prefetched: Prefetch | None = None, **generate_kwargs) -> list[dict]:
     """Greedy LaTeX for each image, in input order:
     [{"prediction": str | None, "error": str | None, "truncated": bool}].
 
@@ -371,6 +395,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     and their result dicts (every row once, unreadable images included), so a caller can score
     them while the next batch generates.
     stopwatch: where the seconds of each phase are added (infer.py --profile), see latexocr/timing.py.
+    prefetched: the loader a caller started for these images before the model loaded (Prefetch), taken
+    over where it is the one this call would start.
     """
     from tqdm.auto import tqdm
 
@@ -393,15 +419,20 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             if engine == "static" and not supported:
                 raise ValueError("engine='static' does not support this model or these generate options "
                                  f"({sorted(generate_kwargs)}); use engine='generate'")
-            with clock.phase("sort by size"):
-                order = _size_order(image_paths)[::-1]  # the largest first: the first chunk is the probe's
-                paths = [image_paths[i] for i in order]
             # the workers start before the memory probe where their unit does not depend on its answer; the
             # probe prefills their first chunk (the largest images, built in a worker), decoded with its batch
             unit = loader_unit(batch_size, static)
             pixels = vision_dtype(model)
-            with clock.phase("data wait"):
-                units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
+            taken = prefetched.take(image_paths, unit, static, pixels) if prefetched is not None else None
+            if taken is not None:
+                order, paths, units = taken
+            else:
+                with clock.phase("sort by size"):
+                    order = _size_order(image_paths)[::-1]  # the largest first: the first chunk is the probe's
+                    paths = [image_paths[i] for i in order]
+                with clock.phase("data wait"):
+                    units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
+            taken = None
             prefill_rows = PREFILL_CHUNK_ROWS  # rows per prefill call: fewer where auto's probe found them too many
             if batch_size is None:
                 first = None

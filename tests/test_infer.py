@@ -374,3 +374,28 @@ def test_the_benchmarks_random_adapter_is_what_train_py_saves(tiny_model_dir, tm
     from transformers import AutoModelForImageTextToText
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(base[k], v) for k, v in model.state_dict().items() if k in base)
+
+
+def test_the_loader_started_before_the_model_gives_the_same_predictions(tiny_model_dir, formula_images, monkeypatch):
+    """generation.Prefetch (infer.py starts it before the model loads): predict takes its loader over and
+    predicts what it predicts on its own; a Prefetch of other images is let go and predict starts its own."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from latexocr.batching import SampleEncoder
+    from latexocr.generation import Prefetch, predict
+    from latexocr.sample import sizing_for
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    paths = [str(p) for p, _ in formula_images[:5]]
+    early = Prefetch(encoder, paths, None, 1, torch.float32)  # before the model: BATCH_SIZE=auto, one worker
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    kw = dict(max_new_tokens=6, num_workers=0, progress=False, batch_size=None)
+    expected = predict(model, encoder, paths, **kw)
+    other = Prefetch(encoder, list(paths), None, 1, torch.float32)  # another list: not these images
+    from latexocr import generation
+    started, start = [], generation.start_loader
+    monkeypatch.setattr(generation, "start_loader", lambda *a, **k: started.append(1) or start(*a, **k))
+    assert predict(model, encoder, paths, prefetched=early, **kw) == expected
+    assert early.units is None and not started  # taken over: no loader of its own
+    assert predict(model, encoder, paths, prefetched=other, **kw) == expected
+    assert other.units is None and len(started) == 1  # let go; predict started its own
