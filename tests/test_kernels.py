@@ -296,3 +296,26 @@ def test_the_norm_kernel_gives_generates_texts_in_every_family(tiny_family_dirs,
     folders = {family: str(folder) for family, folder in tiny_family_dirs.items()}
     paths = [str(p) for p, _ in formula_images[:2]]
     assert "OK" in run_child(NORMS_EVERY_FAMILY, json.dumps(folders), json.dumps(paths), TRITON_INTERPRET="1")
+
+
+def test_a_kernel_this_machine_refuses_falls_back_with_one_line(capsys):
+    """A Triton version or GPU that refuses a kernel's compile: one warning line, the caller's torch form
+    (False), and no second attempt for those settings; other settings are still tried."""
+    from latexocr.fast import kernels
+    calls = []
+
+    class Refused:
+        __name__ = "refused_kernel"
+
+        def __getitem__(self, grid):
+            def run(*args, **settings):
+                calls.append(settings)
+                raise RuntimeError("PassManager::run failed\nmore detail")
+            return run
+
+    kernel = Refused()
+    assert kernels._launch(kernel, (1,), 0, BLOCK=16) is False
+    assert kernels._launch(kernel, (1,), 0, BLOCK=16) is False and len(calls) == 1
+    err = capsys.readouterr().err
+    assert err.count("refused_kernel did not run here (RuntimeError: PassManager::run failed)") == 1
+    assert kernels._launch(kernel, (1,), 0, BLOCK=32) is False and len(calls) == 2

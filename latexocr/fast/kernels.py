@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -47,6 +48,28 @@ def usable(tensor: torch.Tensor) -> bool:
     """Whether the kernels can run on `tensor`'s device: CUDA with Triton, or Triton's CPU interpreter."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return (tensor.is_cuda or (interpreted and tensor.device.type == "cpu")) and _triton() is not None
+
+
+_REFUSED: set = set()  # (kernel, compile-time settings) this machine's Triton or GPU refused: torch forms instead
+
+
+def _launch(kernel, grid, *args, **settings) -> bool:
+    """kernel[grid](*args, **settings); False, with one line the first time, where it cannot run here (a
+    Triton version or GPU that refuses the compile): the caller's torch form runs instead of a traceback.
+    A decode step's kernels first run in its warm-up step, outside the CUDA graph's capture."""
+    key = (getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel)),
+           tuple(sorted(settings.items())))
+    if key in _REFUSED:
+        return False
+    try:
+        kernel[grid](*args, **settings)
+        return True
+    except Exception as exc:  # noqa: BLE001 -- a speed path: the torch form is always there
+        _REFUSED.add(key)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        print(f"warning: latexocr's Triton kernel {key[0]} did not run here ({type(exc).__name__}: {reason}); "
+              f"its torch form runs instead", file=sys.stderr, flush=True)
+        return False
 
 
 def _power_of_two(n: int) -> bool:
@@ -202,13 +225,14 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     launch = {**(STEP_LAUNCH if tokens == 1 else PREFILL_LAUNCH), **(launch or {})}
     block = min(dv, launch["block_v"])
     delta_rule_kernel = _triton()[0]
-    delta_rule_kernel[(rows * heads_v, dv // block)](
+    ran = _launch(
+        delta_rule_kernel, (rows * heads_v, dv // block),
         q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6,
         DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
         STAGES=launch["stages"], num_warps=launch["warps"])
-    return out
+    return out if ran else None
 
 
 def delta_rule_step(query, key, value, g, beta, state, use_qk_l2norm: bool) -> torch.Tensor | None:
@@ -232,11 +256,11 @@ def conv_update(hidden_states, conv_state, weight, bias=None, activation=None) -
     out = torch.empty(rows, channels, 1, dtype=hidden_states.dtype, device=hidden_states.device)
     block = 256
     conv_update_kernel = _triton()[1]
-    conv_update_kernel[(-(-channels // block), rows)](
-        hidden_states, conv_state, weight, weight if bias is None else bias, out,
-        hidden_states.stride(0), hidden_states.stride(1), channels,
-        WIDTH=width, TAPS=taps, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=block)
-    return out
+    ran = _launch(conv_update_kernel, (-(-channels // block), rows),
+                  hidden_states, conv_state, weight, weight if bias is None else bias, out,
+                  hidden_states.stride(0), hidden_states.stride(1), channels,
+                  WIDTH=width, TAPS=taps, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK=block)
+    return out if ran else None
 
 
 def causal_conv(hidden_states, weight, bias=None, activation=None) -> torch.Tensor | None:
@@ -254,11 +278,12 @@ def causal_conv(hidden_states, weight, bias=None, activation=None) -> torch.Tens
     out = torch.empty(rows, tokens, channels, dtype=hidden_states.dtype, device=hidden_states.device)
     block_t, block_c = 16, 128
     causal_conv_kernel = _triton()[2]
-    causal_conv_kernel[(-(-channels // block_c), -(-tokens // block_t), rows)](
-        hidden_states, weight, weight if bias is None else bias, out,
-        hidden_states.stride(0), hidden_states.stride(1), hidden_states.stride(2), tokens, channels,
-        TAPS=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_T=block_t, BLOCK_C=block_c)
-    return out.transpose(1, 2)
+    ran = _launch(causal_conv_kernel, (-(-channels // block_c), -(-tokens // block_t), rows),
+                  hidden_states, weight, weight if bias is None else bias, out,
+                  hidden_states.stride(0), hidden_states.stride(1), hidden_states.stride(2), tokens, channels,
+                  TAPS=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation is not None,
+                  BLOCK_T=block_t, BLOCK_C=block_c)
+    return out.transpose(1, 2) if ran else None
 
 
 def rms_norm(hidden_states, weight, eps: float, offset: bool) -> torch.Tensor | None:
@@ -278,6 +303,6 @@ def rms_norm(hidden_states, weight, eps: float, offset: bool) -> torch.Tensor | 
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     block = 1 << (width - 1).bit_length()
     rms_norm_kernel = _triton()[3]
-    rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), width, eps, OFFSET=offset, BLOCK=block,
-                                   num_warps=min(16, max(1, block // 256)))
-    return out.view(*hidden_states.shape[:-1], width)
+    ran = _launch(rms_norm_kernel, (x.shape[0],), x, weight, out, x.stride(0), width, eps, OFFSET=offset,
+                  BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out.view(*hidden_states.shape[:-1], width) if ran else None
