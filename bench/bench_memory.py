@@ -109,7 +109,7 @@ if os.environ.get("BENCH_TIMELINE") == "1" and "torch" in sys.modules:
     atexit.register(_timeline)
 '''
 HAND_GRID = [(micro, ckpt) for micro in (16, 8, 4) for ckpt in (False, True)]
-HAND_ROWS = (512, 256, 128)
+HAND_ROWS = (512, 384, 256, 128)  # 384: three whole prefill chunks (run U: 256 beat auto's 344 at 24 GiB)
 # seconds per cell for a 2B model on an H200 (run M: start-up, model load, probes, 20 steps, two evaluations;
 # infer.py: 2,048 images); larger models scale with their weights
 EXTRA: list[str] = []  # --extra: more flags for every cell's script (the last of a flag given twice wins)
