@@ -95,17 +95,20 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
                                                                  / expected.float().abs().max()).item()
         # the RMSNorms: the text models' classes themselves, a width that is not a power of two, rows strided
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRMSNorm
-        for norm, offset in ((Qwen2VLRMSNorm(96, eps=1e-6), False), (q35.Qwen3_5RMSNorm(96, eps=1e-6), True)):
+        for norm, form in ((Qwen2VLRMSNorm(96, eps=1e-6), "plain"), (q35.Qwen3_5RMSNorm(96, eps=1e-6), "offset"),
+                           (q35.Qwen3_5RMSNormGated(96, eps=1e-6), "gated")):
             norm = norm.to(device=device, dtype=dtype)
             with torch.no_grad():
                 norm.weight.normal_()
             x = torch.randn(rows, 7, 2 * 96, device=device).to(dtype)[..., :96]
+            gate = torch.randn(rows, 7, 96, device=device).to(dtype)
             with torch.no_grad():
-                expected = norm(x)
-                got = kernels.rms_norm(x, norm.weight, norm.eps if offset else norm.variance_epsilon, offset)
+                expected = norm(x, gate) if form == "gated" else norm(x)
+                eps = norm.eps if form == "offset" else norm.variance_epsilon
+                got = kernels.rms_norm(x, norm.weight, eps, form == "offset", gate if form == "gated" else None)
             assert got.shape == expected.shape and got.dtype == expected.dtype, (got.dtype, expected.dtype)
-            worst[("rms norm", offset, str(dtype))] = ((got.float() - expected.float()).abs().max()
-                                                       / expected.float().abs().max()).item()
+            worst[("rms norm", form, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                                     / expected.float().abs().max()).item()
 print("WORST", worst)
 for (what, _, dtype, *_), err in worst.items():
     # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
@@ -153,7 +156,7 @@ model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32,
 processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 assert decoding.uses_kernel_conv_update(vision_language_core(model))
-assert decoding.norm_classes(model) == {q35.Qwen3_5RMSNorm: True}  # not the gated norm of the linear layers
+assert decoding.norm_classes(model) == {q35.Qwen3_5RMSNorm: "offset", q35.Qwen3_5RMSNormGated: "gated"}
 calls = {"delta": 0, "conv": 0, "prefill": 0, "prefill conv": 0, "norm": 0}
 rule, update, prefill_conv, norm = kernels.delta_rule, kernels.conv_update, kernels.causal_conv, kernels.rms_norm
 def counted_norm(*a, **k):
@@ -278,7 +281,7 @@ for family, folder in folders.items():
     processor = AutoProcessor.from_pretrained(folder)
     encoder = SampleEncoder(processor, sizing_for(processor))
     forms = decoding.norm_classes(model)
-    assert sorted(forms.values()) == [family == "qwen3_5"], (family, forms)  # one class, its form
+    assert sorted(forms.values()) == (["gated", "offset"] if family == "qwen3_5" else ["plain"]), (family, forms)
     kw = dict(max_new_tokens=4, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
     before = calls[0]

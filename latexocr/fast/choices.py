@@ -43,8 +43,9 @@ class SpeedChoices:
                                           # fla) and its convolution (without causal-conv1d) as Triton kernels
                                           # (fast/kernels.py delta_rule, causal_conv); off: the torch forms. Run U:
                                           # the delta rule's 1.01x and 1.4 GiB less; the convolution not yet measured
-    norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms of the static decoder's
-                                          # prefill and step in one Triton kernel each (fast/kernels.py rms_norm)
+    norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms (Qwen3.5's gated one too)
+                                          # of the static decoder's prefill and step in one Triton kernel each
+                                          # (fast/kernels.py rms_norm)
                                           # instead of ~7 torch kernels; off: the torch form. Not yet measured
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels

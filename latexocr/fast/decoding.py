@@ -295,9 +295,10 @@ def _prefill_functions(delta_rule: bool, conv: bool = False, norms: dict | None 
 
 # The RMSNorm forwards kernels.rms_norm computes, by their source's hash (fast/upstream.py source_hash; the
 # same in transformers 5.24 and 5.25): Qwen2VLRMSNorm, Qwen2_5_VLRMSNorm and Qwen3VLTextRMSNorm share one
-# text (-> False: the weight times the normalised x in x's dtype); Qwen3_5RMSNorm (-> True: times 1 + weight
-# in fp32). A class whose forward hashes otherwise keeps its own (and the drift check names it).
-NORM_FORMS = {"0d702ef8d7d8a129": False, "6bc29e6eecca35b2": True}
+# text ("plain": the weight times the normalised x in x's dtype); Qwen3_5RMSNorm ("offset": times 1 + weight
+# in fp32); Qwen3_5RMSNormGated ("gated": plain, times silu(gate) in fp32). A class whose forward hashes
+# otherwise keeps its own (and the drift check names it).
+NORM_FORMS = {"0d702ef8d7d8a129": "plain", "6bc29e6eecca35b2": "offset", "cc5787a1b20e963f": "gated"}
 
 
 def norm_classes(model) -> dict:
@@ -307,7 +308,7 @@ def norm_classes(model) -> dict:
     found, seen = {}, set()
     for module in model.modules():
         cls = type(module)
-        if cls in seen or not cls.__name__.endswith("RMSNorm"):
+        if cls in seen or not cls.__name__.endswith(("RMSNorm", "RMSNormGated")):
             continue
         seen.add(cls)
         form = NORM_FORMS.get(source_hash(cls.__module__, f"{cls.__qualname__}.forward"))
@@ -316,8 +317,15 @@ def norm_classes(model) -> dict:
     return found
 
 
-def _kernel_norm_forward(offset: bool):
+def _kernel_norm_forward(form: str):
+    if form == "gated":
+        def forward(self, hidden_states, gate):
+            out = kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon, False, gate)
+            return _REPLACED_NORMS[type(self)](self, hidden_states, gate) if out is None else out
+        return forward
+
     def forward(self, hidden_states):
+        offset = form == "offset"
         out = kernels.rms_norm(hidden_states, self.weight, self.eps if offset else self.variance_epsilon, offset)
         return _REPLACED_NORMS[type(self)](self, hidden_states) if out is None else out
     return forward
@@ -327,9 +335,9 @@ def _kernel_norm_forward(offset: bool):
 def _norm_functions(norms: dict | None):
     """While a prefill or a decode step runs, each class in `norms` computes its forward through
     kernels.rms_norm (the class attribute; restored after)."""
-    for cls, offset in (norms or {}).items():
+    for cls, form in (norms or {}).items():
         _REPLACED_NORMS[cls] = cls.forward
-        cls.forward = _kernel_norm_forward(offset)
+        cls.forward = _kernel_norm_forward(form)
     try:
         yield
     finally:
@@ -481,7 +489,7 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
-        self.norms = uses_norm_kernel(self.core)  # every family, on a GPU: {RMSNorm class: form}
+        self.norms = uses_norm_kernel(self.core)  # every family, on a GPU: {RMSNorm class: its form}
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule

@@ -175,9 +175,11 @@ def _build():
                  acc.to(out_ptr.dtype.element_ty), mask=(token < tokens)[:, None] & inside[None, :])
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, weight_ptr, out_ptr, x_row, width, eps, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
-        # one program: one row. LLAMA form (OFFSET False): w * (x / rms(x) rounded to x's dtype), the product
-        # rounded once more; OFFSET (Qwen3.5): (x / rms(x)) * (1 + w) in fp32, rounded once
+    def rms_norm_kernel(x_ptr, weight_ptr, gate_ptr, out_ptr, x_row, gate_row, width, eps, OFFSET: tl.constexpr,
+                        GATE: tl.constexpr, BLOCK: tl.constexpr):
+        # one program: one row. Plain form (OFFSET False): w * (x / rms(x) rounded to x's dtype), the product
+        # rounded once more; OFFSET (Qwen3.5): (x / rms(x)) * (1 + w) in fp32, rounded once; GATE (Qwen3.5's
+        # gated norm): the plain form's result times silu(gate) in fp32, rounded once more
         row = tl.program_id(0).to(tl.int64)
         column = tl.arange(0, BLOCK)
         inside = column < width
@@ -189,6 +191,9 @@ def _build():
             y = x32 * rstd * (1.0 + w)
         else:
             y = (x32 * rstd).to(x.dtype).to(tl.float32) * w
+        if GATE:
+            g = tl.load(gate_ptr + row * gate_row + column, mask=inside, other=0.0).to(tl.float32)
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32) * (g * tl.sigmoid(g))
         tl.store(out_ptr + row * width + column, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel
@@ -286,23 +291,29 @@ def causal_conv(hidden_states, weight, bias=None, activation=None) -> torch.Tens
     return out.transpose(1, 2) if ran else None
 
 
-def rms_norm(hidden_states, weight, eps: float, offset: bool) -> torch.Tensor | None:
-    """The text models' RMSNorm in one kernel, where the torch form is ~7 kernels over an fp32 copy (a
-    decode step at 512 rows holds ~57 of them for Qwen2-VL-2B). offset False: Qwen2-VL's, Qwen2.5-VL's and
+def rms_norm(hidden_states, weight, eps: float, offset: bool, gate=None) -> torch.Tensor | None:
+    """The models' RMSNorm in one kernel, where the torch form is ~7 kernels over an fp32 copy (a decode
+    step at 512 rows holds ~57 of them for Qwen2-VL-2B). offset False: Qwen2-VL's, Qwen2.5-VL's and
     Qwen3-VL's form (`weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`); True: Qwen3.5's (`(x * rsqrt(...) *
-    (1 + weight.float())).type_as(x)`). None where the kernel does not apply (a gradient, a row wider than
-    one block's 16,384 columns, a weight of another width)."""
+    (1 + weight.float())).type_as(x)`); a gate (Qwen3.5's gated norm, offset False): that form times
+    `silu(gate.float())`, in x's dtype. None where the kernel does not apply (a gradient, a row wider than
+    one block's 16,384 columns, a weight or gate of another shape)."""
     width = hidden_states.shape[-1]
     if (weight.dim() != 1 or weight.shape[0] != width or width > 16384 or hidden_states.numel() == 0
-            or torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad)):
+            or gate is not None and (offset or gate.shape != hidden_states.shape)
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden_states, weight, gate))):
         return None  # no backward: training keeps the torch form
     x = hidden_states.reshape(-1, width)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    dtype = hidden_states.dtype if offset else torch.promote_types(weight.dtype, hidden_states.dtype)
+    g = x if gate is None else gate.reshape(-1, width)
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    plain = torch.promote_types(weight.dtype, hidden_states.dtype)
+    dtype = hidden_states.dtype if offset or gate is not None else plain
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     block = 1 << (width - 1).bit_length()
     rms_norm_kernel = _triton()[3]
-    ran = _launch(rms_norm_kernel, (x.shape[0],), x, weight, out, x.stride(0), width, eps, OFFSET=offset,
-                  BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    ran = _launch(rms_norm_kernel, (x.shape[0],), x, weight, g, out, x.stride(0), g.stride(0), width, eps,
+                  OFFSET=offset, GATE=gate is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return out.view(*hidden_states.shape[:-1], width) if ran else None

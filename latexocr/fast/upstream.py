@@ -103,6 +103,10 @@ SOURCES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNorm.forward"):
         ("fast/kernels.py rms_norm computes this (offset True: times 1 + weight in fp32) and fast/decoding.py "
          "_norm_functions stands in for it while the static decoder's prefill and step run", ("6bc29e6eecca35b2",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNormGated.forward"):
+        ("fast/kernels.py rms_norm computes this (a gate: the plain form times silu(gate) in fp32) and "
+         "fast/decoding.py _norm_functions stands in for it while the static decoder's prefill and step run",
+         ("cc5787a1b20e963f",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -177,7 +181,8 @@ PRIVATE_ATTRIBUTES = {
         "fast/decoding.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
         ("fast/decoding.py _norm_functions: kernels.rms_norm while the static decoder's prefill and step run, then "
-         "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm and Qwen3_5RMSNorm (found by norm_classes)"),
+         "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm, Qwen3_5RMSNorm and Qwen3_5RMSNormGated (found "
+         "by norm_classes)"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
