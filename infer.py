@@ -245,7 +245,7 @@ def main(argv=None):
             problem = check_writable(Path(args.output).resolve().parent)
             if problem:
                 raise SystemExit(f"error: {problem}")
-    parse_auto(args.batch_size, "BATCH_SIZE")  # auto or a number: checked before any model loads
+    batch_size = parse_auto(args.batch_size, "BATCH_SIZE")  # auto (None) or a number: checked before any model loads
     workers = parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)  # 0: images loaded in this process
     if not args.merge_to:  # a wrong value or missing bitsandbytes: said now, not after the model has loaded
         import torch
@@ -262,22 +262,21 @@ def main(argv=None):
         # the image loader's workers start once the sample encoder is known, before the model loads: the
         # first prefill chunks are ready when the model is (run U: 0.85-1.24 s of waiting after it)
         prefetch = None
-        if workers != 0:
+        loader_workers = default_loader_workers() if workers is None else workers
+        if loader_workers != 0:
             from latexocr.generation import Prefetch
             from latexocr.modeling import pick_dtype
 
             def prefetch(encoder):
-                return Prefetch(encoder, images, parse_auto(args.batch_size, "BATCH_SIZE"),
-                                default_loader_workers() if workers is None else workers, pick_dtype(args.dtype))
+                return Prefetch(encoder, images, batch_size, loader_workers, pick_dtype(args.dtype))
         with clock.phase("model load"):
             model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch)
 
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
 
-        results = predict(model, encoder, images, batch_size=parse_auto(args.batch_size, "BATCH_SIZE"),
-                          max_new_tokens=args.max_new_tokens,
-                          num_workers=default_loader_workers() if workers is None else workers,
+        results = predict(model, encoder, images, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                          num_workers=loader_workers,
                           progress=len(images) > 1, prefetched=prefetched,
                           on_batch=score_batch if labelled else None, stopwatch=clock)
         rows = [{"image": image, "prediction": result["prediction"], "error": result["error"] or ""}

@@ -172,7 +172,7 @@ def test_pixels_cast_in_the_workers_change_nothing(family_dirs, formula_images, 
 
 @pytest.mark.parametrize("heads_k", [4, 2])  # 2: grouped value heads (Qwen3.5 has 16 key heads, 16 or 32 value heads)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_place(heads_k, dtype):
+def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_place(heads_k, dtype, monkeypatch):
     """decoding.one_token_delta_rule against transformers' reference one-token rule (what runs without
     flash-linear-attention): the same output and new state (fp32 state; regrouped sums, hence 1e-5),
     the state written into the buffer it was given; anything but one token goes to the reference."""
@@ -187,7 +187,8 @@ def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_pl
     state = torch.randn(rows, heads_v, dk, dv)
     kw = dict(g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
     expected_out, expected_state = q35.torch_recurrent_gated_delta_rule(query, key, value, initial_state=state.clone(), **kw)
-    decoding._REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
+    # what _standing_in records while a decode step runs: the function one_token_delta_rule falls back to
+    monkeypatch.setitem(decoding._REPLACED, (q35, "torch_recurrent_gated_delta_rule"), q35.torch_recurrent_gated_delta_rule)
     buffer = state.clone()
     out, new_state = decoding.one_token_delta_rule(query, key, value, initial_state=buffer, **kw)
     assert new_state is buffer and out.dtype == dtype and out.shape == expected_out.shape

@@ -197,9 +197,9 @@ def one_token_delta_rule(query, key, value, g, beta, initial_state=None, output_
     if (query.shape[1] != 1 or initial_state is None or not output_final_state
             or initial_state.dtype != torch.float32 or not initial_state.is_contiguous()
             or kwargs.get("cu_seqlens") is not None):
-        return _REPLACED_DELTA_RULE[0](query, key, value, g=g, beta=beta, initial_state=initial_state,
-                                       output_final_state=output_final_state,
-                                       use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+        return _replaced("torch_recurrent_gated_delta_rule")(
+            query, key, value, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
     if _KERNELS[0]:  # one kernel: the state read and written once, in place
         out = kernels.delta_rule_step(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
         if out is not None:
@@ -231,7 +231,7 @@ def one_token_conv_update(hidden_states, conv_state, weight, bias=None, activati
         out = kernels.conv_update(hidden_states, conv_state, weight, bias, activation)
         if out is not None:
             return out
-    return _REPLACED_CONV_UPDATE[0](hidden_states, conv_state, weight, bias, activation)
+    return _replaced("causal_conv1d_update")(hidden_states, conv_state, weight, bias, activation)
 
 
 def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial_state=None,
@@ -248,7 +248,7 @@ def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial
         out = kernels.delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel, state_out=final)
         if out is not None:
             return out, final if output_final_state else None
-    return _REPLACED_CHUNK_RULE[0](query, key, value, g=g, beta=beta, chunk_size=chunk_size,
+    return _replaced("torch_chunk_gated_delta_rule")(query, key, value, g=g, beta=beta, chunk_size=chunk_size,
                                    initial_state=initial_state, output_final_state=output_final_state,
                                    use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
 
@@ -263,34 +263,16 @@ def prefill_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
         out = kernels.causal_conv(hidden_states, weight, bias, activation)
         if out is not None:
             return out
-    return _REPLACED_CONV_FN[0](hidden_states, weight, bias, activation=activation, **kwargs)
+    return _replaced("causal_conv1d_fn")(hidden_states, weight, bias, activation=activation, **kwargs)
 
 
-@contextlib.contextmanager
 def _prefill_functions(delta_rule: bool, conv: bool = False, norms: dict | None = None):
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
     its kernel (delta_rule), its convolution without a cache prefill_conv through its kernel (conv), and
     the RMSNorm classes in `norms` (norm_classes) compute through kernels.rms_norm; restored after. All off:
     nothing changes."""
-    if not (delta_rule or conv or norms):
-        yield
-        return
-    if delta_rule or conv:
-        from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    if delta_rule:
-        _REPLACED_CHUNK_RULE[0], q35.torch_chunk_gated_delta_rule = q35.torch_chunk_gated_delta_rule, prefill_delta_rule
-    if conv:
-        _REPLACED_CONV_FN[0], q35.causal_conv1d_fn = q35.causal_conv1d_fn, prefill_conv
-    _KERNELS[0] = delta_rule or conv
-    try:
-        with _norm_functions(norms):
-            yield
-    finally:
-        if delta_rule:
-            q35.torch_chunk_gated_delta_rule = _REPLACED_CHUNK_RULE[0]
-        if conv:
-            q35.causal_conv1d_fn = _REPLACED_CONV_FN[0]
-        _KERNELS[0] = False
+    return _standing_in({"torch_chunk_gated_delta_rule": prefill_delta_rule if delta_rule else None,
+                         "causal_conv1d_fn": prefill_conv if conv else None}, norms, delta_rule or conv)
 
 
 # The RMSNorm forwards kernels.rms_norm computes, by their source's hash (fast/upstream.py source_hash; the
@@ -318,31 +300,46 @@ def norm_classes(model) -> dict:
 
 
 def _kernel_norm_forward(form: str):
+    """The forward an RMSNorm class of that form (NORM_FORMS) has while _standing_in runs."""
     if form == "gated":
         def forward(self, hidden_states, gate):
             out = kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon, False, gate)
-            return _REPLACED_NORMS[type(self)](self, hidden_states, gate) if out is None else out
+            return _REPLACED[type(self), "forward"](self, hidden_states, gate) if out is None else out
         return forward
+    offset = form == "offset"
 
     def forward(self, hidden_states):
-        offset = form == "offset"
         out = kernels.rms_norm(hidden_states, self.weight, self.eps if offset else self.variance_epsilon, offset)
-        return _REPLACED_NORMS[type(self)](self, hidden_states) if out is None else out
+        return _REPLACED[type(self), "forward"](self, hidden_states) if out is None else out
     return forward
 
 
 @contextlib.contextmanager
-def _norm_functions(norms: dict | None):
-    """While a prefill or a decode step runs, each class in `norms` computes its forward through
-    kernels.rms_norm (the class attribute; restored after)."""
-    for cls, form in (norms or {}).items():
-        _REPLACED_NORMS[cls] = cls.forward
-        cls.forward = _kernel_norm_forward(form)
+def _standing_in(functions: dict, norms: dict | None, use_kernels: bool):
+    """While a prefill or a decode step runs: each Qwen3.5 module-level function named in `functions` is
+    the stand-in given (None: left alone), each RMSNorm class in `norms` (norm_classes) computes its forward
+    through kernels.rms_norm, and the stand-ins take fast/kernels.py's kernels where `use_kernels`; the
+    originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
+    swaps = [(cls, "forward", _kernel_norm_forward(form)) for cls, form in (norms or {}).items()]
+    if any(functions.values()):
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+        swaps += [(q35, name, new) for name, new in functions.items() if new is not None]
+    for owner, name, new in swaps:
+        _REPLACED[owner, name] = getattr(owner, name)
+        setattr(owner, name, new)
+    _KERNELS[0] = use_kernels
     try:
         yield
     finally:
-        for cls in norms or {}:
-            cls.forward = _REPLACED_NORMS.pop(cls)
+        for owner, name, _ in swaps:
+            setattr(owner, name, _REPLACED.pop((owner, name)))
+        _KERNELS[0] = False
+
+
+def _replaced(name: str):
+    """The Qwen3.5 module-level function a stand-in replaced while _standing_in runs."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    return _REPLACED[q35, name]
 
 
 def uses_prefill_kernel(core) -> bool:
@@ -372,42 +369,20 @@ def prefill_as_decoded(model):
     return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), uses_norm_kernel(core))
 
 
-_REPLACED_CHUNK_RULE = [None]  # what prefill_delta_rule stands in for while the decoder's prefill runs
-_REPLACED_CONV_FN = [None]  # what prefill_conv stands in for
-_REPLACED_NORMS = {}  # RMSNorm class -> the forward kernels.rms_norm stands in for while a prefill or step runs
-_REPLACED_DELTA_RULE = [None]  # what one_token_delta_rule stands in for while a decode step runs
-_REPLACED_CONV_UPDATE = [None]  # what one_token_conv_update stands in for
+# (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
+# one_token_delta_rule, one_token_conv_update and the RMSNorm forwards fall back to it)
+_REPLACED = {}
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
 _KERNELS = [False]
 
 
-@contextlib.contextmanager
 def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False, norms: dict | None = None):
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
     one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
     (conv_update), each through its Triton kernel where `use_kernels`, and the RMSNorm classes in `norms`
     compute through kernels.rms_norm; restored after. All off: nothing changes."""
-    if not (delta_rule or conv_update or norms):
-        yield
-        return
-    if delta_rule or conv_update:
-        from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    _KERNELS[0] = use_kernels
-    if delta_rule:
-        _REPLACED_DELTA_RULE[0] = q35.torch_recurrent_gated_delta_rule
-        q35.torch_recurrent_gated_delta_rule = one_token_delta_rule
-    if conv_update:
-        _REPLACED_CONV_UPDATE[0] = q35.causal_conv1d_update
-        q35.causal_conv1d_update = one_token_conv_update
-    try:
-        with _norm_functions(norms):
-            yield
-    finally:
-        if delta_rule:
-            q35.torch_recurrent_gated_delta_rule = _REPLACED_DELTA_RULE[0]
-        if conv_update:
-            q35.causal_conv1d_update = _REPLACED_CONV_UPDATE[0]
-        _KERNELS[0] = False
+    return _standing_in({"torch_recurrent_gated_delta_rule": one_token_delta_rule if delta_rule else None,
+                         "causal_conv1d_update": one_token_conv_update if conv_update else None}, norms, use_kernels)
 
 
 def uses_kernel_conv_update(core) -> bool:

@@ -93,7 +93,7 @@ SOURCES = {
          "transposes its output back to tokens x channels before splitting q, k and v",
          ("4332465371f21918",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
-        ("fast/kernels.py rms_norm computes this (offset False) and fast/decoding.py _norm_functions stands in for "
+        ("fast/kernels.py rms_norm computes this (offset False) and fast/decoding.py _standing_in stands in for "
          "it (the class attribute) while the static decoder's prefill and step run; NORM_FORMS names its hash",
          ("0d702ef8d7d8a129",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRMSNorm.forward"):
@@ -102,10 +102,10 @@ SOURCES = {
         ("as Qwen2VLRMSNorm.forward (the same text)", ("0d702ef8d7d8a129",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNorm.forward"):
         ("fast/kernels.py rms_norm computes this (offset True: times 1 + weight in fp32) and fast/decoding.py "
-         "_norm_functions stands in for it while the static decoder's prefill and step run", ("6bc29e6eecca35b2",)),
+         "_standing_in stands in for it while the static decoder's prefill and step run", ("6bc29e6eecca35b2",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNormGated.forward"):
         ("fast/kernels.py rms_norm computes this (a gate: the plain form times silu(gate) in fp32) and "
-         "fast/decoding.py _norm_functions stands in for it while the static decoder's prefill and step run",
+         "fast/decoding.py _standing_in stands in for it while the static decoder's prefill and step run",
          ("cc5787a1b20e963f",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
@@ -180,7 +180,7 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
         "fast/decoding.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
-        ("fast/decoding.py _norm_functions: kernels.rms_norm while the static decoder's prefill and step run, then "
+        ("fast/decoding.py _standing_in: kernels.rms_norm while the static decoder's prefill and step run, then "
          "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm, Qwen3_5RMSNorm and Qwen3_5RMSNormGated (found "
          "by norm_classes)"),
     ("torch._dynamo.config", "specialize_float"):
