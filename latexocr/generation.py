@@ -94,14 +94,14 @@ def default_loader_workers(processes: int = 1) -> int:
 
 
 def loader_unit(batch_size: int | None, static: bool) -> int | None:
-    """Images per DataLoader batch: with the static loop one prefill chunk (PREFILL_CHUNK_ROWS) wherever the
-    generation batch is a whole number of chunks (or not yet known: BATCH_SIZE=auto before its probe), so
-    a batch's chunks are built by several workers at once and the first batch (which the GPU waits for)
-    is ready in a fraction of the time one worker takes to build it all; the batch is the same chunks as
-    before. Otherwise (None: not yet known) one DataLoader batch is one generation batch, chunked inside."""
-    if static and (batch_size is None or batch_size % PREFILL_CHUNK_ROWS == 0):
-        return PREFILL_CHUNK_ROWS
-    return batch_size
+    """Images per DataLoader batch: with the static loop one prefill chunk (PREFILL_CHUNK_ROWS), whatever the
+    generation batch (joined_batches where it is whole chunks, else rebatched cuts the chunks where a batch
+    ends), so a batch's chunks are built by several workers at once and the first batch (which the GPU waits
+    for) is ready in a fraction of the time one worker takes to build it all. A batch of one DataLoader unit
+    (one worker building 344 images while the GPU waits) decoded Qwen3.5-2B's 2,048 images at 158.9 images/s
+    against 184.3 at 384 rows (docs/BENCHMARKS.md run V). With generate: one DataLoader batch is one
+    generation batch (None before BATCH_SIZE=auto's probe decided it)."""
+    return PREFILL_CHUNK_ROWS if static else batch_size
 
 
 def vision_dtype(model) -> torch.dtype | None:
@@ -211,7 +211,8 @@ def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num
     """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
     builds them (see loader_unit)."""
     unit = loader_unit(batch_size, static)
-    return joined_batches(start_loader(encoder, paths, unit, num_workers, static, pixel_dtype), unit, batch_size)
+    units = start_loader(encoder, paths, unit, num_workers, static, pixel_dtype)
+    return joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
 
 
 def _joined(parts):
@@ -453,7 +454,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 unit = batch_size
                 with clock.phase("data wait"):
                     units = start_loader(encoder, paths, unit, num_workers, static, pixels)
-            # a batch that is not whole chunks (a small card's auto) is cut from the chunks already on their way
+            # a batch that is not whole chunks (a small card's auto, a --batch-size of 344) is cut from the chunks on their way
             batches = joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
