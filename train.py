@@ -264,8 +264,8 @@ def main(argv=None):
     from transformers import AutoConfig, set_seed
 
     from latexocr.evaluation import comparison_table
-    from latexocr.fast import (avoid_refused_kernels, describe_linear_attention, keep_packed_samples_apart,
-                               prepare_model, resolve_packing, speed_choices)
+    from latexocr.fast import (avoid_refused_kernels, describe_linear_attention, describe_padded_linear_attention,
+                               keep_packed_samples_apart, prepare_model, resolve_packing, speed_choices)
     from latexocr.fast.trainer import build_trainer
     from latexocr.memory import grpo_images_per_pass, out_of_memory_message, parse_auto
     from latexocr.modeling import (list_checkpoints, load_model, load_processor, parameter_counts, pick_dtype,
@@ -333,6 +333,8 @@ def main(argv=None):
         say(describe_linear_attention(model))
     elif not speed.packed:
         avoid_refused_kernels(model)  # Qwen3.5 where fla imports but refuses to train: its reference kernels
+        if (padded_path := describe_padded_linear_attention(model)) is not None:
+            say(padded_path)
     counts = parameter_counts(model)
     say(f"TUNE={args.tune}: trainable params: {counts['trainable']:,} ({counts['trainable_vision']:,} in the "
         f"vision tower) of {counts['total']:,}")

@@ -75,6 +75,8 @@ CONFIGS = {
     "qwen3_5_no_fla": ([], "fla=off", "Qwen3.5-2B, defaults on transformers' reference kernels even where fla runs"),
     "qwen3_5_fla_varlen": ([], "fla_varlen=on", "Qwen3.5-2B, defaults, packed rows through fla's varlen kernels "
                            "(its convolution and delta rule given the boundaries; where fla runs)"),
+    "qwen3_5_grouped": ([], "group_by_length=on", "Qwen3.5-2B, defaults + length-grouped padded batches "
+                        "(LengthGroupedSampler: a micro-batch pads less)"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
 QWEN3_5_PREFIX = "qwen3_5"
@@ -167,6 +169,7 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
         "losses": [l["loss"] for l in logs if "loss" in l],
         "train_runtime_s": final.get("train_runtime"),
         "fast_path": next((line for line in proc.stdout.splitlines() if line.startswith("fast path:")), ""),
+        # the path the linear-attention layers took (train.py's line for packed rows, or for padded batches)
         "linear_attention": next((line for line in proc.stdout.splitlines()
                                   if line.startswith("linear-attention layers:")), ""),
         "wall_s": wall,

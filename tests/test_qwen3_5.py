@@ -255,6 +255,9 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     assert la.choose_path()[0] == la.PADDED
     assert "flash-linear-attention not installed" in la.describe(model)
     assert "right-padded batch" in la.describe(model)
+    # what train.py logs for padded batches (packing off): the kernels transformers' own forward runs
+    assert la.describe_padded(model).startswith("linear-attention layers: padded batches on transformers' reference "
+                                                "PyTorch kernels (flash-linear-attention not installed")
     keep_packed_samples_apart(model)
     assert not swapped and model.model.language_model.layers[0].linear_attn.forward.__name__ == "packed_forward"
 
@@ -262,6 +265,7 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     _available(monkeypatch, fla=True, refusal=refusal)  # installed, refusing: padded, and the reference rule
     assert la.choose_path() == (la.PADDED, refusal)
     assert refusal in la.describe(model) and "right-padded batch" in la.describe(model)
+    assert la.describe_padded(model).endswith(f"reference PyTorch kernels ({refusal})")
     keep_packed_samples_apart(model)
     assert swapped == [True]  # else transformers' fla chunk rule would raise in the first backward
     la.avoid_refused_kernels(model)  # what train.py calls without packing (--no-packing): the same guard
@@ -270,6 +274,8 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     _available(monkeypatch, fla=True)  # fla runs: its chunk rule on right-padded samples (run O: its varlen path was slower)
     assert la.choose_path() == (la.FLA_PADDED, "fla 0.6.0 chunk, right-padded samples (its varlen path measured slower)")
     assert "pass fla's kernels as one right-padded batch" in la.describe(model)
+    assert la.describe_padded(model) == ("linear-attention layers: padded batches through fla 0.6.0's chunked delta "
+                                         "rule and torch's depthwise convolution")
     keep_packed_samples_apart(model)
     assert swapped == [True, True]  # fla's rule stays (it runs here)
     monkeypatch.setenv("LATEXOCR_SPEED", "fla_varlen=on")  # fla's varlen kernels, where a bench asks for them
@@ -280,6 +286,7 @@ def test_path_and_log_line_follow_what_is_installed(model_dir, monkeypatch):
     monkeypatch.delenv("LATEXOCR_SPEED")
     _available(monkeypatch, fla=True, conv=True)
     assert la.choose_path() == (la.FLA_CAUSAL_CONV1D, "fla 0.6.0 chunk + causal-conv1d, packed")
+    assert la.describe_padded(model).endswith("chunked delta rule and causal-conv1d's convolution")
     monkeypatch.setenv("LATEXOCR_SPEED", "fla=off")  # bench/: the reference kernels where fla runs, in the same run
     assert la.choose_path() == (la.PADDED, "flash-linear-attention off ($LATEXOCR_SPEED fla=off)")
     la.avoid_refused_kernels(model)
@@ -490,8 +497,11 @@ def test_overfit_then_infer_reproduces_every_label(overfit, model_dir):
     from safetensors import safe_open
     work, data, out, train = overfit
     assert "train: 16 samples" in train.stdout and "no samples skipped" in train.stdout
-    # the run's log says how its batches pass the linear-attention layers: padded on a CPU (packing=auto)
-    assert "packing off (LATEXOCR_SPEED packing=auto): linear-attention layers:" in train.stdout
+    # the run's log says how its batches pass the linear-attention layers: padded on a CPU (packing=auto),
+    # on the reference kernels (the line bench/bench_train.py reports as the path that ran)
+    assert "packing off (LATEXOCR_SPEED packing=auto): the linear-attention layers would pad" in train.stdout
+    assert ("linear-attention layers: padded batches on transformers' reference PyTorch kernels "
+            "(flash-linear-attention not installed / no GPU)") in train.stdout
     assert "[eval @ step 60] exact_match 1," in train.stdout, train.stdout[-3000:]
     assert trainer_state(out / "checkpoint-60")["global_step"] == 60
     with safe_open(out / "final" / "adapter_model.safetensors", "pt") as f:

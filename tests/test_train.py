@@ -229,6 +229,40 @@ def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
     assert "n 8, errors 2" in eval_line, eval_line
 
 
+# ------------------------------------------------------------------------ length-grouped batches
+def test_length_grouped_batches_see_every_sample_once_longest_first(tmp_path, tiny_model_dir, monkeypatch):
+    """LATEXOCR_SPEED group_by_length=on, with the padded batches it is for (packing=off): an epoch still
+    sees every sample exactly once, and micro-batches hold samples of similar token counts (transformers'
+    LengthGroupedSampler over OcrDataset.lengths: random windows of up to 50 optimizer steps, each sorted
+    longest first; here a window is one step of 8), the longest sample of the run first."""
+    from latexocr.modeling import load_processor
+    from latexocr.sample import SampleEncoder, sizing_for
+    from latexocr.training import OcrDataset
+    labels = ["x + " * n + "y" for n in (1, 9, 3, 12, 5, 2, 15, 7, 4, 11, 6, 14, 8, 13, 10, 0)]
+    data = make_dataset(tmp_path, labels)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    monkeypatch.setenv("LATEXOCR_TRACE_BATCHES", str(trace))
+    monkeypatch.setenv("LATEXOCR_SPEED", "group_by_length=on,packing=off")
+    # 2 steps of 2 micro-batches of 4: one epoch of the 16 samples
+    proc = run_main("train.py", "--model-id", tiny_model_dir, "--train-json", data, "--val-json", data,
+                    "--output-dir", tmp_path / "out", "--max-steps", 2, "--batch-size", 8, "--micro-batch-size", 4,
+                    "--save-steps", 1000, "--eval-samples", 2, *TINY)
+    assert "length-grouped batches" in proc.stdout
+    batches = [json.loads(line) for f in sorted(trace.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    names = [Path(p).name for batch in batches[:4] for p in batch]
+    assert sorted(names) == sorted(f"{i}.png" for i in range(len(labels))), batches
+    processor = load_processor(str(tiny_model_dir))
+    dataset = OcrDataset(data, SampleEncoder(processor, sizing_for(processor)), 2048)
+    length = {Path(p).name: n for (p, _), n in zip(dataset.samples, dataset.lengths)}
+    counts = [length[n] for n in names]
+    assert counts[0] == max(dataset.lengths), counts  # an out-of-memory shows in the first step
+    # each step's first micro-batch holds its longest samples (its first one may be the one the sampler swapped
+    # with the run's longest)
+    for step in (counts[:8], counts[8:]):
+        assert min(step[1:4]) >= max(step[4:]), counts
+
+
 # ------------------------------------------------------------------------- compiled blocks (CPU)
 def test_compiled_training_matches_eager_and_generation_does_not_recompile(tmp_path, tiny_model_dir):
     """COMPILE_LAYERS=on (torch.compile of every block) trains the same model as eager, and the

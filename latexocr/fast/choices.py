@@ -33,6 +33,11 @@ class SpeedChoices:
                                           # instead of right-padded samples through fla's chunk rule (run O: slower)
     fla: bool = True                      # off: Qwen3.5's linear-attention layers on transformers' reference kernels
                                           # even where flash-linear-attention runs (bench/: both paths in one run)
+    group_by_length: bool = False         # padded batches (packing off): each optimizer step's samples drawn from a
+                                          # window of the run sorted by token count (transformers' LengthGroupedSampler
+                                          # over OcrDataset.lengths), so a micro-batch pads to a length near its own
+                                          # samples'; off: random order, as the tutorial. For Qwen3.5's padded default
+                                          # (issue 31); not yet measured on a GPU (bench/bench_train.py qwen3_5_grouped)
     delta_step: bool = True               # Qwen3.5 decoding without fla: the one-token delta rule as one batched matmul
                                           # and one in-place update of each layer's state (fast/decoding.py)
     decode_kernels: bool = True           # Qwen3.5 decoding on a GPU: the step's delta rule (without fla) and

@@ -325,12 +325,25 @@ def resolve_packing(speed, model):
     path, why = choose_path()
     if path in (FLA, FLA_CAUSAL_CONV1D):
         return replace(speed, packing="on"), ""
-    return replace(speed, packing="off"), (f"packing off (LATEXOCR_SPEED packing=auto): linear-attention layers: {why}, "
-                                           f"so they would pad packed samples again; padded batches train faster")
+    return replace(speed, packing="off"), (f"packing off (LATEXOCR_SPEED packing=auto): the linear-attention layers "
+                                           f"would pad packed samples again ({why}); padded batches train faster")
 
 
 def has_linear_attention(model) -> bool:
     return any(type(m).__name__.endswith(LINEAR_ATTENTION_CLASS_SUFFIX) for m in model.modules())
+
+
+def describe_padded(model) -> str | None:
+    """One log line on the kernels right-padded batches (packing off) take through this model's linear-attention
+    layers (transformers' own forward), or None if it has none."""
+    if not has_linear_attention(model):
+        return None
+    from transformers.utils.import_utils import is_causal_conv1d_available
+    path, why = choose_path()
+    if path == PADDED:
+        return f"linear-attention layers: padded batches on transformers' reference PyTorch kernels ({why})"
+    conv = "causal-conv1d's convolution" if is_causal_conv1d_available() else "torch's depthwise convolution"
+    return f"linear-attention layers: padded batches through fla {_fla_version()}'s chunked delta rule and {conv}"
 
 
 def describe(model, path: str | None = None, why: str | None = None) -> str | None:

@@ -106,16 +106,17 @@ def skip_redundant_module_walks(model) -> list:
 
 class FastTrainer(OcrTrainer):
     """OcrTrainer with the fast path's step (`fast_supervised_loss`) and host-side bookkeeping:
-    `_track_num_input_tokens`, `floating_point_ops` and `_clip_grad_norm` below,
+    `_track_num_input_tokens`, `floating_point_ops`, `_clip_grad_norm` and `_get_train_sampler` below,
     `skip_redundant_module_walks` above, and `logging_nan_inf_filter=False` in train.py.
 
     cuda_graphs: the blocks replay as CUDA graphs (latexocr/fast/compile.py); vision_graphs: the
     vision tower's (latexocr.fast.vision.VisionGraphs), or None. latexocr/fast/plan.py chooses both.
     """
 
-    def __init__(self, *args, cuda_graphs: bool = False, vision_graphs: VisionGraphs | None = None, **kwargs):
+    def __init__(self, *args, cuda_graphs: bool = False, vision_graphs: VisionGraphs | None = None,
+                 group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cuda_graphs, self.vision_graphs = cuda_graphs, vision_graphs
+        self.cuda_graphs, self.vision_graphs, self.group_by_length = cuda_graphs, vision_graphs, group_by_length
         # per-step train()/zero_grad()/clip: the LoRA tensors only
         self._trainable = skip_redundant_module_walks(self.accelerator.unwrap_model(self.model))
         self._no_lora_input_cast = None
@@ -145,6 +146,17 @@ class FastTrainer(OcrTrainer):
                 or REAL_TOKENS_KEY not in inputs):
             return super()._track_num_input_tokens(inputs)
         self.state.num_input_tokens_seen += inputs[REAL_TOKENS_KEY]
+
+    def _get_train_sampler(self, train_dataset=None):
+        # LATEXOCR_SPEED group_by_length: transformers' own length-grouped order, given the dataset's token
+        # counts (its Trainer reads lengths from a `datasets.Dataset` column only, else from each item's
+        # input_ids, which OcrDataset's (image, label) items do not have: they are encoded in the collator)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or not getattr(dataset, "lengths", None):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=list(dataset.lengths))
 
     _parameter_count = None
 
@@ -234,8 +246,12 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
             pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None)
     if cuda_graphs:
         collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE
+    group_by_length = speed.group_by_length and not packed  # packed rows carry no padding to save
+    if group_by_length:
+        parts.append("length-grouped batches")
     problems = drift()
     summary = "fast path: " + ("; ".join(parts) or "host-side bookkeeping only") + (
         f". WARNING: {len(problems) - 1} upstream hooks changed ({problems[0]} run "
         f"`pytest tests/test_fast.py -k upstream`)" if problems else "")
-    return collator_options, {"cuda_graphs": cuda_graphs, "vision_graphs": vision_graphs}, summary
+    return (collator_options, {"cuda_graphs": cuda_graphs, "vision_graphs": vision_graphs,
+                               "group_by_length": group_by_length}, summary)

@@ -162,11 +162,13 @@ OVERRIDDEN = {
     ("transformers.Trainer", "_clip_grad_norm"): ["self", "model"],
     ("transformers.Trainer", "_track_num_input_tokens"): ["self", "inputs"],
     ("transformers.Trainer", "floating_point_ops"): ["self", "inputs"],
+    ("transformers.Trainer", "_get_train_sampler"): ["self", "train_dataset"],
 }
 # Calls the Trainer's training loop must still make, else an override or instance patch
 # (fast/trainer.py skip_redundant_module_walks: model.train / model.zero_grad) is never reached.
 CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_tokens(inputs)",
-                     "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()")
+                     "self.floating_point_ops(inputs)", "model.zero_grad()", "model.train()",
+                     "sampler_fn=self._get_train_sampler")
 # Private attributes and settings set directly: (module, attribute path) -> what of ours sets it.
 PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
