@@ -30,7 +30,8 @@ class SpeedChoices:
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
     fla_varlen: bool = False              # packed Qwen3.5 rows through fla's varlen kernels (cu_seqlens, fla's own conv)
-                                          # instead of right-padded samples through fla's chunk rule (run O: slower)
+                                          # instead of right-padded samples through fla's chunk rule (runs O and V:
+                                          # slower; V: 33.4 samples/s against the padded default's 47.8)
     fla: bool = True                      # off: Qwen3.5's linear-attention layers on transformers' reference kernels
                                           # even where flash-linear-attention runs (bench/: both paths in one run)
     group_by_length: bool = False         # padded batches (packing off): each optimizer step's samples drawn from a
@@ -47,15 +48,17 @@ class SpeedChoices:
     prefill_kernel: bool = True           # Qwen3.5 inference on a GPU: the prefill's delta rule token by token (without
                                           # fla) and its convolution (without causal-conv1d) as Triton kernels
                                           # (fast/kernels.py delta_rule, causal_conv); off: the torch forms. Run U:
-                                          # the delta rule's 1.01x and 1.4 GiB less; the convolution not yet measured
+                                          # the delta rule's 1.01x and 1.4 GiB less; run V, both: 1.12x
     norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms (Qwen3.5's gated one too)
                                           # of the static decoder's prefill and step in one Triton kernel each
                                           # (fast/kernels.py rms_norm)
-                                          # instead of ~7 torch kernels; off: the torch form. Not yet measured
+                                          # instead of ~7 torch kernels; off: the torch form. Run V: Qwen3.5-2B's
+                                          # loop 1.14x, Qwen2-VL-2B's 1.08x
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);
-                                          # off: peft's layers beside the base ones (bench/bench_infer.py --adapter)
+                                          # off: peft's layers beside the base ones (bench/bench_infer.py --adapter;
+                                          # run V, Qwen2-VL-2B, 9,443 images: 48.6 s merged, 63.7 s not)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
