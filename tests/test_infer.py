@@ -120,6 +120,13 @@ def test_batched_predictions_equal_unbatched(trained, tiny_model_dir, formula_im
                       progress=False)
     assert chunked[5]["prediction"] is None and "broken.png" in chunked[5]["error"]
     assert [r["prediction"] for r in chunked[:5] + chunked[6:]] == [r["prediction"] for r in one]
+    # a batch size that is not whole chunks (3 of chunks of 2): the workers still build chunks, each batch is
+    # cut from them (generation.rebatched), not built by one worker while the GPU waits (docs/BENCHMARKS.md run V)
+    cut = predict(model, encoder, paths[:5] + [bad] + paths[5:], batch_size=3, max_new_tokens=8, num_workers=2,
+                  progress=False)
+    assert [r["prediction"] for r in cut] == [r["prediction"] for r in chunked]
+    assert cut[5]["error"] == chunked[5]["error"]
+    assert generation.loader_unit(3, static=True) == generation.PREFILL_CHUNK_ROWS == 2
     # BATCH_SIZE=auto: the workers start on chunks before the memory probe, which prefills the loader's first
     # chunk (the largest images, with the position ids the decoder uses) instead of building its own; the
     # batches are made even (6 fit, 10 images: two of 5, not 6 + 4); a batch that is not whole chunks (here
