@@ -1,0 +1,73 @@
+"""How much padding train.py's padded batches carry, in random order and length-grouped (issue 31). CPU only.
+
+    python bench/train_padding.py                          # bench_train.py's data (996 real samples), Qwen2-VL-2B
+    python bench/train_padding.py --samples full_val       # the 4,096 full_val images and their labels
+    python bench/train_padding.py --model /tmp/w/model_qwen3_5-2b   # another family: a folder with its processor
+
+Each sample's length as train.py counts it (latexocr.training.OcrDataset.lengths: prompt, the image's tokens
+after the sizing, answer, end of turn), then the run's order cut into micro-batches: the order of
+transformers' RandomSampler (train.py's default) and of its LengthGroupedSampler
+(`LATEXOCR_SPEED=group_by_length=on`, a window of up to 50 optimizer steps sorted by length), each over
+--epochs epochs. Prints the tokens a right-padded micro-batch computes (its rows x its longest sample) over
+the samples' own tokens: what every layer of a padded model computes beyond the real tokens (Qwen3.5's
+padded default; packed rows carry none of it).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from common import DEFAULT_SHARED, full_val_samples, real_samples, write_json
+
+
+def padded_ratio(order: list[int], lengths: list[int], micro: int) -> float:
+    """Tokens of right-padded micro-batches of `micro` consecutive samples of `order` over their own tokens."""
+    padded = real = 0
+    for i in range(0, len(order), micro):
+        batch = [lengths[j] for j in order[i:i + micro]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return padded / real
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    ap.add_argument("--model", type=Path, help="a folder with the processor's files (default: shared/qwen2vl-2b)")
+    ap.add_argument("--samples", default="996", help="a count of bench_train.py's cycled samples, or full_val")
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step (BATCH_SIZE)")
+    ap.add_argument("--micro", default="16,8,4", help="micro-batch sizes (MICRO_BATCH_SIZE), comma-separated")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
+    a = ap.parse_args()
+
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from latexocr.batching import SampleEncoder
+    from latexocr.modeling import load_processor
+    from latexocr.sample import sizing_for
+    from latexocr.training import OcrDataset
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    pairs = full_val_samples(a.shared) if a.samples == "full_val" else real_samples(a.shared)
+    count = len(pairs) if a.samples == "full_val" else int(a.samples)
+    data = write_json(pairs, count, a.work / "padding.json")
+    processor = load_processor(str(a.model or a.shared / "qwen2vl-2b"))
+    lengths = OcrDataset(data, SampleEncoder(processor, sizing_for(processor)), 4096).lengths
+    quantiles = statistics.quantiles(lengths, n=10)
+    print(f"{len(lengths)} samples: mean {statistics.mean(lengths):.1f} tokens, median {statistics.median(lengths):g}, "
+          f"p10 {quantiles[0]:g}, p90 {quantiles[-1]:g}, max {max(lengths)}")
+    torch.manual_seed(42)  # train.py's SEED
+    for micro in (int(m) for m in a.micro.split(",")):
+        random_order, grouped_order = [], []
+        for _ in range(a.epochs):
+            random_order += torch.randperm(len(lengths)).tolist()
+            grouped_order += list(LengthGroupedSampler(a.batch_size, lengths=lengths))
+        print(f"micro-batch {micro}: random order {padded_ratio(random_order, lengths, micro):.3f} x the samples' "
+              f"tokens, length-grouped {padded_ratio(grouped_order, lengths, micro):.3f} x")
+
+
+if __name__ == "__main__":
+    main()
