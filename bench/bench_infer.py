@@ -60,7 +60,8 @@ def main():
     ap.add_argument("--reference-images", type=int, default=1024, help="images for the batched generate run")
     ap.add_argument("--images", type=int, default=4096, help="images for the static-loop run")
     ap.add_argument("--batch-size", type=int, default=512, help="infer.py's default is 512")
-    ap.add_argument("--workers", type=int, help="DataLoader workers (default: infer.py's NUM_WORKERS=auto, half the cores, 2-8; runs before V used 4)")
+    ap.add_argument("--workers", type=int,
+                    help="DataLoader workers (default: infer.py's NUM_WORKERS=auto, half the cores, 2-8; runs before V: 4)")
     ap.add_argument("--noise-batch-size", type=int, default=256,
                     help="also run generate at this batch size: its agreement with itself (0: skip)")
     ap.add_argument("--full-test", type=int, default=9443, help="images scored end to end (0: skip)")

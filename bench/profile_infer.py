@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--workers", type=int, help="DataLoader workers (default: infer.py's NUM_WORKERS=auto, half the cores, 2-8; runs before V used 4)")
+    ap.add_argument("--workers", type=int,
+                    help="DataLoader workers (default: infer.py's NUM_WORKERS=auto, half the cores, 2-8; runs before V: 4)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     a = ap.parse_args()
     if a.workers is None:

@@ -454,7 +454,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 unit = batch_size
                 with clock.phase("data wait"):
                     units = start_loader(encoder, paths, unit, num_workers, static, pixels)
-            # a batch that is not whole chunks (a small card's auto, a --batch-size of 344) is cut from the chunks on their way
+            # a batch that is not whole chunks (a small card's auto, a --batch-size of 344) is cut from the
+            # chunks on their way
             batches = joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
