@@ -5,7 +5,7 @@
 
 For a prefill (one chunk of --rows prompts of --tokens tokens, from a zero state) and a decode step (--step-rows
 rows, one token, the state updated in place), each launch of `delta_rule` (state columns per program, warps,
-pipelined loads) is timed with CUDA events (median of --repeat), its output checked against the default
+pipelined loads; for the prefill also the chunked form: tokens per chunk, tf32 precision) is timed with CUDA events (median of --repeat), its output checked against the default
 launch's, and beside them transformers' torch forms: the chunked rule the prefill kernel replaces, and the
 decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
 defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; writes them to $OUT/bench_kernels.json.
@@ -102,6 +102,20 @@ def main() -> None:
             ms = timed(run, a.repeat)
             error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
         except Exception as exc:  # a launch the compiler refuses (too many registers ...): said, skipped
+            report(what="prefill", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        report(what="prefill", launch=launch, ms=round(ms, 3), max_relative_error=error)
+    # the chunked form (chunk_rule_kernel): `chunk` tokens at a time as matrix products, in tf32 with an
+    # error correction (tf32x3, ~fp32) or plain tf32
+    for chunk, block_v, warps, precision in itertools.product((16, 32, 64), (32, 64), (4, 8), ("tf32x3", "tf32")):
+        if block_v > a.dv:
+            continue
+        launch = {"chunk": chunk, "block_v": block_v, "warps": warps, "stages": 1, "precision": precision}
+        try:
+            run = lambda: kernels.delta_rule(q, k, v, g, beta, None, True, state_out=final, launch=launch)  # noqa: E731
+            ms = timed(run, a.repeat)
+            error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
+        except Exception as exc:
             report(what="prefill", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
             continue
         report(what="prefill", launch=launch, ms=round(ms, 3), max_relative_error=error)

@@ -372,9 +372,10 @@ def test_speed_choices_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("LATEXOCR_SPEED", "packing=off, compile=on")
     assert speed_choices() == SpeedChoices(packing="off", compile="on")
     for wrong, message in (("pack=off", "'pack=off': the choices are fast"), ("packing=no", "on or off"),
-                           ("compile=yes", "auto, on or off")):
+                           ("compile=yes", "auto, on or off"), ("prefill_rule=fast", "tokens or chunked")):
         with pytest.raises(SystemExit, match=message):
             speed_choices(wrong)
+    assert speed_choices("prefill_rule=chunked").prefill_rule == "chunked"
 
 
 def test_compile_cache_folder_is_ours_unless_the_user_chose_one(tmp_path, monkeypatch):

@@ -47,9 +47,9 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
         worst[("state", heads_k, str(dtype))] = (buffer - want_state).abs().max().item()
         worst[("out", heads_k, str(dtype))] = ((out.float() - want_out.float()).abs().max()
                                                / want_out.float().abs().max()).item()
-        # the prefill: several tokens (not a multiple of the reference's chunks: 4 tokens here, to keep
-        # Triton's interpreter quick), from zeros or a given state, against the chunked rule
-        tokens = 10
+        # the prefill: several tokens (not a multiple of the reference's chunks of 4, nor of the chunked
+        # kernel's 16: two chunks, the second short), from zeros or a given state, against the chunked rule
+        tokens = 21
         mixed = torch.randn(rows, tokens, 2 * heads_k * dk + heads_v * dv, device=device).to(dtype)
         q_t, k_t, v_t = torch.split(mixed, [heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
         q_t, k_t = q_t.reshape(rows, tokens, heads_k, dk), k_t.reshape(rows, tokens, heads_k, dk)
@@ -57,8 +57,9 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
         g_t = -torch.rand(rows, tokens, heads_v, device=device) * 0.1
         beta_t = torch.rand(rows, tokens, heads_v, device=device).to(dtype)
         # each way a program may be cut (bench/bench_kernels.py's choices): the same arithmetic
-        launches = ({{}}, {{"block_v": 64, "warps": 8, "stages": 2}}, {{"block_v": 16, "warps": 2, "stages": 3}})
-        cases = [(None, launches[0]), (state, launches[0])]
+        launches = ({{}}, {{"block_v": 64, "warps": 8, "stages": 2}}, {{"block_v": 16, "warps": 2, "stages": 3}},
+                    {{"chunk": 16, "block_v": 32, "warps": 4}})  # the chunked form: 16 tokens at a time
+        cases = [(None, launches[0]), (state, launches[0]), (None, launches[3]), (state, launches[3])]
         if heads_k == 2 and dtype == torch.float32:  # once: Triton's interpreter is slow
             cases += [(None, launches[1]), (state, launches[2])]
         for start, launch in cases:
@@ -174,6 +175,12 @@ reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw
 static = predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw)
 assert static == reference, (static, reference)
 assert all(calls.values()), calls
+import os
+os.environ["LATEXOCR_SPEED"] = "prefill_rule=chunked"  # the prefill's rule as chunk_rule_kernel's matrix products
+before = calls["prefill"]
+assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
+assert calls["prefill"] > before, "the chunked kernel ran"
+del os.environ["LATEXOCR_SPEED"]
 torch_norm = q35.Qwen3_5RMSNorm.forward
 with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
     assert q35.torch_chunk_gated_delta_rule is decoding.prefill_delta_rule
@@ -182,7 +189,6 @@ with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefi
 assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
 assert q35.causal_conv1d_fn is not decoding.prefill_conv
 assert q35.Qwen3_5RMSNorm.forward is torch_norm
-import os
 os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off"  # the torch forms: no kernel
 with decoding.prefill_as_decoded(model):
     assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
@@ -256,7 +262,12 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     prefill = [r for r in report["results"] if r["what"] == "prefill" and "launch" in r]
-    assert len(prefill) == 2 * 3 * 3 and all(r["max_relative_error"] < 1e-5 for r in prefill)  # block 16, 32
+    token_by_token = [r for r in prefill if "chunk" not in r["launch"]]
+    assert len(token_by_token) == 2 * 3 * 3  # blocks of 16 and 32 columns x warps x stages
+    # the chunked form: 16, 32 and 64 tokens x one block of 32 columns x warps x precisions (the interpreter
+    # computes tf32 in fp32: no error here; on a GPU the report shows tf32's)
+    assert len(prefill) - len(token_by_token) == 3 * 1 * 2 * 2
+    assert all(r["max_relative_error"] < 1e-5 for r in prefill), [r for r in prefill if "error" in r]
     assert report["summary"]["prefill"]["fastest"]["launch"] in [r["launch"] for r in prefill]
     assert report["summary"]["step"]["torch"] > 0 and report["summary"]["prefill"]["torch"] > 0
 

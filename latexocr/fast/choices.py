@@ -49,6 +49,10 @@ class SpeedChoices:
                                           # fla) and its convolution (without causal-conv1d) as Triton kernels
                                           # (fast/kernels.py delta_rule, causal_conv); off: the torch forms. Run U:
                                           # the delta rule's 1.01x and 1.4 GiB less; run V, both: 1.12x
+    prefill_rule: str = "tokens"          # the prefill kernel's delta rule: tokens (each prompt token by token, the
+                                          # state tile on chip: run V's numbers) | chunked (64 tokens at a time as
+                                          # tensor-core matrix products, fast/kernels.py chunk_rule_kernel; not yet
+                                          # measured on a GPU)
     norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms (Qwen3.5's gated one too)
                                           # of the static decoder's prefill and step in one Triton kernel each
                                           # (fast/kernels.py rms_norm)
@@ -73,6 +77,7 @@ class SpeedChoices:
 
 
 TRI_STATE = ("compile", "packing")  # auto | on | off
+NAMED = {"prefill_rule": ("tokens", "chunked")}  # choices that take one of these words
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:
@@ -82,9 +87,11 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
     changes = {}
     for item in filter(None, (os.environ.get(ENV, "") if text is None else text).replace(" ", "").split(",")):
         name, _, value = item.lower().partition("=")
-        allowed = ("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name in TRI_STATE else None
+        allowed = (("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name in TRI_STATE
+                   else NAMED.get(name))
         if name not in kinds or (allowed and value not in allowed):
             raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile and packing must be "
-                             f"auto, on or off, attention an attn_implementation, the others on or off")
+                             f"auto, on or off, prefill_rule tokens or chunked, attention an attn_implementation, "
+                             f"the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else value
     return SpeedChoices(**changes)

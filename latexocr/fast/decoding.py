@@ -245,7 +245,9 @@ def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial
     if _KERNELS[0] and kwargs.get("cu_seqlens") is None:
         rows, _, _, dk = query.shape
         final = torch.empty(rows, value.shape[2], dk, value.shape[3], dtype=torch.float32, device=query.device)
-        out = kernels.delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel, state_out=final)
+        chunked = kernels.CHUNK_LAUNCH if speed_choices().prefill_rule == "chunked" else None
+        out = kernels.delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel, state_out=final,
+                                 launch=chunked)
         if out is not None:
             return out, final if output_final_state else None
     return _replaced("torch_chunk_gated_delta_rule")(query, key, value, g=g, beta=beta, chunk_size=chunk_size,

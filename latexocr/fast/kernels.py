@@ -14,8 +14,9 @@ fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstrea
   1.1 ms a layer for 128 prompts) and a SiLU over a strided slice, whose channels-major output then makes
   the delta rule copy q, k and v.
 
-`delta_rule` (a prompt token by token, or one token: `delta_rule_step`), `conv_update` and `causal_conv`
-(its output token-major) do the same arithmetic in one kernel each. The first keeps each (row, head) state tile on chip over the tokens, so it
+`delta_rule` (a prompt token by token, or one token: `delta_rule_step`; or a prompt in chunks of tokens as
+matrix products, `launch=CHUNK_LAUNCH`), `conv_update` and `causal_conv` (its output token-major) do the
+same arithmetic in one kernel each. The first keeps each (row, head) state tile on chip over the tokens, so it
 reads the state once and writes it once (in place for the step). The second shifts the convolution window
 and applies the taps and the SiLU in one pass. The step's kernels launch inside its CUDA graph (their
 Triton compile happens in the warm-up step before the capture). Neither has a backward: training keeps
@@ -196,7 +197,76 @@ def _build():
             y = y.to(out_ptr.dtype.element_ty).to(tl.float32) * (g * tl.sigmoid(g))
         tl.store(out_ptr + row * width + column, y.to(out_ptr.dtype.element_ty), mask=inside)
 
-    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel
+    @triton.jit
+    def chunk_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, init_ptr, state_ptr, out_ptr,
+                          q_row, q_tok, k_row, k_tok, v_row, v_tok, g_row, g_tok, b_row, b_tok, tokens,
+                          heads_v, group, scale, eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                          C: tl.constexpr, SQUARINGS: tl.constexpr, L2NORM: tl.constexpr, HAS_INIT: tl.constexpr,
+                          PRECISION: tl.constexpr):
+        # delta_rule_kernel's arithmetic C tokens at a time, as matrix products (the chunked form of
+        # transformers' torch_chunk_gated_delta_rule, which runs these same sums through fp32 temporaries in
+        # memory). Per chunk, with G the decays' running sum inside it and A the strictly lower
+        # beta_i k_i.k_j e^(G_i - G_j): T = (I + A)^-1 is (I - A)(I + A^2)(I + A^4)...(I + A^(C/2)) (A is
+        # nilpotent: A^C = 0), so the triangular solve is matrix products too; then
+        #   new values  V' = T (beta V) - T (beta e^G K) S
+        #   outputs     O  = (e^G Q) S + [lower incl. (Q K^T e^(G_i - G_j))] V'
+        #   state       S  = e^(G_last) S + (e^(G_last - G) K)^T V'
+        row_head = tl.program_id(0)
+        block = tl.program_id(1)
+        row = row_head // heads_v
+        head = row_head % heads_v
+        key_head = head // group
+        dk = tl.arange(0, DK)
+        dv = block * BV + tl.arange(0, BV)
+        c = tl.arange(0, C)
+        tile = row_head.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
+        if HAS_INIT:
+            state = tl.load(init_ptr + tile)
+        else:
+            state = tl.zeros((DK, BV), dtype=tl.float32)
+        strictly_lower = c[:, None] > c[None, :]
+        lower = c[:, None] >= c[None, :]
+        eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0)
+        for start in range(0, tokens, C):
+            t = start + c
+            inside = t < tokens  # a last, shorter chunk: zeros past the end change neither output nor state
+            q = tl.load(q_ptr + row * q_row + t[:, None] * q_tok + key_head * DK + dk[None, :],
+                        mask=inside[:, None], other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + row * k_row + t[:, None] * k_tok + key_head * DK + dk[None, :],
+                        mask=inside[:, None], other=0.0).to(tl.float32)
+            if L2NORM:
+                q = q / tl.sqrt(tl.sum(q * q, 1) + eps)[:, None]
+                k = k / tl.sqrt(tl.sum(k * k, 1) + eps)[:, None]
+            q = q * scale
+            v = tl.load(v_ptr + row * v_row + t[:, None] * v_tok + head * DV + dv[None, :],
+                        mask=inside[:, None], other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + row * g_row + t * g_tok + head, mask=inside, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + row * b_row + t * b_tok + head, mask=inside, other=0.0).to(tl.float32)
+            G = tl.cumsum(g, 0)
+            # e^(G_i - G_j) where i >= j only (above the diagonal it could overflow, and is not used)
+            decay = tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0))
+            k_beta = k * beta[:, None]
+            a = tl.where(strictly_lower, tl.dot(k_beta, tl.trans(k), input_precision=PRECISION) * decay, 0.0)
+            inverse = eye - a
+            power = a
+            for _ in tl.static_range(SQUARINGS):
+                power = tl.dot(power, power, input_precision=PRECISION)
+                inverse = tl.dot(inverse, eye + power, input_precision=PRECISION)
+            growth = tl.exp(G)
+            w = tl.dot(inverse, k_beta * growth[:, None], input_precision=PRECISION)
+            new_v = tl.dot(inverse, v * beta[:, None], input_precision=PRECISION) - \
+                tl.dot(w, state, input_precision=PRECISION)
+            scores = tl.where(lower, tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay, 0.0)
+            out = tl.dot(q * growth[:, None], state, input_precision=PRECISION) + \
+                tl.dot(scores, new_v, input_precision=PRECISION)
+            tl.store(out_ptr + ((row * tokens + t[:, None]) * heads_v + head) * DV + dv[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=inside[:, None])
+            last = tl.sum(tl.where(c == C - 1, G, 0.0), 0)  # past the end g is 0: the last token's sum
+            state = state * tl.exp(last) + tl.dot(tl.trans(k * tl.exp(last - G)[:, None]), new_v,
+                                                  input_precision=PRECISION)
+        tl.store(state_ptr + tile, state)
+
+    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel
 
 
 # How a program of delta_rule_kernel is cut, the fastest of bench/bench_kernels.py's grid on an H200 (run V,
@@ -207,6 +277,10 @@ def _build():
 # (torch's chunked rule: 9.4).
 STEP_LAUNCH = {"block_v": 64, "warps": 4, "stages": 1}
 PREFILL_LAUNCH = {"block_v": 16, "warps": 2, "stages": 3}
+# The prefill's chunked form (chunk_rule_kernel; LATEXOCR_SPEED prefill_rule=chunked): tokens per chunk, state
+# columns a program keeps, warps, and tl.dot's precision (tf32x3: three tf32 products, ~fp32). Not yet timed
+# on a GPU: fla's chunk size and value block; bench/bench_kernels.py's grid decides.
+CHUNK_LAUNCH = {"chunk": 64, "block_v": 64, "warps": 8, "stages": 1, "precision": "tf32x3"}
 
 
 def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
@@ -231,14 +305,19 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     out = torch.empty(rows, tokens, heads_v, dv, dtype=query.dtype, device=query.device)
     launch = {**(STEP_LAUNCH if tokens == 1 else PREFILL_LAUNCH), **(launch or {})}
     block = min(dv, launch["block_v"])
-    delta_rule_kernel = _triton()[0]
-    ran = _launch(
-        delta_rule_kernel, (rows * heads_v, dv // block),
-        q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1),
-        beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6,
-        DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
-        STAGES=launch["stages"], num_warps=launch["warps"])
+    chunk = launch.get("chunk", 0) if tokens > 1 else 0
+    if chunk and (not _power_of_two(chunk) or chunk < 16 or dk < 16 or block < 16):
+        return None  # tl.dot takes tiles of 16 and more
+    arguments = (q, k, v, g, beta, state_out if initial_state is None else initial_state, state_out, out,
+                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+                 g.stride(1), beta.stride(0), beta.stride(1), tokens, heads_v, heads_v // heads_k, dk ** -0.5, 1e-6)
+    common = dict(DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
+                  num_warps=launch["warps"])
+    if chunk:  # the chunked form: matrix products over `chunk` tokens at a time (chunk_rule_kernel)
+        ran = _launch(_triton()[4], (rows * heads_v, dv // block), *arguments, C=chunk,
+                      SQUARINGS=chunk.bit_length() - 2, PRECISION=launch.get("precision", "tf32x3"), **common)
+    else:
+        ran = _launch(_triton()[0], (rows * heads_v, dv // block), *arguments, STAGES=launch["stages"], **common)
     return out if ran else None
 
 
