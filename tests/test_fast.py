@@ -355,8 +355,13 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
                      8, 16, 0.0)
     collator_options, trainer_options, summary = plan(model, _settings(), SpeedChoices(), processes=1,
                                                       accumulation=1, planned_steps=125)
-    assert trainer_options == {"cuda_graphs": False, "vision_graphs": None}
+    assert trainer_options == {"cuda_graphs": False, "vision_graphs": None, "group_by_length": False}
     assert "compiling" not in summary  # CPU: compile=auto stays eager
+    # group_by_length: only for padded batches (packed rows carry no padding to save)
+    for packing, grouped in (("off", True), ("on", False)):
+        options = plan(model, _settings(), SpeedChoices(group_by_length=True, packing=packing), processes=1,
+                       accumulation=1, planned_steps=125)
+        assert options[1]["group_by_length"] is grouped and ("length-grouped batches" in options[2]) is grouped
     batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **collator_options)(formula_images[:3])
     assert CU_SEQLENS_KEY in batch
     step_keys = set(PRECOMPUTED_KEYS) - {REAL_TOKENS_KEY}  # the real token count serves every family
