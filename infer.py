@@ -268,7 +268,7 @@ def main(argv=None):
             from latexocr.modeling import pick_dtype
 
             def prefetch(encoder):
-                return Prefetch(encoder, images, batch_size, loader_workers, pick_dtype(args.dtype))
+                return Prefetch(encoder, images, loader_workers, pick_dtype(args.dtype))
         with clock.phase("model load"):
             model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch)
 

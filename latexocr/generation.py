@@ -133,10 +133,10 @@ class Prefetch:
     takes it over where it would have started the same loader (the static decoder, these images, the
     vision tower's dtype), and otherwise starts its own (this one's workers stop with it)."""
 
-    def __init__(self, encoder: SampleEncoder, image_paths: list[str], batch_size: int | None, num_workers: int,
+    def __init__(self, encoder: SampleEncoder, image_paths: list[str], num_workers: int,
                  pixel_dtype: torch.dtype | None):
         self.image_paths, self.pixel_dtype = image_paths, pixel_dtype
-        self.unit = loader_unit(batch_size, static=True)
+        self.unit = loader_unit(None, static=True)  # prefill chunks, whatever the batch size
         self.order = _size_order(image_paths)[::-1]
         self.paths = [image_paths[i] for i in self.order]
         self.units = start_loader(encoder, self.paths, self.unit, num_workers, True, pixel_dtype)

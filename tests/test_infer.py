@@ -394,11 +394,11 @@ def test_the_loader_started_before_the_model_gives_the_same_predictions(tiny_mod
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
     paths = [str(p) for p, _ in formula_images[:5]]
-    early = Prefetch(encoder, paths, None, 1, torch.float32)  # before the model: BATCH_SIZE=auto, one worker
+    early = Prefetch(encoder, paths, 1, torch.float32)  # before the model, one worker
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
     kw = dict(max_new_tokens=6, num_workers=0, progress=False, batch_size=None)
     expected = predict(model, encoder, paths, **kw)
-    other = Prefetch(encoder, list(paths), None, 1, torch.float32)  # another list: not these images
+    other = Prefetch(encoder, list(paths), 1, torch.float32)  # another list: not these images
     from latexocr import generation
     started, start = [], generation.start_loader
     monkeypatch.setattr(generation, "start_loader", lambda *a, **k: started.append(1) or start(*a, **k))
