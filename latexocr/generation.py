@@ -206,13 +206,19 @@ def rebatched(units, rows: int):
         yield indices, failed, parts or None
 
 
+def generation_batches(units, unit: int, batch_size: int):
+    """Generation batches of `batch_size` paths from loader units of `unit` paths: the units joined where
+    `unit` divides `batch_size`, else their chunks cut where a batch ends (a small card's auto, a
+    --batch-size of 344)."""
+    return joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
+
+
 def image_batches(encoder: SampleEncoder, paths: list[str], batch_size: int, num_workers: int, static: bool,
                   pixel_dtype: torch.dtype | None = None):
     """(indices into paths, failed, chunks or None) per generation batch of `batch_size` paths, as predict()
     builds them (see loader_unit)."""
     unit = loader_unit(batch_size, static)
-    units = start_loader(encoder, paths, unit, num_workers, static, pixel_dtype)
-    return joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
+    return generation_batches(start_loader(encoder, paths, unit, num_workers, static, pixel_dtype), unit, batch_size)
 
 
 def _joined(parts):
@@ -454,9 +460,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 unit = batch_size
                 with clock.phase("data wait"):
                     units = start_loader(encoder, paths, unit, num_workers, static, pixels)
-            # a batch that is not whole chunks (a small card's auto, a --batch-size of 344) is cut from the
-            # chunks on their way
-            batches = joined_batches(units, unit, batch_size) if batch_size % unit == 0 else rebatched(units, batch_size)
+            batches = generation_batches(units, unit, batch_size)  # the chunks already on their way
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
             try:
