@@ -35,6 +35,7 @@ temperature-scaled, nucleus-truncated distribution.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -235,19 +236,20 @@ def one_token_conv_update(hidden_states, conv_state, weight, bias=None, activati
 
 
 def prefill_delta_rule(query, key, value, g, beta, chunk_size: int = 64, initial_state=None,
-                       output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, **kwargs):
+                       output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False, launch=None,
+                       **kwargs):
     """transformers' torch_chunk_gated_delta_rule (5.24, 5.25: the prefill's rule where flash-linear-attention
     is absent) as one Triton kernel (fast/kernels.py delta_rule) where it runs: each row's prompt token by
     token with the state tile kept on chip, read and written once. The chunked form does the same sums
     regrouped in fp32 through many state- and prompt-sized temporaries (docs/BENCHMARKS.md run T:
     Qwen3.5-2B's prefill 5.7 s of 15.1 s for 2,048 images). Anything else (a gradient, packed boundaries)
-    goes to the function it stands in for."""
+    goes to the function it stands in for. launch: the kernel's (_prefill_functions: kernels.CHUNK_LAUNCH
+    for LATEXOCR_SPEED prefill_rule=chunked; None: PREFILL_LAUNCH)."""
     if _KERNELS[0] and kwargs.get("cu_seqlens") is None:
         rows, _, _, dk = query.shape
         final = torch.empty(rows, value.shape[2], dk, value.shape[3], dtype=torch.float32, device=query.device)
-        chunked = kernels.CHUNK_LAUNCH if speed_choices().prefill_rule == "chunked" else None
         out = kernels.delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel, state_out=final,
-                                 launch=chunked)
+                                 launch=launch)
         if out is not None:
             return out, final if output_final_state else None
     return _replaced("torch_chunk_gated_delta_rule")(query, key, value, g=g, beta=beta, chunk_size=chunk_size,
@@ -272,8 +274,11 @@ def _prefill_functions(delta_rule: bool, conv: bool = False, norms: dict | None 
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
     its kernel (delta_rule), its convolution without a cache prefill_conv through its kernel (conv), and
     the RMSNorm classes in `norms` (norm_classes) compute through kernels.rms_norm; restored after. All off:
-    nothing changes."""
-    return _standing_in({"torch_chunk_gated_delta_rule": prefill_delta_rule if delta_rule else None,
+    nothing changes. LATEXOCR_SPEED prefill_rule is read here, once per prefill, not in each layer's call."""
+    rule = prefill_delta_rule
+    if delta_rule and speed_choices().prefill_rule == "chunked":
+        rule = functools.partial(prefill_delta_rule, launch=kernels.CHUNK_LAUNCH)
+    return _standing_in({"torch_chunk_gated_delta_rule": rule if delta_rule else None,
                          "causal_conv1d_fn": prefill_conv if conv else None}, norms, delta_rule or conv)
 
 
