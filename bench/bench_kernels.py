@@ -93,29 +93,21 @@ def main() -> None:
         report(what="prefill", path="torch chunked rule (transformers)", ms=round(timed(
             lambda: q35.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
                                                      output_final_state=True, use_qk_l2norm_in_kernel=True), a.repeat), 3))
-    for block_v, warps, stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3)):
-        if block_v > a.dv:
+    # token by token (state columns, warps, loads in flight), then the chunked form (chunk_rule_kernel: `chunk`
+    # tokens at a time as matrix products, in tf32 with an error correction (tf32x3, ~fp32) or plain tf32)
+    launches = [{"block_v": block_v, "warps": warps, "stages": stages}
+                for block_v, warps, stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3))]
+    launches += [{"chunk": chunk, "block_v": block_v, "warps": warps, "stages": 1, "precision": precision}
+                 for chunk, block_v, warps, precision in itertools.product((16, 32, 64), (32, 64), (4, 8),
+                                                                           ("tf32x3", "tf32"))]
+    for launch in launches:
+        if launch["block_v"] > a.dv:
             continue
-        launch = {"block_v": block_v, "warps": warps, "stages": stages}
         try:
             run = lambda: kernels.delta_rule(q, k, v, g, beta, None, True, state_out=final, launch=launch)  # noqa: E731
             ms = timed(run, a.repeat)
             error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
         except Exception as exc:  # a launch the compiler refuses (too many registers ...): said, skipped
-            report(what="prefill", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
-            continue
-        report(what="prefill", launch=launch, ms=round(ms, 3), max_relative_error=error)
-    # the chunked form (chunk_rule_kernel): `chunk` tokens at a time as matrix products, in tf32 with an
-    # error correction (tf32x3, ~fp32) or plain tf32
-    for chunk, block_v, warps, precision in itertools.product((16, 32, 64), (32, 64), (4, 8), ("tf32x3", "tf32")):
-        if block_v > a.dv:
-            continue
-        launch = {"chunk": chunk, "block_v": block_v, "warps": warps, "stages": 1, "precision": precision}
-        try:
-            run = lambda: kernels.delta_rule(q, k, v, g, beta, None, True, state_out=final, launch=launch)  # noqa: E731
-            ms = timed(run, a.repeat)
-            error = ((run().float() - reference).abs().max() / reference.abs().max()).item()
-        except Exception as exc:
             report(what="prefill", launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
             continue
         report(what="prefill", launch=launch, ms=round(ms, 3), max_relative_error=error)
