@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,8 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # compiled runs keep torch's caches here, not in the user's ~/.cache/latexocr (latexocr/fast/compile.py)
 os.environ.setdefault("LATEXOCR_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "latexocr-tests-compile-cache"))
-# KaTeX's kept label verdicts (latexocr/verdicts.py): a folder of this session's own, not the user's ~/.cache
-os.environ.setdefault("LATEXOCR_VERDICT_CACHE", tempfile.mkdtemp(prefix="latexocr-tests-verdicts-"))
+# KaTeX's kept label verdicts (latexocr/verdicts.py): a folder of this session's own, not the user's ~/.cache,
+# removed when the session ends (one folder per run would otherwise pile up in the temp dir)
+if "LATEXOCR_VERDICT_CACHE" not in os.environ:
+    os.environ["LATEXOCR_VERDICT_CACHE"] = tempfile.mkdtemp(prefix="latexocr-tests-verdicts-")
+    atexit.register(shutil.rmtree, os.environ["LATEXOCR_VERDICT_CACHE"], ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -3,6 +3,7 @@ distribution's chromium-driver; .ci/run installs both). Checks the browser laid 
 as math (not raw LaTeX), loaded every image, and shows a formula KaTeX rejects as a failure."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -80,9 +81,12 @@ def test_report_renders_in_a_real_browser(tmp_path, capsys):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,900", "--blink-settings=imagesEnabled=true"):
+                 "--window-size=1400,900", "--blink-settings=imagesEnabled=true",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver download
+    # Chromium puts its singleton socket folder in TMPDIR and leaves it there: keep it in tmp_path
+    service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp_path)})
+    driver = webdriver.Chrome(service=service, options=options)  # no driver download
     try:
         driver.set_page_load_timeout(60)
         driver.get(report.as_uri())
