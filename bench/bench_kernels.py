@@ -8,7 +8,9 @@ rows, one token, the state updated in place), each launch of `delta_rule` (state
 pipelined loads; for the prefill also the chunked form: tokens per chunk, tf32 precision) is timed with CUDA events (median of --repeat), its output checked against the default
 launch's, and beside them transformers' torch forms: the chunked rule the prefill kernel replaces, and the
 decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
-defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; writes them to $OUT/bench_kernels.json.
+defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; then the rotary embedding's kernel (kernels.rotary)
+beside transformers' torch forms at Qwen2-VL-2B's shapes (vision tower, a prefill chunk, a decode step), with
+whether their outputs are bit-equal; writes them to $OUT/bench_kernels.json.
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ def main() -> None:
     ap.add_argument("--heads-v", type=int, default=16)
     ap.add_argument("--dk", type=int, default=128)
     ap.add_argument("--dv", type=int, default=128)
+    ap.add_argument("--rotary-patches", type=int, default=20480,
+                    help="vision patches of one prefill chunk (Qwen2-VL-2B, 128 full_val images: ~20k)")
+    ap.add_argument("--rotary-tokens", type=int, default=90, help="prompt width of a Qwen2-VL-2B prefill chunk")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_kernels.json")
     a = ap.parse_args()
@@ -129,6 +134,32 @@ def main() -> None:
             continue
         report(what="step", launch=launch, ms=round(ms, 3), tb_per_s=round(gib * 2**30 / 1e12 / (ms / 1e3), 2))
 
+    # the rotary embedding (kernels.rotary) against transformers' torch forms, at Qwen2-VL-2B's shapes: the vision
+    # tower's (one prefill chunk's patches, 16 heads of 80, fp32 arithmetic), the text layers' in a prefill chunk
+    # (--rows prompts of --rotary-tokens, 12 query and 2 key heads of 128) and in a decode step (--step-rows rows)
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
+    for what, batch, tokens, heads_q, heads_k, dim in (("rotary vision", None, a.rotary_patches, 16, 16, 80),
+                                                        ("rotary prefill", a.rows, a.rotary_tokens, 12, 2, 128),
+                                                        ("rotary step", a.step_rows, 1, 12, 2, 128)):
+        if batch is None:  # q and k as the tower splits them from one projection
+            qkv = torch.randn(tokens, 3 * heads_q * dim, device=device, dtype=torch.bfloat16)
+            q_, k_, _ = qkv.reshape(tokens, 3, heads_q, dim).permute(1, 0, 2, 3).unbind(0)
+            angle = torch.randn(tokens, dim // 2, device=device)
+            cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+            torch_form = lambda: q2.apply_rotary_pos_emb_vision(q_, k_, cos, sin)  # noqa: E731
+            kernel = lambda: kernels.rotary(q_, k_, cos, sin, 1, True)  # noqa: E731
+        else:  # the text attention's transposed views, cos in the model's dtype
+            q_ = torch.randn(batch, tokens, heads_q, dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+            k_ = torch.randn(batch, tokens, heads_k, dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+            angle = torch.randn(batch, tokens, dim // 2, device=device)
+            cos, sin = (f(torch.cat([angle, angle], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+            torch_form = lambda: q2.apply_rotary_pos_emb(q_, k_, cos, sin)  # noqa: E731
+            kernel = lambda: kernels.rotary(q_, k_, cos, sin, 1, False)  # noqa: E731
+        with torch.no_grad():
+            same = all(torch.equal(x, y) for x, y in zip(torch_form(), kernel()))
+            report(what=what, path="torch form (transformers)", ms=round(timed(torch_form, a.repeat), 4))
+            report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), bit_equal=same)
+
     summary = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter)",
                "torch": torch.__version__, "shape": {k: v for k, v in vars(a).items() if k != "out"}}
     for what, default in (("prefill", kernels.PREFILL_LAUNCH), ("step", kernels.STEP_LAUNCH)):
@@ -137,6 +168,10 @@ def main() -> None:
         mine = next((r for r in timed_launches if r["launch"] == default), None)
         summary[what] = {"fastest": best, "default": mine,
                          "torch": next(r["ms"] for r in results if r["what"] == what and "path" in r)}
+    for what in ("rotary vision", "rotary prefill", "rotary step"):
+        paths = {r["path"]: r for r in results if r["what"] == what}
+        summary[what] = {"torch": paths["torch form (transformers)"]["ms"], "kernel": paths["kernel"]["ms"],
+                         "bit_equal": paths["kernel"]["bit_equal"]}
     print(json.dumps(summary, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))

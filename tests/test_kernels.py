@@ -28,6 +28,7 @@ reference_rule = q35.torch_recurrent_gated_delta_rule
 reference_conv = q35.causal_conv1d_update
 reference_conv_fn = q35.causal_conv1d_fn
 worst = {{}}
+exact = {{}}
 for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads under 32 value heads
     for dtype in (torch.float32, torch.bfloat16):
         rows, heads_v, dk, dv = 3, 4, 16, 64  # dv: two of the kernel's 32-column blocks
@@ -110,7 +111,44 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             assert got.shape == expected.shape and got.dtype == expected.dtype, (got.dtype, expected.dtype)
             worst[("rms norm", form, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                      / expected.float().abs().max()).item()
+        # the rotary embedding: the text layers' (grouped key heads, q and k as the attention's transposed
+        # views, cos shared by the batch or not, heads on axis 1 or 2; Qwen3.5's partial rotary) and the vision
+        # towers' (q and k views of one qkv projection, a head dim that is not a power of two), cos in q's dtype
+        # or fp32. Bit for bit the torch form's on a GPU (no fused multiply-add) and in the interpreter's fp32;
+        # its bf16 rounding is not the GPU's (it rounds half up), so a unit in the last place there
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
+        batch, tokens, heads_q, heads_kv, dim = 3, 5, 6, 2, 24
+        q = torch.randn(batch, tokens, heads_q * dim, device=device).to(dtype).view(batch, tokens, heads_q, dim)
+        k = torch.randn(batch, tokens, heads_kv * dim, device=device).to(dtype).view(batch, tokens, heads_kv, dim)
+        angle = torch.randn(batch, tokens, dim // 2, device=device)
+        for cos_dtype in (dtype, torch.float32):
+            cos, sin = (f(torch.cat([angle, angle], -1)).to(cos_dtype) for f in (torch.cos, torch.sin))
+            cases = [("text", q2.apply_rotary_pos_emb, cos, sin, 1), ("text, one cos", q2.apply_rotary_pos_emb, cos[:1], sin[:1], 1),
+                     ("text, heads on axis 2", q2.apply_rotary_pos_emb, cos, sin, 2),
+                     ("partial", q35.apply_rotary_pos_emb, cos[..., :4].repeat(1, 1, 2), sin[..., :4].repeat(1, 1, 2), 1)]
+            for what, reference, c, s_, axis in cases:
+                q_, k_ = (q, k) if axis == 2 else (q.transpose(1, 2), k.transpose(1, 2))
+                expected = reference(q_, k_, c, s_, unsqueeze_dim=axis)
+                got = kernels.rotary(q_, k_, c, s_, axis, False)
+                for e, g in zip(expected, got):
+                    assert e.shape == g.shape and e.dtype == g.dtype, (what, e.shape, g.shape, e.dtype, g.dtype)
+                    key_ = ("rotary " + what, str(g.dtype), str(dtype))
+                    exact[key_] = exact.get(key_, True) and torch.equal(e, g)
+                    worst[("rotary " + what, None, str(dtype), str(cos_dtype))] = ((e.float() - g.float()).abs().max()
+                                                                              / e.float().abs().max()).item()
+        seq, heads, dim = 37, 4, 20
+        qkv = torch.randn(seq, 3 * heads * dim, device=device).to(dtype).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3)
+        angle = torch.randn(seq, dim // 2, device=device)
+        cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+        expected = q2.apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        got = kernels.rotary(qkv[0], qkv[1], cos, sin, 1, True)
+        for e, g in zip(expected, got):
+            assert e.shape == g.shape and e.dtype == g.dtype, (e.shape, g.shape, e.dtype, g.dtype)
+            exact[("rotary vision", str(g.dtype))] = exact.get(("rotary vision", str(g.dtype)), True) and torch.equal(e, g)
+            worst[("rotary vision", None, str(dtype))] = ((e.float() - g.float()).abs().max() / e.float().abs().max()).item()
 print("WORST", worst)
+inexact = [what for what, same in exact.items() if not same and (device == "cuda" or "float32" in what[1])]
+assert not inexact, ("the rotary kernel differs from the torch form", inexact)
 for (what, _, dtype, *_), err in worst.items():
     # relative to the largest value (the state: absolute). fp32: the same sums in another order; bf16: a
     # few units in the last place (the reference rounds the convolution and then its SiLU in bf16, the
@@ -229,7 +267,7 @@ processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
 with_kernels = predict(model, encoder, paths, **kw)
-os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off"
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off"
 assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
@@ -255,7 +293,7 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     out = tmp_path / "bench_kernels.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--rows", "2", "--tokens", "3",
                            "--step-rows", "2", "--heads-k", "1", "--heads-v", "2", "--dk", "16", "--dv", "32",
-                           "--repeat", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                           "--rotary-patches", "8", "--rotary-tokens", "3", "--repeat", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
                                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
                           timeout=600)
@@ -270,6 +308,9 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert all(r["max_relative_error"] < 1e-5 for r in prefill), [r for r in prefill if "error" in r]
     assert report["summary"]["prefill"]["fastest"]["launch"] in [r["launch"] for r in prefill]
     assert report["summary"]["step"]["torch"] > 0 and report["summary"]["prefill"]["torch"] > 0
+    # the rotary kernel timed beside its torch forms (their bf16 results are bit-equal on a GPU, which the
+    # kernels' GPU test asserts; the interpreter rounds bf16 half up, so not here)
+    assert all(report["summary"][what]["kernel"] > 0 for what in ("rotary vision", "rotary prefill", "rotary step"))
 
 
 NORMS_EVERY_FAMILY = '''
@@ -282,30 +323,48 @@ from latexocr.generation import predict
 from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-calls = [0]
-norm = kernels.rms_norm
+calls = {"norm": 0, "text rotary": 0, "vision rotary": 0}
+norm, rotary = kernels.rms_norm, kernels.rotary
 def counted_norm(*a, **k):
-    out = norm(*a, **k); calls[0] += out is not None; return out
-kernels.rms_norm = counted_norm
+    out = norm(*a, **k); calls["norm"] += out is not None; return out
+def counted_rotary(q, k, cos, sin, head_axis, in_fp32):
+    out = rotary(q, k, cos, sin, head_axis, in_fp32)
+    calls["vision rotary" if in_fp32 else "text rotary"] += out is not None
+    return out
+kernels.rms_norm, kernels.rotary = counted_norm, counted_rotary
 for family, folder in folders.items():
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(folder)
     encoder = SampleEncoder(processor, sizing_for(processor))
     forms = decoding.norm_classes(model)
     assert sorted(forms.values()) == (["gated", "offset"] if family == "qwen3_5" else ["plain"]), (family, forms)
+    rotaries = decoding.rotary_functions(model)
+    assert sorted((f, form) for (_, f), form in rotaries.items()) == [
+        ("apply_rotary_pos_emb", "text"), ("apply_rotary_pos_emb_vision", "vision")], (family, rotaries)
     kw = dict(max_new_tokens=4, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
-    before = calls[0]
+    before = dict(calls)
     assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
-    assert calls[0] > before, family
+    assert all(calls[what] > before[what] for what in calls), (family, calls, before)
+    with decoding.prefill_as_decoded(model):  # the swaps in place while it runs, restored after
+        module, function = next(iter(rotaries))
+        assert getattr(module, function) is not decoding._REPLACED[module, function]
+    assert (module, function) not in decoding._REPLACED
+import os
+os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off"  # the torch forms: no kernel
+before = dict(calls)
+assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
+assert calls == before, (calls, before)
 print("OK")
 '''
 
 
-def test_the_norm_kernel_gives_generates_texts_in_every_family(tiny_family_dirs, formula_images):
-    """LATEXOCR_SPEED norm_kernel (on by default): each family's text RMSNorm class is found by its forward's
-    source (Qwen3.5's offset form apart), and the static decoder with kernels.rms_norm in its prefill and
-    step (Triton's interpreter, fp32) gives one-at-a-time generate's greedy texts."""
+def test_the_norm_and_rotary_kernels_give_generates_texts_in_every_family(tiny_family_dirs, formula_images):
+    """LATEXOCR_SPEED norm_kernel and rotary_kernel (on by default): each family's text RMSNorm class is found
+    by its forward's source (Qwen3.5's offset form apart), its rotary functions (text and vision tower) by
+    theirs, and the static decoder with kernels.rms_norm and kernels.rotary in its prefill and step (Triton's
+    interpreter, fp32) gives one-at-a-time generate's greedy texts; every family's layers call them (a
+    family whose attention stopped calling the module's function would count none); both off, none runs."""
     import json
     folders = {family: str(folder) for family, folder in tiny_family_dirs.items()}
     paths = [str(p) for p, _ in formula_images[:2]]

@@ -12,7 +12,8 @@
                   decode step, compaction of stopped rows); kept over transformers' static-cache generate
                   by measurement (docs/BENCHMARKS.md, bench/bench_decoder.py: 2.0x at batch 512)
     kernels.py    Triton kernels for Qwen3.5's inference without fla / causal-conv1d: the delta rule (prefill
-                  and decode step) and the step's convolution update, each reading a layer's state once
+                  and decode step) and the step's convolution update, each reading a layer's state once;
+                  for every family's inference: the RMSNorms and the rotary embedding, one kernel each
     linear_attention.py  packed rows through Qwen3.5's Gated DeltaNet layers with no state across samples:
                   flash-linear-attention's kernels with the boundaries where they run, else a padded batch
     katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by

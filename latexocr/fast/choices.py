@@ -58,6 +58,10 @@ class SpeedChoices:
                                           # (fast/kernels.py rms_norm)
                                           # instead of ~7 torch kernels; off: the torch form. Run V: Qwen3.5-2B's
                                           # loop 1.14x, Qwen2-VL-2B's 1.08x
+    rotary_kernel: bool = True            # inference on a GPU, every family: the rotary embedding of q and k (the text
+                                          # layers' and the vision towers') in one Triton kernel (fast/kernels.py
+                                          # rotary), bit for bit the torch form's ~10 kernels (the towers': over fp32
+                                          # copies); off: the torch form. Not yet measured on a GPU
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);

@@ -270,16 +270,15 @@ def prefill_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
     return _replaced("causal_conv1d_fn")(hidden_states, weight, bias, activation=activation, **kwargs)
 
 
-def _prefill_functions(delta_rule: bool, conv: bool = False, norms: dict | None = None):
+def _prefill_functions(delta_rule: bool, conv: bool = False, swaps: list | None = None):
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
     its kernel (delta_rule), its convolution without a cache prefill_conv through its kernel (conv), and
-    the RMSNorm classes in `norms` (norm_classes) compute through kernels.rms_norm; restored after. All off:
-    nothing changes. LATEXOCR_SPEED prefill_rule is read here, once per prefill, not in each layer's call."""
+    the `swaps` (kernel_swaps: RMSNorms, rotary functions) are set; restored after. All off: nothing changes. LATEXOCR_SPEED prefill_rule is read here, once per prefill, not in each layer's call."""
     rule = prefill_delta_rule
     if delta_rule and speed_choices().prefill_rule == "chunked":
         rule = functools.partial(prefill_delta_rule, launch=kernels.CHUNK_LAUNCH)
     return _standing_in({"torch_chunk_gated_delta_rule": rule if delta_rule else None,
-                         "causal_conv1d_fn": prefill_conv if conv else None}, norms, delta_rule or conv)
+                         "causal_conv1d_fn": prefill_conv if conv else None}, swaps, delta_rule or conv)
 
 
 # The RMSNorm forwards kernels.rms_norm computes, by their source's hash (fast/upstream.py source_hash; the
@@ -306,6 +305,48 @@ def norm_classes(model) -> dict:
     return found
 
 
+# The rotary embedding functions kernels.rotary computes, by their source's hash (the same in transformers 5.24
+# and 5.25), each with rotate_half's (ROTATE_HALF) beside it in its module: apply_rotary_pos_emb of Qwen2-VL,
+# Qwen2.5-VL and Qwen3-VL ("text": in the dtype q * cos has) and of Qwen3.5 (also "text": the rotary dim is
+# cos's last, the rest passed through, which the kernel does for both); apply_rotary_pos_emb_vision of all four
+# ("vision": in fp32, the result in q's dtype). A function whose source hashes otherwise keeps its own.
+ROTARY_FORMS = {"dcce26b5d7674297": "text", "358cf3e549acf8ba": "text", "e174399e546c23a4": "vision"}
+ROTATE_HALF = "c3e95bb5f330fa3c"
+
+
+def rotary_functions(model) -> dict:
+    """{(model module, function name): its form (ROTARY_FORMS)} for the rotary functions of the modules the
+    model's layers come from that kernels.rotary computes."""
+    import sys
+
+    from .upstream import source_hash
+    found = {}
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        if module is None or not name.startswith("transformers.models.") or \
+                source_hash(name, "rotate_half") != ROTATE_HALF:
+            continue
+        for function in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):
+            form = ROTARY_FORMS.get(source_hash(name, function)) if hasattr(module, function) else None
+            if form is not None:
+                found[module, function] = form
+    return found
+
+
+def _kernel_rotary(module, function: str, form: str):
+    """The function `module.function` of that form (ROTARY_FORMS) is while _standing_in runs."""
+    if form == "vision":
+        def apply_vision(q, k, cos, sin):
+            out = kernels.rotary(q, k, cos, sin, 1, True)
+            return _REPLACED[module, function](q, k, cos, sin) if out is None else out
+        return apply_vision
+
+    def apply(q, k, cos, sin, unsqueeze_dim=1):
+        out = kernels.rotary(q, k, cos, sin, unsqueeze_dim, False) if q.dim() == 4 else None
+        return _REPLACED[module, function](q, k, cos, sin, unsqueeze_dim) if out is None else out
+    return apply
+
+
 def _kernel_norm_forward(form: str):
     """The forward an RMSNorm class of that form (NORM_FORMS) has while _standing_in runs."""
     if form == "gated":
@@ -322,12 +363,12 @@ def _kernel_norm_forward(form: str):
 
 
 @contextlib.contextmanager
-def _standing_in(functions: dict, norms: dict | None, use_kernels: bool):
+def _standing_in(functions: dict, swaps: list | None, use_kernels: bool):
     """While a prefill or a decode step runs: each Qwen3.5 module-level function named in `functions` is
-    the stand-in given (None: left alone), each RMSNorm class in `norms` (norm_classes) computes its forward
-    through kernels.rms_norm, and the stand-ins take fast/kernels.py's kernels where `use_kernels`; the
-    originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
-    swaps = [(cls, "forward", _kernel_norm_forward(form)) for cls, form in (norms or {}).items()]
+    the stand-in given (None: left alone), each (owner, attribute, stand-in) of `swaps` (kernel_swaps: the
+    RMSNorm forwards, the rotary functions) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
+    where `use_kernels`; the originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
+    swaps = list(swaps or [])
     if any(functions.values()):
         from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
         swaps += [(q35, name, new) for name, new in functions.items() if new is not None]
@@ -362,10 +403,17 @@ def uses_prefill_conv(core) -> bool:
             and kernels.usable(core.get_input_embeddings().weight))
 
 
-def uses_norm_kernel(core) -> dict:
-    """norm_classes(core) on a GPU with Triton, the kernel not switched off; else none."""
-    on = speed_choices().norm_kernel and kernels.usable(core.get_input_embeddings().weight)
-    return norm_classes(core) if on else {}
+def kernel_swaps(core) -> list:
+    """(owner, attribute, stand-in) for what a kernel computes in the static decoder's prefill and step,
+    every family, on a GPU with Triton: each RMSNorm class's forward (norm_classes; LATEXOCR_SPEED
+    norm_kernel) and each rotary embedding function (rotary_functions; rotary_kernel). None on the CPU."""
+    speed = speed_choices()
+    if not kernels.usable(core.get_input_embeddings().weight):
+        return []
+    swaps = [(cls, "forward", _kernel_norm_forward(form)) for cls, form in norm_classes(core).items()
+             if speed.norm_kernel]
+    return swaps + [(module, function, _kernel_rotary(module, function, form))
+                    for (module, function), form in rotary_functions(core).items() if speed.rotary_kernel]
 
 
 def prefill_as_decoded(model):
@@ -373,23 +421,23 @@ def prefill_as_decoded(model):
     kernel; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
     BATCH_SIZE=auto's memory probe measures is what then runs."""
     core = vision_language_core(unwrap(model))
-    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), uses_norm_kernel(core))
+    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), kernel_swaps(core))
 
 
 # (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
-# one_token_delta_rule, one_token_conv_update and the RMSNorm forwards fall back to it)
+# one_token_delta_rule, one_token_conv_update, the RMSNorm forwards and the rotary functions fall back to it)
 _REPLACED = {}
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
 _KERNELS = [False]
 
 
-def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False, norms: dict | None = None):
+def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False, swaps: list | None = None):
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
     one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
-    (conv_update), each through its Triton kernel where `use_kernels`, and the RMSNorm classes in `norms`
-    compute through kernels.rms_norm; restored after. All off: nothing changes."""
+    (conv_update), each through its Triton kernel where `use_kernels`, and the `swaps` (kernel_swaps:
+    RMSNorms, rotary functions) are set; restored after. All off: nothing changes."""
     return _standing_in({"torch_recurrent_gated_delta_rule": one_token_delta_rule if delta_rule else None,
-                         "causal_conv1d_update": one_token_conv_update if conv_update else None}, norms, use_kernels)
+                         "causal_conv1d_update": one_token_conv_update if conv_update else None}, swaps, use_kernels)
 
 
 def uses_kernel_conv_update(core) -> bool:
@@ -471,7 +519,7 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
-        self.norms = uses_norm_kernel(self.core)  # every family, on a GPU: {RMSNorm class: its form}
+        self.swaps = kernel_swaps(self.core)  # every family, on a GPU: the RMSNorms' and rotary functions' kernels
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
@@ -527,7 +575,7 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.valid.index_fill_(1, s.write_at, True)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.norms):
+        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.swaps):
             out = self.model(input_ids=s.token[:, None], position_ids=position,
                              attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
                              use_cache=True, logits_to_keep=1, cache=s.cache)
@@ -591,7 +639,7 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            with _prefill_functions(self.prefill_kernel, self.prefill_conv, self.norms):  # on a GPU
+            with _prefill_functions(self.prefill_kernel, self.prefill_conv, self.swaps):  # on a GPU
                 out = self.model(**chunk, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):

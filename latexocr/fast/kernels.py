@@ -1,4 +1,6 @@
-"""Triton kernels for Qwen3.5's inference, where the field's kernels are not installed (issue 31).
+"""Triton kernels for inference: Qwen3.5's, where the field's kernels are not installed (issue 31), and every
+family's RMSNorm and rotary embedding (`rms_norm`, `rotary`: one kernel each where the torch forms launch ~7
+and ~10, which a decode step is bound by; issue 32).
 
 Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer runs transformers' PyTorch
 fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
@@ -266,7 +268,46 @@ def _build():
                                                   input_precision=PRECISION)
         tl.store(state_ptr + tile, state)
 
-    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel
+    @triton.jit
+    def rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, length, heads_q, heads_k,
+                      q_b, q_h, q_l, k_b, k_h, k_l, qo_b, qo_h, qo_l, ko_b, ko_h, ko_l, c_b, c_l,
+                      DIM: tl.constexpr, ROT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                      ROUND: tl.constexpr):
+        # one program: one token (batch row b, position l), all its query and key heads; cos and sin read once
+        token = tl.program_id(0).to(tl.int64)
+        b = token // length
+        pos = token % length
+        d = tl.arange(0, BLOCK_D)
+        rot = d < ROT
+        first = d < ROT // 2
+        partner = tl.where(first, d + ROT // 2, d - ROT // 2)
+        sign = tl.where(first, -1.0, 1.0)
+        c = tl.load(cos_ptr + b * c_b + pos * c_l + d, mask=rot, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + b * c_b + pos * c_l + d, mask=rot, other=0.0).to(tl.float32)
+        # the first ROT columns rotated, x*cos + rotate_half(x)*sin with rotate_half(x)[j] = -x[j + ROT/2]
+        # (j < ROT/2), x[j - ROT/2] (after); the other columns as they are
+        for part in tl.static_range(2):  # the query heads, then the key heads
+            if part == 0:
+                x_ptr, o_ptr, x_head, o_head, heads = q_ptr, qo_ptr, q_h, qo_h, heads_q
+                x_at, o_at = b * q_b + pos * q_l, b * qo_b + pos * qo_l
+            else:
+                x_ptr, o_ptr, x_head, o_head, heads = k_ptr, ko_ptr, k_h, ko_h, heads_k
+                x_at, o_at = b * k_b + pos * k_l, b * ko_b + pos * ko_l
+            for h0 in range(0, heads, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                inside = (h < heads)[:, None] & (d < DIM)[None, :]
+                x = tl.load(x_ptr + x_at + h[:, None] * x_head + d[None, :], mask=inside, other=0.0).to(tl.float32)
+                other = tl.load(x_ptr + x_at + h[:, None] * x_head + partner[None, :], mask=inside & rot[None, :],
+                                other=0.0).to(tl.float32)
+                a = x * c[None, :]
+                r = (other * sign[None, :]) * s[None, :]
+                if ROUND:  # each product rounded to the output's dtype before the sum, as the torch form's
+                    a = a.to(o_ptr.dtype.element_ty).to(tl.float32)
+                    r = r.to(o_ptr.dtype.element_ty).to(tl.float32)
+                y = tl.where(rot[None, :], a + r, x)
+                tl.store(o_ptr + o_at + h[:, None] * o_head + d[None, :], y.to(o_ptr.dtype.element_ty), mask=inside)
+
+    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel, rotary_kernel
 
 
 # How a program of delta_rule_kernel is cut, the fastest of bench/bench_kernels.py's grid on an H200 (run V,
@@ -398,3 +439,55 @@ def rms_norm(hidden_states, weight, eps: float, offset: bool, gate=None) -> torc
     ran = _launch(rms_norm_kernel, (x.shape[0],), x, weight, g, out, x.stride(0), g.stride(0), width, eps,
                   OFFSET=offset, GATE=gate is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return out.view(*hidden_states.shape[:-1], width) if ran else None
+
+
+def rotary(q, k, cos, sin, head_axis: int, in_fp32: bool):
+    """The rotary embedding of the models' attention in one kernel for q and k together, where the torch
+    form is ~10 kernels (rotate_half's slices, negation and concatenation, two products and a sum, for
+    each; a decode step of Qwen2-VL-2B holds 280 of them), and the vision towers' form also makes fp32
+    copies of q and k (Qwen2-VL-2B's tower: ~1.3 GB of traffic a layer for 128 images).
+
+    q, k: 4-D (batch, heads, tokens, dim) with heads on `head_axis` 1, or (batch, tokens, heads, dim) with
+    2; or 3-D (tokens, heads, dim), the vision towers'. cos, sin: (batch, tokens, rotary dim) or (tokens,
+    rotary dim), the rotary dim at most dim (Qwen3.5's text layers rotate the first quarter and pass the
+    rest). in_fp32 False: transformers' apply_rotary_pos_emb (each product and the sum rounded to the
+    dtype q * cos has); True: its apply_rotary_pos_emb_vision (fp32 arithmetic, the result in q's dtype).
+    Bit for bit the torch form's (no fused multiply-add). (q, k) or None where the kernel does not apply
+    (a gradient, other shapes)."""
+    if q.dim() == 3 and cos.dim() == 2:  # the vision towers': one image sequence, heads on axis 1
+        q, k, cos, sin = q.unsqueeze(0), k.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0)
+        head_axis, squeeze = 2, True
+    else:
+        squeeze = False
+    if (q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or head_axis not in (1, 2) or q.dtype != k.dtype
+            or cos.shape != sin.shape or cos.dtype != sin.dtype or q.stride(-1) != 1 or k.stride(-1) != 1
+            or q.shape[-1] != k.shape[-1] or cos.shape[-1] > q.shape[-1] or cos.shape[-1] % 2
+            or torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))):
+        return None  # no backward: training keeps the torch form
+    if head_axis == 2:  # (batch, tokens, heads, dim) -> (batch, heads, tokens, dim): views
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    batch, heads_q, tokens, dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != tokens or cos.shape[1] != tokens or cos.shape[0] not in (1, batch):
+        return None
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    dtype = q.dtype if in_fp32 else torch.promote_types(q.dtype, cos.dtype)
+    # written token-major (batch, tokens, heads, dim), viewed as the caller's layout
+    q_out = torch.empty(batch, tokens, heads_q, dim, dtype=dtype, device=q.device).transpose(1, 2)
+    k_out = torch.empty(batch, tokens, k.shape[1], dim, dtype=dtype, device=q.device).transpose(1, 2)
+    block_d = 1 << (dim - 1).bit_length()
+    block_h = max(1, min(1 << (max(heads_q, k.shape[1]) - 1).bit_length(), max(1, 4096 // block_d)))
+    rotary_kernel = _triton()[5]
+    ran = _launch(rotary_kernel, (batch * tokens,), q, k, cos, sin, q_out, k_out, tokens, heads_q, k.shape[1],
+                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+                  cos.stride(0), cos.stride(1), DIM=dim, ROT=cos.shape[-1], BLOCK_D=block_d, BLOCK_H=block_h,
+                  ROUND=not in_fp32, enable_fp_fusion=False)
+    if not ran:
+        return None
+    if head_axis == 2:
+        q_out, k_out = q_out.transpose(1, 2), k_out.transpose(1, 2)
+    if squeeze:
+        q_out, k_out = q_out.squeeze(0), k_out.squeeze(0)
+    return q_out, k_out

@@ -107,6 +107,36 @@ SOURCES = {
         ("fast/kernels.py rms_norm computes this (a gate: the plain form times silu(gate) in fp32) and "
          "fast/decoding.py _standing_in stands in for it while the static decoder's prefill and step run",
          ("cc5787a1b20e963f",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb"):
+        ("fast/kernels.py rotary computes this (in the dtype q * cos has, each product rounded) and fast/decoding.py "
+         "_standing_in stands in for it (the module attribute, which the text attention calls by that name) while "
+         "the static decoder's prefill and step run; ROTARY_FORMS names its hash", ("dcce26b5d7674297",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb_vision"):
+        ("fast/kernels.py rotary computes this (fp32 arithmetic, the result in q's dtype) and fast/decoding.py "
+         "_standing_in stands in for it while the static decoder's prefill runs the vision tower",
+         ("e174399e546c23a4",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "rotate_half"):
+        ("the rotary functions above call it: fast/kernels.py rotary computes it (ROTATE_HALF)", ("c3e95bb5f330fa3c",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "apply_rotary_pos_emb"):
+        ("as Qwen2-VL's (the same text)", ("dcce26b5d7674297",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "apply_rotary_pos_emb_vision"):
+        ("as Qwen2-VL's (the same text)", ("e174399e546c23a4",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "rotate_half"):
+        ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "apply_rotary_pos_emb"):
+        ("as Qwen2-VL's (the same text)", ("dcce26b5d7674297",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "apply_rotary_pos_emb_vision"):
+        ("as Qwen2-VL's (the same text)", ("e174399e546c23a4",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "rotate_half"):
+        ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "apply_rotary_pos_emb"):
+        ("fast/kernels.py rotary computes this (the first cos.shape[-1] columns rotated, the rest passed) and "
+         "fast/decoding.py _standing_in stands in for it while the static decoder's prefill and step run",
+         ("358cf3e549acf8ba",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "apply_rotary_pos_emb_vision"):
+        ("as Qwen2-VL's (the same text)", ("e174399e546c23a4",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "rotate_half"):
+        ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -185,6 +215,10 @@ PRIVATE_ATTRIBUTES = {
         ("fast/decoding.py _standing_in: kernels.rms_norm while the static decoder's prefill and step run, then "
          "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm, Qwen3_5RMSNorm and Qwen3_5RMSNormGated (found "
          "by norm_classes)"),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb"):
+        ("fast/decoding.py _standing_in: kernels.rotary while the static decoder's prefill and step run, then "
+         "restored; likewise apply_rotary_pos_emb_vision, and both in Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's "
+         "modules (found by rotary_functions)"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
