@@ -9,8 +9,9 @@ pipelined loads; for the prefill also the chunked form: tokens per chunk, tf32 p
 launch's, and beside them transformers' torch forms: the chunked rule the prefill kernel replaces, and the
 decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
 defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; then the rotary embedding's kernel (kernels.rotary)
-beside transformers' torch forms at Qwen2-VL-2B's shapes (vision tower, a prefill chunk, a decode step), with
-whether their outputs are bit-equal; writes them to $OUT/bench_kernels.json.
+and the MLP activations' (gated_silu, quick_gelu) beside transformers' torch forms at Qwen2-VL-2B's shapes
+(vision tower, a prefill chunk, a decode step), with whether the rotary outputs are bit-equal; writes them to
+$OUT/bench_kernels.json.
 """
 from __future__ import annotations
 
@@ -160,6 +161,23 @@ def main() -> None:
             report(what=what, path="torch form (transformers)", ms=round(timed(torch_form, a.repeat), 4))
             report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), bit_equal=same)
 
+    # the MLPs' activations (kernels.gated_silu, quick_gelu) against transformers' activation modules, at
+    # Qwen2-VL-2B's shapes: the text MLP of a prefill chunk (--rows x --rotary-tokens tokens, 8,960 columns) and of a
+    # decode step (--step-rows rows), the vision MLP of a prefill chunk (--rotary-patches patches, 5,120 columns)
+    from transformers.activations import QuickGELUActivation, SiLUActivation
+    silu, quick = SiLUActivation(), QuickGELUActivation()
+    for what, tokens, width in (("silu * up prefill", a.rows * a.rotary_tokens, 8960),
+                                ("silu * up step", a.step_rows, 8960), ("quick gelu vision", a.rotary_patches, 5120)):
+        gate, up = (torch.randn(tokens, width, device=device, dtype=torch.bfloat16) for _ in range(2))
+        if what.startswith("quick"):
+            torch_form, kernel = (lambda: quick(gate)), (lambda: kernels.quick_gelu(gate))
+        else:
+            torch_form, kernel = (lambda: silu(gate) * up), (lambda: kernels.gated_silu(gate, up))
+        with torch.no_grad():
+            error = ((kernel().float() - torch_form().float()).abs().max() / torch_form().float().abs().max()).item()
+            report(what=what, path="torch form (transformers)", ms=round(timed(torch_form, a.repeat), 4))
+            report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), max_relative_error=error)
+
     summary = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter)",
                "torch": torch.__version__, "shape": {k: v for k, v in vars(a).items() if k != "out"}}
     for what, default in (("prefill", kernels.PREFILL_LAUNCH), ("step", kernels.STEP_LAUNCH)):
@@ -168,10 +186,11 @@ def main() -> None:
         mine = next((r for r in timed_launches if r["launch"] == default), None)
         summary[what] = {"fastest": best, "default": mine,
                          "torch": next(r["ms"] for r in results if r["what"] == what and "path" in r)}
-    for what in ("rotary vision", "rotary prefill", "rotary step"):
+    for what in ("rotary vision", "rotary prefill", "rotary step", "silu * up prefill", "silu * up step",
+                 "quick gelu vision"):
         paths = {r["path"]: r for r in results if r["what"] == what}
         summary[what] = {"torch": paths["torch form (transformers)"]["ms"], "kernel": paths["kernel"]["ms"],
-                         "bit_equal": paths["kernel"]["bit_equal"]}
+                         **{k: paths["kernel"][k] for k in ("bit_equal", "max_relative_error") if k in paths["kernel"]}}
     print(json.dumps(summary, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))

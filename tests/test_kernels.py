@@ -146,6 +146,15 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             assert e.shape == g.shape and e.dtype == g.dtype, (e.shape, g.shape, e.dtype, g.dtype)
             exact[("rotary vision", str(g.dtype))] = exact.get(("rotary vision", str(g.dtype)), True) and torch.equal(e, g)
             worst[("rotary vision", None, str(dtype))] = ((e.float() - g.float()).abs().max() / e.float().abs().max()).item()
+        # the MLPs' activations: transformers' activation modules themselves (SiLU then the product; QuickGELU),
+        # a size that is not a multiple of the kernel's block
+        from transformers.activations import QuickGELUActivation, SiLUActivation
+        gate, up = torch.randn(rows, 7, 300, device=device).to(dtype), torch.randn(rows, 7, 300, device=device).to(dtype)
+        for what, expected, got in (("silu * up", SiLUActivation()(gate) * up, kernels.gated_silu(gate, up)),
+                                    ("quick gelu", QuickGELUActivation()(gate), kernels.quick_gelu(gate))):
+            assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
+            worst[(what, None, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                               / expected.float().abs().max()).item()
 print("WORST", worst)
 inexact = [what for what, same in exact.items() if not same and (device == "cuda" or "float32" in what[1])]
 assert not inexact, ("the rotary kernel differs from the torch form", inexact)
@@ -267,7 +276,7 @@ processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
 with_kernels = predict(model, encoder, paths, **kw)
-os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off"
+os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off,activation_kernel=off"
 assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
@@ -310,7 +319,9 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert report["summary"]["step"]["torch"] > 0 and report["summary"]["prefill"]["torch"] > 0
     # the rotary kernel timed beside its torch forms (their bf16 results are bit-equal on a GPU, which the
     # kernels' GPU test asserts; the interpreter rounds bf16 half up, so not here)
-    assert all(report["summary"][what]["kernel"] > 0 for what in ("rotary vision", "rotary prefill", "rotary step"))
+    assert all(report["summary"][what]["kernel"] > 0 for what in ("rotary vision", "rotary prefill", "rotary step",
+                                                                  "silu * up prefill", "silu * up step", "quick gelu vision"))
+    assert all(report["summary"][what]["max_relative_error"] < 2e-2 for what in ("silu * up step", "quick gelu vision"))
 
 
 NORMS_EVERY_FAMILY = '''
@@ -323,10 +334,15 @@ from latexocr.generation import predict
 from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-calls = {"norm": 0, "text rotary": 0, "vision rotary": 0}
-norm, rotary = kernels.rms_norm, kernels.rotary
+calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0}
+norm, rotary, gated_silu, quick_gelu = kernels.rms_norm, kernels.rotary, kernels.gated_silu, kernels.quick_gelu
 def counted_norm(*a, **k):
     out = norm(*a, **k); calls["norm"] += out is not None; return out
+def counted_gated_silu(*a):
+    out = gated_silu(*a); calls["silu * up"] += out is not None; return out
+def counted_quick_gelu(*a):
+    out = quick_gelu(*a); calls["quick gelu"] = calls.get("quick gelu", 0) + (out is not None); return out
+kernels.gated_silu, kernels.quick_gelu = counted_gated_silu, counted_quick_gelu
 def counted_rotary(q, k, cos, sin, head_axis, in_fp32):
     out = rotary(q, k, cos, sin, head_axis, in_fp32)
     calls["vision rotary" if in_fp32 else "text rotary"] += out is not None
@@ -341,17 +357,23 @@ for family, folder in folders.items():
     rotaries = decoding.rotary_functions(model)
     assert sorted((f, form) for (_, f), form in rotaries.items()) == [
         ("apply_rotary_pos_emb", "text"), ("apply_rotary_pos_emb_vision", "vision")], (family, rotaries)
+    # the text MLPs gated (SiLU); the vision MLP: Qwen2-VL's QuickGELU, Qwen2.5-VL's gated, the others' GELU (one
+    # torch kernel already: left alone)
+    vision = {"qwen2_vl": ["quick"], "qwen2_5_vl": ["gated"]}.get(family, [])
+    assert sorted(decoding.mlp_classes(model).values()) == sorted(["gated"] + vision), (family, decoding.mlp_classes(model))
     kw = dict(max_new_tokens=4, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
-    before = dict(calls)
+    before = {**dict(calls), "quick gelu": calls.get("quick gelu", 0)}
     assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
-    assert all(calls[what] > before[what] for what in calls), (family, calls, before)
+    ran = [what for what in calls if calls[what] > before[what]]
+    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up"]
+                                 + (["quick gelu"] if family == "qwen2_vl" else [])), (family, calls, before)
     with decoding.prefill_as_decoded(model):  # the swaps in place while it runs, restored after
         module, function = next(iter(rotaries))
         assert getattr(module, function) is not decoding._REPLACED[module, function]
     assert (module, function) not in decoding._REPLACED
 import os
-os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off"  # the torch forms: no kernel
+os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off,activation_kernel=off"  # the torch forms: no kernel
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)
@@ -359,12 +381,13 @@ print("OK")
 '''
 
 
-def test_the_norm_and_rotary_kernels_give_generates_texts_in_every_family(tiny_family_dirs, formula_images):
-    """LATEXOCR_SPEED norm_kernel and rotary_kernel (on by default): each family's text RMSNorm class is found
-    by its forward's source (Qwen3.5's offset form apart), its rotary functions (text and vision tower) by
-    theirs, and the static decoder with kernels.rms_norm and kernels.rotary in its prefill and step (Triton's
-    interpreter, fp32) gives one-at-a-time generate's greedy texts; every family's layers call them (a
-    family whose attention stopped calling the module's function would count none); both off, none runs."""
+def test_the_norm_rotary_and_activation_kernels_give_generates_texts_in_every_family(tiny_family_dirs, formula_images):
+    """LATEXOCR_SPEED norm_kernel, rotary_kernel and activation_kernel (on by default): each family's text
+    RMSNorm class is found by its forward's source (Qwen3.5's offset form apart), its rotary functions (text
+    and vision tower) and MLP classes by theirs, and the static decoder with kernels.rms_norm, kernels.rotary
+    and the activation kernels in its prefill and step (Triton's interpreter, fp32) gives one-at-a-time
+    generate's greedy texts; every family's layers call them (a family whose attention stopped calling the
+    module's function would count none); all off, none runs."""
     import json
     folders = {family: str(folder) for family, folder in tiny_family_dirs.items()}
     paths = [str(p) for p, _ in formula_images[:2]]

@@ -62,6 +62,9 @@ class SpeedChoices:
                                           # layers' and the vision towers') in one Triton kernel (fast/kernels.py
                                           # rotary), bit for bit the torch form's ~10 kernels (the towers': over fp32
                                           # copies); off: the torch form. Not yet measured on a GPU
+    activation_kernel: bool = True        # inference on a GPU, every family: the MLPs' activation in one Triton kernel
+                                          # (fast/kernels.py gated_silu: silu(gate) * up; quick_gelu: Qwen2-VL's vision
+                                          # MLP) instead of 2-3 torch kernels; off: the torch form. Not yet measured
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);

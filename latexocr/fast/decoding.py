@@ -347,6 +347,53 @@ def _kernel_rotary(module, function: str, form: str):
     return apply
 
 
+# The MLP forwards kernels.gated_silu and kernels.quick_gelu stand in for, by their source's hash (the same in
+# transformers 5.24 and 5.25), with the activation module each needs (its forward's hash, transformers.activations):
+# the text MLPs of all four families and Qwen2.5-VL's vision MLP ("gated": act_fn(gate_proj(x)) * up_proj(x),
+# act_fn SiLUActivation) and Qwen2-VL's vision MLP ("quick": fc2(act(fc1(x))), act QuickGELUActivation).
+MLP_FORMS = {"3997a4458faa14a5": "gated", "4e40d65545624eb0": "gated", "3c21c8c99fed5bb7": "quick"}
+ACTIVATION_FORMS = {"gated": ("act_fn", "SiLUActivation", "252dabf3436933c3"),
+                    "quick": ("act", "QuickGELUActivation", "db567a68bddd0ec8")}
+
+
+def mlp_classes(model) -> dict:
+    """{MLP class in the model: its form (MLP_FORMS)} for the classes whose every instance's activation is the
+    one its form's kernel computes (ACTIVATION_FORMS)."""
+    from .upstream import source_hash
+    found, refused = {}, set()
+    for module in model.modules():
+        cls = type(module)
+        if cls in refused or not cls.__name__.upper().endswith("MLP"):
+            continue
+        form = found.get(cls) or MLP_FORMS.get(source_hash(cls.__module__, f"{cls.__qualname__}.forward"))
+        attribute, name, digest = ACTIVATION_FORMS.get(form, (None, None, None))
+        act = type(getattr(module, attribute, None)) if attribute else None
+        if form is None or act is None or act.__name__ != name or \
+                source_hash(act.__module__, f"{act.__qualname__}.forward") != digest:
+            refused.add(cls)
+            found.pop(cls, None)
+            continue
+        found[cls] = form
+    return found
+
+
+def _kernel_mlp_forward(form: str):
+    """The forward an MLP class of that form (MLP_FORMS) has while _standing_in runs: its projections, and the
+    activation between them in one kernel (the torch form where the kernel does not apply)."""
+    if form == "quick":
+        def quick_forward(self, x):
+            hidden = self.fc1(x)
+            out = kernels.quick_gelu(hidden)
+            return self.fc2(self.act(hidden) if out is None else out)
+        return quick_forward
+
+    def gated_forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        out = kernels.gated_silu(gate, up)
+        return self.down_proj(self.act_fn(gate) * up if out is None else out)
+    return gated_forward
+
+
 def _kernel_norm_forward(form: str):
     """The forward an RMSNorm class of that form (NORM_FORMS) has while _standing_in runs."""
     if form == "gated":
@@ -406,12 +453,15 @@ def uses_prefill_conv(core) -> bool:
 def kernel_swaps(core) -> list:
     """(owner, attribute, stand-in) for what a kernel computes in the static decoder's prefill and step,
     every family, on a GPU with Triton: each RMSNorm class's forward (norm_classes; LATEXOCR_SPEED
-    norm_kernel) and each rotary embedding function (rotary_functions; rotary_kernel). None on the CPU."""
+    norm_kernel), each MLP's activation (mlp_classes; activation_kernel) and each rotary embedding function
+    (rotary_functions; rotary_kernel). None on the CPU."""
     speed = speed_choices()
     if not kernels.usable(core.get_input_embeddings().weight):
         return []
     swaps = [(cls, "forward", _kernel_norm_forward(form)) for cls, form in norm_classes(core).items()
              if speed.norm_kernel]
+    swaps += [(cls, "forward", _kernel_mlp_forward(form)) for cls, form in mlp_classes(core).items()
+              if speed.activation_kernel]
     return swaps + [(module, function, _kernel_rotary(module, function, form))
                     for (module, function), form in rotary_functions(core).items() if speed.rotary_kernel]
 
@@ -425,7 +475,7 @@ def prefill_as_decoded(model):
 
 
 # (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
-# one_token_delta_rule, one_token_conv_update, the RMSNorm forwards and the rotary functions fall back to it)
+# one_token_delta_rule, one_token_conv_update, the RMSNorm and MLP forwards and the rotary functions fall back to it)
 _REPLACED = {}
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
 _KERNELS = [False]

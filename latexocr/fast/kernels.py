@@ -307,7 +307,25 @@ def _build():
                 y = tl.where(rot[None, :], a + r, x)
                 tl.store(o_ptr + o_at + h[:, None] * o_head + d[None, :], y.to(o_ptr.dtype.element_ty), mask=inside)
 
-    return delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel, rotary_kernel
+    @triton.jit
+    def activation_kernel(x_ptr, y_ptr, out_ptr, n, QUICK_GELU: tl.constexpr, BLOCK: tl.constexpr):
+        # elementwise over contiguous tensors, each intermediate rounded to x's dtype where the torch form's is:
+        # silu(x) * y (the gated MLPs: act_fn(gate_proj(x)) * up_proj(x); torch's silu is x / (1 + e^-x) in
+        # fp32), or x * sigmoid(1.702 x) (Qwen2-VL's vision MLP, three torch kernels)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < n
+        x = tl.load(x_ptr + i, mask=inside, other=0.0)
+        x32 = x.to(tl.float32)
+        if QUICK_GELU:
+            t = (x32 * 1.702).to(x.dtype).to(tl.float32)
+            y = x32 * (1.0 / (1.0 + tl.exp(-t))).to(x.dtype).to(tl.float32)
+        else:
+            a = (x32 / (1.0 + tl.exp(-x32))).to(x.dtype).to(tl.float32)
+            y = a * tl.load(y_ptr + i, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return (delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel, rotary_kernel,
+            activation_kernel)
 
 
 # How a program of delta_rule_kernel is cut, the fastest of bench/bench_kernels.py's grid on an H200 (run V,
@@ -491,3 +509,28 @@ def rotary(q, k, cos, sin, head_axis: int, in_fp32: bool):
     if squeeze:
         q_out, k_out = q_out.squeeze(0), k_out.squeeze(0)
     return q_out, k_out
+
+
+def _activation(x, y, quick_gelu: bool) -> torch.Tensor | None:
+    if (not x.is_contiguous() or x.numel() == 0 or y is not None and (not y.is_contiguous() or y.shape != x.shape)
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y))):
+        return None  # no backward: training keeps the torch form
+    dtype = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    block = 1024
+    ran = _launch(_triton()[6], (-(-x.numel() // block),), x, x if y is None else y, out, x.numel(),
+                  QUICK_GELU=quick_gelu, BLOCK=block)
+    return out if ran else None
+
+
+def gated_silu(gate, up) -> torch.Tensor | None:
+    """silu(gate) * up in one kernel, as the models' gated MLPs compute it between their projections
+    (`act_fn(gate_proj(x)) * up_proj(x)`: the SiLU rounded to gate's dtype, then the product; two torch
+    kernels and a round trip of the activation through memory). None where the kernel does not apply."""
+    return _activation(gate, up, False)
+
+
+def quick_gelu(x) -> torch.Tensor | None:
+    """x * sigmoid(1.702 x) in one kernel (transformers' QuickGELUActivation, Qwen2-VL's vision MLP: three
+    torch kernels, each intermediate rounded to x's dtype as here). None where the kernel does not apply."""
+    return _activation(x, None, True)

@@ -137,6 +137,28 @@ SOURCES = {
         ("as Qwen2-VL's (the same text)", ("e174399e546c23a4",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "rotate_half"):
         ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
+        ("fast/decoding.py _kernel_mlp_forward copies it (gated form: its projections around kernels.gated_silu) "
+         "and _standing_in stands in for it while the static decoder's prefill and step run; MLP_FORMS names its "
+         "hash; likewise Qwen2.5-VL's Qwen2MLP, Qwen3VLTextMLP and Qwen3_5MLP (the same text)", ("3997a4458faa14a5",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2MLP.forward"):
+        ("as Qwen2-VL's Qwen2MLP.forward (the same text)", ("3997a4458faa14a5",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextMLP.forward"):
+        ("as Qwen2-VL's Qwen2MLP.forward (the same text)", ("3997a4458faa14a5",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5MLP.forward"):
+        ("as Qwen2-VL's Qwen2MLP.forward (the same text)", ("3997a4458faa14a5",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLMLP.forward"):
+        ("fast/decoding.py _kernel_mlp_forward copies it (gated form, the vision tower's MLP) while the static "
+         "decoder's prefill runs", ("4e40d65545624eb0",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionMlp.forward"):
+        ("fast/decoding.py _kernel_mlp_forward copies it (quick form: fc1, kernels.quick_gelu, fc2) while the "
+         "static decoder's prefill runs the vision tower", ("3c21c8c99fed5bb7",)),
+    ("transformers.activations", "SiLUActivation.forward"):
+        ("fast/kernels.py gated_silu computes it (x / (1 + e^-x), rounded to x's dtype) where decoding.py "
+         "mlp_classes finds it as a gated MLP's act_fn (ACTIVATION_FORMS)", ("252dabf3436933c3",)),
+    ("transformers.activations", "QuickGELUActivation.forward"):
+        ("fast/kernels.py quick_gelu computes it (each intermediate rounded to x's dtype) where decoding.py "
+         "mlp_classes finds it as Qwen2-VL's vision MLP's act (ACTIVATION_FORMS)", ("db567a68bddd0ec8",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -219,6 +241,9 @@ PRIVATE_ATTRIBUTES = {
         ("fast/decoding.py _standing_in: kernels.rotary while the static decoder's prefill and step run, then "
          "restored; likewise apply_rotary_pos_emb_vision, and both in Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's "
          "modules (found by rotary_functions)"),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
+        ("fast/decoding.py _standing_in: _kernel_mlp_forward while the static decoder's prefill and step run, then "
+         "restored; likewise the other MLP classes mlp_classes finds"),
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
