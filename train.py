@@ -275,6 +275,7 @@ def main(argv=None):
     from latexocr.training import (EvaluateEvery, Fp16OverflowStop, OcrDataset, SaveOnInterrupt,
                                    SaveSampleDefinition, ThroughputCallback)
     from latexocr.generation import default_loader_workers
+    from latexocr.profiling import StepProfile
 
     if (workers := parse_auto(args.num_workers, "NUM_WORKERS", minimum=0)) is None:  # auto
         args.num_workers = default_loader_workers(processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -374,7 +375,8 @@ def main(argv=None):
     # where they pay) unless $LATEXOCR_SPEED says fast=off; latexocr/fast/trainer.py ----
     loop = dict(args=training_args, train_dataset=train_set, processing_class=processor,
                 callbacks=[throughput, SwanLabCallback(tracker), EvaluateEvery(args.eval_steps, evaluate),
-                           Fp16OverflowStop(), SaveSampleDefinition(out_dir, definition), interrupt],
+                           Fp16OverflowStop(), SaveSampleDefinition(out_dir, definition), interrupt,
+                           *StepProfile.from_env(out_dir)],  # bench/: $LATEXOCR_PROFILE_STEPS (latexocr/profiling.py)
                 vision_learning_rate=args.vision_learning_rate)
     if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
         from latexocr.grpo import build_grpo_trainer

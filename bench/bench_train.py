@@ -130,14 +130,20 @@ def parse_logs(text: str) -> list[dict]:
     return logs
 
 
-def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, nproc=1, warmup_half=False):
+LOGGING_STEPS = 5  # train.py's --logging-steps here: the k-th log line with samples/s is step k x 5
+
+
+def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, nproc=1, warmup_half=False, profile=0):
+    """One train.py run. profile > 0 (with steps): that many more steps after the timed ones, recorded by
+    torch.profiler (latexocr/profiling.py); their time is left out of samples/s, their summary returned."""
     out_dir = work / f"out_{name}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
         else [sys.executable]
     cmd = [*launcher, str(ROOT / "train.py"), "--model-id", str(model_dir), "--model-source", "local",
            "--train-json", str(json_path), "--val-json", str(work / "no_val.json"), "--output-dir", str(out_dir),
-           "--logging-steps", "5", "--save-steps", "100000", "--swanlab-mode", "disabled", *flags]
-    cmd += ["--max-steps", str(steps)] if steps > 0 else ["--epochs", str(epochs)]
+           "--logging-steps", str(LOGGING_STEPS), "--save-steps", "100000", "--swanlab-mode", "disabled", *flags]
+    profile = profile if steps > 0 else 0
+    cmd += ["--max-steps", str(steps + profile)] if steps > 0 else ["--epochs", str(epochs)]
     cache = work / "compile_cache"  # latexocr/fast/compile.py: torch's compile caches live here
     if name.endswith("_cold"):
         shutil.rmtree(cache, ignore_errors=True)
@@ -145,6 +151,10 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
     # the configuration's choices after the caller's own (e.g. LATEXOCR_SPEED=fla_varlen=on): later names win
     speed = ",".join(filter(None, (os.environ.get("LATEXOCR_SPEED", ""), speed)))
     env.update(PYTHONUNBUFFERED="1", LATEXOCR_COMPILE_CACHE=str(cache), LATEXOCR_SPEED=speed)
+    report = work / f"profile_{name}.json"
+    report.unlink(missing_ok=True)
+    if profile:
+        env.update(LATEXOCR_PROFILE_STEPS=f"{steps + 1}:{steps + profile}", LATEXOCR_PROFILE_OUT=str(report))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -154,6 +164,8 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
         return {"name": name, "error": f"exit {proc.returncode}"}
     logs = parse_logs(proc.stdout + proc.stderr)
     steps_logs = [l for l in logs if "samples_per_second" in l]
+    if profile:  # the profiled steps' own log lines (slowed by the profiler) are not timed
+        steps_logs = steps_logs[:steps // LOGGING_STEPS] or steps_logs
     # steady state: the first intervals include warm-up; compiled runs also compile and record a CUDA
     # graph for every new row shape early on, so for them only the second half of the run counts
     steady = steps_logs[len(steps_logs) // 2:] if warmup_half else steps_logs[2:]
@@ -173,6 +185,8 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
         "linear_attention": next((line for line in proc.stdout.splitlines()
                                   if line.startswith("linear-attention layers:")), ""),
         "wall_s": wall,
+        **({"profile": {k: v for k, v in json.loads(report.read_text()).items() if k != "busiest"},
+            "profile_file": str(report)} if profile and report.exists() else {}),
     }
 
 
@@ -190,6 +204,10 @@ def main():
                     help="optimizer steps of the compiled configurations: their first steps compile the blocks "
                          "and record a CUDA graph per new row shape, so steady state comes later")
     ap.add_argument("--full", default="default", help="configurations run for the whole 996 x 2 epochs")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="> 0: each configuration (not --full) runs this many more steps after the timed ones, "
+                         "recorded by torch.profiler: where a step's GPU time goes by kernel category "
+                         "(latexocr/profiling.py), in the JSON and a table; the kernels in $OUT/profile_<config>.json")
     ap.add_argument("--nproc", type=int, default=1,
                     help="GPUs: > 1 runs train.py under torchrun (data-parallel, same global batch)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
@@ -226,12 +244,17 @@ def main():
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     print(env, flush=True)
     results = []
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         (flags, speed, what), model_dir = CONFIGS[name], model_for(name)
         full = name in a.full.split(",")
         compiles = "compile=on" in speed or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
         steps = 0 if full else (a.compiled_steps if compiles else a.steps)
-        r = run_config(name, flags, speed, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles)
+        r = run_config(name, flags, speed, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles,
+                       profile=a.profile_steps)
+        copy = a.out.parent / Path(r.get("profile_file", "")).name
+        if "profile_file" in r and copy.resolve() != Path(r["profile_file"]).resolve():
+            shutil.copy(r["profile_file"], copy)  # beside the JSON, where the device call brings $OUT back
         r["gpus"] = a.nproc
         if "error" not in r:
             flops, tokens = model_flops_per_sample(model_dir, json_path, flags)
@@ -255,6 +278,16 @@ def main():
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.1f}×" if base else "-"
         print(f"| {r['name']} | {r['samples_per_s']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f} % "
               f"| {r['peak_gib']:.1f} | {r['tutorial_workload_s']:.0f} s | {r['first_loss']:.3f}→{r['last_loss']:.3f} |")
+    profiled = [r for r in results if "profile" in r]
+    if profiled:  # where a step's time goes, by kernel category (the profiled steps after the timed ones)
+        names = sorted({c for r in profiled for c in r["profile"]["categories"]},
+                       key=lambda c: -max(r["profile"]["categories"].get(c, {"ms": 0})["ms"] for r in profiled))
+        print(f"\n| configuration | ms a step ({profiled[0]['profile']['timed']}) | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for r in profiled:
+            cats = r["profile"]["categories"]
+            print(f"| {r['name']} | {r['profile']['ms_per_step']:.1f} | " + " | ".join(
+                f"{cats[c]['ms']:.1f} ({cats[c]['share']:.0%})" if c in cats else "-" for c in names) + " |")
     runs = {r["name"]: r for r in results if "error" not in r}
     if "eager" in runs and "eager" in a.full.split(","):
         for name in ("default_cold", "default_warm"):

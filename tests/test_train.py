@@ -198,6 +198,26 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_profile_of_chosen_steps_says_where_a_step_goes(tmp_path, tiny_model_dir):
+    """bench/bench_train.py --profile-steps: $LATEXOCR_PROFILE_STEPS=2:3 makes train.py record optimizer steps 2
+    and 3 with torch.profiler and write their time per step by category (the CPU operators' own time here; the
+    CUDA kernels' on a GPU) and the busiest operators, with one line saying so; a malformed value is one line."""
+    data = make_dataset(tmp_path, LABELS[:4])
+    report = tmp_path / "profile.json"
+    args = ["--model-id", tiny_model_dir, "--train-json", data, "--val-json", data, "--output-dir", tmp_path / "out",
+            "--max-steps", 3, "--batch-size", 2, "--micro-batch-size", 2, *TINY]
+    proc = run_main("train.py", *args, env={"LATEXOCR_PROFILE_STEPS": "2:3", "LATEXOCR_PROFILE_OUT": str(report)})
+    summary = json.loads(report.read_text())
+    assert summary["steps_profiled"] == [2, 3] and summary["steps"] == 2
+    assert summary["timed"].startswith("cpu") and summary["ms_per_step"] > 0
+    assert summary["categories"]["matrix products"]["ms"] > 0  # the projections' aten::mm / addmm
+    assert abs(sum(c["ms"] for c in summary["categories"].values()) - summary["ms_per_step"]) < 0.01 * summary["ms_per_step"] + 0.01
+    assert summary["busiest"] and all(b["category"] in summary["categories"] for b in summary["busiest"])
+    assert f"profile of steps 2-3: " in proc.stderr and str(report) in proc.stderr
+    proc = run_main("train.py", *args, env={"LATEXOCR_PROFILE_STEPS": "two"}, check=False)
+    assert proc.returncode != 0 and "LATEXOCR_PROFILE_STEPS: 'two'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # --------------------------------------------------------------------------- 5. bad train data
 def test_bad_training_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path, LABELS[:4])
