@@ -273,7 +273,8 @@ def prefill_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
 def _prefill_functions(delta_rule: bool, conv: bool = False, swaps: list | None = None):
     """While the decoder's prefill runs, Qwen3.5's module-level chunked rule is prefill_delta_rule through
     its kernel (delta_rule), its convolution without a cache prefill_conv through its kernel (conv), and
-    the `swaps` (kernel_swaps: RMSNorms, rotary functions) are set; restored after. All off: nothing changes. LATEXOCR_SPEED prefill_rule is read here, once per prefill, not in each layer's call."""
+    the `swaps` (kernel_swaps: RMSNorms, MLPs, rotary functions) are set; restored after. All off: nothing
+    changes. LATEXOCR_SPEED prefill_rule is read here, once per prefill, not in each layer's call."""
     rule = prefill_delta_rule
     if delta_rule and speed_choices().prefill_rule == "chunked":
         rule = functools.partial(prefill_delta_rule, launch=kernels.CHUNK_LAUNCH)
@@ -413,7 +414,7 @@ def _kernel_norm_forward(form: str):
 def _standing_in(functions: dict, swaps: list | None, use_kernels: bool):
     """While a prefill or a decode step runs: each Qwen3.5 module-level function named in `functions` is
     the stand-in given (None: left alone), each (owner, attribute, stand-in) of `swaps` (kernel_swaps: the
-    RMSNorm forwards, the rotary functions) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
+    RMSNorm and MLP forwards, the rotary functions) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
     where `use_kernels`; the originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
     swaps = list(swaps or [])
     if any(functions.values()):
@@ -467,8 +468,8 @@ def kernel_swaps(core) -> list:
 
 
 def prefill_as_decoded(model):
-    """A context in which the model's prefill runs as the static decoder's does (on a GPU: the RMSNorm
-    kernel; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
+    """A context in which the model's prefill runs as the static decoder's does (on a GPU: kernel_swaps'
+    kernels; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
     BATCH_SIZE=auto's memory probe measures is what then runs."""
     core = vision_language_core(unwrap(model))
     return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), kernel_swaps(core))
@@ -485,7 +486,7 @@ def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool 
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
     one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
     (conv_update), each through its Triton kernel where `use_kernels`, and the `swaps` (kernel_swaps:
-    RMSNorms, rotary functions) are set; restored after. All off: nothing changes."""
+    RMSNorms, MLPs, rotary functions) are set; restored after. All off: nothing changes."""
     return _standing_in({"torch_recurrent_gated_delta_rule": one_token_delta_rule if delta_rule else None,
                          "causal_conv1d_update": one_token_conv_update if conv_update else None}, swaps, use_kernels)
 
@@ -569,7 +570,7 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
-        self.swaps = kernel_swaps(self.core)  # every family, on a GPU: the RMSNorms' and rotary functions' kernels
+        self.swaps = kernel_swaps(self.core)  # every family, on a GPU: the RMSNorm, MLP and rotary kernels
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule

@@ -1,6 +1,6 @@
 """Triton kernels for inference: Qwen3.5's, where the field's kernels are not installed (issue 31), and every
-family's RMSNorm and rotary embedding (`rms_norm`, `rotary`: one kernel each where the torch forms launch ~7
-and ~10, which a decode step is bound by; issue 32).
+family's RMSNorm, rotary embedding and MLP activation (`rms_norm`, `rotary`, `gated_silu` / `quick_gelu`: one
+kernel each where the torch forms launch ~7, ~10 and 2-3, which a decode step is bound by; issue 32).
 
 Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer runs transformers' PyTorch
 fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
