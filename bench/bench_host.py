@@ -47,10 +47,10 @@ def clocked(fn):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def encoder_for(shared: Path):
+def encoder_for(folder: Path):
     from latexocr.modeling import load_processor
     from latexocr.sample import SampleEncoder, set_processor_sizing, sizing_for
-    processor = load_processor(str(shared / "qwen2vl-2b"))
+    processor = load_processor(str(folder))
     encoder = SampleEncoder(processor, sizing_for(processor))
     set_processor_sizing(processor, encoder.sizing)  # as infer.py's setup_sample does
     return encoder
@@ -78,7 +78,7 @@ def per_core(a, encoder, paths) -> None:
     steps = {"header (size order)": (w_head, c_head), "load + RGB + resize": (w_load, c_load),
              f"processor per chunk of {rows}": (w_proc, c_proc), "M-RoPE positions": (w_pos, c_pos)}
     worker_cpu_ms = 1000 * (c_load + c_proc + c_pos) / n
-    emit(a, {"part": "per core", "images": n,
+    emit(a, {"part": "per core", "images": n, "processor": type(encoder.processor).__name__,
              **{k: {"wall_ms": round(1000 * w / n, 3), "cpu_ms": round(1000 * c / n, 3)} for k, (w, c) in steps.items()},
              "worker_cpu_ms_per_image": round(worker_cpu_ms, 3),
              "images_per_s_per_worker_core": round(1000 / worker_cpu_ms, 1),
@@ -144,6 +144,8 @@ def main():
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench_host"))
     ap.add_argument("--parts", default="1,2", help="which parts: 1 per core, 2 loader, 3 infer.py")
+    ap.add_argument("--processor", type=Path, help="parts 1-2: a model folder whose processor to run (default: "
+                    "../shared/qwen2vl-2b's; e.g. a Qwen3.5 folder: its Qwen3VLProcessor, 16-pixel patches)")
     ap.add_argument("--images", type=int, default=1024, help="images of part 1")
     ap.add_argument("--loader-images", type=int, default=2048, help="images of part 2")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of part 2")
@@ -159,7 +161,7 @@ def main():
     pairs = full_val_samples(a.shared.resolve())
     paths = [p for p, _ in pairs]
     if parts & {"1", "2"}:
-        encoder = encoder_for(a.shared.resolve())
+        encoder = encoder_for(a.processor or a.shared.resolve() / "qwen2vl-2b")
         if "1" in parts:
             per_core(a, encoder, paths[:a.images])
         if "2" in parts:
