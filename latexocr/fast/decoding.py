@@ -512,7 +512,7 @@ def uses_one_token_delta_rule(core) -> bool:
 class _State:
     """The fixed buffers of one (rows, cache length) shape, and its CUDA graph once captured."""
 
-    def __init__(self, rows: int, length: int, max_new: int, storage, shapes, types, device):
+    def __init__(self, rows: int, length: int, max_new: int, storage, shapes, types, device, dtype):
         self.rows, self.length = rows, length
         views = [tuple(flat[:math.prod(shape)].view(shape) for flat, shape in zip(pair, layer_shapes))
                  for pair, layer_shapes in zip(storage, shapes)]
@@ -522,7 +522,10 @@ class _State:
         self.values = {i: v[1] for i, (v, kind) in enumerate(zip(views, types)) if kind == ATTENTION}
         self.conv = {i: v[0] for i, (v, kind) in enumerate(zip(views, types)) if kind == LINEAR_ATTENTION}
         self.recurrent = {i: v[1] for i, (v, kind) in enumerate(zip(views, types)) if kind == LINEAR_ATTENTION}
-        self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)   # key mask
+        # the key mask as the attention adds it: 0 where a slot may be attended, -inf elsewhere, in the model's
+        # dtype (torch's SDPA turns a boolean mask into this in every layer's call, in the versions that convert
+        # it before choosing a kernel: a where and a logical_not each; the same values, so the same results)
+        self.bias = torch.full((rows, length), float("-inf"), dtype=dtype, device=device)
         self.token = torch.zeros(rows, dtype=torch.long, device=device)            # last token, fed next
         self.position = torch.zeros(rows, dtype=torch.long, device=device)         # its M-RoPE position
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -607,7 +610,7 @@ class StaticDecoder:
         key = (rows, length)
         if key not in self.states:
             self.states[key] = _State(rows, length, self.max_new, self.storage, self._shapes(rows, length),
-                                      self.types, self.device)
+                                      self.types, self.device, self.dtype)
         return self.states[key]
 
     # ---- one token ----------------------------------------------------------------------------
@@ -629,11 +632,11 @@ class StaticDecoder:
 
     def _step(self, s: _State) -> None:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
-        s.valid.index_fill_(1, s.write_at, True)
+        s.bias.index_fill_(1, s.write_at, 0.0)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
         with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.swaps):
             out = self.model(input_ids=s.token[:, None], position_ids=position,
-                             attention_mask=s.valid[:, None, None, :],  # 4-D: used as is, no mask building
+                             attention_mask=s.bias[:, None, None, :],  # 4-D: used as is, no mask building
                              use_cache=True, logits_to_keep=1, cache=s.cache)
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
@@ -681,7 +684,7 @@ class StaticDecoder:
         # slots: the prompt, then every generated token but the last (it is never fed back)
         length = -(-(prompt + max(self.max_new - 1, 1)) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         s = self._state(rows, length)
-        s.valid.zero_()
+        s.bias.fill_(float("-inf"))
         s.finished.zero_()
         s.history.fill_(self.pad_id)
         s.origin.copy_(torch.arange(rows, device=self.device))
@@ -705,7 +708,7 @@ class StaticDecoder:
                 else:  # no length: the state after the prompt's last token, whatever the padding
                     s.conv[layer][row:row + n].copy_(first_state)
                     s.recurrent[layer][row:row + n].copy_(second_state)
-            s.valid[row:row + n, start:prompt] = chunk["attention_mask"].bool()
+            s.bias[row:row + n, start:prompt].masked_fill_(chunk["attention_mask"].bool(), 0.0)
             # generate's next position: the last prompt position + 1 (a text token: equal on all three axes)
             s.position[row:row + n] = rope[:, :, -1].max(0).values + 1
             first.append(out.logits[:, -1])
@@ -730,7 +733,7 @@ class StaticDecoder:
         # read everything out before the new views (same storage) are written
         saved = [buffer.index_select(0, keep) for buffer in s.layer_buffers()]
         small = {name: getattr(s, name).index_select(0, keep)
-                 for name in ("valid", "token", "position", "finished", "history", "origin")}
+                 for name in ("bias", "token", "position", "finished", "history", "origin")}
         write_at, step = s.write_at.clone(), s.step.clone()
         t = self._state(rows, s.length)
         n = len(keep)
@@ -740,8 +743,8 @@ class StaticDecoder:
         del saved
         for name, value in small.items():
             getattr(t, name)[:n].copy_(value)
-        t.valid[n:] = False
-        t.valid[n:, 0] = True  # padding rows attend to one slot (no all-masked softmax)
+        t.bias[n:] = float("-inf")
+        t.bias[n:, 0] = 0.0  # padding rows attend to one slot (no all-masked softmax)
         t.finished[n:] = True
         t.origin[n:] = done_tokens.shape[0] - 1  # a scratch row
         t.token[n:] = self.pad_id  # padding rows hold nothing of an earlier batch
