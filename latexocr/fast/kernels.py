@@ -463,7 +463,7 @@ def rotary(q, k, cos, sin, head_axis: int, in_fp32: bool):
     """The rotary embedding of the models' attention in one kernel for q and k together, where the torch
     form is ~10 kernels (rotate_half's slices, negation and concatenation, two products and a sum, for
     each; a decode step of Qwen2-VL-2B holds 280 of them), and the vision towers' form also makes fp32
-    copies of q and k (Qwen2-VL-2B's tower: ~1.3 GB of traffic a layer for 128 images).
+    copies of q and k, a round trip through memory per step over a prefill chunk's ~20k patches.
 
     q, k: 4-D (batch, heads, tokens, dim) with heads on `head_axis` 1, or (batch, tokens, heads, dim) with
     2; or 3-D (tokens, heads, dim), the vision towers'. cos, sin: (batch, tokens, rotary dim) or (tokens,
@@ -512,6 +512,7 @@ def rotary(q, k, cos, sin, head_axis: int, in_fp32: bool):
 
 
 def _activation(x, y, quick_gelu: bool) -> torch.Tensor | None:
+    """activation_kernel over x (and y): a new tensor in the dtype the torch form's result has, or None."""
     if (not x.is_contiguous() or x.numel() == 0 or y is not None and (not y.is_contiguous() or y.shape != x.shape)
             or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y))):
         return None  # no backward: training keeps the torch form
