@@ -252,9 +252,10 @@ def main():
         steps = 0 if full else (a.compiled_steps if compiles else a.steps)
         r = run_config(name, flags, speed, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles,
                        profile=a.profile_steps)
-        copy = a.out.parent / Path(r.get("profile_file", "")).name
-        if "profile_file" in r and copy.resolve() != Path(r["profile_file"]).resolve():
-            shutil.copy(r["profile_file"], copy)  # beside the JSON, where the device call brings $OUT back
+        if "profile_file" in r:  # beside the JSON, where the device call brings $OUT back
+            copy = a.out.parent / Path(r["profile_file"]).name
+            if copy.resolve() != Path(r["profile_file"]).resolve():
+                shutil.copy(r["profile_file"], copy)
         r["gpus"] = a.nproc
         if "error" not in r:
             flops, tokens = model_flops_per_sample(model_dir, json_path, flags)
