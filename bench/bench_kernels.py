@@ -26,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+TORCH_FORM = "torch form (transformers)"  # side_by_side's row for the function a kernel stands in for
+
+
 def timed(fn, repeat: int) -> float:
     """Median milliseconds of fn() over `repeat` runs, after one warm-up (the Triton compile); CUDA events
     on a GPU, the wall clock under Triton's CPU interpreter (the test's smoke run)."""
@@ -135,6 +138,12 @@ def main() -> None:
             continue
         report(what="step", launch=launch, ms=round(ms, 3), tb_per_s=round(gib * 2**30 / 1e12 / (ms / 1e3), 2))
 
+    def side_by_side(what: str, torch_form, kernel, **check) -> None:
+        """One row each for transformers' torch form and our kernel; `check` goes into the kernel's row."""
+        with torch.no_grad():
+            report(what=what, path=TORCH_FORM, ms=round(timed(torch_form, a.repeat), 4))
+            report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), **check)
+
     # the rotary embedding (kernels.rotary) against transformers' torch forms, at Qwen2-VL-2B's shapes: the vision
     # tower's (one prefill chunk's patches, 16 heads of 80, fp32 arithmetic), the text layers' in a prefill chunk
     # (--rows prompts of --rotary-tokens, 12 query and 2 key heads of 128) and in a decode step (--step-rows rows)
@@ -158,8 +167,7 @@ def main() -> None:
             kernel = lambda: kernels.rotary(q_, k_, cos, sin, 1, False)  # noqa: E731
         with torch.no_grad():
             same = all(torch.equal(x, y) for x, y in zip(torch_form(), kernel()))
-            report(what=what, path="torch form (transformers)", ms=round(timed(torch_form, a.repeat), 4))
-            report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), bit_equal=same)
+        side_by_side(what, torch_form, kernel, bit_equal=same)
 
     # the MLPs' activations (kernels.gated_silu, quick_gelu) against transformers' activation modules, at
     # Qwen2-VL-2B's shapes: the text MLP of a prefill chunk (--rows x --rotary-tokens tokens, 8,960 columns) and of a
@@ -174,9 +182,9 @@ def main() -> None:
         else:
             torch_form, kernel = (lambda: silu(gate) * up), (lambda: kernels.gated_silu(gate, up))
         with torch.no_grad():
-            error = ((kernel().float() - torch_form().float()).abs().max() / torch_form().float().abs().max()).item()
-            report(what=what, path="torch form (transformers)", ms=round(timed(torch_form, a.repeat), 4))
-            report(what=what, path="kernel", ms=round(timed(kernel, a.repeat), 4), max_relative_error=error)
+            expected = torch_form().float()
+            error = ((kernel().float() - expected).abs().max() / expected.abs().max()).item()
+        side_by_side(what, torch_form, kernel, max_relative_error=error)
 
     summary = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter)",
                "torch": torch.__version__, "shape": {k: v for k, v in vars(a).items() if k != "out"}}
@@ -186,11 +194,10 @@ def main() -> None:
         mine = next((r for r in timed_launches if r["launch"] == default), None)
         summary[what] = {"fastest": best, "default": mine,
                          "torch": next(r["ms"] for r in results if r["what"] == what and "path" in r)}
-    for what in ("rotary vision", "rotary prefill", "rotary step", "silu * up prefill", "silu * up step",
-                 "quick gelu vision"):
+    for what in dict.fromkeys(r["what"] for r in results if r.get("path") == "kernel"):  # side_by_side's rows
         paths = {r["path"]: r for r in results if r["what"] == what}
-        summary[what] = {"torch": paths["torch form (transformers)"]["ms"], "kernel": paths["kernel"]["ms"],
-                         **{k: paths["kernel"][k] for k in ("bit_equal", "max_relative_error") if k in paths["kernel"]}}
+        summary[what] = {"torch": paths[TORCH_FORM]["ms"], "kernel": paths["kernel"]["ms"],
+                         **{k: v for k, v in paths["kernel"].items() if k not in ("what", "path", "ms")}}
     print(json.dumps(summary, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))
