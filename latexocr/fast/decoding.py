@@ -293,14 +293,14 @@ NORM_FORMS = {"0d702ef8d7d8a129": "plain", "6bc29e6eecca35b2": "offset", "cc5787
 def norm_classes(model) -> dict:
     """{RMSNorm class in the model: its form (NORM_FORMS)} for the classes whose forward kernels.rms_norm
     computes; the vision towers' too where they share the class (Qwen2.5-VL)."""
-    from .upstream import source_hash
+    from .upstream import forward_hash
     found, seen = {}, set()
     for module in model.modules():
         cls = type(module)
         if cls in seen or not cls.__name__.endswith(("RMSNorm", "RMSNormGated")):
             continue
         seen.add(cls)
-        form = NORM_FORMS.get(source_hash(cls.__module__, f"{cls.__qualname__}.forward"))
+        form = NORM_FORMS.get(forward_hash(cls))
         if form is not None:
             found[cls] = form
     return found
@@ -360,17 +360,16 @@ ACTIVATION_FORMS = {"gated": ("act_fn", "SiLUActivation", "252dabf3436933c3"),
 def mlp_classes(model) -> dict:
     """{MLP class in the model: its form (MLP_FORMS)} for the classes whose every instance's activation is the
     one its form's kernel computes (ACTIVATION_FORMS)."""
-    from .upstream import source_hash
+    from .upstream import forward_hash
     found, refused = {}, set()
     for module in model.modules():
         cls = type(module)
         if cls in refused or not cls.__name__.upper().endswith("MLP"):
             continue
-        form = found.get(cls) or MLP_FORMS.get(source_hash(cls.__module__, f"{cls.__qualname__}.forward"))
+        form = MLP_FORMS.get(forward_hash(cls))
         attribute, name, digest = ACTIVATION_FORMS.get(form, (None, None, None))
         act = type(getattr(module, attribute, None)) if attribute else None
-        if form is None or act is None or act.__name__ != name or \
-                source_hash(act.__module__, f"{act.__qualname__}.forward") != digest:
+        if form is None or act.__name__ != name or forward_hash(act) != digest:
             refused.add(cls)
             found.pop(cls, None)
             continue

@@ -284,6 +284,13 @@ def source_hash(module: str, qualname: str) -> str | None:
     return None if source is None else hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+@lru_cache(maxsize=None)
+def forward_hash(cls) -> str | None:
+    """source_hash of a class's forward: how fast/decoding.py recognises the RMSNorm, MLP and activation
+    classes its kernels compute (once per class, however many layers hold one)."""
+    return source_hash(cls.__module__, f"{cls.__qualname__}.forward")
+
+
 def _installed_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     versions = {}
