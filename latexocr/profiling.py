@@ -55,18 +55,18 @@ def summarize(events, steps: int) -> dict:
     kernels = [e for e in events if getattr(e, "self_device_time_total", 0) > 0 and "cuda" in str(e.device_type).lower()]
     on_device = bool(kernels)
     rows = kernels if on_device else [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
-    times = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e3 / steps, e.count // steps)
-             for e in rows]
+    times = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e3 / steps, e.count // steps,
+              category(e.key)) for e in rows]
     by_category: dict[str, float] = {}
-    for name, ms, _ in times:
-        by_category[category(name)] = by_category.get(category(name), 0.0) + ms
+    for _, ms, _, what in times:
+        by_category[what] = by_category.get(what, 0.0) + ms
     total = sum(by_category.values())
     return {"timed": "device (CUDA kernels)" if on_device else "cpu (operators' own time)", "steps": steps,
             "ms_per_step": round(total, 3),
             "categories": {k: {"ms": round(v, 3), "share": round(v / total, 4) if total else 0.0}
                            for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-            "busiest": [{"name": name[:160], "ms": round(ms, 3), "calls": calls, "category": category(name)}
-                        for name, ms, calls in sorted(times, key=lambda t: -t[1])[:40]]}
+            "busiest": [{"name": name[:160], "ms": round(ms, 3), "calls": calls, "category": what}
+                        for name, ms, calls, what in sorted(times, key=lambda t: -t[1])[:40]]}
 
 
 class StepProfile(TrainerCallback):
