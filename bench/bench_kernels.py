@@ -10,8 +10,9 @@ launch's, and beside them transformers' torch forms: the chunked rule the prefil
 decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
 defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; then the rotary embedding's kernel (kernels.rotary)
 and the MLP activations' (gated_silu, quick_gelu) beside transformers' torch forms at Qwen2-VL-2B's shapes
-(vision tower, a prefill chunk, a decode step), with whether the rotary outputs are bit-equal; writes them to
-$OUT/bench_kernels.json.
+(vision tower, a prefill chunk, a decode step), with whether the rotary outputs are bit-equal, and the decode
+step's attention (decode_attention, each way its program may be cut) beside transformers' sdpa attention; writes
+them to $OUT/bench_kernels.json.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--rotary-patches", type=int, default=20480,
                     help="vision patches of one prefill chunk (Qwen2-VL-2B, 128 full_val images: ~20k)")
     ap.add_argument("--rotary-tokens", type=int, default=90, help="prompt width of a Qwen2-VL-2B prefill chunk")
+    ap.add_argument("--attention-slots", type=int, default=192,
+                    help="cache slots of a decode step (infer.py's 64 new tokens after a Qwen2-VL-2B prompt: 192)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_kernels.json")
     a = ap.parse_args()
@@ -186,6 +190,36 @@ def main() -> None:
             error = ((kernel().float() - expected).abs().max() / expected.abs().max()).item()
         side_by_side(what, torch_form, kernel, max_relative_error=error)
 
+    # the decode step's attention (kernels.decode_attention) against transformers' sdpa attention (SDPA's
+    # memory-efficient kernel over the query heads packed per key head), --step-rows rows against --attention-slots
+    # cache slots (each row's first 8 masked, as a left-padded prompt's, and the last quarter, not yet written), at
+    # Qwen2-VL-2B's shapes (12 query and 2 key heads of 128) and Qwen3.5-2B's full-attention layers' (8 and 2 of
+    # 256); then each way a program may be cut (slots per block, warps)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    for what, heads_q, heads_k, dim in (("attention step", 12, 2, 128), ("attention step, head dim 256", 8, 2, 256)):
+        module = types.SimpleNamespace(num_key_value_groups=heads_q // heads_k)
+        q_ = torch.randn(a.step_rows, 1, heads_q, dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+        k_, v_ = (torch.randn(a.step_rows, heads_k, a.attention_slots, dim, device=device, dtype=torch.bfloat16)
+                  for _ in range(2))
+        bias = torch.zeros(a.step_rows, a.attention_slots, device=device, dtype=torch.bfloat16)
+        bias[:, :min(8, a.attention_slots - 1)] = float("-inf")
+        bias[:, max(1, a.attention_slots * 3 // 4):] = float("-inf")
+        torch_form = lambda: sdpa_attention_forward(module, q_, k_, v_, bias[:, None, None, :], scaling=dim ** -0.5)[0]  # noqa: E731
+        with torch.no_grad():
+            expected = torch_form().float()
+            error = ((kernels.decode_attention(q_, k_, v_, bias, dim ** -0.5).float() - expected).abs().max()
+                     / expected.abs().max()).item()
+        side_by_side(what, torch_form, lambda: kernels.decode_attention(q_, k_, v_, bias, dim ** -0.5),
+                     max_relative_error=error, mib_read=round(2 * k_.numel() * 2 / 2**20, 1))
+        for block_n, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
+            launch = {"block_n": block_n, "warps": warps}
+            try:
+                ms = timed(lambda: kernels.decode_attention(q_, k_, v_, bias, dim ** -0.5, launch=launch), a.repeat)
+            except Exception as exc:
+                report(what=what, launch=launch, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            report(what=what, launch=launch, ms=round(ms, 4))
+
     summary = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton's interpreter)",
                "torch": torch.__version__, "shape": {k: v for k, v in vars(a).items() if k != "out"}}
     for what, default in (("prefill", kernels.PREFILL_LAUNCH), ("step", kernels.STEP_LAUNCH)):
@@ -195,9 +229,12 @@ def main() -> None:
         summary[what] = {"fastest": best, "default": mine,
                          "torch": next(r["ms"] for r in results if r["what"] == what and "path" in r)}
     for what in dict.fromkeys(r["what"] for r in results if r.get("path") == "kernel"):  # side_by_side's rows
-        paths = {r["path"]: r for r in results if r["what"] == what}
+        paths = {r["path"]: r for r in results if r["what"] == what and "path" in r}
         summary[what] = {"torch": paths[TORCH_FORM]["ms"], "kernel": paths["kernel"]["ms"],
                          **{k: v for k, v in paths["kernel"].items() if k not in ("what", "path", "ms")}}
+        timed_launches = [r for r in results if r["what"] == what and "launch" in r and "ms" in r]
+        if timed_launches:  # the attention's: the fastest way to cut it
+            summary[what]["fastest"] = min(timed_launches, key=lambda r: r["ms"])
     print(json.dumps(summary, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"summary": summary, "results": results}, indent=1))

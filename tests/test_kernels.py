@@ -155,6 +155,26 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
             assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.dtype, expected.dtype)
             worst[(what, None, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                / expected.float().abs().max()).item()
+        # the decode step's attention: one query token a row (6 query heads per key head, as the attention's
+        # transposed view), the cache's slots (not a multiple of the blocks: 70), each row's key mask of 0 / -inf
+        # (its own left padding, the slots not yet written), or one mask for the batch; against transformers'
+        # sdpa attention (SDPA over the query heads packed per key head)
+        import types
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        for heads_q, heads_kv, dim in ((12, 2, 32), (4, 4, 16)):
+            module = types.SimpleNamespace(num_key_value_groups=heads_q // heads_kv)
+            q = torch.randn(rows, 1, heads_q * dim, device=device).to(dtype).view(rows, 1, heads_q, dim).transpose(1, 2)
+            k, v = (torch.randn(rows, heads_kv, 70, dim, device=device).to(dtype) for _ in range(2))
+            bias = torch.full((rows, 70), float("-inf"), device=device, dtype=dtype)
+            for r in range(rows):
+                bias[r, 3 * r:60] = 0.0
+            for what, mask, launch in (("attention", bias, None), ("attention, blocks of 16", bias, {{"block_n": 16}}),
+                                       ("attention, one mask", bias[:1], None)):
+                expected = sdpa_attention_forward(module, q, k, v, mask[:, None, None, :], scaling=0.3)[0]
+                got = kernels.decode_attention(q, k, v, mask, 0.3, launch=launch)
+                assert got.shape == expected.shape and got.dtype == expected.dtype and got.is_contiguous(), what
+                worst[(what, heads_q, str(dtype))] = ((got.float() - expected.float()).abs().max()
+                                                      / expected.float().abs().max()).item()
 print("WORST", worst)
 inexact = [what for what, same in exact.items() if not same and (device == "cuda" or "float32" in what[1])]
 assert not inexact, ("the rotary kernel differs from the torch form", inexact)
@@ -276,7 +296,8 @@ processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
 with_kernels = predict(model, encoder, paths, **kw)
-os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off,activation_kernel=off"
+os.environ["LATEXOCR_SPEED"] = ("decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off,activation_kernel=off,"
+                                 "attention_kernel=off")
 assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
@@ -302,7 +323,8 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     out = tmp_path / "bench_kernels.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--rows", "2", "--tokens", "3",
                            "--step-rows", "2", "--heads-k", "1", "--heads-v", "2", "--dk", "16", "--dv", "32",
-                           "--rotary-patches", "8", "--rotary-tokens", "3", "--repeat", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                           "--rotary-patches", "8", "--rotary-tokens", "3", "--attention-slots", "20", "--repeat", "1",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
                                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
                           timeout=600)
@@ -322,6 +344,10 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert all(report["summary"][what]["kernel"] > 0 for what in ("rotary vision", "rotary prefill", "rotary step",
                                                                   "silu * up prefill", "silu * up step", "quick gelu vision"))
     assert all(report["summary"][what]["max_relative_error"] < 2e-2 for what in ("silu * up step", "quick gelu vision"))
+    # the decode step's attention beside SDPA, at both head dims, and each way to cut its program timed
+    for what in ("attention step", "attention step, head dim 256"):
+        assert report["summary"][what]["kernel"] > 0 and report["summary"][what]["max_relative_error"] < 2e-2
+        assert len([r for r in report["results"] if r["what"] == what and "launch" in r]) == 4 * 3
 
 
 NORMS_EVERY_FAMILY = '''
@@ -334,8 +360,12 @@ from latexocr.generation import predict
 from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0}
+calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0, "attention": 0}
 norm, rotary, gated_silu, quick_gelu = kernels.rms_norm, kernels.rotary, kernels.gated_silu, kernels.quick_gelu
+attention = kernels.decode_attention
+def counted_attention(*a, **k):
+    out = attention(*a, **k); calls["attention"] += out is not None; return out
+kernels.decode_attention = counted_attention
 def counted_norm(*a, **k):
     out = norm(*a, **k); calls["norm"] += out is not None; return out
 def counted_gated_silu(*a):
@@ -366,14 +396,18 @@ for family, folder in folders.items():
     before = dict(calls)
     assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
     ran = [what for what in calls if calls[what] > before[what]]
-    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up"]
+    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up", "attention"]
                                  + (["quick gelu"] if family == "qwen2_vl" else [])), (family, calls, before)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     with decoding.prefill_as_decoded(model):  # the swaps in place while it runs, restored after
         module, function = next(iter(rotaries))
         assert getattr(module, function) is not decoding._REPLACED[module, function]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is decoding._kernel_sdpa
     assert (module, function) not in decoding._REPLACED
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 import os
-os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off,activation_kernel=off"  # the torch forms: no kernel
+os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off,activation_kernel=off,attention_kernel=off"  # no kernel
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)
@@ -381,13 +415,15 @@ print("OK")
 '''
 
 
-def test_the_norm_rotary_and_activation_kernels_give_generates_texts_in_every_family(tiny_family_dirs, formula_images):
-    """LATEXOCR_SPEED norm_kernel, rotary_kernel and activation_kernel (on by default): each family's text
-    RMSNorm class is found by its forward's source (Qwen3.5's offset form apart), its rotary functions (text
-    and vision tower) and MLP classes by theirs, and the static decoder with kernels.rms_norm, kernels.rotary
-    and the activation kernels in its prefill and step (Triton's interpreter, fp32) gives one-at-a-time
-    generate's greedy texts; every family's layers call them (a family whose attention stopped calling the
-    module's function would count none); all off, none runs."""
+def test_the_norm_rotary_activation_and_attention_kernels_give_generates_texts_in_every_family(tiny_family_dirs,
+                                                                                                 formula_images):
+    """LATEXOCR_SPEED norm_kernel, rotary_kernel, activation_kernel and attention_kernel (on by default): each
+    family's text RMSNorm class is found by its forward's source (Qwen3.5's offset form apart), its rotary
+    functions (text and vision tower) and MLP classes by theirs, and the static decoder with kernels.rms_norm,
+    kernels.rotary, the activation kernels and kernels.decode_attention (through transformers' sdpa entry) in
+    its prefill and step (Triton's interpreter, fp32) gives one-at-a-time generate's greedy texts; every
+    family's layers call them (a family whose attention stopped calling the module's function, or looking up
+    the sdpa entry, would count none); all off, none runs."""
     import json
     folders = {family: str(folder) for family, folder in tiny_family_dirs.items()}
     paths = [str(p) for p, _ in formula_images[:2]]

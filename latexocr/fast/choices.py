@@ -65,6 +65,11 @@ class SpeedChoices:
     activation_kernel: bool = True        # inference on a GPU, every family: the MLPs' activation in one Triton kernel
                                           # (fast/kernels.py gated_silu: silu(gate) * up; quick_gelu: Qwen2-VL's vision
                                           # MLP) instead of 2-3 torch kernels; off: the torch form. Not yet measured
+    attention_kernel: bool = True         # inference on a GPU, every family: the decode step's attention (one query
+                                          # token a row against its cache slots) in one Triton kernel
+                                          # (fast/kernels.py decode_attention) instead of SDPA's memory-efficient
+                                          # kernel (run V's profile: 25 % of Qwen2-VL-2B's step, ~4x the time its
+                                          # keys and values take to read); off: SDPA. Not yet measured
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);

@@ -394,6 +394,62 @@ def _kernel_mlp_forward(form: str):
     return gated_forward
 
 
+# transformers' sdpa attention function (integrations/sdpa_attention.py, the same text in 5.24 and 5.25), which every
+# family's text attention looks up by name in AttentionInterface's mapping at each call; a decode step's call
+# through it packs the query heads per key head (pack_gqa) and runs SDPA's memory-efficient kernel.
+SDPA_FORM = "a2825ebbe8e42494"
+
+
+class _Items:
+    """A dict's items as attributes, so that _standing_in sets and restores one as it does a module's function."""
+
+    def __init__(self, mapping: dict):
+        object.__setattr__(self, "_mapping", mapping)
+
+    def __getattr__(self, name):
+        try:
+            return self._mapping[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self._mapping[name] = value
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_functions() -> _Items:
+    """transformers' attention functions by name, shared by every AttentionInterface (its class-level mapping)."""
+    from transformers.modeling_utils import AttentionInterface
+    return _Items(AttentionInterface._global_mapping)
+
+
+def attention_swaps(core) -> list:
+    """[(owner, "sdpa", stand-in)]: while the static decoder runs, its text attention's sdpa function answers a
+    decode step's call through kernels.decode_attention (_kernel_sdpa); [] where the function is not the one
+    checked (SDPA_FORM) or the text layers do not look it up by that name."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .upstream import source_hash
+    if (core.config.text_config._attn_implementation != "sdpa" or "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+            or source_hash("transformers.integrations.sdpa_attention", "sdpa_attention_forward") != SDPA_FORM):
+        return []
+    return [(_attention_functions(), "sdpa", _kernel_sdpa)]
+
+
+def _kernel_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa_attention_forward while the static decoder runs: a decode step's call (one query token
+    a row, the step's key mask of 0 / -inf as (rows, 1, 1, slots)) through kernels.decode_attention, which returns
+    what that function returns; any other call (a prefill, a vision tower) through the function itself."""
+    if (query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
+            and attention_mask.shape[1] == attention_mask.shape[2] == 1 and attention_mask.is_floating_point()
+            and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
+        out = kernels.decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling)
+        if out is not None:
+            return out, None
+    return _REPLACED[_attention_functions(), "sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                                     scaling=scaling, is_causal=is_causal, **kwargs)
+
+
 def _kernel_norm_forward(form: str):
     """The forward an RMSNorm class of that form (NORM_FORMS) has while _standing_in runs."""
     if form == "gated":
@@ -413,7 +469,7 @@ def _kernel_norm_forward(form: str):
 def _standing_in(functions: dict, swaps: list | None, use_kernels: bool):
     """While a prefill or a decode step runs: each Qwen3.5 module-level function named in `functions` is
     the stand-in given (None: left alone), each (owner, attribute, stand-in) of `swaps` (kernel_swaps: the
-    RMSNorm and MLP forwards, the rotary functions) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
+    RMSNorm and MLP forwards, the rotary functions, the sdpa attention function) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
     where `use_kernels`; the originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
     swaps = list(swaps or [])
     if any(functions.values()):
@@ -453,8 +509,9 @@ def uses_prefill_conv(core) -> bool:
 def kernel_swaps(core) -> list:
     """(owner, attribute, stand-in) for what a kernel computes in the static decoder's prefill and step,
     every family, on a GPU with Triton: each RMSNorm class's forward (norm_classes; LATEXOCR_SPEED
-    norm_kernel), each MLP's activation (mlp_classes; activation_kernel) and each rotary embedding function
-    (rotary_functions; rotary_kernel). None on the CPU."""
+    norm_kernel), each MLP's activation (mlp_classes; activation_kernel), each rotary embedding function
+    (rotary_functions; rotary_kernel) and the decode step's attention (attention_swaps; attention_kernel).
+    None on the CPU."""
     speed = speed_choices()
     if not kernels.usable(core.get_input_embeddings().weight):
         return []
@@ -462,6 +519,7 @@ def kernel_swaps(core) -> list:
              if speed.norm_kernel]
     swaps += [(cls, "forward", _kernel_mlp_forward(form)) for cls, form in mlp_classes(core).items()
               if speed.activation_kernel]
+    swaps += attention_swaps(core) if speed.attention_kernel else []
     return swaps + [(module, function, _kernel_rotary(module, function, form))
                     for (module, function), form in rotary_functions(core).items() if speed.rotary_kernel]
 
@@ -475,7 +533,8 @@ def prefill_as_decoded(model):
 
 
 # (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
-# one_token_delta_rule, one_token_conv_update, the RMSNorm and MLP forwards and the rotary functions fall back to it)
+# one_token_delta_rule, one_token_conv_update, the RMSNorm and MLP forwards, the rotary functions and _kernel_sdpa
+# fall back to it)
 _REPLACED = {}
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
 _KERNELS = [False]
@@ -485,7 +544,7 @@ def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool 
     """While the decode step runs (eagerly, or while its CUDA graph is recorded), Qwen3.5's module-level
     one-token rule is one_token_delta_rule (delta_rule) and its convolution update one_token_conv_update
     (conv_update), each through its Triton kernel where `use_kernels`, and the `swaps` (kernel_swaps:
-    RMSNorms, MLPs, rotary functions) are set; restored after. All off: nothing changes."""
+    RMSNorms, MLPs, rotary functions, attention) are set; restored after. All off: nothing changes."""
     return _standing_in({"torch_recurrent_gated_delta_rule": one_token_delta_rule if delta_rule else None,
                          "causal_conv1d_update": one_token_conv_update if conv_update else None}, swaps, use_kernels)
 

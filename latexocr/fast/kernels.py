@@ -1,6 +1,8 @@
 """Triton kernels for inference: Qwen3.5's, where the field's kernels are not installed (issue 31), and every
 family's RMSNorm, rotary embedding and MLP activation (`rms_norm`, `rotary`, `gated_silu` / `quick_gelu`: one
-kernel each where the torch forms launch ~7, ~10 and 2-3, which a decode step is bound by; issue 32).
+kernel each where the torch forms launch ~7, ~10 and 2-3, which a decode step is bound by; issue 32), and the
+decode step's attention (`decode_attention`: each row's keys and values read once, where SDPA's kernel for
+long queries wastes its tiles on one token; issue 32).
 
 Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer runs transformers' PyTorch
 fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
@@ -324,8 +326,44 @@ def _build():
             y = a * tl.load(y_ptr + i, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty), mask=inside)
 
+    @triton.jit
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, slots, group, scale,
+                                q_b, q_h, k_b, k_h, k_s, v_b, v_h, v_s, bias_b, o_b, o_h,
+                                D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        # one program: one row's one key head and the `group` query heads that share it (G: group rounded up to
+        # tl.dot's 16), its keys and values read once, BLOCK_N slots at a time, softmax kept online (the running
+        # maximum, the sum of exponentials, the weighted values). The products in fp32 from fp32 copies: in tf32
+        # (PRECISION) a bf16 value is exact, and Triton's interpreter multiplies bf16 tiles wrongly
+        b = tl.program_id(0).to(tl.int64)
+        head_k = tl.program_id(1)
+        g = tl.arange(0, G)
+        d = tl.arange(0, D)
+        heads = head_k * group + g
+        real = g < group
+        q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        best = tl.full((G,), -1.0e30, tl.float32)  # finite: a block of masked slots gives exp(-inf) = 0, not a NaN
+        total = tl.zeros((G,), tl.float32)
+        acc = tl.zeros((G, D), tl.float32)
+        for start in range(0, slots, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            inside = n < slots
+            k = tl.load(k_ptr + b * k_b + head_k * k_h + n[:, None] * k_s + d[None, :], mask=inside[:, None],
+                        other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + b * bias_b + n, mask=inside, other=float("-inf")).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias[None, :]
+            new_best = tl.maximum(best, tl.max(s, 1))
+            p = tl.exp(s - new_best[:, None])
+            shrink = tl.exp(best - new_best)
+            total = total * shrink + tl.sum(p, 1)
+            v = tl.load(v_ptr + b * v_b + head_k * v_h + n[:, None] * v_s + d[None, :], mask=inside[:, None],
+                        other=0.0).to(tl.float32)
+            acc = acc * shrink[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            best = new_best
+        tl.store(out_ptr + b * o_b + heads[:, None] * o_h + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=real[:, None])
+
     return (delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel, rotary_kernel,
-            activation_kernel)
+            activation_kernel, decode_attention_kernel)
 
 
 # How a program of delta_rule_kernel is cut, the fastest of bench/bench_kernels.py's grid on an H200 (run V,
@@ -535,3 +573,41 @@ def quick_gelu(x) -> torch.Tensor | None:
     """x * sigmoid(1.702 x) in one kernel (transformers' QuickGELUActivation, Qwen2-VL's vision MLP: three
     torch kernels, each intermediate rounded to x's dtype as here). None where the kernel does not apply."""
     return _activation(x, None, True)
+
+
+# How a program of decode_attention_kernel is cut: slots per block (half for head dims over 128: the fp32 tile of
+# keys stays the same size) and warps. Not yet timed on a GPU (bench/bench_kernels.py times the choices beside
+# torch's SDPA).
+ATTENTION_LAUNCH = {"block_n": 64, "warps": 4}
+
+
+def decode_attention(query, key, value, bias, scale: float | None, launch: dict | None = None) -> torch.Tensor | None:
+    """A decode step's attention in one kernel: each row's one query token against its cache slots, the key
+    mask added as given (0 where a slot may be attended, -inf elsewhere). torch's SDPA, which transformers'
+    sdpa attention calls with the query heads packed per key head (pack_gqa), runs it through its
+    memory-efficient kernel, whose tiles of 64 queries hold 2-8 here: 69 us a layer for Qwen2-VL-2B at 512 rows
+    (run V's profile), where reading the layer's keys and values takes ~15 us at the card's bandwidth.
+
+    query: (batch, heads, 1, dim); key, value: (batch, key heads, slots, dim), heads a multiple of key heads;
+    bias: (batch or 1, slots). The result as transformers' sdpa attention returns it: (batch, 1, heads, dim),
+    contiguous, in query's dtype. The same sums as SDPA's in another order (not bit for bit). None where the
+    kernel does not apply (a gradient, other shapes, a head dim that is not a power of two from 16 to 256)."""
+    if (query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[2] != 1 or bias.dim() != 2
+            or query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3] or query.shape[1] % key.shape[1]
+            or bias.shape[0] not in (1, query.shape[0]) or bias.shape[1] != key.shape[2] or not bias.is_floating_point()
+            or not _power_of_two(query.shape[3]) or not 16 <= query.shape[3] <= 256
+            or query.shape[1] // key.shape[1] > 64 or key.shape[2] == 0 or not (query.dtype == key.dtype == value.dtype)
+            or any(t.stride(-1) != 1 for t in (query, key, value, bias))
+            or torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        return None  # no backward: training keeps the torch form
+    batch, heads, _, dim = query.shape
+    group = heads // key.shape[1]
+    launch = {**ATTENTION_LAUNCH, "block_n": ATTENTION_LAUNCH["block_n"] // (1 if dim <= 128 else 2), **(launch or {})}
+    out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
+    ran = _launch(_triton()[7], (batch, key.shape[1]), query, key, value, bias, out, key.shape[2], group,
+                  dim ** -0.5 if scale is None else scale, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+                  key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+                  bias.stride(0) if bias.shape[0] == batch else 0, out.stride(0), out.stride(2), D=dim,
+                  G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=launch["block_n"],
+                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=launch["warps"])
+    return out if ran else None

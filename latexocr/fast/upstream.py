@@ -159,6 +159,10 @@ SOURCES = {
     ("transformers.activations", "QuickGELUActivation.forward"):
         ("fast/kernels.py quick_gelu computes it (each intermediate rounded to x's dtype) where decoding.py "
          "mlp_classes finds it as Qwen2-VL's vision MLP's act (ACTIVATION_FORMS)", ("db567a68bddd0ec8",)),
+    ("transformers.integrations.sdpa_attention", "sdpa_attention_forward"):
+        ("fast/decoding.py _kernel_sdpa stands in for it (AttentionInterface's 'sdpa' entry) while the static decoder "
+         "runs, and answers a decode step's call through fast/kernels.py decode_attention, which returns what this "
+         "returns ((batch, 1, heads, dim), contiguous); SDPA_FORM names its hash", ("a2825ebbe8e42494",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
         ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
@@ -244,6 +248,11 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
         ("fast/decoding.py _standing_in: _kernel_mlp_forward while the static decoder's prefill and step run, then "
          "restored; likewise the other MLP classes mlp_classes finds"),
+    ("transformers.modeling_utils", "AttentionInterface._global_mapping"):
+        ("fast/decoding.py _standing_in: its 'sdpa' entry is _kernel_sdpa while the static decoder's prefill and step "
+         "run, then restored (the text attention looks it up at each call)"),
+    ("transformers.utils.generic", "GeneralInterface._local_mapping"):
+        "fast/decoding.py attention_swaps: an 'sdpa' entry set there would be looked up first, so no swap then",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
