@@ -11,8 +11,8 @@ decode step's one-token rule. Prints one JSON line per timing, then the fastest 
 defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; then the rotary embedding's kernel (kernels.rotary)
 and the MLP activations' (gated_silu, quick_gelu) beside transformers' torch forms at Qwen2-VL-2B's shapes
 (vision tower, a prefill chunk, a decode step), with whether the rotary outputs are bit-equal, and the decode
-step's attention (decode_attention, each way its program may be cut) beside transformers' sdpa attention; writes
-them to $OUT/bench_kernels.json.
+step's attention (decode_attention, each way its program may be cut) beside transformers' sdpa attention, and the
+vision towers' patch embedding as a matrix product beside its Conv3d; writes them to $OUT/bench_kernels.json.
 """
 from __future__ import annotations
 
@@ -189,6 +189,23 @@ def main() -> None:
             expected = torch_form().float()
             error = ((kernel().float() - expected).abs().max() / expected.abs().max()).item()
         side_by_side(what, torch_form, kernel, max_relative_error=error)
+
+    # the vision towers' patch embedding as one matrix product (fast/decoding.py _matmul_patch_embed_forward) against
+    # the Conv3d it is (cuDNN's convolution), one prefill chunk's --rotary-patches patches: Qwen2-VL-2B's (14-pixel
+    # patches, 1,280 wide) and Qwen3.5-2B's (16-pixel, 1,024)
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+    from latexocr.fast.decoding import _matmul_patch_embed_forward
+    for what, size, width in (("patch embedding", 14, 1280), ("patch embedding, 16-pixel patches", 16, 1024)):
+        embed = PatchEmbed(patch_size=size, temporal_patch_size=2, in_channels=3, embed_dim=width)
+        embed = embed.to(device=device, dtype=torch.bfloat16)
+        patches = torch.randn(a.rotary_patches, 3 * 2 * size * size, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            expected = embed(patches).float()
+            error = ((_matmul_patch_embed_forward(embed, patches).float() - expected).abs().max()
+                     / expected.abs().max()).item()
+        side_by_side(what, lambda: embed(patches), lambda: _matmul_patch_embed_forward(embed, patches),
+                     max_relative_error=error)
 
     # the decode step's attention (kernels.decode_attention) against transformers' sdpa attention (SDPA's
     # memory-efficient kernel over the query heads packed per key head), --step-rows rows against --attention-slots

@@ -297,7 +297,7 @@ encoder = SampleEncoder(processor, sizing_for(processor))
 kw = dict(max_new_tokens=16, num_workers=0, progress=False, batch_size=len(paths), engine="static")
 with_kernels = predict(model, encoder, paths, **kw)
 os.environ["LATEXOCR_SPEED"] = ("decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off,activation_kernel=off,"
-                                 "attention_kernel=off")
+                                 "attention_kernel=off,patch_matmul=off")
 assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
@@ -344,6 +344,8 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     assert all(report["summary"][what]["kernel"] > 0 for what in ("rotary vision", "rotary prefill", "rotary step",
                                                                   "silu * up prefill", "silu * up step", "quick gelu vision"))
     assert all(report["summary"][what]["max_relative_error"] < 2e-2 for what in ("silu * up step", "quick gelu vision"))
+    assert all(report["summary"][what]["max_relative_error"] < 2e-2 and report["summary"][what]["kernel"] > 0
+               for what in ("patch embedding", "patch embedding, 16-pixel patches"))
     # the decode step's attention beside SDPA, at both head dims, and each way to cut its program timed
     for what in ("attention step", "attention step, head dim 256"):
         assert report["summary"][what]["kernel"] > 0 and report["summary"][what]["max_relative_error"] < 2e-2
@@ -360,7 +362,12 @@ from latexocr.generation import predict
 from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0, "attention": 0}
+calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0, "attention": 0,
+         "patch matmul": 0}
+patch_matmul = decoding._matmul_patch_embed_forward
+def counted_patch_matmul(*a):
+    calls["patch matmul"] += 1; return patch_matmul(*a)
+decoding._matmul_patch_embed_forward = counted_patch_matmul
 norm, rotary, gated_silu, quick_gelu = kernels.rms_norm, kernels.rotary, kernels.gated_silu, kernels.quick_gelu
 attention = kernels.decode_attention
 def counted_attention(*a, **k):
@@ -391,12 +398,19 @@ for family, folder in folders.items():
     # torch kernel already: left alone)
     vision = {"qwen2_vl": ["quick"], "qwen2_5_vl": ["gated"]}.get(family, [])
     assert sorted(decoding.mlp_classes(model).values()) == sorted(["gated"] + vision), (family, decoding.mlp_classes(model))
+    # the vision tower's patch embedding as one product: the class's own forward's values
+    (embed_class,) = decoding.patch_embed_classes(model)
+    embed = next(m for m in model.modules() if type(m) is embed_class)
+    patches = torch.randn(37, embed.proj.weight[0].numel())
+    with torch.no_grad():
+        expected, got = embed(patches), patch_matmul(embed, patches)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5), family
     kw = dict(max_new_tokens=4, num_workers=0, progress=False)
     reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
     before = dict(calls)
     assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
     ran = [what for what in calls if calls[what] > before[what]]
-    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up", "attention"]
+    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up", "attention", "patch matmul"]
                                  + (["quick gelu"] if family == "qwen2_vl" else [])), (family, calls, before)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -407,7 +421,8 @@ for family, folder in folders.items():
     assert (module, function) not in decoding._REPLACED
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 import os
-os.environ["LATEXOCR_SPEED"] = "rotary_kernel=off,norm_kernel=off,activation_kernel=off,attention_kernel=off"  # no kernel
+os.environ["LATEXOCR_SPEED"] = ("rotary_kernel=off,norm_kernel=off,activation_kernel=off,attention_kernel=off,"
+                                 "patch_matmul=off")  # the torch forms: no kernel
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
 assert calls == before, (calls, before)
@@ -421,7 +436,8 @@ def test_the_norm_rotary_activation_and_attention_kernels_give_generates_texts_i
     family's text RMSNorm class is found by its forward's source (Qwen3.5's offset form apart), its rotary
     functions (text and vision tower) and MLP classes by theirs, and the static decoder with kernels.rms_norm,
     kernels.rotary, the activation kernels and kernels.decode_attention (through transformers' sdpa entry) in
-    its prefill and step (Triton's interpreter, fp32) gives one-at-a-time generate's greedy texts; every
+    its prefill and step, and the vision tower's patch embedding as one product (LATEXOCR_SPEED patch_matmul: the
+    class's own values), (Triton's interpreter, fp32) gives one-at-a-time generate's greedy texts; every
     family's layers call them (a family whose attention stopped calling the module's function, or looking up
     the sdpa entry, would count none); all off, none runs."""
     import json

@@ -70,6 +70,10 @@ class SpeedChoices:
                                           # (fast/kernels.py decode_attention) instead of SDPA's memory-efficient
                                           # kernel (run V's profile: 25 % of Qwen2-VL-2B's step, ~4x the time its
                                           # keys and values take to read); off: SDPA. Not yet measured
+    patch_matmul: bool = True             # inference on a GPU, every family: the vision tower's patch embedding (a
+                                          # Conv3d whose kernel is its stride) as the one matrix product it is, in the
+                                          # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
+                                          # profile: cuDNN's convolution 5.8 ms a chunk of 128 images. Not yet measured
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);

@@ -159,6 +159,16 @@ SOURCES = {
     ("transformers.activations", "QuickGELUActivation.forward"):
         ("fast/kernels.py quick_gelu computes it (each intermediate rounded to x's dtype) where decoding.py "
          "mlp_classes finds it as Qwen2-VL's vision MLP's act (ACTIVATION_FORMS)", ("db567a68bddd0ec8",)),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "PatchEmbed.forward"):
+        ("fast/decoding.py _matmul_patch_embed_forward computes it as one matrix product and _standing_in stands in "
+         "for it (the class attribute) while the static decoder's prefill runs; PATCH_EMBED_FORM names its hash; "
+         "likewise Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (the same text)", ("7bb723b89b6761a2",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionPatchEmbed.forward"):
+        ("as Qwen2-VL's PatchEmbed.forward (the same text)", ("7bb723b89b6761a2",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchEmbed.forward"):
+        ("as Qwen2-VL's PatchEmbed.forward (the same text)", ("7bb723b89b6761a2",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionPatchEmbed.forward"):
+        ("as Qwen2-VL's PatchEmbed.forward (the same text)", ("7bb723b89b6761a2",)),
     ("transformers.integrations.sdpa_attention", "sdpa_attention_forward"):
         ("fast/decoding.py _kernel_sdpa stands in for it (AttentionInterface's 'sdpa' entry) while the static decoder "
          "runs, and answers a decode step's call through fast/kernels.py decode_attention, which returns what this "
@@ -248,6 +258,9 @@ PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
         ("fast/decoding.py _standing_in: _kernel_mlp_forward while the static decoder's prefill and step run, then "
          "restored; likewise the other MLP classes mlp_classes finds"),
+    ("transformers.models.qwen2_vl.modeling_qwen2_vl", "PatchEmbed.forward"):
+        ("fast/decoding.py _standing_in: _matmul_patch_embed_forward while the static decoder's prefill runs, then "
+         "restored; likewise the other families' patch embeddings (found by patch_embed_classes)"),
     ("transformers.modeling_utils", "AttentionInterface._global_mapping"):
         ("fast/decoding.py _standing_in: its 'sdpa' entry is _kernel_sdpa while the static decoder's prefill and step "
          "run, then restored (the text attention looks it up at each call)"),
