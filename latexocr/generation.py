@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .batching import SampleEncoder, generation_batch, mrope_positions
-from .fast import StaticDecoder, bytes_per_row, plain_text_attention, prefill_as_decoded, static_decode_supported
+from .batching import (VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, VISION_POSITIONS_KEY, SampleEncoder,
+                       generation_batch, mrope_positions)
+from .fast import (StaticDecoder, bytes_per_row, given_vision, plain_text_attention, prefill_as_decoded, speed_choices,
+                   static_decode_supported)
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, balanced_rows, choose_generation_rows, gib, out_of_memory_message,
                      release, usable_bytes)
@@ -63,10 +65,25 @@ class _Collate:
                 chunk["pixel_values"] = chunk["pixel_values"].to(self.pixel_dtype)
         if self.with_positions:
             merge = self.encoder.processor.image_processor.merge_size
+            given = speed_choices().vision_inputs
             for chunk in chunks:
                 chunk["position_ids"] = prompt_positions(chunk["attention_mask"], chunk["mm_token_type_ids"],
                                                          chunk["image_grid_thw"], merge)
+                if given:
+                    chunk.update(vision_inputs(chunk["image_grid_thw"], merge))
         return [i for i, _ in ok], failed, chunks or None
+
+
+def vision_inputs(grid_thw: torch.Tensor, merge_size: int) -> dict:
+    """A chunk's vision-tower inputs that depend on its images' grids alone, computed here on the CPU by the
+    functions the tower calls (transformers' vision_utils), so the same values: the patch positions (the tower
+    loops over the images, ~11 small GPU kernels each: ~1,400 a chunk of 128) and the attention boundaries and
+    longest image (two GPU->CPU syncs). The static decoder's prefill hands them to the tower
+    (fast/decoding.py given_vision)."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)
+    return {VISION_POSITIONS_KEY: get_vision_position_ids(grid_thw, merge_size), VISION_CU_SEQLENS_KEY: cu_seqlens,
+            VISION_MAX_LENGTH_KEY: int(cu_seqlens.diff().max())}
 
 
 def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: int) -> torch.Tensor:
@@ -172,7 +189,9 @@ def chunk_rows(chunk: dict, start: int, stop: int) -> dict:
     first = int(used[0]) if len(used) else 0  # left padding: the first column any of these rows uses
     out = {}
     for key, value in chunk.items():
-        if key == "pixel_values":
+        if key in (VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY):
+            continue  # from the rows' own grids, below
+        if key in ("pixel_values", VISION_POSITIONS_KEY):  # one row per patch, the images in order
             out[key] = value[offsets[start]:offsets[stop]]
         elif key == "image_grid_thw":
             out[key] = value[start:stop]
@@ -180,6 +199,13 @@ def chunk_rows(chunk: dict, start: int, stop: int) -> dict:
             out[key] = value[:, start:stop, first:]
         else:  # rows x length: input_ids, attention_mask, mm_token_type_ids
             out[key] = value[start:stop, first:]
+    if VISION_CU_SEQLENS_KEY in chunk:
+        cu_seqlens = chunk[VISION_CU_SEQLENS_KEY]
+        if len(cu_seqlens) == len(patches) + 1:  # one attention segment per image (a frame each): cut as the rows
+            cu_seqlens = cu_seqlens[start:stop + 1] - cu_seqlens[start]
+            out.update({VISION_CU_SEQLENS_KEY: cu_seqlens, VISION_MAX_LENGTH_KEY: int(cu_seqlens.diff().max())})
+        else:  # the tower computes them itself
+            out.pop(VISION_POSITIONS_KEY, None)
     return type(chunk)(out)  # the processor's BatchFeature (its .to() moves every tensor)
 
 
@@ -337,8 +363,9 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
 
     def prefill(piece: dict) -> int:
         torch.cuda.reset_peak_memory_stats(device)
-        with prefill_as_decoded(model) if static else contextlib.nullcontext():
-            model(**{k: v.to(device) for k, v in piece.items()}, use_cache=True, logits_to_keep=1)
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in piece.items()}
+        with prefill_as_decoded(model) if static else contextlib.nullcontext(), given_vision(moved) as inputs:
+            model(**inputs, use_cache=True, logits_to_keep=1)
         return torch.cuda.max_memory_allocated(device) - base
 
     rows_offered = chunk["input_ids"].shape[0]

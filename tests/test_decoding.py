@@ -277,6 +277,37 @@ def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dir
     assert predict(model, encoder, paths, **kw) == eager
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_images, family, monkeypatch):
+    """LATEXOCR_SPEED vision_inputs (on): the loader's workers compute each chunk's vision patch positions and
+    attention boundaries (generation.vision_inputs) and the static decoder's prefill hands them to the tower, so
+    transformers' own functions never run for its chunks (on a GPU: ~1,400 small kernels and two syncs a chunk
+    of 128); the texts are generate's, and with vision_inputs=off the tower computes them (the same texts)."""
+    import sys
+
+    import transformers.vision_utils as vision_utils
+    model, encoder = load(family_dirs[family])
+    paths = [p for p, _ in formula_images[:5]]
+    kw = dict(max_new_tokens=4, num_workers=0, progress=False)
+    reference = predict(model, encoder, paths, batch_size=1, engine="generate", **kw)
+    module = sys.modules[type(model.model).__module__]
+    calls = []
+
+    def counted(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name != "vision_inputs":  # the tower's call, not the loader's
+            calls.append(1)
+        return original(*args, **kwargs)
+    original = vision_utils.get_vision_position_ids
+    monkeypatch.setattr(vision_utils, "get_vision_position_ids", counted)  # the same object in both: swapped
+    monkeypatch.setattr(module, "get_vision_position_ids", counted)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 2)  # chunks of 2, 2 and 1 images
+    assert predict(model, encoder, paths, batch_size=5, engine="static", **kw) == reference
+    assert not calls, "the tower computed positions the loader had given"
+    monkeypatch.setenv("LATEXOCR_SPEED", "vision_inputs=off")
+    assert predict(model, encoder, paths, batch_size=5, engine="static", **kw) == reference
+    assert len(calls) == 3  # one a chunk
+
+
 def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, formula_images):
     """generation.chunk_rows (BATCH_SIZE=auto cutting the loader's chunks into batches of another size): rows
     a:b of a left-padded chunk, with their patches and positions, equal the chunk built from those images
@@ -294,7 +325,9 @@ def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, for
         cut = generation.chunk_rows(whole, start, stop)
         assert cut.keys() == alone.keys()
         for key in alone:
-            assert torch.equal(cut[key], alone[key]), (start, stop, key)
+            same = torch.equal(cut[key], alone[key]) if torch.is_tensor(alone[key]) else cut[key] == alone[key]
+            assert same, (start, stop, key)
+    assert "vision_cu_seqlens" in whole  # the vision tower's inputs cut with the rows too (vision_inputs)
 
 
 def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs, formula_images, monkeypatch):
@@ -316,7 +349,8 @@ def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs
 
     fitted, peak = generation.largest_fitting_prefill(chunk, prefill)
     assert tried == [8, 4, 2] and peak == 123
-    assert all(torch.equal(fitted[k], v) for k, v in generation.chunk_rows(chunk, 0, 2).items())
+    assert all(torch.equal(fitted[k], v) if torch.is_tensor(v) else fitted[k] == v
+               for k, v in generation.chunk_rows(chunk, 0, 2).items())
     tried.clear()
     assert generation.largest_fitting_prefill(chunk, lambda piece: prefill(piece, most=0)) == (None, 0)
     assert tried == [8, 4, 2, 1]  # not even one image: fit_rows stops with its one line

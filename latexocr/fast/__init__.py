@@ -13,7 +13,8 @@
                   by measurement (docs/BENCHMARKS.md, bench/bench_decoder.py: 2.0x at batch 512)
     kernels.py    Triton kernels for Qwen3.5's inference without fla / causal-conv1d: the delta rule (prefill
                   and decode step) and the step's convolution update, each reading a layer's state once;
-                  for every family's inference: the RMSNorms and the rotary embedding, one kernel each
+                  for every family's inference: the RMSNorms, the rotary embedding, the MLP activations and
+                  the decode step's attention, one kernel each
     linear_attention.py  packed rows through Qwen3.5's Gated DeltaNet layers with no state across samples:
                   flash-linear-attention's kernels with the boundaries where they run, else a padded batch
     katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by
@@ -26,12 +27,12 @@ trainer.build_trainer. Nothing here loads training code (trainer.py), so inferen
 """
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
-from .decoding import StaticDecoder, bytes_per_row, prefill_as_decoded, static_decode_supported
+from .decoding import StaticDecoder, bytes_per_row, given_vision, prefill_as_decoded, static_decode_supported
 from .linear_attention import (avoid_refused_kernels, describe as describe_linear_attention,
                                describe_padded as describe_padded_linear_attention, has_linear_attention,
                                keep_packed_samples_apart, resolve_packing)
 
-__all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention",
+__all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention", "given_vision",
            "describe_padded_linear_attention", "has_linear_attention",
            "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prefill_as_decoded",
            "prepare_model", "resolve_packing", "speed_choices", "static_decode_supported"]

@@ -74,6 +74,11 @@ class SpeedChoices:
                                           # Conv3d whose kernel is its stride) as the one matrix product it is, in the
                                           # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
                                           # profile: cuDNN's convolution 5.8 ms a chunk of 128 images. Not yet measured
+    vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
+                                          # positions and attention boundaries computed by the loader workers on the
+                                          # CPU with the tower's own functions (generation.vision_inputs) instead of
+                                          # its loop over the images (~1,400 small GPU kernels a chunk of 128) and
+                                          # two GPU->CPU syncs. Not yet measured on a GPU
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);

@@ -486,6 +486,66 @@ def _matmul_patch_embed_forward(self, hidden_states):
     return torch.nn.functional.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias)
 
 
+# The vision tower's inputs that depend on its images' grids alone (transformers' vision_utils functions, which
+# every family's tower calls by these module-level names): given by the loader with each prefill chunk
+# (generation.vision_inputs, the same functions on the CPU), instead of the tower's loop over the images (~11
+# small GPU kernels each) and its two GPU->CPU syncs. Set while a chunk's prefill runs (given_vision).
+VISION_FUNCTIONS = ("get_vision_position_ids", "get_vision_attention_seqlens")
+_GIVEN = [None]  # (grid_thw, positions, cu_seqlens, max_seqlen) of the chunk being prefilled
+
+
+def vision_input_swaps(core) -> list:
+    """(modeling module, function, stand-in) for VISION_FUNCTIONS in the modules the model's layers come from,
+    where each is still transformers' own (LATEXOCR_SPEED vision_inputs); any device."""
+    import sys
+
+    from transformers import vision_utils
+    if not speed_choices().vision_inputs:
+        return []
+    swaps = []
+    for name in sorted({type(m).__module__ for m in core.modules()}):
+        module = sys.modules.get(name)
+        for function in VISION_FUNCTIONS:
+            if module is not None and getattr(module, function, None) is getattr(vision_utils, function):
+                swaps.append((module, function, _given_vision_function(module, function)))
+    return swaps
+
+
+def _given_vision_function(module, function: str):
+    """The stand-in for `module.function`: the chunk's given values where the tower asks for its grid's (the same
+    tensor), as the function would compute them; otherwise the function itself."""
+    def positions(grid_thw, spatial_merge_size, include_temporal=False, kwargs=None):
+        given = _GIVEN[0]
+        if (given is None or grid_thw is not given[0] or include_temporal
+                or kwargs is not None and kwargs.get("position_ids") is not None):
+            return _REPLACED[module, function](grid_thw, spatial_merge_size, include_temporal, kwargs)
+        return given[1]
+
+    def seqlens(grid_thw, config, merge_temporal=False, kwargs=None):
+        from transformers.utils.generic import is_flash_attention_requested
+        given = _GIVEN[0]
+        if (given is None or grid_thw is not given[0] or merge_temporal
+                or kwargs is not None and (kwargs.get("cu_seqlens") is not None or kwargs.get("max_seqlen") is not None)):
+            return _REPLACED[module, function](grid_thw, config, merge_temporal, kwargs)
+        return given[2], given[3] if is_flash_attention_requested(config) else None  # as get_max_seqlen answers
+    return positions if function == "get_vision_position_ids" else seqlens
+
+
+@contextlib.contextmanager
+def given_vision(chunk):
+    """Yields the chunk's model inputs (without generation.vision_inputs' keys) and, while the model runs on
+    them, gives those values to the vision tower (vision_input_swaps' stand-ins, where set)."""
+    from ..batching import VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, VISION_POSITIONS_KEY
+    keys = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY)
+    inputs = {k: v for k, v in chunk.items() if k not in keys}
+    if all(k in chunk for k in keys) and chunk.get("image_grid_thw") is not None:
+        _GIVEN[0] = (chunk["image_grid_thw"], *(chunk[k] for k in keys))
+    try:
+        yield inputs
+    finally:
+        _GIVEN[0] = None
+
+
 def _kernel_norm_forward(form: str):
     """The forward an RMSNorm class of that form (NORM_FORMS) has while _standing_in runs."""
     if form == "gated":
@@ -567,7 +627,8 @@ def prefill_as_decoded(model):
     kernels; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
     BATCH_SIZE=auto's memory probe measures is what then runs."""
     core = vision_language_core(unwrap(model))
-    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), kernel_swaps(core))
+    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core),
+                              kernel_swaps(core) + vision_input_swaps(core))
 
 
 # (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
@@ -669,7 +730,8 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
-        self.swaps = kernel_swaps(self.core)  # every family, on a GPU: the RMSNorm, MLP and rotary kernels
+        # every family: on a GPU the kernels (RMSNorms, MLPs, rotary, attention, patch embedding); the vision inputs
+        self.swaps = kernel_swaps(self.core) + vision_input_swaps(self.core)
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
@@ -794,8 +856,8 @@ class StaticDecoder:
                 text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
                 chunk = {**chunk, "position_ids": torch.cat([text[None], rope])}
             rope = chunk["position_ids"][1:]
-            with _prefill_functions(self.prefill_kernel, self.prefill_conv, self.swaps):  # on a GPU
-                out = self.model(**chunk, use_cache=True, logits_to_keep=1)
+            with _prefill_functions(self.prefill_kernel, self.prefill_conv, self.swaps), given_vision(chunk) as inputs:
+                out = self.model(**inputs, use_cache=True, logits_to_keep=1)
             start = prompt - width
             for layer, (first_state, second_state) in enumerate(_layer_states(out.cache, self.types)):
                 if self.types[layer] == ATTENTION:
