@@ -6,7 +6,8 @@
 Runs latexocr.generation.predict (infer.py's engine) on the real LaTeX_OCR images cycled, every row
 generating exactly --new-tokens tokens, and reports (1) wall time split into the phases of
 predict (waiting for the DataLoader, prefill, decode steps, the rest), each measured with a CUDA
-sync around it, and (2) torch.profiler's top operators of one batch by host and by device time.
+sync around it, and predict's own phases (infer.py --profile's: data wait, to device, engine,
+detokenise ...), and (2) torch.profiler's top operators of one batch by host and by device time.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main():
     from latexocr.modeling import load_model, load_processor, pick_dtype
     from latexocr.sample import sizing_for
     from latexocr.fast import prepare_model
+    from latexocr.timing import Stopwatch
 
     model_dir = a.model or build_random(a.family, a.shared.resolve(), a.work / f"model_{a.family}")
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map="cuda")).eval()
@@ -75,21 +77,24 @@ def main():
     S._compact = timed("compaction", S._compact)
     S.generate = timed("StaticDecoder.generate (all)", S.generate)
 
-    def run(n):
+    def run(n, stopwatch=None):
         return generation.predict(model, encoder, paths[:n], batch_size=a.batch_size, max_new_tokens=a.new_tokens,
-                                  num_workers=a.workers, progress=False, min_new_tokens=a.new_tokens)
+                                  num_workers=a.workers, progress=False, min_new_tokens=a.new_tokens,
+                                  stopwatch=stopwatch)
 
     run(a.batch_size)  # warm-up: CUDA graphs captured, kernels chosen
     phases.clear()
     torch.cuda.synchronize()
+    clock = Stopwatch()  # predict's own phases (infer.py --profile's): what "outside generate" is made of
     t0 = time.perf_counter()
-    run(a.images)
+    run(a.images, clock)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     rest = wall - phases["StaticDecoder.generate (all)"]
     table = {"images": a.images, "batch_size": a.batch_size, "new_tokens": a.new_tokens, "wall_s": wall,
              "images_per_s": a.images / wall, **{k: round(v, 3) for k, v in phases.items()},
-             "outside generate (DataLoader wait, batch to GPU, decode text)": round(rest, 3)}
+             "outside generate (DataLoader wait, batch to GPU, decode text)": round(rest, 3),
+             "predict's phases": {k: round(v, 3) for k, v in clock.seconds.items()}}
     print(json.dumps(table, indent=1), flush=True)
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

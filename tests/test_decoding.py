@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,6 +307,27 @@ def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_imag
     monkeypatch.setenv("LATEXOCR_SPEED", "vision_inputs=off")
     assert predict(model, encoder, paths, batch_size=5, engine="static", **kw) == reference
     assert len(calls) == 3  # one a chunk
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "latex_ocr" / "full_val").is_dir(),
+                    reason="../shared/latex_ocr/full_val (real images) is absent")
+def test_bench_prefill_host_ops_counts_what_the_loader_takes_over(tmp_path):
+    """bench/prefill_host_ops.py (8 images here, not a chunk of 128: the CPU's time): with vision_inputs on, the
+    tower's input functions dispatch nothing in the prefill and the loader does that work; off, the reverse."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "prefill_host_ops.py"), "--images", "8"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    on, off = report["vision_inputs=on"], report["vision_inputs=off"]
+    assert on["ops per prefill chunk in the tower's input functions"] == 0 < off["ops per prefill chunk in the tower's input functions"]
+    assert on["ops per prefill chunk in the loader (CPU, the workers)"] > 0 == off["ops per prefill chunk in the loader (CPU, the workers)"]
+    assert on["ops per prefill chunk"] < off["ops per prefill chunk"] and on["ops per decode step"] == off["ops per decode step"] > 0
 
 
 def test_rows_cut_from_a_chunk_are_the_chunk_of_those_images(tiny_model_dir, formula_images):

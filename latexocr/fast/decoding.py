@@ -523,9 +523,9 @@ def _given_vision_function(module, function: str):
 
     def seqlens(grid_thw, config, merge_temporal=False, kwargs=None):
         from transformers.utils.generic import is_flash_attention_requested
-        given = _GIVEN[0]
+        given, asked = _GIVEN[0], kwargs or {}
         if (given is None or grid_thw is not given[0] or merge_temporal
-                or kwargs is not None and (kwargs.get("cu_seqlens") is not None or kwargs.get("max_seqlen") is not None)):
+                or asked.get("cu_seqlens") is not None or asked.get("max_seqlen") is not None):
             return _REPLACED[module, function](grid_thw, config, merge_temporal, kwargs)
         return given[2], given[3] if is_flash_attention_requested(config) else None  # as get_max_seqlen answers
     return positions if function == "get_vision_position_ids" else seqlens
@@ -565,8 +565,9 @@ def _kernel_norm_forward(form: str):
 def _standing_in(functions: dict, swaps: list | None, use_kernels: bool):
     """While a prefill or a decode step runs: each Qwen3.5 module-level function named in `functions` is
     the stand-in given (None: left alone), each (owner, attribute, stand-in) of `swaps` (kernel_swaps: the
-    RMSNorm and MLP forwards, the rotary functions, the sdpa attention function) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels
-    where `use_kernels`; the originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
+    RMSNorm, MLP and patch-embedding forwards, the rotary functions, the sdpa attention function;
+    vision_input_swaps) is set, and the Qwen3.5 stand-ins take fast/kernels.py's kernels where `use_kernels`;
+    the originals are kept in _REPLACED for the stand-ins' fallbacks and restored after."""
     swaps = list(swaps or [])
     if any(functions.values()):
         from transformers.models.qwen3_5 import modeling_qwen3_5 as q35

@@ -77,6 +77,11 @@ def _launch(kernel, grid, *args, **settings) -> bool:
         return False
 
 
+def _has_tf32(tensor: torch.Tensor) -> bool:
+    """Whether tl.dot can multiply in tf32 on tensor's device (Ampere and later; not Triton's interpreter)."""
+    return tensor.is_cuda and torch.cuda.get_device_capability(tensor.device) >= (8, 0)
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -359,8 +364,8 @@ def _build():
                         other=0.0).to(tl.float32)
             acc = acc * shrink[:, None] + tl.dot(p, v, input_precision=PRECISION)
             best = new_best
-        tl.store(out_ptr + b * o_b + heads[:, None] * o_h + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=real[:, None])
+        out = acc / total[:, None]
+        tl.store(out_ptr + b * o_b + heads[:, None] * o_h + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
     return (delta_rule_kernel, conv_update_kernel, causal_conv_kernel, rms_norm_kernel, chunk_rule_kernel, rotary_kernel,
             activation_kernel, decode_attention_kernel)
@@ -609,5 +614,6 @@ def decode_attention(query, key, value, bias, scale: float | None, launch: dict 
                   key.stride(2), value.stride(0), value.stride(1), value.stride(2),
                   bias.stride(0) if bias.shape[0] == batch else 0, out.stride(0), out.stride(2), D=dim,
                   G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=launch["block_n"],
-                  PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=launch["warps"])
+                  PRECISION="tf32" if query.dtype != torch.float32 and _has_tf32(query) else "ieee",
+                  num_warps=launch["warps"])
     return out if ran else None
