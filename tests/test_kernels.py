@@ -299,6 +299,8 @@ with_kernels = predict(model, encoder, paths, **kw)
 os.environ["LATEXOCR_SPEED"] = ("decode_kernels=off,prefill_kernel=off,norm_kernel=off,rotary_kernel=off,activation_kernel=off,"
                                  "attention_kernel=off,patch_matmul=off")
 assert predict(model, encoder, paths, **kw) == with_kernels
+os.environ["LATEXOCR_SPEED"] = "pinned_batches=on"  # the chunks from page-locked memory, copied without a wait
+assert predict(model, encoder, paths, **{**kw, "num_workers": 2}) == with_kernels
 print("OK")
 '''
 

@@ -73,12 +73,18 @@ class SpeedChoices:
     patch_matmul: bool = True             # inference on a GPU, every family: the vision tower's patch embedding (a
                                           # Conv3d whose kernel is its stride) as the one matrix product it is, in the
                                           # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
-                                          # profile: cuDNN's convolution 5.8 ms a chunk of 128 images. Not yet measured
+                                          # Qwen3.5-2B profile: cuDNN's convolution 5.8 ms a chunk of 128 images.
+                                          # Not yet measured
     vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
                                           # positions and attention boundaries computed by the loader workers on the
                                           # CPU with the tower's own functions (generation.vision_inputs) instead of
                                           # its loop over the images (~1,400 small GPU kernels a chunk of 128) and
                                           # two GPU->CPU syncs. Not yet measured on a GPU
+    pinned_batches: bool = False          # inference on a GPU: the loader's chunks copied into page-locked memory by its
+                                          # pin thread, so their copies to the GPU are queued without the host waiting
+                                          # (run V's profile: 25 pageable copies a 512-row batch, 55 ms for Qwen2-VL-2B,
+                                          # 126 ms for Qwen3.5-2B, while the GPU waits). Off: run K measured it slower
+                                          # with 600 MB fp32 batches; chunks are now 128 images in bf16: run W again
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);
