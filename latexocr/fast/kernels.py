@@ -380,9 +380,11 @@ def _build():
 STEP_LAUNCH = {"block_v": 64, "warps": 4, "stages": 1}
 PREFILL_LAUNCH = {"block_v": 16, "warps": 2, "stages": 3}
 # The prefill's chunked form (chunk_rule_kernel; LATEXOCR_SPEED prefill_rule=chunked): tokens per chunk, state
-# columns a program keeps, warps, and tl.dot's precision (tf32x3: three tf32 products, ~fp32). Not yet timed
-# on a GPU: fla's chunk size and value block; bench/bench_kernels.py's grid decides.
-CHUNK_LAUNCH = {"chunk": 64, "block_v": 64, "warps": 8, "stages": 1, "precision": "tf32x3"}
+# columns a program keeps, warps, and tl.dot's precision (tf32x3: three tf32 products, ~fp32; fp32 inputs always
+# get it). The fastest of bench/bench_kernels.py's grid on an H200 (run W, Qwen3.5-2B's shapes, 128 prompts x 160
+# tokens): 16 tokens, 64 columns, 4 warps, tf32: 0.98 ms (tf32x3: 2.84) against 4.43 for the token-by-token
+# kernel and 9.31 for torch's chunked rule; 64 tokens a chunk needs more shared memory than the card has in tf32x3.
+CHUNK_LAUNCH = {"chunk": 16, "block_v": 64, "warps": 4, "stages": 1, "precision": "tf32"}
 
 
 def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
@@ -416,8 +418,9 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     common = dict(DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
                   num_warps=launch["warps"])
     if chunk:  # the chunked form: matrix products over `chunk` tokens at a time (chunk_rule_kernel)
+        precision = "tf32x3" if query.dtype == torch.float32 else launch.get("precision", "tf32x3")
         ran = _launch(_triton()[4], (rows * heads_v, dv // block), *arguments, C=chunk,
-                      SQUARINGS=chunk.bit_length() - 2, PRECISION=launch.get("precision", "tf32x3"), **common)
+                      SQUARINGS=chunk.bit_length() - 2, PRECISION=precision, **common)
     else:
         ran = _launch(_triton()[0], (rows * heads_v, dv // block), *arguments, STAGES=launch["stages"], **common)
     return out if ran else None
@@ -580,10 +583,10 @@ def quick_gelu(x) -> torch.Tensor | None:
     return _activation(x, None, True)
 
 
-# How a program of decode_attention_kernel is cut: slots per block (half for head dims over 128: the fp32 tile of
-# keys stays the same size) and warps. Not yet timed on a GPU (bench/bench_kernels.py times the choices beside
-# torch's SDPA).
-ATTENTION_LAUNCH = {"block_n": 64, "warps": 4}
+# How a program of decode_attention_kernel is cut: slots per block and warps. The fastest of bench/bench_kernels.py's
+# grid on an H200 at both 2B models' decode shapes (run W, 512 rows x 192 slots, launch overhead included): 16 slots,
+# 2 warps, 0.079 ms (head dim 128; SDPA 0.129) and 0.109 ms (head dim 256; SDPA 0.197); 64 slots, 4 warps: 0.118.
+ATTENTION_LAUNCH = {"block_n": 16, "warps": 2}
 
 
 def decode_attention(query, key, value, bias, scale: float | None, launch: dict | None = None) -> torch.Tensor | None:
@@ -607,7 +610,7 @@ def decode_attention(query, key, value, bias, scale: float | None, launch: dict 
         return None  # no backward: training keeps the torch form
     batch, heads, _, dim = query.shape
     group = heads // key.shape[1]
-    launch = {**ATTENTION_LAUNCH, "block_n": ATTENTION_LAUNCH["block_n"] // (1 if dim <= 128 else 2), **(launch or {})}
+    launch = {**ATTENTION_LAUNCH, **(launch or {})}
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
     ran = _launch(_triton()[7], (batch, key.shape[1]), query, key, value, bias, out, key.shape[2], group,
                   dim ** -0.5 if scale is None else scale, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
