@@ -12,7 +12,8 @@ Each cell is a separate process of the real script. A sitecustomize put on PYTHO
 less 1 GiB (what a card of that size leaves torch after the driver's context): cap 16 stands in for a
 16 GiB card; "none": the whole GPU. It also prints the process's peak allocated memory at exit.
 
-Per (family, cap): `python train.py` (20 optimizer steps, its defaults: MICRO_BATCH_SIZE and
+Per (family, cap): `python train.py` (20 optimizer steps, --train-steps; samples/s: the median of the 5-step
+intervals after the first; its defaults: MICRO_BATCH_SIZE and
 GRADIENT_CHECKPOINTING auto, the base-model and final evaluation on 256 validation images) and
 `python infer.py` on 2,048 labelled images (BATCH_SIZE auto), each from the command to its exit.
 --grid: at the same cap, also the hand grid, train.py at micro-batch 16/8/4 x checkpointing off/on (every
@@ -39,6 +40,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -160,18 +162,27 @@ def outcome(proc) -> dict:
             if proc.returncode else ""}
 
 
-def train(model, work, cap, name, flags, steps=20):
+TRAIN_STEPS = [20]  # --train-steps: optimizer steps of each training cell
+LOGGING_STEPS = 5  # train.py logs samples/s every 5 steps: the speed is the median of the intervals after the first
+
+
+def train(model, work, cap, name, flags):
     cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(model), "--model-source", "local",
            "--train-json", str(work / "train.json"), "--val-json", str(work / "val.json"),
-           "--output-dir", str(work / f"out_{name}"), "--max-steps", str(steps), "--save-steps", "100000",
-           "--swanlab-mode", "disabled", "--max-new-tokens", "64", *flags, *EXTRA]
+           "--output-dir", str(work / f"out_{name}"), "--max-steps", str(TRAIN_STEPS[0]), "--save-steps", "100000",
+           "--logging-steps", str(LOGGING_STEPS), "--swanlab-mode", "disabled", "--max-new-tokens", "64", *flags,
+           *EXTRA]
     proc, wall = run(cmd, work, cap, name)
     logs = [entry for entry in parse_logs(proc.stdout + proc.stderr) if "samples_per_second" in entry]
+    # one slow interval (a CUDA graph recorded for a new vision shape, an allocator flush) moved the last 10 steps'
+    # figure by up to 30 % between cells of one setting in run W; the median of the intervals after warm-up does not
+    steady = [entry["samples_per_second"] for entry in logs[1:]] or [entry["samples_per_second"] for entry in logs]
     choice = next((ln for ln in proc.stdout.splitlines() if ln.startswith("micro-batch ")), "")
     evals = re.findall(r"EVAL_BATCH_SIZE=auto: (\d+) images", proc.stderr)
     split = next((ln for ln in proc.stdout.splitlines() if ln.startswith("memory: ")), "")  # passes run in parts
     result = {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
-              "samples_per_s": logs[-1]["samples_per_second"] if logs else None,  # steps 10-20: after warm-up
+              "samples_per_s": statistics.median(steady) if steady else None,  # after the first 5 steps' warm-up
+              "samples_per_s_intervals": [entry["samples_per_second"] for entry in logs],  # every 5 steps
               # all 20 steps (the Trainer's own figure, the first step included): where splits fall matters less
               "samples_per_s_all": next((float(e["train_samples_per_second"]) for e in parse_logs(proc.stdout)
                                          if "train_samples_per_second" in e), None),
@@ -237,6 +248,8 @@ def main():
     ap.add_argument("--cells", default="", help="comma-separated cell names (as --dry-run prints them): only these")
     ap.add_argument("--extra", default="", help="more flags for every cell's train.py / infer.py, given with '=' "
                                                  "(--extra=--eval-base-model); they come last, so they win")
+    ap.add_argument("--train-steps", type=int, default=20, help="optimizer steps of each train.py cell (auto "
+                    "against the hand setting: more steps, more intervals in the median)")
     ap.add_argument("--repeat", type=int, default=1, help="run the cells this many times, interleaved: the "
                                                              "spread between runs of one setting")
     ap.add_argument("--parallel", type=int, default=1, help="run up to this many cells at once, their caps together "
@@ -254,6 +267,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_memory.jsonl")
     args = ap.parse_args()
     EXTRA.extend(args.extra.split())
+    TRAIN_STEPS[0] = args.train_steps
     families = list(FAMILIES) if args.families == "all" else [family_name(f) for f in args.families.split(",") if f]
     caps = [0.0 if c.strip().lower() in ("none", "0") else float(c) for c in args.caps.split(",") if c]
     # --cells picks from the whole plan, hand grid included (run R lost a call's hand cells to a --cells
