@@ -208,16 +208,35 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
 
 def set_checkpointing(model, on: bool) -> None:
     """Gradient checkpointing on or off (the non-reentrant kind: works with packing and LoRA)."""
+    text = _input_grads_owner(model)
     if on:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # a frozen embedding's output must carry grad through the blocks. transformers 5.24/5.25 registers that
         # hook itself, and a second enable would orphan it (its handle overwritten, never removed): training
-        # after a checkpointing probe kept grad flowing into the embeddings (tests/test_memory.py). Exactly one.
+        # after a checkpointing probe kept grad flowing into the embeddings (tests/test_memory.py). Exactly one,
+        # and only where a trainable block sits above it (_input_grads_owner).
         model.disable_input_require_grads()
-        model.enable_input_require_grads()
+        text.disable_input_require_grads()
+        text.enable_input_require_grads()
     elif model.is_activation_checkpointing:
         model.activation_checkpointing_disable()
         model.disable_input_require_grads()
+        text.disable_input_require_grads()
+
+
+def _input_grads_owner(model):
+    """The module whose input embeddings must carry grad under checkpointing: the language model alone where the
+    vision tower's blocks are frozen (LoRA on the language model, the default; a trained merger needs no grad from
+    below it), else the whole model. transformers hooks every embedding, the tower's patch embedding too: the
+    frozen tower then ran its backward, and its checkpointed blocks their forward again, every step."""
+    from .modeling import mergers_of, vision_language_core, vision_tower_of
+    core = vision_language_core(model)
+    if core is None:
+        return model
+    mergers = {id(p) for _, merger in mergers_of(model) for p in merger.parameters()}
+    if any(p.requires_grad and id(p) not in mergers for p in vision_tower_of(model)[1].parameters()):
+        return model
+    return core.language_model
 
 
 def worst_case_samples(lengths: list[int], micro: int) -> list[int]:

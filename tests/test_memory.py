@@ -432,6 +432,67 @@ def test_checkpointing_switched_off_after_a_probe_leaves_no_gradient_flowing_int
     assert (embeddings(ids).requires_grad, len(embeddings._forward_hooks)) == before == (False, 0)
 
 
+@pytest.mark.parametrize("tune", ["lora", "lora_vision"])
+def test_checkpointing_runs_no_backward_through_a_frozen_vision_tower(tiny_model_dir, tune):
+    """With the tower frozen (LoRA on the language model), checkpointing makes only the language model's input
+    carry gradient: the tower's output carries none, so the step's backward does not reach it and its
+    checkpointed blocks do not run their forward again (transformers' own hook on the tower's patch embedding
+    made both happen every step). With the tower trained (lora_vision), gradient reaches it as before."""
+    from latexocr.memory import set_checkpointing
+    from latexocr.modeling import add_lora, load_model, lora_targets, vision_tower_of
+
+    base = load_model(str(tiny_model_dir), torch.float32)
+    model = add_lora(base, 8, 16, 0.0, targets=lora_targets(base, tune))
+    model.train()
+    _, tower = vision_tower_of(model)
+    seen = []
+    hook = tower.register_forward_hook(lambda module, args, out: seen.append(out.pooler_output.requires_grad))
+    pixels = torch.randn(16, 3 * 2 * 14 * 14)
+    grid = torch.tensor([[1, 4, 4]])
+    set_checkpointing(model, True)
+    tower(pixels, grid_thw=grid)
+    hook.remove()
+    assert seen == [tune == "lora_vision"]
+    set_checkpointing(model, False)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+def test_checkpointing_gives_the_same_adapter_gradients(tiny_family_dirs, tmp_path_factory, formula_images, family):
+    """A training step with gradient checkpointing (the input-gradient hook on the language model's embeddings
+    only, the frozen tower left out) gives the LoRA weights the gradients the plain step gives (fp32), in the
+    families whose towers differ (Qwen3-VL's deepstack features enter the language model at several layers)."""
+    from transformers import AutoProcessor
+
+    from latexocr.batching import SampleEncoder, TrainCollator
+    from latexocr.memory import set_checkpointing
+    from latexocr.modeling import add_lora, load_model
+    from latexocr.sample import sizing_for
+    from latexocr.testing import build_tiny_model
+    from latexocr.training import supervised_loss
+
+    folder = (tiny_family_dirs[family] if family in tiny_family_dirs
+              else build_tiny_model(tmp_path_factory.mktemp(f"tiny_{family}"), family))
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), packed=False)(formula_images[:3])
+    torch.manual_seed(0)
+    model = add_lora(load_model(str(folder), torch.float32), 8, 16, 0.0)
+    model.train()
+
+    def adapter_grads(checkpointing: bool) -> dict:
+        set_checkpointing(model, checkpointing)
+        model.zero_grad(set_to_none=True)
+        loss, count = supervised_loss(model, dict(batch))
+        (loss / count).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = adapter_grads(False), adapter_grads(True)
+    assert plain.keys() == checkpointed.keys() and any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6), name
+    set_checkpointing(model, False)
+
+
 def test_the_logged_peak_counts_training_not_the_probe_before_it(monkeypatch):
     """gpu_mem_peak_gib on the log lines is training's own peak: the counter is reset when training begins,
     so MICRO_BATCH_SIZE=auto's probe of the longest samples (near the card's limit) does not show as
