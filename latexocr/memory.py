@@ -208,7 +208,7 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
 
 def set_checkpointing(model, on: bool) -> None:
     """Gradient checkpointing on or off (the non-reentrant kind: works with packing and LoRA)."""
-    text = _input_grads_owner(model)
+    owner = _input_grads_owner(model)
     if on:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # a frozen embedding's output must carry grad through the blocks. transformers 5.24/5.25 registers that
@@ -216,12 +216,12 @@ def set_checkpointing(model, on: bool) -> None:
         # after a checkpointing probe kept grad flowing into the embeddings (tests/test_memory.py). Exactly one,
         # and only where a trainable block sits above it (_input_grads_owner).
         model.disable_input_require_grads()
-        text.disable_input_require_grads()
-        text.enable_input_require_grads()
+        owner.disable_input_require_grads()
+        owner.enable_input_require_grads()
     elif model.is_activation_checkpointing:
         model.activation_checkpointing_disable()
         model.disable_input_require_grads()
-        text.disable_input_require_grads()
+        owner.disable_input_require_grads()
 
 
 def _input_grads_owner(model):
