@@ -61,20 +61,23 @@ class SpeedChoices:
     rotary_kernel: bool = True            # inference on a GPU, every family: the rotary embedding of q and k (the text
                                           # layers' and the vision towers') in one Triton kernel (fast/kernels.py
                                           # rotary), bit for bit the torch form's ~10 kernels (the towers': over fp32
-                                          # copies); off: the torch form. Not yet measured on a GPU
+                                          # copies); off: the torch form. Run W, alone: 3-6x; not yet in the loop
     activation_kernel: bool = True        # inference on a GPU, every family: the MLPs' activation in one Triton kernel
                                           # (fast/kernels.py gated_silu: silu(gate) * up; quick_gelu: Qwen2-VL's vision
-                                          # MLP) instead of 2-3 torch kernels; off: the torch form. Not yet measured
+                                          # MLP) instead of 2-3 torch kernels; off: the torch form. Run W, alone: 1.3x
+                                          # (silu * up, prefill), 2.3x (QuickGELU); at a decode step's size Triton's
+                                          # launch outweighs it outside a CUDA graph; not yet in the loop
     attention_kernel: bool = True         # inference on a GPU, every family: the decode step's attention (one query
                                           # token a row against its cache slots) in one Triton kernel
                                           # (fast/kernels.py decode_attention) instead of SDPA's memory-efficient
                                           # kernel (run V's profile: 25 % of Qwen2-VL-2B's step, ~4x the time its
-                                          # keys and values take to read); off: SDPA. Not yet measured
+                                          # keys and values take to read); off: SDPA. Run W, alone: 1.6-1.8x SDPA;
+                                          # not yet in the loop
     patch_matmul: bool = True             # inference on a GPU, every family: the vision tower's patch embedding (a
                                           # Conv3d whose kernel is its stride) as the one matrix product it is, in the
                                           # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
                                           # Qwen3.5-2B profile: cuDNN's convolution 5.8 ms a chunk of 128 images.
-                                          # Not yet measured
+                                          # Run W, alone: 21-27x; not yet in the loop
     vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
                                           # positions and attention boundaries computed by the loader workers on the
                                           # CPU with the tower's own functions (generation.vision_inputs) instead of
