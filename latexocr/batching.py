@@ -224,3 +224,17 @@ def generation_batch(encoder: SampleEncoder, images) -> dict:
     """A left-padded batch of prompts for `generate` (new tokens then line up at the right end)."""
     return encoder.processor(text=[encoder.prompt_text] * len(images), images=list(images),
                              return_tensors="pt", padding=True, padding_side="left")
+
+
+
+def vision_inputs(grid_thw: torch.Tensor, merge_size: int) -> dict:
+    """The vision tower's inputs that depend on the images' grids alone, computed on the CPU (in the DataLoader
+    workers) by the functions the tower calls (transformers' vision_utils), so the same values: the patch
+    positions (the tower loops over the images, ~11 small GPU kernels each: ~1,400 a chunk of 128) and the
+    attention boundaries and longest image (two GPU->CPU syncs). The static decoder's prefill hands them to the
+    tower (fast/decoding.py given_vision), as the sync-free packed training step does (fast/vision.py
+    precompute_packed)."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)
+    return {VISION_POSITIONS_KEY: get_vision_position_ids(grid_thw, merge_size), VISION_CU_SEQLENS_KEY: cu_seqlens,
+            VISION_MAX_LENGTH_KEY: int(cu_seqlens.diff().max())}

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import (VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, VISION_POSITIONS_KEY, SampleEncoder,
-                       generation_batch, mrope_positions)
+                       generation_batch, mrope_positions, vision_inputs)
 from .fast import (StaticDecoder, bytes_per_row, given_vision, plain_text_attention, prefill_as_decoded, speed_choices,
                    static_decode_supported)
 from .images import load_image
@@ -72,18 +72,6 @@ class _Collate:
                 if given:
                     chunk.update(vision_inputs(chunk["image_grid_thw"], merge))
         return [i for i, _ in ok], failed, chunks or None
-
-
-def vision_inputs(grid_thw: torch.Tensor, merge_size: int) -> dict:
-    """A chunk's vision-tower inputs that depend on its images' grids alone, computed here on the CPU by the
-    functions the tower calls (transformers' vision_utils), so the same values: the patch positions (the tower
-    loops over the images, ~11 small GPU kernels each: ~1,400 a chunk of 128) and the attention boundaries and
-    longest image (two GPU->CPU syncs). The static decoder's prefill hands them to the tower
-    (fast/decoding.py given_vision)."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-    cu_seqlens = get_vision_cu_seqlens(grid_thw)
-    return {VISION_POSITIONS_KEY: get_vision_position_ids(grid_thw, merge_size), VISION_CU_SEQLENS_KEY: cu_seqlens,
-            VISION_MAX_LENGTH_KEY: int(cu_seqlens.diff().max())}
 
 
 def prompt_positions(attention_mask, mm_token_type_ids, grid_thw, merge_size: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..batching import (CU_SEQLENS_KEY, IMAGE_POSITIONS_KEY, MAX_LENGTH_KEY, PRECOMPUTED_KEYS,  # noqa: F401
                         REAL_TOKENS_KEY, SUPERVISED_POSITIONS_KEY, SUPERVISED_TARGETS_KEY, VISION_CU_SEQLENS_KEY,
-                        VISION_MAX_LENGTH_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, sample_boundaries)
+                        VISION_MAX_LENGTH_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, sample_boundaries,
+                        vision_inputs)
 from ..modeling import vision_language_core
 from ..training import summed_cross_entropy
 from .attention import PACKED_VISION_ATTENTION
@@ -43,11 +44,10 @@ def precompute_packed(input_ids: torch.Tensor, labels: torch.Tensor, pixel_value
     attention block, never scattered into the text), so that few distinct patch counts occur
     (one CUDA graph each), and sets the longest-image bound to the total (one value per count).
     """
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-
-    positions = get_vision_position_ids(grid_thw, merge_size)
-    cu_seqlens = get_vision_cu_seqlens(grid_thw)
-    max_seqlen, fill = int(cu_seqlens.diff().max()), 0
+    given = vision_inputs(grid_thw, merge_size)
+    positions, cu_seqlens, max_seqlen = (given[k] for k in (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY,
+                                                            VISION_MAX_LENGTH_KEY))
+    fill = 0
     image_positions = (input_ids[0] == image_token_id).nonzero().flatten()
     if len(image_positions) * merge_size**2 != pixel_values.shape[0]:
         raise ValueError(f"{len(image_positions)} image tokens in the row but {pixel_values.shape[0]} patches "
