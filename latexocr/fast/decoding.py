@@ -315,17 +315,22 @@ ROTARY_FORMS = {"dcce26b5d7674297": "text", "358cf3e549acf8ba": "text", "e174399
 ROTATE_HALF = "c3e95bb5f330fa3c"
 
 
+def _layer_modules(model) -> list:
+    """The Python modules the model's layers come from (where transformers' modeling code looks up the module-level
+    functions the stand-ins replace), in name order."""
+    import sys
+    names = sorted({type(m).__module__ for m in model.modules()})
+    return [sys.modules[name] for name in names if name in sys.modules]
+
+
 def rotary_functions(model) -> dict:
     """{(model module, function name): its form (ROTARY_FORMS)} for the rotary functions of the modules the
     model's layers come from that kernels.rotary computes."""
-    import sys
-
     from .upstream import source_hash
     found = {}
-    for name in sorted({type(m).__module__ for m in model.modules()}):
-        module = sys.modules.get(name)
-        if module is None or not name.startswith("transformers.models.") or \
-                source_hash(name, "rotate_half") != ROTATE_HALF:
+    for module in _layer_modules(model):
+        name = module.__name__
+        if not name.startswith("transformers.models.") or source_hash(name, "rotate_half") != ROTATE_HALF:
             continue
         for function in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision"):
             form = ROTARY_FORMS.get(source_hash(name, function)) if hasattr(module, function) else None
@@ -497,18 +502,11 @@ _GIVEN = [None]  # (grid_thw, positions, cu_seqlens, max_seqlen) of the chunk be
 def vision_input_swaps(core) -> list:
     """(modeling module, function, stand-in) for VISION_FUNCTIONS in the modules the model's layers come from,
     where each is still transformers' own (LATEXOCR_SPEED vision_inputs); any device."""
-    import sys
-
     from transformers import vision_utils
     if not speed_choices().vision_inputs:
         return []
-    swaps = []
-    for name in sorted({type(m).__module__ for m in core.modules()}):
-        module = sys.modules.get(name)
-        for function in VISION_FUNCTIONS:
-            if module is not None and getattr(module, function, None) is getattr(vision_utils, function):
-                swaps.append((module, function, _given_vision_function(module, function)))
-    return swaps
+    return [(module, function, _given_vision_function(module, function)) for module in _layer_modules(core)
+            for function in VISION_FUNCTIONS if getattr(module, function, None) is getattr(vision_utils, function)]
 
 
 def _given_vision_function(module, function: str):
@@ -623,13 +621,18 @@ def kernel_swaps(core) -> list:
                     for (module, function), form in rotary_functions(core).items() if speed.rotary_kernel]
 
 
+def decoder_swaps(core) -> list:
+    """Everything the static decoder stands in for while its prefill and step run: kernel_swaps (on a GPU) and
+    vision_input_swaps (any device)."""
+    return kernel_swaps(core) + vision_input_swaps(core)
+
+
 def prefill_as_decoded(model):
     """A context in which the model's prefill runs as the static decoder's does (on a GPU: kernel_swaps'
     kernels; Qwen3.5: prefill_delta_rule's kernel without fla, prefill_conv's without causal-conv1d): what
     BATCH_SIZE=auto's memory probe measures is what then runs."""
     core = vision_language_core(unwrap(model))
-    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core),
-                              kernel_swaps(core) + vision_input_swaps(core))
+    return _prefill_functions(uses_prefill_kernel(core), uses_prefill_conv(core), decoder_swaps(core))
 
 
 # (module or class, attribute) -> what _standing_in replaced there (prefill_delta_rule, prefill_conv,
@@ -731,8 +734,7 @@ class StaticDecoder:
         self.kernels = speed.decode_kernels and kernels.usable(embed)  # the step's Triton kernels (a GPU)
         self.prefill_kernel = uses_prefill_kernel(self.core)
         self.prefill_conv = uses_prefill_conv(self.core)
-        # every family: on a GPU the kernels (RMSNorms, MLPs, rotary, attention, patch embedding); the vision inputs
-        self.swaps = kernel_swaps(self.core) + vision_input_swaps(self.core)
+        self.swaps = decoder_swaps(self.core)  # every family: the kernels on a GPU; the given vision inputs
         self.conv_update = self.kernels and uses_kernel_conv_update(self.core)  # without causal-conv1d
         if not speed.fla and LINEAR_ATTENTION in self.types:
             from .linear_attention import use_reference_delta_rule
