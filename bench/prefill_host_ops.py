@@ -9,7 +9,7 @@ random model of the family (the counts depend on the images and the code, not on
 layers' share grows with the depth, which the tiny model lacks) and real image sizes: per prefill chunk, the
 operators inside the vision tower's input functions (transformers' vision_utils: patch positions, attention
 boundaries), and the whole prefill; per decode step; with LATEXOCR_SPEED vision_inputs on (the loader gives
-those inputs, generation.vision_inputs) and off. Prints one JSON object.
+those inputs, batching.vision_inputs) and off. Prints one JSON object.
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ CU_SEQLENS_KEY = "packed_cu_seqlens"               # int32 [0, l1, l1+l2, ..., L
 MAX_LENGTH_KEY = "packed_max_length"               # int: tokens of the longest sample (a bound)
 # The sync-free Qwen2-VL step's inputs (latexocr/fast/vision.py precompute_packed adds them,
 # fast/trainer.py fast_supervised_loss pops them, vision.py supervised_step_loss reads them). The first three
-# also travel with the static decoder's prefill chunks, every family (latexocr/generation.py vision_inputs adds
-# them, fast/decoding.py given_vision hands them to the vision tower).
+# (vision_inputs below) also travel with the static decoder's prefill chunks, every family (generation.py's
+# collate adds them, fast/decoding.py given_vision hands them to the vision tower).
 VISION_POSITIONS_KEY = "vision_position_ids"       # (patches, 2) row/column of every patch
 VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"        # int32 image boundaries [0, p1, p1+p2, ...]
 VISION_MAX_LENGTH_KEY = "vision_max_seqlen"        # int: patches of the longest image (a bound)

@@ -281,7 +281,7 @@ def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dir
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_images, family, monkeypatch):
     """LATEXOCR_SPEED vision_inputs (on): the loader's workers compute each chunk's vision patch positions and
-    attention boundaries (generation.vision_inputs) and the static decoder's prefill hands them to the tower, so
+    attention boundaries (batching.vision_inputs) and the static decoder's prefill hands them to the tower, so
     transformers' own functions never run for its chunks (on a GPU: ~1,400 small kernels and two syncs a chunk
     of 128); the texts are generate's, and with vision_inputs=off the tower computes them (the same texts)."""
     import sys

@@ -80,7 +80,7 @@ class SpeedChoices:
                                           # Run W, alone: 21-27x; not yet in the loop
     vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
                                           # positions and attention boundaries computed by the loader workers on the
-                                          # CPU with the tower's own functions (generation.vision_inputs) instead of
+                                          # CPU with the tower's own functions (batching.vision_inputs) instead of
                                           # its loop over the images (~1,400 small GPU kernels a chunk of 128) and
                                           # two GPU->CPU syncs. Not yet measured on a GPU
     pinned_batches: bool = False          # inference on a GPU: the loader's chunks copied into page-locked memory by its

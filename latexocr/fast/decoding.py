@@ -493,7 +493,7 @@ def _matmul_patch_embed_forward(self, hidden_states):
 
 # The vision tower's inputs that depend on its images' grids alone (transformers' vision_utils functions, which
 # every family's tower calls by these module-level names): given by the loader with each prefill chunk
-# (generation.vision_inputs, the same functions on the CPU), instead of the tower's loop over the images (~11
+# (batching.vision_inputs, the same functions on the CPU), instead of the tower's loop over the images (~11
 # small GPU kernels each) and its two GPU->CPU syncs. Set while a chunk's prefill runs (given_vision).
 VISION_FUNCTIONS = ("get_vision_position_ids", "get_vision_attention_seqlens")
 _GIVEN = [None]  # (grid_thw, positions, cu_seqlens, max_seqlen) of the chunk being prefilled
@@ -531,7 +531,7 @@ def _given_vision_function(module, function: str):
 
 @contextlib.contextmanager
 def given_vision(chunk):
-    """Yields the chunk's model inputs (without generation.vision_inputs' keys) and, while the model runs on
+    """Yields the chunk's model inputs (without batching.vision_inputs' keys) and, while the model runs on
     them, gives those values to the vision tower (vision_input_swaps' stand-ins, where set)."""
     from ..batching import VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, VISION_POSITIONS_KEY
     keys = (VISION_POSITIONS_KEY, VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY)

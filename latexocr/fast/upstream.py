@@ -40,17 +40,17 @@ SOURCES = {
         ("fast/attention.py _packed_sdpa: one varlen call over all images when the name contains 'flash'",
          ("40e4a17c0ea9da79",)),
     ("transformers.vision_utils", "get_vision_position_ids"):
-        ("fast/vision.py precompute_packed (the collator computes the patch positions) and generation.py "
-         "vision_inputs (the loader, for the static decoder's prefill) call it on the CPU; fast/decoding.py "
+        ("batching.py vision_inputs (the collators: fast/vision.py precompute_packed, and the static decoder's loader) "
+         "calls it on the CPU; fast/decoding.py "
          "_given_vision_function stands in for it, by its module-level name in each modeling module, while a prefill "
          "runs, and returns those positions for the chunk's grid", ("6d2193802eadae1c",)),
     ("transformers.vision_utils", "get_vision_cu_seqlens"):
-        ("fast/vision.py precompute_packed (the collator computes the image boundaries) and generation.py "
-         "vision_inputs call it on the CPU", ("aee13f15c32efcfe",)),
+        ("batching.py vision_inputs (the collators: fast/vision.py precompute_packed, and the static decoder's loader) "
+         "calls it on the CPU", ("aee13f15c32efcfe",)),
     ("transformers.vision_utils", "get_vision_attention_seqlens"):
         ("fast/vision.py passes cu_seqlens / max_seqlen so that this reads nothing back from the GPU; "
          "fast/decoding.py _given_vision_function stands in for it while a prefill runs and returns the loader's "
-         "(generation.py vision_inputs: get_vision_cu_seqlens, the longest image where flash attention is requested, "
+         "(batching.py vision_inputs: get_vision_cu_seqlens, the longest image where flash attention is requested, "
          "as get_max_seqlen answers)", ("daf3fb20a25fd480",)),
     ("transformers.utils.generic", "is_flash_attention_requested"):
         ("fast/attention.py PACKED_VISION_ATTENTION's name must pass this test", ("0beadd3a3e26c607",)),
