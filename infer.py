@@ -176,7 +176,7 @@ def load_with_sample(args, prefetch=None):
     """(model, processor, adapter, sample encoder, sample definition, prefetch's answer): the model, and its
     samples shown as it was trained: the sizing and prompt saved with the adapter (else with a local model
     folder: a merged model), unless settings say otherwise. prefetch(encoder): called with the sample
-    encoder before the model loads (main: the image loader's workers start there)."""
+    encoder and the model's config before the model loads (main: the image loader's workers start there)."""
     from transformers import AutoConfig
 
     from latexocr.sample import setup_sample
@@ -184,10 +184,10 @@ def load_with_sample(args, prefetch=None):
 
     def before_model(processor, base, adapter):
         trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
-        model_type = AutoConfig.from_pretrained(base).model_type  # the model's config, read before its weights
-        sample["encoder"], sample["definition"] = setup_sample(processor, args, model_type, trained,
+        config = AutoConfig.from_pretrained(base)  # the model's config, read before its weights
+        sample["encoder"], sample["definition"] = setup_sample(processor, args, config.model_type, trained,
                                                                note_if_missing=adapter is not None)
-        sample["prefetched"] = prefetch(sample["encoder"]) if prefetch is not None else None
+        sample["prefetched"] = prefetch(sample["encoder"], config) if prefetch is not None else None
 
     model, processor, adapter = load_for_inference(args, before_model)
     return model, processor, adapter, sample["encoder"], sample["definition"], sample["prefetched"]
@@ -264,11 +264,11 @@ def main(argv=None):
         prefetch = None
         loader_workers = default_loader_workers() if workers is None else workers
         if loader_workers != 0:
-            from latexocr.generation import Prefetch
+            from latexocr.generation import Prefetch, pinned_chunks
             from latexocr.modeling import pick_dtype
 
-            def prefetch(encoder):
-                return Prefetch(encoder, images, loader_workers, pick_dtype(args.dtype))
+            def prefetch(encoder, config):
+                return Prefetch(encoder, images, loader_workers, pick_dtype(args.dtype), pinned_chunks(config))
         with clock.phase("model load"):
             model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch)
 

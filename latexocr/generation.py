@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batching import (VISION_CU_SEQLENS_KEY, VISION_MAX_LENGTH_KEY, VISION_POSITIONS_KEY, SampleEncoder,
                        generation_batch, mrope_positions, vision_inputs)
-from .fast import (StaticDecoder, bytes_per_row, given_vision, plain_text_attention, prefill_as_decoded, speed_choices,
-                   static_decode_supported)
+from .fast import (StaticDecoder, bytes_per_row, config_has_linear_attention, given_vision, plain_text_attention,
+                   prefill_as_decoded, speed_choices, static_decode_supported)
 from .images import load_image
 from .memory import (MARGIN, MAX_GENERATION_ROWS, balanced_rows, choose_generation_rows, gib, out_of_memory_message,
                      release, usable_bytes)
@@ -120,15 +120,23 @@ def vision_dtype(model) -> torch.dtype | None:
     return getattr(tower, "dtype", None)
 
 
+def pinned_chunks(config) -> bool:
+    """LATEXOCR_SPEED pinned_batches for the model of this config: the loader's pin thread copies each chunk into
+    page-locked memory, so its copy to the GPU (predict: non_blocking) is queued without the host waiting for
+    it. auto: on, except for models with linear-attention layers (Qwen3.5: slower pinned in run X, where its
+    eager prefill keeps the host busier). Only with a GPU."""
+    choice = speed_choices().pinned_batches
+    return torch.cuda.is_available() and (choice == "on" or (choice == "auto"
+                                                              and not config_has_linear_attention(config)))
+
+
 def start_loader(encoder: SampleEncoder, paths: list[str], unit: int, num_workers: int, static: bool,
-                 pixel_dtype: torch.dtype | None = None):
+                 pixel_dtype: torch.dtype | None = None, pinned: bool = False):
     """An iterator over (indices into paths, failed [(index, error)], chunks or None) of `unit` paths each, in
     order, built by `num_workers` DataLoader processes (0: in this one, on demand); the workers start now.
     pixel_dtype: the pixel values leave the workers in it (vision_dtype): bf16 halves the bytes through
-    shared memory and to the GPU (the fp32 frames of 512 images are 390 MB; run O: 2.4 s of copies)."""
-    # LATEXOCR_SPEED pinned_batches: the loader's pin thread copies each chunk into page-locked memory, so its copy to
-    # the GPU (predict: non_blocking) is queued without the host waiting for it
-    pinned = speed_choices().pinned_batches and torch.cuda.is_available()
+    shared memory and to the GPU (the fp32 frames of 512 images are 390 MB; run O: 2.4 s of copies).
+    pinned: the chunks in page-locked memory (pinned_chunks)."""
     loader = DataLoader(_Images(paths, encoder.sizing), batch_size=unit, shuffle=False, num_workers=num_workers,
                         collate_fn=_Collate(encoder, PREFILL_CHUNK_ROWS if static else None, static, pixel_dtype),
                         persistent_workers=False, pin_memory=pinned)
@@ -139,22 +147,22 @@ class Prefetch:
     """The static decoder's image loader started before the model exists (infer.py: while it loads): the
     images in predict's order (largest first) and the workers building their first prefill chunks. predict
     takes it over where it would have started the same loader (the static decoder, these images, the
-    vision tower's dtype), and otherwise starts its own (this one's workers stop with it)."""
+    vision tower's dtype, pinned or not), and otherwise starts its own (this one's workers stop with it)."""
 
     def __init__(self, encoder: SampleEncoder, image_paths: list[str], num_workers: int,
-                 pixel_dtype: torch.dtype | None):
-        self.image_paths, self.pixel_dtype = image_paths, pixel_dtype
+                 pixel_dtype: torch.dtype | None, pinned: bool = False):
+        self.image_paths, self.pixel_dtype, self.pinned = image_paths, pixel_dtype, pinned
         self.unit = loader_unit(None, static=True)  # prefill chunks, whatever the batch size
         self.order = _size_order(image_paths)[::-1]
         self.paths = [image_paths[i] for i in self.order]
-        self.units = start_loader(encoder, self.paths, self.unit, num_workers, True, pixel_dtype)
+        self.units = start_loader(encoder, self.paths, self.unit, num_workers, True, pixel_dtype, pinned)
 
-    def take(self, image_paths: list[str], unit: int | None, static: bool, pixel_dtype):
+    def take(self, image_paths: list[str], unit: int | None, static: bool, pixel_dtype, pinned: bool = False):
         """(order, paths, loader) where the loader is the one predict would start, else None; either way
         this object lets go of it (an unused loader's workers stop once nothing holds it)."""
         units, self.units = self.units, None
         if units is None or not (static and image_paths is self.image_paths and unit == self.unit
-                                 and pixel_dtype == self.pixel_dtype):
+                                 and pixel_dtype == self.pixel_dtype and pinned == self.pinned):
             return None
         return self.order, self.paths, units
 
@@ -447,8 +455,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             # the workers start before the memory probe where their unit does not depend on its answer; the
             # probe prefills their first chunk (the largest images, built in a worker), decoded with its batch
             unit = loader_unit(batch_size, static)
-            pixels = vision_dtype(model)
-            taken = prefetched.take(image_paths, unit, static, pixels) if prefetched is not None else None
+            pixels, pinned = vision_dtype(model), pinned_chunks(model.config)
+            taken = prefetched.take(image_paths, unit, static, pixels, pinned) if prefetched is not None else None
             if taken is not None:
                 order, paths, units = taken
             else:
@@ -456,7 +464,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                     order = _size_order(image_paths)[::-1]  # the largest first: the first chunk is the probe's
                     paths = [image_paths[i] for i in order]
                 with clock.phase("data wait"):
-                    units = start_loader(encoder, paths, unit, num_workers, static, pixels) if unit is not None else None
+                    units = (start_loader(encoder, paths, unit, num_workers, static, pixels, pinned)
+                             if unit is not None else None)
             taken = None
             prefill_rows = PREFILL_CHUNK_ROWS  # rows per prefill call: fewer where auto's probe found them too many
             if batch_size is None:
@@ -477,7 +486,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             if unit is None:  # generate's auto: one loader batch per generation batch, now that its size is known
                 unit = batch_size
                 with clock.phase("data wait"):
-                    units = start_loader(encoder, paths, unit, num_workers, static, pixels)
+                    units = start_loader(encoder, paths, unit, num_workers, static, pixels, pinned)
             batches = generation_batches(units, unit, batch_size)  # the chunks already on their way
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None

@@ -106,9 +106,11 @@ class SampleEncoder:
         # The prompt text is the same for every sample: one image placeholder and the instruction.
         # Thinking off (Qwen3.5; other families' templates ignore the flag): the prompt ends with the
         # template's empty, closed <think></think> block, so the model learns to answer at once and
-        # generation, from the same prompt, writes no <think> block.
+        # generation, from the same prompt, writes no <think> block. Only to a template that reads the flag:
+        # transformers hands the processor any other keyword, with a warning on every run.
+        thinking = {"enable_thinking": False} if "enable_thinking" in str(processor.chat_template) else {}
         self.use_prompt(processor.apply_chat_template(user_messages("image"), tokenize=False,
-                                                      add_generation_prompt=True, enable_thinking=False))
+                                                      add_generation_prompt=True, **thinking))
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)

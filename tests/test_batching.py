@@ -71,3 +71,25 @@ def test_mrope_positions_match_model(tiny_family_dirs, formula_images, family):
                                processor.image_processor.merge_size)
         assert torch.equal(ours, expected[:, i, :n])
 
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_the_prompt_is_built_without_a_library_warning(tiny_family_dirs, family):
+    """The sample's prompt turns thinking off only in a template that reads the flag (Qwen3.5's): transformers
+    hands any other keyword of apply_chat_template to the processor with a warning, which every run of
+    train.py and infer.py printed for Qwen2-VL and Qwen2.5-VL."""
+    import logging
+
+    class Caught(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+    warnings, handler = [], Caught(logging.WARNING)
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+        encoder = SampleEncoder(processor, sizing_for(processor))
+    finally:
+        library.removeHandler(handler)
+    assert not [w for w in warnings if "processor_kwargs" in w], warnings
+    assert encoder.prompt_text.endswith("<think>\n\n</think>\n\n" if family == "qwen3_5" else "assistant\n")

@@ -380,7 +380,32 @@ def test_speed_choices_come_from_the_environment(monkeypatch):
                            ("compile=yes", "auto, on or off"), ("prefill_rule=fast", "tokens or chunked")):
         with pytest.raises(SystemExit, match=message):
             speed_choices(wrong)
-    assert speed_choices("prefill_rule=chunked").prefill_rule == "chunked"
+    assert speed_choices("prefill_rule=tokens").prefill_rule == "tokens"
+    assert speed_choices("pinned_batches=on").pinned_batches == "on"
+
+
+def test_pinned_batches_auto_leaves_out_linear_attention_models(tiny_family_dirs, monkeypatch):
+    """LATEXOCR_SPEED pinned_batches=auto: the loader's chunks page-locked for every family but Qwen3.5 (its
+    linear-attention layers; slower pinned in docs/BENCHMARKS.md run X), decided from the config before the
+    weights load (infer.py starts the loader then); on / off decide for all; never without a GPU."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from latexocr import generation
+    configs = {family: AutoConfig.from_pretrained(folder) for family, folder in tiny_family_dirs.items()}
+    real = Path(__file__).resolve().parents[2] / "shared" / "qwen3_5-2b"
+    if real.is_dir():  # the published Qwen3.5-2B config, not only the tiny one built from it
+        configs["qwen3_5 (shared)"] = AutoConfig.from_pretrained(real)
+    monkeypatch.delenv("LATEXOCR_SPEED", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert {f: generation.pinned_chunks(c) for f, c in configs.items()} == {f: not f.startswith("qwen3_5")
+                                                                           for f in configs}
+    for choice in ("on", "off"):
+        monkeypatch.setenv("LATEXOCR_SPEED", f"pinned_batches={choice}")
+        assert {generation.pinned_chunks(c) for c in configs.values()} == {choice == "on"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not generation.pinned_chunks(configs["qwen2_vl"])
 
 
 def test_compile_cache_folder_is_ours_unless_the_user_chose_one(tmp_path, monkeypatch):

@@ -225,13 +225,14 @@ processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
 assert decoding.uses_kernel_conv_update(vision_language_core(model))
 assert decoding.norm_classes(model) == {q35.Qwen3_5RMSNorm: "offset", q35.Qwen3_5RMSNormGated: "gated"}
-calls = {"delta": 0, "conv": 0, "prefill": 0, "prefill conv": 0, "norm": 0}
+calls = {"delta": 0, "conv": 0, "prefill": 0, "chunked": 0, "prefill conv": 0, "norm": 0}
 rule, update, prefill_conv, norm = kernels.delta_rule, kernels.conv_update, kernels.causal_conv, kernels.rms_norm
 def counted_norm(*a, **k):
     out = norm(*a, **k); calls["norm"] += out is not None; return out
 kernels.rms_norm = counted_norm
 def counted_rule(query, *a, **k):
-    out = rule(query, *a, **k); calls["delta" if query.shape[1] == 1 else "prefill"] += out is not None; return out
+    out = rule(query, *a, **k); calls["delta" if query.shape[1] == 1 else "prefill"] += out is not None
+    calls["chunked"] += out is not None and k.get("launch") is kernels.CHUNK_LAUNCH; return out
 def counted_update(*a, **k):
     out = update(*a, **k); calls["conv"] += out is not None; return out
 def counted_prefill_conv(*a, **k):
@@ -243,14 +244,15 @@ static = predict(model, encoder, paths, batch_size=len(paths), engine="static", 
 assert static == reference, (static, reference)
 assert all(calls.values()), calls
 import os
-os.environ["LATEXOCR_SPEED"] = "prefill_rule=chunked"  # the prefill's rule as chunk_rule_kernel's matrix products
-before = calls["prefill"]
+assert calls["chunked"] == calls["prefill"], "the default prefill_rule: chunk_rule_kernel's matrix products"
+os.environ["LATEXOCR_SPEED"] = "prefill_rule=tokens"  # each prompt token by token
+before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
-assert calls["prefill"] > before, "the chunked kernel ran"
+assert calls["prefill"] > before["prefill"] and calls["chunked"] == before["chunked"], "the token-by-token kernel ran"
 del os.environ["LATEXOCR_SPEED"]
 torch_norm = q35.Qwen3_5RMSNorm.forward
 with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
-    assert q35.torch_chunk_gated_delta_rule is decoding.prefill_delta_rule
+    assert q35.torch_chunk_gated_delta_rule.func is decoding.prefill_delta_rule  # with the chunked rule's launch
     assert q35.causal_conv1d_fn is decoding.prefill_conv
     assert q35.Qwen3_5RMSNorm.forward is not torch_norm
 assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule

@@ -28,11 +28,12 @@ trainer.build_trainer. Nothing here loads training code (trainer.py), so inferen
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
 from .decoding import StaticDecoder, bytes_per_row, given_vision, prefill_as_decoded, static_decode_supported
-from .linear_attention import (avoid_refused_kernels, describe as describe_linear_attention,
+from .linear_attention import (avoid_refused_kernels, config_has_linear_attention,
+                               describe as describe_linear_attention,
                                describe_padded as describe_padded_linear_attention, has_linear_attention,
                                keep_packed_samples_apart, resolve_packing)
 
-__all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "describe_linear_attention", "given_vision",
-           "describe_padded_linear_attention", "has_linear_attention",
+__all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "config_has_linear_attention", "describe_linear_attention",
+           "given_vision", "describe_padded_linear_attention", "has_linear_attention",
            "avoid_refused_kernels", "keep_packed_samples_apart", "plain_text_attention", "prefill_as_decoded",
            "prepare_model", "resolve_packing", "speed_choices", "static_decode_supported"]

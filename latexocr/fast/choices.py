@@ -49,10 +49,10 @@ class SpeedChoices:
                                           # fla) and its convolution (without causal-conv1d) as Triton kernels
                                           # (fast/kernels.py delta_rule, causal_conv); off: the torch forms. Run U:
                                           # the delta rule's 1.01x and 1.4 GiB less; run V, both: 1.12x
-    prefill_rule: str = "tokens"          # the prefill kernel's delta rule: tokens (each prompt token by token, the
-                                          # state tile on chip: run V's numbers) | chunked (64 tokens at a time as
-                                          # tensor-core matrix products, fast/kernels.py chunk_rule_kernel; not yet
-                                          # measured on a GPU)
+    prefill_rule: str = "chunked"         # the prefill kernel's delta rule: chunked (16 tokens at a time as tensor-core
+                                          # matrix products, fast/kernels.py chunk_rule_kernel; run X: Qwen3.5-2B's
+                                          # loop 256.6-262.3 images/s) | tokens (each prompt token by token, the state
+                                          # tile on chip: 243.5 in the same run; alone, run W: 4.43 against 0.98 ms)
     norm_kernel: bool = True              # inference on a GPU, every family: the RMSNorms (Qwen3.5's gated one too)
                                           # of the static decoder's prefill and step in one Triton kernel each
                                           # (fast/kernels.py rms_norm)
@@ -61,33 +61,36 @@ class SpeedChoices:
     rotary_kernel: bool = True            # inference on a GPU, every family: the rotary embedding of q and k (the text
                                           # layers' and the vision towers') in one Triton kernel (fast/kernels.py
                                           # rotary), bit for bit the torch form's ~10 kernels (the towers': over fp32
-                                          # copies); off: the torch form. Run W, alone: 3-6x; not yet in the loop
+                                          # copies); off: the torch form. Run W, alone: 3-6x; run X: see vision_inputs
     activation_kernel: bool = True        # inference on a GPU, every family: the MLPs' activation in one Triton kernel
                                           # (fast/kernels.py gated_silu: silu(gate) * up; quick_gelu: Qwen2-VL's vision
                                           # MLP) instead of 2-3 torch kernels; off: the torch form. Run W, alone: 1.3x
                                           # (silu * up, prefill), 2.3x (QuickGELU); at a decode step's size Triton's
-                                          # launch outweighs it outside a CUDA graph; not yet in the loop
+                                          # launch outweighs it outside a CUDA graph; run X: see vision_inputs
     attention_kernel: bool = True         # inference on a GPU, every family: the decode step's attention (one query
                                           # token a row against its cache slots) in one Triton kernel
                                           # (fast/kernels.py decode_attention) instead of SDPA's memory-efficient
                                           # kernel (run V's profile: 25 % of Qwen2-VL-2B's step, ~4x the time its
                                           # keys and values take to read); off: SDPA. Run W, alone: 1.6-1.8x SDPA;
-                                          # not yet in the loop
+                                          # run X: see vision_inputs
     patch_matmul: bool = True             # inference on a GPU, every family: the vision tower's patch embedding (a
                                           # Conv3d whose kernel is its stride) as the one matrix product it is, in the
                                           # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
                                           # Qwen3.5-2B profile: cuDNN's convolution 5.8 ms a chunk of 128 images.
-                                          # Run W, alone: 21-27x; not yet in the loop
+                                          # Run W, alone: 21-27x; run X: see vision_inputs
     vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
                                           # positions and attention boundaries computed by the loader workers on the
                                           # CPU with the tower's own functions (batching.vision_inputs) instead of
                                           # its loop over the images (~1,400 small GPU kernels a chunk of 128) and
-                                          # two GPU->CPU syncs. Not yet measured on a GPU
-    pinned_batches: bool = False          # inference on a GPU: the loader's chunks copied into page-locked memory by its
+                                          # two GPU->CPU syncs. Run X, Qwen2-VL-2B's loop with this and the four
+                                          # kernels above: 447.6 images/s, 343.3 with all five off (one call)
+    pinned_batches: str = "auto"          # inference on a GPU: the loader's chunks copied into page-locked memory by its
                                           # pin thread, so their copies to the GPU are queued without the host waiting
                                           # (run V's profile: 25 pageable copies a 512-row batch, 55 ms for Qwen2-VL-2B,
-                                          # 126 ms for Qwen3.5-2B, while the GPU waits). Off: run K measured it slower
-                                          # with 600 MB fp32 batches; chunks are now 128 images in bf16: run W again
+                                          # 126 ms for Qwen3.5-2B, while the GPU waits). auto: on, except for models
+                                          # with linear-attention layers (run X: Qwen2-VL-2B's loop 467.5 and 476.9
+                                          # images/s pinned against 442.8 and 447.6; Qwen3.5-2B's 238.3 against 256.6
+                                          # and 262.3, one run, the first of its call) | on | off
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);
@@ -106,7 +109,7 @@ class SpeedChoices:
         return self.packing != "off"
 
 
-TRI_STATE = ("compile", "packing")  # auto | on | off
+TRI_STATE = ("compile", "packing", "pinned_batches")  # auto | on | off
 NAMED = {"prefill_rule": ("tokens", "chunked")}  # choices that take one of these words
 
 
@@ -120,7 +123,7 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
         allowed = (("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name in TRI_STATE
                    else NAMED.get(name))
         if name not in kinds or (allowed and value not in allowed):
-            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; compile and packing must be "
+            raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; {', '.join(TRI_STATE)} must be "
                              f"auto, on or off, prefill_rule tokens or chunked, attention an attn_implementation, "
                              f"the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else value

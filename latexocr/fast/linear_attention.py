@@ -333,6 +333,13 @@ def has_linear_attention(model) -> bool:
     return any(type(m).__name__.endswith(LINEAR_ATTENTION_CLASS_SUFFIX) for m in model.modules())
 
 
+def config_has_linear_attention(config) -> bool:
+    """has_linear_attention from a model's config, before its weights load: Qwen3.5's text config names each
+    layer's kind in layer_types (transformers 5.24, 5.25)."""
+    text = getattr(config, "text_config", None) or config
+    return "linear_attention" in (getattr(text, "layer_types", None) or ())
+
+
 def describe_padded(model) -> str | None:
     """One log line on the kernels right-padded batches (packing off) take through this model's linear-attention
     layers (transformers' own forward), or None if it has none."""
