@@ -153,6 +153,7 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
     from latexocr.batching import TrainCollator, sample_boundaries
     from latexocr.fast import has_linear_attention
     from latexocr.memory import Choice, divisors_descending, fit_training_batch, parse_auto, set_checkpointing
+    from latexocr.modeling import pick_dtype
     from latexocr.training import supervised_loss
 
     micro = parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")
@@ -165,7 +166,11 @@ def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: boo
         collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
         # the micro-batch given, or every one that divides this process's share of BATCH_SIZE
         candidates = [min(micro, share)] if micro else divisors_descending(share)
-        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing, processes)
+        # the forward under the autocast the Trainer's runs in (trainer_arguments: bf16 / fp16 on a GPU)
+        dtype = pick_dtype(args.dtype)
+        half = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing, processes,
+                                    autocast_dtype=half)
         if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
             import torch.distributed as dist
             agreed = torch.tensor([choice.micro, -int(choice.checkpointing)], device=next(model.parameters()).device)

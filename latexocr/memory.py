@@ -272,11 +272,14 @@ def percentile_samples(lengths: list[int], micro: int, packed: bool, percentile:
 
 
 def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, percentile: float = PERCENTILE,
-                        timed_passes: int = TIMED_PASSES):
+                        timed_passes: int = TIMED_PASSES, autocast_dtype: torch.dtype | None = None):
     """probe(micro, checkpointing) for choose_training_batch: one warm-up and `timed_passes` timed forward +
     backward passes (the fastest counts) of `step_loss(model, batch) -> (summed loss, count)` on a
     `percentile` batch of the run (percentile_samples; 1: the worst batch, the longest samples). The peak
-    is the passes' highest (from the second on, the gradients are held too)."""
+    is the passes' highest (from the second on, the gradients are held too). autocast_dtype: the forward
+    under torch.autocast in it, as the Trainer's (accelerate's) forward runs with bf16 / fp16 on: without it
+    the fp32 LoRA weights and Qwen3.5's fp32 delta rule keep fp32 activations training does not (run X: the
+    probe put Qwen3.5-2B's batch at 12.8 GiB, training peaked at 9.56)."""
     from .batching import micro_batch_tokens
 
     device = next(model.parameters()).device
@@ -294,7 +297,9 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
             for _ in range(1 + timed_passes):  # the first pays for kernel selection and workspaces
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                loss, count = step_loss(model, dict(batch))
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    loss, count = step_loss(model, dict(batch))
                 (loss / max(count, 1)).backward()
                 torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
@@ -315,19 +320,23 @@ def training_step_probe(model, dataset, collator, step_loss, extra_bytes: int, p
 
 
 def fit_training_batch(model, dataset, collator, step_loss, candidates: list[int],
-                       checkpointing: bool | None = None, processes: int = 1) -> Choice:
+                       checkpointing: bool | None = None, processes: int = 1,
+                       autocast_dtype: torch.dtype | None = None) -> Choice:
     """The micro-batch among `candidates` (largest first) and checkpointing (unless given) for this GPU;
-    see the module docstring. processes > 1: the worst batch must fit (no pass is split)."""
+    see the module docstring. processes > 1: the worst batch must fit (no pass is split). autocast_dtype:
+    the training forward's (training_step_probe)."""
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = trainable * ADAM_STATE_BYTES
     budget = int(usable_bytes() * (1 - MARGIN))
     if processes > 1:
-        probe = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0)
+        probe = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0,
+                                    autocast_dtype=autocast_dtype)
         choice = choose_training_batch(candidates, probe, budget, checkpointing)
     else:
-        probe = training_step_probe(model, dataset, collator, step_loss, extra)
-        worst = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0, timed_passes=1)  # its peak only
+        probe = training_step_probe(model, dataset, collator, step_loss, extra, autocast_dtype=autocast_dtype)
+        worst = training_step_probe(model, dataset, collator, step_loss, extra, percentile=1.0, timed_passes=1,
+                                    autocast_dtype=autocast_dtype)  # its peak only
         choice = choose_training_batch(candidates, probe, budget, checkpointing, worst_probe=worst)
     set_checkpointing(model, choice.checkpointing)
     return choice

@@ -578,3 +578,43 @@ def test_matrix_table_shows_each_cells_choice_or_its_stop(tmp_path):
     assert "stops: needs 11.2 of 9.9 GiB" in out
     assert "96 rows: 40.9 images/s, 5.2 GiB" in out and "8 GiB, 4-bit" in out
     assert "**traceback**" in out and "1 tracebacks: infer_qwen3_5-4b_12gib" in out
+
+
+def test_the_probe_step_runs_under_the_autocast_training_does(monkeypatch):
+    """training_step_probe's forward runs under the autocast the Trainer's forward has (bf16 / fp16 on a GPU:
+    accelerate wraps the model's forward), so the probe measures training's activations: without it the fp32
+    LoRA weights and Qwen3.5's fp32 delta rule kept fp32 ones training does not (run X: 12.8 GiB probed,
+    9.56 trained). On the CPU, with stand-ins for the CUDA memory counters and checkpointing switch."""
+    from latexocr import memory
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: GIB)
+    monkeypatch.setattr(memory, "release", lambda: None)
+    monkeypatch.setattr(memory, "set_checkpointing", lambda model, on: None)
+    model, seen = torch.nn.Linear(4, 4), []
+
+    def step_loss(model, batch):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        out = model(batch["x"])
+        seen.append(out.dtype)
+        return out.float().sum(), out.shape[0]
+
+    class Samples:
+        lengths = [3, 5, 7, 9]
+
+        def __getitem__(self, i):
+            return i
+
+    class Collate:
+        packed = False
+
+        def __call__(self, items):
+            return {"x": torch.ones(len(items), 4), "input_ids": torch.ones(len(items), 9)}
+
+    for dtype in (torch.bfloat16, None):
+        seen.clear()
+        probed = memory.training_step_probe(model, Samples(), Collate(), step_loss, 0, autocast_dtype=dtype)(2, False)
+        assert set(seen) == ({torch.bfloat16} if dtype else {None, torch.float32}), seen
+        assert probed.peak == GIB and probed.micro == 2
+    assert model.weight.grad is None  # the probe leaves no gradient behind
