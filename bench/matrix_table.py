@@ -1,6 +1,7 @@
 """The README's family x card tables from bench_memory.py's results (issue 28).
 
     python bench/matrix_table.py docs/results/bench_memory_runU.jsonl
+    python bench/matrix_table.py --pairs docs/results/bench_memory_runX.jsonl   # auto against the hand grid
 
 Reads the JSON lines bench_memory.py wrote (`--out`, or `--work`'s bench_memory.jsonl) and prints two
 markdown tables, training and inference, one row per family and one column per card: what auto chose,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -69,6 +71,37 @@ def cell_text(kind: str, result: dict | None) -> str:
             f"{number(result.get('peak_gib'))} GiB{together}")
 
 
+PAIR_NAME = re.compile(r"^(train|infer)_(.+?)_(\d+)gib(_4bit)?(?:_(m\d+(?:_ckpt)?|b\d+))?(?:_r\d+)?$")
+
+
+def pairs(paths: list[Path]) -> str:
+    """Issue 28's comparison: per card, auto's speed against the best setting of the hand grid (`--grid`'s
+    `_m16_ckpt` / `_b256` cells) measured in the same results, each the median of its repeats (`--repeat`'s
+    `_r2`...), and their ratio. A cell that stopped counts as no speed."""
+    speeds: dict[tuple, dict[str, list[float]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            result = json.loads(line) if line.strip() else {}
+            match = PAIR_NAME.match(result.get("name", ""))
+            speed = result.get("samples_per_s") or result.get("images_per_s")
+            if match and result.get("exit") == 0 and speed:
+                kind, family, card, quantized, setting = match.groups()
+                key = (kind, family, int(card), "4bit" if quantized else "")
+                speeds.setdefault(key, {}).setdefault(setting or "auto", []).append(float(speed))
+    unit = {"train": "samples/s", "infer": "images/s"}
+    lines = ["| cell | auto | best by hand | auto / hand |", "|---|---|---|---|"]
+    for (kind, family, card, q), settings in sorted(speeds.items()):
+        if "auto" not in settings or len(settings) < 2:
+            continue
+        median = {name: statistics.median(v) for name, v in settings.items()}
+        hand = max((name for name in median if name != "auto"), key=median.get)
+        shown = {name: f"{median[name]:.1f}" + (f" (median of {len(settings[name])})" if len(settings[name]) > 1 else "")
+                 for name in ("auto", hand)}
+        lines.append(f"| {kind}, {LABELS.get(family, family)}, {card} GiB{', 4-bit' if q else ''} | "
+                     f"{shown['auto']} {unit[kind]} | {hand}: {shown[hand]} | {median['auto'] / median[hand]:.2f} |")
+    return "\n".join(lines)
+
+
 def number(value) -> str:
     return "?" if value is None else f"{value:.1f}"
 
@@ -88,7 +121,11 @@ def table(cells: dict, kind: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, nargs="+", help="bench_memory.py's JSON lines")
+    ap.add_argument("--pairs", action="store_true", help="auto against the best hand setting per card (--grid's cells)")
     a = ap.parse_args()
+    if a.pairs:
+        print(pairs(a.results))
+        return
     cells = load(a.results)
     tracebacks = [r["name"] for r in cells.values() if r.get("traceback")]
     print("Training (train.py, 20 optimizer steps, its defaults: auto's micro-batch, samples/s of steps 10-20, peak):\n")

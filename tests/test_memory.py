@@ -618,3 +618,27 @@ def test_the_probe_step_runs_under_the_autocast_training_does(monkeypatch):
         assert set(seen) == ({torch.bfloat16} if dtype else {None, torch.float32}), seen
         assert probed.peak == GIB and probed.micro == 2
     assert model.weight.grad is None  # the probe leaves no gradient behind
+
+
+def test_matrix_table_pairs_auto_with_the_best_hand_setting(tmp_path):
+    """bench/matrix_table.py --pairs (issue 28's 90 % check): per card, the median of auto's repeats against the
+    best hand setting's median, their ratio printed; a stopped cell has no speed; a card without both is left out."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    cells = [("train_qwen3_5-2b_16gib_r1", 15.0), ("train_qwen3_5-2b_16gib_r2", 19.0), ("train_qwen3_5-2b_16gib_r3", 18.0),
+             ("train_qwen3_5-2b_16gib_m16_ckpt_r1", 20.0), ("train_qwen3_5-2b_16gib_m16_ckpt_r2", 18.0),
+             ("train_qwen3_5-2b_16gib_m4_r1", 30.0), ("infer_qwen2vl-2b_24gib", 80.0), ("infer_qwen2vl-2b_24gib_b512", 90.0),
+             ("infer_qwen2vl-2b_24gib_b256", 95.0), ("infer_qwen3_5-2b_16gib", 70.0)]
+    lines = [{"name": name, "exit": 0, ("samples_per_s" if name.startswith("train") else "images_per_s"): speed}
+             for name, speed in cells]
+    lines[5]["exit"] = 1  # m4 stopped: not the best by hand whatever it printed
+    results = tmp_path / "bench_memory.jsonl"
+    results.write_text("".join(json.dumps(c) + "\n" for c in lines))
+    script = Path(__file__).resolve().parents[1] / "bench" / "matrix_table.py"
+    out = subprocess.run([sys.executable, str(script), "--pairs", str(results)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| train, Qwen3.5-2B, 16 GiB | 18.0 (median of 3) samples/s | m16_ckpt: 19.0 (median of 2) | 0.95 |" in out
+    assert "| infer, Qwen2-VL-2B, 24 GiB | 80.0 images/s | b256: 95.0 | 0.84 |" in out
+    assert "infer, Qwen3.5-2B" not in out  # no hand cell at that card: no row
