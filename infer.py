@@ -131,7 +131,10 @@ def load_for_inference(args, before_model=None):
         print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
     elif adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
+
+        from latexocr.modeling import peft_wrapping
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
         # merged in memory, as --merge-to does without writing: the adapted projections then cost one matmul
         # each, not peft's four more kernels (a decode step is bound by its kernel count). A 4-bit model keeps
         # the adapter beside it: merging into NF4 would round the adapter away.

@@ -60,7 +60,7 @@ from .fast import StaticDecoder, static_decode_supported
 from .generation import PREFILL_CHUNK_ROWS, _Collate, _size_order, fit_rows, prefill_pieces
 from .images import load_image
 from .memory import ADAM_STATE_BYTES, release
-from .modeling import is_full_model, trainable_in_fp32
+from .modeling import is_full_model, peft_wrapping, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
 from .fast import plain_text_attention
@@ -164,7 +164,8 @@ def load_trainable_adapter(model, folder: str):
     modules_to_save), its trainable weights in fp32 as setup_training_mode keeps them."""
     from peft import PeftModel
 
-    return trainable_in_fp32(PeftModel.from_pretrained(model, folder, is_trainable=True))
+    with peft_wrapping():
+        return trainable_in_fp32(PeftModel.from_pretrained(model, folder, is_trainable=True))
 
 
 def build_grpo_trainer(model, encoder: SampleEncoder, settings: GrpoSettings, packing: bool,

@@ -7,6 +7,8 @@ LLaMA-Factory target all linear layers.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,6 +67,16 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     return model
 
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """While peft wraps a model (get_peft_model, PeftModel.from_pretrained): peft 0.21 reads the model's
+    `is_gradient_checkpointing`, which transformers 5.24 / 5.25 deprecated with a FutureWarning that every run of
+    train.py and infer.py printed; that one warning is left out, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to_save=None):
     """Wrap the language model's projections in LoRA adapters (vision tower untouched).
 
@@ -74,7 +86,8 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets=None, modules_to
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets or lora_targets(model, "lora"), bias="none",
                         modules_to_save=modules_to_save or None)
-    return get_peft_model(model, config)
+    with peft_wrapping():
+        return get_peft_model(model, config)
 
 
 # ---- training modes: which weights learn ---------------------------------------------------

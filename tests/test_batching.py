@@ -93,3 +93,4 @@ def test_the_prompt_is_built_without_a_library_warning(tiny_family_dirs, family)
         library.removeHandler(handler)
     assert not [w for w in warnings if "processor_kwargs" in w], warnings
     assert encoder.prompt_text.endswith("<think>\n\n</think>\n\n" if family == "qwen3_5" else "assistant\n")
+
