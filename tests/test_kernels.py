@@ -471,3 +471,19 @@ def test_a_kernel_this_machine_refuses_falls_back_with_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("refused_kernel did not run here (RuntimeError: PassManager::run failed)") == 1
     assert kernels._launch(kernel, (1,), 0, BLOCK=32) is False and len(calls) == 2
+
+
+def test_the_chunked_rule_multiplies_in_plain_fp32_where_a_gpu_has_no_tf32(monkeypatch):
+    """The chunked prefill rule (the default) asks tl.dot for tf32 products; a GPU before Ampere (a T4 or V100:
+    the small cards of issue 28) has none, so there it multiplies in plain fp32 instead of failing to compile
+    and falling back to the torch rule. fp32 inputs keep tf32x3 (~fp32) where tf32 exists."""
+    import types
+
+    from latexocr.fast import kernels
+    launch = kernels.CHUNK_LAUNCH
+    for tf32, dtype, expected in ((True, torch.bfloat16, "tf32"), (True, torch.float32, "tf32x3"),
+                                  (False, torch.float16, "ieee"), (False, torch.float32, "ieee")):
+        monkeypatch.setattr(kernels, "_has_tf32", lambda tensor, tf32=tf32: tf32)
+        assert kernels._chunk_precision(types.SimpleNamespace(is_cuda=True, dtype=dtype), launch) == expected
+    cpu = torch.zeros(1, dtype=torch.float32)  # Triton's interpreter on the CPU: as before
+    assert kernels._chunk_precision(cpu, launch) == "tf32x3"

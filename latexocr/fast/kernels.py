@@ -82,6 +82,15 @@ def _has_tf32(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and torch.cuda.get_device_capability(tensor.device) >= (8, 0)
 
 
+def _chunk_precision(query: torch.Tensor, launch: dict) -> str:
+    """tl.dot's precision in the chunked rule: the launch's (tf32 by default) for half-precision inputs, tf32x3
+    (~fp32) for fp32 ones; plain fp32 products ("ieee") on a GPU without tf32 (before Ampere: T4, V100), where
+    a tf32 product does not compile and the rule would fall back to the torch form."""
+    if query.is_cuda and not _has_tf32(query):
+        return "ieee"
+    return "tf32x3" if query.dtype == torch.float32 else launch.get("precision", "tf32x3")
+
+
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -418,9 +427,8 @@ def delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm: bool,
     common = dict(DK=dk, DV=dv, BV=block, L2NORM=bool(use_qk_l2norm), HAS_INIT=initial_state is not None,
                   num_warps=launch["warps"])
     if chunk:  # the chunked form: matrix products over `chunk` tokens at a time (chunk_rule_kernel)
-        precision = "tf32x3" if query.dtype == torch.float32 else launch.get("precision", "tf32x3")
         ran = _launch(_triton()[4], (rows * heads_v, dv // block), *arguments, C=chunk,
-                      SQUARINGS=chunk.bit_length() - 2, PRECISION=precision, **common)
+                      SQUARINGS=chunk.bit_length() - 2, PRECISION=_chunk_precision(query, launch), **common)
     else:
         ran = _launch(_triton()[0], (rows * heads_v, dv // block), *arguments, STAGES=launch["stages"], **common)
     return out if ran else None
