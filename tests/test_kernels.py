@@ -475,8 +475,8 @@ def test_a_kernel_this_machine_refuses_falls_back_with_one_line(capsys):
 
 def test_the_chunked_rule_multiplies_in_plain_fp32_where_a_gpu_has_no_tf32(monkeypatch):
     """The chunked prefill rule (the default) asks tl.dot for tf32 products; a GPU before Ampere (a T4 or V100:
-    the small cards of issue 28) has none, so there it multiplies in plain fp32 instead of failing to compile
-    and falling back to the torch rule. fp32 inputs keep tf32x3 (~fp32) where tf32 exists."""
+    the small cards of issue 28) has none, so there it asks for plain fp32 products. fp32 inputs keep tf32x3
+    (~fp32) where tf32 exists."""
     import types
 
     from latexocr.fast import kernels

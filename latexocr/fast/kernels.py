@@ -84,8 +84,9 @@ def _has_tf32(tensor: torch.Tensor) -> bool:
 
 def _chunk_precision(query: torch.Tensor, launch: dict) -> str:
     """tl.dot's precision in the chunked rule: the launch's (tf32 by default) for half-precision inputs, tf32x3
-    (~fp32) for fp32 ones; plain fp32 products ("ieee") on a GPU without tf32 (before Ampere: T4, V100), where
-    a tf32 product does not compile and the rule would fall back to the torch form."""
+    (~fp32) for fp32 ones; plain fp32 products ("ieee") on a GPU without tf32 (before Ampere: T4, V100), said
+    here rather than left to how a Triton version treats a tf32 request there (a refused compile would send
+    the prefill to the torch rule). Not run on such a card here."""
     if query.is_cuda and not _has_tf32(query):
         return "ieee"
     return "tf32x3" if query.dtype == torch.float32 else launch.get("precision", "tf32x3")
