@@ -122,7 +122,9 @@ class CutAtDeadline(Exception):
     """A cell killed at --deadline: not a result (the next call's --resume runs it again)."""
 
 
-ESTIMATE_S = {"train": 110, "train_hand": 80, "infer": 50, "build": 20}
+# a 2B model's cell, seconds (larger models scale by their size); run X, one H200, 30 steps: training with auto
+# 58-91 s, by hand 56-70 s, infer.py on 2,048 images 22-29 s
+ESTIMATE_S = {"train": 110, "train_hand": 80, "infer": 35, "build": 20}
 
 
 def run(cmd, work: Path, cap: float, name: str) -> tuple[subprocess.CompletedProcess, float]:
