@@ -107,7 +107,7 @@ def load_for_inference(args, before_model=None):
     before_model(processor, base folder, adapter): called once the processor is loaded, before the model
     (load_with_sample sets up the samples there, and infer.py starts its image loader, overlapping the load)."""
     import torch
-    from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, pick_dtype,
+    from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, peft_wrapping, pick_dtype,
                                    quantization_config, resolve_model)
     from latexocr.fast import prepare_model, speed_choices
 
@@ -131,8 +131,6 @@ def load_for_inference(args, before_model=None):
         print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
     elif adapter:
         from peft import PeftModel
-
-        from latexocr.modeling import peft_wrapping
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
         # merged in memory, as --merge-to does without writing: the adapted projections then cost one matmul

@@ -226,7 +226,6 @@ def generation_batch(encoder: SampleEncoder, images) -> dict:
                              return_tensors="pt", padding=True, padding_side="left")
 
 
-
 def vision_inputs(grid_thw: torch.Tensor, merge_size: int) -> dict:
     """The vision tower's inputs that depend on the images' grids alone, computed on the CPU (in the DataLoader
     workers) by the functions the tower calls (transformers' vision_utils), so the same values: the patch
