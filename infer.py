@@ -102,11 +102,13 @@ def write_rows(rows: list[dict], out: Path) -> None:
             writer.writerows(rows)
 
 
-def load_for_inference(args, before_model=None):
+def load_for_inference(args, before_model=None, clock=None):
     """(model, processor, trained folder or None) of base + adapter, or of a fully fine-tuned model folder.
     before_model(processor, base folder, adapter): called once the processor is loaded, before the model
-    (load_with_sample sets up the samples there, and infer.py starts its image loader, overlapping the load)."""
+    (load_with_sample sets up the samples there, and infer.py starts its image loader, overlapping the load).
+    clock: a latexocr.timing.Stopwatch that gets the parts of its "model load" phase (--profile)."""
     import torch
+    from latexocr.timing import Stopwatch
     from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, peft_wrapping, pick_dtype,
                                    quantization_config, resolve_model)
     from latexocr.fast import prepare_model, speed_choices
@@ -120,25 +122,33 @@ def load_for_inference(args, before_model=None):
     # Prefer the processor saved with the adapter (what training used), else the base model's.
     # transformers >= 5 saves it as processor_config.json, older versions as preprocessor_config.json.
     saved = adapter and any(Path(adapter, f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
-    processor = load_processor(adapter if saved else base)
+    clock = clock or Stopwatch()
+    with clock.part("model load", "processor"):
+        processor = load_processor(adapter if saved else base)
     if before_model is not None:
         before_model(processor, base, adapter)
-    model = load_model(base, dtype, speed.attention, device_map=device,
-                       quantization=quantization_config(args.quantization, dtype))
-    # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
-    prepare_model(model, speed)
+    with clock.part("model load", "weights"):
+        model = load_model(base, dtype, speed.attention, device_map=device,
+                           quantization=quantization_config(args.quantization, dtype))
+    with clock.part("model load", "speed setup"):
+        # process-wide: cuDNN's attention off, TF32 on (CUDA); the vision tower's attention packed (sdpa)
+        prepare_model(model, speed)
     if full:
         print(f"model: {adapter} (fully fine-tuned, no adapter)", file=sys.stderr)
     elif adapter:
-        from peft import PeftModel
-        with peft_wrapping():
-            model = PeftModel.from_pretrained(model, adapter)  # its own adapter_config.json
+        with clock.part("model load", "adapter"):
+            from peft import PeftModel
+            with peft_wrapping():
+                # low_cpu_mem_usage: the LoRA matrices are created empty and take the file's values, instead
+                # of being initialised at random first and then overwritten
+                model = PeftModel.from_pretrained(model, adapter, low_cpu_mem_usage=True)  # its adapter_config.json
         # merged in memory, as --merge-to does without writing: the adapted projections then cost one matmul
         # each, not peft's four more kernels (a decode step is bound by its kernel count). A 4-bit model keeps
         # the adapter beside it: merging into NF4 would round the adapter away.
         merged = args.quantization == "none" and speed.merge_adapter
         if merged:
-            model = model.merge_and_unload()
+            with clock.part("model load", "merge"):
+                model = model.merge_and_unload()
         print(f"adapter: {adapter}{' (merged into the weights for inference)' if merged else ''}", file=sys.stderr)
     else:
         print("adapter: none (base model)", file=sys.stderr)
@@ -173,24 +183,26 @@ def rescore(args) -> None:
         print(f"report: {page}")
 
 
-def load_with_sample(args, prefetch=None):
+def load_with_sample(args, prefetch=None, clock=None):
     """(model, processor, adapter, sample encoder, sample definition, prefetch's answer): the model, and its
     samples shown as it was trained: the sizing and prompt saved with the adapter (else with a local model
     folder: a merged model), unless settings say otherwise. prefetch(encoder): called with the sample
     encoder and the model's config before the model loads (main: the image loader's workers start there)."""
-    from transformers import AutoConfig
-
     from latexocr.sample import setup_sample
-    sample = {}
+    from latexocr.timing import Stopwatch
+    sample, clock = {}, clock or Stopwatch()
 
     def before_model(processor, base, adapter):
-        trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
-        config = AutoConfig.from_pretrained(base)  # the model's config, read before its weights
-        sample["encoder"], sample["definition"] = setup_sample(processor, args, config.model_type, trained,
-                                                               note_if_missing=adapter is not None)
-        sample["prefetched"] = prefetch(sample["encoder"], config) if prefetch is not None else None
+        with clock.part("model load", "config + sample"):
+            from transformers import AutoConfig
+            trained = adapter or (args.model_id if Path(args.model_id).expanduser().is_dir() else None)
+            config = AutoConfig.from_pretrained(base)  # the model's config, read before its weights
+            sample["encoder"], sample["definition"] = setup_sample(processor, args, config.model_type, trained,
+                                                                   note_if_missing=adapter is not None)
+        with clock.part("model load", "loader start"):
+            sample["prefetched"] = prefetch(sample["encoder"], config) if prefetch is not None else None
 
-    model, processor, adapter = load_for_inference(args, before_model)
+    model, processor, adapter = load_for_inference(args, before_model, clock)
     return model, processor, adapter, sample["encoder"], sample["definition"], sample["prefetched"]
 
 
@@ -271,7 +283,7 @@ def main(argv=None):
             def prefetch(encoder, config):
                 return Prefetch(encoder, images, loader_workers, pick_dtype(args.dtype), pinned_chunks(config))
         with clock.phase("model load"):
-            model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch)
+            model, _, adapter, encoder, _, prefetched = load_with_sample(args, prefetch, clock)
 
         def score_batch(indices, results):
             scorer.submit(indices, [(r["prediction"], labels[i], r["truncated"]) for i, r in zip(indices, results)])
@@ -321,7 +333,7 @@ def main(argv=None):
                                 title=f"{Path(args.input).name}: adapter {adapter or 'none'}")
         print(f"report: {page}")
     if args.profile:
-        print(clock.line(), file=sys.stderr, flush=True)
+        print(clock.lines(), file=sys.stderr, flush=True)
 
 
 def started_as_command() -> bool:

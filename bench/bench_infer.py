@@ -41,8 +41,9 @@ def infer_py(a, model_dir, pairs) -> dict:
         print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
         return {"error": proc.returncode}
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
-    # infer.py --profile's line: seconds per phase (start-up, imports, model load, memory probe, data wait, engine, ...)
-    profile = next((x for x in reversed(proc.stderr.splitlines()) if x.startswith("time: ")), "")
+    # infer.py --profile's lines: seconds per phase (start-up, imports, model load, memory probe, data wait, engine,
+    # ...), then the parts of model load (processor, config + sample, loader start, weights, adapter, merge)
+    profile = "\n".join(x for x in proc.stderr.splitlines() if x.startswith(("time: ", "time, ")))
     print(f"infer.py on {len(pairs)} labelled images (max {a.infer_py_max_new_tokens} new tokens): "
           f"{wall:.1f} s from the command to the printed metrics ({len(pairs) / wall:.0f} images/s); {summary}\n"
           f"{profile}", flush=True)

@@ -181,6 +181,12 @@ def test_inputs_and_outputs(trained, tiny_model_dir, data, tmp_path, capsys):
     phases = {name: float(value) for name, value in re.findall(r"([a-z][a-z -]*?) ([0-9.]+) s", profile[0])}
     assert {"model load", "data wait", "engine", "scoring wait", "write", "total"} <= set(phases), phases
     assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"], abs=0.05)
+    # and a line of what the model load is made of (the weights, the adapter and its merge apart), adding up to it
+    load_line = [line for line in captured.err.splitlines() if line.startswith("time, model load: ")]
+    assert len(load_line) == 1, captured.err
+    parts = {name: float(value) for name, value in re.findall(r"([a-z][a-z +-]*?) ([0-9.]+) s", load_line[0][17:])}
+    assert {"processor", "config + sample", "weights", "adapter", "merge", "rest"} <= set(parts), parts
+    assert sum(parts.values()) == pytest.approx(phases["model load"], abs=0.05)
     metrics = printed_metrics(out)
     assert metrics["adapter"] == str(trained / "final") and metrics["n"] == 8 and metrics["errors"] == 0
     json_rows = read_csv(tmp_path / "json.csv")
