@@ -405,3 +405,43 @@ def test_a_card_that_cannot_prefill_a_whole_chunk_prefills_in_pieces(family_dirs
     monkeypatch.setattr(decoding.StaticDecoder, "_prefill", spy)
     assert predict(model, encoder, paths, batch_size=None, engine="static", **kw) == reference
     assert prefilled == [[3, 3, 3, 1]]  # one batch of 10 rows, its chunk prefilled 3 rows at a time
+
+
+def _flop_floor():
+    import importlib
+    import sys
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("flop_floor")
+
+
+def test_flop_floor_counts_each_part_of_an_image():
+    """bench/flop_floor.py (issue 32's floor): the FLOPs of one image by part, counted by hand for a small shape."""
+    floor = _flop_floor()
+    weights = {"per_patch": 10, "per_merged": 5, "per_token": 7, "head": 11}
+    # 1 vision layer of width 2; 1 full-attention LLM layer of width 3; no Gated DeltaNet layers
+    flops = floor.image_flops(patches=4, merged=1, prompt=3, new_tokens=2, weights=weights, shape=(1, 2, 1, 3, 0, 0))
+    assert flops == {"vision": 2 * (10 * 4 + 5 * 1) + 4 * 4 * 4 * 2,       # linears per patch / merged token; q.k, p.v
+                     "prefill": 2 * 7 * 3 + 4 * (3 * 4 // 2) * 3,          # linears per token; causal attention
+                     "decode": 2 * 7 * 1 + 4 * 3 * (3 + 1),                # one token fed back, over 4 positions
+                     "lm head": 2 * 11 * 2}                                # once per generated token
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "qwen2vl-2b").is_dir(),
+                    reason="../shared/qwen2vl-2b (the real config) is absent")
+def test_flop_floor_misses_no_weight_of_the_real_model():
+    """Every weight of Qwen2-VL-2B's published architecture is in a counted matrix product, except the embedding
+    table (a lookup) and the norms' and biases' few vectors: a renamed part in transformers shows here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    floor = _flop_floor()
+    config = AutoConfig.from_pretrained(Path(__file__).resolve().parents[2] / "shared" / "qwen2vl-2b")
+    parts = floor.weights_by_part(config)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # the head is tied to the embedding: counted once here
+    embedding = model.get_input_embeddings().weight.numel()
+    counted = parts["per_patch"] + parts["per_merged"] + parts["per_token"] + embedding
+    assert parts["head"] == embedding and 0 <= total - counted < 0.002 * total, (total, counted)
+    assert 2.2e9 < total < 2.22e9  # Qwen2-VL-2B: 2.21 B parameters
