@@ -175,6 +175,16 @@ for heads_k in (4, 2):  # 2: grouped value heads, as Qwen3.5-4B's 16 key heads u
                 assert got.shape == expected.shape and got.dtype == expected.dtype and got.is_contiguous(), what
                 worst[(what, heads_q, str(dtype))] = ((got.float() - expected.float()).abs().max()
                                                       / expected.float().abs().max()).item()
+                # the static decoder's step passes its write slot (59 here: every later slot is masked in every
+                # row): the blocks after it are not read, and the result is the same to the bit
+                upto = torch.tensor([59], device=device)
+                assert torch.equal(kernels.decode_attention(q, k, v, mask, 0.3, launch=launch, attend_upto=upto), got), what
+            # ... and they are indeed not read: a slot after it left open changes the full result, not the cut one
+            opened = bias.clone()
+            opened[:, 65] = 0.0
+            cut = kernels.decode_attention(q, k, v, opened, 0.3, attend_upto=torch.tensor([59], device=device))
+            assert torch.equal(cut, kernels.decode_attention(q, k, v, bias, 0.3))
+            assert not torch.equal(kernels.decode_attention(q, k, v, opened, 0.3), cut)
 print("WORST", worst)
 inexact = [what for what, same in exact.items() if not same and (device == "cuda" or "float32" in what[1])]
 assert not inexact, ("the rotary kernel differs from the torch form", inexact)
@@ -354,6 +364,9 @@ def test_bench_kernels_times_every_launch_and_checks_it(tmp_path):
     for what in ("attention step", "attention step, head dim 256"):
         assert report["summary"][what]["kernel"] > 0 and report["summary"][what]["max_relative_error"] < 2e-2
         assert len([r for r in report["results"] if r["what"] == what and "launch" in r]) == 4 * 3
+        # ... and as the static decoder calls it, to its write slot: the same result, timed
+        (upto,) = [r for r in report["results"] if r["what"] == what and r.get("path") == "kernel, to the write slot"]
+        assert upto["same_as_kernel"] and report["summary"][what]["kernel, to the write slot"] > 0
 
 
 NORMS_EVERY_FAMILY = '''
@@ -367,7 +380,7 @@ from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0, "attention": 0,
-         "patch matmul": 0}
+         "attention to the write slot": 0, "patch matmul": 0}
 patch_matmul = decoding._matmul_patch_embed_forward
 def counted_patch_matmul(*a):
     calls["patch matmul"] += 1; return patch_matmul(*a)
@@ -375,7 +388,8 @@ decoding._matmul_patch_embed_forward = counted_patch_matmul
 norm, rotary, gated_silu, quick_gelu = kernels.rms_norm, kernels.rotary, kernels.gated_silu, kernels.quick_gelu
 attention = kernels.decode_attention
 def counted_attention(*a, **k):
-    out = attention(*a, **k); calls["attention"] += out is not None; return out
+    out = attention(*a, **k); calls["attention"] += out is not None
+    calls["attention to the write slot"] += out is not None and k.get("attend_upto") is not None; return out
 kernels.decode_attention = counted_attention
 def counted_norm(*a, **k):
     out = norm(*a, **k); calls["norm"] += out is not None; return out
@@ -414,7 +428,8 @@ for family, folder in folders.items():
     before = dict(calls)
     assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference, family
     ran = [what for what in calls if calls[what] > before[what]]
-    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up", "attention", "patch matmul"]
+    assert sorted(ran) == sorted(["norm", "text rotary", "vision rotary", "silu * up", "attention", "patch matmul",
+                                  "attention to the write slot"]
                                  + (["quick gelu"] if family == "qwen2_vl" else [])), (family, calls, before)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

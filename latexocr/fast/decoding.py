@@ -448,7 +448,8 @@ def _kernel_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     if (query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
             and attention_mask.shape[1] == attention_mask.shape[2] == 1 and attention_mask.is_floating_point()
             and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
-        out = kernels.decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling)
+        out = kernels.decode_attention(query, key, value, attention_mask[:, 0, 0, :], scaling,
+                                       attend_upto=_ATTEND_UPTO[0])
         if out is not None:
             return out, None
     return _REPLACED[_attention_functions(), "sdpa"](module, query, key, value, attention_mask, dropout=dropout,
@@ -641,6 +642,9 @@ def prefill_as_decoded(model):
 _REPLACED = {}
 # whether those two take fast/kernels.py's kernels: decided by the decoder once (a compiled step reads a flag)
 _KERNELS = [False]
+# while a decode step runs: its write slot (a 1-element device tensor), the last cache slot any row may attend,
+# so the step's attention kernel reads no block of the slots still to be written (_kernel_sdpa)
+_ATTEND_UPTO = [None]
 
 
 def _one_token_functions(delta_rule: bool, conv_update: bool, use_kernels: bool = False, swaps: list | None = None):
@@ -795,10 +799,14 @@ class StaticDecoder:
         """Feed `token`, write the next one: fixed buffers only (captured as a CUDA graph)."""
         s.bias.index_fill_(1, s.write_at, 0.0)
         position = s.position.view(1, -1, 1).expand(3, -1, 1)
-        with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.swaps):
-            out = self.model(input_ids=s.token[:, None], position_ids=position,
-                             attention_mask=s.bias[:, None, None, :],  # 4-D: used as is, no mask building
-                             use_cache=True, logits_to_keep=1, cache=s.cache)
+        _ATTEND_UPTO[0] = s.write_at  # every slot after it is still -inf in every row's bias
+        try:
+            with _one_token_functions(self.delta_rule, self.conv_update, self.kernels, self.swaps):
+                out = self.model(input_ids=s.token[:, None], position_ids=position,
+                                 attention_mask=s.bias[:, None, None, :],  # 4-D: used as is, no mask building
+                                 use_cache=True, logits_to_keep=1, cache=s.cache)
+        finally:
+            _ATTEND_UPTO[0] = None
         token = self._pick(out.logits[:, -1], s.step, s.finished)
         s.history.index_copy_(1, s.step, token[:, None])
         s.finished |= torch.isin(token, self.stop_ids)

@@ -342,13 +342,18 @@ def _build():
         tl.store(out_ptr + i, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, slots, group, scale,
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, upto_ptr, slots, group, scale,
                                 q_b, q_h, k_b, k_h, k_s, v_b, v_h, v_s, bias_b, o_b, o_h,
-                                D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                                D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                                UPTO: tl.constexpr):
         # one program: one row's one key head and the `group` query heads that share it (G: group rounded up to
         # tl.dot's 16), its keys and values read once, BLOCK_N slots at a time, softmax kept online (the running
         # maximum, the sum of exponentials, the weighted values). The products in fp32 from fp32 copies: in tf32
-        # (PRECISION) a bf16 value is exact, and Triton's interpreter multiplies bf16 tiles wrongly
+        # (PRECISION) a bf16 value is exact, and Triton's interpreter multiplies bf16 tiles wrongly. UPTO: the
+        # slots after the one upto_ptr holds (read at run time: a CUDA graph replays it at a moving slot) are
+        # masked in every row, so their blocks are not read (a block of masked slots changes no sum)
+        if UPTO:
+            slots = tl.minimum(tl.load(upto_ptr).to(tl.int32) + 1, slots)
         b = tl.program_id(0).to(tl.int64)
         head_k = tl.program_id(1)
         g = tl.arange(0, G)
@@ -598,7 +603,8 @@ def quick_gelu(x) -> torch.Tensor | None:
 ATTENTION_LAUNCH = {"block_n": 16, "warps": 2}
 
 
-def decode_attention(query, key, value, bias, scale: float | None, launch: dict | None = None) -> torch.Tensor | None:
+def decode_attention(query, key, value, bias, scale: float | None, launch: dict | None = None,
+                     attend_upto: torch.Tensor | None = None) -> torch.Tensor | None:
     """A decode step's attention in one kernel: each row's one query token against its cache slots, the key
     mask added as given (0 where a slot may be attended, -inf elsewhere). torch's SDPA, which transformers'
     sdpa attention calls with the query heads packed per key head (pack_gqa), runs it through its
@@ -606,8 +612,10 @@ def decode_attention(query, key, value, bias, scale: float | None, launch: dict 
     (run V's profile), where reading the layer's keys and values takes ~15 us at the card's bandwidth.
 
     query: (batch, heads, 1, dim); key, value: (batch, key heads, slots, dim), heads a multiple of key heads;
-    bias: (batch or 1, slots). The result as transformers' sdpa attention returns it: (batch, 1, heads, dim),
-    contiguous, in query's dtype. The same sums as SDPA's in another order (not bit for bit). None where the
+    bias: (batch or 1, slots). attend_upto: a 1-element integer tensor on the query's device, the last slot any
+    row's bias leaves open (the static decoder's write slot): the slots after it are not read, which changes
+    nothing but the bytes read (their bias is -inf in every row). The result as transformers' sdpa attention
+    returns it: (batch, 1, heads, dim), contiguous, in query's dtype. The same sums as SDPA's in another order (not bit for bit). None where the
     kernel does not apply (a gradient, other shapes, a head dim that is not a power of two from 16 to 256)."""
     if (query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[2] != 1 or bias.dim() != 2
             or query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3] or query.shape[1] % key.shape[1]
@@ -621,11 +629,13 @@ def decode_attention(query, key, value, bias, scale: float | None, launch: dict 
     group = heads // key.shape[1]
     launch = {**ATTENTION_LAUNCH, **(launch or {})}
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
-    ran = _launch(_triton()[7], (batch, key.shape[1]), query, key, value, bias, out, key.shape[2], group,
+    upto = attend_upto is not None and attend_upto.numel() == 1 and attend_upto.device == query.device
+    ran = _launch(_triton()[7], (batch, key.shape[1]), query, key, value, bias, out, attend_upto if upto else bias,
+                  key.shape[2], group,
                   dim ** -0.5 if scale is None else scale, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
                   key.stride(2), value.stride(0), value.stride(1), value.stride(2),
                   bias.stride(0) if bias.shape[0] == batch else 0, out.stride(0), out.stride(2), D=dim,
                   G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=launch["block_n"],
-                  PRECISION="tf32" if query.dtype != torch.float32 and _has_tf32(query) else "ieee",
+                  PRECISION="tf32" if query.dtype != torch.float32 and _has_tf32(query) else "ieee", UPTO=upto,
                   num_warps=launch["warps"])
     return out if ran else None
