@@ -309,6 +309,35 @@ def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_imag
     assert len(calls) == 3  # one a chunk
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, formula_images, family, monkeypatch):
+    """LATEXOCR_SPEED fused_qkv (off until measured on a GPU): each text attention's three projections as one
+    product in the static decoder's prefill and step; the key and value parts are handed over to their own
+    projections' calls (none computes its own product), the texts are generate's (fp32), and afterwards the
+    projections are plain again (no forward left on the instances, no stash left over)."""
+    from torch import nn
+    model, encoder = load(family_dirs[family])
+    paths = [p for p, _ in formula_images[:10]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
+    reference = stop_at_different_lengths(model, encoder, paths, **kw)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
+    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
+    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
+    attentions = decoding._qkv_projections(model.model)
+    layers = model.config.text_config.layer_types if family == "qwen3_5" else None
+    assert len(attentions) == (layers.count("full_attention") if layers else model.config.text_config.num_hidden_layers)
+    own_products = []
+    linear = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: own_products.append(self) or linear(self, x))
+    monkeypatch.setenv("LATEXOCR_SPEED", "fused_qkv=on")
+    assert predict(model, encoder, paths, batch_size=10, engine="static", **kw) == reference
+    projections = {id(p) for _, group in attentions for p in group}
+    assert not [m for m in own_products if id(m) in projections]  # q, k and v: all from the joined product
+    assert all("forward" not in vars(p) for _, group in attentions for p in group) and not decoding._QKV_STASH
+    assert all("_latexocr_qkv" in vars(a) for a, _ in attentions)
+    assert not any("_latexocr_qkv" in name for name in model.state_dict())
+
+
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "latex_ocr" / "full_val").is_dir(),
                     reason="../shared/latex_ocr/full_val (real images) is absent")
 def test_bench_prefill_host_ops_counts_what_the_loader_takes_over(tmp_path):

@@ -456,6 +456,93 @@ def _kernel_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
                                                      scaling=scaling, is_causal=is_causal, **kwargs)
 
 
+# The text attention's query, key and value projections as one product (LATEXOCR_SPEED fused_qkv). Every family's
+# attention forward calls q_proj, k_proj and v_proj on the same hidden states, one after the other; at a decode
+# step's 512 rows the key and value products (256 columns each in Qwen2-VL-2B) fill a few of the card's SMs, so
+# three launches cost about what the one product of their joined weights does. While the static decoder runs, the
+# query projection's forward computes the joined product and leaves the key and value parts to the other two,
+# which hand them over for that same input tensor (for any other input: their own product).
+_QKV_STASH = {}  # projection module -> (its input, its part of the joined product), until it is called
+
+
+class _ModuleForward:
+    """A module's `forward` as _standing_in sets and restores an attribute: a stand-in is set on the instance
+    itself; restoring the class's own (bound) forward removes the instance's, so nothing stays behind."""
+
+    def __init__(self, module):
+        object.__setattr__(self, "_module", module)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def __setattr__(self, name, value):
+        module = self._module
+        if getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is getattr(type(module), name):
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = value
+
+
+def _qkv_projections(core) -> list:
+    """(attention module, [q_proj, k_proj, v_proj]) for each text attention whose three projections are plain
+    nn.Linear layers (not peft's: an adapter's layers are merged first, or left alone) of one input width, dtype
+    and device, each with a bias or none."""
+    from torch import nn
+    found = []
+    for module in core.language_model.modules():
+        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if (all(type(p) is nn.Linear for p in projections)
+                and len({(p.in_features, p.weight.dtype, p.weight.device, p.bias is None) for p in projections}) == 1):
+            found.append((module, projections))
+    return found
+
+
+def _joined_qkv(attention, projections):
+    """The joined weight and bias of the three projections, built once and kept on the attention module (rebuilt
+    if a weight changed since: another tensor, or written in place, as TUNE=full's optimizer does between
+    train.py's evaluations)."""
+    key = tuple((t.data_ptr(), t._version) for p in projections for t in (p.weight, p.bias) if t is not None)
+    joined = attention.__dict__.get("_latexocr_qkv")
+    if joined is None or joined[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in projections])
+            bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+        joined = (key, weight, bias, [p.out_features for p in projections])
+        attention.__dict__["_latexocr_qkv"] = joined  # a plain attribute: not a parameter, not in the state dict
+    return joined[1:]
+
+
+def qkv_swaps(core) -> list:
+    """(owner, "forward", stand-in) for each text attention's three projections (_qkv_projections) where
+    LATEXOCR_SPEED fused_qkv is on; any device. Their joined weights are built here, before anything is probed."""
+    if core is None or not speed_choices().fused_qkv:
+        return []
+    swaps = []
+    for attention, (q, k, v) in _qkv_projections(core):
+        weight, bias, widths = _joined_qkv(attention, (q, k, v))
+        swaps += [(_ModuleForward(q), "forward", _joined_query_forward(k, v, weight, bias, widths)),
+                  (_ModuleForward(k), "forward", _handed_over_forward(k)),
+                  (_ModuleForward(v), "forward", _handed_over_forward(v))]
+    return swaps
+
+
+def _joined_query_forward(k, v, weight, bias, widths):
+    def forward(x):
+        query, key, value = torch.nn.functional.linear(x, weight, bias).split(widths, -1)
+        _QKV_STASH[k], _QKV_STASH[v] = (x, key), (x, value)
+        return query
+    return forward
+
+
+def _handed_over_forward(projection):
+    def forward(x):
+        handed = _QKV_STASH.pop(projection, None)
+        if handed is not None and handed[0] is x:
+            return handed[1]
+        return type(projection).forward(projection, x)  # its own product
+    return forward
+
+
 # The vision towers' patch embedding (PatchEmbed.forward, the same text in all four families, transformers 5.24
 # and 5.25): a Conv3d whose kernel is its stride, over inputs of exactly one kernel each, so one matrix product
 # of the flattened patches with the flattened weight. cuDNN runs it as an implicit-GEMM convolution: 5.8 ms a
@@ -581,6 +668,7 @@ def _standing_in(functions: dict, swaps: list | None, use_kernels: bool):
         for owner, name, _ in swaps:
             setattr(owner, name, _REPLACED.pop((owner, name)))
         _KERNELS[0] = False
+        _QKV_STASH.clear()
 
 
 def _replaced(name: str):
@@ -623,9 +711,9 @@ def kernel_swaps(core) -> list:
 
 
 def decoder_swaps(core) -> list:
-    """Everything the static decoder stands in for while its prefill and step run: kernel_swaps (on a GPU) and
-    vision_input_swaps (any device)."""
-    return kernel_swaps(core) + vision_input_swaps(core)
+    """Everything the static decoder stands in for while its prefill and step run: kernel_swaps (on a GPU),
+    vision_input_swaps and qkv_swaps (any device)."""
+    return kernel_swaps(core) + vision_input_swaps(core) + qkv_swaps(core)
 
 
 def prefill_as_decoded(model):

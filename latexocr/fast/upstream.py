@@ -193,8 +193,16 @@ SOURCES = {
     # ---- outside latexocr/fast/: tests/test_structure.py finds each private import, method patch and
     # private read there and fails on one whose file and name no entry's text names
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention.forward"):
-        ("decoding.py _SlotCache.update answers its cache call (key/value written at a slot, whole buffers back)",
-         ("14df6827003f9bae",)),
+        ("decoding.py _SlotCache.update answers its cache call (key/value written at a slot, whole buffers back); "
+         "qkv_swaps (LATEXOCR_SPEED fused_qkv) rely on it calling q_proj, k_proj and v_proj on one hidden-states "
+         "tensor and viewing their outputs (strided parts of one product); likewise Qwen2.5-VL's (the same text), "
+         "Qwen3VLTextAttention.forward and Qwen3_5Attention.forward", ("14df6827003f9bae",)),
+    ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention.forward"):
+        ("as Qwen2-VL's Qwen2VLAttention.forward (the same text)", ("14df6827003f9bae",)),
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextAttention.forward"):
+        ("decoding.py qkv_swaps, as for Qwen2VLAttention.forward", ("9ff50172c1575e50",)),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5Attention.forward"):
+        ("decoding.py qkv_swaps, as for Qwen2VLAttention.forward", ("146ccbec3a9ef7a3",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.get_rope_index"):
         ("decoding.py _prefill calls it by keyword (input_ids, image_grid_thw, attention_mask, mm_token_type_ids)",
          ("4771812b6278dd7d",)),
