@@ -108,10 +108,10 @@ def load_for_inference(args, before_model=None, clock=None):
     (load_with_sample sets up the samples there, and infer.py starts its image loader, overlapping the load).
     clock: a latexocr.timing.Stopwatch that gets the parts of its "model load" phase (--profile)."""
     import torch
-    from latexocr.timing import Stopwatch
     from latexocr.modeling import (find_adapter, is_full_model, load_model, load_processor, peft_wrapping, pick_dtype,
                                    quantization_config, resolve_model)
     from latexocr.fast import prepare_model, speed_choices
+    from latexocr.timing import Stopwatch
 
     adapter = find_adapter(args.adapter, args.output_dir)
     full = adapter is not None and is_full_model(adapter)  # train.py TUNE=full: the model itself, no adapter

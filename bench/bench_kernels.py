@@ -5,10 +5,11 @@
 
 For a prefill (one chunk of --rows prompts of --tokens tokens, from a zero state) and a decode step (--step-rows
 rows, one token, the state updated in place), each launch of `delta_rule` (state columns per program, warps,
-pipelined loads; for the prefill also the chunked form: tokens per chunk, tf32 precision) is timed with CUDA events (median of --repeat), its output checked against the default
-launch's (on a GPU also inside a CUDA graph, `graph_ms`: a decode step's kernels run in one, without the launch
-cost the eager time includes; launches are ranked by it), and beside them transformers' torch forms: the chunked rule the prefill kernel replaces, and the
-decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
+pipelined loads; for the prefill also the chunked form: tokens per chunk, tf32 precision) is timed with CUDA events
+(median of --repeat), its output checked against the default launch's (a decode step's kernels on a GPU also inside
+a CUDA graph, `graph_ms`: the decoder runs them in one, without the launch cost the eager time includes; their
+launches are ranked by it), and beside them transformers' torch forms: the chunked rule the prefill kernel
+replaces, and the decode step's one-token rule. Prints one JSON line per timing, then the fastest launch of each and the
 defaults (STEP_LAUNCH, PREFILL_LAUNCH) for comparison; then the rotary embedding's kernel (kernels.rotary)
 and the MLP activations' (gated_silu, quick_gelu) beside transformers' torch forms at Qwen2-VL-2B's shapes
 (vision tower, a prefill chunk, a decode step), with whether the rotary outputs are bit-equal, and the decode

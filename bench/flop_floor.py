@@ -95,7 +95,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per image (infer.py's bench cap)")
     ap.add_argument("--count", type=int, default=9443, help="images of the end-to-end run (the full test split)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
-    ap.add_argument("--rates", default="", help="measured images/s to express as a fraction of the peak, e.g. 467.5,563")
+    ap.add_argument("--rates", default="",
+                    help="measured images/s to express as a fraction of the peak, e.g. 467.5,563")
     a = ap.parse_args()
 
     from latexocr.batching import SampleEncoder
@@ -123,10 +124,11 @@ def main():
     for part, flops in parts.items():
         print(f"  {part:8s} {flops / 1e9:8.1f} GFLOP per image ({flops / total:5.1%})")
     floor_rate = a.peak_tflops * 1e12 / total
-    print(f"  total    {total / 1e9:8.1f} GFLOP per image: at {a.peak_tflops:g} TFLOP/s at most {floor_rate:,.0f} images/s; "
-          f"{a.count:,} images take at least {a.count / floor_rate:.1f} s of matrix products")
+    print(f"  total    {total / 1e9:8.1f} GFLOP per image: at {a.peak_tflops:g} TFLOP/s at most "
+          f"{floor_rate:,.0f} images/s; {a.count:,} images take at least {a.count / floor_rate:.1f} s of matrix products")
     for rate in (float(r) for r in a.rates.split(",") if r):
-        print(f"  {rate:g} images/s uses {rate / floor_rate:.1%} of the peak; {a.count:,} images at it: {a.count / rate:.1f} s")
+        print(f"  {rate:g} images/s uses {rate / floor_rate:.1%} of the peak; "
+              f"{a.count:,} images at it: {a.count / rate:.1f} s")
 
 
 def family_processor(name: str, shared: Path):

@@ -615,8 +615,9 @@ def decode_attention(query, key, value, bias, scale: float | None, launch: dict 
     bias: (batch or 1, slots). attend_upto: a 1-element integer tensor on the query's device, the last slot any
     row's bias leaves open (the static decoder's write slot): the slots after it are not read, which changes
     nothing but the bytes read (their bias is -inf in every row). The result as transformers' sdpa attention
-    returns it: (batch, 1, heads, dim), contiguous, in query's dtype. The same sums as SDPA's in another order (not bit for bit). None where the
-    kernel does not apply (a gradient, other shapes, a head dim that is not a power of two from 16 to 256)."""
+    returns it: (batch, 1, heads, dim), contiguous, in query's dtype. The same sums as SDPA's in another order
+    (not bit for bit). None where the kernel does not apply (a gradient, other shapes, a head dim that is not a
+    power of two from 16 to 256)."""
     if (query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[2] != 1 or bias.dim() != 2
             or query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3] or query.shape[1] % key.shape[1]
             or bias.shape[0] not in (1, query.shape[0]) or bias.shape[1] != key.shape[2] or not bias.is_floating_point()
