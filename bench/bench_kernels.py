@@ -232,12 +232,12 @@ def main() -> None:
             error = ((kernel().float() - expected).abs().max() / expected.abs().max()).item()
         side_by_side(what, torch_form, kernel, max_relative_error=error)
 
-    # the vision towers' patch embedding as one matrix product (fast/decoding.py _matmul_patch_embed_forward) against
+    # the vision towers' patch embedding as one matrix product (fast/standins.py _matmul_patch_embed_forward) against
     # the Conv3d it is (cuDNN's convolution), one prefill chunk's --rotary-patches patches: Qwen2-VL-2B's (14-pixel
     # patches, 1,280 wide) and Qwen3.5-2B's (16-pixel, 1,024)
     from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 
-    from latexocr.fast.decoding import _matmul_patch_embed_forward
+    from latexocr.fast.standins import _matmul_patch_embed_forward
     for what, size, width in (("patch embedding", 14, 1280), ("patch embedding, 16-pixel patches", 16, 1024)):
         embed = PatchEmbed(patch_size=size, temporal_patch_size=2, in_channels=3, embed_dim=width)
         embed = embed.to(device=device, dtype=torch.bfloat16)

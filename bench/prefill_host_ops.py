@@ -37,7 +37,7 @@ def main() -> None:
 
     from latexocr import generation
     from latexocr.batching import SampleEncoder
-    from latexocr.fast import decoding, prepare_model
+    from latexocr.fast import decoding, prepare_model, standins
     from latexocr.sample import sizing_for
     from latexocr.testing import build_tiny_model
 
@@ -78,7 +78,7 @@ def main() -> None:
     paths = [p for p, _ in full_val_samples(a.shared)[:a.images]]
     from transformers import vision_utils
     module = sys.modules[type(decoding.vision_language_core(model)).__module__]
-    for name in decoding.VISION_FUNCTIONS:  # the tower's calls of transformers' own functions (the same object in
+    for name in standins.VISION_FUNCTIONS:  # the tower's calls of transformers' own functions (the same object in
         counted([vision_utils, module], name, "vision input functions")  # both, so the decoder still swaps it)
     counted([generation], "vision_inputs", "loader")  # the workers' CPU (here: this process, num_workers=0)
     counted([decoding.StaticDecoder], "_prefill", "prefill")

@@ -36,7 +36,7 @@ MAX_LENGTH_KEY = "packed_max_length"               # int: tokens of the longest 
 # The sync-free Qwen2-VL step's inputs (latexocr/fast/vision.py precompute_packed adds them,
 # fast/trainer.py fast_supervised_loss pops them, vision.py supervised_step_loss reads them). The first three
 # (vision_inputs below) also travel with the static decoder's prefill chunks, every family (generation.py's
-# collate adds them, fast/decoding.py given_vision hands them to the vision tower).
+# collate adds them, fast/standins.py given_vision hands them to the vision tower).
 VISION_POSITIONS_KEY = "vision_position_ids"       # (patches, 2) row/column of every patch
 VISION_CU_SEQLENS_KEY = "vision_cu_seqlens"        # int32 image boundaries [0, p1, p1+p2, ...]
 VISION_MAX_LENGTH_KEY = "vision_max_seqlen"        # int: patches of the longest image (a bound)
@@ -231,7 +231,7 @@ def vision_inputs(grid_thw: torch.Tensor, merge_size: int) -> dict:
     workers) by the functions the tower calls (transformers' vision_utils), so the same values: the patch
     positions (the tower loops over the images, ~11 small GPU kernels each: ~1,400 a chunk of 128) and the
     attention boundaries and longest image (two GPU->CPU syncs). The static decoder's prefill hands them to the
-    tower (fast/decoding.py given_vision), as the sync-free packed training step does (fast/vision.py
+    tower (fast/standins.py given_vision), as the sync-free packed training step does (fast/vision.py
     precompute_packed)."""
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
     cu_seqlens = get_vision_cu_seqlens(grid_thw)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import latexocr.fast.decoding as decoding
+import latexocr.fast.standins as standins
 import latexocr.generation as generation
 from latexocr.batching import SampleEncoder, generation_batch
 from latexocr.generation import predict, prompt_positions
@@ -174,7 +175,7 @@ def test_pixels_cast_in_the_workers_change_nothing(family_dirs, formula_images, 
 @pytest.mark.parametrize("heads_k", [4, 2])  # 2: grouped value heads (Qwen3.5 has 16 key heads, 16 or 32 value heads)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_place(heads_k, dtype, monkeypatch):
-    """decoding.one_token_delta_rule against transformers' reference one-token rule (what runs without
+    """standins.one_token_delta_rule against transformers' reference one-token rule (what runs without
     flash-linear-attention): the same output and new state (fp32 state; regrouped sums, hence 1e-5),
     the state written into the buffer it was given; anything but one token goes to the reference."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
@@ -189,15 +190,15 @@ def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_pl
     kw = dict(g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
     expected_out, expected_state = q35.torch_recurrent_gated_delta_rule(query, key, value, initial_state=state.clone(), **kw)
     # what _standing_in records while a decode step runs: the function one_token_delta_rule falls back to
-    monkeypatch.setitem(decoding._REPLACED, (q35, "torch_recurrent_gated_delta_rule"), q35.torch_recurrent_gated_delta_rule)
+    monkeypatch.setitem(standins._REPLACED, (q35, "torch_recurrent_gated_delta_rule"), q35.torch_recurrent_gated_delta_rule)
     buffer = state.clone()
-    out, new_state = decoding.one_token_delta_rule(query, key, value, initial_state=buffer, **kw)
+    out, new_state = standins.one_token_delta_rule(query, key, value, initial_state=buffer, **kw)
     assert new_state is buffer and out.dtype == dtype and out.shape == expected_out.shape
     assert torch.allclose(new_state, expected_state, rtol=1e-5, atol=1e-5)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the output is rounded to the inputs' dtype
     assert torch.allclose(out.float(), expected_out.float(), rtol=tolerance, atol=tolerance)
     two = [torch.cat([x, x], dim=1) for x in (query, key, value, g, beta)]  # two tokens: the reference's
-    out2, _ = decoding.one_token_delta_rule(*two[:3], g=two[3], beta=two[4], initial_state=state.clone(),
+    out2, _ = standins.one_token_delta_rule(*two[:3], g=two[3], beta=two[4], initial_state=state.clone(),
                                             output_final_state=True, use_qk_l2norm_in_kernel=True)
     ref2, _ = q35.torch_recurrent_gated_delta_rule(*two[:3], g=two[3], beta=two[4], initial_state=state.clone(),
                                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
@@ -207,20 +208,20 @@ def test_one_token_delta_rule_is_the_reference_step_with_the_state_updated_in_pl
 def test_the_decoder_takes_the_one_token_delta_rule_for_qwen3_5_only(family_dirs, formula_images, monkeypatch):
     from latexocr.modeling import vision_language_core
     model, encoder = load(family_dirs["qwen3_5"])
-    assert decoding.uses_one_token_delta_rule(vision_language_core(model))  # no fla on this machine
-    assert not decoding.uses_one_token_delta_rule(vision_language_core(load(family_dirs["qwen2_vl"])[0]))
+    assert standins.uses_one_token_delta_rule(vision_language_core(model))  # no fla on this machine
+    assert not standins.uses_one_token_delta_rule(vision_language_core(load(family_dirs["qwen2_vl"])[0]))
     monkeypatch.setenv("LATEXOCR_SPEED", "delta_step=off")
-    assert not decoding.uses_one_token_delta_rule(vision_language_core(model))
+    assert not standins.uses_one_token_delta_rule(vision_language_core(model))
     from transformers.utils import import_utils
     monkeypatch.setattr(import_utils, "is_flash_linear_attention_available", lambda: True)
     monkeypatch.setenv("LATEXOCR_SPEED", "fla=on")  # fla installed: transformers takes its fused kernel
-    assert not decoding.uses_one_token_delta_rule(vision_language_core(model))
+    assert not standins.uses_one_token_delta_rule(vision_language_core(model))
     monkeypatch.setenv("LATEXOCR_SPEED", "fla=off")  # switched off (bench/: the fallback in the same run): ours
-    assert decoding.uses_one_token_delta_rule(vision_language_core(model))
+    assert standins.uses_one_token_delta_rule(vision_language_core(model))
     monkeypatch.undo()
     calls = []
-    rule = decoding.one_token_delta_rule
-    monkeypatch.setattr(decoding, "one_token_delta_rule", lambda *a, **k: calls.append(1) or rule(*a, **k))
+    rule = standins.one_token_delta_rule
+    monkeypatch.setattr(standins, "one_token_delta_rule", lambda *a, **k: calls.append(1) or rule(*a, **k))
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
     before = q35.torch_recurrent_gated_delta_rule
     paths = [p for p, _ in formula_images[:3]]
@@ -323,7 +324,7 @@ def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, for
     monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
     monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
     monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
-    attentions = decoding._qkv_projections(model.model)
+    attentions = standins._qkv_projections(model.model)
     layers = model.config.text_config.layer_types if family == "qwen3_5" else None
     assert len(attentions) == (layers.count("full_attention") if layers else model.config.text_config.num_hidden_layers)
     own_products = []
@@ -333,7 +334,7 @@ def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, for
     assert predict(model, encoder, paths, batch_size=10, engine="static", **kw) == reference
     projections = {id(p) for _, group in attentions for p in group}
     assert not [m for m in own_products if id(m) in projections]  # q, k and v: all from the joined product
-    assert all("forward" not in vars(p) for _, group in attentions for p in group) and not decoding._QKV_STASH
+    assert all("forward" not in vars(p) for _, group in attentions for p in group) and not standins._QKV_STASH
     assert all("_latexocr_qkv" in vars(a) for a, _ in attentions)
     assert not any("_latexocr_qkv" in name for name in model.state_dict())
 

@@ -223,7 +223,7 @@ import json, sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from latexocr.batching import SampleEncoder
-from latexocr.fast import decoding, kernels
+from latexocr.fast import kernels, standins
 from latexocr.generation import predict
 from latexocr.modeling import vision_language_core
 from latexocr.sample import sizing_for
@@ -233,8 +233,8 @@ folder, paths = sys.argv[1], json.loads(sys.argv[2])
 model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 processor = AutoProcessor.from_pretrained(folder)
 encoder = SampleEncoder(processor, sizing_for(processor))
-assert decoding.uses_kernel_conv_update(vision_language_core(model))
-assert decoding.norm_classes(model) == {q35.Qwen3_5RMSNorm: "offset", q35.Qwen3_5RMSNormGated: "gated"}
+assert standins.uses_kernel_conv_update(vision_language_core(model))
+assert standins.norm_classes(model) == {q35.Qwen3_5RMSNorm: "offset", q35.Qwen3_5RMSNormGated: "gated"}
 calls = {"delta": 0, "conv": 0, "prefill": 0, "chunked": 0, "prefill conv": 0, "norm": 0}
 rule, update, prefill_conv, norm = kernels.delta_rule, kernels.conv_update, kernels.causal_conv, kernels.rms_norm
 def counted_norm(*a, **k):
@@ -261,17 +261,17 @@ assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **
 assert calls["prefill"] > before["prefill"] and calls["chunked"] == before["chunked"], "the token-by-token kernel ran"
 del os.environ["LATEXOCR_SPEED"]
 torch_norm = q35.Qwen3_5RMSNorm.forward
-with decoding.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
-    assert q35.torch_chunk_gated_delta_rule.func is decoding.prefill_delta_rule  # with the chunked rule's launch
-    assert q35.causal_conv1d_fn is decoding.prefill_conv
+with standins.prefill_as_decoded(model):  # BATCH_SIZE=auto's memory probe prefills as the decoder does
+    assert q35.torch_chunk_gated_delta_rule.func is standins.prefill_delta_rule  # with the chunked rule's launch
+    assert q35.causal_conv1d_fn is standins.prefill_conv
     assert q35.Qwen3_5RMSNorm.forward is not torch_norm
-assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
-assert q35.causal_conv1d_fn is not decoding.prefill_conv
+assert q35.torch_chunk_gated_delta_rule is not standins.prefill_delta_rule
+assert q35.causal_conv1d_fn is not standins.prefill_conv
 assert q35.Qwen3_5RMSNorm.forward is torch_norm
 os.environ["LATEXOCR_SPEED"] = "decode_kernels=off,prefill_kernel=off,norm_kernel=off"  # the torch forms: no kernel
-with decoding.prefill_as_decoded(model):
-    assert q35.torch_chunk_gated_delta_rule is not decoding.prefill_delta_rule
-    assert q35.causal_conv1d_fn is not decoding.prefill_conv
+with standins.prefill_as_decoded(model):
+    assert q35.torch_chunk_gated_delta_rule is not standins.prefill_delta_rule
+    assert q35.causal_conv1d_fn is not standins.prefill_conv
     assert q35.Qwen3_5RMSNorm.forward is torch_norm
 before = dict(calls)
 assert predict(model, encoder, paths, batch_size=len(paths), engine="static", **kw) == reference
@@ -374,17 +374,17 @@ import json, sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from latexocr.batching import SampleEncoder
-from latexocr.fast import decoding, kernels
+from latexocr.fast import kernels, standins
 from latexocr.generation import predict
 from latexocr.sample import sizing_for
 
 folders, paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 calls = {"norm": 0, "text rotary": 0, "vision rotary": 0, "silu * up": 0, "quick gelu": 0, "attention": 0,
          "attention to the write slot": 0, "patch matmul": 0}
-patch_matmul = decoding._matmul_patch_embed_forward
+patch_matmul = standins._matmul_patch_embed_forward
 def counted_patch_matmul(*a):
     calls["patch matmul"] += 1; return patch_matmul(*a)
-decoding._matmul_patch_embed_forward = counted_patch_matmul
+standins._matmul_patch_embed_forward = counted_patch_matmul
 norm, rotary, gated_silu, quick_gelu = kernels.rms_norm, kernels.rotary, kernels.gated_silu, kernels.quick_gelu
 attention = kernels.decode_attention
 def counted_attention(*a, **k):
@@ -407,17 +407,17 @@ for family, folder in folders.items():
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(folder)
     encoder = SampleEncoder(processor, sizing_for(processor))
-    forms = decoding.norm_classes(model)
+    forms = standins.norm_classes(model)
     assert sorted(forms.values()) == (["gated", "offset"] if family == "qwen3_5" else ["plain"]), (family, forms)
-    rotaries = decoding.rotary_functions(model)
+    rotaries = standins.rotary_functions(model)
     assert sorted((f, form) for (_, f), form in rotaries.items()) == [
         ("apply_rotary_pos_emb", "text"), ("apply_rotary_pos_emb_vision", "vision")], (family, rotaries)
     # the text MLPs gated (SiLU); the vision MLP: Qwen2-VL's QuickGELU, Qwen2.5-VL's gated, the others' GELU (one
     # torch kernel already: left alone)
     vision = {"qwen2_vl": ["quick"], "qwen2_5_vl": ["gated"]}.get(family, [])
-    assert sorted(decoding.mlp_classes(model).values()) == sorted(["gated"] + vision), (family, decoding.mlp_classes(model))
+    assert sorted(standins.mlp_classes(model).values()) == sorted(["gated"] + vision), (family, standins.mlp_classes(model))
     # the vision tower's patch embedding as one product: the class's own forward's values
-    (embed_class,) = decoding.patch_embed_classes(model)
+    (embed_class,) = standins.patch_embed_classes(model)
     embed = next(m for m in model.modules() if type(m) is embed_class)
     patches = torch.randn(37, embed.proj.weight[0].numel())
     with torch.no_grad():
@@ -433,11 +433,11 @@ for family, folder in folders.items():
                                  + (["quick gelu"] if family == "qwen2_vl" else [])), (family, calls, before)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    with decoding.prefill_as_decoded(model):  # the swaps in place while it runs, restored after
+    with standins.prefill_as_decoded(model):  # the swaps in place while it runs, restored after
         module, function = next(iter(rotaries))
-        assert getattr(module, function) is not decoding._REPLACED[module, function]
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is decoding._kernel_sdpa
-    assert (module, function) not in decoding._REPLACED
+        assert getattr(module, function) is not standins._REPLACED[module, function]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is standins._kernel_sdpa
+    assert (module, function) not in standins._REPLACED
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 import os
 os.environ["LATEXOCR_SPEED"] = ("rotary_kernel=off,norm_kernel=off,activation_kernel=off,attention_kernel=off,"

@@ -11,6 +11,9 @@
     decoding.py   StaticDecoder: infer.py's batched greedy / sampling decoder (static cache, CUDA-graph
                   decode step, compaction of stopped rows); kept over transformers' static-cache generate
                   by measurement (docs/BENCHMARKS.md, bench/bench_decoder.py: 2.0x at batch 512)
+    standins.py   what the decoder stands in for inside the model while its prefill and step run: Qwen3.5's
+                  delta-rule and convolution functions, the kernels' forwards and functions (recognised by
+                  their source's hash), the vision tower's inputs from the loader, the joined q/k/v product
     kernels.py    Triton kernels for Qwen3.5's inference without fla / causal-conv1d: the delta rule (prefill
                   and decode step) and the step's convolution update, each reading a layer's state once;
                   for every family's inference: the RMSNorms, the rotary embedding, the MLP activations and
@@ -27,11 +30,12 @@ trainer.build_trainer. Nothing here loads training code (trainer.py), so inferen
 """
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
-from .decoding import StaticDecoder, bytes_per_row, given_vision, prefill_as_decoded, static_decode_supported
+from .decoding import StaticDecoder, bytes_per_row, static_decode_supported
 from .linear_attention import (avoid_refused_kernels, config_has_linear_attention,
                                describe as describe_linear_attention,
                                describe_padded as describe_padded_linear_attention, has_linear_attention,
                                keep_packed_samples_apart, resolve_packing)
+from .standins import given_vision, prefill_as_decoded
 
 __all__ = ["SpeedChoices", "StaticDecoder", "bytes_per_row", "config_has_linear_attention", "describe_linear_attention",
            "given_vision", "describe_padded_linear_attention", "has_linear_attention",

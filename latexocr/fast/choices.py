@@ -40,7 +40,7 @@ class SpeedChoices:
                                           # samples'; off: random order, as the tutorial. For Qwen3.5's padded default
                                           # (issue 31); not yet measured on a GPU (bench/bench_train.py qwen3_5_grouped)
     delta_step: bool = True               # Qwen3.5 decoding without fla: the one-token delta rule as one batched matmul
-                                          # and one in-place update of each layer's state (fast/decoding.py)
+                                          # and one in-place update of each layer's state (fast/standins.py)
     decode_kernels: bool = True           # Qwen3.5 decoding on a GPU: the step's delta rule (without fla) and
                                           # convolution update (without causal-conv1d) as Triton kernels that read
                                           # and write each layer's state once (fast/kernels.py); off: their torch
@@ -75,7 +75,7 @@ class SpeedChoices:
                                           # run X: see vision_inputs
     patch_matmul: bool = True             # inference on a GPU, every family: the vision tower's patch embedding (a
                                           # Conv3d whose kernel is its stride) as the one matrix product it is, in the
-                                          # static decoder's prefill (fast/decoding.py patch_embed_classes); run V's
+                                          # static decoder's prefill (fast/standins.py patch_embed_classes); run V's
                                           # Qwen3.5-2B profile: cuDNN's convolution 5.8 ms a chunk of 128 images.
                                           # Run W, alone: 21-27x; run X: see vision_inputs
     vision_inputs: bool = True            # the static decoder's prefill, every family: the vision tower's patch
@@ -93,7 +93,7 @@ class SpeedChoices:
                                           # and 262.3, one run, the first of its call) | on | off
     fused_qkv: bool = False               # the static decoder's prefill and step, every family: each text attention's
                                           # query, key and value projections as one product of their joined weights
-                                          # (fast/decoding.py qkv_swaps; +176 MiB for Qwen2-VL-2B); a decode step's
+                                          # (fast/standins.py qkv_swaps; +176 MiB for Qwen2-VL-2B); a decode step's
                                           # narrow key and value products fill few SMs. Off until measured on a GPU
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels

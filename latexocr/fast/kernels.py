@@ -7,7 +7,7 @@ long queries wastes its tiles on one token; issue 32).
 Without flash-linear-attention and causal-conv1d, each Gated DeltaNet layer runs transformers' PyTorch
 fallbacks (checked against transformers 5.24.0 and 5.25.0; latexocr/fast/upstream.py hashes them):
 
-- the decode step's recurrent delta rule: decoding.one_token_delta_rule already regroups it into one
+- the decode step's recurrent delta rule: standins.one_token_delta_rule already regroups it into one
   batched matmul and one in-place update. That still reads the layer's fp32 state (512 MiB at 512 rows for
   Qwen3.5-2B) three times and writes it twice; docs/BENCHMARKS.md run T: ~11.5 of a 27.8 ms step;
 - the decode step's convolution update `causal_conv1d_update`: a concatenation, a copy into the state, a

@@ -41,7 +41,7 @@ SOURCES = {
          ("40e4a17c0ea9da79",)),
     ("transformers.vision_utils", "get_vision_position_ids"):
         ("batching.py vision_inputs (the collators: fast/vision.py precompute_packed, and the static decoder's loader) "
-         "calls it on the CPU; fast/decoding.py "
+         "calls it on the CPU; fast/standins.py "
          "_given_vision_function stands in for it, by its module-level name in each modeling module, while a prefill "
          "runs, and returns those positions for the chunk's grid", ("6d2193802eadae1c",)),
     ("transformers.vision_utils", "get_vision_cu_seqlens"):
@@ -49,7 +49,7 @@ SOURCES = {
          "calls it on the CPU", ("aee13f15c32efcfe",)),
     ("transformers.vision_utils", "get_vision_attention_seqlens"):
         ("fast/vision.py passes cu_seqlens / max_seqlen so that this reads nothing back from the GPU; "
-         "fast/decoding.py _given_vision_function stands in for it while a prefill runs and returns the loader's "
+         "fast/standins.py _given_vision_function stands in for it while a prefill runs and returns the loader's "
          "(batching.py vision_inputs: get_vision_cu_seqlens, the longest image where flash attention is requested, "
          "as get_max_seqlen answers)", ("daf3fb20a25fd480",)),
     ("transformers.utils.generic", "is_flash_attention_requested"):
@@ -80,26 +80,26 @@ SOURCES = {
         ("fast/linear_attention.py fla_refusal: is_available / is_enabled say whether tilelang takes "
          "chunk_bwd_dqkwg", ("99f0ceb69111e9dd",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
-        ("fast/decoding.py one_token_delta_rule and fast/kernels.py delta_rule_step compute what this computes "
+        ("fast/standins.py one_token_delta_rule and fast/kernels.py delta_rule_step compute what this computes "
          "for one token (regrouped), and stand in for it (the module attribute) while a decode step runs",
          ("cbbbdaff2ca53496",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
-        ("fast/kernels.py delta_rule (through fast/decoding.py prefill_delta_rule) computes what this computes, "
+        ("fast/kernels.py delta_rule (through fast/standins.py prefill_delta_rule) computes what this computes, "
          "token by token, and stands in for it (the module attribute) while the static decoder's prefill runs",
          ("97b5ac0b26967658",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
-        ("fast/kernels.py conv_update computes what this computes for one token, and fast/decoding.py "
+        ("fast/kernels.py conv_update computes what this computes for one token, and fast/standins.py "
          "one_token_conv_update stands in for it (the module attribute) while a decode step runs; the layer "
          "calls it by that module-level name, activation positional (5.24) or by keyword (5.25)",
          ("87df0578144f0b82",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
         ("fast/kernels.py causal_conv computes what this computes (no cache: zeros before the first token), and "
-         "fast/decoding.py prefill_conv stands in for it (the module attribute) while the static decoder's "
+         "fast/standins.py prefill_conv stands in for it (the module attribute) while the static decoder's "
          "prefill runs; the layer (5.24) or causal_conv1d_forward (5.25) calls it by that module-level name and "
          "transposes its output back to tokens x channels before splitting q, k and v",
          ("4332465371f21918",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
-        ("fast/kernels.py rms_norm computes this (offset False) and fast/decoding.py _standing_in stands in for "
+        ("fast/kernels.py rms_norm computes this (offset False) and fast/standins.py _standing_in stands in for "
          "it (the class attribute) while the static decoder's prefill and step run; NORM_FORMS names its hash",
          ("0d702ef8d7d8a129",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRMSNorm.forward"):
@@ -107,18 +107,18 @@ SOURCES = {
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRMSNorm.forward"):
         ("as Qwen2VLRMSNorm.forward (the same text)", ("0d702ef8d7d8a129",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNorm.forward"):
-        ("fast/kernels.py rms_norm computes this (offset True: times 1 + weight in fp32) and fast/decoding.py "
+        ("fast/kernels.py rms_norm computes this (offset True: times 1 + weight in fp32) and fast/standins.py "
          "_standing_in stands in for it while the static decoder's prefill and step run", ("6bc29e6eecca35b2",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNormGated.forward"):
         ("fast/kernels.py rms_norm computes this (a gate: the plain form times silu(gate) in fp32) and "
-         "fast/decoding.py _standing_in stands in for it while the static decoder's prefill and step run",
+         "fast/standins.py _standing_in stands in for it while the static decoder's prefill and step run",
          ("cc5787a1b20e963f",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb"):
-        ("fast/kernels.py rotary computes this (in the dtype q * cos has, each product rounded) and fast/decoding.py "
+        ("fast/kernels.py rotary computes this (in the dtype q * cos has, each product rounded) and fast/standins.py "
          "_standing_in stands in for it (the module attribute, which the text attention calls by that name) while "
          "the static decoder's prefill and step run; ROTARY_FORMS names its hash", ("dcce26b5d7674297",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb_vision"):
-        ("fast/kernels.py rotary computes this (fp32 arithmetic, the result in q's dtype) and fast/decoding.py "
+        ("fast/kernels.py rotary computes this (fp32 arithmetic, the result in q's dtype) and fast/standins.py "
          "_standing_in stands in for it while the static decoder's prefill runs the vision tower",
          ("e174399e546c23a4",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "rotate_half"):
@@ -137,14 +137,14 @@ SOURCES = {
         ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "apply_rotary_pos_emb"):
         ("fast/kernels.py rotary computes this (the first cos.shape[-1] columns rotated, the rest passed) and "
-         "fast/decoding.py _standing_in stands in for it while the static decoder's prefill and step run",
+         "fast/standins.py _standing_in stands in for it while the static decoder's prefill and step run",
          ("358cf3e549acf8ba",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "apply_rotary_pos_emb_vision"):
         ("as Qwen2-VL's (the same text)", ("e174399e546c23a4",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "rotate_half"):
         ("as Qwen2-VL's (the same text)", ("c3e95bb5f330fa3c",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
-        ("fast/decoding.py _kernel_mlp_forward copies it (gated form: its projections around kernels.gated_silu) "
+        ("fast/standins.py _kernel_mlp_forward copies it (gated form: its projections around kernels.gated_silu) "
          "and _standing_in stands in for it while the static decoder's prefill and step run; MLP_FORMS names its "
          "hash; likewise Qwen2.5-VL's Qwen2MLP, Qwen3VLTextMLP and Qwen3_5MLP (the same text)", ("3997a4458faa14a5",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2MLP.forward"):
@@ -154,19 +154,19 @@ SOURCES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5MLP.forward"):
         ("as Qwen2-VL's Qwen2MLP.forward (the same text)", ("3997a4458faa14a5",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLMLP.forward"):
-        ("fast/decoding.py _kernel_mlp_forward copies it (gated form, the vision tower's MLP) while the static "
+        ("fast/standins.py _kernel_mlp_forward copies it (gated form, the vision tower's MLP) while the static "
          "decoder's prefill runs", ("4e40d65545624eb0",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionMlp.forward"):
-        ("fast/decoding.py _kernel_mlp_forward copies it (quick form: fc1, kernels.quick_gelu, fc2) while the "
+        ("fast/standins.py _kernel_mlp_forward copies it (quick form: fc1, kernels.quick_gelu, fc2) while the "
          "static decoder's prefill runs the vision tower", ("3c21c8c99fed5bb7",)),
     ("transformers.activations", "SiLUActivation.forward"):
-        ("fast/kernels.py gated_silu computes it (x / (1 + e^-x), rounded to x's dtype) where decoding.py "
+        ("fast/kernels.py gated_silu computes it (x / (1 + e^-x), rounded to x's dtype) where standins.py "
          "mlp_classes finds it as a gated MLP's act_fn (ACTIVATION_FORMS)", ("252dabf3436933c3",)),
     ("transformers.activations", "QuickGELUActivation.forward"):
-        ("fast/kernels.py quick_gelu computes it (each intermediate rounded to x's dtype) where decoding.py "
+        ("fast/kernels.py quick_gelu computes it (each intermediate rounded to x's dtype) where standins.py "
          "mlp_classes finds it as Qwen2-VL's vision MLP's act (ACTIVATION_FORMS)", ("db567a68bddd0ec8",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "PatchEmbed.forward"):
-        ("fast/decoding.py _matmul_patch_embed_forward computes it as one matrix product and _standing_in stands in "
+        ("fast/standins.py _matmul_patch_embed_forward computes it as one matrix product and _standing_in stands in "
          "for it (the class attribute) while the static decoder's prefill runs; PATCH_EMBED_FORM names its hash; "
          "likewise Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (the same text)", ("7bb723b89b6761a2",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionPatchEmbed.forward"):
@@ -176,11 +176,11 @@ SOURCES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionPatchEmbed.forward"):
         ("as Qwen2-VL's PatchEmbed.forward (the same text)", ("7bb723b89b6761a2",)),
     ("transformers.integrations.sdpa_attention", "sdpa_attention_forward"):
-        ("fast/decoding.py _kernel_sdpa stands in for it (AttentionInterface's 'sdpa' entry) while the static decoder "
+        ("fast/standins.py _kernel_sdpa stands in for it (AttentionInterface's 'sdpa' entry) while the static decoder "
          "runs, and answers a decode step's call through fast/kernels.py decode_attention, which returns what this "
          "returns ((batch, 1, heads, dim), contiguous); SDPA_FORM names its hash", ("a2825ebbe8e42494",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "l2norm"):
-        ("fast/decoding.py one_token_delta_rule normalises q and k with it, as the reference rule does",
+        ("fast/standins.py one_token_delta_rule normalises q and k with it, as the reference rule does",
          ("3f6ba696c2827c7e",)),
     ("fla.ops.gated_delta_rule.chunk", "chunk_gated_delta_rule"):
         ("fast/linear_attention.py fla_forward calls it (q, k, v, g, beta, use_qk_l2norm_in_kernel, cu_seqlens, "
@@ -194,15 +194,15 @@ SOURCES = {
     # private read there and fails on one whose file and name no entry's text names
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLAttention.forward"):
         ("decoding.py _SlotCache.update answers its cache call (key/value written at a slot, whole buffers back); "
-         "qkv_swaps (LATEXOCR_SPEED fused_qkv) rely on it calling q_proj, k_proj and v_proj on one hidden-states "
+         "standins.py qkv_swaps (LATEXOCR_SPEED fused_qkv) rely on it calling q_proj, k_proj and v_proj on one hidden-states "
          "tensor and viewing their outputs (strided parts of one product); likewise Qwen2.5-VL's (the same text), "
          "Qwen3VLTextAttention.forward and Qwen3_5Attention.forward", ("14df6827003f9bae",)),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLAttention.forward"):
         ("as Qwen2-VL's Qwen2VLAttention.forward (the same text)", ("14df6827003f9bae",)),
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextAttention.forward"):
-        ("decoding.py qkv_swaps, as for Qwen2VLAttention.forward", ("9ff50172c1575e50",)),
+        ("standins.py qkv_swaps, as for Qwen2VLAttention.forward", ("9ff50172c1575e50",)),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5Attention.forward"):
-        ("decoding.py qkv_swaps, as for Qwen2VLAttention.forward", ("146ccbec3a9ef7a3",)),
+        ("standins.py qkv_swaps, as for Qwen2VLAttention.forward", ("146ccbec3a9ef7a3",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel.get_rope_index"):
         ("decoding.py _prefill calls it by keyword (input_ids, image_grid_thw, attention_mask, mm_token_type_ids)",
          ("4771812b6278dd7d",)),
@@ -252,37 +252,37 @@ CALLED_BY_TRAINER = ("self._clip_grad_norm(model)", "self._track_num_input_token
 # Private attributes and settings set directly: (module, attribute path) -> what of ours sets it.
 PRIVATE_ATTRIBUTES = {
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_recurrent_gated_delta_rule"):
-        ("fast/decoding.py _one_token_functions: one_token_delta_rule while a decode step runs, then restored; "
+        ("fast/standins.py _one_token_functions: one_token_delta_rule while a decode step runs, then restored; "
          "fast/linear_attention.py use_reference_delta_rule(recurrent=True): the reference where fla is switched off"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_update"):
-        "fast/decoding.py _one_token_functions: one_token_conv_update while a decode step runs, then restored",
+        "fast/standins.py _one_token_functions: one_token_conv_update while a decode step runs, then restored",
     ("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"):
-        ("fast/decoding.py _prefill_functions: prefill_delta_rule while the static decoder's prefill runs, then "
+        ("fast/standins.py _prefill_functions: prefill_delta_rule while the static decoder's prefill runs, then "
          "restored; fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
-        "fast/decoding.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
+        "fast/standins.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
-        ("fast/decoding.py _standing_in: kernels.rms_norm while the static decoder's prefill and step run, then "
+        ("fast/standins.py _standing_in: kernels.rms_norm while the static decoder's prefill and step run, then "
          "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm, Qwen3_5RMSNorm and Qwen3_5RMSNormGated (found "
          "by norm_classes)"),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "apply_rotary_pos_emb"):
-        ("fast/decoding.py _standing_in: kernels.rotary while the static decoder's prefill and step run, then "
+        ("fast/standins.py _standing_in: kernels.rotary while the static decoder's prefill and step run, then "
          "restored; likewise apply_rotary_pos_emb_vision, and both in Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's "
          "modules (found by rotary_functions)"),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2MLP.forward"):
-        ("fast/decoding.py _standing_in: _kernel_mlp_forward while the static decoder's prefill and step run, then "
+        ("fast/standins.py _standing_in: _kernel_mlp_forward while the static decoder's prefill and step run, then "
          "restored; likewise the other MLP classes mlp_classes finds"),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "PatchEmbed.forward"):
-        ("fast/decoding.py _standing_in: _matmul_patch_embed_forward while the static decoder's prefill runs, then "
+        ("fast/standins.py _standing_in: _matmul_patch_embed_forward while the static decoder's prefill runs, then "
          "restored; likewise the other families' patch embeddings (found by patch_embed_classes)"),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "get_vision_position_ids"):
-        ("fast/decoding.py vision_input_swaps: _given_vision_function while the static decoder's prefill runs, then "
+        ("fast/standins.py vision_input_swaps: _given_vision_function while the static decoder's prefill runs, then "
          "restored; likewise get_vision_attention_seqlens, and both in the other families' modeling modules"),
     ("transformers.modeling_utils", "AttentionInterface._global_mapping"):
-        ("fast/decoding.py _standing_in: its 'sdpa' entry is _kernel_sdpa while the static decoder's prefill and step "
+        ("fast/standins.py _standing_in: its 'sdpa' entry is _kernel_sdpa while the static decoder's prefill and step "
          "run, then restored (the text attention looks it up at each call)"),
     ("transformers.utils.generic", "GeneralInterface._local_mapping"):
-        "fast/decoding.py attention_swaps: an 'sdpa' entry set there would be looked up first, so no swap then",
+        "fast/standins.py attention_swaps: an 'sdpa' entry set there would be looked up first, so no swap then",
     ("torch._dynamo.config", "specialize_float"):
         "fast/compile.py compile_decoder_layers: Python floats the blocks read become constants",
     ("torch.nn.modules.module", "Module._compiled_call_impl"):
@@ -325,7 +325,7 @@ def source_hash(module: str, qualname: str) -> str | None:
 
 @lru_cache(maxsize=None)
 def forward_hash(cls) -> str | None:
-    """source_hash of a class's forward: how fast/decoding.py recognises the RMSNorm, MLP and activation
+    """source_hash of a class's forward: how fast/standins.py recognises the RMSNorm, MLP and activation
     classes its kernels compute (once per class, however many layers hold one)."""
     return source_hash(cls.__module__, f"{cls.__qualname__}.forward")
 
