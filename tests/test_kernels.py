@@ -313,6 +313,8 @@ os.environ["LATEXOCR_SPEED"] = ("decode_kernels=off,prefill_kernel=off,norm_kern
 assert predict(model, encoder, paths, **kw) == with_kernels
 os.environ["LATEXOCR_SPEED"] = "pinned_batches=on"  # the chunks from page-locked memory, copied without a wait
 assert predict(model, encoder, paths, **{**kw, "num_workers": 2}) == with_kernels
+os.environ["LATEXOCR_SPEED"] = "fused_qkv=on"  # q, k and v from one product, recorded in the step's graphs too
+assert predict(model, encoder, paths, **kw) == with_kernels
 print("OK")
 '''
 
