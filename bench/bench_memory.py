@@ -204,9 +204,12 @@ def infer(model, work, cap, name, flags=()):
            *flags, *EXTRA]
     proc, wall = run(cmd, work, cap, name)
     rows = re.findall(r"BATCH_SIZE=auto: (\d+) images per batch \(([^)]*)\)", proc.stderr)
+    # with --extra=--profile: infer.py's seconds per phase and the model load's parts, kept with the cell
+    profile = [ln for ln in proc.stderr.splitlines() if ln.startswith(("time: ", "time, "))]
     return {"name": name, "cap_gib": cap, "wall_s": round(wall, 1), **outcome(proc),
             "images_per_s": round(2048 / wall, 1) if proc.returncode == 0 else None,
-            "auto_rows": rows[0][0] if rows else None, "auto_reason": rows[0][1] if rows else ""}
+            "auto_rows": rows[0][0] if rows else None, "auto_reason": rows[0][1] if rows else "",
+            **({"profile": profile} if profile else {})}
 
 
 def estimate(kind: str, family: str) -> int:

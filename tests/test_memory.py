@@ -642,3 +642,23 @@ def test_matrix_table_pairs_auto_with_the_best_hand_setting(tmp_path):
     assert "| train, Qwen3.5-2B, 16 GiB | 18.0 (median of 3) samples/s | m16_ckpt: 19.0 (median of 2) | 0.95 |" in out
     assert "| infer, Qwen2-VL-2B, 24 GiB | 80.0 images/s | b256: 95.0 | 0.84 |" in out
     assert "infer, Qwen3.5-2B" not in out  # no hand cell at that card: no row
+
+
+def test_bench_memory_keeps_infer_pys_time_lines_with_the_cell(monkeypatch, tmp_path):
+    """bench_memory's inference cell run with --extra=--profile: infer.py's seconds per phase and the model load's
+    parts come back in the cell's result (the logs stay on the GPU machine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_memory
+    stderr = ("BATCH_SIZE=auto: 512 images per batch (probed)\n"
+              "time: imports 3.1 s, model load 4.2 s, engine 9.9 s, other 0.1 s, total 17.3 s\n"
+              "time, model load: processor 0.4 s, weights 2.9 s, rest 0.9 s\n")
+    done = subprocess.CompletedProcess([], 0, stdout="", stderr=stderr)
+    monkeypatch.setattr(bench_memory, "run", lambda cmd, work, cap, name: (done, 17.5))
+    cell = bench_memory.infer(tmp_path / "model", tmp_path, 24, "infer_x_24gib")
+    assert cell["auto_rows"] == "512" and cell["images_per_s"] == round(2048 / 17.5, 1)
+    assert cell["profile"] == stderr.splitlines()[1:]
+    done.stderr = "BATCH_SIZE=auto: 512 images per batch (probed)\n"  # without --profile: no such key
+    assert "profile" not in bench_memory.infer(tmp_path / "model", tmp_path, 24, "infer_x_24gib")
