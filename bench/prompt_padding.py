@@ -32,7 +32,7 @@ def main():
     from latexocr import generation
     from latexocr.batching import SampleEncoder
     from latexocr.modeling import load_processor
-    from latexocr.fast.decoding import CACHE_LENGTH_MULTIPLE
+    from latexocr.fast.decoding import cache_slots
     from latexocr.sample import sizing_for
 
     processor = load_processor(str(a.model or a.shared / "qwen2vl-2b"))
@@ -56,7 +56,7 @@ def main():
     for start in range(0, len(lengths), a.batch_size):
         batch = lengths[start:start + a.batch_size]
         prompt = max(batch)
-        slots = -(-(prompt + a.new_tokens - 1) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+        slots = cache_slots(prompt, a.new_tokens)
         for step in range(a.new_tokens - 1):  # the decode steps: the step's token is written at prompt + step
             upto += (prompt + step + 1) * len(batch)
             whole += slots * len(batch)

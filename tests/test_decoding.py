@@ -54,16 +54,20 @@ def stop_at_different_lengths(model, encoder, paths, **kw) -> list[dict]:
     pytest.fail(f"no character makes the rows stop at different lengths: {texts}")
 
 
+def every_loop_path(monkeypatch) -> None:
+    """Small prefill chunks, frequent stop checks, compaction down to 1 row: every path of the loop."""
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
+    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
+    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_loop_equals_one_at_a_time_generate(family_dirs, formula_images, family, monkeypatch):
     model, encoder = load(family_dirs[family])
     paths = [p for p, _ in formula_images[:10]]
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
     reference = stop_at_different_lengths(model, encoder, paths, **kw)
-    # small prefill chunks, frequent stop checks, compaction down to 1 row: every path of the loop
-    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
-    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
-    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
+    every_loop_path(monkeypatch)
     static = predict(model, encoder, paths, batch_size=10, engine="static", **kw)
     assert static == reference
     monkeypatch.setenv("LATEXOCR_SPEED", "compaction=off")  # the speed switch changes no text
@@ -251,9 +255,7 @@ def test_compiled_decode_step_gives_the_same_texts(family_dirs, formula_images, 
     paths = [p for p, _ in formula_images[:10]]
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False, batch_size=10, engine="static")
     reference = stop_at_different_lengths(model, encoder, paths, **{k: kw[k] for k in ("max_new_tokens", "num_workers", "progress")})
-    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
-    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
-    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)  # several batch shapes through one compiled step
+    every_loop_path(monkeypatch)  # several batch shapes through one compiled step
     monkeypatch.setenv("LATEXOCR_SPEED", "decode_compile=on")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -321,9 +323,7 @@ def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, for
     paths = [p for p, _ in formula_images[:10]]
     kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False)
     reference = stop_at_different_lengths(model, encoder, paths, **kw)
-    monkeypatch.setattr(generation, "PREFILL_CHUNK_ROWS", 3)
-    monkeypatch.setattr(decoding, "STOP_CHECK_EVERY", 2)
-    monkeypatch.setattr(decoding, "MIN_BUCKET", 1)
+    every_loop_path(monkeypatch)
     attentions = standins._qkv_projections(model.model)
     layers = model.config.text_config.layer_types if family == "qwen3_5" else None
     assert len(attentions) == (layers.count("full_attention") if layers else model.config.text_config.num_hidden_layers)

@@ -122,6 +122,12 @@ def bytes_per_row(model, length: int) -> int:
     return cache + cache // 2 + update + text.vocab_size * (size + 4)
 
 
+def cache_slots(prompt: int, max_new_tokens: int) -> int:
+    """The static cache's length for a batch whose longest prompt is `prompt` tokens: the prompt, then every
+    generated token but the last (it is never fed back), rounded up to CACHE_LENGTH_MULTIPLE."""
+    return -(-(prompt + max(max_new_tokens - 1, 1)) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """One token per row drawn from softmax(logits / temperature), restricted to the smallest set of
     tokens whose probability reaches top_p (the most likely token always stays): what generate's
@@ -359,8 +365,7 @@ class StaticDecoder:
     # ---- one batch ----------------------------------------------------------------------------
     def _prefill(self, chunks: list[dict], rows: int) -> _State:
         prompt = max(c["input_ids"].shape[1] for c in chunks)
-        # slots: the prompt, then every generated token but the last (it is never fed back)
-        length = -(-(prompt + max(self.max_new - 1, 1)) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+        length = cache_slots(prompt, self.max_new)
         s = self._state(rows, length)
         s.bias.fill_(float("-inf"))
         s.finished.zero_()
