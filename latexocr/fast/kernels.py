@@ -61,7 +61,13 @@ _REFUSED: set = set()  # (kernel, compile-time settings) this machine's Triton o
 def _launch(kernel, grid, *args, **settings) -> bool:
     """kernel[grid](*args, **settings); False, with one line the first time, where it cannot run here (a
     Triton version or GPU that refuses the compile): the caller's torch form runs instead of a traceback.
-    A decode step's kernels first run in its warm-up step, outside the CUDA graph's capture."""
+    A decode step's kernels first run in its warm-up step, outside the CUDA graph's capture. Inside a
+    torch.compile trace (the decode step with decode_compile=on) the launch goes straight into the graph: the
+    lookup below breaks the trace, and the resumed frame takes `settings` as inputs, which dynamo turns symbolic
+    once two kernels' values differ; a symbolic num_warps cannot launch (run Y's GPU test, torch 2.11)."""
+    if torch.compiler.is_compiling():
+        kernel[grid](*args, **settings)
+        return True
     key = (getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel)),
            tuple(sorted(settings.items())))
     if key in _REFUSED:
