@@ -662,3 +662,21 @@ def test_bench_memory_keeps_infer_pys_time_lines_with_the_cell(monkeypatch, tmp_
     assert cell["profile"] == stderr.splitlines()[1:]
     done.stderr = "BATCH_SIZE=auto: 512 images per batch (probed)\n"  # without --profile: no such key
     assert "profile" not in bench_memory.infer(tmp_path / "model", tmp_path, 24, "infer_x_24gib")
+
+
+def test_bench_memory_repeats_pairs_in_turned_order(tmp_path):
+    """--repeat: every other round runs its cells in reverse (a, b, b, a, a, b), so that going first, and so
+    paying the machine's cold start (Triton's kernel cache, a cold disk), falls on auto and on the hand setting
+    alike (run Y: auto went first in every pair; Qwen2-VL-2B auto's first cell, the first of the machine, ran 64.8 images/s against 92.1 in its second)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "bench_memory.py"), "--work", str(tmp_path),
+                          "--families", "qwen2vl-2b", "--caps", "24", "--repeat", "3", "--dry-run",
+                          "--cells", "infer_qwen2vl-2b_24gib,infer_qwen2vl-2b_24gib_b512"],
+                         capture_output=True, text=True, check=True).stdout
+    order = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  infer_")]
+    assert order == ["infer_qwen2vl-2b_24gib_r1", "infer_qwen2vl-2b_24gib_b512_r1",
+                     "infer_qwen2vl-2b_24gib_b512_r2", "infer_qwen2vl-2b_24gib_r2",
+                     "infer_qwen2vl-2b_24gib_r3", "infer_qwen2vl-2b_24gib_b512_r3"]
