@@ -667,7 +667,8 @@ def test_bench_memory_keeps_infer_pys_time_lines_with_the_cell(monkeypatch, tmp_
 def test_bench_memory_repeats_pairs_in_turned_order(tmp_path):
     """--repeat: every other round runs its cells in reverse (a, b, b, a, a, b), so that going first, and so
     paying the machine's cold start (Triton's kernel cache, a cold disk), falls on auto and on the hand setting
-    alike (run Y: auto went first in every pair; Qwen2-VL-2B auto's first cell, the first of the machine, ran 64.8 images/s against 92.1 in its second)."""
+    alike (run Y: auto went first in every pair; Qwen2-VL-2B auto's first cell, the machine's first, ran 64.8
+    images/s against 92.1 in its second)."""
     import subprocess
     import sys
     from pathlib import Path
