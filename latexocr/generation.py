@@ -326,7 +326,8 @@ def pieces_for_more_rows(piece: dict, prefill_bytes: int, rows: int, per_row: in
 
 
 def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_tokens: int, static: bool,
-             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None) -> Fit:
+             batch_setting: str = "BATCH_SIZE", reserved_bytes: int = 0, chunk: dict | None = None,
+             clock: Stopwatch | None = None) -> Fit:
     """Rows per generation batch for BATCH_SIZE=auto, why, and the rows per prefill call: a memory model
     calibrated by one probe.
 
@@ -341,9 +342,14 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
     pieces of that many rows (prefill_pieces). On a CPU: MAX_GENERATION_ROWS, nothing probed.
     chunk: that chunk already built (predict: the loader's first, which it then decodes), else built here
     from `largest_paths`. reserved_bytes: memory the caller will need later that is not allocated yet
-    (GRPO: the optimizer's state before the first step), kept out of the budget.
+    (GRPO: the optimizer's state before the first step), kept out of the budget. clock: its parts are timed
+    as the "memory probe" phase's (infer.py --profile: run Y's 1.9-2.1 s a probe, warm, with no split).
     """
     device = next(model.parameters()).device
+
+    def part(name: str):
+        return clock.part("memory probe", name) if clock is not None else contextlib.nullcontext()
+
     if device.type != "cuda":
         return Fit(MAX_GENERATION_ROWS, "no GPU: no memory probe", PREFILL_CHUNK_ROWS)
     if chunk is None:
@@ -357,7 +363,8 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         if chunks is None:
             return Fit(MAX_GENERATION_ROWS, "no readable image to probe", PREFILL_CHUNK_ROWS)
         chunk = chunks[0]
-    release()
+    with part("release"):
+        release()
     base = torch.cuda.memory_allocated(device)
 
     def prefill(piece: dict) -> int:
@@ -365,10 +372,12 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in piece.items()}
         with prefill_as_decoded(model) if static else contextlib.nullcontext(), given_vision(moved) as inputs:
             model(**inputs, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize(device)  # the prefill's own seconds, not the next phase's
         return torch.cuda.max_memory_allocated(device) - base
 
     rows_offered = chunk["input_ids"].shape[0]
-    probed, prefill_bytes = largest_fitting_prefill(chunk, prefill)
+    with part(f"prefill of the {rows_offered} largest"):
+        probed, prefill_bytes = largest_fitting_prefill(chunk, prefill)
     if probed is None:
         quantized = getattr(model, "hf_quantizer", None) is not None
         raise SystemExit(f"out of GPU memory reading the largest image alone: use smaller images "
@@ -382,15 +391,17 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         # not one row beside the prefill of the piece that fitted (Qwen3.5-4B at 12 GiB, docs/BENCHMARKS.md
         # run T: 16 images' prefill left no room): pieces below MIN_PREFILL_ROWS, down to one image, before
         # stopping; a slow prefill beats no inference
-        probed, prefill_bytes, rows = pieces_for_more_rows(probed, prefill_bytes, rows, per_row, budget, prefill,
-                                                           smallest=MIN_PREFILL_ROWS if rows else 1)
+        with part("smaller pieces"):
+            probed, prefill_bytes, rows = pieces_for_more_rows(probed, prefill_bytes, rows, per_row, budget,
+                                                               prefill, smallest=MIN_PREFILL_ROWS if rows else 1)
         rows_probed = probed["input_ids"].shape[0]
     else:  # generate prefills its whole batch: the prefill's bytes grow with the rows
         rows_probed = rows_fitting
         per_row = 2 * per_row + prefill_bytes // rows_probed
         rows = choose_generation_rows(0, per_row, budget, MAX_GENERATION_ROWS)
     chunk = probed = None
-    release()
+    with part("release"):
+        release()
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
     pieces = ""
@@ -477,7 +488,7 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                 chunk = first[2][0] if first is not None and first[2] else None
                 with clock.phase("memory probe"):
                     most, why, prefill_rows = fit_rows(model, encoder, paths[:PREFILL_CHUNK_ROWS], max_new_tokens,
-                                                       static, batch_setting, chunk=chunk)
+                                                       static, batch_setting, chunk=chunk, clock=clock)
                     first = chunk = None  # the loader's chain holds the unit until its batch is decoded
                 batch_size = balanced_rows(len(image_paths), most)
                 even = (f"; {most} fit, {batch_size} make {-(-len(image_paths) // batch_size)} even batches"

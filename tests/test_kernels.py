@@ -315,6 +315,12 @@ os.environ["LATEXOCR_SPEED"] = "pinned_batches=on"  # the chunks from page-locke
 assert predict(model, encoder, paths, **{**kw, "num_workers": 2}) == with_kernels
 os.environ["LATEXOCR_SPEED"] = "fused_qkv=on"  # q, k and v from one product, recorded in the step's graphs too
 assert predict(model, encoder, paths, **kw) == with_kernels
+del os.environ["LATEXOCR_SPEED"]
+from latexocr.timing import Stopwatch
+clock = Stopwatch()  # BATCH_SIZE=auto: the memory probe on the card, its parts timed for infer.py --profile
+assert predict(model, encoder, paths, **{**kw, "batch_size": None}, stopwatch=clock) == with_kernels
+assert {"release", f"prefill of the {len(paths)} largest"} <= set(clock.parts["memory probe"]), clock.parts
+assert "time, memory probe: release " in clock.lines(), clock.lines()
 print("OK")
 '''
 
