@@ -120,7 +120,8 @@ def test_auto_picks_the_fast_setting_on_a_16_gib_card_and_splits_the_rare_larger
     assert (choice.micro, choice.checkpointing, choice.split_over) == (8, False, 1440)
     assert calls == [(16, False, 2650), (8, False, 1371), (16, True, 2650), (8, False, 2389)]
     assert "micro-batches over 1440 tokens run in two halves" in choice.reason
-    assert "micro-batch 8: 13.1 GiB" in choice.reason and "micro-batch 16 + checkpointing" in choice.reason
+    assert "micro-batch 8: 13.1 GiB (4.5 GiB held before it, 1371 tokens)" in choice.reason
+    assert "micro-batch 16 + checkpointing" in choice.reason
     # the worst-case rule (the longest samples must fit) on the same card: micro-batch 4, or 16 checkpointed
     worst_rule = choose_training_batch(divisors_descending(16), run_m_probe(RUN_M_WORST), int(13.5 * GIB))
     assert (worst_rule.micro, worst_rule.checkpointing) == (16, True)  # what run M's auto chose
