@@ -63,16 +63,10 @@ def in_graph(fn, repeat: int, calls: int = 10) -> float | None:
     import torch
     if not torch.cuda.is_available():
         return None
+    from latexocr.fast.compile import record_graph, warm_up_off_capture  # as the decoder records its step
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # compiles and allocates off the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+        warm_up_off_capture(fn)  # compiles and allocates off the capture
+        graph, _ = record_graph(lambda: [fn() for _ in range(calls)], None)
         graph.replay()
         torch.cuda.synchronize()
     except Exception:  # noqa: BLE001 -- a form that syncs or allocates on the host: no graph time
