@@ -139,9 +139,10 @@ def load_for_inference(args, before_model=None, clock=None):
         with clock.part("model load", "adapter"):
             from peft import PeftModel
             with peft_wrapping():
-                # low_cpu_mem_usage: the LoRA matrices are created empty and take the file's values, instead
-                # of being initialised at random first and then overwritten
-                model = PeftModel.from_pretrained(model, adapter, low_cpu_mem_usage=True)  # its adapter_config.json
+                # not peft's low_cpu_mem_usage=True: it gave a 4-bit model's LoRA matrices the file's values
+                # rounded to bf16 (peft 0.21.2), so infer.py scored another adapter than train.py had evaluated
+                # (tests/test_modes.py test_qlora_4bit_trains_and_reloads, tests/test_infer.py)
+                model = PeftModel.from_pretrained(model, adapter)  # its adapter_config.json
         # merged in memory, as --merge-to does without writing: the adapted projections then cost one matmul
         # each, not peft's four more kernels (a decode step is bound by its kernel count). A 4-bit model keeps
         # the adapter beside it: merging into NF4 would round the adapter away.

@@ -143,32 +143,35 @@ def batch_split(batch_size: int, micro_batch_size: int, processes: int) -> tuple
     return micro, accumulation
 
 
-def fit_micro_batch(args, model, train_set, encoder, processes: int, packed: bool, say, dtype):
+def fit_micro_batch(args, model, train_set, encoder, processes: int, speed, say, dtype):
     """A memory.Choice: MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING (the size over which a micro-batch runs in
     halves, the probed batch's tokens): the values given, else on a GPU the fastest pair that fits its free memory, measured by probe steps
     on a large batch of the run and checked on the longest samples (latexocr/memory.py); on a CPU or
     under DeepSpeed (whose sharding the probe does not model) the whole per-process batch. dtype: the
-    model's compute dtype (pick_dtype), which decides the Trainer's autocast."""
+    model's compute dtype (pick_dtype), which decides the Trainer's autocast; speed: the SpeedChoices (packing,
+    and the step the trainer will run, whose memory the probe measures)."""
     import torch
 
     from latexocr.batching import TrainCollator, sample_boundaries
     from latexocr.fast import has_linear_attention
+    from latexocr.fast.trainer import probe_step_loss
     from latexocr.memory import Choice, divisors_descending, fit_training_batch, parse_auto, set_checkpointing
-    from latexocr.training import supervised_loss
 
     micro = parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE")
     checkpointing = parse_auto(args.gradient_checkpointing, "GRADIENT_CHECKPOINTING", bool)
     share = max(1, args.batch_size // processes)
     if (micro is None or checkpointing is None) and torch.cuda.is_available() and not args.deepspeed:
         model.to(torch.device("cuda", torch.cuda.current_device()))  # where the Trainer would put it
-        # the plain step and batches (the fast path's compiled step needs less memory, not more)
+        # the trainer's step on plain batches (the fast path's compiled step needs less memory, not more)
+        packed = speed.packed
         boundaries = sample_boundaries if packed and has_linear_attention(model) else None
         collator = TrainCollator(encoder, packed=packed, packed_extras=boundaries)
         # the micro-batch given, or every one that divides this process's share of BATCH_SIZE
         candidates = [min(micro, share)] if micro else divisors_descending(share)
         # the forward under the autocast the Trainer's runs in (trainer_arguments: bf16 / fp16 on a GPU)
         half = dtype if dtype in (torch.bfloat16, torch.float16) else None
-        choice = fit_training_batch(model, train_set, collator, supervised_loss, candidates, checkpointing, processes,
+        step_loss = probe_step_loss(model, speed, autocast=half is not None)
+        choice = fit_training_batch(model, train_set, collator, step_loss, candidates, checkpointing, processes,
                                     autocast_dtype=half)
         if processes > 1:  # every process trains the same way: the smallest micro-batch, checkpointing if any
             import torch.distributed as dist
@@ -350,7 +353,7 @@ def main(argv=None):
     # ---- batch arithmetic: BATCH_SIZE samples per optimizer step whatever the GPU count; the
     # micro-batch and gradient checkpointing that fit this GPU, measured unless given ----
     world = state.num_processes
-    fit = fit_micro_batch(args, model, train_set, encoder, world, speed.packed, say, dtype)
+    fit = fit_micro_batch(args, model, train_set, encoder, world, speed, say, dtype)
     micro, args.gradient_checkpointing, split_over = fit.micro, fit.checkpointing, fit.split_over
     if grpo and fit.tokens and parse_auto(args.micro_batch_size, "MICRO_BATCH_SIZE") is None:  # auto, probed: the probe measured SFT samples, but a GRPO
         # pass holds NUM_GENERATIONS completions of up to MAX_NEW_TOKENS per image: as many images as

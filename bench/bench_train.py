@@ -57,6 +57,7 @@ CONFIGS = {
     "compiled_sdpa_text": ([], "compile=on,packed_text_attention=off", "compiled, sdpa text attention"),
     "no_packing": ([], "packing=off", "defaults, padded batches instead of packed"),
     "full_logits": ([], "supervised_logits_only=off", "defaults, logits at every position"),
+    "whole_head": ([], "sliced_head=off", "defaults, the loss's vocabulary projection in one piece (fast/head.py off)"),
     "plain": ([], "fast=off", "plain transformers + peft training (none of latexocr/fast/)"),
     "grad_ckpt": (["--gradient-checkpointing"], "", "defaults + gradient checkpointing"),
     "micro4": (["--micro-batch-size", "4"], "", "defaults, micro-batch 4 x accumulation 4"),
@@ -77,6 +78,8 @@ CONFIGS = {
                            "(its convolution and delta rule given the boundaries; where fla runs)"),
     "qwen3_5_grouped": ([], "group_by_length=on", "Qwen3.5-2B, defaults + length-grouped padded batches "
                         "(LengthGroupedSampler: a micro-batch pads less)"),
+    "qwen3_5_whole_head": ([], "sliced_head=off", "Qwen3.5-2B, defaults, the loss's vocabulary projection in one "
+                           "piece (fast/head.py off)"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
 }
 QWEN3_5_PREFIX = "qwen3_5"

@@ -355,7 +355,8 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
                      8, 16, 0.0)
     collator_options, trainer_options, summary = plan(model, _settings(), SpeedChoices(), processes=1,
                                                       accumulation=1, planned_steps=125)
-    assert trainer_options == {"cuda_graphs": False, "vision_graphs": None, "group_by_length": False}
+    assert trainer_options == {"cuda_graphs": False, "vision_graphs": None, "group_by_length": False,
+                               "sliced_head": True}
     assert "compiling" not in summary  # CPU: compile=auto stays eager
     # group_by_length: only for padded batches (packed rows carry no padding to save)
     for packing, grouped in (("off", True), ("on", False)):

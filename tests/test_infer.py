@@ -342,6 +342,25 @@ def test_an_adapter_is_merged_for_inference_with_the_same_predictions(trained, t
     assert [r["prediction"] for r in merged] == [r["prediction"] for r in separate]
 
 
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_the_adapter_loads_with_the_values_train_py_saved(trained, tiny_model_dir, monkeypatch, quantization):
+    """Every LoRA matrix infer.py loads equals the saved file's (fp32, not rounded on the way: peft's
+    low_cpu_mem_usage loading rounded a 4-bit model's to bf16, so infer.py scored another adapter than
+    train.py's evaluation had)."""
+    if quantization == "4bit":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (requirements.txt has it)")
+    from safetensors.torch import load_file
+    from latexocr.cli import parse_settings
+    monkeypatch.setenv("LATEXOCR_SPEED", "merge_adapter=off")  # the adapter's own matrices, not merged
+    args = parse_settings(infer.SETTINGS, infer.__doc__, [*common(tiny_model_dir, trained), "--quantization", quantization])
+    model, _, adapter = infer.load_for_inference(args)
+    saved = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    loaded = {name.replace(".default", ""): p for name, p in model.named_parameters() if "lora_" in name}
+    assert saved and set(saved) == set(loaded)
+    for name, value in saved.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name].detach().cpu(), value), name
+
+
 def test_merge_needs_an_adapter(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         infer.main(["--merge-to", str(tmp_path / "m"), *common(tiny_model_dir, adapter="none")])

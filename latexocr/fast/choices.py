@@ -25,6 +25,10 @@ class SpeedChoices:
                                           # batches, runs K and S; fast/linear_attention.py resolve_packing) | on |
                                           # off (right-padded, as the tutorial)
     supervised_logits_only: bool = True   # vocabulary projection only where a label is supervised (~1/3 of tokens)
+    sliced_head: bool = True              # training: the vocabulary projection and the loss a slice of tokens at a
+                                          # time, each slice's gradient taken at once (fast/head.py): the peak holds
+                                          # one slice's logits, not every supervised token's (Qwen3.5's 248k
+                                          # vocabulary: ~3 MB a token)
     packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off

@@ -17,9 +17,10 @@ from ..batching import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, V
                         sample_boundaries)
 from .linear_attention import has_linear_attention
 from ..modeling import vision_language_core
-from ..training import OcrTrainer, supervised_loss
+from ..training import OcrTrainer, summed_cross_entropy, supervised_logits, supervised_loss
 from .attention import use_packed_text_attention
 from .choices import ENV, SpeedChoices
+from .head import head_loss, hidden_states_out
 from .compile import (COMPILE_FROM_STEPS, CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, CompileCache,
                       compile_decoder_layers, should_compile, should_use_cuda_graphs)
 from .upstream import drift
@@ -27,18 +28,37 @@ from .vision import PackedExtras, VisionGraphs, graph_vision_tower, supervised_s
 
 
 def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True,
-                         vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
+                         vision_graphs: VisionGraphs | None = None, sliced_head: bool = True) -> tuple[torch.Tensor, int]:
     """training.supervised_loss, except that packed batches of a Qwen2-VL model take the sync-free
-    step of latexocr/fast/vision.py (its vision tower replayed by `vision_graphs`)."""
+    step of latexocr/fast/vision.py (its vision tower replayed by `vision_graphs`), and that with
+    `sliced_head` the vocabulary projection and the loss run a slice of tokens at a time (fast/head.py)."""
     precomputed = {k: batch.pop(k) for k in PRECOMPUTED_KEYS if k in batch}
-    # the collator precomputes the vision inputs only where the sync-free step applies (fast/trainer.py plan:
-    # not when the vision tower trains); the token count alone (REAL_TOKENS_KEY) comes with every packed batch
-    if VISION_POSITIONS_KEY in precomputed and supervised_logits_only and takes_precomputed_vision(model):
-        return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs)
-    if precomputed.get(VISION_PADDING_KEY):
-        raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
-                         "whose vision tower cannot take the padding (only Qwen2-VL can)")
-    return supervised_loss(model, batch, supervised_logits_only)
+    with hidden_states_out(model, active=sliced_head and supervised_logits_only) as head:
+        loss_of = summed_cross_entropy if head is None else lambda hidden, targets: head_loss(hidden, head, targets)
+        # the collator precomputes the vision inputs only where the sync-free step applies (fast/trainer.py plan:
+        # not when the vision tower trains); the token count alone (REAL_TOKENS_KEY) comes with every packed batch
+        if VISION_POSITIONS_KEY in precomputed and supervised_logits_only and takes_precomputed_vision(model):
+            return supervised_step_loss(model, {**batch, **precomputed}, vision_graphs, loss_of)
+        if precomputed.get(VISION_PADDING_KEY):
+            raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
+                             "whose vision tower cannot take the padding (only Qwen2-VL can)")
+        if head is None:
+            return supervised_loss(model, batch, supervised_logits_only)
+        return loss_of(*supervised_logits(model, batch, supervised_logits_only))
+
+
+def probe_step_loss(model, speed: SpeedChoices, autocast: bool):
+    """The step loss memory.fit_training_batch probes with (on the plain batches it builds): the one the trainer
+    will run, so the probe measures its memory (fast path: the sliced head; peft's input cast off under
+    `autocast`, as FastTrainer.step_loss)."""
+    if not speed.fast:
+        return supervised_loss
+    no_cast = NoLoraInputCast(model)
+
+    def step_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+        with no_cast(active=autocast):
+            return fast_supervised_loss(model, batch, speed.supervised_logits_only, sliced_head=speed.sliced_head)
+    return step_loss
 
 
 class NoLoraInputCast:
@@ -114,9 +134,10 @@ class FastTrainer(OcrTrainer):
     """
 
     def __init__(self, *args, cuda_graphs: bool = False, vision_graphs: VisionGraphs | None = None,
-                 group_by_length: bool = False, **kwargs):
+                 group_by_length: bool = False, sliced_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.cuda_graphs, self.vision_graphs, self.group_by_length = cuda_graphs, vision_graphs, group_by_length
+        self.sliced_head = sliced_head
         # per-step train()/zero_grad()/clip: the LoRA tensors only
         self._trainable = skip_redundant_module_walks(self.accelerator.unwrap_model(self.model))
         self._no_lora_input_cast = None
@@ -129,7 +150,8 @@ class FastTrainer(OcrTrainer):
         if self.cuda_graphs:  # a new forward pass: the graphs may reuse the previous pass's output memory
             torch.compiler.cudagraph_mark_step_begin()
         with self._no_lora_input_cast(active=self.args.bf16 or self.args.fp16):
-            return fast_supervised_loss(model, inputs, self.supervised_logits_only, self.vision_graphs)
+            return fast_supervised_loss(model, inputs, self.supervised_logits_only, self.vision_graphs,
+                                        self.sliced_head)
 
     # private Trainer methods, checked against transformers 5.24.0 and 5.25.0 (upstream.OVERRIDDEN, CALLED_BY_TRAINER)
     def _clip_grad_norm(self, model):
@@ -254,4 +276,4 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
         f". WARNING: {len(problems) - 1} upstream hooks changed ({problems[0]} run "
         f"`pytest tests/test_fast.py -k upstream`)" if problems else "")
     return (collator_options, {"cuda_graphs": cuda_graphs, "vision_graphs": vision_graphs,
-                               "group_by_length": group_by_length}, summary)
+                               "group_by_length": group_by_length, "sliced_head": speed.sliced_head}, summary)

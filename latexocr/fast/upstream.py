@@ -229,6 +229,13 @@ SOURCES = {
     ("bitsandbytes.nn.modules", "Linear4bit.forward"):
         ("modeling.py keep_4bit_layout_trainable clears support_avx512bf16_for_cpu, which this reads before "
          "repacking the weight for CPU inference (bitsandbytes 0.50.2)", ("6d41f286252b9797",)),
+    **{(f"transformers.models.{family}.modeling_{family}", f"{cls}.forward"):
+       ("fast/head.py hidden_states_out: the head (self.lm_head), applied last to the kept positions, is what "
+        "the forward returns as logits; replaced by nn.Identity it returns the hidden states", (digest,))
+       for family, cls, digest in (("qwen2_vl", "Qwen2VLForConditionalGeneration", "d0870797b7c0a6d5"),
+                                   ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "b2a1671060a5c517"),
+                                   ("qwen3_vl", "Qwen3VLForConditionalGeneration", "8b4984f6f3de1566"),
+                                   ("qwen3_5", "Qwen3_5ForConditionalGeneration", "d5b968e01c29a28f"))},
 }
 # Compiled libraries driven below their public API (no Python source to hash): name -> (the version
 # checked, what of ours depends on it). Another version may lay out its extension differently.

@@ -143,7 +143,8 @@ class VisionGraphs:
         return inputs, graph, output
 
 
-def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None) -> tuple[torch.Tensor, int]:
+def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None = None,
+                         loss_of=summed_cross_entropy) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the supervised tokens of a packed batch with the keys of precompute_packed, and
     their count (a host int): the same value as the model's own forward (tests/test_fast.py).
     Re-implements Qwen2VLModel.forward's image path, checked against transformers 5.24.0 and 5.25.0
@@ -164,7 +165,7 @@ def supervised_step_loss(model, batch: dict, vision_graphs: VisionGraphs | None 
     text_attention = {k: batch[k] for k in (CU_SEQLENS_KEY, MAX_LENGTH_KEY) if k in batch}  # latexocr/fast/attention.py
     logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False,
                    logits_to_keep=batch[SUPERVISED_POSITIONS_KEY], **text_attention).logits
-    return summed_cross_entropy(logits[0], batch[SUPERVISED_TARGETS_KEY])
+    return loss_of(logits[0], batch[SUPERVISED_TARGETS_KEY])  # the logits, or fast/head.py's hidden states
 
 
 @dataclass

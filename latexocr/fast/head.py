@@ -1,0 +1,98 @@
+"""The training loss's vocabulary projection in slices of tokens, its gradient taken as it goes (issue 28).
+
+The loss needs each supervised token's logits over the whole vocabulary, in fp32
+(training.summed_cross_entropy): the head's bf16 output, its fp32 copy, the log-softmax the backward keeps,
+and in the backward two more of that size. At Qwen3.5's 248,320 entries that is ~1 MB a token for each fp32
+copy, so a micro-batch of 16 with ~1,200 supervised tokens spends ~3.5 GiB on it, and a batch of long samples
+(~2,500 supervised tokens: the memory probe's) twice that: the gap between the probe's estimate and training's
+peak in runs X-Y (12.8 against 9.56 GiB).
+
+`head_loss` computes the same sum `SLICE_BYTES` of fp32 logits at a time, and each slice's gradient with
+respect to the hidden states at once (softmax minus the one-hot target, times the head's weight: what the
+backward of the head and the cross-entropy would compute), so that no slice outlives its loop iteration: the
+peak is one slice. The backward then only scales the kept gradient (a [tokens, hidden] tensor). No product is
+computed twice. Liger-Kernel's fused linear cross-entropy does the same, in Triton. Used where the head is a
+plain frozen `nn.Linear` (LoRA and QLoRA training: the head is neither adapted nor quantized,
+modeling.py); otherwise (TUNE=full trains the tied embedding) the model's own head and the plain loss.
+
+`hidden_states_out` makes the model's forward return the hidden states its head would project: for the
+call, the head is an `nn.Identity` (each family's ForConditionalGeneration.forward applies `self.lm_head`
+last, to the kept positions: upstream.SOURCES).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+SLICE_BYTES = 512 * 2**20  # fp32 logits per slice: ~540 tokens of Qwen3.5's vocabulary, ~880 of Qwen2-VL's
+
+
+def _head_owner(model):
+    """The module whose `lm_head` is a plain, frozen nn.Linear (peft and DDP wrap it), or None."""
+    for module in model.modules():
+        head = module._modules.get("lm_head")  # its own child: peft's wrappers forward attribute reads to it
+        if head is not None:
+            plain = type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+            return module if plain else None
+    return None
+
+
+@contextlib.contextmanager
+def hidden_states_out(model, active: bool = True):
+    """While open, `model(...).logits` are the hidden states the head would project (at `logits_to_keep`),
+    and this yields the head (an nn.Linear); yields None (and changes nothing) where the head is not a
+    plain frozen nn.Linear, or not `active`."""
+    owner = _head_owner(model) if active else None
+    if owner is None:
+        yield None
+        return
+    head = owner.lm_head
+    owner.lm_head = torch.nn.Identity()
+    try:
+        yield head
+    finally:
+        owner.lm_head = head
+
+
+class _SlicedHeadLoss(torch.autograd.Function):
+    """sum over rows of cross_entropy(float(hidden @ weight.T + bias), targets), a slice of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], rows):
+            part, wanted = hidden[start:start + rows], targets[start:start + rows]
+            logits = F.linear(part, weight, bias)  # under the forward's autocast, as the model's head
+            log_probs = logits.float().log_softmax(-1)
+            total += F.nll_loss(log_probs, wanted, reduction="sum")
+            # d(sum)/d(logits) = softmax - one-hot, cast to the logits' dtype as autograd's cast back gives it
+            g = log_probs.exp_()
+            g[torch.arange(wanted.shape[0], device=g.device), wanted] -= 1
+            grad[start:start + rows] = g.to(logits.dtype) @ weight.to(logits.dtype)
+            del logits, log_probs
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors  # scaled in fp32, as autograd scales the fp32 logits' gradient
+        return (grad.float() * grad_total).to(grad.dtype), None, None, None, None
+
+
+def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+              slice_bytes: int | None = None) -> tuple[torch.Tensor, int]:
+    """training.summed_cross_entropy(head(hidden), targets) without the logits of more than one slice
+    alive: (the summed loss, the target count). hidden: [tokens, hidden size] (or any shape whose last
+    dimension is the hidden size). slice_bytes: of fp32 logits a slice, default SLICE_BYTES."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = max(1, (slice_bytes or SLICE_BYTES) // (4 * head.out_features))
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0, 0  # a batch without supervised tokens: zero, still tied to the graph
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _SlicedHeadLoss.apply(hidden, head.weight, head.bias, targets, rows), targets.numel()
+    total = sum(F.cross_entropy(head(hidden[i:i + rows]).float(), targets[i:i + rows], reduction="sum")
+                for i in range(0, hidden.shape[0], rows))  # no gradient wanted: the slices alone
+    return total, targets.numel()
