@@ -26,7 +26,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-SLICE_BYTES = 512 * 2**20  # fp32 logits per slice: ~540 tokens of Qwen3.5's vocabulary, ~880 of Qwen2-VL's
+SLICE_BYTES = 256 * 2**20  # fp32 log-probabilities a slice: ~270 tokens of Qwen3.5's vocabulary, ~440 of Qwen2-VL's
 
 
 def _head_owner(model):
@@ -66,13 +66,15 @@ class _SlicedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             part, wanted = hidden[start:start + rows], targets[start:start + rows]
             logits = F.linear(part, weight, bias)  # under the forward's autocast, as the model's head
-            log_probs = logits.float().log_softmax(-1)
+            dtype = logits.dtype
+            log_probs = torch.log_softmax(logits, -1, dtype=torch.float32)  # = logits.float().log_softmax(-1)
+            del logits  # from here one slice holds its fp32 log-probabilities, then their gradient in place
             total += F.nll_loss(log_probs, wanted, reduction="sum")
             # d(sum)/d(logits) = softmax - one-hot, cast to the logits' dtype as autograd's cast back gives it
             g = log_probs.exp_()
             g[torch.arange(wanted.shape[0], device=g.device), wanted] -= 1
-            grad[start:start + rows] = g.to(logits.dtype) @ weight.to(logits.dtype)
-            del logits, log_probs
+            grad[start:start + rows] = g.to(dtype) @ weight.to(dtype)
+            del log_probs, g
         ctx.save_for_backward(grad)
         return total
 
@@ -93,6 +95,7 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor
         return hidden.sum() * 0.0, 0  # a batch without supervised tokens: zero, still tied to the graph
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _SlicedHeadLoss.apply(hidden, head.weight, head.bias, targets, rows), targets.numel()
-    total = sum(F.cross_entropy(head(hidden[i:i + rows]).float(), targets[i:i + rows], reduction="sum")
+    total = sum(F.nll_loss(torch.log_softmax(head(hidden[i:i + rows]), -1, dtype=torch.float32),
+                           targets[i:i + rows], reduction="sum")
                 for i in range(0, hidden.shape[0], rows))  # no gradient wanted: the slices alone
     return total, targets.numel()
