@@ -10,7 +10,8 @@ transformers' RandomSampler (train.py's default) and of its LengthGroupedSampler
 (`LATEXOCR_SPEED=group_by_length=on`, a window of up to 50 optimizer steps sorted by length), each over
 --epochs epochs. Prints the tokens a right-padded micro-batch computes (its rows x its longest sample) over
 the samples' own tokens: what every layer of a padded model computes beyond the real tokens (Qwen3.5's
-padded default; packed rows carry none of it).
+padded default; packed rows carry none of it). And the supervised tokens (one row of logits each) of the
+memory probe's padded batch beside those of random micro-batches.
 """
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ def main():
     count = len(pairs) if a.samples == "full_val" else int(a.samples)
     data = write_json(pairs, count, a.work / "padding.json")
     processor = load_processor(str(a.model or a.shared / "qwen2vl-2b"))
-    lengths = OcrDataset(data, SampleEncoder(processor, sizing_for(processor)), 4096).lengths
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    dataset = OcrDataset(data, encoder, 4096)
+    lengths = dataset.lengths
+    # supervised tokens a sample (its answer and the end of turn: OcrDataset's count), for the loss's logits
+    supervised = [len(ids) + 1 for ids in encoder.tokenizer([label for _, label in dataset.samples],
+                                                            add_special_tokens=False).input_ids]
     quantiles = statistics.quantiles(lengths, n=10)
     print(f"{len(lengths)} samples: mean {statistics.mean(lengths):.1f} tokens, median {statistics.median(lengths):g}, "
           f"p10 {quantiles[0]:g}, p90 {quantiles[-1]:g}, max {max(lengths)}")
@@ -67,6 +73,21 @@ def main():
             grouped_order += list(LengthGroupedSampler(a.batch_size, lengths=lengths))
         print(f"micro-batch {micro}: random order {padded_ratio(random_order, lengths, micro):.3f} x the samples' "
               f"tokens, length-grouped {padded_ratio(grouped_order, lengths, micro):.3f} x")
+        probe_batch(lengths, supervised, micro)
+
+
+def probe_batch(lengths: list[int], supervised: list[int], micro: int) -> None:
+    """The supervised tokens of train.py's memory probe batch (padded batches: memory.percentile_samples) beside
+    those of random micro-batches of the same size: the loss's logits are one row per supervised token."""
+    import random
+
+    from latexocr.memory import percentile_samples
+    picked = percentile_samples(lengths, micro, packed=False)
+    rng = random.Random(0)
+    draws = sorted(sum(supervised[i] for i in rng.sample(range(len(lengths)), micro)) for _ in range(2000))
+    print(f"  memory probe's batch: {micro * max(lengths[i] for i in picked)} padded tokens, "
+          f"{sum(supervised[i] for i in picked)} supervised; 2,000 random micro-batches: supervised median "
+          f"{draws[1000]}, p90 {draws[1800]}, most {draws[-1]}")
 
 
 if __name__ == "__main__":
