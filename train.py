@@ -387,7 +387,7 @@ def main(argv=None):
                 vision_learning_rate=args.vision_learning_rate)
     if grpo:  # rollouts, rewards and GRPO's loss on the plain path (latexocr/grpo.py)
         from latexocr.grpo import build_grpo_trainer
-        trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packed, **loop)
+        trainer, summary = build_grpo_trainer(model, encoder, grpo, speed.packed, speed.sliced_head, **loop)
     else:
         trainer, summary = build_trainer(model, args, encoder, speed, processes=world, accumulation=accumulation,
                                          planned_steps=planned_steps, split_over=split_over, **loop)

@@ -64,6 +64,7 @@ from .modeling import is_full_model, peft_wrapping, trainable_in_fp32
 from .rewards import Rewards
 from .sample import END_OF_TURN
 from .fast import plain_text_attention
+from .fast.head import head_logprobs, hidden_states_out
 from .training import OcrTrainer, supervised_logits
 
 ADVANTAGES_KEY = "completion_advantages"  # one advantage per supervised (completion) token of an update batch
@@ -102,12 +103,16 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, clipped, kl
 
 
-def completion_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+def completion_logprobs(model, batch: dict, temperature: float = 1.0, sliced_head: bool = True) -> torch.Tensor:
     """log p(token) of every supervised token of a training batch (in row order), under the model's
     distribution at `temperature` (the one the rollout sampled from); logits only where a label is
-    supervised, as SFT's loss computes them. `batch` keeps its labels."""
-    logits, targets = supervised_logits(model, dict(batch))
-    return torch.log_softmax(logits.float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    supervised, as SFT's loss computes them, and with `sliced_head` a slice of tokens at a time
+    (fast/head.py: a pass of completions holds no [tokens x vocabulary] tensor). `batch` keeps its labels."""
+    with hidden_states_out(model, active=sliced_head) as head:
+        out, targets = supervised_logits(model, dict(batch))
+        if head is not None:
+            return head_logprobs(out, head, targets, temperature)
+    return torch.log_softmax(out.float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -169,12 +174,14 @@ def load_trainable_adapter(model, folder: str):
 
 
 def build_grpo_trainer(model, encoder: SampleEncoder, settings: GrpoSettings, packing: bool,
-                       **trainer_kwargs) -> tuple["GrpoTrainer", str]:
+                       sliced_head: bool = True, **trainer_kwargs) -> tuple["GrpoTrainer", str]:
     """train.py's Trainer for METHOD=grpo and a one-line summary: GrpoTrainer on plain transformers (the
     fast path's compiled blocks and precomputed vision step are SFT's) with SFT's TrainCollator for the
-    update batches; packed rows carry their sample boundaries, which linear attention needs."""
+    update batches; packed rows carry their sample boundaries, which linear attention needs. sliced_head:
+    the log-probabilities' vocabulary projection a slice at a time (completion_logprobs)."""
     collator = TrainCollator(encoder, packed=packing, packed_extras=sample_boundaries if packing else None)
-    trainer = GrpoTrainer(model=model, data_collator=collator, grpo=settings, **trainer_kwargs)
+    trainer = GrpoTrainer(model=model, data_collator=collator, grpo=settings, sliced_head=sliced_head,
+                          **trainer_kwargs)
     return trainer, (f"GRPO: {settings.num_generations} completions per image at temperature "
                      f"{settings.temperature}, top-p {settings.top_p}; rewards {settings.rewards.weights}")
 
@@ -256,8 +263,8 @@ class GrpoTrainer(OcrTrainer):
     while the DataLoader gets a RolloutCollator with the same encoder.
     """
 
-    def __init__(self, *args, grpo: GrpoSettings, data_collator: TrainCollator, **kwargs):
-        self.grpo = grpo
+    def __init__(self, *args, grpo: GrpoSettings, data_collator: TrainCollator, sliced_head: bool = True, **kwargs):
+        self.grpo, self.sliced_head = grpo, sliced_head
         encoder = data_collator.encoder
         self.update_collator = dataclasses.replace(data_collator, encoder=CompletionEncoder(encoder))
         # the static decoder where it applies (latexocr/fast/decoding.py), else transformers' generate
@@ -388,17 +395,17 @@ class GrpoTrainer(OcrTrainer):
         (in training mode, as the steps that compare against them compute theirs)."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in update.items() if k != ADVANTAGES_KEY}
-        return completion_logprobs(self.model, batch, self.grpo.temperature).cpu()
+        return completion_logprobs(self.model, batch, self.grpo.temperature, self.sliced_head).cpu()
 
     # ---- update ----
     def step_loss(self, model, inputs: dict) -> tuple[torch.Tensor, int]:
         advantages = inputs.pop(ADVANTAGES_KEY)
         old = inputs.pop(OLD_LOGPROBS_KEY, None)
-        logprobs = completion_logprobs(model, inputs, self.grpo.temperature)
+        logprobs = completion_logprobs(model, inputs, self.grpo.temperature, self.sliced_head)
         reference = None
         if self.grpo.kl_beta > 0:
             with torch.no_grad(), self._policy().disable_adapter():
-                reference = completion_logprobs(model, inputs, self.grpo.temperature)
+                reference = completion_logprobs(model, inputs, self.grpo.temperature, self.sliced_head)
         old = logprobs.detach() if old is None else old.to(logprobs.dtype)
         loss, clipped, kl = grpo_token_loss(logprobs, old, advantages.to(logprobs.dtype),
                                             self.grpo.clip_epsilon, reference, self.grpo.kl_beta)

@@ -7,7 +7,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from latexocr.batching import SampleEncoder, TrainCollator
 from latexocr.fast import head as head_module
-from latexocr.fast.head import head_loss, hidden_states_out
+from latexocr.fast.head import head_logprobs, head_loss, hidden_states_out
 from latexocr.fast.trainer import fast_supervised_loss, probe_step_loss
 from latexocr.fast.vision import PackedExtras
 from latexocr.modeling import add_lora
@@ -100,3 +100,43 @@ def test_memory_probe_runs_the_trainers_step(tiny_model_dir, formula_images):
         loss, n = step(model, dict(batch))
         want, m = supervised_loss(model, dict(batch))
     assert n == m and torch.allclose(loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_equal_the_plain_ones_in_value_and_gradient(temperature):
+    """GRPO's per-token log-probabilities: the same values and, for any weighting of them (the clipped
+    objective's), the same gradient; the backward computes each slice's logits again."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50).requires_grad_(False)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    want = torch.log_softmax(head(hidden).float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    (want * weights).sum().backward()
+    want_grad, hidden.grad = hidden.grad.clone(), None
+    got = head_logprobs(hidden, head, targets, temperature, slice_bytes=4 * 50 * 8)
+    (got * weights).sum().backward()
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(hidden.grad, want_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        assert torch.allclose(head_logprobs(hidden, head, targets, temperature, slice_bytes=4 * 50 * 8), want,
+                              rtol=1e-6, atol=1e-6)
+
+
+def test_grpo_logprobs_with_sliced_head_match_the_model_head(tiny_family_dirs, formula_images, monkeypatch):
+    from latexocr.grpo import completion_logprobs
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs["qwen3_5"])
+    batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), packed=False)(formula_images[:3])
+    vocab = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs["qwen3_5"]).config.text_config.vocab_size
+    monkeypatch.setattr(head_module, "SLICE_BYTES", 4 * vocab * 5)
+
+    def logprobs(sliced: bool):
+        model = _lora_model(tiny_family_dirs["qwen3_5"])
+        out = completion_logprobs(model, batch, 0.8, sliced_head=sliced)
+        (out * torch.linspace(-1, 1, out.shape[0])).sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    (values, grads), (values_own, grads_own) = logprobs(True), logprobs(False)
+    assert values.shape[0] > 5 and torch.allclose(values, values_own, rtol=1e-5, atol=1e-6)
+    # fp32 sums in another order: ~1e-6 of the largest gradient (3.5 here)
+    assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-6 * float(grads_own.abs().max()))

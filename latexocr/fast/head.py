@@ -15,6 +15,10 @@ computed twice. Liger-Kernel's fused linear cross-entropy does the same, in Trit
 plain frozen `nn.Linear` (LoRA and QLoRA training: the head is neither adapted nor quantized,
 modeling.py); otherwise (TUNE=full trains the tied embedding) the model's own head and the plain loss.
 
+`head_logprobs` is the same for GRPO's per-token log-probabilities (latexocr/grpo.py), whose gradient
+depends on what the loss makes of each one: its backward computes each slice's logits again (one more
+product of the head over the completion tokens) instead of keeping them.
+
 `hidden_states_out` makes the model's forward return the hidden states its head would project: for the
 call, the head is an `nn.Identity` (each family's ForConditionalGeneration.forward applies `self.lm_head`
 last, to the kept positions: upstream.SOURCES).
@@ -99,3 +103,60 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor
                            targets[i:i + rows], reduction="sum")
                 for i in range(0, hidden.shape[0], rows))  # no gradient wanted: the slices alone
     return total, targets.numel()
+
+
+def _slice_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(float(logits) / temperature), with one fp32 copy where the temperature is 1."""
+    if temperature == 1.0:
+        return torch.log_softmax(logits, -1, dtype=torch.float32)
+    return torch.log_softmax(logits.float().div_(temperature), -1)
+
+
+class _SlicedLogprobs(torch.autograd.Function):
+    """log_softmax(float(hidden @ weight.T + bias) / temperature)[row, target], a slice of rows at a time;
+    the backward computes each slice's logits again, under the autocast the forward ran in."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows: int, temperature: float):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            log_probs = _slice_logprobs(F.linear(hidden[start:start + rows], weight, bias), temperature)
+            out[start:start + rows] = log_probs.gather(1, targets[start:start + rows, None]).squeeze(1)
+            del log_probs
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.rows, ctx.temperature = rows, temperature
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        grad = torch.empty_like(hidden)
+        scale = grad_out.float() / ctx.temperature
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.rows):
+                logits = F.linear(hidden[start:start + ctx.rows], weight, bias)
+                logits_dtype = logits.dtype
+                g = _slice_logprobs(logits, ctx.temperature).exp_()  # the slice's softmax
+                del logits
+                # d log p[target] / d logits = (one-hot - softmax) / temperature, times each row's grad_out
+                part = scale[start:start + ctx.rows]
+                g.mul_(-part[:, None])
+                g[torch.arange(part.shape[0], device=g.device), targets[start:start + ctx.rows]] += part
+                grad[start:start + ctx.rows] = g.to(logits_dtype) @ weight.to(logits_dtype)
+                del g
+        return grad, None, None, None, None, None
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0,
+                  slice_bytes: int | None = None) -> torch.Tensor:
+    """log_softmax(float(head(hidden)) / temperature) at each row's target, fp32, without the logits of more
+    than one slice alive (in the backward too). hidden: [tokens, hidden size]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = max(1, (slice_bytes or SLICE_BYTES) // (4 * head.out_features))
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _SlicedLogprobs.apply(hidden, head.weight, head.bias, targets, rows, float(temperature))
+    return torch.cat([_slice_logprobs(head(hidden[i:i + rows]), temperature).gather(1, targets[i:i + rows, None])
+                      .squeeze(1) for i in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
