@@ -81,6 +81,10 @@ def test_head_is_left_alone_where_it_trains_and_put_back_after_an_error(tiny_mod
             assert sliced is head and isinstance(model.get_output_embeddings(), torch.nn.Identity)
             raise KeyError("labels")
     assert model.get_output_embeddings() is head
+    head.weight.ds_id = 7  # DeepSpeed ZeRO-3 partitions it: gathered only in the head's own forward
+    with hidden_states_out(model) as sliced:
+        assert sliced is None and model.get_output_embeddings() is head
+    del head.weight.ds_id
     head.weight.requires_grad_(True)  # TUNE=full trains the (tied) head: the model's own head and loss
     with hidden_states_out(model) as sliced:
         assert sliced is None and model.get_output_embeddings() is head

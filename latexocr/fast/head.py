@@ -34,11 +34,14 @@ SLICE_BYTES = 256 * 2**20  # fp32 log-probabilities a slice: ~270 tokens of Qwen
 
 
 def _head_owner(model):
-    """The module whose `lm_head` is a plain, frozen nn.Linear (peft and DDP wrap it), or None."""
+    """The module whose `lm_head` is a plain, frozen nn.Linear (peft and DDP wrap it), or None (a head that
+    trains, a quantized or LoRA-adapted one, one DeepSpeed ZeRO-3 partitions)."""
     for module in model.modules():
         head = module._modules.get("lm_head")  # its own child: peft's wrappers forward attribute reads to it
         if head is not None:
-            plain = type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+            # not a ZeRO-3 partitioned weight (`ds_id`): DeepSpeed gathers it only inside the head's own forward
+            plain = (type(head) is torch.nn.Linear and not any(p.requires_grad or hasattr(p, "ds_id")
+                                                                for p in head.parameters()))
             return module if plain else None
     return None
 
