@@ -144,3 +144,25 @@ def test_grpo_logprobs_with_sliced_head_match_the_model_head(tiny_family_dirs, f
     assert values.shape[0] > 5 and torch.allclose(values, values_own, rtol=1e-5, atol=1e-6)
     # fp32 sums in another order: ~1e-6 of the largest gradient (3.5 here)
     assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-6 * float(grads_own.abs().max()))
+
+
+def test_under_bf16_autocast_the_gradient_is_at_most_one_bf16_step_apart():
+    """As training runs (bf16 weights, bf16 autocast): the same loss; the hidden states' gradient rounded to
+    bf16 once before the backward's scale instead of after it, so at most one bf16 step (2^-7 relative) apart."""
+    torch.manual_seed(0)
+    vocab, width, tokens = 5000, 64, 300
+    head = torch.nn.Linear(width, vocab, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    leaf = torch.randn(tokens, width, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    results = []
+    for sliced in (False, True):
+        leaf.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = leaf * 1.0
+            loss, count = (head_loss(hidden, head, targets, slice_bytes=4 * vocab * 64) if sliced
+                           else summed_cross_entropy(head(hidden), targets))
+        (loss / count).backward()
+        results.append((loss.detach(), leaf.grad.float()))
+    (loss, grad), (loss_own, grad_own) = results[1], results[0]
+    assert torch.equal(loss, loss_own)
+    assert float((grad - grad_own).abs().max()) <= 2 ** -7 * float(grad_own.abs().max())
