@@ -146,14 +146,18 @@ def test_grpo_logprobs_with_sliced_head_match_the_model_head(tiny_family_dirs, f
     assert torch.allclose(grads, grads_own, rtol=1e-4, atol=1e-6 * float(grads_own.abs().max()))
 
 
-def test_under_bf16_autocast_the_gradient_is_at_most_one_bf16_step_apart():
-    """As training runs (bf16 weights, bf16 autocast): the same loss; the hidden states' gradient rounded to
-    bf16 once before the backward's scale instead of after it, so at most one bf16 step (2^-7 relative) apart."""
+def test_under_bf16_autocast_the_sliced_head_is_as_accurate_as_the_one_piece_head():
+    """As training runs (bf16 weights, bf16 autocast): the same loss, and a gradient as close to the exact
+    (fp32) one as the one-piece head's. The sliced head rounds the hidden states' gradient to bf16 before the
+    backward's scale (1 / the step's token count) instead of after: other roundings, not larger ones."""
     torch.manual_seed(0)
     vocab, width, tokens = 5000, 64, 300
     head = torch.nn.Linear(width, vocab, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     leaf = torch.randn(tokens, width, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
+    exact = leaf.detach().float().requires_grad_(True)
+    loss, count = summed_cross_entropy(torch.nn.functional.linear(exact, head.weight.float()), targets)
+    (loss / count).backward()
     results = []
     for sliced in (False, True):
         leaf.grad = None
@@ -162,7 +166,8 @@ def test_under_bf16_autocast_the_gradient_is_at_most_one_bf16_step_apart():
             loss, count = (head_loss(hidden, head, targets, slice_bytes=4 * vocab * 64) if sliced
                            else summed_cross_entropy(head(hidden), targets))
         (loss / count).backward()
-        results.append((loss.detach(), leaf.grad.float()))
-    (loss, grad), (loss_own, grad_own) = results[1], results[0]
+        results.append((loss.detach(), (leaf.grad.float() - exact.grad).abs()))
+    (loss_own, error_own), (loss, error) = results
     assert torch.equal(loss, loss_own)
-    assert float((grad - grad_own).abs().max()) <= 2 ** -7 * float(grad_own.abs().max())
+    assert float(error.mean()) <= 1.1 * float(error_own.mean())  # measured: 0.90x
+    assert float(error.max()) <= 2 * float(error_own.max())  # measured: 1.35x

@@ -13,7 +13,8 @@ backward of the head and the cross-entropy would compute), so that no slice outl
 peak is one slice. The backward then only scales the kept gradient (a [tokens, hidden] tensor). No product is
 computed twice. Liger-Kernel's fused linear cross-entropy does the same, in Triton. Under bf16 autocast the
 kept gradient is rounded to bf16 before the backward's scale (1 / the step's token count) instead of after:
-at most one bf16 step apart, and the same values in fp32 (tests/test_head.py). Used where the head is a
+other roundings, as close to the exact gradient as the one-piece head's; the same values in fp32
+(tests/test_head.py). Used where the head is a
 plain frozen `nn.Linear` (LoRA and QLoRA training: the head is neither adapted nor quantized,
 modeling.py); otherwise (TUNE=full trains the tied embedding) the model's own head and the plain loss.
 
