@@ -6,6 +6,8 @@
     vision.py     the sync-free packed step of Qwen2-VL (inputs precomputed by the collator), the
                   vision tower as CUDA graphs
     compile.py    torch.compile of the blocks, CUDA graphs, the compile cache, when they pay
+    head.py       the training loss's vocabulary projection a slice of tokens at a time (SFT's loss, GRPO's
+                  log-probabilities): no [tokens x vocabulary] logits kept for the backward
     trainer.py    build_trainer: the trainer and step train.py runs (FastTrainer: the step above and
                   host-side replacements of per-step bookkeeping), and which parts of the fast path it takes
     decoding.py   StaticDecoder: infer.py's batched greedy / sampling decoder (static cache, CUDA-graph
@@ -26,7 +28,7 @@
                   checked against versions
 
 The one door: the rest of the project imports what this file names, and train.py also
-trainer.build_trainer. Nothing here loads training code (trainer.py), so inference never does.
+trainer.build_trainer (and trainer.probe_step_loss), grpo.py head.py. Nothing here loads training code (trainer.py), so inference never does.
 """
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices
