@@ -358,6 +358,7 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
     assert trainer_options == {"cuda_graphs": False, "vision_graphs": None, "group_by_length": False,
                                "sliced_head": True}
     assert "compiling" not in summary  # CPU: compile=auto stays eager
+    assert "the loss's vocabulary projection in slices" in summary  # a LoRA model's frozen head (fast/head.py)
     # group_by_length: only for padded batches (packed rows carry no padding to save)
     for packing, grouped in (("off", True), ("on", False)):
         options = plan(model, _settings(), SpeedChoices(group_by_length=True, packing=packing), processes=1,

@@ -49,6 +49,11 @@ def _head_owner(model):
     return None
 
 
+def head_can_be_sliced(model) -> bool:
+    """Whether hidden_states_out below takes the model's head (train.py's summary line names the path)."""
+    return _head_owner(model) is not None
+
+
 @contextlib.contextmanager
 def hidden_states_out(model, active: bool = True):
     """While open, `model(...).logits` are the hidden states the head would project (at `logits_to_keep`),

@@ -20,7 +20,7 @@ from ..modeling import vision_language_core
 from ..training import OcrTrainer, summed_cross_entropy, supervised_logits, supervised_loss
 from .attention import use_packed_text_attention
 from .choices import ENV, SpeedChoices
-from .head import head_loss, hidden_states_out
+from .head import head_can_be_sliced, head_loss, hidden_states_out
 from .compile import (COMPILE_FROM_STEPS, CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, CompileCache,
                       compile_decoder_layers, should_compile, should_use_cuda_graphs)
 from .upstream import drift
@@ -249,6 +249,9 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
         parts.append("packed text attention")
     if precomputed:
         parts.append("sync-free Qwen2-VL step")
+    sliced_head = speed.sliced_head and speed.supervised_logits_only and head_can_be_sliced(model)
+    if sliced_head:
+        parts.append("the loss's vocabulary projection in slices")
     if compiled:
         cache = CompileCache()
         cache.use()
@@ -276,4 +279,4 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
         f". WARNING: {len(problems) - 1} upstream hooks changed ({problems[0]} run "
         f"`pytest tests/test_fast.py -k upstream`)" if problems else "")
     return (collator_options, {"cuda_graphs": cuda_graphs, "vision_graphs": vision_graphs,
-                               "group_by_length": group_by_length, "sliced_head": speed.sliced_head}, summary)
+                               "group_by_length": group_by_length, "sliced_head": sliced_head}, summary)
