@@ -14,9 +14,8 @@ peak is one slice. The backward then only scales the kept gradient (a [tokens, h
 computed twice. Liger-Kernel's fused linear cross-entropy does the same, in Triton. Under bf16 autocast the
 kept gradient is rounded to bf16 before the backward's scale (1 / the step's token count) instead of after:
 other roundings, as close to the exact gradient as the one-piece head's; the same values in fp32
-(tests/test_head.py). Used where the head is a
-plain frozen `nn.Linear` (LoRA and QLoRA training: the head is neither adapted nor quantized,
-modeling.py); otherwise (TUNE=full trains the tied embedding) the model's own head and the plain loss.
+(tests/test_head.py). Used where the head is a plain frozen `nn.Linear` (LoRA and QLoRA training: the head
+is neither adapted nor quantized, modeling.py); otherwise (TUNE=full trains the tied embedding) the model's own head and the plain loss.
 
 `head_logprobs` is the same for GRPO's per-token log-probabilities (latexocr/grpo.py), whose gradient
 depends on what the loss makes of each one: its backward computes each slice's logits again (one more
@@ -71,6 +70,14 @@ def hidden_states_out(model, active: bool = True):
         owner.lm_head = head
 
 
+def _in_compute_dtype(hidden, weight, bias):
+    """The head's weight and bias in the dtype its forward computes in: autocast's where it is on (as
+    autocast casts them each call), else the hidden states'."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class _SlicedHeadLoss(torch.autograd.Function):
     """sum over rows of cross_entropy(float(hidden @ weight.T + bias), targets), a slice of rows at a time."""
 
@@ -78,17 +85,17 @@ class _SlicedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, rows: int):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
+        weight, bias = _in_compute_dtype(hidden, weight, bias)  # cast once, not once a slice
         for start in range(0, hidden.shape[0], rows):
             part, wanted = hidden[start:start + rows], targets[start:start + rows]
-            logits = F.linear(part, weight, bias)  # under the forward's autocast, as the model's head
-            dtype = logits.dtype
+            logits = F.linear(part, weight, bias)  # the logits the model's head gives (bf16 under autocast)
             log_probs = torch.log_softmax(logits, -1, dtype=torch.float32)  # = logits.float().log_softmax(-1)
             del logits  # from here one slice holds its fp32 log-probabilities, then their gradient in place
             total += F.nll_loss(log_probs, wanted, reduction="sum")
             # d(sum)/d(logits) = softmax - one-hot, cast to the logits' dtype as autograd's cast back gives it
             g = log_probs.exp_()
             g[torch.arange(wanted.shape[0], device=g.device), wanted] -= 1
-            grad[start:start + rows] = g.to(dtype) @ weight.to(dtype)
+            grad[start:start + rows] = g.to(weight.dtype) @ weight
             del log_probs, g
         ctx.save_for_backward(grad)
         return total
@@ -130,8 +137,9 @@ class _SlicedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows: int, temperature: float):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        compute_weight, compute_bias = _in_compute_dtype(hidden, weight, bias)
         for start in range(0, hidden.shape[0], rows):
-            log_probs = _slice_logprobs(F.linear(hidden[start:start + rows], weight, bias), temperature)
+            log_probs = _slice_logprobs(F.linear(hidden[start:start + rows], compute_weight, compute_bias), temperature)
             out[start:start + rows] = log_probs.gather(1, targets[start:start + rows, None]).squeeze(1)
             del log_probs
         device = hidden.device.type
@@ -147,16 +155,16 @@ class _SlicedLogprobs(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         scale = grad_out.float() / ctx.temperature
         with torch.autocast(device, dtype=dtype, enabled=enabled):
+            weight, bias = _in_compute_dtype(hidden, weight, bias)
             for start in range(0, hidden.shape[0], ctx.rows):
                 logits = F.linear(hidden[start:start + ctx.rows], weight, bias)
-                logits_dtype = logits.dtype
                 g = _slice_logprobs(logits, ctx.temperature).exp_()  # the slice's softmax
                 del logits
                 # d log p[target] / d logits = (one-hot - softmax) / temperature, times each row's grad_out
                 part = scale[start:start + ctx.rows]
                 g.mul_(-part[:, None])
                 g[torch.arange(part.shape[0], device=g.device), targets[start:start + ctx.rows]] += part
-                grad[start:start + ctx.rows] = g.to(logits_dtype) @ weight.to(logits_dtype)
+                grad[start:start + ctx.rows] = g.to(weight.dtype) @ weight
                 del g
         return grad, None, None, None, None, None
 
