@@ -1,7 +1,8 @@
 """What fits on the card: the micro-batch and gradient checkpointing of training, and the rows of a
 generation batch, chosen from a measurement on the card (never from its name).
 
-Training (`fit_training_batch`): a probe step (forward + backward, the plain step) on a large batch
+Training (`fit_training_batch`): a probe step (forward + backward, the step the trainer runs:
+fast/trainer.py probe_step_loss) on a large batch
 of the run, real samples holding the tokens of the PERCENTILE-th of the run's random micro-batches
 (memory grows with a micro-batch's tokens: batching.micro_batch_tokens), at each candidate micro-batch
 from the largest down; the first that fits without gradient checkpointing, and a larger one with it
@@ -182,8 +183,9 @@ def choose_training_batch(candidates: list[int], probe, budget: int, checkpointi
                          f"(--image-max-pixels), or a GPU with more memory")
     clear_win = recompute is not None and (plain is None or recompute.cost < plain.cost * (1 - CHECKPOINTING_MARGIN))
     best = recompute if clear_win else plain
-    # with what was held before each batch and the batch's size: run Y's Qwen3.5-2B probe said 12.8 GiB where
-    # training with the same setting peaked at 9.56, and these two numbers say which side the gap is on
+    # with what was held before each batch and the batch's size (run Y's Qwen3.5-2B probe said 12.8 GiB where
+    # training peaked at 9.56: its batch of long samples held twice training's supervised tokens, whose logits
+    # the probe's step then kept; the trainer's step, which it now runs, keeps none: fast/head.py)
     timings = ", ".join(f"micro-batch {p.micro}{' + checkpointing' if p.checkpointing else ''}: "
                         f"{gib(p.peak)} ({gib(p.base)} held before it, {p.size} tokens), "
                         f"{p.tokens / p.seconds / 1000:.1f}k tokens/s" for p in fitting)
