@@ -70,6 +70,11 @@ def hidden_states_out(model, active: bool = True):
         owner.lm_head = head
 
 
+def _rows(head: torch.nn.Linear, slice_bytes: int | None) -> int:
+    """Tokens a slice: `slice_bytes` (default SLICE_BYTES) of fp32 log-probabilities over the head's vocabulary."""
+    return max(1, (slice_bytes or SLICE_BYTES) // (4 * head.out_features))
+
+
 def _in_compute_dtype(hidden, weight, bias):
     """The head's weight and bias in the dtype its forward computes in: autocast's where it is on (as
     autocast casts them each call), else the hidden states'."""
@@ -89,7 +94,7 @@ class _SlicedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             part, wanted = hidden[start:start + rows], targets[start:start + rows]
             logits = F.linear(part, weight, bias)  # the logits the model's head gives (bf16 under autocast)
-            log_probs = torch.log_softmax(logits, -1, dtype=torch.float32)  # = logits.float().log_softmax(-1)
+            log_probs = _slice_logprobs(logits, 1.0)
             del logits  # from here one slice holds its fp32 log-probabilities, then their gradient in place
             total += F.nll_loss(log_probs, wanted, reduction="sum")
             # d(sum)/d(logits) = softmax - one-hot, cast to the logits' dtype as autograd's cast back gives it
@@ -111,14 +116,12 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor
     """training.summed_cross_entropy(head(hidden), targets) without the logits of more than one slice
     alive: (the summed loss, the target count). hidden: [tokens, hidden size] (or any shape whose last
     dimension is the hidden size). slice_bytes: of fp32 logits a slice, default SLICE_BYTES."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows = max(1, (slice_bytes or SLICE_BYTES) // (4 * head.out_features))
+    hidden, rows = hidden.reshape(-1, hidden.shape[-1]), _rows(head, slice_bytes)
     if targets.numel() == 0:
         return hidden.sum() * 0.0, 0  # a batch without supervised tokens: zero, still tied to the graph
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _SlicedHeadLoss.apply(hidden, head.weight, head.bias, targets, rows), targets.numel()
-    total = sum(F.nll_loss(torch.log_softmax(head(hidden[i:i + rows]), -1, dtype=torch.float32),
-                           targets[i:i + rows], reduction="sum")
+    total = sum(F.nll_loss(_slice_logprobs(head(hidden[i:i + rows]), 1.0), targets[i:i + rows], reduction="sum")
                 for i in range(0, hidden.shape[0], rows))  # no gradient wanted: the slices alone
     return total, targets.numel()
 
@@ -173,8 +176,7 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Te
                   slice_bytes: int | None = None) -> torch.Tensor:
     """log_softmax(float(head(hidden)) / temperature) at each row's target, fp32, without the logits of more
     than one slice alive (in the backward too). hidden: [tokens, hidden size]."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows = max(1, (slice_bytes or SLICE_BYTES) // (4 * head.out_features))
+    hidden, rows = hidden.reshape(-1, hidden.shape[-1]), _rows(head, slice_bytes)
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _SlicedLogprobs.apply(hidden, head.weight, head.bias, targets, rows, float(temperature))
     return torch.cat([_slice_logprobs(head(hidden[i:i + rows]), temperature).gather(1, targets[i:i + rows, None])

@@ -42,9 +42,7 @@ def fast_supervised_loss(model, batch: dict, supervised_logits_only: bool = True
         if precomputed.get(VISION_PADDING_KEY):
             raise ValueError("pixel_values were padded (TrainCollator(pad_patches_to_multiple_of=...)) for a model "
                              "whose vision tower cannot take the padding (only Qwen2-VL can)")
-        if head is None:
-            return supervised_loss(model, batch, supervised_logits_only)
-        return loss_of(*supervised_logits(model, batch, supervised_logits_only))
+        return loss_of(*supervised_logits(model, batch, supervised_logits_only))  # training.supervised_loss's
 
 
 def probe_step_loss(model, speed: SpeedChoices, autocast: bool):
