@@ -1,7 +1,7 @@
 """Memory of the training loss's vocabulary projection, in one piece or sliced (latexocr/fast/head.py). CPU only.
 
-    python bench/head_memory.py                       # Qwen3.5's head (248,320 x 2,048), 1,200 and 2,525 tokens
-    python bench/head_memory.py --vocab 151936 --hidden 1536 --tokens 1200   # Qwen2-VL-2B's
+    python bench/head_memory.py                       # Qwen3.5's head (248,320 x 2,048), 1,130 and 2,635 tokens
+    python bench/head_memory.py --vocab 151936 --hidden 1536 --tokens 1130   # Qwen2-VL-2B's
 
 Each case runs in a fresh process: a frozen bf16 head, bf16 hidden states that need a gradient, random targets,
 the forward under CPU bf16 autocast as training's runs under CUDA's, then the backward of loss / tokens. Printed:
@@ -9,8 +9,9 @@ what the forward leaves alive for the backward, and the peak above the start: th
 high-water mark (/proc/self/status VmHWM, reset through /proc/self/clear_refs), which tracks torch's CPU
 allocations of this size (each its own mapping, returned when freed). `one piece` is
 training.summed_cross_entropy(head(hidden), targets), the path before fast/head.py; `sliced` is head_loss.
-1,200 supervised tokens: a random micro-batch of 16 of bench_memory.py's training samples (full_val's first
-2,048); 2,525: the memory probe's batch of 16 long samples, before the probe ran the trainer's step.
+The default token counts are `python bench/train_padding.py --samples full_val --micro 16`'s: 1,130, the median
+supervised tokens of random micro-batches of 16 full_val samples; 2,635, those of the memory probe's batch of
+16 long samples.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=248320)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--tokens", default="1200,2525", help="supervised tokens, comma-separated")
+    ap.add_argument("--tokens", default="1130,2635", help="supervised tokens, comma-separated")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: mode tokens, in a fresh process
     a = ap.parse_args()
     if a.one:

@@ -28,8 +28,8 @@ class SpeedChoices:
     sliced_head: bool = True              # training: the vocabulary projection and the loss a slice of tokens at a
                                           # time, each slice's gradient taken at once (fast/head.py): the peak holds
                                           # one slice's logits, not every supervised token's (Qwen3.5's 248k
-                                          # vocabulary: ~3 MB a token; bench/head_memory.py, CPU: 3.35 -> 0.65
-                                          # GiB at 1,200 tokens). The same products, fewer passes over the
+                                          # vocabulary: ~3 MB a token; bench/head_memory.py, CPU: 3.15 -> 0.65
+                                          # GiB at 1,130 tokens). The same products, fewer passes over the
                                           # logits; its speed on a GPU not yet measured (bench_train whole_head)
     packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)

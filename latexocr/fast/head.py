@@ -3,8 +3,8 @@
 The loss needs each supervised token's logits over the whole vocabulary, in fp32
 (training.summed_cross_entropy): the head's bf16 output, its fp32 copy, the log-softmax the backward keeps,
 and in the backward two more of that size. At Qwen3.5's 248,320 entries that is ~1 MB a token for each fp32
-copy, so a micro-batch of 16 with ~1,200 supervised tokens spends ~3.5 GiB on it, and a batch of long samples
-(~2,500 supervised tokens: the memory probe's) twice that: the gap between the probe's estimate and training's
+copy, so a micro-batch of 16 with ~1,130 supervised tokens spends ~3.2 GiB on it, and a batch of long samples
+(~2,600 supervised tokens: the memory probe's) twice that: the gap between the probe's estimate and training's
 peak in runs X-Y (12.8 against 9.56 GiB).
 
 `head_loss` computes the same sum `SLICE_BYTES` of fp32 logits at a time, and each slice's gradient with
