@@ -335,6 +335,7 @@ class StaticDecoder:
         if not self.compiled:
             return self._step(s)
         if self._compiled_step is None:
+            kernels._triton()  # built outside the trace: an import inside it would break the trace there
             self._compiled_step = torch.compile(self._step, dynamic=True)
         with torch.compiler.set_stance("default"):
             return self._compiled_step(s)

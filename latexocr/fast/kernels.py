@@ -39,14 +39,24 @@ import sys
 import torch
 
 
-@functools.lru_cache(maxsize=1)
+_BUILT: list = []  # [the kernels, or None without Triton], filled by the first _triton() call
+
+
 def _triton():
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # not installed (CPU-only or non-Linux torch), or broken
-        return None
-    return _build()
+    """The kernels (built once), or None where Triton is not importable. Cached in a plain list, not
+    functools.lru_cache: torch.compile traces through an lru_cache wrapper into the import below and breaks
+    its trace there, and the resumed frame then passes the kernels' launch settings in as symbolic inputs,
+    which a Triton launch cannot take (run Z's GPU test of decode_compile=on, torch 2.11). The decode step's
+    eager warm-up builds them before any trace."""
+    if not _BUILT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:  # not installed (CPU-only or non-Linux torch), or broken
+            _BUILT.append(None)
+        else:
+            _BUILT.append(_build())
+    return _BUILT[0]
 
 
 def usable(tensor: torch.Tensor) -> bool:
