@@ -364,7 +364,7 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
             return Fit(MAX_GENERATION_ROWS, "no readable image to probe", PREFILL_CHUNK_ROWS)
         chunk = chunks[0]
     with part("release"):
-        release()
+        release(collect=False)  # what the model load left: a cycle it left is counted in `base` (fewer rows)
     base = torch.cuda.memory_allocated(device)
 
     def prefill(piece: dict) -> int:
@@ -401,7 +401,7 @@ def fit_rows(model, encoder: SampleEncoder, largest_paths: list[str], max_new_to
         rows = choose_generation_rows(0, per_row, budget, MAX_GENERATION_ROWS)
     chunk = probed = None
     with part("release"):
-        release()
+        release(collect=False)  # an out-of-memory error caught above was collected where it was caught
     if rows < 1:
         raise SystemExit(out_of_memory_message(batch_setting, 1, "while generating"))
     pieces = ""
