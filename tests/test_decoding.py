@@ -281,6 +281,37 @@ def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dir
     assert predict(model, encoder, paths, **kw) == eager
 
 
+def test_the_kernels_lookup_stays_out_of_a_compile_trace(monkeypatch):
+    """decode_compile=on traces the decode step through the kernels' launches, each of which looks the built
+    kernels up: the lookup must read what the eager warm-up built, not run the builder inside the trace (run Z,
+    GPU: a functools.lru_cache made dynamo trace into Triton's import and the kernels' definitions, break the
+    trace there, and the resumed frame's symbolic num_warps could not launch). Runs on the CPU with a stand-in
+    Triton whose build breaks any trace it runs in."""
+    import sys
+    import types
+
+    from latexocr.fast import kernels
+    built = []
+
+    def build():
+        torch._dynamo.graph_break()  # what defining Triton kernels does to a trace
+        built.append(1)
+        return ("the kernels",)
+    monkeypatch.setattr(kernels, "_build", build)
+    monkeypatch.setattr(kernels, "_BUILT", [])
+    with monkeypatch.context() as importable:  # only here: torch.compile looks for a real Triton
+        importable.setitem(sys.modules, "triton", types.ModuleType("triton"))
+        importable.setitem(sys.modules, "triton.language", types.ModuleType("triton.language"))
+        assert kernels._triton() == ("the kernels",)  # the eager warm-up builds them
+
+    @torch.compile(backend="eager", fullgraph=True)  # fullgraph: a break in the trace is an error
+    def step(x):
+        return x + len(kernels._triton())
+    torch._dynamo.reset()
+    assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert built == [1]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_images, family, monkeypatch):
     """LATEXOCR_SPEED vision_inputs (on): the loader's workers compute each chunk's vision patch positions and
