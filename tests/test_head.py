@@ -85,6 +85,11 @@ def test_head_is_left_alone_where_it_trains_and_put_back_after_an_error(tiny_mod
     with hidden_states_out(model) as sliced:
         assert sliced is None and model.get_output_embeddings() is head
     del head.weight.ds_id
+    whole = head.weight.data
+    head.weight.data = whole.new_empty(0)  # FSDP's stand-in outside the head's forward: no rows to slice
+    with hidden_states_out(model) as sliced:
+        assert sliced is None and model.get_output_embeddings() is head
+    head.weight.data = whole
     head.weight.requires_grad_(True)  # TUNE=full trains the (tied) head: the model's own head and loss
     with hidden_states_out(model) as sliced:
         assert sliced is None and model.get_output_embeddings() is head

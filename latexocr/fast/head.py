@@ -37,15 +37,22 @@ SLICE_BYTES = 256 * 2**20  # fp32 log-probabilities a slice: ~270 tokens of Qwen
 
 def _head_owner(model):
     """The module whose `lm_head` is a plain, frozen nn.Linear (peft and DDP wrap it), or None (a head that
-    trains, a quantized or LoRA-adapted one, one DeepSpeed ZeRO-3 partitions)."""
+    trains, a quantized or LoRA-adapted one, one DeepSpeed ZeRO-3 or FSDP shards)."""
     for module in model.modules():
         head = module._modules.get("lm_head")  # its own child: peft's wrappers forward attribute reads to it
         if head is not None:
-            # not a ZeRO-3 partitioned weight (`ds_id`): DeepSpeed gathers it only inside the head's own forward
-            plain = (type(head) is torch.nn.Linear and not any(p.requires_grad or hasattr(p, "ds_id")
-                                                                for p in head.parameters()))
-            return module if plain else None
+            return module if type(head) is torch.nn.Linear and _whole_and_frozen(head) else None
     return None
+
+
+def _whole_and_frozen(head: torch.nn.Linear) -> bool:
+    """Whether the head's weight trains nowhere and is all here, as plain tensors: not a weight DeepSpeed ZeRO-3
+    partitions (`ds_id`) or FSDP shards (an empty or flattened stand-in, a DTensor), which their wrappers
+    gather only inside the head's own forward, the one call the sliced loss replaces."""
+    for p in head.parameters():
+        if p.requires_grad or hasattr(p, "ds_id") or type(p.data) is not torch.Tensor:
+            return False
+    return tuple(head.weight.shape) == (head.out_features, head.in_features) and head.weight.numel() > 0
 
 
 def head_can_be_sliced(model) -> bool:
