@@ -27,8 +27,9 @@
     upstream.py   every private / patched transformers, peft, swanlab and torch hook the project relies on,
                   checked against versions
 
-The one door: the rest of the project imports what this file names, and train.py also
-trainer.build_trainer (and trainer.probe_step_loss), grpo.py head.py. Nothing here loads training code (trainer.py), so inference never does.
+The one door: the rest of the project imports what this file names; train.py also imports
+trainer.build_trainer and trainer.probe_step_loss, and grpo.py imports head.py. Nothing here loads training
+code (trainer.py), so inference never does.
 """
 from .attention import plain_text_attention, prepare_model
 from .choices import SpeedChoices, speed_choices

@@ -30,7 +30,8 @@ class SpeedChoices:
                                           # one slice's logits, not every supervised token's (Qwen3.5's 248k
                                           # vocabulary: ~3 MB a token; bench/head_memory.py, CPU: 3.15 -> 0.65
                                           # GiB at 1,130 tokens). The same products, fewer passes over the
-                                          # logits; its speed on a GPU not yet measured (bench_train whole_head)
+                                          # logits; on an H100 the same speed within the spread and 1.2-1.9 GiB
+                                          # less peak (docs/BENCHMARKS.md run Z: bench_train whole_head)
     packed_vision_attention: bool = True  # one attention call over all images of a batch (sdpa only)
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
