@@ -510,3 +510,64 @@ def test_the_chunked_rule_multiplies_in_plain_fp32_where_a_gpu_has_no_tf32(monke
         assert kernels._chunk_precision(types.SimpleNamespace(is_cuda=True, dtype=dtype), launch) == expected
     cpu = torch.zeros(1, dtype=torch.float32)  # Triton's interpreter on the CPU: as before
     assert kernels._chunk_precision(cpu, launch) == "tf32x3"
+
+
+FRONT_END = '''
+import inspect, json
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+from triton._C.libtriton import ir
+from latexocr.fast import kernels
+
+# each kernel's compile-time settings as its launches pass them (Qwen2-VL-2B's and Qwen3.5-2B's shapes)
+SETTINGS = {
+    "delta_rule_kernel": dict(DK=128, DV=128, BV=64, L2NORM=True, HAS_INIT=True, STAGES=1),
+    "conv_update_kernel": dict(WIDTH=4, TAPS=4, HAS_BIAS=False, SILU=True, BLOCK=256),
+    "causal_conv_kernel": dict(TAPS=4, HAS_BIAS=False, SILU=True, BLOCK_T=16, BLOCK_C=64),
+    "rms_norm_kernel": dict(OFFSET=True, GATE=True, BLOCK=2048),
+    "chunk_rule_kernel": dict(DK=128, DV=128, BV=64, C=16, SQUARINGS=3, L2NORM=True, HAS_INIT=True, PRECISION="tf32"),
+    "rotary_kernel": dict(DIM=128, ROT=128, BLOCK_D=64, BLOCK_H=16, ROUND=True),
+    "activation_kernel": dict(QUICK_GELU=False, BLOCK=1024),
+    "decode_attention_kernel": dict(D=128, G=16, BLOCK_N=64, PRECISION="tf32", UPTO=True),
+}
+FLOATS = ("scale", "eps")  # the kernels' float arguments; every other plain argument is an integer
+FP32_STATE = {"delta_rule_kernel", "chunk_rule_kernel"}  # their state buffers are fp32; other tensors bf16
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+options = backend.parse_options({"num_warps": 4})
+report = {}
+for kernel in kernels._build():
+    name = kernel.fn.__name__
+    assert set(kernel.arg_names) >= set(SETTINGS[name]), (name, kernel.arg_names)
+    for float_type in ("fp32", "fp64"):  # fp32: Triton's own launch; fp64: Inductor's, inside torch.compile
+        signature = {a: "constexpr" if a in SETTINGS[name]
+                     else "*fp32" if a in ("init_ptr", "state_ptr") and name in FP32_STATE
+                     else "*bf16" if a.endswith("_ptr") else float_type if a in FLOATS else "i32"
+                     for a in kernel.arg_names}
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        try:
+            ASTSource(kernel, signature, SETTINGS[name]).make_ir(
+                target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            report[f"{name} {float_type}"] = "ok"
+        except Exception as exc:
+            report[f"{name} {float_type}"] = str(exc).strip().splitlines()[-1][:200]
+print(json.dumps(report))
+'''
+
+
+def test_every_kernel_compiles_with_the_float_arguments_torch_compile_passes():
+    """Each kernel's front end (Python to Triton IR, for an H100; no GPU needed) accepts its float arguments
+    (scale, eps) typed fp64 as well as fp32: inside torch.compile (the decode step's decode_compile=on), Inductor
+    types a Python float argument fp64, and a kernel that multiplies it into an fp32 tile fed to tl.dot stopped
+    the compile (run AA's GPU test: 'Both operands must be same dtype. Got fp64 and fp32'). Fails without the
+    kernels' fp32 casts. Reads Triton's compiler internals (3.6 on the GPU machine, 3.8 here): a Triton whose
+    internals moved fails here, loudly, rather than on a GPU."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiled kernels, not the interpreter
+    proc = subprocess.run([sys.executable, "-c", FRONT_END], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 16 and all(v == "ok" for v in report.values()), report

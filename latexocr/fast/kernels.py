@@ -121,6 +121,9 @@ def _build():
                           q_row, q_tok, k_row, k_tok, v_row, v_tok, g_row, g_tok, b_row, b_tok, tokens,
                           heads_v, group, scale, eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                           L2NORM: tl.constexpr, HAS_INIT: tl.constexpr, STAGES: tl.constexpr):
+        # float arguments as fp32: torch.compile's Inductor types a Python float fp64 (run AA's decode test)
+        scale = tl.cast(scale, tl.float32)
+        eps = tl.cast(eps, tl.float32)
         # one program: one (row, value head) and BV of its DV state columns, over all `tokens` tokens in
         # order. Column j of the new state and of the output depend on column j of the old state only, so
         # the columns split without any exchange; the state tile stays in registers between tokens.
@@ -213,6 +216,8 @@ def _build():
     @triton.jit
     def rms_norm_kernel(x_ptr, weight_ptr, gate_ptr, out_ptr, x_row, gate_row, width, eps, OFFSET: tl.constexpr,
                         GATE: tl.constexpr, BLOCK: tl.constexpr):
+        # float arguments as fp32: torch.compile's Inductor types a Python float fp64 (run AA's decode test)
+        eps = tl.cast(eps, tl.float32)
         # one program: one row. Plain form (OFFSET False): w * (x / rms(x) rounded to x's dtype), the product
         # rounded once more; OFFSET (Qwen3.5): (x / rms(x)) * (1 + w) in fp32, rounded once; GATE (Qwen3.5's
         # gated norm): the plain form's result times silu(gate) in fp32, rounded once more
@@ -238,6 +243,9 @@ def _build():
                           heads_v, group, scale, eps, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                           C: tl.constexpr, SQUARINGS: tl.constexpr, L2NORM: tl.constexpr, HAS_INIT: tl.constexpr,
                           PRECISION: tl.constexpr):
+        # float arguments as fp32: torch.compile's Inductor types a Python float fp64 (run AA's decode test)
+        scale = tl.cast(scale, tl.float32)
+        eps = tl.cast(eps, tl.float32)
         # delta_rule_kernel's arithmetic C tokens at a time, as matrix products (the chunked form of
         # transformers' torch_chunk_gated_delta_rule, which runs these same sums through fp32 temporaries in
         # memory). Per chunk, with G the decays' running sum inside it and A the strictly lower
@@ -362,6 +370,8 @@ def _build():
                                 q_b, q_h, k_b, k_h, k_s, v_b, v_h, v_s, bias_b, o_b, o_h,
                                 D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                                 UPTO: tl.constexpr):
+        # float arguments as fp32: torch.compile's Inductor types a Python float fp64 (run AA's decode test)
+        scale = tl.cast(scale, tl.float32)
         # one program: one row's one key head and the `group` query heads that share it (G: group rounded up to
         # tl.dot's 16), its keys and values read once, BLOCK_N slots at a time, softmax kept online (the running
         # maximum, the sum of exponentials, the weighted values). The products in fp32 from fp32 copies: in tf32
