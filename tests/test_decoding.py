@@ -345,7 +345,7 @@ def test_the_vision_towers_inputs_come_from_the_loader(family_dirs, formula_imag
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, formula_images, family, monkeypatch):
-    """LATEXOCR_SPEED fused_qkv (off until measured on a GPU): each text attention's three projections as one
+    """LATEXOCR_SPEED fused_qkv (on by default): each text attention's three projections as one
     product in the static decoder's prefill and step; the key and value parts are handed over to their own
     projections' calls (none computes its own product), the texts are generate's (fp32), and afterwards the
     projections are plain again (no forward left on the instances, no stash left over)."""

@@ -98,10 +98,12 @@ class SpeedChoices:
                                           # with linear-attention layers (run X: Qwen2-VL-2B's loop 467.5 and 476.9
                                           # images/s pinned against 442.8 and 447.6; Qwen3.5-2B's 238.3 against 256.6
                                           # and 262.3, one run, the first of its call) | on | off
-    fused_qkv: bool = False               # the static decoder's prefill and step, every family: each text attention's
+    fused_qkv: bool = True                # the static decoder's prefill and step, every family: each text attention's
                                           # query, key and value projections as one product of their joined weights
                                           # (fast/standins.py qkv_swaps; +176 MiB for Qwen2-VL-2B); a decode step's
-                                          # narrow key and value products fill few SMs. Off until measured on a GPU
+                                          # narrow key and value products fill few SMs. Qwen2-VL-2B's loop (H100,
+                                          # runs Z and AA, three rounds each, interleaved): 475.7, 476.4, 474.7
+                                          # images/s on against 464.3, 460.1, 456.6 off (1.03x)
     merge_adapter: bool = True            # infer.py: a LoRA adapter merged into the base weights in memory (bf16;
                                           # not a 4-bit model), so a decode step runs the base model's kernels
                                           # only, not peft's ~4 more per adapted projection (196 in Qwen2-VL-2B);
