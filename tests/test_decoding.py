@@ -506,3 +506,26 @@ def test_flop_floor_misses_no_weight_of_the_real_model():
     counted = parts["per_patch"] + parts["per_merged"] + parts["per_token"] + embedding
     assert parts["head"] == embedding and 0 <= total - counted < 0.002 * total, (total, counted)
     assert 2.2e9 < total < 2.22e9  # Qwen2-VL-2B: 2.21 B parameters
+
+
+def test_greedy_pick_with_min_new_tokens_bars_stops_in_the_models_own_logits():
+    """The static decoder's greedy choice with min_new_tokens: the stop tokens barred in the bf16 logits
+    themselves (no fp32 copy of 512 rows x the vocabulary a step) picks what the fp32 copy picks: before
+    min_new_tokens never a stop token, after it the plain argmax, finished rows padded."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    rows, vocab, stops = 64, 1000, [7, 11]
+    logits = torch.randn(rows, vocab).to(torch.bfloat16)
+    logits[: rows // 2, 7] = 50  # a stop token wins these rows unless barred
+    logits[rows // 2:, 11] = logits[rows // 2:].max(-1).values  # ties with the row's best
+    finished = torch.zeros(rows, dtype=torch.bool)
+    finished[-3:] = True
+    decoder = SimpleNamespace(temperature=0.0, min_new=4, stop_ids=torch.tensor(stops), pad_id=0)
+    for step, barred in ((2, True), (4, False)):
+        want = logits.float()
+        if barred:
+            want[:, stops] = float("-inf")
+        want = torch.where(finished, 0, want.argmax(-1))
+        got = decoding.StaticDecoder._pick(decoder, logits.clone(), torch.tensor([step]), finished)
+        assert torch.equal(got, want), step
+        assert not barred or not torch.isin(got[:-3], torch.tensor(stops)).any()

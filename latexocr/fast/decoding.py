@@ -298,15 +298,15 @@ class StaticDecoder:
         """Greedy choice as generate makes it (or a sample: `sample_tokens`): stop tokens barred before
         min_new_tokens, and pad once finished. Plain greedy takes the argmax of the model's logits as they are:
         the same index as of their fp32 copy (an exact upcast), without writing that copy (512 rows x 152k-248k
-        fp32 values a step)."""
-        if self.temperature <= 0 and not self.min_new:
-            token = logits.argmax(-1)
-            return torch.where(finished, torch.full_like(token, self.pad_id), token)
-        logits = logits.float()
+        fp32 values a step: 0.24 ms of Qwen2-VL-2B's 5.1 ms step in run AA's profile, where bench_infer's
+        min_new_tokens took this path); min_new_tokens bars the stop tokens in those logits, in place. A sample
+        takes its softmax from an fp32 copy."""
+        if self.temperature > 0:
+            logits = logits.float()
         if self.min_new:
-            barred = (step < self.min_new).expand(logits.shape[0], len(self.stop_ids))
-            logits.scatter_(1, self.stop_ids.expand(logits.shape[0], -1),
-                            torch.where(barred, float("-inf"), logits.gather(1, self.stop_ids.expand(logits.shape[0], -1))))
+            stops = self.stop_ids.expand(logits.shape[0], -1)
+            barred = (step < self.min_new).expand_as(stops)
+            logits.scatter_(1, stops, torch.where(barred, float("-inf"), logits.gather(1, stops)))
         token = logits.argmax(-1) if self.temperature <= 0 else sample_tokens(logits, self.temperature, self.top_p)
         return torch.where(finished, torch.full_like(token, self.pad_id), token)
 
