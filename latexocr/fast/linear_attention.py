@@ -350,7 +350,10 @@ def describe_padded(model) -> str | None:
     if path == PADDED:
         return f"linear-attention layers: padded batches on transformers' reference PyTorch kernels ({why})"
     conv = "causal-conv1d's convolution" if is_causal_conv1d_available() else "torch's depthwise convolution"
-    return f"linear-attention layers: padded batches through fla {_fla_version()}'s chunked delta rule and {conv}"
+    # said here because the first steps otherwise look stuck: run AA's first Qwen3.5-2B run took 180 s of wall
+    # against 48-54 s for each later one on the same machine
+    return (f"linear-attention layers: padded batches through fla {_fla_version()}'s chunked delta rule and {conv} "
+            f"(the first run on a machine compiles fla's Triton kernels, ~2 min; Triton's cache keeps them)")
 
 
 def describe(model, path: str | None = None, why: str | None = None) -> str | None:
