@@ -125,6 +125,9 @@ class TrainCollator:
     split while over), under PARTS_KEY: the rare batch larger than the one the memory probe measured.
     keep_samples: every batch also carries its samples (SAMPLES_KEY), to be rebuilt in halves after an
     out-of-memory. Both for the one-process SFT step (training.OcrTrainer.training_step), set by train.py.
+    padded_positions (from the fast path's plan): padded batches also carry the 3 x rows x length M-RoPE
+    position ids the model's get_rope_index would compute (padding 0, as it leaves them), built here on the CPU:
+    the model's loop over the samples asks the GPU for ~7 values each (bench/count_syncs.py).
     """
 
     encoder: SampleEncoder
@@ -133,6 +136,7 @@ class TrainCollator:
     packed_extras: Callable | None = None
     split_over: int | None = None
     keep_samples: bool = False
+    padded_positions: bool = False
 
     def __call__(self, samples) -> dict:
         _trace_batch(samples)
@@ -201,6 +205,13 @@ class TrainCollator:
             batch["mm_token_type_ids"] = pad("mm_token_type_ids", 0)
             batch["attention_mask"] = torch.tensor(
                 [[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in encoded])
+            if self.padded_positions:
+                merge = self.encoder.processor.image_processor.merge_size
+                positions = torch.zeros(3, len(encoded), length, dtype=torch.long)
+                for row, e in enumerate(encoded):
+                    positions[:, row, :len(e["input_ids"])] = mrope_positions(e["mm_token_type_ids"],
+                                                                              e["image_grid_thw"][0], merge)
+                batch["position_ids"] = positions  # 3 rows, as get_rope_index returns them (no text row)
         if self.keep_samples:
             batch[SAMPLES_KEY] = samples
         return batch

@@ -1,4 +1,6 @@
 """One definition of a sample: labels, image sizing, packing. Tiny random-init models, CPU."""
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -94,3 +96,63 @@ def test_the_prompt_is_built_without_a_library_warning(tiny_family_dirs, family)
     assert not [w for w in warnings if "processor_kwargs" in w], warnings
     assert encoder.prompt_text.endswith("<think>\n\n</think>\n\n" if family == "qwen3_5" else "assistant\n")
 
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_padded_batches_positions_from_the_collator_train_as_the_models_own(tiny_family_dirs, formula_images, family):
+    """TrainCollator padded_positions (the fast path's default for padded batches, LATEXOCR_SPEED padded_positions):
+    the position ids equal the model's get_rope_index (padding included), and the step's loss and LoRA gradients
+    equal those of the model computing them itself; samples of different lengths, so some rows are padded."""
+    from latexocr.fast.trainer import fast_supervised_loss
+    from latexocr.modeling import add_lora
+    processor = AutoProcessor.from_pretrained(tiny_family_dirs[family])
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    samples = formula_images[:5]
+    own = TrainCollator(encoder, packed=False)(samples)
+    given = TrainCollator(encoder, packed=False, padded_positions=True)(samples)
+    assert not torch.equal(own["attention_mask"].sum(1), own["attention_mask"].sum(1)[:1].expand(5))  # padded rows
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family], attn_implementation="sdpa"),
+                     8, 16, 0.0)
+    expected, _ = model.base_model.model.model.get_rope_index(
+        own["input_ids"], mm_token_type_ids=own["mm_token_type_ids"], image_grid_thw=own["image_grid_thw"],
+        attention_mask=own["attention_mask"])
+    assert torch.equal(given["position_ids"], expected)
+    assert {k: v for k, v in given.items() if k != "position_ids"}.keys() == own.keys()
+
+    def step(batch):
+        model.zero_grad()
+        loss, n = fast_supervised_loss(model, dict(batch))
+        (loss / n).backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    loss_own, grads_own = step(own)
+    loss_given, grads_given = step(given)
+    assert torch.allclose(loss_given, loss_own, rtol=1e-6) and torch.allclose(grads_given, grads_own, rtol=1e-5, atol=1e-8)
+    loss_wrong, _ = step({**given, "position_ids": given["position_ids"] // 2})  # the model does read them
+    assert not torch.allclose(loss_wrong, loss_own, rtol=1e-6)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "latex_ocr" / "full_val").is_dir(),
+                    reason="../shared/latex_ocr/full_val (real images) is absent")
+def test_count_syncs_finds_the_padded_steps_per_sample_syncs_gone():
+    """bench/count_syncs.py (4 samples here, not train.py's 16: the CPU's time): Qwen3.5's padded step asks the
+    GPU for values ~7 times a sample when the model computes its own M-RoPE positions, and only a fixed few
+    (none of them per sample) when the collator gives them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+
+    def syncs(speed):
+        proc = subprocess.run([sys.executable, str(root / "bench" / "count_syncs.py"), "--families", "qwen3_5",
+                               "--micro", "4"], cwd=root / "bench", capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "LATEXOCR_SPEED": speed,
+                                   "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    own, given = syncs("padded_positions=off"), syncs("")
+    assert own["syncs"] >= given["syncs"] + 4 * 5, (own, given)
+    assert not any("get_rope_index" in site for site in given["top_sites"]), given

@@ -364,6 +364,12 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
         options = plan(model, _settings(), SpeedChoices(group_by_length=True, packing=packing), processes=1,
                        accumulation=1, planned_steps=125)
         assert options[1]["group_by_length"] is grouped and ("length-grouped batches" in options[2]) is grouped
+    # padded batches carry the collator's M-RoPE positions (padded_positions, on by default); packed rows have theirs
+    for packing, positions, given in (("off", True, True), ("off", False, False), ("on", True, False)):
+        options = plan(model, _settings(), SpeedChoices(packing=packing, padded_positions=positions), processes=1,
+                       accumulation=1, planned_steps=125)
+        assert options[0].get("padded_positions", False) is given
+        assert ("M-RoPE positions from the collator" in options[2]) is given
     batch = TrainCollator(SampleEncoder(processor, sizing_for(processor)), **collator_options)(formula_images[:3])
     assert CU_SEQLENS_KEY in batch
     step_keys = set(PRECOMPUTED_KEYS) - {REAL_TOKENS_KEY}  # the real token count serves every family

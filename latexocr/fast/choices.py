@@ -98,6 +98,10 @@ class SpeedChoices:
                                           # with linear-attention layers (run X: Qwen2-VL-2B's loop 467.5 and 476.9
                                           # images/s pinned against 442.8 and 447.6; Qwen3.5-2B's 238.3 against 256.6
                                           # and 262.3, one run, the first of its call) | on | off
+    padded_positions: bool = True         # padded training batches (Qwen3.5's default; packing=off) carry their
+                                          # M-RoPE positions from the collator (TrainCollator padded_positions):
+                                          # the model's get_rope_index asks the GPU for ~7 values a sample, each
+                                          # a sync (bench/count_syncs.py: Qwen3.5's step of 16 samples)
     fused_qkv: bool = True                # the static decoder's prefill and step, every family: each text attention's
                                           # query, key and value projections as one product of their joined weights
                                           # (fast/standins.py qkv_swaps; +176 MiB for Qwen2-VL-2B); a decode step's

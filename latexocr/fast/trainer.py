@@ -267,6 +267,9 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
         collator_options["packed_extras"] = PackedExtras(
             text_attention=bool(text_attention) or linear_attention, precomputed_vision=precomputed,
             pad_patches_to_multiple_of=CUDA_GRAPH_PATCH_MULTIPLE if vision_graphs else None)
+    elif speed.padded_positions:
+        collator_options["padded_positions"] = True
+        parts.append("M-RoPE positions from the collator")
     if cuda_graphs:
         collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE
     group_by_length = speed.group_by_length and not packed  # packed rows carry no padding to save
