@@ -366,8 +366,7 @@ def test_joined_query_key_value_projections_give_the_same_texts(family_dirs, for
     projections = {id(p) for _, group in attentions for p in group}
     assert not [m for m in own_products if id(m) in projections]  # q, k and v: all from the joined product
     assert all("forward" not in vars(p) for _, group in attentions for p in group) and not standins._QKV_STASH
-    assert all("_latexocr_qkv" in vars(a) for a, _ in attentions)
-    assert not any("_latexocr_qkv" in name for name in model.state_dict())
+    assert not any(name.startswith("_latexocr") for a, _ in attentions for name in vars(a))  # nothing kept on the model
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "latex_ocr" / "full_val").is_dir(),
@@ -529,3 +528,24 @@ def test_greedy_pick_with_min_new_tokens_bars_stops_in_the_models_own_logits():
         got = decoding.StaticDecoder._pick(decoder, logits.clone(), torch.tensor([step]), finished)
         assert torch.equal(got, want), step
         assert not barred or not torch.isin(got[:-3], torch.tensor(stops)).any()
+
+
+def test_joined_projections_follow_a_fused_optimizer_step(tiny_model_dir, formula_images, monkeypatch):
+    """fused_qkv after TUNE=full trains between evaluations: torch's fused AdamW (the Trainer's default) writes the
+    weights in place without a new version count, and the next decoding uses the new weights (each decoder joins
+    them afresh): its texts are those of the same weights decoded without the joined projections."""
+    model, encoder = load(tiny_model_dir)
+    paths = [p for p, _ in formula_images[:4]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False, batch_size=4, engine="static")
+    monkeypatch.setenv("LATEXOCR_SPEED", "fused_qkv=on")
+    before = predict(model, encoder, paths, **kw)
+    weights = [p for _, group in standins._qkv_projections(model.model) for q in group for p in q.parameters()]
+    optimizer = torch.optim.AdamW(weights, lr=0.05, fused=True)
+    for p in weights:
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in weights]
+    optimizer.step()
+    assert [p._version for p in weights] == versions  # why a version-keyed copy would have missed the step
+    after = predict(model, encoder, paths, **kw)
+    monkeypatch.setenv("LATEXOCR_SPEED", "fused_qkv=off")
+    assert after == predict(model, encoder, paths, **kw) != before

@@ -344,29 +344,27 @@ def _qkv_projections(core) -> list:
     return found
 
 
-def _joined_qkv(attention, projections):
-    """The joined weight and bias of the three projections, built once and kept on the attention module (rebuilt
-    if a weight changed since: another tensor, or written in place, as TUNE=full's optimizer does between
-    train.py's evaluations)."""
-    key = tuple((t.data_ptr(), t._version) for p in projections for t in (p.weight, p.bias) if t is not None)
-    joined = attention.__dict__.get("_latexocr_qkv")
-    if joined is None or joined[0] != key:
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in projections])
-            bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-        joined = (key, weight, bias, [p.out_features for p in projections])
-        attention.__dict__["_latexocr_qkv"] = joined  # a plain attribute: not a parameter, not in the state dict
-    return joined[1:]
+def _joined_qkv(projections):
+    """The joined weight and bias of the three projections, and their widths: a new copy at each call. Each
+    StaticDecoder makes its own (qkv_swaps), which lives as long as it does: the weights cannot change while one
+    decodes, and may between two (TUNE=full trains between train.py's evaluations, and GRPO between its
+    generations; torch's fused AdamW, the Trainer's default, writes them in place without a new version count,
+    torch 2.11-2.14, so a copy kept on the module could not tell)."""
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    return weight, bias, [p.out_features for p in projections]
 
 
 def qkv_swaps(core) -> list:
     """(owner, "forward", stand-in) for each text attention's three projections (_qkv_projections) where
-    LATEXOCR_SPEED fused_qkv is on; any device. Their joined weights are built here, before anything is probed."""
+    LATEXOCR_SPEED fused_qkv is on; any device. Their joined weights are built here (the caller's decoder holds
+    them through its stand-ins), before anything is probed."""
     if core is None or not speed_choices().fused_qkv:
         return []
     swaps = []
     for attention, (q, k, v) in _qkv_projections(core):
-        weight, bias, widths = _joined_qkv(attention, (q, k, v))
+        weight, bias, widths = _joined_qkv((q, k, v))
         swaps += [(_ModuleForward(q), "forward", _joined_query_forward(k, v, weight, bias, widths)),
                   (_ModuleForward(k), "forward", _handed_over_forward(k)),
                   (_ModuleForward(v), "forward", _handed_over_forward(v))]
