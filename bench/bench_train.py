@@ -81,6 +81,8 @@ CONFIGS = {
     "qwen3_5_whole_head": ([], "sliced_head=off", "Qwen3.5-2B, defaults, the loss's vocabulary projection in one "
                            "piece (fast/head.py off)"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
+    "qwen3_5_model_positions": ([], "padded_positions=off", "Qwen3.5-2B, defaults, the model computing its M-RoPE "
+                                "positions (get_rope_index: ~7 GPU->CPU syncs a sample) instead of the collator"),
 }
 QWEN3_5_PREFIX = "qwen3_5"
 PEAK_TFLOPS = 989.0
