@@ -246,10 +246,9 @@ def main(argv=None):
     with clock.phase("imports"):  # its parts: what --profile's "time, imports" line splits it into
         with clock.part("imports", "torch"):
             import torch  # noqa: F401
-        with clock.part("imports", "torch._dynamo"):  # torch.nn.attention.varlen's, and transformers' modeling's
-            import torch._dynamo  # noqa: F401
         with clock.part("imports", "transformers"):
             import transformers  # noqa: F401
+        # latexocr's own imports pull in torch.nn.attention.varlen, which imports torch's compiler (dynamo)
         with clock.part("imports", "latexocr"):
             from latexocr.generation import default_loader_workers, predict
             from latexocr.memory import parse_auto
