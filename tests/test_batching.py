@@ -97,7 +97,6 @@ def test_the_prompt_is_built_without_a_library_warning(tiny_family_dirs, family)
     assert encoder.prompt_text.endswith("<think>\n\n</think>\n\n" if family == "qwen3_5" else "assistant\n")
 
 
-
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_padded_batches_positions_from_the_collator_train_as_the_models_own(tiny_family_dirs, formula_images, family):
     """TrainCollator padded_positions (the fast path's default for padded batches, LATEXOCR_SPEED padded_positions):

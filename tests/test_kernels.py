@@ -513,7 +513,7 @@ def test_the_chunked_rule_multiplies_in_plain_fp32_where_a_gpu_has_no_tf32(monke
 
 
 FRONT_END = '''
-import inspect, json
+import json
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
 from triton._C.libtriton import ir
