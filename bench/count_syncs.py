@@ -64,9 +64,8 @@ class SyncCounter(TorchDispatchMode):
             self.note(name)
         elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
             self.note("boolean index")
-        elif name == "repeat_interleave" and (kwargs or {}).get("output_size") is None and len(args) and \
-                isinstance(args[1] if len(args) > 1 else None, torch.Tensor):
-            self.note("repeat_interleave")
+        elif name == "repeat_interleave" and (kwargs or {}).get("output_size") is None:
+            self.note("repeat_interleave")  # the tensor-repeats form (the int form decomposes before it gets here)
         return func(*args, **(kwargs or {}))
 
 
@@ -94,14 +93,14 @@ def count(family: str, samples: list, micro: int) -> dict:
     batch = TrainCollator(encoder, packed=packed, packed_extras=extras,
                           padded_positions=not packed and speed.padded_positions)(samples[:micro])
     counter = SyncCounter()
-    tolist, item = torch.Tensor.tolist, torch.Tensor.item  # .tolist() reads a CPU tensor without dispatching
+    tolist = torch.Tensor.tolist  # .tolist() reads a CPU tensor without dispatching (.item() dispatches)
     torch.Tensor.tolist = lambda self, *a: counter.note("tolist") or tolist(self, *a)
     try:
         with counter:
             loss, n = fast_supervised_loss(model, dict(batch))
             (loss / n).backward()
     finally:
-        torch.Tensor.tolist, torch.Tensor.item = tolist, item
+        torch.Tensor.tolist = tolist
     return {"family": family, "micro_batch": micro, "packed": packed, "syncs": sum(counter.kinds.values()),
             "by_kind": dict(counter.kinds.most_common()), "top_sites": dict(counter.sites.most_common(10))}
 
