@@ -80,6 +80,10 @@ def main():
     ap.add_argument("--samples", choices=("small", "full_val"), default="small",
                     help="the real images cycled: ../shared/latex_ocr/small's 110 (runs J-N) or full_val's 4,096 "
                          "(distinct labels: scoring's caches do not answer for it)")
+    ap.add_argument("--prefill-rows", type=int,
+                    help="images per prefill chunk in this process's loops (generation.PREFILL_CHUNK_ROWS, 128): run "
+                         "AB found the prefill's host falling behind its short elementwise kernels, which larger "
+                         "chunks lengthen; infer.py's own run keeps 128")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
     if a.workers is None:
@@ -90,6 +94,7 @@ def main():
 
     import torch
     import transformers
+    from latexocr import generation
     from latexocr.batching import SampleEncoder
     from latexocr.evaluation import evaluate
     from latexocr.generation import predict
@@ -98,6 +103,8 @@ def main():
     from latexocr.fast import prepare_model
     from latexocr.sample import sizing_for
 
+    if a.prefill_rows:
+        generation.PREFILL_CHUNK_ROWS = a.prefill_rows  # read at each call: the loader's unit, the probe, the prefill
     model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device)).eval()
@@ -140,7 +147,7 @@ def main():
 
     env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "new_tokens": a.new_tokens, "batch_size": a.batch_size,
-           "workers": a.workers}
+           "workers": a.workers, "prefill_rows": generation.PREFILL_CHUNK_ROWS}
     print(json.dumps(env), flush=True)
     out = {"env": env}
 

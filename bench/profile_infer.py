@@ -7,7 +7,11 @@ Runs latexocr.generation.predict (infer.py's engine) on the real LaTeX_OCR image
 generating exactly --new-tokens tokens, and reports (1) wall time split into the phases of
 predict (waiting for the DataLoader, prefill, decode steps, the rest), each measured with a CUDA
 sync around it, and predict's own phases (infer.py --profile's: data wait, to device, engine,
-detokenise ...), and (2) torch.profiler's top operators of one batch by host and by device time.
+detokenise ...), (2) torch.profiler's top operators of one batch by host and by device time, and (3) where the
+GPU waits in one batch run as infer.py runs it (no sync around the phases, which (1) and (2) add): every gap
+between the device's kernels of at least --gap-us, charged to the host call that stopped the queue just before
+it (a GPU->CPU sync: `.item()`, `.tolist()`, a copy to the CPU; by its source line) or, where none did, to the
+phase the host was in (the host launching slower than the GPU runs).
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import os
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, build_random, real_samples
+from common import DEFAULT_SHARED, build_random, full_val_samples, real_samples
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
@@ -34,6 +40,9 @@ def main():
     ap.add_argument("--workers", type=int,
                     help="DataLoader workers (default: infer.py's NUM_WORKERS=auto, half the cores, 2-8; runs before V: 4)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--samples", choices=("small", "full_val"), default="full_val",
+                    help="the real images cycled: ../shared/latex_ocr/small's 110 (runs before AB) or full_val's 4,096")
+    ap.add_argument("--gap-us", type=float, default=20.0, help="the shortest device idle gap counted (microseconds)")
     a = ap.parse_args()
     if a.workers is None:
         from latexocr.generation import default_loader_workers
@@ -55,7 +64,7 @@ def main():
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map="cuda")).eval()
     processor = load_processor(str(model_dir))
     encoder = SampleEncoder(processor, sizing_for(processor))
-    samples = real_samples(a.shared.resolve())
+    samples = (full_val_samples if a.samples == "full_val" else real_samples)(a.shared.resolve())
     paths = [samples[i % len(samples)][0] for i in range(a.images)]
 
     phases = collections.Counter()
@@ -72,6 +81,7 @@ def main():
         return wrapper
 
     S = decoding.StaticDecoder
+    plain = {name: getattr(S, name) for name in ("_prefill", "_run_step", "_compact", "generate")}
     S._prefill = timed("prefill (model forward per chunk, cache copies)", S._prefill)
     S._run_step = timed("decode steps (graph replays)", S._run_step)
     S._compact = timed("compaction", S._compact)
@@ -107,6 +117,88 @@ def main():
                                              + "\n\nby device time\n" + by_cuda + "\n\n" + by_phase)
     print(by_cpu[:4000], flush=True)
     print(by_phase[:8000], flush=True)
+
+    # (3) the same batch without the syncs above: where the GPU waits as infer.py runs
+    for name, fn in plain.items():
+        setattr(S, name, marked(name, fn))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        run(a.batch_size)
+        torch.cuda.synchronize()
+    waits = device_gaps(prof, a.gap_us)
+    (a.out / "profile_infer_gaps.json").write_text(json.dumps(waits, indent=1))
+    print(json.dumps(waits, indent=1)[:6000], flush=True)
+
+
+def marked(name, fn):
+    """fn inside a profiler range named `phase: name` (no sync: the host's phase when the device waits)."""
+    import torch
+
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(f"phase: {name}"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# host calls after which the GPU's queue is empty: the host waited for the device (a GPU->CPU sync)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+              "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::tolist")
+
+
+def _user_line(stack) -> str:
+    """The innermost frame of the stack outside torch and this file (who asked for the sync)."""
+    for frame in stack or []:
+        if "/torch/" in frame or "profile_infer.py" in frame or frame.startswith("<built-in"):
+            continue
+        return frame.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+    return "?"
+
+
+def device_gaps(prof, min_us: float) -> dict:
+    """The device's idle time in one profiled run, between its first and last kernel: every gap of at least
+    min_us between busy intervals, charged to the last sync-like host call that ended inside the gap or just
+    before it (by the call's source line), else to the host's innermost `phase:` range at the gap's start."""
+    import bisect
+    import collections
+
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    # the device's kernels and copies; not the `phase:` ranges, which the profiler also shows on the device
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == DeviceType.CUDA and not e.name.startswith("phase: "))
+    merged = []
+    for lo, hi in busy:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    host = [e for e in events if e.device_type != DeviceType.CUDA]
+    syncs = sorted((e.time_range.end, e.name, _user_line(e.stack)) for e in host
+                   if e.name.startswith(SYNC_CALLS) or e.name in SYNC_CALLS)
+    sync_ends = [end for end, _, _ in syncs]
+    phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in host
+                    if e.name.startswith("phase: "))
+    by_cause = collections.defaultdict(lambda: [0.0, 0])
+    total_gap = 0.0
+    for (_, end), (start, _) in zip(merged, merged[1:]):
+        gap = start - end
+        if gap < min_us:
+            continue
+        total_gap += gap
+        i = bisect.bisect_right(sync_ends, start) - 1  # the last sync ending before the next kernel starts
+        if i >= 0 and sync_ends[i] >= end - 50:
+            cause = f"after a sync: {syncs[i][1]} at {syncs[i][2]}"
+        else:
+            inside = [name for lo, hi, name in phases if lo <= end <= hi]
+            cause = f"host launching, no sync (in {inside[-1] if inside else 'predict, outside generate'})"
+        by_cause[cause][0] += gap
+        by_cause[cause][1] += 1
+    span = merged[-1][1] - merged[0][0] if merged else 0.0
+    kernel_time = sum(hi - lo for lo, hi in merged)
+    return {"device_span_ms": round(span / 1e3, 2), "device_busy_ms": round(kernel_time / 1e3, 2),
+            "idle_in_gaps_ms": round(total_gap / 1e3, 2), "min_gap_us": min_us,
+            "by_cause_ms": {cause: {"ms": round(t / 1e3, 2), "gaps": n}
+                            for cause, (t, n) in sorted(by_cause.items(), key=lambda kv: -kv[1][0])[:25]}}
 
 
 def kernels_by_phase(prof, top: int = 15) -> str:

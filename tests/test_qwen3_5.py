@@ -22,7 +22,8 @@ from latexocr.sample import sizing_for
 from latexocr.fast.attention import CU_SEQLENS_KEY, use_packed_text_attention, use_packed_vision_attention
 from latexocr.fast.vision import PRECOMPUTED_KEYS
 
-from helpers import LABELS, TINY, make_dataset, printed_metrics, read_csv, run_main, trainer_state
+from helpers import (LABELS, TINY, losses, make_dataset, printed_metrics, read_csv, run_main, run_script, script_env,
+                     trainer_state)
 
 GDN_PROJECTIONS = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
 
@@ -532,3 +533,20 @@ def test_resume_continues_a_qwen3_5_run(overfit, model_dir):
     assert trainer_state(out / "checkpoint-62")["global_step"] == 62
     # continued from checkpoint-60's adapter: two steps from scratch would read none of them
     assert "[eval @ step 62] exact_match 1," in proc.stdout, proc.stdout[-3000:]
+
+
+def test_compiled_blocks_train_qwen3_5_as_eager(tmp_path, model_dir):
+    """LATEXOCR_SPEED=compile=on compiles Qwen3.5's blocks around the delta rule, which runs eagerly between their
+    compiled parts (fast/compile.py DELTA_RULES): the reference chunked rule crashed inductor on the first step
+    (a TypeError about its padding to whole chunks). The losses equal eager training's."""
+    data = make_dataset(tmp_path, LABELS[:8])
+    common = ["--model-id", model_dir, "--train-json", data, "--val-json", data, "--max-steps", 3,
+              "--batch-size", 4, "--micro-batch-size", 4, "--logging-steps", 1, "--save-steps", 1000, *TINY]
+    eager = run_main("train.py", *common, "--output-dir", tmp_path / "eager")  # auto: no GPU -> eager
+    # a process of its own: compiling changes process-wide state (dynamo's config, the delta rules)
+    compiled = run_script("train.py", *common, "--output-dir", tmp_path / "compiled",
+                          env=script_env(LATEXOCR_SPEED="compile=on"), timeout=3600)
+    assert "compiling" not in eager.stdout and "compiling" in compiled.stdout
+    assert len(losses(eager.stdout)) == 3
+    assert losses(compiled.stdout) == pytest.approx(losses(eager.stdout), rel=1e-3)
+    assert "[eval @ step 3] exact_match" in compiled.stdout

@@ -61,6 +61,8 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     # 2.11 skipped such graphs, or segfaulted in the backward when it partitioned around them).
     torch._dynamo.config.specialize_float = True
     compile_options = {"dynamic": True, **compile_options}
+    from .linear_attention import delta_rules_run_eagerly
+    delta_rules_run_eagerly(model)  # Qwen3.5: its delta rule between a block's compiled parts
     count = 0
     for module in model.modules():
         name = type(module).__name__

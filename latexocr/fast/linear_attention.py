@@ -193,12 +193,43 @@ def use_reference_delta_rule(recurrent: bool = False) -> None:
     """Where fla imports but refuses to train (fla_refusal), transformers has already taken fla's chunked
     delta rule for every Qwen3.5 layer (chosen when its module loaded), so the first backward pass would
     raise. Its reference PyTorch rule (the function transformers wrapped) takes that place, process-wide
-    (also where fla is switched off: fla_usable). recurrent: the one-token rule of a decode step too."""
+    (also where fla is switched off: fla_usable). recurrent: the one-token rule of a decode step too.
+    A rule that delta_rules_run_eagerly wrapped stays wrapped (its reference then runs eagerly)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
     for name in ("torch_chunk_gated_delta_rule",) + (("torch_recurrent_gated_delta_rule",) if recurrent else ()):
-        reference = getattr(getattr(q35, name), "__wrapped__", None)
+        current = getattr(q35, name)
+        inner = getattr(current, _EAGER_OF, None)
+        reference = getattr(inner if inner is not None else current, "__wrapped__", None)
         if reference is not None and getattr(reference, "__module__", None) == q35.__name__:
-            setattr(q35, name, reference)  # the reference ignores cu_seqlens: PADDED gives none
+            # the reference ignores cu_seqlens: PADDED gives none
+            setattr(q35, name, _eager(reference) if inner is not None else reference)
+
+
+# transformers' Gated DeltaNet functions that Qwen3.5's linear-attention layers call by these module-level names
+# (checked against transformers 5.24-5.25: fast/upstream.py): the chunked and the recurrent delta rule, fla's
+# kernels where fla imports, else the reference PyTorch rules.
+DELTA_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+_EAGER_OF = "_latexocr_eager_of"  # on a rule delta_rules_run_eagerly wrapped: the rule it runs
+
+
+def _eager(rule):
+    eager = torch.compiler.disable(rule, recursive=True)
+    setattr(eager, _EAGER_OF, rule)
+    return eager
+
+
+def delta_rules_run_eagerly(model) -> None:
+    """Before a model's blocks are compiled (fast/compile.py): DELTA_RULES run eagerly, process-wide, between the
+    compiled parts of a block. Neither gains from tracing: fla's are Triton kernels already, and inductor cannot
+    lower the reference chunked rule's padding to whole chunks with dynamic shapes (a TypeError deep inside
+    inductor on the first step). Idempotent; models without linear attention are left alone."""
+    if not has_linear_attention(model):
+        return
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    for name in DELTA_RULES:
+        rule = getattr(q35, name)
+        if getattr(rule, _EAGER_OF, None) is None:
+            setattr(q35, name, _eager(rule))
 
 
 def padding_indices(cu_seqlens: torch.Tensor, max_length: int, row_length: int):
