@@ -550,3 +550,23 @@ def test_compiled_blocks_train_qwen3_5_as_eager(tmp_path, model_dir):
     assert len(losses(eager.stdout)) == 3
     assert losses(compiled.stdout) == pytest.approx(losses(eager.stdout), rel=1e-3)
     assert "[eval @ step 3] exact_match" in compiled.stdout
+
+
+def test_reference_rule_taken_under_the_eager_wrapper(monkeypatch, model_dir):
+    """Where fla refuses to train, use_reference_delta_rule swaps in transformers' reference rule; after
+    compile's delta_rules_run_eagerly it swaps it in under the eager wrapper, which a compiled block needs."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    before = {name: getattr(q35, name) for name in la.DELTA_RULES}
+    for name in la.DELTA_RULES:  # restored after the test: both functions change process-wide
+        monkeypatch.setattr(q35, name, before[name])
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    la.delta_rules_run_eagerly(model)
+    la.delta_rules_run_eagerly(model)  # idempotent: one wrapper
+    la.use_reference_delta_rule(recurrent=True)
+    for name in la.DELTA_RULES:
+        inner = getattr(getattr(q35, name), la._EAGER_OF)
+        assert getattr(inner, la._EAGER_OF, None) is None  # one wrapper
+        # the reference itself where transformers wraps it in a function (5.24); the kernels package's hub
+        # wrapper (an nn.Module, where that package is installed) has no reference to take
+        wrapped = getattr(before[name], "__wrapped__", None)
+        assert inner is (wrapped if wrapped is not None and wrapped.__module__ == q35.__name__ else before[name]), name

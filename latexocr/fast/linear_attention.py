@@ -213,7 +213,9 @@ _EAGER_OF = "_latexocr_eager_of"  # on a rule delta_rules_run_eagerly wrapped: t
 
 
 def _eager(rule):
-    eager = torch.compiler.disable(rule, recursive=True)
+    def delta_rule(*args, **kwargs):  # a plain function: the rule may be an nn.Module (the kernels package's
+        return rule(*args, **kwargs)  # hub wrapper), whose disabled form would forward attributes to it
+    eager = torch.compiler.disable(delta_rule, recursive=True)
     setattr(eager, _EAGER_OF, rule)
     return eager
 
