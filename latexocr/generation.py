@@ -501,6 +501,25 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
             batches = generation_batches(units, unit, batch_size)  # the chunks already on their way
             decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, max_new_tokens,
                                     generate_kwargs.get("min_new_tokens", 0)) if static else None
+
+            def land(indices, failed, new_tokens, truncated):
+                """A batch's texts into results, then to on_batch (with the batch's unreadable images)."""
+                with clock.phase("detokenise"):
+                    texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+                for i, text, cut in zip(indices, texts, truncated):
+                    results[order[i]].update(prediction=text.strip(), truncated=cut)
+                with clock.phase("scoring hand-over"):
+                    _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
+
+            def land_decoded(indices, failed, arriving):
+                with clock.phase("engine"):  # the copies to the CPU, queued behind the batch's last steps
+                    new_tokens, stopped = arriving.get()
+                land(indices, failed, new_tokens, (~stopped).tolist())
+
+            # The static loop lands a batch once the next one is under way: its last steps and copies to the CPU
+            # are queued when generate returns, so the GPU runs them while the host takes the next batch and
+            # queues its prefill, then reads and detokenises this one (no idle GPU between batches for that).
+            decoded = None  # (indices, failed, Arriving) of the batch generated last, not yet landed
             try:
                 batches = tqdm(batches, desc="generate", disable=not progress, unit="batch",
                                total=-(-len(image_paths) // batch_size))
@@ -516,24 +535,22 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
                         chunks = [c.to(device, non_blocking=True) for c in chunks]  # from pinned memory: queued
                     if static:
                         with clock.phase("engine"):
-                            new_tokens, stopped = decoder.generate(chunks)  # ends with a copy to the CPU
-                        truncated = (~stopped).tolist()
-                    else:
-                        batch = chunks[0]
-                        with clock.phase("engine"):
-                            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                                                 use_cache=True, temperature=None, top_p=None, top_k=None,
-                                                 **generate_kwargs)
-                            new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
-                        stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
-                        truncated = (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist()
-                    with clock.phase("detokenise"):
-                        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-                    for i, text, cut in zip(indices, texts, truncated):
-                        results[order[i]].update(prediction=text.strip(), truncated=cut)
-                    with clock.phase("scoring hand-over"):
-                        _hand_over(on_batch, results, [order[i] for i in [*indices, *(i for i, _ in failed)]])
+                            arriving = decoder.generate(chunks, wait=False)
+                        if decoded is not None:
+                            land_decoded(*decoded)
+                        decoded = (indices, failed, arriving)
+                        continue
+                    batch = chunks[0]
+                    with clock.phase("engine"):
+                        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                             eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                                             use_cache=True, temperature=None, top_p=None, top_k=None,
+                                             **generate_kwargs)
+                        new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+                    stopped = torch.isin(new_tokens, torch.tensor(stop_ids)).any(1)
+                    land(indices, failed, new_tokens, (~stopped & (new_tokens.shape[1] >= max_new_tokens)).tolist())
+                if decoded is not None:
+                    land_decoded(*decoded)
             except torch.OutOfMemoryError:  # another process took memory, or fragmentation: one line, no traceback
                 release()
                 raise SystemExit(out_of_memory_message(batch_setting, batch_size, "while generating")) from None

@@ -281,6 +281,24 @@ def test_gpu_compiled_decode_step_in_cuda_graphs_gives_the_same_texts(family_dir
     assert predict(model, encoder, paths, **kw) == eager
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (copies to the CPU that are not waited for)")
+def test_gpu_batches_land_after_the_next_one_starts(family_dirs, formula_images, monkeypatch):
+    """On a GPU predict lands a batch (its tokens copied to page-locked memory behind its last steps) once the next
+    batch is under way: the texts of each batch read as soon as it is decoded, every row handed over once."""
+    model, encoder = load(family_dirs["qwen2_vl"])
+    model = model.cuda()
+    paths = [p for p, _ in formula_images[:10]]
+    kw = dict(max_new_tokens=NEW_TOKENS, num_workers=0, progress=False, engine="static", batch_size=3)
+    handed = []
+    landed_later = predict(model, encoder, paths, on_batch=lambda done, rows: handed.append(sorted(done)), **kw)
+    generate = decoding.StaticDecoder.generate  # the reference: each batch's copies waited for in generate
+    monkeypatch.setattr(decoding.StaticDecoder, "generate",
+                        lambda self, chunks, wait=True: decoding.Arriving(*generate(self, chunks, wait=True)))
+    assert landed_later == predict(model, encoder, paths, **kw)
+    assert sorted(i for batch in handed for i in batch) == list(range(10)) and [len(b) for b in handed] == [3, 3, 3, 1]
+
+
 def test_the_kernels_lookup_stays_out_of_a_compile_trace(monkeypatch):
     """decode_compile=on traces the decode step through the kernels' launches, each of which looks the built
     kernels up: the lookup must read what the eager warm-up built, not run the builder inside the trace (run Z,

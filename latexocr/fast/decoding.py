@@ -439,9 +439,12 @@ class StaticDecoder:
         return t
 
     @torch.inference_mode()
-    def generate(self, chunks: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, chunks: list[dict], wait: bool = True):
         """(tokens: rows x max_new_tokens, pad after the stop token; stopped: rows) on the CPU, rows
-        in the order of the chunks. Each chunk is a left-padded processor batch on the model's device."""
+        in the order of the chunks. Each chunk is a left-padded processor batch on the model's device.
+        wait=False: returns as soon as the last steps and the copies to the CPU are queued, an Arriving
+        whose .get() gives that pair; the host can meanwhile start the next batch (while the GPU runs up to
+        STOP_CHECK_EVERY steps of this one) and then read this one's tokens."""
         rows = sum(c["input_ids"].shape[0] for c in chunks)
         s = self._prefill(chunks, rows)
         done_tokens = torch.full((rows + 1, self.max_new), self.pad_id, dtype=torch.long, device=self.device)
@@ -461,4 +464,27 @@ class StaticDecoder:
                 s = self._compact(s, alive, done_tokens, done_finished)
         done_tokens.index_copy_(0, s.origin, s.history)
         done_finished.index_copy_(0, s.origin, s.finished)
-        return done_tokens[:rows].cpu(), done_finished[:rows].cpu()
+        arriving = Arriving(done_tokens[:rows], done_finished[:rows])
+        return arriving.get() if wait else arriving
+
+
+class Arriving:
+    """Tensors on their way from the GPU to page-locked CPU memory: the copies are queued behind the work that
+    writes them (stream order), and get() waits for them alone. On the CPU they are there at once."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.done = None
+        if not (tensors and tensors[0].is_cuda):
+            self.tensors = tensors
+            return
+        # page-locked (torch's caching host allocator reuses the blocks once their copies are done), so the
+        # copies are queued, not waited for
+        self.tensors = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                             for t in tensors)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def get(self) -> tuple[torch.Tensor, ...]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensors
