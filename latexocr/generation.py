@@ -437,7 +437,8 @@ def predict(model, encoder: SampleEncoder, image_paths: list[str], batch_size: i
     out-of-memory that still happens stops with one line naming `batch_setting` and a value that fits.
     on_batch(indices, results): called after each batch with its rows' positions in image_paths
     and their result dicts (every row once, unreadable images included), so a caller can score
-    them while the next batch generates.
+    them while later batches generate (the static loop calls it once the next batch is decoded, the
+    last batch's at the end: see `land_decoded` below).
     stopwatch: where the seconds of each phase are added (infer.py --profile), see latexocr/timing.py.
     prefetched: the loader a caller started for these images before the model loaded (Prefetch), taken
     over where it is the one this call would start.
