@@ -80,7 +80,9 @@ CONFIGS = {
                         "(LengthGroupedSampler: a micro-batch pads less)"),
     "qwen3_5_whole_head": ([], "sliced_head=off", "Qwen3.5-2B, defaults, the loss's vocabulary projection in one "
                            "piece (fast/head.py off)"),
-    "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block"),
+    "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block (the delta rules "
+                         "eager between its parts), LLM blocks as CUDA graphs"),
+    "qwen3_5_compiled_no_graphs": ([], "compile=on,cuda_graphs=off", "Qwen3.5-2B, compiled, without CUDA graphs"),
     "qwen3_5_model_positions": ([], "padded_positions=off", "Qwen3.5-2B, defaults, the model computing its M-RoPE "
                                 "positions (get_rope_index: ~7 GPU->CPU syncs a sample) instead of the collator"),
 }
