@@ -296,6 +296,16 @@ def main():
             cats = r["profile"]["categories"]
             print(f"| {r['name']} | {r['profile']['ms_per_step']:.1f} | " + " | ".join(
                 f"{cats[c]['ms']:.1f} ({cats[c]['share']:.0%})" if c in cats else "-" for c in names) + " |")
+        # the host's side of the same steps (latexocr/profiling.py host_side): is the step bound by the host?
+        print("\n| configuration | wall ms a step (profiled) | GPU busy | operators a step | launches a step | "
+              "the GPU's idle gaps, by cause (ms a step) |\n|---|---|---|---|---|---|")
+        for r in profiled:
+            host, steps = r["profile"].get("host", {}), r["profile"]["steps"]
+            causes = host.get("device_gaps", {}).get("by_cause_ms", {})
+            busy = f"{host['device_busy_share']:.0%}" if "device_busy_share" in host else "-"
+            print(f"| {r['name']} | {host.get('wall_ms_per_step', '-')} | {busy} | "
+                  f"{host.get('aten_ops_per_step', '-')} | {host.get('launches_per_step', '-')} | "
+                  + "; ".join(f"{c}: {v['ms'] / steps:.1f}" for c, v in list(causes.items())[:4]) + " |")
     runs = {r["name"]: r for r in results if "error" not in r}
     if "eager" in runs and "eager" in a.full.split(","):
         for name in ("default_cold", "default_warm"):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import DEFAULT_SHARED, build_random, full_val_samples, real_samples
 
-ROOT = Path(__file__).resolve().parents[1]
+PHASE = "phase: "  # latexocr.profiling.PHASE: the host's phase in device_gaps
 
 
 def main():
@@ -56,6 +56,7 @@ def main():
     from latexocr.fast import decoding
     from latexocr.batching import SampleEncoder
     from latexocr.modeling import load_model, load_processor, pick_dtype
+    from latexocr.profiling import device_gaps
     from latexocr.sample import sizing_for
     from latexocr.fast import prepare_model
     from latexocr.timing import Stopwatch
@@ -124,7 +125,7 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         run(a.batch_size)
         torch.cuda.synchronize()
-    waits = device_gaps(prof, a.gap_us)
+    waits = device_gaps(prof.events(), a.gap_us)
     (a.out / "profile_infer_gaps.json").write_text(json.dumps(waits, indent=1))
     print(json.dumps(waits, indent=1)[:6000], flush=True)
 
@@ -134,71 +135,9 @@ def marked(name, fn):
     import torch
 
     def wrapper(*args, **kwargs):
-        with torch.profiler.record_function(f"phase: {name}"):
+        with torch.profiler.record_function(f"{PHASE}{name}"):
             return fn(*args, **kwargs)
     return wrapper
-
-
-# host calls after which the GPU's queue is empty: the host waited for the device (a GPU->CPU sync)
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-              "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::tolist")
-
-
-def _user_line(stack) -> str:
-    """The innermost frame of the stack outside torch and this file (who asked for the sync)."""
-    for frame in stack or []:
-        if "/torch/" in frame or "profile_infer.py" in frame or frame.startswith("<built-in"):
-            continue
-        return frame.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
-    return "?"
-
-
-def device_gaps(prof, min_us: float) -> dict:
-    """The device's idle time in one profiled run, between its first and last kernel: every gap of at least
-    min_us between busy intervals, charged to the last sync-like host call that ended inside the gap or just
-    before it (by the call's source line), else to the host's innermost `phase:` range at the gap's start."""
-    import bisect
-    import collections
-
-    from torch.autograd import DeviceType
-
-    events = prof.events()
-    # the device's kernels and copies; not the `phase:` ranges, which the profiler also shows on the device
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == DeviceType.CUDA and not e.name.startswith("phase: "))
-    merged = []
-    for lo, hi in busy:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    host = [e for e in events if e.device_type != DeviceType.CUDA]
-    syncs = sorted((e.time_range.end, e.name, _user_line(e.stack)) for e in host
-                   if e.name.startswith(SYNC_CALLS) or e.name in SYNC_CALLS)
-    sync_ends = [end for end, _, _ in syncs]
-    phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in host
-                    if e.name.startswith("phase: "))
-    by_cause = collections.defaultdict(lambda: [0.0, 0])
-    total_gap = 0.0
-    for (_, end), (start, _) in zip(merged, merged[1:]):
-        gap = start - end
-        if gap < min_us:
-            continue
-        total_gap += gap
-        i = bisect.bisect_right(sync_ends, start) - 1  # the last sync ending before the next kernel starts
-        if i >= 0 and sync_ends[i] >= end - 50:
-            cause = f"after a sync: {syncs[i][1]} at {syncs[i][2]}"
-        else:
-            inside = [name for lo, hi, name in phases if lo <= end <= hi]
-            cause = f"host launching, no sync (in {inside[-1] if inside else 'predict, outside generate'})"
-        by_cause[cause][0] += gap
-        by_cause[cause][1] += 1
-    span = merged[-1][1] - merged[0][0] if merged else 0.0
-    kernel_time = sum(hi - lo for lo, hi in merged)
-    return {"device_span_ms": round(span / 1e3, 2), "device_busy_ms": round(kernel_time / 1e3, 2),
-            "idle_in_gaps_ms": round(total_gap / 1e3, 2), "min_gap_us": min_us,
-            "by_cause_ms": {cause: {"ms": round(t / 1e3, 2), "gaps": n}
-                            for cause, (t, n) in sorted(by_cause.items(), key=lambda kv: -kv[1][0])[:25]}}
 
 
 def kernels_by_phase(prof, top: int = 15) -> str:
@@ -213,7 +152,7 @@ def kernels_by_phase(prof, top: int = 15) -> str:
                     if e.name.startswith("phase: ") and e.name != "phase: StaticDecoder.generate (all)")
     totals = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     for e in events:
-        if e.device_type != DeviceType.CUDA:
+        if e.device_type != DeviceType.CUDA or e.name.startswith(PHASE):  # the phases' own ranges on the device
             continue
         start = e.time_range.start
         phase = next((name for lo, hi, name in ranges if lo <= start <= hi), "outside the phases")

@@ -4,16 +4,21 @@ With $LATEXOCR_PROFILE_STEPS set ("first:last", optimizer steps counted from 1),
 steps with torch.profiler and writes, per step, the device time of each kernel (CPU operators' time on a
 machine without a GPU) summed into categories: matrix products, attention, linear attention (Qwen3.5's delta
 rule and convolution kernels), normalization, copies, the optimizer, other elementwise work, and the rest;
-plus the busiest kernels. It goes to $LATEXOCR_PROFILE_OUT (a JSON file; default step_profile.json in the
-output folder), and one line goes to stderr. A bench setting, like $LATEXOCR_SPEED: train.py's settings stay
+plus the busiest kernels; and the host's side: the steps' wall time, the share of it the GPU was busy, the
+device's idle gaps charged to the host call before them (a GPU->CPU sync) or to the host launching (device_gaps),
+and the operators and kernel launches the host dispatched a step. It goes to $LATEXOCR_PROFILE_OUT (a JSON file;
+default step_profile.json in the output folder), and one line goes to stderr. A bench setting, like $LATEXOCR_SPEED: train.py's settings stay
 as they are. The steps profiled run slower (the profiler's own work), so bench_train times the others.
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -69,6 +74,91 @@ def summarize(events, steps: int) -> dict:
                         for name, ms, calls, what in sorted(times, key=lambda t: -t[1])[:40]]}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# host calls after which the GPU's queue is empty: the host waited for the device (a GPU->CPU sync)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+              "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::tolist")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
+            "cudaMemcpyAsync", "cudaMemsetAsync")
+PHASE = "phase: "  # record_function ranges a caller opens to name the host's phase in device_gaps
+
+
+def _user_line(stack) -> str:
+    """The innermost frame of a profiler event's Python stack outside torch and the profiling code."""
+    for frame in stack or []:
+        if "/torch/" in frame or "profil" in frame.rsplit("/", 1)[-1] or frame.startswith("<built-in"):
+            continue
+        return frame.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+    return "?"
+
+
+def device_gaps(events, min_us: float = 20.0) -> dict:
+    """The device's idle time in a profiled stretch (torch.profiler's events()), between its first and last kernel:
+    every gap of at least min_us between busy intervals, charged to the last sync-like host call that ended inside
+    the gap or just before it (with its source line where the profiler kept stacks), else to the host launching, in
+    its innermost `phase:` range if a caller opened one (the device then ran faster than the host queued work)."""
+    from torch.autograd import DeviceType
+
+    # the device's kernels and copies; not the `phase:` ranges, which the profiler also shows on the device
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == DeviceType.CUDA and not e.name.startswith(PHASE))
+    merged = []
+    for lo, hi in busy:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    host = [e for e in events if e.device_type != DeviceType.CUDA]
+    syncs = sorted((e.time_range.end, e.name, _user_line(getattr(e, "stack", None))) for e in host
+                   if e.name.startswith(SYNC_CALLS) or e.name in SYNC_CALLS)
+    sync_ends = [end for end, _, _ in syncs]
+    phases = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in host
+                    if e.name.startswith(PHASE))
+    by_cause = collections.defaultdict(lambda: [0.0, 0])
+    total_gap = 0.0
+    for (_, end), (start, _) in zip(merged, merged[1:]):
+        gap = start - end
+        if gap < min_us:
+            continue
+        total_gap += gap
+        i = bisect.bisect_right(sync_ends, start) - 1  # the last sync ending before the next kernel starts
+        if i >= 0 and sync_ends[i] >= end - 50:
+            cause = f"after a sync: {syncs[i][1]} at {syncs[i][2]}"
+        else:
+            inside = [name for lo, hi, name in phases if lo <= end <= hi]
+            cause = f"host launching, no sync{f' (in {inside[-1]})' if inside else ''}"
+        by_cause[cause][0] += gap
+        by_cause[cause][1] += 1
+    span = merged[-1][1] - merged[0][0] if merged else 0.0
+    return {"device_span_ms": round(span / 1e3, 2), "device_busy_ms": round(sum(hi - lo for lo, hi in merged) / 1e3, 2),
+            "idle_in_gaps_ms": round(total_gap / 1e3, 2), "min_gap_us": min_us,
+            "by_cause_ms": {cause: {"ms": round(t / 1e3, 2), "gaps": n}
+                            for cause, (t, n) in sorted(by_cause.items(), key=lambda kv: -kv[1][0])[:25]}}
+
+
+def host_side(events, steps: int, wall_s: float) -> dict:
+    """What the host did in the profiled steps, per step: its wall time, the operators it dispatched (aten::, nested
+    ones included) and the kernels it launched, the operators with the most host time of their own, and where the
+    device waited (device_gaps; on a GPU)."""
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type != DeviceType.CUDA]
+    own = collections.Counter()
+    for e in host:
+        if e.name.startswith("aten::"):
+            own[e.name] += e.self_cpu_time_total
+    out = {"wall_ms_per_step": round(wall_s * 1e3 / steps, 2),
+           "aten_ops_per_step": round(sum(e.name.startswith("aten::") for e in host) / steps),
+           "launches_per_step": round(sum(e.name.startswith(LAUNCHES) for e in host) / steps),
+           "host_busiest_ops": [{"name": name, "ms_per_step": round(us / 1e3 / steps, 3)}
+                                for name, us in own.most_common(15)]}
+    if any(e.device_type == DeviceType.CUDA for e in events):
+        gaps = device_gaps(events)
+        out["device_busy_share"] = round(gaps["device_busy_ms"] / (wall_s * 1e3), 4) if wall_s else 0.0
+        out["device_gaps"] = gaps
+    return out
+
+
 class StepProfile(TrainerCallback):
     """torch.profiler around optimizer steps first..last (main process only); the summary written at the last."""
 
@@ -94,6 +184,7 @@ class StepProfile(TrainerCallback):
                 torch.cuda.synchronize()
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
+            self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.profiler is None or state.global_step != self.last:
@@ -101,12 +192,18 @@ class StepProfile(TrainerCallback):
         import torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
-        summary = {"steps_profiled": [self.first, self.last],
-                   **summarize(self.profiler.key_averages(), self.last - self.first + 1)}
+        steps = self.last - self.first + 1
+        summary = {"steps_profiled": [self.first, self.last], **summarize(self.profiler.key_averages(), steps),
+                   "host": host_side(self.profiler.events(), steps, wall)}
         self.profiler = None
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(summary, indent=1))
         shares = ", ".join(f"{k} {v['share']:.0%}" for k, v in summary["categories"].items())
+        host = summary["host"]
+        busy = f", the GPU busy {host['device_busy_share']:.0%} of it" if "device_busy_share" in host else ""
         print(f"profile of steps {self.first}-{self.last}: {summary['ms_per_step']:.1f} ms a step "
-              f"({summary['timed']}): {shares}; {self.out}", file=sys.stderr, flush=True)
+              f"({summary['timed']}): {shares}; wall {host['wall_ms_per_step']:.1f} ms a step{busy}, "
+              f"{host['aten_ops_per_step']} operators and {host['launches_per_step']} launches dispatched; "
+              f"{self.out}", file=sys.stderr, flush=True)

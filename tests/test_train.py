@@ -214,6 +214,10 @@ def test_a_profile_of_chosen_steps_says_where_a_step_goes(tmp_path, tiny_model_d
     assert abs(sum(c["ms"] for c in summary["categories"].values()) - summary["ms_per_step"]) < 0.01 * summary["ms_per_step"] + 0.01
     assert summary["busiest"] and all(b["category"] in summary["categories"] for b in summary["busiest"])
     assert f"profile of steps 2-3: " in proc.stderr and str(report) in proc.stderr
+    # the host's side: its wall time and dispatches a step (where the GPU waited: on a GPU only)
+    host = summary["host"]
+    assert host["wall_ms_per_step"] > 0 and host["aten_ops_per_step"] > 100 and host["host_busiest_ops"]
+    assert "device_gaps" not in host and "operators and 0 launches dispatched" in proc.stderr
     proc = run_main("train.py", *args, env={"LATEXOCR_PROFILE_STEPS": "two"}, check=False)
     assert proc.returncode != 0 and "LATEXOCR_PROFILE_STEPS: 'two'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -302,6 +306,32 @@ def test_compiled_training_matches_eager_and_generation_does_not_recompile(tmp_p
     # add one per eval/no-grad mode and per KV-cache layer if it ran the compiled blocks
     reasons = [line for line in compiled.stderr.splitlines() if "[__recompiles]     - " in line]
     assert reasons and not [r for r in reasons if "grad_mode" in r or "cache" in r], "\n".join(reasons)
+
+
+def test_device_gaps_are_charged_to_the_sync_before_them_or_to_the_host():
+    """latexocr/profiling.py device_gaps (bench/profile_infer.py, --profile-steps on a GPU): a gap after a sync goes
+    to the sync's source line, one without to the host launching in its phase; short gaps and the phases' own
+    device ranges are not gaps."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from latexocr.profiling import device_gaps
+
+    def event(name, start, end, device=DeviceType.CPU, stack=()):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               stack=list(stack))
+    gpu = DeviceType.CUDA
+    events = [event("k1", 0, 100, gpu), event("k2", 100, 200, gpu),
+              event("aten::_local_scalar_dense", 150, 205, stack=["/x/torch/a.py(1): f", f"{ROOT}/latexocr/x.py(10): g"]),
+              event("k3", 300, 400, gpu),  # 100 us idle after the sync
+              event("phase: prefill", 350, 1000), event("phase: prefill", 350, 1000, gpu),  # the range, shown on both
+              event("k4", 450, 500, gpu),  # 50 us idle, no sync: the host launching
+              event("k5", 505, 600, gpu)]  # 5 us: not a gap
+    gaps = device_gaps(events, min_us=20)
+    assert gaps["device_busy_ms"] == 0.45 and gaps["idle_in_gaps_ms"] == 0.15
+    assert gaps["by_cause_ms"] == {"after a sync: aten::_local_scalar_dense at latexocr/x.py(10): g": {"ms": 0.1, "gaps": 1},
+                                   "host launching, no sync (in prefill)": {"ms": 0.05, "gaps": 1}}
 
 
 def test_throughput_excludes_evaluation_time():
