@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from common import DEFAULT_SHARED, build_random, full_val_samples, real_samples
-
-PHASE = "phase: "  # latexocr.profiling.PHASE: the host's phase in device_gaps
+from latexocr.profiling import PHASE  # the ranges naming the host's phase (common puts the repo on sys.path)
 
 
 def main():
