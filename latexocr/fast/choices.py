@@ -101,7 +101,9 @@ class SpeedChoices:
     padded_positions: bool = True         # padded training batches (Qwen3.5's default; packing=off) carry their
                                           # M-RoPE positions from the collator (TrainCollator padded_positions):
                                           # the model's get_rope_index asks the GPU for ~7 values a sample, each
-                                          # a sync (bench/count_syncs.py: Qwen3.5's step of 16 samples)
+                                          # a sync (bench/count_syncs.py: Qwen3.5's step of 16 samples, 128 -> 16).
+                                          # Run AB (H100, fla): no faster, 38.0 and 36.6 samples/s against 38.9
+                                          # off; kept on: the same positions, fewer syncs
     fused_qkv: bool = True                # the static decoder's prefill and step, every family: each text attention's
                                           # query, key and value projections as one product of their joined weights
                                           # (fast/standins.py qkv_swaps; +176 MiB for Qwen2-VL-2B); a decode step's

@@ -189,6 +189,13 @@ def fla_usable() -> bool:
     return is_flash_linear_attention_available() and speed_choices().fla
 
 
+# transformers' Gated DeltaNet functions that Qwen3.5's linear-attention layers call by these module-level names
+# (checked against transformers 5.24-5.25: fast/upstream.py): the chunked and the recurrent delta rule, fla's
+# kernels where fla imports, else the reference PyTorch rules.
+DELTA_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+_EAGER_OF = "_latexocr_eager_of"  # on a rule delta_rules_run_eagerly wrapped: the rule it runs
+
+
 def use_reference_delta_rule(recurrent: bool = False) -> None:
     """Where fla imports but refuses to train (fla_refusal), transformers has already taken fla's chunked
     delta rule for every Qwen3.5 layer (chosen when its module loaded), so the first backward pass would
@@ -196,20 +203,13 @@ def use_reference_delta_rule(recurrent: bool = False) -> None:
     (also where fla is switched off: fla_usable). recurrent: the one-token rule of a decode step too.
     A rule that delta_rules_run_eagerly wrapped stays wrapped (its reference then runs eagerly)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
-    for name in ("torch_chunk_gated_delta_rule",) + (("torch_recurrent_gated_delta_rule",) if recurrent else ()):
+    for name in DELTA_RULES if recurrent else DELTA_RULES[:1]:  # the chunked rule; with recurrent, the step's too
         current = getattr(q35, name)
         inner = getattr(current, _EAGER_OF, None)
         reference = getattr(inner if inner is not None else current, "__wrapped__", None)
         if reference is not None and getattr(reference, "__module__", None) == q35.__name__:
             # the reference ignores cu_seqlens: PADDED gives none
             setattr(q35, name, _eager(reference) if inner is not None else reference)
-
-
-# transformers' Gated DeltaNet functions that Qwen3.5's linear-attention layers call by these module-level names
-# (checked against transformers 5.24-5.25: fast/upstream.py): the chunked and the recurrent delta rule, fla's
-# kernels where fla imports, else the reference PyTorch rules.
-DELTA_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
-_EAGER_OF = "_latexocr_eager_of"  # on a rule delta_rules_run_eagerly wrapped: the rule it runs
 
 
 def _eager(rule):
