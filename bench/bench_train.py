@@ -82,6 +82,9 @@ CONFIGS = {
                            "piece (fast/head.py off)"),
     "qwen3_5_compiled": ([], "compile=on", "Qwen3.5-2B, defaults + torch.compile of each block (the delta rules "
                          "eager between its parts), LLM blocks as CUDA graphs"),
+    # a job long enough that compile=auto compiles (--long-steps, fast/compile.py COMPILE_FROM_STEPS_LINEAR_ATTENTION)
+    "qwen3_5_long": ([], "", "Qwen3.5-2B, train.py defaults on a job of --long-steps steps (compile=auto compiles "
+                     "where fla trains)"),
     "qwen3_5_compiled_no_graphs": ([], "compile=on,cuda_graphs=off", "Qwen3.5-2B, compiled, without CUDA graphs"),
     "qwen3_5_model_positions": ([], "padded_positions=off", "Qwen3.5-2B, defaults, the model computing its M-RoPE "
                                 "positions (get_rope_index: ~7 GPU->CPU syncs a sample) instead of the collator"),
@@ -187,6 +190,7 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
         "last_loss": [l["loss"] for l in logs if "loss" in l][-1],
         "losses": [l["loss"] for l in logs if "loss" in l],
         "train_runtime_s": final.get("train_runtime"),
+        "job_samples_per_s": final.get("train_samples_per_second"),  # the whole run: warm-up and compiling too
         "fast_path": next((line for line in proc.stdout.splitlines() if line.startswith("fast path:")), ""),
         # the path the linear-attention layers took (train.py's line for packed rows, or for padded batches)
         "linear_attention": next((line for line in proc.stdout.splitlines()
@@ -210,6 +214,9 @@ def main():
     ap.add_argument("--compiled-steps", type=int, default=80,
                     help="optimizer steps of the compiled configurations: their first steps compile the blocks "
                          "and record a CUDA graph per new row shape, so steady state comes later")
+    ap.add_argument("--long-steps", type=int, default=None,
+                    help="optimizer steps of the *_long configurations (default: the steps from which "
+                         "compile=auto compiles Qwen3.5, latexocr/fast/compile.py)")
     ap.add_argument("--full", default="default", help="configurations run for the whole 996 x 2 epochs")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="> 0: each configuration (not --full) runs this many more steps after the timed ones, "
@@ -220,6 +227,9 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_train.json")
     a = ap.parse_args()
     a.shared = a.shared.resolve()
+    if a.long_steps is None:
+        from latexocr.fast.compile import COMPILE_FROM_STEPS_LINEAR_ATTENTION
+        a.long_steps = COMPILE_FROM_STEPS_LINEAR_ATTENTION
     names = a.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -255,8 +265,9 @@ def main():
     for name in names:
         (flags, speed, what), model_dir = CONFIGS[name], model_for(name)
         full = name in a.full.split(",")
-        compiles = "compile=on" in speed or name.endswith(("_cold", "_warm"))  # (auto compiles the 996 x 2 job)
-        steps = 0 if full else (a.compiled_steps if compiles else a.steps)
+        long = name.endswith("_long")
+        compiles = "compile=on" in speed or name.endswith(("_cold", "_warm")) or long  # (auto compiles these)
+        steps = 0 if full else (a.long_steps if long else a.compiled_steps if compiles else a.steps)
         r = run_config(name, flags, speed, model_dir, json_path, a.work, steps, 2, a.nproc, warmup_half=compiles,
                        profile=a.profile_steps)
         if "profile_file" in r:  # beside the JSON, where the device call brings $OUT back

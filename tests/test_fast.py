@@ -378,6 +378,24 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
         plan(model, _settings(), SpeedChoices(compile="yes"), processes=1, accumulation=1, planned_steps=1)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])
+def test_auto_compiles_qwen3_5_only_on_fla_and_from_longer_runs(tiny_family_dirs, monkeypatch, family):
+    """compile=auto's rule (fast/trainer.py auto_compile_rule): Qwen3.5's compiled step was timed with fla's delta
+    rule (run AC), not with transformers' reference one, and its longer compile repays itself later."""
+    from latexocr.fast import linear_attention, trainer
+    from latexocr.fast.compile import COMPILE_FROM_STEPS, COMPILE_FROM_STEPS_LINEAR_ATTENTION, should_compile
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family])
+    steps = COMPILE_FROM_STEPS_LINEAR_ATTENTION if family == "qwen3_5" else COMPILE_FROM_STEPS
+    assert COMPILE_FROM_STEPS_LINEAR_ATTENTION > COMPILE_FROM_STEPS
+    for path, measured in ((linear_attention.FLA_PADDED, True), (linear_attention.PADDED, family != "qwen3_5")):
+        monkeypatch.setattr(trainer, "choose_path", lambda path=path: (path, "as the test says"))
+        settings = _settings(gradient_checkpointing=False)  # as train.py resolves "auto" on a large card
+        assert trainer.auto_compile_rule(model, settings, vision_trains=False) == (measured, steps)
+        assert trainer.auto_compile_rule(model, _settings(gradient_checkpointing=True), vision_trains=False)[0] is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rule as on a GPU
+    assert should_compile("auto", steps, True, steps) and not should_compile("auto", steps - 1, True, steps)
+
+
 def test_speed_choices_come_from_the_environment(monkeypatch):
     from latexocr.fast import SpeedChoices, speed_choices
     monkeypatch.delenv("LATEXOCR_SPEED", raising=False)

@@ -88,18 +88,24 @@ def uncompile(model) -> None:
 # 223 samples/s, docs/BENCHMARKS.md run H; eager 0.254 s/step vs compiled 0.065 s/step in run I):
 # a cold run pays from ~280 optimizer steps on; 300 leaves a margin.
 COMPILE_FROM_STEPS = 300
+# Qwen3.5 (linear-attention layers through fla's kernels) compiles more (each block in two parts around its
+# delta rule, two layer kinds): run AC (H200, Qwen3.5-2B, fla 0.6.0) spent 140 s more than its steady speed
+# explains (80 steps in 154.8 s at 85.2 samples/s, fla's Triton kernels already built) and then saves
+# 16/37.35 - 16/85.17 = 0.24 s a step against eager: a cold run pays from ~580 steps on.
+COMPILE_FROM_STEPS_LINEAR_ATTENTION = 600
 CACHE_ENV = "LATEXOCR_COMPILE_CACHE"
 
 
-def should_compile(setting: str, planned_steps: int, measured_setup: bool = True) -> bool:
-    """The compile choice (latexocr/fast/choices.py): "on", "off", or "auto": on a CUDA GPU, for runs long enough to repay the
-    compile, and only in the setup it was measured in (`measured_setup`: no DeepSpeed, no
-    gradient checkpointing)."""
+def should_compile(setting: str, planned_steps: int, measured_setup: bool = True,
+                   from_steps: int = COMPILE_FROM_STEPS) -> bool:
+    """The compile choice (latexocr/fast/choices.py): "on", "off", or "auto": on a CUDA GPU, for runs of at least
+    `from_steps` optimizer steps (long enough to repay the compile), and only in the setup it was measured in
+    (`measured_setup`: no DeepSpeed, no gradient checkpointing, ...)."""
     setting = setting.lower()
     if setting not in ("auto", "on", "off"):
         raise SystemExit(f"compile must be auto, on or off, not {setting!r}")
     if setting == "auto":
-        return torch.cuda.is_available() and measured_setup and planned_steps >= COMPILE_FROM_STEPS
+        return torch.cuda.is_available() and measured_setup and planned_steps >= from_steps
     return setting == "on"
 
 

@@ -15,14 +15,15 @@ import torch
 
 from ..batching import (PRECOMPUTED_KEYS, REAL_TOKENS_KEY, VISION_PADDING_KEY, VISION_POSITIONS_KEY, TrainCollator,
                         sample_boundaries)
-from .linear_attention import has_linear_attention
+from .linear_attention import PADDED, choose_path, has_linear_attention
 from ..modeling import vision_language_core
 from ..training import OcrTrainer, summed_cross_entropy, supervised_logits, supervised_loss
 from .attention import use_packed_text_attention
 from .choices import ENV, SpeedChoices
 from .head import head_can_be_sliced, head_loss, hidden_states_out
-from .compile import (COMPILE_FROM_STEPS, CUDA_GRAPH_PATCH_MULTIPLE, CUDA_GRAPH_ROW_MULTIPLE, CompileCache,
-                      compile_decoder_layers, should_compile, should_use_cuda_graphs)
+from .compile import (COMPILE_FROM_STEPS, COMPILE_FROM_STEPS_LINEAR_ATTENTION, CUDA_GRAPH_PATCH_MULTIPLE,
+                      CUDA_GRAPH_ROW_MULTIPLE, CompileCache, compile_decoder_layers, should_compile,
+                      should_use_cuda_graphs)
 from .upstream import drift
 from .vision import PackedExtras, VisionGraphs, graph_vision_tower, supervised_step_loss, takes_precomputed_vision
 
@@ -221,6 +222,19 @@ def _vision_trains(model) -> bool:
     return core is not None and any(p.requires_grad for p in core.visual.parameters())
 
 
+def auto_compile_rule(model, settings, vision_trains: bool) -> tuple[bool, int]:
+    """(measured_setup, from_steps) for should_compile's "auto": whether this setup's compiled step was ever timed,
+    and from how many optimizer steps compiling repays itself (fast/compile.py)."""
+    linear_attention = has_linear_attention(model)
+    # not with DeepSpeed or gradient checkpointing, nor Qwen3.5 on transformers' reference delta rule (timed
+    # compiled only with fla's), nor the training modes whose compiled step was never timed (a training vision
+    # tower, TUNE=full, 4-bit, fp16)
+    reference_rule = linear_attention and choose_path()[0] == PADDED
+    measured_setup = not (settings.deepspeed or settings.gradient_checkpointing or reference_rule or vision_trains
+                          or settings.tune == "full" or settings.quantization != "none" or settings.dtype == "fp16")
+    return measured_setup, COMPILE_FROM_STEPS_LINEAR_ATTENTION if linear_attention else COMPILE_FROM_STEPS
+
+
 def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: int,
          planned_steps: int, split: bool = False) -> tuple[dict, dict, str]:
     """Switch the fast path on for `model` as `speed` and train.py's `settings` allow: packed
@@ -234,12 +248,8 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     vision_trains = _vision_trains(model)
     text_attention = (packed and speed.packed_text_attention and speed.attention == "sdpa"
                       and use_packed_text_attention(model))  # flash varlen on GPU: no work on masked-out scores
-    # auto compiles only where it was measured: not with DeepSpeed or gradient checkpointing, nor (yet)
-    # Qwen3.5, nor the training modes whose compiled step was never timed (a training vision tower,
-    # TUNE=full, 4-bit, fp16)
-    measured_setup = not (settings.deepspeed or settings.gradient_checkpointing or linear_attention or vision_trains
-                          or settings.tune == "full" or settings.quantization != "none" or settings.dtype == "fp16")
-    compiled = should_compile(speed.compile, planned_steps, measured_setup)
+    measured_setup, from_steps = auto_compile_rule(model, settings, vision_trains)
+    compiled = should_compile(speed.compile, planned_steps, measured_setup, from_steps)
     cuda_graphs = should_use_cuda_graphs(speed.cuda_graphs, compiled, processes, accumulation) and not split
     precomputed = packed and speed.supervised_logits_only and takes_precomputed_vision(model) and not vision_trains
     vision_graphs, parts = None, []
@@ -260,8 +270,10 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
         parts.append(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}: ~1 min in the "
                      f"first steps, less once torch's cache {cache.folder} is warm ({ENV}=compile=off skips it)")
     elif speed.compile == "auto" and torch.cuda.is_available():
-        parts.append(f"eager ({ENV} compile=auto compiles from {COMPILE_FROM_STEPS} steps"
-                     f"{' and without DeepSpeed / gradient checkpointing / linear attention' if not measured_setup else ''})")
+        unmeasured = " and without DeepSpeed / gradient checkpointing / QLoRA / fp16 / full or vision tuning" + (
+            " / transformers' reference delta rule" if linear_attention else "")
+        parts.append(f"eager ({ENV} compile=auto compiles from {from_steps} steps"
+                     f"{unmeasured if not measured_setup else ''})")
     collator_options = {}
     if packed:
         collator_options["packed_extras"] = PackedExtras(
