@@ -552,6 +552,66 @@ def test_compiled_blocks_train_qwen3_5_as_eager(tmp_path, model_dir):
     assert "[eval @ step 3] exact_match" in compiled.stdout
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shifted_convolution_is_transformers_convolution(dtype):
+    """Compiled blocks take shifted_causal_conv1d for transformers' PyTorch causal convolution: the same
+    values and gradients (bf16: one rounding of the fp32 sum; F.conv1d on a CPU rounds bf16 products)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    reference = getattr(q35.causal_conv1d_fn, la._SHIFTED, q35.causal_conv1d_fn)
+    torch.manual_seed(0)
+    x = torch.randn(3, 24, 37, dtype=dtype, requires_grad=True)
+    weight = torch.randn(24, 4, dtype=dtype, requires_grad=True)
+    bias = torch.randn(24, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 24, 37, dtype=dtype)
+    results = []
+    for conv in (reference, la.shifted_causal_conv1d):
+        out = conv(x, weight, bias, activation="silu")
+        results.append((out, *torch.autograd.grad(out, (x, weight, bias), grad)))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for ours, theirs in zip(results[1], results[0]):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **tolerance)
+    # and without bias or activation, as causal_conv1d_fn may be called
+    torch.testing.assert_close(la.shifted_causal_conv1d(x.detach(), weight.detach()),
+                               reference(x.detach(), weight.detach()), **tolerance)
+
+
+RECOMPILES = """
+import sys, torch
+from transformers import AutoModelForImageTextToText
+from torch._dynamo.utils import counters
+from latexocr.fast.compile import compile_decoder_layers
+from latexocr.modeling import add_lora
+model = add_lora(AutoModelForImageTextToText.from_pretrained(sys.argv[1]), 8, 16, 0.0)
+compile_decoder_layers(model)
+text = model.base_model.model.model.language_model
+def step(length):
+    out = text(inputs_embeds=torch.randn(2, length, text.config.hidden_size),
+               attention_mask=torch.ones(2, length, dtype=torch.long), use_cache=False)
+    out.last_hidden_state.pow(2).mean().backward()
+for length in (40, 71):  # both sides of the reference rule's chunk of 64 (its output's strides differ)
+    step(length)
+before = counters["stats"]["unique_graphs"]
+for length in (33, 57, 80, 100):
+    step(length)
+print("graphs", before, counters["stats"]["unique_graphs"])
+"""
+
+
+def test_compiled_qwen3_5_blocks_do_not_recompile_for_each_length(model_dir):
+    """A compiled run meets a new padded length at almost every step. Qwen3.5's blocks compiled once per new
+    length (the causal convolution's backward specialised it) until dynamo's limit of 8 recompiles left them
+    eager; with shifted_causal_conv1d in its place, new lengths reuse the graphs (a process of its own:
+    compiling changes process-wide state)."""
+    import subprocess
+    from helpers import PY, ROOT
+    proc = subprocess.run([PY, "-c", RECOMPILES, str(model_dir)], capture_output=True, text=True, timeout=1800,
+                          cwd=ROOT, env=script_env(PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, before, after = proc.stdout.split()[-3:]
+    assert int(after) == int(before) > 0
+
+
 def test_reference_rule_taken_under_the_eager_wrapper(monkeypatch, model_dir):
     """Where fla refuses to train, use_reference_delta_rule swaps in transformers' reference rule; after
     compile's delta_rules_run_eagerly it swaps it in under the eager wrapper, which a compiled block needs."""

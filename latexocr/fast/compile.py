@@ -61,8 +61,9 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     # 2.11 skipped such graphs, or segfaulted in the backward when it partitioned around them).
     torch._dynamo.config.specialize_float = True
     compile_options = {"dynamic": True, **compile_options}
-    from .linear_attention import delta_rules_run_eagerly
+    from .linear_attention import convolution_traces_dynamically, delta_rules_run_eagerly
     delta_rules_run_eagerly(model)  # Qwen3.5: its delta rule between a block's compiled parts
+    convolution_traces_dynamically(model)  # Qwen3.5: one compile for every sequence length
     count = 0
     for module in model.modules():
         name = type(module).__name__

@@ -234,6 +234,51 @@ def delta_rules_run_eagerly(model) -> None:
             setattr(q35, name, _eager(rule))
 
 
+CONVOLUTION = "causal_conv1d_fn"  # transformers' whole-sequence causal convolution (5.24-5.25), by its module-level name
+_SHIFTED = "_latexocr_shifted_of"  # on shifted_causal_conv1d's stand-in: the function it replaced
+
+
+def shifted_causal_conv1d(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """transformers' causal_conv1d_fn (its PyTorch form: a depthwise F.conv1d padded by width - 1 on the left)
+    written as `width` shifted multiply-adds in fp32: one fused kernel forward and backward under torch.compile.
+    The convolution's backward has no symbolic form: compiled, a block recompiled for every new sequence length
+    ("Eq(s + 3, 43)" guards from the backward's compile) until dynamo's recompile limit (8) left it eager.
+    hidden_states (batch, channels, length), weight (channels, width)."""
+    from transformers.activations import ACT2FN
+    width, length = weight.shape[-1], hidden_states.shape[-1]
+    padded = torch.nn.functional.pad(hidden_states.float(), (width - 1, 0))
+    taps = weight.float()
+    out = padded[:, :, :length] * taps[:, :1]
+    for j in range(1, width):
+        out = out + padded[:, :, j:j + length] * taps[:, j:j + 1]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    if activation is not None:
+        out = ACT2FN[activation](out)
+    return out.to(hidden_states.dtype)
+
+
+def convolution_traces_dynamically(model) -> bool:
+    """Before a model's blocks are compiled (fast/compile.py): transformers' PyTorch causal convolution
+    (CONVOLUTION, taken where causal-conv1d is absent) becomes shifted_causal_conv1d, process-wide. Idempotent;
+    returns whether it is in place (False: no linear attention, or causal-conv1d's kernel runs there)."""
+    if not has_linear_attention(model):
+        return False
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as q35
+    from transformers.utils.import_utils import is_causal_conv1d_available
+    current = getattr(q35, CONVOLUTION)
+    if getattr(current, _SHIFTED, None) is not None:
+        return True
+    if is_causal_conv1d_available():
+        return False
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        return shifted_causal_conv1d(hidden_states, weight, bias, activation, **kwargs)
+    setattr(causal_conv1d_fn, _SHIFTED, current)
+    setattr(q35, CONVOLUTION, causal_conv1d_fn)
+    return True
+
+
 def padding_indices(cu_seqlens: torch.Tensor, max_length: int, row_length: int):
     """Indices between a packed row (row_length positions) and its right-padded batch (samples x max_length).
 

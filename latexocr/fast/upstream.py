@@ -96,7 +96,8 @@ SOURCES = {
         ("fast/kernels.py causal_conv computes what this computes (no cache: zeros before the first token), and "
          "fast/standins.py prefill_conv stands in for it (the module attribute) while the static decoder's "
          "prefill runs; the layer (5.24) or causal_conv1d_forward (5.25) calls it by that module-level name and "
-         "transposes its output back to tokens x channels before splitting q, k and v",
+         "transposes its output back to tokens x channels before splitting q, k and v; fast/linear_attention.py "
+         "shifted_causal_conv1d computes its PyTorch form (F.conv1d) and takes its place for compiled training",
          ("4332465371f21918",)),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
         ("fast/kernels.py rms_norm computes this (offset False) and fast/standins.py _standing_in stands in for "
@@ -267,7 +268,9 @@ PRIVATE_ATTRIBUTES = {
         ("fast/standins.py _prefill_functions: prefill_delta_rule while the static decoder's prefill runs, then "
          "restored; fast/linear_attention.py use_reference_delta_rule: where fla refuses to train, the reference"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "causal_conv1d_fn"):
-        "fast/standins.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored",
+        ("fast/standins.py _prefill_functions: prefill_conv while the static decoder's prefill runs, then restored; "
+         "fast/linear_attention.py convolution_traces_dynamically: shifted_causal_conv1d, process-wide, before "
+         "blocks compile"),
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm.forward"):
         ("fast/standins.py _standing_in: kernels.rms_norm while the static decoder's prefill and step run, then "
          "restored; likewise Qwen2_5_VLRMSNorm, Qwen3VLTextRMSNorm, Qwen3_5RMSNorm and Qwen3_5RMSNormGated (found "
