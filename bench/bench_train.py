@@ -201,6 +201,15 @@ def run_config(name, flags, speed, model_dir, json_path, work, steps, epochs, np
     }
 
 
+def beyond_steady(r: dict) -> float | None:
+    """Seconds the whole run took beyond its samples at the steady speed: compiling and recording CUDA graphs
+    (and, in a machine's first run, fla's Triton kernels building), the first steps' warm-up."""
+    if not (r.get("train_runtime_s") and r.get("job_samples_per_s") and r.get("samples_per_s")):
+        return None
+    samples = r["job_samples_per_s"] * r["train_runtime_s"]
+    return round(r["train_runtime_s"] - samples / r["samples_per_s"], 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
@@ -281,6 +290,7 @@ def main():
             r["tflop_per_sample"] = flops / 1e12
             r["mfu"] = r["samples_per_s"] * flops / (PEAK_TFLOPS * 1e12)
             r["tutorial_workload_s"] = r["train_runtime_s"] if full else 2 * 996 / r["samples_per_s"]
+            r["beyond_steady_s"] = beyond_steady(r)
         r["what"] = what
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
@@ -288,15 +298,17 @@ def main():
 
     base = next((r for r in results if r["name"] == "tutorial" and "error" not in r), None)
     print(f"\n{env}\n")
-    print("| configuration | samples/s | × tutorial-eq. | tokens/s | MFU | peak GiB | 996×2 workload | loss first→last |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | samples/s | × tutorial-eq. | tokens/s | MFU | peak GiB | 996×2 workload | loss first→last "
+          "| s beyond steady (compiling, warm-up) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error']} |")
             continue
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.1f}×" if base else "-"
         print(f"| {r['name']} | {r['samples_per_s']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f} % "
-              f"| {r['peak_gib']:.1f} | {r['tutorial_workload_s']:.0f} s | {r['first_loss']:.3f}→{r['last_loss']:.3f} |")
+              f"| {r['peak_gib']:.1f} | {r['tutorial_workload_s']:.0f} s | {r['first_loss']:.3f}→{r['last_loss']:.3f} "
+              f"| {r.get('beyond_steady_s') if r.get('beyond_steady_s') is not None else '-'} |")
     profiled = [r for r in results if "profile" in r]
     if profiled:  # where a step's time goes, by kernel category (the profiled steps after the timed ones)
         names = sorted({c for r in profiled for c in r["profile"]["categories"]},
