@@ -11,7 +11,8 @@ transformers' RandomSampler (train.py's default) and of its LengthGroupedSampler
 --epochs epochs. Prints the tokens a right-padded micro-batch computes (its rows x its longest sample) over
 the samples' own tokens: what every layer of a padded model computes beyond the real tokens (Qwen3.5's
 padded default; packed rows carry none of it). And the supervised tokens (one row of logits each) of the
-memory probe's padded batch beside those of random micro-batches.
+memory probe's padded batch beside those of random micro-batches. With --multiples, the padding and the number
+of distinct micro-batch shapes when each length is rounded up as compiled training with CUDA graphs does.
 """
 from __future__ import annotations
 
@@ -22,14 +23,22 @@ from pathlib import Path
 from common import DEFAULT_SHARED, full_val_samples, real_samples, write_json
 
 
-def padded_ratio(order: list[int], lengths: list[int], micro: int) -> float:
-    """Tokens of right-padded micro-batches of `micro` consecutive samples of `order` over their own tokens."""
+def padded_ratio(order: list[int], lengths: list[int], micro: int, multiple: int = 1) -> float:
+    """Tokens of right-padded micro-batches of `micro` consecutive samples of `order` over their own tokens,
+    each micro-batch's length rounded up to a multiple of `multiple` (the collator's pad_to_multiple_of)."""
     padded = real = 0
     for i in range(0, len(order), micro):
         batch = [lengths[j] for j in order[i:i + micro]]
-        padded += max(batch) * len(batch)
+        padded += -(-max(batch) // multiple) * multiple * len(batch)
         real += sum(batch)
     return padded / real
+
+
+def shapes(order: list[int], lengths: list[int], micro: int, multiple: int) -> int:
+    """Distinct micro-batch lengths after rounding: a CUDA graph (and, where a block's graph specialises on
+    the length, a compile) each."""
+    return len({-(-max(lengths[j] for j in order[i:i + micro]) // multiple) * multiple
+                for i in range(0, len(order), micro)})
 
 
 def main():
@@ -40,6 +49,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step (BATCH_SIZE)")
     ap.add_argument("--micro", default="16,8,4", help="micro-batch sizes (MICRO_BATCH_SIZE), comma-separated")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--multiples", default="256,128,64,32",
+                    help="also round each micro-batch's length up to these multiples, as the collator does for "
+                         "CUDA graphs (latexocr/fast/compile.py CUDA_GRAPH_ROW_MULTIPLE: 256)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/latexocr_bench"))
     a = ap.parse_args()
 
@@ -73,6 +85,12 @@ def main():
             grouped_order += list(LengthGroupedSampler(a.batch_size, lengths=lengths))
         print(f"micro-batch {micro}: random order {padded_ratio(random_order, lengths, micro):.3f} x the samples' "
               f"tokens, length-grouped {padded_ratio(grouped_order, lengths, micro):.3f} x")
+        for multiple in (int(m) for m in a.multiples.split(",") if m):
+            print(f"  lengths rounded up to a multiple of {multiple} (compiled with CUDA graphs: "
+                  f"pad_to_multiple_of): random order {padded_ratio(random_order, lengths, micro, multiple):.3f} x, "
+                  f"{shapes(random_order, lengths, micro, multiple)} shapes; length-grouped "
+                  f"{padded_ratio(grouped_order, lengths, micro, multiple):.3f} x, "
+                  f"{shapes(grouped_order, lengths, micro, multiple)} shapes")
         probe_batch(lengths, supervised, micro)
 
 

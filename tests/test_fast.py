@@ -403,11 +403,14 @@ def test_speed_choices_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("LATEXOCR_SPEED", "packing=off, compile=on")
     assert speed_choices() == SpeedChoices(packing="off", compile="on")
     for wrong, message in (("pack=off", "'pack=off': the choices are fast"), ("packing=no", "on or off"),
-                           ("compile=yes", "auto, on or off"), ("prefill_rule=fast", "tokens or chunked")):
+                           ("compile=yes", "auto, on or off"), ("prefill_rule=fast", "tokens or chunked"),
+                           ("padded_graph_multiple=0", "a positive whole number"),
+                           ("padded_graph_multiple=x", "a positive whole number")):
         with pytest.raises(SystemExit, match=message):
             speed_choices(wrong)
     assert speed_choices("prefill_rule=tokens").prefill_rule == "tokens"
     assert speed_choices("pinned_batches=on").pinned_batches == "on"
+    assert speed_choices("padded_graph_multiple=64").padded_graph_multiple == 64
 
 
 def test_pinned_batches_auto_leaves_out_linear_attention_models(tiny_family_dirs, monkeypatch):

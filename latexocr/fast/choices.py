@@ -36,6 +36,11 @@ class SpeedChoices:
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
+    padded_graph_multiple: int = 256      # padded batches replayed as CUDA graphs: each micro-batch's length rounded
+                                          # up to a multiple of this (a graph is recorded per shape). Packed rows take
+                                          # fast/compile.py CUDA_GRAPH_ROW_MULTIPLE. For Qwen3.5's samples (~143
+                                          # tokens) 256 computes 1.79x their tokens; length-grouped batches at 64:
+                                          # 1.25x in 3 shapes (bench/train_padding.py; not yet timed on a GPU)
     fla_varlen: bool = False              # packed Qwen3.5 rows through fla's varlen kernels (cu_seqlens, fla's own conv)
                                           # instead of right-padded samples through fla's chunk rule (runs O and V:
                                           # slower; V: 33.4 samples/s against the padded default's 47.8)
@@ -141,9 +146,10 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
         name, _, value = item.lower().partition("=")
         allowed = (("on", "off") if kinds.get(name) is bool else ("auto", "on", "off") if name in TRI_STATE
                    else NAMED.get(name))
-        if name not in kinds or (allowed and value not in allowed):
+        if (name not in kinds or (allowed and value not in allowed)
+                or (kinds[name] is int and not (value.isdigit() and int(value) > 0))):
             raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; {', '.join(TRI_STATE)} must be "
                              f"auto, on or off, prefill_rule tokens or chunked, attention an attn_implementation, "
-                             f"the others on or off")
-        changes[name] = value == "on" if kinds[name] is bool else value
+                             f"padded_graph_multiple a positive whole number, the others on or off")
+        changes[name] = value == "on" if kinds[name] is bool else int(value) if kinds[name] is int else value
     return SpeedChoices(**changes)

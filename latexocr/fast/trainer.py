@@ -284,8 +284,8 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     elif speed.padded_positions:
         collator_options["padded_positions"] = True
         parts.append("M-RoPE positions from the collator")
-    if cuda_graphs:
-        collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE
+    if cuda_graphs:  # few shapes, a graph each: packed rows by the row, padded batches by speed's multiple
+        collator_options["pad_to_multiple_of"] = CUDA_GRAPH_ROW_MULTIPLE if packed else speed.padded_graph_multiple
     group_by_length = speed.group_by_length and not packed  # packed rows carry no padding to save
     if group_by_length:
         parts.append("length-grouped batches")
