@@ -80,10 +80,11 @@ def main():
     ap.add_argument("--samples", choices=("small", "full_val"), default="small",
                     help="the real images cycled: ../shared/latex_ocr/small's 110 (runs J-N) or full_val's 4,096 "
                          "(distinct labels: scoring's caches do not answer for it)")
-    ap.add_argument("--prefill-rows", type=int,
+    ap.add_argument("--prefill-rows", type=lambda text: [int(r) for r in text.split(",")],
                     help="images per prefill chunk in this process's loops (generation.PREFILL_CHUNK_ROWS, 128): run "
                          "AB found the prefill's host falling behind its short elementwise kernels, which larger "
-                         "chunks lengthen; infer.py's own run keeps 128")
+                         "chunks lengthen; infer.py's own run keeps 128. Several (128,256,128,256): the static loop "
+                         "timed with each in turn, one model load")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_infer.json")
     a = ap.parse_args()
     if a.workers is None:
@@ -104,7 +105,7 @@ def main():
     from latexocr.sample import sizing_for
 
     if a.prefill_rows:
-        generation.PREFILL_CHUNK_ROWS = a.prefill_rows  # read at each call: the loader's unit, the probe, the prefill
+        generation.PREFILL_CHUNK_ROWS = a.prefill_rows[0]  # read at each call: the loader's unit, the probe, the prefill
     model_dir = a.model or build_random_model(a.shared, a.work / "qwen2vl-2b-random")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = prepare_model(load_model(str(model_dir), pick_dtype("auto"), "sdpa", device_map=device)).eval()
@@ -189,6 +190,18 @@ def main():
           + (f" ({rate / ref_rate:.1f}x batched generate)" if ref_rate else "") + f", peak {peak:.1f} GiB"
           + f"; {waiting:.2f} s waiting for the loader, {fed:.1f} images/s without it", flush=True)
     save()
+    if a.prefill_rows and len(a.prefill_rows) > 1:  # the others in turn, the first's run above counted as one
+        rounds = [{"prefill_rows": a.prefill_rows[0], "images_per_s": rate, "images_per_s_fed": fed}]
+        for rows in a.prefill_rows[1:]:
+            generation.PREFILL_CHUNK_ROWS = rows
+            rate_r, _, _ = timed(a.images, a.batch_size, "static")
+            fed_r = a.images / max(a.images / rate_r - phases.get("data wait", 0.0), 1e-9)
+            rounds.append({"prefill_rows": rows, "images_per_s": rate_r, "images_per_s_fed": fed_r})
+            print(f"static loop, batch {a.batch_size}, prefill rows {rows}: {rate_r:.1f} images/s, {fed_r:.1f} "
+                  "without the loader's waits", flush=True)
+            out["static_by_prefill_rows"] = rounds
+            save()
+        generation.PREFILL_CHUNK_ROWS = a.prefill_rows[0]
 
     n = a.reference_images
     if n and a.noise_batch_size:  # bf16 noise floor: the reference against itself at another batch size
