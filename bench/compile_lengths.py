@@ -8,7 +8,7 @@ of its first minutes. Blocks compiled with dynamic shapes should reuse their gra
 whose graph specialises on the length compiles again for each new one, until dynamo's limit (8 per function)
 leaves that part eager for the rest of the run. This runs a tiny random model of the family's architecture
 (latexocr/testing.py; LoRA on train.py's targets) through forward and backward at ten lengths and prints, per
-family, the graphs dynamo compiled and each step's seconds (a step that compiles takes seconds; one that reuses
+family, the graphs dynamo compiled (in all, and after each length) and each step's seconds (a step that compiles takes seconds; one that reuses
 its graphs, or runs eagerly past the limit, ~0.02 s). `--conv transformers` leaves Qwen3.5's causal convolution as
 transformers wrote it (F.conv1d) instead of fast/linear_attention.py's shifted_causal_conv1d.
 
@@ -48,16 +48,17 @@ def one_family(family: str, conv: str) -> dict:
         model = add_lora(AutoModelForImageTextToText.from_pretrained(folder), 8, 16, 0.0)
     compile_decoder_layers(model)
     text = vision_language_core(model).language_model
-    seconds = []
+    seconds, graphs = [], []
     for length in LENGTHS:
         start = time.perf_counter()
         out = text(inputs_embeds=torch.randn(2, length, text.config.hidden_size),
                    attention_mask=torch.ones(2, length, dtype=torch.long), use_cache=False)
         out.last_hidden_state.pow(2).mean().backward()
         seconds.append(round(time.perf_counter() - start, 2))
+        graphs.append(counters["stats"]["unique_graphs"])
     return {"family": family, "conv": conv if family == "qwen3_5" else "-", "lengths": list(LENGTHS),
-            "graphs": counters["stats"]["unique_graphs"], "seconds": seconds, "total_s": round(sum(seconds), 1),
-            "torch": torch.__version__}
+            "graphs": graphs[-1], "graphs_after_each": graphs, "seconds": seconds,
+            "total_s": round(sum(seconds), 1), "torch": torch.__version__}
 
 
 def main():

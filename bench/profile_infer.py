@@ -73,7 +73,7 @@ def main():
         def wrapper(*args, **kwargs):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.profiler.record_function(f"phase: {name}"):  # the kernels' phase, in the profile below
+            with torch.profiler.record_function(f"{PHASE}{name}"):  # the kernels' phase, in the profile below
                 out = fn(*args, **kwargs)
                 torch.cuda.synchronize()
             phases[name] += time.perf_counter() - t0
@@ -147,8 +147,8 @@ def kernels_by_phase(prof, top: int = 15) -> str:
     from torch.autograd import DeviceType
 
     events = prof.events()
-    ranges = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):]) for e in events
-                    if e.name.startswith("phase: ") and e.name != "phase: StaticDecoder.generate (all)")
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in events
+                    if e.name.startswith(PHASE) and e.name != f"{PHASE}StaticDecoder.generate (all)")
     totals = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     for e in events:
         if e.device_type != DeviceType.CUDA or e.name.startswith(PHASE):  # the phases' own ranges on the device

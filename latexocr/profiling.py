@@ -110,7 +110,7 @@ def device_gaps(events, min_us: float = 20.0) -> dict:
             merged.append([lo, hi])
     host = [e for e in events if e.device_type != DeviceType.CUDA]
     syncs = sorted((e.time_range.end, e.name, _user_line(getattr(e, "stack", None))) for e in host
-                   if e.name.startswith(SYNC_CALLS) or e.name in SYNC_CALLS)
+                   if e.name.startswith(SYNC_CALLS))
     sync_ends = [end for end, _, _ in syncs]
     phases = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE):]) for e in host
                     if e.name.startswith(PHASE))

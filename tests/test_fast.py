@@ -384,14 +384,18 @@ def test_auto_compiles_qwen3_5_only_on_fla_and_from_longer_runs(tiny_family_dirs
     rule (run AC), not with transformers' reference one, and its longer compile repays itself later."""
     from latexocr.fast import linear_attention, trainer
     from latexocr.fast.compile import COMPILE_FROM_STEPS, COMPILE_FROM_STEPS_LINEAR_ATTENTION, should_compile
-    model = AutoModelForImageTextToText.from_pretrained(tiny_family_dirs[family])
+    # what plan() hands the rule for the family's model
+    has_linear = linear_attention.has_linear_attention(AutoModelForImageTextToText.from_pretrained(
+        tiny_family_dirs[family]))
+    assert has_linear is (family == "qwen3_5")
     steps = COMPILE_FROM_STEPS_LINEAR_ATTENTION if family == "qwen3_5" else COMPILE_FROM_STEPS
     assert COMPILE_FROM_STEPS_LINEAR_ATTENTION > COMPILE_FROM_STEPS
     for path, measured in ((linear_attention.FLA_PADDED, True), (linear_attention.PADDED, family != "qwen3_5")):
         monkeypatch.setattr(trainer, "choose_path", lambda path=path: (path, "as the test says"))
         settings = _settings(gradient_checkpointing=False)  # as train.py resolves "auto" on a large card
-        assert trainer.auto_compile_rule(model, settings, vision_trains=False) == (measured, steps)
-        assert trainer.auto_compile_rule(model, _settings(gradient_checkpointing=True), vision_trains=False)[0] is False
+        assert trainer.auto_compile_rule(settings, has_linear, vision_trains=False) == (measured, steps)
+        assert trainer.auto_compile_rule(_settings(gradient_checkpointing=True), has_linear,
+                                         vision_trains=False)[0] is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rule as on a GPU
     assert should_compile("auto", steps, True, steps) and not should_compile("auto", steps - 1, True, steps)
 

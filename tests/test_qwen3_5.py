@@ -576,40 +576,19 @@ def test_shifted_convolution_is_transformers_convolution(dtype):
                                reference(x.detach(), weight.detach()), **tolerance)
 
 
-RECOMPILES = """
-import sys, torch
-from transformers import AutoModelForImageTextToText
-from torch._dynamo.utils import counters
-from latexocr.fast.compile import compile_decoder_layers
-from latexocr.modeling import add_lora
-model = add_lora(AutoModelForImageTextToText.from_pretrained(sys.argv[1]), 8, 16, 0.0)
-compile_decoder_layers(model)
-text = model.base_model.model.model.language_model
-def step(length):
-    out = text(inputs_embeds=torch.randn(2, length, text.config.hidden_size),
-               attention_mask=torch.ones(2, length, dtype=torch.long), use_cache=False)
-    out.last_hidden_state.pow(2).mean().backward()
-for length in (40, 71):  # both sides of the reference rule's chunk of 64 (its output's strides differ)
-    step(length)
-before = counters["stats"]["unique_graphs"]
-for length in (33, 57, 80, 100):
-    step(length)
-print("graphs", before, counters["stats"]["unique_graphs"])
-"""
-
-
-def test_compiled_qwen3_5_blocks_do_not_recompile_for_each_length(model_dir):
+def test_compiled_qwen3_5_blocks_do_not_recompile_for_each_length():
     """A compiled run meets a new padded length at almost every step. Qwen3.5's blocks compiled once per new
     length (the causal convolution's backward specialised it) until dynamo's limit of 8 recompiles left them
-    eager; with shifted_causal_conv1d in its place, new lengths reuse the graphs (a process of its own:
-    compiling changes process-wide state)."""
-    import subprocess
-    from helpers import PY, ROOT
-    proc = subprocess.run([PY, "-c", RECOMPILES, str(model_dir)], capture_output=True, text=True, timeout=1800,
-                          cwd=ROOT, env=script_env(PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, before, after = proc.stdout.split()[-3:]
-    assert int(after) == int(before) > 0
+    eager; with shifted_causal_conv1d in its place, new lengths reuse the graphs. bench/compile_lengths.py runs
+    the compiled blocks (LoRA, forward and backward) at ten lengths, a process of its own."""
+    import json
+    proc = run_script("bench/compile_lengths.py", "--families", "qwen3_5", timeout=1800)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["lengths"][:4] == [40, 57, 33, 71]
+    after = report["graphs_after_each"]
+    # 57 and 33 reuse 40's graphs (transformers' convolution: new ones for each); 71 passes the reference rule's
+    # chunk of 64 (its output's strides change: one more compile); the six lengths after it add none
+    assert after[0] > 0 and after[1] == after[2] == after[0] and after[-1] == after[3], after
 
 
 def test_reference_rule_taken_under_the_eager_wrapper(monkeypatch, model_dir):

@@ -222,10 +222,10 @@ def _vision_trains(model) -> bool:
     return core is not None and any(p.requires_grad for p in core.visual.parameters())
 
 
-def auto_compile_rule(model, settings, vision_trains: bool) -> tuple[bool, int]:
+def auto_compile_rule(settings, linear_attention: bool, vision_trains: bool) -> tuple[bool, int]:
     """(measured_setup, from_steps) for should_compile's "auto": whether this setup's compiled step was ever timed,
-    and from how many optimizer steps compiling repays itself (fast/compile.py)."""
-    linear_attention = has_linear_attention(model)
+    and from how many optimizer steps compiling repays itself (fast/compile.py). linear_attention: the model has
+    Qwen3.5's linear-attention layers."""
     # not with DeepSpeed or gradient checkpointing, nor Qwen3.5 on transformers' reference delta rule (timed
     # compiled only with fla's), nor the training modes whose compiled step was never timed (a training vision
     # tower, TUNE=full, 4-bit, fp16)
@@ -248,7 +248,7 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     vision_trains = _vision_trains(model)
     text_attention = (packed and speed.packed_text_attention and speed.attention == "sdpa"
                       and use_packed_text_attention(model))  # flash varlen on GPU: no work on masked-out scores
-    measured_setup, from_steps = auto_compile_rule(model, settings, vision_trains)
+    measured_setup, from_steps = auto_compile_rule(settings, linear_attention, vision_trains)
     compiled = should_compile(speed.compile, planned_steps, measured_setup, from_steps)
     cuda_graphs = should_use_cuda_graphs(speed.cuda_graphs, compiled, processes, accumulation) and not split
     precomputed = packed and speed.supervised_logits_only and takes_precomputed_vision(model) and not vision_trains
