@@ -52,6 +52,8 @@ CONFIGS = {
     "compiled": ([], "compile=on", "defaults + torch.compile of each LLM and vision block, LLM blocks and vision "
                                    "tower as CUDA graphs (compile=auto: runs of >= 300 steps)"),
     "compiled_no_graphs": ([], "compile=on,cuda_graphs=off", "compiled, without CUDA graphs"),
+    "graphs_only": ([], "compile=on,compile_backend=cudagraphs", "defaults, LLM blocks recorded as CUDA graphs of their "
+                    "own eager kernels (dynamo's cudagraphs backend: no kernel generation)"),
     "compiled_500x100": (["--image-size", "500x100"], "compile=on", "compiled, at fixed 500x100"),
     "sdpa_text": ([], "packed_text_attention=off", "defaults, LLM attention through sdpa with a block mask"),
     "compiled_sdpa_text": ([], "compile=on,packed_text_attention=off", "compiled, sdpa text attention"),
@@ -88,6 +90,8 @@ CONFIGS = {
     "qwen3_5_compiled_grouped": ([], "compile=on,group_by_length=on,padded_graph_multiple=64",
                                  "Qwen3.5-2B, compiled, length-grouped padded batches rounded to 64 tokens (1.25x the "
                                  "samples' tokens in 3 shapes against 1.79x in 1, bench/train_padding.py)"),
+    "qwen3_5_graphs_only": ([], "compile=on,compile_backend=cudagraphs", "Qwen3.5-2B, LLM blocks recorded as CUDA "
+                            "graphs of their own eager kernels (no kernel generation), the delta rules between them"),
     "qwen3_5_compiled_no_graphs": ([], "compile=on,cuda_graphs=off", "Qwen3.5-2B, compiled, without CUDA graphs"),
     "qwen3_5_model_positions": ([], "padded_positions=off", "Qwen3.5-2B, defaults, the model computing its M-RoPE "
                                 "positions (get_rope_index: ~7 GPU->CPU syncs a sample) instead of the collator"),

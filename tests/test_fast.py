@@ -129,6 +129,48 @@ def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_im
     assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
 
 
+def test_graphs_only_compile_records_the_blocks_own_kernels(tiny_model_dir, formula_images, monkeypatch):
+    """compile_backend=cudagraphs: the language model's blocks go through dynamo's cudagraphs backend (their own
+    eager kernels recorded as CUDA graphs, no kernel generation) and train as eager; the vision blocks stay
+    eager. On the CPU the backend skips the recording (a counted skip) and runs the traced graphs."""
+    import torch._inductor.compile_fx as inductor
+    from torch._dynamo.utils import counters
+
+    from latexocr.fast.compile import compile_decoder_layers, uncompile
+    generated = []  # inductor's entry point, which both its backend and mode="reduce-overhead" call
+    monkeypatch.setattr(inductor, "compile_fx", lambda *args, **kwargs: generated.append(1) or args[0])
+    from latexocr.modeling import add_lora
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor, sizing_for(processor))
+    batches = [fast_collator(encoder)(formula_images[i:i + 3]) for i in (0, 3)]
+
+    def losses(graphs_only):
+        torch.manual_seed(0)
+        model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa"),
+                         8, 16, 0.0)
+        if graphs_only:
+            torch._dynamo.reset()
+            counters.clear()
+            assert compile_decoder_layers(model, cuda_graphs=True, kernels=False) == len(
+                model.base_model.model.model.language_model.layers)
+            assert all(block._compiled_call_impl is None for block in model.base_model.model.model.visual.blocks)
+        try:
+            out = []
+            for batch in batches:
+                loss, n = supervised_loss(model, dict(batch))
+                (loss / n).backward()
+                out.append(loss.detach() / n)
+            return torch.stack(out)
+        finally:
+            uncompile(model)
+            torch._dynamo.reset()
+
+    eager = losses(False)
+    assert torch.allclose(losses(True), eager, rtol=1e-4)
+    assert not generated, "inductor generated kernels"
+    assert counters["inductor"]["cudagraph_skips"] > 0, "the blocks did not go through the cudagraphs backend"
+
+
 def test_compiled_blocks_take_no_float_scalars(tiny_model_dir, formula_images):
     """CUDA graphs can only replay a block whose inputs all live on the GPU. Python floats the blocks
     read (LoRA's scaling, norm eps) must be compiled in as constants, not passed as 0-d CPU tensors
@@ -408,11 +450,13 @@ def test_speed_choices_come_from_the_environment(monkeypatch):
     assert speed_choices() == SpeedChoices(packing="off", compile="on")
     for wrong, message in (("pack=off", "'pack=off': the choices are fast"), ("packing=no", "on or off"),
                            ("compile=yes", "auto, on or off"), ("prefill_rule=fast", "tokens or chunked"),
+                           ("compile_backend=eager", "inductor or cudagraphs"),
                            ("padded_graph_multiple=0", "a positive whole number"),
                            ("padded_graph_multiple=x", "a positive whole number")):
         with pytest.raises(SystemExit, match=message):
             speed_choices(wrong)
     assert speed_choices("prefill_rule=tokens").prefill_rule == "tokens"
+    assert speed_choices("compile_backend=cudagraphs").compile_backend == "cudagraphs"
     assert speed_choices("pinned_batches=on").pinned_batches == "on"
     assert speed_choices("padded_graph_multiple=64").padded_graph_multiple == 64
 
@@ -486,6 +530,9 @@ def test_gpu_fast_path_loss_equals_plain_path(tmp_path, tiny_model_dir):
     fast = train(tmp_path / "fast", "compile=on")
     assert "LLM blocks and vision tower as CUDA graphs" in fast
     assert len(_losses(plain)) == 6 and _losses(fast) == pytest.approx(_losses(plain), rel=2e-2)
+    graphs_only = train(tmp_path / "graphs_only", "compile=on,compile_backend=cudagraphs")
+    assert "their own kernels" in graphs_only
+    assert _losses(graphs_only) == pytest.approx(_losses(plain), rel=2e-2)
 
 
 def test_every_bench_train_configuration_names_real_speed_choices():

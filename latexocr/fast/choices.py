@@ -36,6 +36,11 @@ class SpeedChoices:
     packed_text_attention: bool = True    # packed rows: per-sample flash varlen attention on GPU (sdpa only)
     compile: str = "auto"                 # torch.compile of each block: auto (fast/compile.py should_compile) | on | off
     cuda_graphs: bool = True              # compiled blocks replayed as CUDA graphs, where measured (fast/compile.py)
+    compile_backend: str = "inductor"     # what compiling a block makes: inductor (fused kernels generated, then
+                                          # replayed as CUDA graphs where cuda_graphs applies) | cudagraphs (where
+                                          # cuda_graphs applies: the blocks' own eager kernels recorded as CUDA graphs,
+                                          # dynamo's cudagraphs backend; no kernel generation, so a shorter compile;
+                                          # elsewhere inductor). Not yet timed (bench/bench_train.py graphs_only)
     padded_graph_multiple: int = 256      # padded batches replayed as CUDA graphs: each micro-batch's length rounded
                                           # up to a multiple of this (a graph is recorded per shape). Packed rows take
                                           # fast/compile.py CUDA_GRAPH_ROW_MULTIPLE. For Qwen3.5's samples (~143
@@ -134,7 +139,7 @@ class SpeedChoices:
 
 
 TRI_STATE = ("compile", "packing", "pinned_batches")  # auto | on | off
-NAMED = {"prefill_rule": ("tokens", "chunked")}  # choices that take one of these words
+NAMED = {"prefill_rule": ("tokens", "chunked"), "compile_backend": ("inductor", "cudagraphs")}  # choices that take one of these words
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:
@@ -149,7 +154,7 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
         if (name not in kinds or (allowed and value not in allowed)
                 or (kinds[name] is int and not (value.isdigit() and int(value) > 0))):
             raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; {', '.join(TRI_STATE)} must be "
-                             f"auto, on or off, prefill_rule tokens or chunked, attention an attn_implementation, "
+                             f"auto, on or off, prefill_rule tokens or chunked, compile_backend inductor or cudagraphs, attention an attn_implementation, "
                              f"padded_graph_multiple a positive whole number, the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else int(value) if kinds[name] is int else value
     return SpeedChoices(**changes)

@@ -38,7 +38,7 @@ def record_graph(run, pool):
     return graph, output
 
 
-def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) -> int:
+def compile_decoder_layers(model, cuda_graphs: bool = False, kernels: bool = True, **compile_options) -> int:
     """torch.compile each transformer block of the language model and vision tower (regional compilation).
 
     Blocks of one kind share their compiled code, so compilation happens a few times (per block
@@ -55,6 +55,11 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     torch.compiler.cudagraph_mark_step_begin() before each forward pass. The vision blocks are
     compiled without graphs here; latexocr.fast.vision.VisionGraphs replays the whole (frozen) tower as
     one graph per padded patch count instead.
+
+    kernels=False (with cuda_graphs): no kernels generated. Dynamo's "cudagraphs" backend records the
+    blocks' own (eager) kernels, forward and backward, as CUDA graphs: the launch cost goes as with
+    inductor, the fusion does not, and so does inductor's code generation, most of a cold compile's minute.
+    The vision blocks then stay eager (a frozen tower still replays whole through VisionGraphs).
     """
     # Python floats the blocks read (LoRA's scaling, dropout p, norm eps) become constants instead of
     # 0-d CPU tensor inputs: those cost a CPU kernel per call and keep a graph off CUDA graphs (torch
@@ -64,12 +69,17 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, **compile_options) 
     from .linear_attention import convolution_traces_dynamically, delta_rules_run_eagerly
     delta_rules_run_eagerly(model)  # Qwen3.5: its delta rule between a block's compiled parts
     convolution_traces_dynamically(model)  # Qwen3.5: one compile for every sequence length
+    graphs_only = cuda_graphs and not kernels
+    if graphs_only:
+        layer_options = {**compile_options, "backend": "cudagraphs"}
+    else:
+        layer_options = {**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
     count = 0
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("DecoderLayer"):
-            module.compile(**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
-        elif name.endswith("VisionBlock"):
+            module.compile(**layer_options)
+        elif name.endswith("VisionBlock") and not graphs_only:
             module.compile(**compile_options)
         else:
             continue

@@ -263,10 +263,12 @@ def plan(model, settings, speed: SpeedChoices, *, processes: int, accumulation: 
     if compiled:
         cache = CompileCache()
         cache.use()
-        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs)
+        kernels = not (cuda_graphs and speed.compile_backend == "cudagraphs")
+        n = compile_decoder_layers(model, cuda_graphs=cuda_graphs, kernels=kernels)
         # the frozen vision tower as one CUDA graph per padded patch count (Qwen2-VL, packed batches)
         vision_graphs = graph_vision_tower(model) if cuda_graphs and precomputed else None
         graphed = ("LLM blocks and vision tower" if vision_graphs else "LLM blocks") if cuda_graphs else ""
+        graphed += "" if kernels else ", their own kernels: no kernels generated"
         # cold, on an H100 / H200: Qwen2-VL-2B ~70 s (run E), Qwen3.5-2B ~140 s (run AC, its blocks in two parts)
         minutes = "~2 min" if linear_attention else "~1 min"
         parts.append(f"compiling {n} blocks{f' ({graphed} as CUDA graphs)' if graphed else ''}: {minutes} in the "
