@@ -129,6 +129,39 @@ def test_compiled_blocks_trace_packed_attention_whole(tiny_model_dir, formula_im
     assert torch.allclose(eager_grads, compiled_grads, rtol=1e-3, atol=1e-6)
 
 
+def test_first_text_block_shares_the_others_compiled_graph(tiny_model_dir):
+    """The first block's input (frozen embeddings) does not require grad, the others' do: dynamo guards on that,
+    so every compiled block compiled twice. compile_decoder_layers makes the language model's input embeddings
+    require grad in training: one graph for all text blocks, LoRA gradients as eager's; uncompile undoes it."""
+    from torch._dynamo.utils import counters
+
+    from latexocr.fast.compile import compile_decoder_layers, uncompile
+    from latexocr.modeling import add_lora, vision_language_core
+
+    def lora_grads(compiled):
+        torch.manual_seed(0)
+        model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), 8, 16, 0.0)
+        text = vision_language_core(model).language_model
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            compile_decoder_layers(model, backend="aot_eager")
+        for length in (40, 57):  # frozen inputs, as the embeddings give them
+            embeds = torch.randn(2, length, text.config.hidden_size, generator=torch.Generator().manual_seed(length))
+            text(inputs_embeds=embeds, attention_mask=torch.ones(2, length, dtype=torch.long),
+                 use_cache=False).last_hidden_state.pow(2).mean().backward()
+            assert not embeds.requires_grad and embeds.grad is None  # the caller's tensor is left alone
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1, counters["stats"]
+            uncompile(model)
+            assert not text._forward_pre_hooks
+            torch._dynamo.reset()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    eager = lora_grads(False)
+    assert torch.allclose(lora_grads(True), eager, rtol=1e-4, atol=1e-7)
+
+
 def test_graphs_only_compile_records_the_blocks_own_kernels(tiny_model_dir, formula_images, monkeypatch):
     """compile_backend=cudagraphs: the language model's blocks go through dynamo's cudagraphs backend (their own
     eager kernels recorded as CUDA graphs, no kernel generation) and train as eager; the vision blocks stay

@@ -69,6 +69,7 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, kernels: bool = Tru
     from .linear_attention import convolution_traces_dynamically, delta_rules_run_eagerly
     delta_rules_run_eagerly(model)  # Qwen3.5: its delta rule between a block's compiled parts
     convolution_traces_dynamically(model)  # Qwen3.5: one compile for every sequence length
+    first_block_input_requires_grad(model)
     graphs_only = cuda_graphs and not kernels
     if graphs_only:
         layer_options = {**compile_options, "backend": "cudagraphs"}
@@ -91,6 +92,34 @@ def uncompile(model) -> None:
     """Undo compile_decoder_layers (the modules run eagerly again)."""
     for module in model.modules():
         module._compiled_call_impl = None
+        hook = module.__dict__.pop(_GRAD_HOOK, None)
+        if hook is not None:
+            hook.remove()
+
+
+_GRAD_HOOK = "_latexocr_inputs_require_grad"  # on the language model: the hook's handle
+
+
+def _inputs_require_grad(module, args, kwargs):
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None and torch.is_grad_enabled() and not embeds.requires_grad:
+        return args, {**kwargs, "inputs_embeds": embeds.detach().requires_grad_()}
+    return None
+
+
+def first_block_input_requires_grad(model) -> None:
+    """The language model's input embeddings require grad in training, so its first block compiles as the others
+    do. That block's input is the frozen embeddings' (and frozen vision tower's) output, which does not; dynamo
+    guards on it, so every compiled part of a block compiled twice, once for layer 0 alone (bench/compile_lengths.py,
+    CPU, ten lengths: Qwen3.5 9 graphs in 60.3 s -> 6 in 50.8 s, Qwen2-VL 2 in 23.1 s -> 1 in 18.0 s). The price is
+    layer 0's input gradient, one block's share of the backward's input-gradient products (~1/28); nothing before
+    the language model is reached (the embeddings are cut off there). transformers' enable_input_require_grads
+    would mark the vision tower's inputs too, a backward through the frozen tower. Idempotent."""
+    from ..modeling import vision_language_core
+    core = vision_language_core(model)
+    text = core.language_model if core is not None else None
+    if text is not None and _GRAD_HOOK not in text.__dict__:
+        text.__dict__[_GRAD_HOOK] = text.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
 
 
 # Compiling and recording the CUDA graphs cost ~1 min in a cold run (H100, torch 2.11: 68 s in a
