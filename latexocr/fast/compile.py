@@ -14,6 +14,8 @@ CUDA_GRAPH_ROW_MULTIPLE = 256
 # ... and the vision tower's patches (latexocr/fast/vision.py VisionGraphs) to a multiple of this many:
 # 5 patch counts, 5.0 % padding over the same batches (161 patches per image; bench/host_costs.py).
 CUDA_GRAPH_PATCH_MULTIPLE = 256
+# compile_backend=cudagraphs traces a block once per row shape: how many shapes before dynamo gives up on it
+GRAPHS_ONLY_SHAPES = 32
 
 
 def warm_up_off_capture(run, times: int = 1) -> None:
@@ -72,7 +74,12 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, kernels: bool = Tru
     first_block_input_requires_grad(model)
     graphs_only = cuda_graphs and not kernels
     if graphs_only:
-        layer_options = {**compile_options, "backend": "cudagraphs"}
+        # one trace a shape (dynamic=False): the cudagraphs backend keys its recorded graphs by the integer inputs,
+        # which a dynamic trace does not pass, so a graph recorded for one row length was replayed for the next
+        # (an H100: "size of tensor a (2560) must match ... (2816)" at the fourth step). A trace without kernels
+        # is cheap, and the collator gives few shapes (CUDA_GRAPH_ROW_MULTIPLE): let each have its own.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_ONLY_SHAPES)
+        layer_options = {**compile_options, "dynamic": False, "backend": "cudagraphs"}
     else:
         layer_options = {**compile_options, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
     count = 0
