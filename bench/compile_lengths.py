@@ -10,7 +10,9 @@ leaves that part eager for the rest of the run. This runs a tiny random model of
 (latexocr/testing.py; LoRA on train.py's targets) through forward and backward at ten lengths and prints, per
 family, the graphs dynamo compiled (in all, and after each length) and each step's seconds (a step that compiles takes seconds; one that reuses
 its graphs, or runs eagerly past the limit, ~0.02 s). `--conv transformers` leaves Qwen3.5's causal convolution as
-transformers wrote it (F.conv1d) instead of fast/linear_attention.py's shifted_causal_conv1d.
+transformers wrote it (F.conv1d) instead of fast/linear_attention.py's shifted_causal_conv1d. `--backend cudagraphs`
+compiles the blocks as LATEXOCR_SPEED=compile_backend=cudagraphs does (no kernels generated; one trace per length;
+on a CPU the backend skips its CUDA graphs and runs the traced graphs): what its tracing costs a new length.
 
 Each family runs in a process of its own (compiling changes process-wide state), with torch's compile caches
 empty (a cold compile, as a machine's first run).
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (40, 57, 33, 71, 48, 64, 39, 80, 52, 45)
 
 
-def one_family(family: str, conv: str) -> dict:
+def one_family(family: str, conv: str, backend: str = "inductor") -> dict:
     import torch
     from torch._dynamo.utils import counters
     from transformers import AutoModelForImageTextToText
@@ -46,7 +48,10 @@ def one_family(family: str, conv: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         build_tiny_model(Path(folder), family)
         model = add_lora(AutoModelForImageTextToText.from_pretrained(folder), 8, 16, 0.0)
-    compile_decoder_layers(model)
+    if backend == "cudagraphs":
+        compile_decoder_layers(model, cuda_graphs=True, kernels=False)
+    else:
+        compile_decoder_layers(model)
     text = vision_language_core(model).language_model
     seconds, graphs = [], []
     for length in LENGTHS:
@@ -56,7 +61,7 @@ def one_family(family: str, conv: str) -> dict:
         out.last_hidden_state.pow(2).mean().backward()
         seconds.append(round(time.perf_counter() - start, 2))
         graphs.append(counters["stats"]["unique_graphs"])
-    return {"family": family, "conv": conv if family == "qwen3_5" else "-", "lengths": list(LENGTHS),
+    return {"family": family, "conv": conv if family == "qwen3_5" else "-", "backend": backend, "lengths": list(LENGTHS),
             "graphs": graphs[-1], "graphs_after_each": graphs, "seconds": seconds,
             "total_s": round(sum(seconds), 1), "torch": torch.__version__}
 
@@ -67,14 +72,16 @@ def main():
     ap.add_argument("--conv", choices=("shifted", "transformers"), default="shifted",
                     help="Qwen3.5's causal convolution: shifted_causal_conv1d (what compiled training takes) or "
                          "transformers' F.conv1d")
+    ap.add_argument("--backend", choices=("inductor", "cudagraphs"), default="inductor",
+                    help="how the blocks compile: inductor (train.py's compile=on) or cudagraphs (compile_backend=cudagraphs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one family
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one_family(a.one, a.conv)), flush=True)
+        print(json.dumps(one_family(a.one, a.conv, a.backend)), flush=True)
         return
     for family in a.families.split(","):
         with tempfile.TemporaryDirectory() as cache:  # a cold compile: torch's caches empty, as on a first run
-            proc = subprocess.run([sys.executable, __file__, "--one", family, "--conv", a.conv], cwd=ROOT,
+            proc = subprocess.run([sys.executable, __file__, "--one", family, "--conv", a.conv, "--backend", a.backend], cwd=ROOT,
                                   capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
         if proc.returncode != 0:
             sys.exit(f"{family}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
