@@ -133,12 +133,15 @@ def first_block_input_requires_grad(model) -> None:
 # 150-step run; torch's persistent caches in compile_cache_dir() cut later runs' share, H200: 61.9 s
 # cold vs 46.1 s warm for the 125-step job) and then save 0.15-0.3 s per 16-sample step (compiled
 # 223 samples/s, docs/BENCHMARKS.md run H; eager 0.254 s/step vs compiled 0.065 s/step in run I):
-# a cold run pays from ~280 optimizer steps on; 300 leaves a margin.
+# a cold run pays from ~280 optimizer steps on; 300 leaves a margin. Hosts differ: where the eager step is fast
+# (run AD's H100: 91.5 eager, 227.3 compiled after 54 s) it pays from ~530 steps.
 COMPILE_FROM_STEPS = 300
 # Qwen3.5 (linear-attention layers through fla's kernels) compiles more (each block in two parts around its
 # delta rule, two layer kinds): run AC (H200, Qwen3.5-2B, fla 0.6.0) spent 140 s more than its steady speed
 # explains (80 steps in 154.8 s at 85.2 samples/s, fla's Triton kernels already built) and then saves
-# 16/37.35 - 16/85.17 = 0.24 s a step against eager: a cold run pays from ~580 steps on.
+# 16/37.35 - 16/85.17 = 0.24 s a step against eager: a cold run pays from ~580 steps on. Run AD's faster H100 host
+# (after the shifted convolution and layer 0's shared graphs): 82 s, then 0.073 s a step (101.8 against 67-72
+# eager): ~1,120 steps.
 COMPILE_FROM_STEPS_LINEAR_ATTENTION = 600
 CACHE_ENV = "LATEXOCR_COMPILE_CACHE"
 
