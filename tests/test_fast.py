@@ -453,6 +453,37 @@ def test_plan_gives_each_family_only_what_it_uses(tiny_family_dirs, formula_imag
         plan(model, _settings(), SpeedChoices(compile="yes"), processes=1, accumulation=1, planned_steps=1)
 
 
+def test_plan_records_graphs_only_where_cuda_graphs_apply(tiny_family_dirs, monkeypatch):
+    """compile_backend=cudagraphs: where CUDA graphs apply (one GPU, no accumulation) the text blocks go to the
+    cudagraphs backend and the line says so; elsewhere (several processes) the blocks compile with inductor."""
+    from latexocr.fast import SpeedChoices, trainer
+    from latexocr.fast.compile import uncompile
+    from latexocr.modeling import add_lora, vision_language_core
+    # CUDA graphs as on one GPU (this CPU has none); packing off: the vision tower's own graphs need a GPU
+    monkeypatch.setattr(trainer, "should_use_cuda_graphs",
+                        lambda enabled, compiled, processes, accumulation, **kw: enabled and compiled and processes == 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    model = add_lora(AutoModelForImageTextToText.from_pretrained(tiny_family_dirs["qwen2_5_vl"],
+                                                                 attn_implementation="sdpa"), 8, 16, 0.0)
+    core = vision_language_core(model)
+    speed = SpeedChoices(compile="on", compile_backend="cudagraphs", packing="off")
+    try:
+        collator_options, trainer_options, summary = trainer.plan(model, _settings(), speed, processes=1,
+                                                                  accumulation=1, planned_steps=10)
+        assert "LLM blocks as CUDA graphs of their own kernels (no kernels generated)" in summary, summary
+        assert trainer_options["cuda_graphs"] and collator_options["pad_to_multiple_of"] == speed.padded_graph_multiple
+        assert all(layer._compiled_call_impl is not None for layer in core.language_model.layers)
+        assert all(block._compiled_call_impl is None for block in core.visual.blocks)
+        uncompile(model)
+        _, trainer_options, summary = trainer.plan(model, _settings(), speed, processes=2, accumulation=1,
+                                                   planned_steps=10)
+        assert not trainer_options["cuda_graphs"] and "compiling" in summary and "own kernels" not in summary
+        assert all(block._compiled_call_impl is not None for block in core.visual.blocks)
+    finally:
+        uncompile(model)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])
 def test_auto_compiles_qwen3_5_only_on_fla_and_from_longer_runs(tiny_family_dirs, monkeypatch, family):
     """compile=auto's rule (fast/trainer.py auto_compile_rule): Qwen3.5's compiled step was timed with fla's delta
