@@ -61,8 +61,8 @@ def one_family(family: str, conv: str, backend: str = "inductor") -> dict:
         out.last_hidden_state.pow(2).mean().backward()
         seconds.append(round(time.perf_counter() - start, 2))
         graphs.append(counters["stats"]["unique_graphs"])
-    return {"family": family, "conv": conv if family == "qwen3_5" else "-", "backend": backend, "lengths": list(LENGTHS),
-            "graphs": graphs[-1], "graphs_after_each": graphs, "seconds": seconds,
+    return {"family": family, "conv": conv if family == "qwen3_5" else "-", "backend": backend,
+            "lengths": list(LENGTHS), "graphs": graphs[-1], "graphs_after_each": graphs, "seconds": seconds,
             "total_s": round(sum(seconds), 1), "torch": torch.__version__}
 
 
@@ -81,8 +81,9 @@ def main():
         return
     for family in a.families.split(","):
         with tempfile.TemporaryDirectory() as cache:  # a cold compile: torch's caches empty, as on a first run
-            proc = subprocess.run([sys.executable, __file__, "--one", family, "--conv", a.conv, "--backend", a.backend], cwd=ROOT,
-                                  capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            proc = subprocess.run([sys.executable, __file__, "--one", family, "--conv", a.conv, "--backend", a.backend],
+                                  cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
         if proc.returncode != 0:
             sys.exit(f"{family}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         print(proc.stdout.strip().splitlines()[-1], flush=True)

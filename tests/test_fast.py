@@ -170,9 +170,9 @@ def test_graphs_only_compile_records_the_blocks_own_kernels(tiny_model_dir, form
     from torch._dynamo.utils import counters
 
     from latexocr.fast.compile import compile_decoder_layers, uncompile
+    from latexocr.modeling import add_lora
     generated = []  # inductor's entry point, which both its backend and mode="reduce-overhead" call
     monkeypatch.setattr(inductor, "compile_fx", lambda *args, **kwargs: generated.append(1) or args[0])
-    from latexocr.modeling import add_lora
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     encoder = SampleEncoder(processor, sizing_for(processor))
     batches = [fast_collator(encoder)(formula_images[i:i + 3]) for i in (0, 3)]

@@ -139,7 +139,8 @@ class SpeedChoices:
 
 
 TRI_STATE = ("compile", "packing", "pinned_batches")  # auto | on | off
-NAMED = {"prefill_rule": ("tokens", "chunked"), "compile_backend": ("inductor", "cudagraphs")}  # choices that take one of these words
+NAMED = {"prefill_rule": ("tokens", "chunked"),  # choices that take one of these words
+         "compile_backend": ("inductor", "cudagraphs")}
 
 
 def speed_choices(text: str | None = None) -> SpeedChoices:
@@ -154,7 +155,8 @@ def speed_choices(text: str | None = None) -> SpeedChoices:
         if (name not in kinds or (allowed and value not in allowed)
                 or (kinds[name] is int and not (value.isdigit() and int(value) > 0))):
             raise SystemExit(f"{ENV}: {item!r}: the choices are {', '.join(kinds)}; {', '.join(TRI_STATE)} must be "
-                             f"auto, on or off, prefill_rule tokens or chunked, compile_backend inductor or cudagraphs, attention an attn_implementation, "
-                             f"padded_graph_multiple a positive whole number, the others on or off")
+                             f"auto, on or off, prefill_rule tokens or chunked, compile_backend inductor or "
+                             f"cudagraphs, attention an attn_implementation, padded_graph_multiple a positive whole "
+                             f"number, the others on or off")
         changes[name] = value == "on" if kinds[name] is bool else int(value) if kinds[name] is int else value
     return SpeedChoices(**changes)

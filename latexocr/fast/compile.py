@@ -76,7 +76,7 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, kernels: bool = Tru
     if graphs_only:
         # one trace a shape (dynamic=False): the cudagraphs backend keys its recorded graphs by the integer inputs,
         # which a dynamic trace does not pass, so a graph recorded for one row length was replayed for the next
-        # (an H100: "size of tensor a (2560) must match ... (2816)" at the fourth step). A trace without kernels
+        # (torch 2.11 on an H100, run AD: "size of tensor a (2560) must match ... (2816)"). A trace without kernels
         # is cheap, and the collator gives few shapes (CUDA_GRAPH_ROW_MULTIPLE): let each have its own.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_ONLY_SHAPES)
         layer_options = {**compile_options, "dynamic": False, "backend": "cudagraphs"}
@@ -118,7 +118,7 @@ def first_block_input_requires_grad(model) -> None:
     """The language model's input embeddings require grad in training, so its first block compiles as the others
     do. That block's input is the frozen embeddings' (and frozen vision tower's) output, which does not; dynamo
     guards on it, so every compiled part of a block compiled twice, once for layer 0 alone (bench/compile_lengths.py,
-    CPU, ten lengths: Qwen3.5 9 graphs in 60.3 s -> 6 in 50.8 s, Qwen2-VL 2 in 23.1 s -> 1 in 18.0 s). The price is
+    CPU, ten lengths: Qwen3.5 9 graphs in 60.3 s -> 6 in 52.3 s, Qwen2-VL 2 in 23.1 s -> 1 in 19.4 s). The price is
     layer 0's input gradient, one block's share of the backward's input-gradient products (~1/28); nothing before
     the language model is reached (the embeddings are cut off there). transformers' enable_input_require_grads
     would mark the vision tower's inputs too, a backward through the frozen tower. Idempotent."""
