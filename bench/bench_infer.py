@@ -180,8 +180,11 @@ def main():
     rate, peak, new = timed(a.images, a.batch_size, "static")
     # the loop without its waits for the loader (its workers' start and first chunks, which infer.py overlaps
     # with the model load: 0.12-0.14 s of data wait over 9,443 images in run AA), as infer.py's engine runs it
+    def without_waits(rate):  # of the last timed run
+        return a.images / max(a.images / rate - phases.get("data wait", 0.0), 1e-9)
+
     waiting = phases.get("data wait", 0.0)
-    fed = a.images / max(a.images / rate - waiting, 1e-9)
+    fed = without_waits(rate)
     out["static"] = {"images_per_s": rate, "speedup": rate / single if single else None,
                      "vs_generate": rate / ref_rate if ref_rate else None, "peak_gib": peak,
                      "phases": dict(phases), "images_per_s_fed": fed}
@@ -195,7 +198,7 @@ def main():
         for rows in a.prefill_rows[1:]:
             generation.PREFILL_CHUNK_ROWS = rows
             rate_r, _, _ = timed(a.images, a.batch_size, "static")
-            fed_r = a.images / max(a.images / rate_r - phases.get("data wait", 0.0), 1e-9)
+            fed_r = without_waits(rate_r)
             rounds.append({"prefill_rows": rows, "images_per_s": rate_r, "images_per_s_fed": fed_r})
             print(f"static loop, batch {a.batch_size}, prefill rows {rows}: {rate_r:.1f} images/s, {fed_r:.1f} "
                   "without the loader's waits", flush=True)

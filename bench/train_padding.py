@@ -23,13 +23,19 @@ from pathlib import Path
 from common import DEFAULT_SHARED, full_val_samples, real_samples, write_json
 
 
-def padded_ratio(order: list[int], lengths: list[int], micro: int, multiple: int = 1) -> float:
-    """Tokens of right-padded micro-batches of `micro` consecutive samples of `order` over their own tokens,
-    each micro-batch's length rounded up to a multiple of `multiple` (the collator's pad_to_multiple_of)."""
-    padded = real = 0
+def micro_batches(order: list[int], lengths: list[int], micro: int, multiple: int = 1):
+    """(padded length, samples' lengths) of each right-padded micro-batch of `micro` consecutive samples of
+    `order`, its length rounded up to a multiple of `multiple` (the collator's pad_to_multiple_of)."""
     for i in range(0, len(order), micro):
         batch = [lengths[j] for j in order[i:i + micro]]
-        padded += -(-max(batch) // multiple) * multiple * len(batch)
+        yield -(-max(batch) // multiple) * multiple, batch
+
+
+def padded_ratio(order: list[int], lengths: list[int], micro: int, multiple: int = 1) -> float:
+    """Tokens of the right-padded micro-batches (micro_batches) over their samples' own tokens."""
+    padded = real = 0
+    for length, batch in micro_batches(order, lengths, micro, multiple):
+        padded += length * len(batch)
         real += sum(batch)
     return padded / real
 
@@ -37,8 +43,7 @@ def padded_ratio(order: list[int], lengths: list[int], micro: int, multiple: int
 def shapes(order: list[int], lengths: list[int], micro: int, multiple: int) -> int:
     """Distinct micro-batch lengths after rounding: a CUDA graph (and, where a block's graph specialises on
     the length, a compile) each."""
-    return len({-(-max(lengths[j] for j in order[i:i + micro]) // multiple) * multiple
-                for i in range(0, len(order), micro)})
+    return len({length for length, _ in micro_batches(order, lengths, micro, multiple)})
 
 
 def main():
