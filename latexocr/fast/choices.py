@@ -39,8 +39,10 @@ class SpeedChoices:
     compile_backend: str = "inductor"     # what compiling a block makes: inductor (fused kernels generated, then
                                           # replayed as CUDA graphs where cuda_graphs applies) | cudagraphs (where
                                           # cuda_graphs applies: the blocks' own eager kernels recorded as CUDA graphs,
-                                          # dynamo's cudagraphs backend; no kernel generation, so a shorter compile;
-                                          # elsewhere inductor). Not yet timed (bench/bench_train.py graphs_only)
+                                          # dynamo's cudagraphs backend, no kernel generation; elsewhere inductor).
+                                          # Run AE (H100, Qwen2-VL-2B): 150 samples/s after ~30 s of traces, against
+                                          # eager's 78-85 and inductor's 228 after 58 s: the tutorial's 125 steps take
+                                          # longer than eager, so compile=auto never picks it (docs/BENCHMARKS.md)
     padded_graph_multiple: int = 256      # padded batches replayed as CUDA graphs: each micro-batch's length rounded
                                           # up to a multiple of this (a graph is recorded per shape). Packed rows take
                                           # fast/compile.py CUDA_GRAPH_ROW_MULTIPLE. For Qwen3.5's samples (~143
