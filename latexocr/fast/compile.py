@@ -78,7 +78,7 @@ def compile_decoder_layers(model, cuda_graphs: bool = False, kernels: bool = Tru
         # one trace a shape (dynamic=False): the cudagraphs backend keys its recorded graphs by the integer inputs,
         # which a dynamic trace does not pass, so a graph recorded for one row length was replayed for the next
         # (torch 2.11 on an H100, run AD: "size of tensor a (2560) must match ... (2816)"). The collator gives few
-        # shapes (CUDA_GRAPH_ROW_MULTIPLE), so each has its own: ~5 s of tracing and recording a shape (run AE).
+        # shapes (CUDA_GRAPH_ROW_MULTIPLE), so each has its own (run AE: the first step 4.2 s, four shapes in 40 steps).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_ONLY_SHAPES)
         layer_options = {**compile_options, "dynamic": False, "backend": "cudagraphs"}
     else:
