@@ -58,7 +58,8 @@ def main():
     paths = [p for p, _ in full_val_samples(a.shared.resolve())]
     ordered = [paths[i] for i in generation._size_order(paths)[::-1]]
     batch = ordered[a.batch_index * a.batch_size:(a.batch_index + 1) * a.batch_size]
-    decoder = StaticDecoder(model, [tok.convert_tokens_to_ids(END_OF_TURN), tok.eos_token_id], tok.pad_token_id, 64)
+    stop_ids = [tok.convert_tokens_to_ids(END_OF_TURN)] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    decoder = StaticDecoder(model, stop_ids, tok.pad_token_id, 64)  # predict's stop tokens
     _, tower = vision_tower_of(model)
     pixels, pinned = generation.vision_dtype(model), generation.pinned_chunks(model.config)
 
