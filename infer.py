@@ -231,7 +231,7 @@ def merge(args) -> None:
 
 
 def main(argv=None):
-    from latexocr.cli import parse_settings
+    from latexocr.cli import parse_settings, started_as_command
 
     # The input may also be given positionally: python infer.py image.png
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -254,6 +254,9 @@ def main(argv=None):
             from latexocr.memory import parse_auto
             from latexocr.metrics import worst_first
             from latexocr.scoring import Scorer, default_workers, scored_summary
+    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (~1 s of peft's import)
+        from latexocr.fast.imports import leave_out_bitsandbytes
+        leave_out_bitsandbytes(args.quantization)
 
     if not args.merge_to:  # the input is read and checked before any model is loaded or downloaded
         with clock.phase("read inputs"):
@@ -343,20 +346,14 @@ def main(argv=None):
         print(clock.lines(), file=sys.stderr, flush=True)
 
 
-def started_as_command() -> bool:
-    """True in `python infer.py ...` (interpreter options allowed), not where other code runs this file
-    (runpy, tests): only a process of its own may end without the interpreter's teardown."""
-    words = [w for w in getattr(sys, "orig_argv", [])[1:] if not w.startswith("-")]
-    return bool(words) and Path(words[0]).resolve() == Path(__file__).resolve()
-
-
 if __name__ == "__main__":
     main()
     # Everything is printed and written by now (files closed, loader and scoring processes joined); what is
     # left is the interpreter tearing torch and transformers down, ~1.5 s a user waits for after the
     # metrics (docs/BENCHMARKS.md, "infer.py end to end"): skipped. Not after a SwanLab run, whose client
     # may still have work for its exit hooks.
-    if started_as_command() and "swanlab" not in sys.modules:
+    from latexocr.cli import started_as_command
+    if started_as_command(__file__) and "swanlab" not in sys.modules:
         import os
         sys.stdout.flush()
         sys.stderr.flush()

@@ -95,7 +95,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers f
 import sys
 from pathlib import Path
 
-from latexocr.cli import parse_settings
+from latexocr.cli import parse_settings, started_as_command
 from latexocr.records import LabelledFileError, check_usable, read_labelled
 
 
@@ -256,6 +256,9 @@ def evaluate_and_log(model, encoder, pairs, args, tracker, throughput, say, step
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
     check_inputs(args)
+    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (~1 s of peft's import)
+        from latexocr.fast.imports import leave_out_bitsandbytes
+        leave_out_bitsandbytes(args.quantization)
     # ---- reinforcement (METHOD=grpo, latexocr/grpo.py): its settings checked, args.output_dir its own ----
     grpo = None
     if args.method == "grpo":

@@ -5,6 +5,7 @@ import argparse
 import io
 import sys
 import tokenize
+from pathlib import Path
 
 
 def settings_help(source_file) -> dict[str, str]:
@@ -64,3 +65,14 @@ def parse_settings(defaults: dict, doc: str | None = None, argv=None, help: dict
             parser.add_argument(flag, dest=name.lower(), default=value, type=kind,
                                 help=f"{text} (default: {'unset' if value is None else value})".strip())
     return parser.parse_args(argv)
+
+
+def started_as_command(script_file) -> bool:
+    """True in `python <script_file> ...` (interpreter options allowed, as torchrun starts each process), not
+    where other code runs the script's main() (runpy, the tests): what only a process of its own may do
+    (end without the interpreter's teardown, keep a library out of its imports) asks this first."""
+    words = getattr(sys, "orig_argv", [])[1:]
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        i += 2 if words[i] in ("-X", "-W") else 1  # the options that take their value as the next word
+    return i < len(words) and Path(words[i]).resolve() == Path(script_file).resolve()

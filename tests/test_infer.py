@@ -5,6 +5,7 @@ One adapter is trained once (train.py, a few seconds) and shared by the tests of
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -53,7 +54,9 @@ def data(tmp_path_factory):
 def trained(data, tiny_model_dir, tmp_path_factory):
     """train.py's output folder after a short run (OUTPUT_DIR/final holds the adapter)."""
     out = tmp_path_factory.mktemp("infer_train") / "out"
-    env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # PYTHONPROFILEIMPORTTIME: its import trace, for test_a_command_with_an_adapter_imports_no_bitsandbytes
+    env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPROFILEIMPORTTIME="1")
     cmd = [sys.executable, str(ROOT / "train.py"), "--model-id", str(tiny_model_dir), "--model-source", "local",
            "--train-json", str(data / "data.json"), "--val-json", str(data / "missing.json"),
            "--output-dir", str(out), "--max-steps", "30", "--batch-size", "8", "--micro-batch-size", "8",
@@ -62,6 +65,7 @@ def trained(data, tiny_model_dir, tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # limits: >= 5x idle
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "final" / "adapter_config.json").is_file()
+    (out.parent / "train.stderr").write_text(proc.stderr)
     return out
 
 
@@ -294,6 +298,35 @@ def test_missing_checkpoint_lists_what_exists(tiny_model_dir, tmp_path, data):
     # --adapter last picks the newest checkpoint that has an adapter
     from latexocr.modeling import find_adapter
     assert find_adapter("last", out) == str(out / "checkpoint-5")
+
+
+def imported_modules(trace: str) -> set[str]:
+    """The modules a process imported, from its stderr under PYTHONPROFILEIMPORTTIME ("import time: us | us | name")."""
+    return {line.rsplit("|", 1)[1].strip() for line in trace.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed: "
+                    "nothing to keep out")
+def test_a_command_with_an_adapter_imports_no_bitsandbytes(trained, tiny_model_dir, data, tmp_path):
+    """peft imports bitsandbytes wherever it is installed, and bitsandbytes 0.50 sets up torch.compile as it is
+    imported (~1 s of a start, latexocr/fast/imports.py). train.py and infer.py run as commands with their
+    default QUANTIZATION=none keep it out, and the adapter still trains, loads and merges; where other code runs
+    their main() (these tests), a 4-bit model may still follow, so it stays importable there."""
+    train_trace = imported_modules((trained.parent / "train.stderr").read_text())
+    assert "peft" in train_trace  # LoRA: peft was imported ...
+    assert not any(m.startswith("bitsandbytes.") for m in train_trace)  # ... without bitsandbytes's own modules
+    env = dict(os.environ, SWANLAB_MODE="disabled", HF_HUB_OFFLINE="1")
+    out = tmp_path / "preds.csv"  # -X importtime: its trace, and an interpreter option before the script's name
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "infer.py"), str(data / "data.json"),
+                           "--output", str(out), *common(tiny_model_dir, trained)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merged into the weights" in proc.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == len(LABELS) + 1
+    infer_trace = imported_modules(proc.stderr)
+    assert "peft" in infer_trace and not any(m.startswith("bitsandbytes.") for m in infer_trace)
+    assert "torch._inductor.compile_fx" not in infer_trace  # what bitsandbytes's import cost
+    import bitsandbytes  # noqa: F401  (this process runs the scripts' main() in other tests: still importable)
 
 
 # ---------------------------------------------------------------------------- 10. merged export

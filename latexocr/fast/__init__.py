@@ -24,6 +24,8 @@
                   flash-linear-attention's kernels with the boundaries where they run, else a padded batch
     katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by
                   latex.py as a child process's script, so it imports no torch)
+    imports.py    bitsandbytes kept out of a command's process that loads no 4-bit model (peft imports it, and
+                  it sets up torch.compile as it is imported: ~1 s of a start)
     upstream.py   every private / patched transformers, peft, swanlab and torch hook the project relies on,
                   checked against versions
 

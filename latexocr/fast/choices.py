@@ -129,6 +129,9 @@ class SpeedChoices:
                                           # run V, Qwen2-VL-2B, 9,443 images: 48.6 s merged, 63.7 s not)
     compaction: bool = True               # the static decoder moves its running rows into a smaller batch once at
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
+    skip_bitsandbytes: bool = True        # infer.py and train.py run as commands with QUANTIZATION=none: bitsandbytes
+                                          # kept out of the process (fast/imports.py), whose import through peft's
+                                          # costs ~1 s of torch.compile setup (this repo's 2-core CPU box)
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
                                           # fused) before the step is recorded as a CUDA graph; off: Qwen2-VL-2B's
                                           # loop ran 0.65x the eager graphed step after 1-2 min of compiling (run R);
