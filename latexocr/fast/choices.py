@@ -131,7 +131,8 @@ class SpeedChoices:
                                           # most half still run (latexocr/fast/decoding.py; bench/bench_decoder.py)
     skip_bitsandbytes: bool = True        # infer.py and train.py run as commands with QUANTIZATION=none: bitsandbytes
                                           # kept out of the process (fast/imports.py), whose import through peft's
-                                          # costs ~1 s of torch.compile setup (this repo's 2-core CPU box)
+                                          # sets up torch.compile: run AH (H100 host), infer.py with an adapter
+                                          # 28.8-28.9 s against 31.0-31.1, the tutorial's train.py 37.5 against 39.3-40.0
     decode_compile: bool = False          # the static decoder's step through torch.compile (its elementwise kernels
                                           # fused) before the step is recorded as a CUDA graph; off: Qwen2-VL-2B's
                                           # loop ran 0.65x the eager graphed step after 1-2 min of compiling (run R);
