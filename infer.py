@@ -254,7 +254,7 @@ def main(argv=None):
             from latexocr.memory import parse_auto
             from latexocr.metrics import worst_first
             from latexocr.scoring import Scorer, default_workers, scored_summary
-    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (2.1-2.4 s, run AH)
+    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (~2 s, run AH)
         from latexocr.fast.imports import leave_out_bitsandbytes
         leave_out_bitsandbytes(args.quantization)
 

@@ -256,7 +256,7 @@ def evaluate_and_log(model, encoder, pairs, args, tracker, throughput, say, step
 def main(argv=None):
     args = parse_settings(SETTINGS, __doc__, argv)
     check_inputs(args)
-    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (2.1-2.4 s, run AH)
+    if started_as_command(__file__):  # a process of its own: no 4-bit model, no bitsandbytes (~2 s, run AH)
         from latexocr.fast.imports import leave_out_bitsandbytes
         leave_out_bitsandbytes(args.quantization)
     # ---- reinforcement (METHOD=grpo, latexocr/grpo.py): its settings checked, args.output_dir its own ----

@@ -309,9 +309,9 @@ def imported_modules(trace: str) -> set[str]:
                     "nothing to keep out")
 def test_a_command_with_an_adapter_imports_no_bitsandbytes(trained, tiny_model_dir, data, tmp_path):
     """peft imports bitsandbytes wherever it is installed, and bitsandbytes 0.50 sets up torch.compile as it is
-    imported (2.1-2.4 s of a start on an H100 host, latexocr/fast/imports.py). train.py and infer.py run as commands with their
-    default QUANTIZATION=none keep it out, and the adapter still trains, loads and merges; where other code runs
-    their main() (these tests), a 4-bit model may still follow, so it stays importable there."""
+    imported (1.8-2.5 s of a start on an H100 host, latexocr/fast/imports.py). train.py and infer.py run as
+    commands with their default QUANTIZATION=none keep it out, and the adapter still trains, loads and merges;
+    where other code runs their main() (these tests), a 4-bit model may still follow, so it stays importable."""
     train_trace = imported_modules((trained.parent / "train.stderr").read_text())
     assert "peft" in train_trace  # LoRA: peft was imported ...
     assert not any(m.startswith("bitsandbytes.") for m in train_trace)  # ... without bitsandbytes's own modules

@@ -25,7 +25,7 @@
     katex.py      KaTeX's verdicts, many per call: pykatex's embedded QuickJS driven through ctypes (run by
                   latex.py as a child process's script, so it imports no torch)
     imports.py    bitsandbytes kept out of a command's process that loads no 4-bit model (peft imports it, and
-                  it sets up torch.compile as it is imported: 2.1-2.4 s of a start on an H100 host)
+                  it sets up torch.compile as it is imported: 1.8-2.5 s of a start on an H100 host)
     upstream.py   every private / patched transformers, peft, swanlab and torch hook the project relies on,
                   checked against versions
 

@@ -2,7 +2,7 @@
 
 peft imports bitsandbytes wherever it is installed (peft 0.21 `peft/helpers.py`, at `import peft`), and
 bitsandbytes 0.50 wraps its default ops in torch.compile as it is imported (`bitsandbytes/backends/default/
-ops.py`), which imports torch's inductor: 2.1-2.4 s of every start that imports peft (infer.py with an adapter, a
+ops.py`), which imports torch's inductor: 1.8-2.5 s of every start that imports peft (infer.py with an adapter, a
 LoRA train.py) on an H100 host, ~1 s on this repo's 2-core CPU box (docs/BENCHMARKS.md run AH), for a library
 that only a 4-bit model (QUANTIZATION=4bit) uses, and which requirements.txt installs for it.
 
