@@ -424,9 +424,13 @@ def run_in_parallel(cells: list[tuple], most: int, gib: float, run_cell, starts=
                 lock.notify()
 
     with lock:
-        while waiting or running:
-            left += [c for c in waiting if not starts(c)]
-            waiting = [c for c in waiting if starts(c)]
+        while True:
+            # starts() asked once a cell: its answer may turn while cells run (a deadline)
+            turned = [c for c in waiting if not starts(c)]
+            left += turned
+            waiting = [c for c in waiting if c not in turned]
+            if not waiting and not running:  # checked after the deadline moved cells out: none left to wait for
+                break
             held = sum(map(need, running))
             fits = next((c for c in waiting if len(running) < most and held + need(c) <= gib), None)
             if fits is None:

@@ -552,6 +552,16 @@ def test_bench_memory_runs_cells_at_once_within_the_card():
     left = run_in_parallel(cells, most=3, gib=100, run_cell=run_cell, starts=lambda cell: len(ran) < 4)
     assert len(ran) >= 4 and sorted(ran + [c[3] for c in left]) == sorted(c[3] for c in cells) and left
 
+    # the deadline passing just as the last running cell ends: nothing runs, nothing waits, and the call returns
+    # (it waited forever for a cell to end: a CI run hung here). In a thread, so that a regression fails, not hangs.
+    ran.clear()
+    answer = []
+    caller = threading.Thread(target=lambda: answer.append(run_in_parallel(
+        cells[:2], most=1, gib=100, run_cell=run_cell, starts=lambda cell: not ran)), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert answer == [[cells[1]]] and ran == ["c0"]
+
 
 def test_matrix_table_shows_each_cells_choice_or_its_stop(tmp_path):
     """bench/matrix_table.py (the README's family x card tables): a completed cell shows auto's choice, speed
